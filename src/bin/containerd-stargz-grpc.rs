@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("containerd-stargz-grpc: not yet implemented");
+    std::process::exit(1);
+}

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("ctr-remote: not yet implemented");
+    std::process::exit(1);
+}

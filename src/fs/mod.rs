@@ -1,0 +1,1 @@
+//! One mounted eStargz layer served through FUSE: inode table, reads, prefetch, background fetch.

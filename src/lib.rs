@@ -1,0 +1,33 @@
+//! A lazy-pulling eStargz remote snapshotter for containerd.
+//!
+//! The crate is split along the domain (see `shared/STYLE.md`):
+//! - [`estargz`]: the on-registry format only (footer, TOC, chunk index, builder, verification);
+//! - [`remote`]: the registry client and the lazy blob reader;
+//! - [`cache`]: the blob cache (`add -> Writer{commit, abort}`, `get -> Reader`);
+//! - [`fs`]: one mounted layer served through FUSE;
+//! - [`snapshot`]: the snapshotter (metadata store, overlay mounts, remote snapshots);
+//! - [`service`]: gRPC adapter, config, daemon wiring and signals.
+
+pub mod cache;
+pub mod estargz;
+pub mod fs;
+pub mod remote;
+pub mod service;
+pub mod snapshot;
+
+/// Code generated from `proto/` (containerd's snapshots v1 API) by `build.rs`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    pub mod containerd {
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        pub mod services {
+            pub mod snapshots {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Registry client (resolve, auth, ranges, retries) and the lazy blob reader.

@@ -1,0 +1,1 @@
+//! gRPC adapter (containerd snapshots v1), config, daemon wiring and signals.
