@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Realistic test images: a Debian bookworm minbase rootfs with python3, cached between runs.
+#
+#   scripts/rootfs.sh tar [OUT.tar]       build (once) and print the path of the cached rootfs tar;
+#                                         with OUT.tar, also copy it there
+#   scripts/rootfs.sh dir DIR             extract the rootfs into DIR
+#   scripts/rootfs.sh layers DIR [--big]  write the image's layer tars into DIR:
+#                                         1-base.tar (system without the python stdlib),
+#                                         2-python.tar (usr/lib/python3.*), 3-app.tar (/app/main.py);
+#                                         --big adds 4-bulk.tar (a copy of /usr under /opt/bulk), which
+#                                         makes the image about twice as big (issue 6's flat-RSS check)
+#   scripts/rootfs.sh oci DIR [--big]     an OCI image layout (gzip layers, tag "latest") in DIR
+#   scripts/rootfs.sh push OCIDIR HOST:PORT/REPO:TAG
+#                                         push a layout to a plain-http registry with skopeo
+#
+# The rootfs is `debootstrap --variant=minbase --include=python3 bookworm` from the Debian mirror
+# configured in /etc/apt (about 2 minutes the first time). Every tar holds the parent-directory
+# entries of what it contains (Go's `ctr-remote image optimize` rejects layers without them), uses
+# numeric owners and no "./" prefix, like the layers docker produces. Cached artefacts live in
+# $STARGZ_TESTBED_CACHE (default /var/cache/stargz-testbed); concurrent callers serialise on a lock,
+# so parallel tests build the cache once. Delete the directory to rebuild.
+set -euo pipefail
+
+CACHE=${STARGZ_TESTBED_CACHE:-/var/cache/stargz-testbed}
+ROOTFS_TAR=$CACHE/rootfs-bookworm-python.tar
+SUITE=bookworm
+
+die() { echo "rootfs.sh: $*" >&2; exit 1; }
+log() { echo "rootfs.sh: $*" >&2; }
+
+# Temporary directories of this run, removed on exit whatever happens.
+TMPS=()
+cleanup() { if [ ${#TMPS[@]} -gt 0 ]; then rm -rf "${TMPS[@]}"; fi; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The mirror apt already uses (deb822 or one-line sources), so no other host is contacted.
+debian_mirror() {
+  local m
+  m=$(grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' | grep -v security | head -n1 || true)
+  [ -n "$m" ] || m=$(grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+      | awk '{print $2}' | grep -E 'debian/?$' | head -n1 || true)
+  echo "${m:-http://deb.debian.org/debian}"
+}
+
+# Runs "$@" holding the cache lock (flock on fd 9).
+with_lock() {
+  mkdir -p "$CACHE"
+  ( trap cleanup EXIT; flock 9; "$@" ) 9>"$CACHE/.lock"
+}
+
+# Tars the entries NAMES... of ROOT (recursively) into OUT, adding the entries of every parent
+# directory first. Names are relative, without "./".
+tar_with_parents() {
+  local root=$1 out=$2; shift 2
+  local parents=() n p
+  for n in "$@"; do
+    p=$(dirname "$n")
+    while [ "$p" != "." ]; do parents+=("$p"); p=$(dirname "$p"); done
+  done
+  local uniq=()
+  if [ ${#parents[@]} -gt 0 ]; then mapfile -t uniq < <(printf '%s\n' "${parents[@]}" | sort -u); fi
+  tar -C "$root" --format=gnu --numeric-owner --sort=name --xattrs --xattrs-include='*' -cf "$out" \
+    --no-recursion "${uniq[@]}" --recursion "$@"
+}
+
+build_rootfs_tar() {
+  [ -s "$ROOTFS_TAR" ] && return 0
+  command -v debootstrap >/dev/null || die "debootstrap is missing (apt-get install debootstrap)"
+  local mirror work
+  mirror=$(debian_mirror)
+  work=$(mktemp -d "$CACHE/build.XXXXXX"); TMPS+=("$work")
+  log "debootstrap $SUITE from $mirror (about 2 minutes, cached in $ROOTFS_TAR)"
+  debootstrap --variant=minbase --include=python3 "$SUITE" "$work/root" "$mirror" >"$work/debootstrap.log" 2>&1 \
+    || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed"; }
+  # What a container image does not carry: device nodes, apt caches and lists, logs of the build.
+  rm -rf "$work/root"/dev/* "$work/root"/proc/* "$work/root"/sys/* "$work/root"/run/* \
+    "$work/root"/var/cache/apt/*.bin "$work/root"/var/cache/apt/archives/*.deb \
+    "$work/root"/var/lib/apt/lists/* "$work/root"/var/log/* "$work/root"/tmp/*
+  local top=()
+  mapfile -t top < <(cd "$work/root" && ls -A)
+  tar_with_parents "$work/root" "$work/rootfs.tar" "${top[@]}"
+  mv "$work/rootfs.tar" "$ROOTFS_TAR"
+  log "cached $ROOTFS_TAR ($(du -h "$ROOTFS_TAR" | cut -f1))"
+}
+
+ensure_rootfs() { with_lock build_rootfs_tar; }
+
+# The layer tars of the image (see header) in OUT; big=1 adds the bulk layer.
+build_layers() {
+  local out=$1 big=$2 work py
+  mkdir -p "$out"
+  work=$(mktemp -d); TMPS+=("$work")
+  mkdir "$work/root"
+  tar -C "$work/root" --numeric-owner --xattrs --xattrs-include='*' -xf "$ROOTFS_TAR"
+  py=$(cd "$work/root" && ls -d usr/lib/python3.* | head -n1)
+  [ -n "$py" ] || die "no python stdlib in the rootfs"
+  local top=()
+  mapfile -t top < <(cd "$work/root" && ls -A)
+  tar -C "$work/root" --format=gnu --numeric-owner --sort=name --xattrs --xattrs-include='*' \
+    --anchored --exclude="$py" -cf "$out/1-base.tar" "${top[@]}"
+  tar_with_parents "$work/root" "$out/2-python.tar" "$py"
+  mkdir -p "$work/app/app"
+  cat >"$work/app/app/main.py" <<'PY'
+# A small app whose imports read a realistic spread of the stdlib.
+import json, http.client, email.parser, urllib.request, logging, argparse, sqlite3, decimal
+print(json.dumps({"ok": True, "modules": 8}))
+PY
+  tar_with_parents "$work/app" "$out/3-app.tar" app
+  if [ "$big" = 1 ]; then
+    mkdir -p "$work/bulk/opt/bulk"
+    cp -a "$work/root/usr" "$work/bulk/opt/bulk/"
+    tar_with_parents "$work/bulk" "$out/4-bulk.tar" opt/bulk
+  fi
+}
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# An OCI image layout in OUT from the layer tars in LAYERS (sorted by name), gzip-compressed.
+build_oci() {
+  local layers=$1 out=$2 l gz d diff size cfg manifest
+  rm -rf "$out"; mkdir -p "$out/blobs/sha256"
+  echo '{"imageLayoutVersion":"1.0.0"}' >"$out/oci-layout"
+  local descs="[]" diffs="[]"
+  for l in "$layers"/*.tar; do
+    gz="$out/layer.tmp"
+    gzip -n -6 -c "$l" >"$gz"
+    d=$(sha256_of "$gz"); diff=$(sha256_of "$l"); size=$(stat -c %s "$gz")
+    mv "$gz" "$out/blobs/sha256/$d"
+    descs=$(jq -c --arg d "sha256:$d" --argjson s "$size" \
+      '. + [{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":$d,"size":$s}]' <<<"$descs")
+    diffs=$(jq -c --arg d "sha256:$diff" '. + [$d]' <<<"$diffs")
+  done
+  cfg=$(jq -cn --argjson diffs "$diffs" '{
+    architecture:"amd64", os:"linux",
+    config:{Env:["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            Cmd:["python3","/app/main.py"], WorkingDir:"/"},
+    rootfs:{type:"layers", diff_ids:$diffs}}')
+  printf '%s' "$cfg" >"$out/config.tmp"
+  d=$(sha256_of "$out/config.tmp"); size=$(stat -c %s "$out/config.tmp")
+  mv "$out/config.tmp" "$out/blobs/sha256/$d"
+  manifest=$(jq -cn --arg d "sha256:$d" --argjson s "$size" --argjson layers "$descs" '{
+    schemaVersion:2, mediaType:"application/vnd.oci.image.manifest.v1+json",
+    config:{mediaType:"application/vnd.oci.image.config.v1+json", digest:$d, size:$s},
+    layers:$layers}')
+  printf '%s' "$manifest" >"$out/manifest.tmp"
+  d=$(sha256_of "$out/manifest.tmp"); size=$(stat -c %s "$out/manifest.tmp")
+  mv "$out/manifest.tmp" "$out/blobs/sha256/$d"
+  jq -cn --arg d "sha256:$d" --argjson s "$size" '{schemaVersion:2, manifests:[
+    {mediaType:"application/vnd.oci.image.manifest.v1+json", digest:$d, size:$s,
+     annotations:{"org.opencontainers.image.ref.name":"latest"}}]}' >"$out/index.json"
+}
+
+# Cached OCI layout of a variant ("python" or "python-big").
+build_cached_oci() {
+  local variant=$1 big=$2 dir=$CACHE/oci-$1
+  [ -s "$dir/index.json" ] && return 0
+  local work
+  work=$(mktemp -d "$CACHE/oci.XXXXXX"); TMPS+=("$work")
+  log "building OCI layout $dir"
+  build_layers "$work/layers" "$big"
+  build_oci "$work/layers" "$work/oci"
+  rm -rf "$dir"; mv "$work/oci" "$dir"
+}
+
+big_flag() { [ "${1:-}" = "--big" ] && echo 1 || echo 0; }
+
+cmd=${1:-}; shift || true
+case "$cmd" in
+  tar)
+    ensure_rootfs
+    if [ -n "${1:-}" ]; then cp "$ROOTFS_TAR" "$1"; fi
+    echo "$ROOTFS_TAR" ;;
+  dir)
+    [ -n "${1:-}" ] || die "usage: rootfs.sh dir DIR"
+    ensure_rootfs; mkdir -p "$1"
+    tar -C "$1" --numeric-owner --xattrs --xattrs-include='*' -xf "$ROOTFS_TAR"
+    echo "$1" ;;
+  layers)
+    [ -n "${1:-}" ] || die "usage: rootfs.sh layers DIR [--big]"
+    ensure_rootfs; build_layers "$1" "$(big_flag "${2:-}")"; ls "$1"/*.tar ;;
+  oci)
+    [ -n "${1:-}" ] || die "usage: rootfs.sh oci DIR [--big]"
+    ensure_rootfs
+    if [ "$(big_flag "${2:-}")" = 1 ]; then v=python-big; else v=python; fi
+    with_lock build_cached_oci "$v" "$(big_flag "${2:-}")"
+    rm -rf "$1"; mkdir -p "$(dirname "$1")"; cp -a "$CACHE/oci-$v" "$1"
+    echo "$1" ;;
+  push)
+    [ -n "${1:-}" ] && [ -n "${2:-}" ] || die "usage: rootfs.sh push OCIDIR HOST:PORT/REPO:TAG"
+    skopeo copy --quiet --dest-tls-verify=false "oci:$1:latest" "docker://$2" ;;
+  *)
+    sed -n '2,21p' "$0" >&2; exit 2 ;;
+esac
