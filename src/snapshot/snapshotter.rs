@@ -12,7 +12,7 @@ use super::filter::Filters;
 use super::mounts::{compute_mounts, Mounter};
 use super::store::{Chain, MetaStore, Record, StoredKind};
 use super::{
-    Info, Kind, Mount, RemoteLayers, SnapshotError, Snapshotter, Usage, REMOTE_LABEL, REMOTE_LABEL_VALUE,
+    Info, Mount, RemoteLayers, SnapshotError, Snapshotter, Usage, REMOTE_LABEL, REMOTE_LABEL_VALUE,
     TARGET_SNAPSHOT_LABEL,
 };
 
@@ -377,6 +377,7 @@ impl Snapshotter for SnapshotterImpl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::Kind;
     use std::sync::Mutex;
 
     /// Records unmounts; reports no mounts.
