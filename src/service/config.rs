@@ -204,7 +204,8 @@ mod tests {
         "#;
         // `[resolver.host."docker.io".mirrors]` as a table is not a mirror list: use the array form.
         let text = text.replace("[resolver.host.\"docker.io\".mirrors]\n", "");
-        let (c, unknown) = Config::parse(&text, "t").unwrap();
+        let (c, mut unknown) = Config::parse(&text, "t").unwrap();
+        unknown.sort();
         assert_eq!(c.prefetch_size, 1024);
         assert!(c.noprefetch);
         assert_eq!(c.metadata_store, "db");
@@ -215,7 +216,7 @@ mod tests {
         assert!(c.snapshotter.allow_invalid_mounts_on_restart);
         assert_eq!(c.resolver.host["exam.ple"].mirrors[0].host, "mirror.local");
         assert!(c.resolver.host["exam.ple"].mirrors[0].insecure);
-        assert_eq!(unknown, vec!["no_such_key".to_string(), "directory_cache.bogus".to_string()]);
+        assert_eq!(unknown, vec!["directory_cache.bogus".to_string(), "no_such_key".to_string()]);
     }
 
     #[test]
