@@ -49,7 +49,7 @@ fi
 
 WORK=$(mktemp -d /var/tmp/bench-pull.XXXXXX)
 PIDS=()      # containerd and daemons we started, stopped in reverse order
-SOCKS=()     # containerd sockets, for removing containers
+SOCKS=()     # "PID SOCKET" of each containerd, for removing containers
 
 stop_pid() {
   local pid=$1 sig=${2:-TERM} i
@@ -62,12 +62,18 @@ stop_pid() {
 cleanup() {
   set +e
   local s i pid m
-  for s in "${SOCKS[@]}"; do
-    for t in $(ctr --address "$s" tasks ls -q 2>/dev/null); do
-      ctr --address "$s" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; sleep 0.2
-      ctr --address "$s" tasks rm -f "$t" >/dev/null 2>&1
+  local entry cpid
+  for entry in "${SOCKS[@]}"; do
+    cpid=${entry%% *}; s=${entry#* }
+    # ctr waits forever for a containerd that is gone: only ask live ones, with a time limit.
+    kill -0 "$cpid" 2>/dev/null || continue
+    for t in $(timeout 20 ctr --address "$s" tasks ls -q 2>/dev/null); do
+      timeout 20 ctr --address "$s" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; sleep 0.2
+      timeout 20 ctr --address "$s" tasks rm -f "$t" >/dev/null 2>&1
     done
-    for c in $(ctr --address "$s" containers ls -q 2>/dev/null); do ctr --address "$s" containers rm "$c" >/dev/null 2>&1; done
+    for c in $(timeout 20 ctr --address "$s" containers ls -q 2>/dev/null); do
+      timeout 20 ctr --address "$s" containers rm "$c" >/dev/null 2>&1
+    done
   done
   for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}" INT; done
   # Shims of our containerds carry our work dir in their command line.
@@ -106,10 +112,10 @@ $extra
 TOML
   containerd --config "$dir/config.toml" --log-level info >"$dir/containerd.log" 2>&1 </dev/null &
   CTRD_PID=$!; CTRD_SOCK=$dir/containerd.sock
-  PIDS+=("$CTRD_PID"); SOCKS+=("$CTRD_SOCK")
+  PIDS+=("$CTRD_PID"); SOCKS+=("$CTRD_PID $CTRD_SOCK")
   local i
   for i in $(seq 1 300); do
-    ctr --address "$CTRD_SOCK" version >/dev/null 2>&1 && return 0
+    timeout 5 ctr --address "$CTRD_SOCK" version >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   tail -n 20 "$dir/containerd.log" >&2; die "containerd $name did not start"
@@ -123,10 +129,10 @@ timed_run() {
   local before t0 t1 out
   before=$(served)
   t0=$(now)
-  if ! "$@" >"$WORK/pull.out" 2>&1; then
+  if ! timeout 900 "$@" >"$WORK/pull.out" 2>&1; then
     { echo "pull failed: $*"; tail -n 5 "$WORK/pull.out"; } >"$WORK/why"; return 1
   fi
-  if ! out=$(ctr --address "$sock" run --rm --snapshotter "$snapshotter" "$ref" "run$RANDOM" \
+  if ! out=$(timeout 600 ctr --address "$sock" run --rm --snapshotter "$snapshotter" "$ref" "run$RANDOM" \
         python3 -c 'print(1)' 2>&1); then
     { echo "ctr run failed:"; echo "$out" | tail -n 5; } >"$WORK/why"; return 1
   fi
@@ -241,8 +247,8 @@ TOML
   sock=$CTRD_SOCK
   for i in $(seq 1 200); do
     kill -0 "$pid" 2>/dev/null || break
-    if ctr --address "$sock" snapshots --snapshotter stargz prepare probe-$$ >/dev/null 2>&1; then
-      ctr --address "$sock" snapshots --snapshotter stargz rm probe-$$ >/dev/null 2>&1; ready=1; break
+    if timeout 10 ctr --address "$sock" snapshots --snapshotter stargz prepare probe-$$ >/dev/null 2>&1; then
+      timeout 10 ctr --address "$sock" snapshots --snapshotter stargz rm probe-$$ >/dev/null 2>&1; ready=1; break
     fi
     sleep 0.1
   done
