@@ -9,16 +9,20 @@
 #        background fetch of the whole image, the cache's disk use (`du -sb <root>/stargz`) and the
 #        bytes the registry served (delay-proxy counters), then the same for an image about twice as
 #        big (flat-RSS check);
-#   (c)  the same with Go's containerd-stargz-grpc if GO_DAEMON points at one (Debian's
-#        stargz-snapshotter ships only ctr-remote).
+#   (c)  the same with Go's containerd-stargz-grpc (the reference), built by scripts/go-daemon.sh
+#        from Debian's Go library (Debian's stargz-snapshotter ships only ctr-remote), with Go's
+#        ctr-remote rpull.
 # The image is the cached bookworm python3 rootfs of scripts/rootfs.sh (3 layers), converted to
 # eStargz without optimization by Go's `ctr-remote image convert --estargz --oci`.
 # Parts whose binaries cannot do the job yet are reported as "not available: <why>", never guessed.
 #
 #   scripts/bench-pull.sh                      writes bench-results/pull.txt
 # Environment: RATE (100mbit), DELAY_MS (10, one way), BIG (1: also the twice-as-big image),
-# OUT (bench-results/pull.txt), DAEMON / CTR_REMOTE (default target/release/...), GO_DAEMON,
-# SETTLE_TIMEOUT (180 s to wait for the background fetch), KEEP=1 (keep the work dir for debugging).
+# OUT (bench-results/pull.txt), DAEMON / CTR_REMOTE (default target/release/...), GO_DAEMON (a
+# binary; default: built by scripts/go-daemon.sh; empty: skip (c)),
+# SETTLE_TIMEOUT (180 s to wait for the background fetch), KEEP=1 (keep the work dir for debugging),
+# RUN_CMD (default "python3 -c print(1)"; e.g. "python3 /app/main.py" imports a wider spread of the
+# stdlib) with EXPECT (last output line required, default 1; empty: only the exit status counts).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,6 +34,8 @@ DAEMON=${DAEMON:-$REPO/target/release/containerd-stargz-grpc}
 CTR_REMOTE=${CTR_REMOTE:-$REPO/target/release/ctr-remote}
 GO_CTR_REMOTE=${GO_CTR_REMOTE:-/usr/bin/ctr-remote}
 SETTLE_TIMEOUT=${SETTLE_TIMEOUT:-180}
+read -r -a RUN_CMD <<<"${RUN_CMD:-python3 -c print(1)}"
+EXPECT=${EXPECT-1}
 LINK=bench$$
 NETLINK=$REPO/scripts/netlink.sh
 
@@ -133,22 +139,23 @@ timed_run() {
     { echo "pull failed: $*"; tail -n 5 "$WORK/pull.out"; } >"$WORK/why"; return 1
   fi
   if ! out=$(timeout 600 ctr --address "$sock" run --rm --snapshotter "$snapshotter" "$ref" "run$RANDOM" \
-        python3 -c 'print(1)' 2>&1); then
+        "${RUN_CMD[@]}" 2>&1); then
     { echo "ctr run failed:"; echo "$out" | tail -n 5; } >"$WORK/why"; return 1
   fi
   t1=$(now)
-  if [ "$(echo "$out" | tr -d '\r' | tail -n1)" != 1 ]; then
-    { echo "python3 printed: $out"; } >"$WORK/why"; return 1
+  if [ -n "$EXPECT" ] && [ "$(echo "$out" | tr -d '\r' | tail -n1)" != "$EXPECT" ]; then
+    { echo "${RUN_CMD[*]} printed: $out"; } >"$WORK/why"; return 1
   fi
   T=$(elapsed "$t0" "$t1")
   FETCHED=$(( $(served) - before ))
 }
 
-# Waits until the registry has served nothing new for 5 s (the background fetch is done).
+# Waits until the registry has served nothing new for SETTLE_QUIET (5) s: the background fetch is
+# done (or stalled; compare the bytes fetched with the image size in the results).
 settle() {
   local last cur quiet=0 waited=0
   last=$(served)
-  while [ "$quiet" -lt 5 ] && [ "$waited" -lt "$SETTLE_TIMEOUT" ]; do
+  while [ "$quiet" -lt "${SETTLE_QUIET:-5}" ] && [ "$waited" -lt "$SETTLE_TIMEOUT" ]; do
     sleep 1; waited=$((waited + 1)); cur=$(served)
     if [ "$cur" = "$last" ]; then quiet=$((quiet + 1)); else quiet=0; last=$cur; fi
   done
@@ -281,6 +288,7 @@ report_lazy() {
       [ "$v" = python ] && [ -n "${FULL_esgz:-}" ] && result "${key}_over_full_esgz" "$(ratio "$LAZY_T" "$FULL_esgz")"
       result "${key}_fetched_bytes_until_python_exit" "$LAZY_FETCHED"
       result "${key}_fetched_bytes_after_background_fetch" "$((LAZY_TOTAL - before))"
+      [ "$v" = python ] && result "${key}_fetched_after_background_over_estargz_bytes" "$(ratio "$((LAZY_TOTAL - before))" "$ESGZ_BYTES")"
       [ "$v" = python ] && result "${key}_fetched_until_python_exit_over_estargz_bytes" "$(ratio "$LAZY_FETCHED" "$ESGZ_BYTES")"
       result "${key}_remote_snapshots_logged" "$LAZY_REMOTE"
       result "${key}_fuse_mounts" "$LAZY_FUSE"
@@ -302,15 +310,18 @@ if [ -x "$DAEMON" ] && [ -x "$CTR_REMOTE" ]; then
 else
   result ours_lazy_seconds "not available: $DAEMON or $CTR_REMOTE not built (make release)"
 fi
-if [ -n "${GO_DAEMON:-}" ] && [ -x "$GO_DAEMON" ]; then
+if [ -z "${GO_DAEMON+set}" ]; then
+  GO_DAEMON=$("$REPO/scripts/go-daemon.sh" 2>"$WORK/go-daemon.log") || GO_DAEMON=""
+fi
+if [ -n "$GO_DAEMON" ] && [ -x "$GO_DAEMON" ]; then
   report_lazy go "$GO_DAEMON" "$GO_CTR_REMOTE"
 else
-  result go_lazy_seconds "not available: Go's containerd-stargz-grpc is not installed (Debian ships only ctr-remote); set GO_DAEMON to include it"
+  result go_lazy_seconds "not available: no Go containerd-stargz-grpc (scripts/go-daemon.sh: $(tail -n 2 "$WORK/go-daemon.log" 2>/dev/null | tr '\n' ' '))"
 fi
 
 mkdir -p "$(dirname "$OUT")"
 {
-  echo "# bench-pull $(date -u +%FT%TZ): pull start -> end of python3 -c 'print(1)'"
+  echo "# bench-pull $(date -u +%FT%TZ): pull start -> end of \`${RUN_CMD[*]}\` in a container"
   echo "# registry in a netns behind tbf $RATE + delay-proxy ${DELAY_MS} ms each way; image: bookworm"
   echo "# minbase + python3, 3 layers (scripts/rootfs.sh); eStargz by Go ctr-remote convert (no optimization)."
   echo "# Goals (issue 6): ours_lazy_over_full_gzip <= 0.25, peak RSS < 24 MiB and flat (big/normal ~1),"
