@@ -131,14 +131,19 @@ up() {
   ns=$(ns_of "$name"); dir=$STATE_ROOT/$name
   mkdir -p "$STATE_ROOT"
   down "$name"
+  local rb; rb=$(rate_bytes "$rate")
   proxy=$(delay_proxy_bin); [ -x "$proxy" ] || die "delay proxy $proxy missing"
   command -v tc >/dev/null || die "tc missing (apt-get install iproute2)"
   exec 9>"$STATE_ROOT/.lock"; flock 9
   allocate "$name"
   exec 9>&-
-  trap 'log "up failed, cleaning up"; down "$name"' ERR
+  # From here on, any way out but the end of this function removes what was made.
+  UP_NAME=$name
+  trap 'if [ -n "${UP_NAME:-}" ]; then log "up failed, cleaning up"; down "$UP_NAME"; fi' EXIT
   host=sgz$IDX-h; nsv=sgz$IDX-n; addr=10.203.$IDX.2:$PORT
-  burst=${TBF_BURST:-$(( $(rate_bytes "$rate") / 125 ))}; [ "$burst" -ge 16384 ] || burst=16384
+  burst=${TBF_BURST:-$((rb / 125))}
+  [[ $burst =~ ^[0-9]+$ ]] || die "bad TBF_BURST '$burst' (bytes)"
+  [ "$burst" -ge 16384 ] || burst=16384
   ip netns add "$ns"
   ip link add "$host" type veth peer name "$nsv"
   ip link set "$nsv" netns "$ns"
@@ -181,7 +186,7 @@ YML
     tail -n 5 "$dir"/*.log >&2 || true
     false
   fi
-  trap - ERR
+  UP_NAME=""
   echo "$addr"
 }
 

@@ -6,88 +6,17 @@
 //! download is held to the rate, and that `down` (run by a Drop guard, so also on panic) leaves no
 //! namespace, veth or state behind. Only lower bounds are asserted: a loaded machine can only make
 //! the link slower, never faster.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod testbed;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+use testbed::{run, SlowLink};
 
 const DELAY_MS: u64 = 15;
 const RATE_MBIT: u64 = 20;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn script() -> PathBuf {
-    repo().join("scripts/netlink.sh")
-}
-
-fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out)
-}
-
-fn require_tool(name: &str) -> Result<()> {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output()?;
-    ensure!(found.status.success(), "{name} is missing: run `make deps` (the test bed needs it)");
-    Ok(())
-}
-
-/// The delay proxy example next to this test binary (target/<profile>/examples), built if absent.
-fn delay_proxy() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target/<profile> directory")?;
-    let bin = profile_dir.join("examples/delay-proxy");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.current_dir(repo()).args(["build", "--example", "delay-proxy"]);
-        if profile_dir.file_name().is_some_and(|p| p == "release") {
-            build.arg("--release");
-        }
-        run(&mut build)?;
-    }
-    ensure!(bin.exists(), "delay proxy not at {}", bin.display());
-    Ok(bin)
-}
-
-/// A link that is torn down when dropped.
-struct Link {
-    name: String,
-    addr: String,
-}
-
-impl Link {
-    fn up(name: &str, proxy: &Path) -> Result<Self> {
-        let out = run(Command::new("bash")
-            .arg(script())
-            .args(["up", name, &format!("{RATE_MBIT}mbit"), &DELAY_MS.to_string()])
-            .env("DELAY_PROXY", proxy))?;
-        let addr = String::from_utf8(out.stdout)?.trim().to_string();
-        ensure!(addr.starts_with("10.203."), "unexpected address {addr:?}");
-        Ok(Link { name: name.to_string(), addr })
-    }
-
-    fn exec(&self, args: &[&str]) -> Result<Output> {
-        run(Command::new("bash").arg(script()).args(["exec", &self.name]).args(args))
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        let _ = Command::new("bash").arg(script()).args(["down", &self.name]).status();
-    }
-}
 
 /// Seconds to the first response byte of each of `urls`, fetched over one connection.
 fn ttfb(urls: &[String]) -> Result<Vec<f64>> {
@@ -99,14 +28,17 @@ fn ttfb(urls: &[String]) -> Result<Vec<f64>> {
     let out = run(&mut cmd)?;
     let times = String::from_utf8(out.stdout)?
         .lines()
-        .map(|l| l.parse::<f64>().with_context(|| format!("curl output {l:?}")))
+        .map(|l| {
+            l.parse::<f64>()
+                .with_context(|| format!("curl output {l:?}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     ensure!(times.len() == urls.len(), "curl printed {times:?}");
     Ok(times)
 }
 
 /// Uploads `data` to the namespace's registry directly (127.0.0.1 inside it) and returns its digest.
-fn push_blob(link: &Link, data: &[u8], dir: &Path) -> Result<String> {
+fn push_blob(link: &SlowLink, data: &[u8], dir: &Path) -> Result<String> {
     use sha2::Digest;
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)));
     let file = dir.join("blob");
@@ -136,44 +68,70 @@ fn leftovers(name: &str) -> Result<Vec<String>> {
 
 #[test]
 fn slow_link_delays_limits_and_cleans_up() -> Result<()> {
-    for tool in ["ip", "tc", "curl", "docker-registry"] {
-        require_tool(tool)?;
-    }
-    let proxy = delay_proxy()?;
-    let name = format!("smoke{}", std::process::id());
     let tmp = tempfile::tempdir()?;
     let veth;
+    let name;
     {
-        let link = Link::up(&name, &proxy)?;
-        let idx = link.addr.split('.').nth(2).context("address has no X")?.to_string();
+        let link = SlowLink::up(&format!("{RATE_MBIT}mbit"), DELAY_MS)?;
+        name = link.name().to_string();
+        let idx = link
+            .addr()
+            .split('.')
+            .nth(2)
+            .context("address has no X")?
+            .to_string();
         veth = format!("sgz{idx}-h");
 
-        let v2 = format!("http://{}/v2/", link.addr);
+        let v2 = format!("http://{}/v2/", link.addr());
         let times = ttfb(&[v2.clone(), v2])?;
         let rtt = 2.0 * DELAY_MS as f64 / 1000.0;
-        ensure!(times[1] >= rtt, "request on an open connection took {}s < RTT {rtt}s", times[1]);
-        ensure!(times[0] >= 2.0 * rtt, "first request took {}s < 2 RTT (handshake + request)", times[0]);
-        ensure!(times[1] < 1.0, "a /v2/ round trip took {}s: the proxy stalls", times[1]);
+        ensure!(
+            times[1] >= rtt,
+            "request on an open connection took {}s < RTT {rtt}s",
+            times[1]
+        );
+        ensure!(
+            times[0] >= 2.0 * rtt,
+            "first request took {}s < 2 RTT (handshake + request)",
+            times[0]
+        );
+        ensure!(
+            times[1] < 1.0,
+            "a /v2/ round trip took {}s: the proxy stalls",
+            times[1]
+        );
 
         // 2.5 MB at 20 Mbit/s needs at least 1 s: the link must not be faster than its rate.
         let size = 2_500_000usize;
-        let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..size)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let digest = push_blob(&link, &data, tmp.path())?;
         let before = stats(&link)?;
         let started = Instant::now();
         let out = run(Command::new("curl").args([
             "-s",
             "--fail",
-            &format!("http://{}/v2/smoke/blobs/{digest}", link.addr),
+            &format!("http://{}/v2/smoke/blobs/{digest}", link.addr()),
         ]))?;
         let took = started.elapsed().as_secs_f64();
-        ensure!(out.stdout == data, "blob through the link differs ({} bytes)", out.stdout.len());
+        ensure!(
+            out.stdout == data,
+            "blob through the link differs ({} bytes)",
+            out.stdout.len()
+        );
         let min = size as f64 * 8.0 / (RATE_MBIT as f64 * 1e6) * 0.9;
-        ensure!(took >= min, "{size} bytes took {took:.2}s, faster than {RATE_MBIT} Mbit/s allows");
+        ensure!(
+            took >= min,
+            "{size} bytes took {took:.2}s, faster than {RATE_MBIT} Mbit/s allows"
+        );
         // The counters are flushed every 100 ms.
         std::thread::sleep(std::time::Duration::from_millis(300));
         let served = stats(&link)? - before;
-        ensure!(served >= size as u64, "proxy counted {served} bytes served, want >= {size}");
+        ensure!(
+            served >= size as u64,
+            "proxy counted {served} bytes served, want >= {size}"
+        );
     }
     let left = leftovers(&name)?;
     ensure!(left.is_empty(), "left behind: {left:?}");
@@ -185,8 +143,6 @@ fn slow_link_delays_limits_and_cleans_up() -> Result<()> {
 }
 
 /// Bytes the registry has served through the proxy so far.
-fn stats(link: &Link) -> Result<u64> {
-    let out = run(Command::new("bash").arg(script()).args(["stats", &link.name]))?;
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    json["upstream_to_client"].as_u64().context("no upstream_to_client in stats")
+fn stats(link: &SlowLink) -> Result<u64> {
+    link.served_bytes()
 }
