@@ -297,6 +297,9 @@ impl Snapshotter for SnapshotterImpl {
     }
 
     fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapshotError> {
+        if name.is_empty() {
+            return Err(SnapshotError::InvalidArgument("snapshot name must not be empty".into()));
+        }
         let rec = self.store.get(key)?;
         let usage = if rec.kind == StoredKind::Active {
             disk_usage(&self.fs_dir(rec.id)).map_err(|e| io_err(format!("usage of {key}"), e))?
