@@ -13,11 +13,12 @@ use common::*;
 const READY: Duration = Duration::from_secs(30);
 
 struct Bed {
-    _tmp: tempfile::TempDir,
-    // Drop order: containerd first (it holds mounts of our dirs), then the daemon, then the registry.
+    // Drop order: containerd first (it holds mounts of our dirs), then the daemon, then the
+    // registry, and the daemon's root last.
     ctrd: Containerd,
     daemon: Daemon,
     reg: Registry,
+    _tmp: tempfile::TempDir,
 }
 
 fn bed() -> Bed {
@@ -64,7 +65,9 @@ fn run_checks(ctrd: &Containerd, image: &str, id: &str) {
 }
 
 /// Committed snapshots of the daemon, straight from its socket.
-fn committed(sock: &Path) -> Vec<(String, (i32, String, std::collections::BTreeMap<String, String>))> {
+type Listed = (i32, String, std::collections::BTreeMap<String, String>);
+
+fn committed(sock: &Path) -> Vec<(String, Listed)> {
     daemon_snapshots(sock).into_iter().filter(|(_, v)| v.0 == snapshots_pb::Kind::Committed as i32).collect()
 }
 
@@ -74,6 +77,19 @@ fn ctr_ls(ctrd: &Containerd) -> Vec<String> {
     let mut rows: Vec<String> = out.lines().skip(1).map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
     rows.sort();
     rows
+}
+
+/// `ctr snapshots info` of every snapshot containerd lists (labels, kind, parent; answered
+/// through our daemon's Stat).
+fn ctr_infos(ctrd: &Containerd) -> Vec<serde_json::Value> {
+    ctr_ls(ctrd)
+        .iter()
+        .map(|row| {
+            let key = row.split(' ').next().expect("key column");
+            let out = ctrd.ctr_ok(&["snapshots", "--snapshotter", "stargz", "info", key]);
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("info {key}: {e}: {out}"))
+        })
+        .collect()
 }
 
 fn upperdir_of(ctrd: &Containerd, key: &str) -> PathBuf {
@@ -113,11 +129,14 @@ fn pull_run_and_restart_keep_state() {
     // SIGTERM keeps state.
     let before = committed(b.daemon.socket());
     let ls_before = ctr_ls(&b.ctrd);
+    let infos_before = ctr_infos(&b.ctrd);
+    assert!(infos_before.iter().all(|i| i["Kind"] == "Committed"), "{infos_before:?}");
     b.daemon.sigterm();
     b.daemon.restart();
     b.ctrd.wait_stargz_ready(READY);
     assert_eq!(committed(b.daemon.socket()), before, "snapshots and labels survive SIGTERM");
     assert_eq!(ctr_ls(&b.ctrd), ls_before);
+    assert_eq!(ctr_infos(&b.ctrd), infos_before, "ctr snapshots info unchanged");
     run_checks(&b.ctrd, &image, "run2");
 
     // kill -9 in the middle of a pull of a second image (big layers so it takes a while).

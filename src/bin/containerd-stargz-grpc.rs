@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
-    let missing_ok = args.config == PathBuf::from(DEFAULT_CONFIG);
+    let missing_ok = args.config.as_os_str() == DEFAULT_CONFIG;
     let (config, unknown) = Config::load(&args.config, missing_ok)?;
     for key in unknown {
         warn!(key, config = %args.config.display(), "unknown configuration key ignored");
