@@ -390,6 +390,7 @@ pub struct Daemon {
     root: PathBuf,
     socket: PathBuf,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     log: PathBuf,
     _logdir: tempfile::TempDir,
 }
@@ -403,12 +404,19 @@ impl Daemon {
     /// Starts `containerd-stargz-grpc --root ROOT --address SOCKET --log-level debug EXTRA...`
     /// and waits for the socket to accept connections.
     pub fn start(root: &Path, socket: &Path, extra_args: &[&str]) -> Daemon {
+        Daemon::start_with_env(root, socket, extra_args, &[])
+    }
+
+    /// Like [`Daemon::start`] with extra environment variables (e.g. `DOCKER_CONFIG`), kept
+    /// across restarts.
+    pub fn start_with_env(root: &Path, socket: &Path, extra_args: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let logdir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
             child: None,
             root: root.to_path_buf(),
             socket: socket.to_path_buf(),
             args: extra_args.iter().map(|s| s.to_string()).collect(),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             log: logdir.path().join("daemon.log"),
             _logdir: logdir,
         };
@@ -430,6 +438,7 @@ impl Daemon {
         }
         let child = cmd
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()
