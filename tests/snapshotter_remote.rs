@@ -137,7 +137,11 @@ fn remote_snapshots_with_containerd() {
         .filter(|(_, v)| v.0 == snapshots_pb::Kind::Committed as i32 && v.2.contains_key(REMOTE_LABEL))
         .collect();
     assert_eq!(remote_committed.len(), 2, "{snaps:?}");
-    assert!(snaps.values().all(|v| v.0 == snapshots_pb::Kind::Committed as i32), "no leftover active snapshots: {snaps:?}");
+    // (The readiness probe's scratch key is removed by containerd's GC, maybe not yet.)
+    assert!(
+        snaps.iter().filter(|(k, _)| !k.contains("readiness-probe")).all(|(_, v)| v.0 == snapshots_pb::Kind::Committed as i32),
+        "no leftover active snapshots: {snaps:?}"
+    );
 
     let out = ctrd.ctr_ok(&["run", "--rm", "--snapshotter", "stargz", &image, "r1", "/bin/cat", "/data/hello.txt"]);
     assert_eq!(out, "from the remote layer\n");
