@@ -65,13 +65,17 @@ fn notify(state: sd_notify::NotifyState) {
     }
 }
 
-async fn wait_signal() -> anyhow::Result<Stop> {
+/// Registers the handlers now (before READY is sent, so an early signal is never lost)
+/// and returns a future resolving to the first of SIGINT/SIGTERM.
+fn signals() -> anyhow::Result<impl std::future::Future<Output = Stop>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    Ok(tokio::select! {
-        _ = int.recv() => Stop::Cleanup,
-        _ = term.recv() => Stop::Keep,
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => Stop::Cleanup,
+            _ = term.recv() => Stop::Keep,
+        }
     })
 }
 
@@ -86,7 +90,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
-    let missing_ok = args.config == PathBuf::from(DEFAULT_CONFIG);
+    let missing_ok = args.config.as_os_str() == DEFAULT_CONFIG;
     let (config, unknown) = Config::load(&args.config, missing_ok)?;
     for key in unknown {
         warn!(key, config = %args.config.display(), "unknown configuration key ignored");
@@ -104,18 +108,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         let listener = service::bind_socket(&args.address)?;
         info!(address = %args.address.display(), root = %args.root.display(), "containerd-stargz-grpc started");
         let (sig_tx, sig_rx) = tokio::sync::watch::channel(None::<Stop>);
+        let wait_signal = signals()?;
         tokio::spawn(async move {
-            match wait_signal().await {
-                Ok(s) => {
-                    info!(signal = ?s, "shutting down");
-                    let _ = sig_tx.send(Some(s));
-                }
-                Err(e) => {
-                    error!(error = %e, "cannot listen for signals");
-                    // Keep the sender alive: no signal means no shutdown.
-                    std::future::pending::<()>().await;
-                }
-            }
+            let s = wait_signal.await;
+            info!(signal = ?s, "shutting down");
+            let _ = sig_tx.send(Some(s));
         });
         let signalled = |mut rx: tokio::sync::watch::Receiver<Option<Stop>>| async move {
             let _ = rx.wait_for(|s| s.is_some()).await;

@@ -9,7 +9,7 @@ pub mod convert;
 pub mod grpc;
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -36,13 +36,13 @@ pub fn build_remote_layers(_config: &config::Config, _root: &Path) -> Option<Arc
     None
 }
 
-/// Binds the daemon socket: creates its directory, replaces a stale socket (but refuses to
-/// steal one a live daemon still serves), and makes it owner-only (0600).
+/// Binds the daemon socket: creates its directory (0700, only when we create it: an existing
+/// directory such as /tmp is left alone), replaces a stale socket (but refuses to steal one a
+/// live daemon still serves), and makes it owner-only (0600) from the start (umask during bind).
 pub fn bind_socket(path: &Path) -> Result<UnixListener, ServiceError> {
     let err = |source| ServiceError::Socket { path: path.display().to_string(), source };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
     }
     if let Ok(md) = std::fs::symlink_metadata(path) {
         if md.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -50,7 +50,10 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ServiceError> {
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
 }

@@ -200,18 +200,38 @@ impl SnapshotterImpl {
         self.store.create(kind, key, parent, labels, |id| self.make_dirs(id, kind, parent_fs.as_deref()))
     }
 
-    /// Mounts for `chain`; first checks that remote layers among `check` are reachable.
-    fn mounts_of(&self, chain: &Chain, check: &[(String, Record)]) -> Result<Vec<Mount>, SnapshotError> {
-        if let Some(remote) = &self.remote {
-            for (name, rec) in check.iter().filter(|(_, r)| r.is_remote()) {
-                remote.check(&self.fs_dir(rec.id), &rec.labels).map_err(|e| {
-                    SnapshotError::Unavailable(format!("layer {name} (snapshot {}) is unavailable: {e}", rec.id))
-                })?;
-            }
+    /// Fails with Unavailable if a remote layer among `check` cannot reach its blob.
+    fn check_remote(&self, check: &[(String, Record)]) -> Result<(), SnapshotError> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        for (name, rec) in check.iter().filter(|(_, r)| r.is_remote()) {
+            remote.check(&self.fs_dir(rec.id), &rec.labels).map_err(|e| {
+                SnapshotError::Unavailable(format!("layer {name} (snapshot {}) is unavailable: {e}", rec.id))
+            })?;
         }
+        Ok(())
+    }
+
+    /// Checks the parent chain *before* a Prepare/View creates anything, so an unreachable
+    /// remote ancestor leaves no half-made snapshot behind.
+    fn check_parent(&self, parent: &str) -> Result<(), SnapshotError> {
+        if parent.is_empty() || self.remote.is_none() {
+            return Ok(());
+        }
+        match self.store.chain(parent) {
+            Ok(c) => {
+                let mut all = vec![(parent.to_string(), c.record)];
+                all.extend(c.parents);
+                self.check_remote(&all)
+            }
+            // Missing parent etc.: let create() report it with the right code.
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn mounts_of(&self, chain: &Chain) -> Vec<Mount> {
         let parent_fs: Vec<PathBuf> = chain.parents.iter().map(|(_, r)| self.fs_dir(r.id)).collect();
         let id = chain.record.id;
-        Ok(compute_mounts(chain.record.kind.into(), &self.fs_dir(id), &self.work_dir(id), &parent_fs))
+        compute_mounts(chain.record.kind.into(), &self.fs_dir(id), &self.work_dir(id), &parent_fs)
     }
 
     /// Tries to mount the layer remotely and commit it under `target`. `Ok(true)`: done,
@@ -274,6 +294,7 @@ fn disk_usage(dir: &Path) -> std::io::Result<Usage> {
 
 impl Snapshotter for SnapshotterImpl {
     fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+        self.check_parent(parent)?;
         let chain = self.create(StoredKind::Active, key, parent, labels.clone())?;
         if let (Some(target), Some(remote)) = (labels.get(TARGET_SNAPSHOT_LABEL), &self.remote) {
             if self.try_remote(remote.as_ref(), key, target, &chain, &labels)? {
@@ -281,22 +302,27 @@ impl Snapshotter for SnapshotterImpl {
             }
         }
         debug!(key, parent, id = chain.record.id, "prepared");
-        self.mounts_of(&chain, &chain.parents)
+        Ok(self.mounts_of(&chain))
     }
 
     fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+        self.check_parent(parent)?;
         let chain = self.create(StoredKind::View, key, parent, labels)?;
-        self.mounts_of(&chain, &chain.parents)
+        Ok(self.mounts_of(&chain))
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
         let chain = self.store.chain(key)?;
         let mut check = vec![(key.to_string(), chain.record.clone())];
         check.extend(chain.parents.iter().cloned());
-        self.mounts_of(&chain, &check)
+        self.check_remote(&check)?;
+        Ok(self.mounts_of(&chain))
     }
 
     fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapshotError> {
+        if name.is_empty() {
+            return Err(SnapshotError::InvalidArgument("snapshot name must not be empty".into()));
+        }
         let rec = self.store.get(key)?;
         let usage = if rec.kind == StoredKind::Active {
             disk_usage(&self.fs_dir(rec.id)).map_err(|e| io_err(format!("usage of {key}"), e))?
@@ -493,6 +519,8 @@ mod tests {
         // An unreachable remote ancestor makes Mounts Unavailable.
         *remote.broken.lock().unwrap() = true;
         assert!(matches!(s.mounts("extract-2"), Err(SnapshotError::Unavailable(_))));
+        assert!(matches!(s.prepare("c", "layer1", BTreeMap::new()), Err(SnapshotError::Unavailable(_))));
+        assert!(matches!(s.stat("c"), Err(SnapshotError::NotFound(_))), "nothing created");
         *remote.broken.lock().unwrap() = false;
 
         // Remove unmounts the remote layer.

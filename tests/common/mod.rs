@@ -390,6 +390,7 @@ pub struct Daemon {
     root: PathBuf,
     socket: PathBuf,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     log: PathBuf,
     _logdir: tempfile::TempDir,
 }
@@ -403,12 +404,19 @@ impl Daemon {
     /// Starts `containerd-stargz-grpc --root ROOT --address SOCKET --log-level debug EXTRA...`
     /// and waits for the socket to accept connections.
     pub fn start(root: &Path, socket: &Path, extra_args: &[&str]) -> Daemon {
+        Daemon::start_with_env(root, socket, extra_args, &[])
+    }
+
+    /// Like [`Daemon::start`] with extra environment variables (e.g. `DOCKER_CONFIG`), kept
+    /// across restarts.
+    pub fn start_with_env(root: &Path, socket: &Path, extra_args: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let logdir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
             child: None,
             root: root.to_path_buf(),
             socket: socket.to_path_buf(),
             args: extra_args.iter().map(|s| s.to_string()).collect(),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             log: logdir.path().join("daemon.log"),
             _logdir: logdir,
         };
@@ -430,6 +438,7 @@ impl Daemon {
         }
         let child = cmd
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()
@@ -582,7 +591,7 @@ fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 pub fn layer_tar(entries: &[LayerEntry]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dirs = std::collections::BTreeSet::new();
-    let mut ensure_dirs = |b: &mut tar::Builder<Vec<u8>>, dir: &str, dirs: &mut std::collections::BTreeSet<String>| {
+    let ensure_dirs = |b: &mut tar::Builder<Vec<u8>>, dir: &str, dirs: &mut std::collections::BTreeSet<String>| {
         let mut acc = String::new();
         for part in dir.split('/').filter(|s| !s.is_empty()) {
             if !acc.is_empty() {
@@ -788,4 +797,48 @@ pub fn push_image(registry: &Registry, name: &str, tag: &str, layers: &[Layer]) 
         String::from_utf8_lossy(&out.stderr)
     );
     reference
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct gRPC access to a snapshotter socket
+// ---------------------------------------------------------------------------------------------
+
+pub use stargz::proto::containerd::services::snapshots::v1 as snapshots_pb;
+
+/// A tonic client for containerd's Snapshots API on the unix socket `path` (our daemon,
+/// bypassing containerd). Use inside a tokio runtime.
+pub async fn snapshots_client(
+    path: &Path,
+) -> Result<snapshots_pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await?;
+    Ok(snapshots_pb::snapshots_client::SnapshotsClient::new(channel))
+}
+
+/// Every snapshot the daemon on `socket` lists: name → (kind, parent, labels). Blocking.
+pub fn daemon_snapshots(socket: &Path) -> BTreeMap<String, (i32, String, BTreeMap<String, String>)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut c = snapshots_client(socket).await.expect("connect to daemon");
+        let mut stream = c
+            .list(snapshots_pb::ListSnapshotsRequest { snapshotter: String::new(), filters: vec![] })
+            .await
+            .expect("List")
+            .into_inner();
+        let mut out = BTreeMap::new();
+        while let Some(msg) = stream.message().await.expect("List stream") {
+            for i in msg.info {
+                out.insert(i.name, (i.kind, i.parent, i.labels.into_iter().collect()));
+            }
+        }
+        out
+    })
 }
