@@ -453,7 +453,7 @@ impl Inner {
         loop {
             let piece = match tokio::time::timeout(stall, resp.chunk()).await {
                 Err(_) => return Err(RemoteError::Stalled(stall).into()),
-                Ok(Err(e)) => return Err(RemoteError::http(url, e).into()),
+                Ok(Err(e)) => return Err(RemoteError::body(url, e).into()),
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(p))) => p,
             };
@@ -642,7 +642,7 @@ impl Inner {
         while pos < end {
             let piece = match tokio::time::timeout(stall, resp.chunk()).await {
                 Err(_) => return Err(RemoteError::Stalled(stall).into()),
-                Ok(Err(e)) => return Err(RemoteError::http(&loc.url, e).into()),
+                Ok(Err(e)) => return Err(RemoteError::body(&loc.url, e).into()),
                 Ok(Ok(None)) => return Err(RemoteError::Truncated(format!("range of {} ended at {pos}", self.digest)).into()),
                 Ok(Ok(Some(p))) => p,
             };

@@ -108,6 +108,17 @@ impl RemoteError {
         }
     }
 
+    /// A body that broke while streaming (reset, closed before its length): says why.
+    pub(crate) fn body(url: &str, e: reqwest::Error) -> Self {
+        let mut why = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            why = format!("{why}: {s}");
+            src = s.source();
+        }
+        RemoteError::Truncated(format!("body from {} broke off: {why}", auth::redact_url(url)))
+    }
+
     pub(crate) fn status(url: &str, s: reqwest::StatusCode) -> Self {
         RemoteError::Status {
             url: auth::redact_url(url),

@@ -294,3 +294,175 @@ pub fn verify_cache_dir(dir: &Path, blob: &[u8], hex: &str) -> Result<usize> {
     }
     Ok(n)
 }
+
+/// One request as the proxy saw it.
+#[derive(Debug, Clone)]
+pub struct ProxyRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl ProxyRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the proxy does with a request.
+pub enum Action {
+    /// Forward upstream, then apply the fault to the response.
+    Forward(Fault),
+    /// Answer directly.
+    Respond {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    None,
+    /// Send this fraction of the body, then reset the connection (RST).
+    Reset(f64),
+    /// Declare the full length, send this fraction, close cleanly.
+    Truncate(f64),
+    /// Replace the answer with this status.
+    Status(u16),
+    /// Flip one byte of the body at this fraction of its length.
+    Corrupt(f64),
+    /// Send this fraction, then stall for the duration, then close.
+    Stall(f64, Duration),
+    /// Ignore the Range header: answer 200 with the whole blob.
+    FullBody,
+}
+
+pub type Policy = Arc<dyn Fn(&ProxyRequest) -> Action + Send + Sync>;
+
+/// An HTTP/1.1 proxy on loopback in front of `upstream` (`host:port`), one request per
+/// connection. Stops when dropped.
+pub struct Proxy {
+    pub addr: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str, policy: Policy) -> Result<Proxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let upstream = upstream.to_owned();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { return };
+                let (upstream, policy, http) = (upstream.clone(), policy.clone(), http.clone());
+                tokio::spawn(async move {
+                    let _ = serve(sock, &upstream, policy, http).await;
+                });
+            }
+        });
+        Ok(Proxy { addr, task })
+    }
+}
+
+async fn serve(mut sock: tokio::net::TcpStream, upstream: &str, policy: Policy, http: reqwest::Client) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sock.read(&mut byte).await?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&byte[..n]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let method = first.next().unwrap_or("").to_owned();
+    let path = first.next().unwrap_or("/").to_owned();
+    let headers: Vec<(String, String)> = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
+        .collect();
+    let req = ProxyRequest { method, path, headers };
+    let (status, mut out_headers, mut body, fault) = match policy(&req) {
+        Action::Respond { status, headers, body } => (status, headers, body, Fault::None),
+        Action::Forward(fault) => {
+            let method = reqwest::Method::from_bytes(req.method.as_bytes())?;
+            let mut rb = http.request(method, format!("http://{upstream}{}", req.path));
+            for (k, v) in &req.headers {
+                let lk = k.to_ascii_lowercase();
+                if lk == "range" && fault == Fault::FullBody {
+                    continue;
+                }
+                if ["range", "accept", "authorization"].contains(&lk.as_str()) {
+                    rb = rb.header(k.as_str(), v.as_str());
+                }
+            }
+            let resp = rb.send().await?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .filter(|(k, _)| !["content-length", "transfer-encoding", "connection"].contains(&k.as_str()))
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                .collect();
+            let body = resp.bytes().await?.to_vec();
+            (status, headers, body, fault)
+        }
+    };
+    let mut status = status;
+    if let Fault::Status(s) = fault {
+        status = s;
+        out_headers.clear();
+        body = b"injected".to_vec();
+    }
+    if let Fault::Corrupt(f) = fault {
+        if !body.is_empty() {
+            let i = ((body.len() as f64 * f) as usize).min(body.len() - 1);
+            body[i] ^= 0x5a;
+        }
+    }
+    let mut resp = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+    for (k, v) in &out_headers {
+        resp.push_str(&format!("{k}: {v}\r\n"));
+    }
+    resp.push_str("\r\n");
+    sock.write_all(resp.as_bytes()).await?;
+    let cut = |f: f64| ((body.len() as f64 * f) as usize).min(body.len());
+    match fault {
+        Fault::Reset(f) => {
+            sock.write_all(&body[..cut(f)]).await?;
+            sock.flush().await?;
+            sock.set_zero_linger()?;
+            drop(sock);
+        }
+        Fault::Truncate(f) => {
+            sock.write_all(&body[..cut(f)]).await?;
+            sock.shutdown().await?;
+        }
+        Fault::Stall(f, d) => {
+            sock.write_all(&body[..cut(f)]).await?;
+            sock.flush().await?;
+            tokio::time::sleep(d).await;
+        }
+        _ => {
+            sock.write_all(&body).await?;
+            sock.shutdown().await?;
+        }
+    }
+    Ok(())
+}
