@@ -213,8 +213,10 @@ mod tests {
         out
     }
 
+    type Parsed = (Vec<(u64, u64)>, Vec<(u64, Vec<u8>)>);
+
     /// Feeds `input` in pieces of `step` bytes; returns (parts, data bytes by offset).
-    fn run(input: &[u8], step: usize) -> Result<(Vec<(u64, u64)>, Vec<(u64, Vec<u8>)>), RemoteError> {
+    fn run(input: &[u8], step: usize) -> Result<Parsed, RemoteError> {
         let mut p = Parser::new("BOUND");
         let mut parts = Vec::new();
         let mut data: Vec<(u64, Vec<u8>)> = Vec::new();
