@@ -365,7 +365,7 @@ impl Inner {
                 },
                 Err(FetchError::Remote(e)) => e,
             };
-            if !err.is_retryable() || attempt >= self.config.max_retries {
+            if !retry_in_stream(&err) || attempt >= self.config.max_retries {
                 tracing::warn!(digest = %self.digest, attempt, error = %err, "blob fetch failed");
                 return Err(err);
             }
@@ -599,7 +599,7 @@ impl Inner {
                     reason: "blob storage refused the re-resolved URL".into(),
                 },
             };
-            if matches!(err, RemoteError::Sink(_)) || !err.is_retryable() || attempt >= self.config.max_retries {
+            if !retry_in_stream(&err) || attempt >= self.config.max_retries {
                 return Err(err);
             }
             let wait = self.config.backoff(attempt);
@@ -658,6 +658,13 @@ impl Inner {
     }
 }
 
+/// Whether a failed attempt is worth repeating here. Statuses and connection errors were
+/// already retried with backoff by `RegistryClient::send`; what is left to retry is a response
+/// that broke while streaming (reset, truncation, stall, garbled framing).
+fn retry_in_stream(err: &RemoteError) -> bool {
+    matches!(err, RemoteError::Truncated(_) | RemoteError::Stalled(_) | RemoteError::Protocol(_))
+}
+
 /// Why one fetch attempt stopped.
 enum FetchError {
     /// The registry refused multi-range: retry at once as one range.
@@ -686,8 +693,17 @@ impl SyncBlob {
         &self.blob
     }
 
+    pub fn size(&self) -> u64 {
+        self.blob.size()
+    }
+
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, RemoteError> {
         self.handle.block_on(self.blob.read_at(buf, offset))
+    }
+
+    /// Re-probes the blob (the snapshotter's reachability check).
+    pub fn check(&self) -> Result<(), RemoteError> {
+        self.handle.block_on(self.blob.check())
     }
 
     pub fn prefetch(&self, ranges: &[Range<u64>]) -> Result<(), RemoteError> {
