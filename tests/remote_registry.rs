@@ -210,3 +210,30 @@ async fn basic_auth_with_docker_config() -> Result<()> {
     assert!(!err.contains("wrong-Secret-77") && !err.contains(password), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_dies_mid_use_falls_back_to_the_origin() -> Result<()> {
+    use remote_support::{Action, Fault, Proxy};
+    let reg = Registry::start(None)?;
+    let data = pseudo_random(50_000, 6);
+    let (layer, _) = Pusher::new(&reg.base()).image("m/d", "t", data.clone()).await?;
+    let mirror = Proxy::start(&reg.addr, Arc::new(|_: &remote_support::ProxyRequest| Action::Forward(Fault::None))).await?;
+    let mut cfg = ClientConfig {
+        blob: BlobConfig { max_retries: 1, ..small_chunks() },
+        docker_config_dir: Some("/nonexistent".into()),
+        ..Default::default()
+    };
+    cfg.resolver.host.insert(
+        reg.addr.clone(),
+        HostConfig { mirrors: vec![MirrorConfig { host: mirror.addr.clone(), insecure: true, ..Default::default() }] },
+    );
+    let c = RegistryClient::new(cfg)?;
+    let r: Reference = format!("{}/m/d:t", reg.addr).parse()?;
+    let blob = Blob::open(&c, &r, &layer, Arc::new(MemoryCache::new())).await?;
+    let mut b = vec![0u8; 10_000];
+    assert_eq!(blob.read_at(&mut b, 0).await?, 10_000);
+    drop(mirror);
+    assert_eq!(blob.read_at(&mut b, 30_000).await?, 10_000);
+    assert_eq!(b, data[30_000..40_000]);
+    Ok(())
+}

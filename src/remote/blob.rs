@@ -366,6 +366,16 @@ impl Inner {
                 Err(FetchError::Remote(e)) => e,
             };
             if !retry_in_stream(&err) || attempt >= self.config.max_retries {
+                if !relocated && err.is_retryable() && self.has_other_endpoints() {
+                    // The host serving this blob (a mirror) keeps failing: probe the endpoints
+                    // again in order and go on with whichever answers.
+                    relocated = true;
+                    if self.relocate().await.is_ok() {
+                        tracing::info!(digest = %self.digest, error = %err, "blob source failing, re-resolved endpoint");
+                        attempt = 0;
+                        continue;
+                    }
+                }
                 tracing::warn!(digest = %self.digest, attempt, error = %err, "blob fetch failed");
                 return Err(err);
             }
@@ -550,6 +560,10 @@ impl Inner {
             // Wake readers waiting for this chunk now, not when the whole request ends.
             p.flight.take();
         }
+    }
+
+    fn has_other_endpoints(&self) -> bool {
+        self.client.endpoints(&self.reference).len() > 1
     }
 
     /// Re-probes the blob's URL (after a redirect target refused us, or as a health check).
