@@ -81,6 +81,19 @@ pub trait CacheReader: Send + Sync {
     }
 }
 
+/// Opens the store `http_cache_type` names: `"memory"` → [`MemoryCache`], anything else
+/// (Go's default `""`/`"directory"`) → [`DirectoryCache`] under `dir`.
+pub fn open_store(
+    kind: &str,
+    dir: &std::path::Path,
+    config: DirectoryCacheConfig,
+) -> Result<Arc<dyn BlobCache>, CacheError> {
+    Ok(match kind {
+        "memory" => Arc::new(MemoryCache::new()),
+        _ => Arc::new(DirectoryCache::open(dir, config)?),
+    })
+}
+
 /// Rejects keys that could escape the cache directory or collide with its layout.
 pub(crate) fn validate_key(key: &str) -> Result<(), CacheError> {
     let bad = key.is_empty()
