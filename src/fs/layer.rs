@@ -58,6 +58,8 @@ pub struct MountedLayer {
     reader: Arc<LayerReader>,
     mountpoint: PathBuf,
     prefetch: Option<JoinHandle<()>>,
+    /// Keeps the shared fetcher alive while a layer uses it.
+    _fetcher: Option<Arc<BackgroundFetcher>>,
 }
 
 impl std::fmt::Debug for MountedLayer {
@@ -111,6 +113,7 @@ pub fn mount_layer(
     let session = Session::new(fs, mountpoint, &config).map_err(mount_err)?.spawn().map_err(mount_err)?;
     let limit = prefetch_limit(&reader, opts);
     let bg_reader = reader.clone();
+    let keep = fetcher.clone();
     let prefetch = std::thread::Builder::new()
         .name("stargz-prefetch".into())
         .spawn(move || {
@@ -126,7 +129,7 @@ pub fn mount_layer(
         })
         .ok();
     tracing::info!(layer = %reader.digest(), mountpoint = %mountpoint.display(), prefetch = limit, "layer mounted");
-    Ok(MountedLayer { session: Some(session), reader, mountpoint: mountpoint.to_path_buf(), prefetch })
+    Ok(MountedLayer { session: Some(session), reader, mountpoint: mountpoint.to_path_buf(), prefetch, _fetcher: keep })
 }
 
 /// Go's rule: `.no.prefetch.landmark` → none; `.prefetch.landmark` → up to it; else the size.

@@ -402,6 +402,10 @@ impl LayerReader {
             Ok(()) => {
                 self.set_present(seq);
                 self.fetched.fetch_add(c.blob_end - c.blob_off, Ordering::Relaxed);
+                if self.fully_cached() {
+                    // The only bytes left are tar headers before the first payload.
+                    self.fetched.store(self.source.size(), Ordering::Relaxed);
+                }
                 Ok(())
             }
             Err(e) => {

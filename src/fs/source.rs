@@ -15,7 +15,7 @@ pub trait LayerSource: Send + Sync {
     /// Streams the bytes `[offset, offset + len)` of the blob into `sink`, in order, as they
     /// arrive. An error may come after part of the range was written; the caller then
     /// discards what it got.
-    fn fetch(&self, offset: u64, len: u64, sink: &mut dyn Write) -> io::Result<()>;
+    fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()>;
     /// Checks that the blob is still reachable (the snapshotter's `check`).
     fn check(&self) -> io::Result<()> {
         Ok(())
@@ -26,7 +26,7 @@ impl<T: LayerSource + ?Sized> LayerSource for Arc<T> {
     fn size(&self) -> u64 {
         (**self).size()
     }
-    fn fetch(&self, offset: u64, len: u64, sink: &mut dyn Write) -> io::Result<()> {
+    fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
         (**self).fetch(offset, len, sink)
     }
     fn check(&self) -> io::Result<()> {
@@ -64,7 +64,7 @@ impl LayerSource for FileSource {
         self.size
     }
 
-    fn fetch(&self, offset: u64, len: u64, sink: &mut dyn Write) -> io::Result<()> {
+    fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
         let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("range {offset}+{len} past blob end {}", self.size))
         })?;

@@ -380,7 +380,7 @@ impl LayerSource for FaultySource {
     fn size(&self) -> u64 {
         self.blob.len() as u64
     }
-    fn fetch(&self, offset: u64, len: u64, sink: &mut dyn Write) -> std::io::Result<()> {
+    fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> std::io::Result<()> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         self.bytes.fetch_add(len, Ordering::SeqCst);
         let range = self
