@@ -250,3 +250,49 @@ fn prefetch_up_to_landmark_in_one_request_and_readahead_batches_small_files() ->
     layer.unmount()?;
     Ok(())
 }
+
+struct MapResolver(std::collections::HashMap<String, Arc<FaultySource>>);
+
+impl stargz::fs::BlobResolver for MapResolver {
+    fn resolve(&self, _reference: &str, digest: &str) -> Result<Arc<dyn stargz::fs::LayerSource>, stargz::fs::FsError> {
+        let s = self.0.get(digest).ok_or_else(|| stargz::fs::FsError::Labels(format!("unknown blob {digest}")))?;
+        Ok(s.clone())
+    }
+}
+
+#[test]
+fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
+    use stargz::snapshot::RemoteLayers;
+    require_root();
+    let f = fixture(lower_tree, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let resolver = MapResolver([("sha256:11".to_string(), source.clone())].into_iter().collect());
+    let mut cfg = stargz::fs::FsConfig::new(work.path());
+    cfg.max_concurrency = 1;
+    let mgr = stargz::fs::LayerManager::new(cfg, Arc::new(resolver))?;
+    let mnt = work.path().join("m");
+    std::fs::create_dir(&mnt)?;
+    let mut labels: std::collections::BTreeMap<String, String> = [
+        ("containerd.io/snapshot/remote/stargz.reference", "127.0.0.1:5000/img:v1"),
+        ("containerd.io/snapshot/remote/stargz.digest", "sha256:11"),
+        ("containerd.io/snapshot/stargz/toc.digest", "sha256:0000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let err = mgr.mount(&mnt, &labels).expect_err("a wrong TOC digest must fail the mount");
+    assert!(err.to_string().contains("TOC"), "{err}");
+    labels.insert("containerd.io/snapshot/stargz/toc.digest".into(), f.toc_digest.clone());
+    mgr.mount(&mnt, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let guard = UmountGuard(mnt.clone());
+    assert_eq!(std::fs::read(mnt.join("a/y"))?, b"y from lower");
+    mgr.check(&mnt, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cache_dirs = || std::fs::read_dir(work.path().join("stargz/fscache")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(cache_dirs(), 1);
+    mgr.unmount(&mnt).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(!mnt.join("a").exists(), "still mounted");
+    assert_eq!(cache_dirs(), 0, "unmount must free the layer's cache");
+    drop(guard);
+    Ok(())
+}

@@ -10,11 +10,13 @@ pub mod fscache;
 pub mod fuse;
 pub mod inode;
 pub mod layer;
+pub mod manager;
 pub mod open;
 pub mod reader;
 pub mod source;
 
 pub use background::BackgroundFetcher;
+pub use manager::{BlobResolver, FsConfig, LayerManager};
 pub use layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
 pub use reader::{LayerReader, Priority, ReadOptions};
 pub use source::{FileSource, LayerSource};

@@ -175,7 +175,7 @@ impl LayerReader {
         &self.source
     }
 
-    pub(crate) fn cache(&self) -> &FileCache {
+    pub fn cache(&self) -> &FileCache {
         &self.cache
     }
 
