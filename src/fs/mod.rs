@@ -1,1 +1,49 @@
 //! One mounted eStargz layer served through FUSE: inode table, reads, prefetch, background fetch.
+//!
+//! A read goes: FUSE [`fuse::LayerFs`] → [`reader::LayerReader`] (file range → chunks via the
+//! [`inode::InodeTable`]) → [`fscache::FileCache`] on a hit, or one range request to the
+//! [`source::LayerSource`] (the seam to `remote`) streamed through per-chunk decoders that
+//! verify each chunk's digest before it becomes visible.
+
+pub mod background;
+pub mod fscache;
+pub mod fuse;
+pub mod inode;
+pub mod layer;
+pub mod manager;
+pub mod open;
+pub mod reader;
+pub mod source;
+
+pub use background::BackgroundFetcher;
+pub use manager::{BlobResolver, FsConfig, LayerManager};
+pub use layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
+pub use reader::{LayerReader, Priority, ReadOptions};
+pub use source::{FileSource, LayerSource};
+
+/// Errors of the `fs` module; the FUSE boundary maps them to errno in `fuse.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("invalid TOC: {0}")]
+    Toc(String),
+    #[error("not an eStargz blob: {0}")]
+    Format(String),
+    #[error("TOC verification: {0}")]
+    Verify(String),
+    #[error("fetching from the blob: {0}")]
+    Source(#[source] std::io::Error),
+    #[error("fscache: {0}")]
+    Cache(#[source] std::io::Error),
+    #[error("chunk: {0}")]
+    Chunk(String),
+    #[error("no inode {0}")]
+    NotFound(u64),
+    #[error("mount at {path}: {source}")]
+    Mount {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Labels(String),
+}

@@ -1,0 +1,475 @@
+//! The FUSE face of a layer: answers the kernel from the inode table and the reader.
+//! Read-only: every mutating call is EROFS. Errors become errno here and only here.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+};
+
+use super::inode::{Node, NodeKind, ROOT_INO, STATE_DIR_INO, STATE_DIR_NAME, STATE_FILE_INO};
+use super::reader::LayerReader;
+use super::FsError;
+
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const BLOCK_SIZE: u32 = 4096;
+
+/// FUSE filesystem of one layer.
+pub struct LayerFs {
+    reader: Arc<LayerReader>,
+    ttl: Duration,
+    passthrough: AtomicBool,
+    next_fh: AtomicU64,
+    handles: Mutex<Handles>,
+}
+
+/// Open file handles. The kernel refuses (EIO) a passthrough open of an inode that still has
+/// a page-cached open and vice versa, so the mode of each inode's opens is tracked here.
+#[derive(Default)]
+struct Handles {
+    /// Passthrough handles keep their inode's backing id alive; cached ones name their inode.
+    by_fh: HashMap<u64, Result<Arc<BackingId>, u64>>,
+    backing: HashMap<u64, Weak<BackingId>>,
+    cached_opens: HashMap<u64, usize>,
+}
+
+impl LayerFs {
+    pub fn new(reader: Arc<LayerReader>, ttl: Duration, passthrough: bool) -> Self {
+        LayerFs {
+            reader,
+            ttl,
+            passthrough: AtomicBool::new(passthrough),
+            next_fh: AtomicU64::new(1),
+            handles: Mutex::new(Handles::default()),
+        }
+    }
+
+    fn state_file_name(&self) -> String {
+        format!("{}.json", self.reader.digest())
+    }
+
+    /// The state file's JSON, with Go's field names.
+    fn state_json(&self) -> Vec<u8> {
+        let size = self.reader.blob_size();
+        let fetched = self.reader.fetched_size();
+        let percent = if size == 0 { 100.0 } else { fetched as f64 / size as f64 * 100.0 };
+        let mut v = serde_json::json!({
+            "digest": self.reader.digest(),
+            "size": size,
+            "fetchedSize": fetched,
+            "fetchedPercent": percent,
+        });
+        if let Some(e) = self.reader.last_error() {
+            v["error"] = serde_json::Value::String(e);
+        }
+        let mut out = serde_json::to_vec(&v).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        match ino {
+            STATE_DIR_INO => Some(special_attr(ino, FileType::Directory, 0o500, 0)),
+            STATE_FILE_INO => Some(special_attr(ino, FileType::RegularFile, 0o400, self.state_json().len() as u64)),
+            _ => self.reader.table.get(ino).map(node_attr),
+        }
+    }
+
+    fn lookup_name(&self, parent: u64, name: &OsStr) -> Option<FileAttr> {
+        let name = name.to_str()?;
+        match parent {
+            ROOT_INO if name == STATE_DIR_NAME => self.attr(STATE_DIR_INO),
+            STATE_DIR_INO if name == self.state_file_name() => self.attr(STATE_FILE_INO),
+            STATE_DIR_INO => None,
+            _ => self.reader.table.lookup(parent, name).map(node_attr),
+        }
+    }
+
+    /// `(ino, kind, name)` of a directory's entries, `.` and `..` first.
+    fn dir_entries(&self, ino: u64) -> Option<Vec<(u64, FileType, String)>> {
+        if ino == STATE_DIR_INO {
+            return Some(vec![
+                (STATE_DIR_INO, FileType::Directory, ".".into()),
+                (ROOT_INO, FileType::Directory, "..".into()),
+                (STATE_FILE_INO, FileType::RegularFile, self.state_file_name()),
+            ]);
+        }
+        let node = self.reader.table.get(ino).filter(|n| n.kind == NodeKind::Dir)?;
+        let mut out = vec![(ino, FileType::Directory, ".".into()), (node.parent, FileType::Directory, "..".into())];
+        for (name, &child) in &node.children {
+            let kind = self.reader.table.get(child).map_or(FileType::RegularFile, |n| file_type(n.kind));
+            out.push((child, kind, name.clone()));
+        }
+        Some(out)
+    }
+
+    fn xattrs(&self, ino: u64) -> Option<Vec<(String, Vec<u8>)>> {
+        let node = self.reader.table.get(ino)?;
+        let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+        if node.opaque {
+            out.push((OPAQUE_XATTR.into(), b"y".to_vec()));
+        }
+        out.extend(node.xattrs.iter().filter(|(k, _)| k.as_str() != OPAQUE_XATTR).map(|(k, v)| (k.clone(), v.clone())));
+        Some(out)
+    }
+
+    /// Opens `ino` through passthrough when it is fully cached and no page-cached open of it
+    /// is live; otherwise registers a normal open. Returns the handle and its backing id.
+    fn open_file(&self, ino: u64, reply: &ReplyOpen) -> (u64, Option<Arc<BackingId>>) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        let live = h.backing.get(&ino).and_then(Weak::upgrade);
+        let can_pass = live.is_some()
+            || (self.passthrough.load(Ordering::Relaxed)
+                && h.cached_opens.get(&ino).copied().unwrap_or(0) == 0
+                && self.reader.file_cached(ino));
+        if can_pass {
+            if let Some(id) = live.or_else(|| self.new_backing(ino, reply)) {
+                h.backing.insert(ino, Arc::downgrade(&id));
+                h.by_fh.insert(fh, Ok(id.clone()));
+                return (fh, Some(id));
+            }
+        }
+        *h.cached_opens.entry(ino).or_default() += 1;
+        h.by_fh.insert(fh, Err(ino));
+        (fh, None)
+    }
+
+    fn new_backing(&self, ino: u64, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        let file = self.reader.cache().open_readonly(ino).ok()?;
+        match reply.open_backing(&file) {
+            Ok(id) => Some(Arc::new(id)),
+            Err(e) => {
+                tracing::warn!(error = %e, "FUSE passthrough unavailable; serving reads in userspace");
+                self.passthrough.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn release_file(&self, fh: u64) {
+        let mut h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Err(ino)) = h.by_fh.remove(&fh) {
+            if let Some(n) = h.cached_opens.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    h.cached_opens.remove(&ino);
+                }
+            }
+        }
+    }
+}
+
+fn special_attr(ino: u64, kind: FileType, perm: u16, size: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(u64::from(BLOCK_SIZE)) * 8,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind,
+        perm,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+fn file_type(kind: NodeKind) -> FileType {
+    match kind {
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::Reg => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Char | NodeKind::Whiteout => FileType::CharDevice,
+        NodeKind::Block => FileType::BlockDevice,
+        NodeKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+fn node_attr(n: &Node) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(n.ino),
+        size: n.size,
+        blocks: n.blocks(),
+        atime: n.mtime,
+        mtime: n.mtime,
+        ctime: n.mtime,
+        crtime: n.mtime,
+        kind: file_type(n.kind),
+        perm: (n.perm & 0o7777) as u16,
+        nlink: n.nlink,
+        uid: n.uid,
+        gid: n.gid,
+        rdev: n.rdev,
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound(_) => Errno::ENOENT,
+        _ => Errno::EIO,
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_PARALLEL_DIROPS);
+        if self.passthrough.load(Ordering::Relaxed) {
+            // Depth 1: our backing files sit on a plain fs, and overlayfs may still stack on us.
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::warn!("kernel lacks FUSE passthrough; serving reads in userspace");
+                self.passthrough.store(false, Ordering::Relaxed);
+            }
+        }
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.lookup_name(parent.0, name) {
+            Some(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(attr) => reply.attr(&self.ttl, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.reader.table.get(ino.0) {
+            Some(n) if n.kind == NodeKind::Symlink => reply.data(n.link_name.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if ino.0 == STATE_FILE_INO {
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        }
+        match self.reader.table.get(ino.0) {
+            Some(n) if n.kind == NodeKind::Reg => {}
+            Some(_) => return reply.error(Errno::EINVAL),
+            None => return reply.error(Errno::ENOENT),
+        }
+        match self.open_file(ino.0, &reply) {
+            // The kernel accepts no caching flags with passthrough.
+            (fh, Some(id)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+            // Content never changes: let the page cache keep it across opens.
+            (fh, None) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino.0 == STATE_FILE_INO {
+            let json = self.state_json();
+            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(json.len());
+            let end = start.saturating_add(size as usize).min(json.len());
+            return reply.data(&json[start..end]);
+        }
+        match self.reader.read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                tracing::warn!(layer = %self.reader.digest(), ino = ino.0, offset, error = %e, "read failed");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 != 0 {
+            self.release_file(fh.0);
+        }
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(entries) = self.dir_entries(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*child), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(entries) = self.dir_entries(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (child, _, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let Some(attr) = self.attr(*child) else { continue };
+            if reply.add(INodeNo(*child), (i + 1) as u64, name, &self.ttl, &attr, Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(xattrs) = self.xattrs(ino.0) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        match xattrs.iter().find(|(k, _)| OsStr::new(k) == name) {
+            Some((_, v)) => reply_xattr(reply, size, v),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut list = Vec::new();
+        for (k, _) in self.xattrs(ino.0).unwrap_or_default() {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        reply_xattr(reply, size, &list);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    // Everything below would change the layer: it is read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &std::path::Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+}

@@ -1,0 +1,232 @@
+//! [`LayerManager`]: the snapshotter's [`RemoteLayers`], mounting layers named by labels.
+//!
+//! Labels (CRI first, then the default set), the TOC verification policy and the prefetch
+//! label follow Go's `fs/fs.go`; the blob itself comes from a [`BlobResolver`] (the registry
+//! in the daemon, a local file in tests).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::snapshot::{LayerError, RemoteLayers};
+
+use super::background::{BackgroundFetcher, DEFAULT_SPAN_BYTES};
+use super::layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
+use super::reader::Priority;
+use super::source::LayerSource;
+use super::FsError;
+
+pub const LABEL_CRI_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_CRI_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const LABEL_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
+pub const LABEL_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+pub const LABEL_PREFETCH: &str = "containerd.io/snapshot/remote/stargz.prefetch";
+pub const LABEL_SKIP_VERIFY: &str = "containerd.io/snapshot/remote/stargz.skipverify";
+pub const LABEL_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+
+/// Finds a layer blob from its image reference and digest.
+pub trait BlobResolver: Send + Sync {
+    fn resolve(&self, reference: &str, digest: &str) -> Result<Arc<dyn LayerSource>, FsError>;
+}
+
+/// The filesystem part of `config.toml`.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// `<root>/stargz/fscache`: decompressed file caches, one directory per mounted layer.
+    pub fscache_dir: PathBuf,
+    pub layer: LayerOptions,
+    pub disable_verification: bool,
+    pub allow_no_verification: bool,
+    pub no_background_fetch: bool,
+    /// Background fetch workers shared by all layers (`max_concurrency`).
+    pub max_concurrency: usize,
+}
+
+impl FsConfig {
+    /// Go's defaults under a daemon root (`--root`).
+    pub fn new(root: &Path) -> Self {
+        FsConfig {
+            fscache_dir: root.join("stargz").join("fscache"),
+            layer: LayerOptions::default(),
+            disable_verification: false,
+            allow_no_verification: false,
+            no_background_fetch: false,
+            max_concurrency: 2,
+        }
+    }
+}
+
+/// What the labels of one layer say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerLabels {
+    pub reference: String,
+    pub digest: String,
+    /// None: mount without verifying the TOC.
+    pub toc_digest: Option<String>,
+    pub prefetch_size: Option<u64>,
+}
+
+/// Reads the labels and applies the verification policy.
+pub fn parse_labels(labels: &BTreeMap<String, String>, cfg: &FsConfig) -> Result<LayerLabels, FsError> {
+    let get = |a: &str, b: &str| labels.get(a).or_else(|| labels.get(b)).filter(|v| !v.is_empty()).cloned();
+    let reference = get(LABEL_CRI_REF, LABEL_REF).ok_or_else(|| FsError::Labels("no image reference label".into()))?;
+    let digest = get(LABEL_CRI_DIGEST, LABEL_DIGEST).ok_or_else(|| FsError::Labels("no layer digest label".into()))?;
+    let toc_digest = if cfg.disable_verification {
+        None
+    } else if let Some(d) = labels.get(LABEL_TOC_DIGEST).filter(|v| !v.is_empty()) {
+        Some(d.clone())
+    } else if labels.contains_key(LABEL_SKIP_VERIFY) && cfg.allow_no_verification {
+        tracing::warn!(layer = %digest, "mounting without TOC verification (skipverify)");
+        None
+    } else {
+        return Err(FsError::Labels("digest of TOC JSON must be passed".into()));
+    };
+    let prefetch_size = labels.get(LABEL_PREFETCH).and_then(|v| v.parse().ok());
+    Ok(LayerLabels { reference, digest, toc_digest, prefetch_size })
+}
+
+/// Mounts and tracks remote layers for the snapshotter.
+pub struct LayerManager {
+    resolver: Arc<dyn BlobResolver>,
+    config: FsConfig,
+    priority: Arc<Priority>,
+    fetcher: Option<Arc<BackgroundFetcher>>,
+    mounts: Mutex<HashMap<PathBuf, MountedLayer>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for LayerManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerManager").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl LayerManager {
+    /// Starts the shared background fetcher. Caches left by an earlier run are deleted: chunk
+    /// validity is tracked in memory, so their bytes could not be trusted.
+    pub fn new(config: FsConfig, resolver: Arc<dyn BlobResolver>) -> Result<Self, FsError> {
+        match std::fs::remove_dir_all(&config.fscache_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(FsError::Cache(e)),
+            _ => {}
+        }
+        std::fs::create_dir_all(&config.fscache_dir).map_err(FsError::Cache)?;
+        let priority = Arc::new(Priority::default());
+        let fetcher = (!config.no_background_fetch)
+            .then(|| Arc::new(BackgroundFetcher::new(config.max_concurrency, priority.clone(), DEFAULT_SPAN_BYTES)));
+        Ok(LayerManager { resolver, config, priority, fetcher, mounts: Mutex::new(HashMap::new()), next_id: AtomicU64::new(0) })
+    }
+
+    /// Mounts a layer; the error says why it can't be lazy (the caller falls back).
+    pub fn mount_layer(&self, mountpoint: &Path, labels: &BTreeMap<String, String>) -> Result<(), FsError> {
+        let parsed = parse_labels(labels, &self.config)?;
+        let source = {
+            let _urgent = self.priority.urgent();
+            self.resolver.resolve(&parsed.reference, &parsed.digest)?
+        };
+        let hex = parsed.digest.split_once(':').map_or(parsed.digest.as_str(), |(_, h)| h);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cache_dir = self.config.fscache_dir.join(format!("{hex}.{}.{id}", std::process::id()));
+        let spec = LayerSpec { digest: parsed.digest.clone(), source, toc_digest: parsed.toc_digest };
+        let mut opts = self.config.layer.clone();
+        if let Some(p) = parsed.prefetch_size {
+            opts.prefetch_size = p;
+        }
+        let mounted = open_layer(spec, &cache_dir, &opts.read, self.priority.clone())
+            .and_then(|reader| mount_layer(reader, mountpoint, &opts, self.fetcher.clone()));
+        let mounted = match mounted {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&cache_dir);
+                return Err(e);
+            }
+        };
+        let old = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).insert(mountpoint.to_path_buf(), mounted);
+        if let Some(old) = old {
+            release(old);
+        }
+        Ok(())
+    }
+
+    /// The mounted layer at `mountpoint`, for inspection (tests, metrics).
+    pub fn with_layer<T>(&self, mountpoint: &Path, f: impl FnOnce(&MountedLayer) -> T) -> Option<T> {
+        self.mounts.lock().unwrap_or_else(|e| e.into_inner()).get(mountpoint).map(f)
+    }
+
+    /// Unmounts everything (daemon shutdown with cleanup).
+    pub fn unmount_all(&self) {
+        let all: Vec<_> = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, m)| m).collect();
+        all.into_iter().for_each(release);
+    }
+}
+
+fn release(m: MountedLayer) {
+    let cache = m.reader().cache().dir().to_path_buf();
+    if let Err(e) = m.unmount() {
+        tracing::warn!(error = %e, "unmount failed");
+    }
+    let _ = std::fs::remove_dir_all(cache);
+}
+
+impl RemoteLayers for LayerManager {
+    fn mount(&self, mountpoint: &Path, labels: &BTreeMap<String, String>) -> Result<(), LayerError> {
+        Ok(self.mount_layer(mountpoint, labels)?)
+    }
+
+    fn check(&self, mountpoint: &Path, _labels: &BTreeMap<String, String>) -> Result<(), LayerError> {
+        let res = self.with_layer(mountpoint, |m| m.reader().source().check());
+        match res {
+            None => Err(format!("no layer mounted at {}", mountpoint.display()).into()),
+            Some(r) => Ok(r?),
+        }
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<(), LayerError> {
+        let m = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).remove(mountpoint);
+        match m {
+            Some(m) => {
+                release(m);
+                Ok(())
+            }
+            // Not ours (e.g. mounted by an earlier run): detach whatever is there.
+            None => nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn cri_labels_win_and_verification_policy() {
+        let cfg = FsConfig::new(Path::new("/nonexistent"));
+        let l = labels(&[
+            (LABEL_CRI_REF, "cri/ref"),
+            (LABEL_REF, "default/ref"),
+            (LABEL_DIGEST, "sha256:aa"),
+            (LABEL_TOC_DIGEST, "sha256:toc"),
+            (LABEL_PREFETCH, "1000"),
+        ]);
+        let p = parse_labels(&l, &cfg).expect("parse");
+        assert_eq!(p.reference, "cri/ref");
+        assert_eq!(p.digest, "sha256:aa");
+        assert_eq!(p.toc_digest.as_deref(), Some("sha256:toc"));
+        assert_eq!(p.prefetch_size, Some(1000));
+
+        let l = labels(&[(LABEL_REF, "r"), (LABEL_DIGEST, "sha256:aa"), (LABEL_SKIP_VERIFY, "")]);
+        assert!(parse_labels(&l, &cfg).is_err(), "skipverify needs allow_no_verification");
+        let mut cfg2 = cfg.clone();
+        cfg2.allow_no_verification = true;
+        assert_eq!(parse_labels(&l, &cfg2).expect("skip").toc_digest, None);
+        let mut cfg3 = cfg.clone();
+        cfg3.disable_verification = true;
+        let l = labels(&[(LABEL_REF, "r"), (LABEL_DIGEST, "sha256:aa"), (LABEL_TOC_DIGEST, "sha256:t")]);
+        assert_eq!(parse_labels(&l, &cfg3).expect("disabled").toc_digest, None);
+        assert!(parse_labels(&labels(&[(LABEL_REF, "r")]), &cfg).is_err());
+    }
+}

@@ -1,0 +1,559 @@
+//! The read path of one layer: file range → chunks → `fscache` or blob range → verify → cache.
+//!
+//! Invariants:
+//! - a chunk's bit in `present` is set only after all its bytes were written to the cache file
+//!   and their sha256 matched the TOC, so a read never returns unverified bytes;
+//! - a chunk is fetched by at most one thread at a time (`inflight`); others wait for it;
+//! - compressed bytes are streamed straight into decoders, never buffered whole or cached.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use sha2::{Digest as _, Sha256};
+
+use super::fscache::FileCache;
+use super::inode::{Chunk, InodeTable, NodeKind};
+use super::source::LayerSource;
+use super::FsError;
+
+/// Shared between all layers of a daemon: lets background work yield to on-demand reads.
+#[derive(Debug, Default)]
+pub struct Priority {
+    waiting: AtomicUsize,
+}
+
+impl Priority {
+    /// Marks an on-demand fetch (or a mount) as waiting until the guard drops.
+    pub fn urgent(self: &Arc<Self>) -> UrgentGuard {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        UrgentGuard(self.clone())
+    }
+
+    /// True while some on-demand fetch waits: background fetchers hold back.
+    pub fn busy(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// See [`Priority::urgent`].
+#[derive(Debug)]
+pub struct UrgentGuard(Arc<Priority>);
+
+impl Drop for UrgentGuard {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Background fetch gives up on a layer after this many failed spans (reads still retry).
+const MAX_BG_FAILURES: u32 = 16;
+
+/// What one background step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BgStep {
+    More,
+    Failed,
+    Done,
+}
+
+/// Tuning of the read path.
+#[derive(Debug, Clone)]
+pub struct ReadOptions {
+    /// On a miss, also fetch following chunks in blob order up to this many compressed bytes.
+    pub readahead_bytes: u64,
+    /// Serve chunks whose TOC entry carries no digest (only with verification disabled).
+    pub allow_unverified: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions { readahead_bytes: 1 << 20, allow_unverified: false }
+    }
+}
+
+#[derive(Default)]
+struct Flight {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Flight {
+    fn wait(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    fn finish(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Reads of one layer.
+pub struct LayerReader {
+    pub(crate) table: InodeTable,
+    source: Arc<dyn LayerSource>,
+    cache: FileCache,
+    opts: ReadOptions,
+    priority: Arc<Priority>,
+    present: Vec<AtomicU64>,
+    present_count: AtomicUsize,
+    inflight: Mutex<HashMap<usize, Arc<Flight>>>,
+    fetched: AtomicU64,
+    /// Next chunk (blob order) the background fetcher looks at, and how often it wrapped.
+    bg_cursor: Mutex<(usize, u32)>,
+    bg_done: AtomicBool,
+    bg_failures: AtomicU32,
+    last_error: Mutex<Option<String>>,
+    digest: String,
+}
+
+impl std::fmt::Debug for LayerReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerReader").field("digest", &self.digest).finish_non_exhaustive()
+    }
+}
+
+impl LayerReader {
+    pub fn new(
+        digest: String,
+        table: InodeTable,
+        source: Arc<dyn LayerSource>,
+        cache: FileCache,
+        opts: ReadOptions,
+        priority: Arc<Priority>,
+    ) -> Self {
+        let words = table.blob_order.len().div_ceil(64);
+        // The footer and TOC (everything after the last payload) were fetched to mount.
+        let payload_end = table.blob_order.last().and_then(|&id| table.chunk(id)).map_or(0, |c| c.blob_end);
+        let fetched = source.size().saturating_sub(payload_end);
+        LayerReader {
+            present: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            present_count: AtomicUsize::new(0),
+            table,
+            source,
+            cache,
+            opts,
+            priority,
+            inflight: Mutex::new(HashMap::new()),
+            fetched: AtomicU64::new(fetched),
+            bg_cursor: Mutex::new((0, 0)),
+            bg_done: AtomicBool::new(false),
+            bg_failures: AtomicU32::new(0),
+            last_error: Mutex::new(None),
+            digest,
+        }
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn blob_size(&self) -> u64 {
+        self.source.size()
+    }
+
+    /// Compressed bytes fetched so far (TOC, footer and every cached chunk).
+    pub fn fetched_size(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed).min(self.source.size())
+    }
+
+    /// True once every chunk of the layer is in the cache.
+    pub fn fully_cached(&self) -> bool {
+        self.present_count.load(Ordering::SeqCst) == self.table.blob_order.len()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn source(&self) -> &Arc<dyn LayerSource> {
+        &self.source
+    }
+
+    pub fn cache(&self) -> &FileCache {
+        &self.cache
+    }
+
+    fn is_present(&self, seq: usize) -> bool {
+        self.present[seq / 64].load(Ordering::Acquire) & (1 << (seq % 64)) != 0
+    }
+
+    fn set_present(&self, seq: usize) {
+        let prev = self.present[seq / 64].fetch_or(1 << (seq % 64), Ordering::AcqRel);
+        if prev & (1 << (seq % 64)) == 0 {
+            self.present_count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn chunk(&self, seq: usize) -> &Chunk {
+        let (ino, i) = self.table.blob_order[seq];
+        &self.table.get(ino).expect("blob_order names only existing inodes").chunks[i]
+    }
+
+    /// True when every chunk of `ino` is cached (its reads can be passed through).
+    pub fn file_cached(&self, ino: u64) -> bool {
+        self.table.get(ino).is_some_and(|n| n.chunks.iter().all(|c| self.is_present(c.seq)))
+    }
+
+    /// Reads up to `size` bytes of file `ino` at `offset`, fetching missing chunks.
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let node = self.table.get(ino).ok_or(FsError::NotFound(ino))?;
+        if node.kind != NodeKind::Reg {
+            return Err(FsError::NotFound(ino));
+        }
+        if offset >= node.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = node.size.min(offset + u64::from(size));
+        let first = node.chunk_index(offset);
+        let last = node.chunk_index(end - 1);
+        for c in &node.chunks[first..=last] {
+            self.ensure(c.seq)?;
+        }
+        let file = self.cache.open(ino, node.size).map_err(FsError::Cache)?;
+        let mut buf = vec![0u8; (end - offset) as usize];
+        file.read_exact_at(&mut buf, offset).map_err(FsError::Cache)?;
+        Ok(buf)
+    }
+
+    /// Makes chunk `seq` present: waits for a fetch in flight or fetches it (with read-ahead).
+    fn ensure(&self, seq: usize) -> Result<(), FsError> {
+        let mut own_attempt = false;
+        loop {
+            if self.is_present(seq) {
+                return Ok(());
+            }
+            let claim = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                if self.is_present(seq) {
+                    return Ok(());
+                }
+                match inflight.get(&seq) {
+                    Some(f) => Err(f.clone()),
+                    None => {
+                        let budget = if own_attempt { 0 } else { self.opts.readahead_bytes };
+                        Ok(self.claim_span(&mut inflight, seq, budget))
+                    }
+                }
+            };
+            match claim {
+                Err(flight) => {
+                    let _urgent = self.priority.urgent();
+                    flight.wait();
+                }
+                Ok((seqs, flight)) => {
+                    let _urgent = self.priority.urgent();
+                    own_attempt = true;
+                    let res = self.fetch_claimed(&seqs, &flight);
+                    if !self.is_present(seq) {
+                        return Err(res.err().unwrap_or_else(|| FsError::Chunk(format!("chunk {seq} failed verification"))));
+                    }
+                }
+            }
+            if own_attempt && !self.is_present(seq) {
+                // Someone else's fetch failed for us and our own did too: give up (EIO).
+                return Err(FsError::Chunk(format!("chunk {seq} unavailable")));
+            }
+        }
+    }
+
+    /// Claims `seq` plus following contiguous missing chunks within `budget` compressed bytes.
+    fn claim_span(
+        &self,
+        inflight: &mut HashMap<usize, Arc<Flight>>,
+        seq: usize,
+        budget: u64,
+    ) -> (Vec<usize>, Arc<Flight>) {
+        let flight = Arc::new(Flight::default());
+        let mut seqs = vec![seq];
+        let mut end = self.chunk(seq).blob_end;
+        let limit = end.saturating_add(budget);
+        let mut next = seq + 1;
+        while next < self.table.blob_order.len() {
+            let c = self.chunk(next);
+            if c.blob_off != end || c.blob_end > limit || self.is_present(next) || inflight.contains_key(&next) {
+                break;
+            }
+            seqs.push(next);
+            end = c.blob_end;
+            next += 1;
+        }
+        for &s in &seqs {
+            inflight.insert(s, flight.clone());
+        }
+        (seqs, flight)
+    }
+
+    /// Fetches claimed chunks, then releases the claim whatever happened.
+    fn fetch_claimed(&self, seqs: &[usize], flight: &Flight) -> Result<(), FsError> {
+        let res = self.fetch_span(seqs);
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for s in seqs {
+                inflight.remove(s);
+            }
+        }
+        flight.finish();
+        if let Err(e) = &res {
+            tracing::warn!(layer = %self.digest, error = %e, "chunk fetch failed");
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        }
+        res
+    }
+
+    /// One range request for contiguous chunks, demultiplexed into their decoders.
+    fn fetch_span(&self, seqs: &[usize]) -> Result<(), FsError> {
+        let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+            return Ok(());
+        };
+        let start = self.chunk(first).blob_off;
+        let end = self.chunk(last).blob_end;
+        let mut sink = SpanSink { reader: self, seqs, k: 0, pos: start, dec: None, failed: None };
+        sink.start_chunk();
+        let fetched = self.source.fetch(start, end - start, &mut sink);
+        let failed = sink.failed.take();
+        drop(sink);
+        fetched.map_err(FsError::Source)?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Fetches everything whose payload ends before `limit` (prefetch at mount).
+    pub fn prefetch(&self, limit: u64) -> Result<(), FsError> {
+        let mut seq = 0;
+        let n = self.table.blob_order.len();
+        while seq < n && self.chunk(seq).blob_end <= limit {
+            let claim = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                if self.is_present(seq) || inflight.contains_key(&seq) {
+                    None
+                } else {
+                    Some(self.claim_span(&mut inflight, seq, limit - self.chunk(seq).blob_end))
+                }
+            };
+            match claim {
+                Some((seqs, flight)) => {
+                    seq = seqs.last().map_or(seq, |&s| s) + 1;
+                    self.fetch_claimed(&seqs, &flight)?;
+                }
+                None => seq += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims and fetches the next background span of up to `span_bytes`.
+    pub fn background_step(&self, span_bytes: u64) -> BgStep {
+        if self.bg_done.load(Ordering::SeqCst) {
+            return BgStep::Done;
+        }
+        let n = self.table.blob_order.len();
+        let claim = {
+            let mut cursor = self.bg_cursor.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            while cursor.0 < n && (self.is_present(cursor.0) || inflight.contains_key(&cursor.0)) {
+                cursor.0 += 1;
+            }
+            if cursor.0 >= n {
+                if self.fully_cached() || cursor.1 >= 3 {
+                    self.bg_done.store(true, Ordering::SeqCst);
+                    return BgStep::Done;
+                }
+                // Chunks in flight elsewhere or failed: look again from the start.
+                *cursor = (0, cursor.1 + 1);
+                return BgStep::More;
+            }
+            let seq = cursor.0;
+            let budget = span_bytes.saturating_sub(self.chunk(seq).blob_end - self.chunk(seq).blob_off);
+            let claim = self.claim_span(&mut inflight, seq, budget);
+            cursor.0 = claim.0.last().map_or(seq, |&s| s) + 1;
+            claim
+        };
+        if self.fetch_claimed(&claim.0, &claim.1).is_ok() {
+            return BgStep::More;
+        }
+        if self.bg_failures.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_BG_FAILURES {
+            tracing::warn!(layer = %self.digest, "background fetch gave up after repeated failures");
+            self.bg_done.store(true, Ordering::SeqCst);
+        }
+        BgStep::Failed
+    }
+
+    /// Stops background work for this layer (unmount).
+    pub fn stop_background(&self) {
+        self.bg_done.store(true, Ordering::SeqCst);
+    }
+
+    /// True when the background fetcher has nothing left to do.
+    pub fn background_finished(&self) -> bool {
+        self.bg_done.load(Ordering::SeqCst)
+    }
+
+    fn chunk_done(&self, seq: usize, res: Result<(), FsError>) -> Result<(), FsError> {
+        let c = self.chunk(seq);
+        match res {
+            Ok(()) => {
+                self.set_present(seq);
+                self.fetched.fetch_add(c.blob_end - c.blob_off, Ordering::Relaxed);
+                if self.fully_cached() {
+                    // The only bytes left are tar headers before the first payload.
+                    self.fetched.store(self.source.size(), Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(layer = %self.digest, offset = c.blob_off, error = %e, "chunk rejected");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Decompresses one chunk into its cache file while hashing it.
+struct ChunkWriter {
+    file: Arc<std::fs::File>,
+    pos: u64,
+    skip: u64,
+    remaining: u64,
+    hasher: Sha256,
+    io_error: Option<io::Error>,
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut d = data;
+        let skip = usize::try_from(self.skip).unwrap_or(usize::MAX).min(d.len());
+        d = &d[skip..];
+        self.skip -= skip as u64;
+        let take = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(d.len());
+        if take > 0 && self.io_error.is_none() {
+            if let Err(e) = self.file.write_all_at(&d[..take], self.pos) {
+                self.io_error = Some(e);
+            }
+            self.hasher.update(&d[..take]);
+            self.pos += take as u64;
+            self.remaining -= take as u64;
+        }
+        // Bytes past the chunk (tar padding, the next headers) are decompressed and dropped.
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Routes a contiguous compressed span to one decoder per chunk, in blob order.
+struct SpanSink<'a> {
+    reader: &'a LayerReader,
+    seqs: &'a [usize],
+    k: usize,
+    pos: u64,
+    dec: Option<flate2::write::GzDecoder<ChunkWriter>>,
+    failed: Option<FsError>,
+}
+
+impl SpanSink<'_> {
+    fn start_chunk(&mut self) {
+        self.dec = None;
+        let Some(&seq) = self.seqs.get(self.k) else { return };
+        let c = self.reader.chunk(seq);
+        let (ino, _) = self.reader.table.blob_order[seq];
+        let size = self.reader.table.get(ino).map_or(0, |n| n.size);
+        match self.reader.cache.open(ino, size) {
+            Ok(file) => {
+                let w = ChunkWriter {
+                    file,
+                    pos: c.file_off,
+                    skip: c.inner_off,
+                    remaining: c.len,
+                    hasher: Sha256::new(),
+                    io_error: None,
+                };
+                self.dec = Some(flate2::write::GzDecoder::new(w));
+            }
+            Err(e) => self.fail(seq, FsError::Cache(e)),
+        }
+    }
+
+    fn fail(&mut self, seq: usize, e: FsError) {
+        let e = self.reader.chunk_done(seq, Err(e)).err();
+        if self.failed.is_none() {
+            self.failed = e;
+        }
+    }
+
+    fn finish_chunk(&mut self) {
+        let seq = self.seqs[self.k];
+        if let Some(mut dec) = self.dec.take() {
+            let res = match dec.try_finish() {
+                Err(e) => Err(FsError::Chunk(format!("decompress: {e}"))),
+                Ok(()) => verify(dec.get_mut(), self.reader.chunk(seq), self.reader.opts.allow_unverified),
+            };
+            match res {
+                Ok(()) => {
+                    let _ = self.reader.chunk_done(seq, Ok(()));
+                }
+                Err(e) => self.fail(seq, e),
+            }
+        }
+        self.k += 1;
+        self.start_chunk();
+    }
+}
+
+fn verify(w: &mut ChunkWriter, c: &Chunk, allow_unverified: bool) -> Result<(), FsError> {
+    if let Some(e) = w.io_error.take() {
+        return Err(FsError::Cache(e));
+    }
+    if w.remaining != 0 {
+        return Err(FsError::Chunk(format!("chunk at {} is {} bytes short", c.blob_off, w.remaining)));
+    }
+    let got = format!("sha256:{}", hex::encode(std::mem::take(&mut w.hasher).finalize()));
+    if c.digest.is_empty() {
+        return if allow_unverified { Ok(()) } else { Err(FsError::Chunk(format!("chunk at {} has no digest", c.blob_off))) };
+    }
+    if got != c.digest {
+        return Err(FsError::Chunk(format!("chunk at {}: digest {got} != {}", c.blob_off, c.digest)));
+    }
+    Ok(())
+}
+
+impl Write for SpanSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut data = buf;
+        while !data.is_empty() {
+            let Some(&seq) = self.seqs.get(self.k) else {
+                return Err(io::Error::other("source sent more bytes than asked"));
+            };
+            let end = self.reader.chunk(seq).blob_end;
+            let n = usize::try_from(end - self.pos).unwrap_or(usize::MAX).min(data.len());
+            let mut part = &data[..n];
+            while let Some(dec) = self.dec.as_mut().filter(|_| !part.is_empty()) {
+                match dec.write(part) {
+                    Ok(0) => break,
+                    Ok(m) => part = &part[m..],
+                    Err(e) => {
+                        self.dec = None;
+                        self.fail(seq, FsError::Chunk(format!("decompress: {e}")));
+                    }
+                }
+            }
+            self.pos += n as u64;
+            data = &data[n..];
+            if self.pos == end {
+                self.finish_chunk();
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

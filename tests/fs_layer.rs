@@ -1,0 +1,298 @@
+//! A real eStargz layer mounted through FUSE (needs root and /dev/fuse; CI runs as root).
+
+mod fs_support;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use fs_support::*;
+use stargz::fs::{mount_layer, open_layer, BackgroundFetcher, LayerOptions, LayerSpec, MountedLayer, Priority};
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    src: std::path::PathBuf,
+    blob: Vec<u8>,
+    toc_digest: String,
+}
+
+fn fixture(build: impl FnOnce(&Path) -> Result<()>, landmark_after: Option<usize>) -> Result<Fixture> {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("stargz=debug").try_init();
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src)?;
+    build(&src)?;
+    let tar = tar_dir(&src)?;
+    let mut blob = Vec::new();
+    let toc_digest = estargz_from_tar(&tar, 1 << 20, landmark_after, &mut blob)?;
+    Ok(Fixture { _tmp: tmp, src, blob, toc_digest })
+}
+
+fn mount(
+    f: &Fixture,
+    source: Arc<FaultySource>,
+    dir: &Path,
+    opts: &LayerOptions,
+    fetcher: Option<Arc<BackgroundFetcher>>,
+) -> Result<MountedLayer> {
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    let spec = LayerSpec { digest: "sha256:feedbeef".into(), source, toc_digest: Some(f.toc_digest.clone()) };
+    let reader = open_layer(spec, &dir.join("cache"), &opts.read, Arc::new(Priority::default()))?;
+    Ok(mount_layer(reader, &mnt, opts, fetcher)?)
+}
+
+fn as_nobody(args: &[&str]) -> Result<std::process::Output> {
+    Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(args)
+        .output()
+        .context("setpriv (util-linux) is required")
+}
+
+#[test]
+fn mounted_rootfs_matches_source() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let mnt = layer.mountpoint().to_path_buf();
+
+    let n = compare_trees(&f.src, &mnt)?;
+    assert!(n > 100, "compared only {n} paths");
+    // Each compressed byte was fetched at most once although big.bin was read in 128 KiB reads.
+    assert!(source.bytes.load(Ordering::SeqCst) <= f.blob.len() as u64, "bytes refetched");
+
+    // The kernel enforces modes for other users (allow_other + default_permissions).
+    let out = as_nobody(&["cat", mnt.join("secret").to_str().unwrap_or_default()])?;
+    assert!(!out.status.success(), "uid 65534 read a 0600 root file");
+    let out = as_nobody(&["cat", mnt.join("public").to_str().unwrap_or_default()])?;
+    assert!(out.status.success(), "uid 65534 cannot read a 0644 file: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, b"everyone\n");
+
+    // Read-only.
+    let err = std::fs::OpenOptions::new().write(true).open(mnt.join("public")).expect_err("write open must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert!(std::fs::create_dir(mnt.join("newdir")).is_err());
+
+    // The state file is hidden from readdir but readable, with Go's fields.
+    let names: Vec<_> = std::fs::read_dir(&mnt)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert!(!names.iter().any(|n| n == ".stargz-snapshotter"));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mnt.join(".stargz-snapshotter/sha256:feedbeef.json"))?)?;
+    assert_eq!(state["digest"], "sha256:feedbeef");
+    assert_eq!(state["size"], f.blob.len() as u64);
+    assert!(state["fetchedSize"].as_u64().unwrap_or(0) > 0);
+    assert!(state["fetchedPercent"].as_f64().is_some());
+    let sm = std::fs::metadata(mnt.join(".stargz-snapshotter"))?;
+    assert_eq!(sm.mode() & 0o7777, 0o500);
+    layer.unmount()?;
+    Ok(())
+}
+
+fn lower_tree(root: &Path) -> Result<()> {
+    for d in ["a", "d", "keep"] {
+        std::fs::create_dir(root.join(d))?;
+    }
+    std::fs::write(root.join("a/x"), b"x from lower")?;
+    std::fs::write(root.join("a/y"), b"y from lower")?;
+    std::fs::write(root.join("d/p"), b"p from lower")?;
+    std::fs::write(root.join("d/q"), b"q from lower")?;
+    std::fs::write(root.join("keep/k"), b"k")?;
+    Ok(())
+}
+
+fn upper_tree(root: &Path) -> Result<()> {
+    std::fs::create_dir(root.join("a"))?;
+    std::fs::create_dir(root.join("d"))?;
+    std::fs::write(root.join("a/.wh.x"), b"")?;
+    std::fs::write(root.join(".wh.keep"), b"")?;
+    std::fs::write(root.join("d/.wh..wh..opq"), b"")?;
+    std::fs::write(root.join("d/new"), b"new in upper")?;
+    Ok(())
+}
+
+#[test]
+fn overlay_of_two_layers_honours_whiteouts_and_opaque_dirs() -> Result<()> {
+    require_root();
+    let lower = fixture(lower_tree, None)?;
+    let upper = fixture(upper_tree, None)?;
+    let work = tempfile::tempdir()?;
+    let l = mount(&lower, FaultySource::new(lower.blob.clone()), &work.path().join("l"), &LayerOptions::default(), None)?;
+    let u = mount(&upper, FaultySource::new(upper.blob.clone()), &work.path().join("u"), &LayerOptions::default(), None)?;
+
+    // The upper layer itself shows overlayfs conventions.
+    let wh = std::fs::symlink_metadata(u.mountpoint().join("a/x"))?;
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wh.file_type()) && wh.rdev() == 0);
+    assert!(!u.mountpoint().join("d/.wh..wh..opq").exists());
+    assert_eq!(xattrs(&u.mountpoint().join("d"))?.get("trusted.overlay.opaque").map(Vec::as_slice), Some(&b"y"[..]));
+
+    let merged = work.path().join("merged");
+    std::fs::create_dir(&merged)?;
+    let opts = format!("lowerdir={}:{}", u.mountpoint().display(), l.mountpoint().display());
+    let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status()?;
+    ensure!(st.success(), "overlay mount failed");
+    let _g = UmountGuard(merged.clone());
+    assert!(!merged.join("a/x").exists(), "whiteout did not hide a/x");
+    assert_eq!(std::fs::read(merged.join("a/y"))?, b"y from lower");
+    assert!(!merged.join("keep").exists(), "whiteout did not hide dir keep");
+    assert!(!merged.join("d/p").exists() && !merged.join("d/q").exists(), "opaque dir leaked lower entries");
+    assert_eq!(std::fs::read(merged.join("d/new"))?, b"new in upper");
+    drop(_g);
+    u.unmount()?;
+    l.unmount()?;
+    Ok(())
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !cond() {
+        ensure!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn drop_page_cache() -> Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", b"1").context("drop_caches")
+}
+
+#[test]
+fn fully_fetched_layer_survives_registry_going_down() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let priority = Arc::new(Priority::default());
+    let fetcher = Arc::new(BackgroundFetcher::new(2, priority, 1 << 20));
+    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), Some(fetcher))?;
+    wait_until("background fetch", || layer.reader().fully_cached())?;
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layer.mountpoint().join(".stargz-snapshotter/sha256:feedbeef.json"))?)?;
+    assert!(state["fetchedPercent"].as_f64().unwrap_or(0.0) > 99.0, "{state}");
+    source.set(DOWN);
+    drop_page_cache()?;
+    compare_trees(&f.src, layer.mountpoint())?;
+    layer.unmount()?;
+    Ok(())
+}
+
+#[test]
+fn faulty_source_gives_eio_never_wrong_bytes() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let mnt = layer.mountpoint();
+    let files = ["usr/lib/app/big.bin", "usr/lib/app/small.txt", "owned", "etc/passwd"];
+    for mode in [CORRUPT, DOWN] {
+        source.set(mode);
+        for p in files {
+            match std::fs::read(mnt.join(p)) {
+                Ok(got) => assert_eq!(got, std::fs::read(f.src.join(p))?, "{p}: wrong bytes in mode {mode}"),
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{p}: {e}"),
+            }
+        }
+    }
+    // A corrupt source must have been caught (not served), and recovery works.
+    source.set(CORRUPT);
+    let err = std::fs::read(mnt.join("usr/lib/app/mod07.py")).expect_err("corrupt bytes were served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    source.set(HEALTHY);
+    drop_page_cache()?;
+    for p in files {
+        assert_eq!(std::fs::read(mnt.join(p))?, std::fs::read(f.src.join(p))?, "{p} after recovery");
+    }
+    layer.unmount()?;
+    Ok(())
+}
+
+#[test]
+fn prefetch_up_to_landmark_in_one_request_and_readahead_batches_small_files() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, Some(30))?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let before = source.fetches.load(Ordering::SeqCst);
+    let mut layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    layer.wait_prefetch();
+    // Footer, TOC, then the whole prefetch in one range request.
+    assert_eq!(source.fetches.load(Ordering::SeqCst) - before, 3, "prefetch must be one range request");
+    assert!(!layer.mountpoint().join(".prefetch.landmark").exists());
+    // Files before the landmark (tar order, sorted by name) are served with the source down.
+    source.set(DOWN);
+    let mut first_etc = Vec::new();
+    for e in std::fs::read_dir(f.src.join("etc"))? {
+        let p = e?.path();
+        if p.is_file() && !p.is_symlink() {
+            first_etc.push(p.file_name().map(|n| n.to_os_string()).unwrap_or_default());
+        }
+    }
+    first_etc.sort();
+    let name = first_etc.first().context("no file in etc")?;
+    assert_eq!(std::fs::read(layer.mountpoint().join("etc").join(name))?, std::fs::read(f.src.join("etc").join(name))?);
+    source.set(HEALTHY);
+
+    // Forty small modules read one after another cost far fewer than forty requests.
+    let start = source.fetches.load(Ordering::SeqCst);
+    for i in 0..40 {
+        let p = format!("usr/lib/app/mod{i:02}.py");
+        assert_eq!(std::fs::read(layer.mountpoint().join(&p))?, std::fs::read(f.src.join(&p))?);
+    }
+    let used = source.fetches.load(Ordering::SeqCst) - start;
+    assert!(used <= 3, "{used} requests for 40 small files");
+    layer.unmount()?;
+    Ok(())
+}
+
+struct MapResolver(std::collections::HashMap<String, Arc<FaultySource>>);
+
+impl stargz::fs::BlobResolver for MapResolver {
+    fn resolve(&self, _reference: &str, digest: &str) -> Result<Arc<dyn stargz::fs::LayerSource>, stargz::fs::FsError> {
+        let s = self.0.get(digest).ok_or_else(|| stargz::fs::FsError::Labels(format!("unknown blob {digest}")))?;
+        Ok(s.clone())
+    }
+}
+
+#[test]
+fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
+    use stargz::snapshot::RemoteLayers;
+    require_root();
+    let f = fixture(lower_tree, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let resolver = MapResolver([("sha256:11".to_string(), source.clone())].into_iter().collect());
+    let mut cfg = stargz::fs::FsConfig::new(work.path());
+    cfg.max_concurrency = 1;
+    let mgr = stargz::fs::LayerManager::new(cfg, Arc::new(resolver))?;
+    let mnt = work.path().join("m");
+    std::fs::create_dir(&mnt)?;
+    let mut labels: std::collections::BTreeMap<String, String> = [
+        ("containerd.io/snapshot/remote/stargz.reference", "127.0.0.1:5000/img:v1"),
+        ("containerd.io/snapshot/remote/stargz.digest", "sha256:11"),
+        ("containerd.io/snapshot/stargz/toc.digest", "sha256:0000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let err = mgr.mount(&mnt, &labels).expect_err("a wrong TOC digest must fail the mount");
+    assert!(err.to_string().contains("TOC"), "{err}");
+    labels.insert("containerd.io/snapshot/stargz/toc.digest".into(), f.toc_digest.clone());
+    mgr.mount(&mnt, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let guard = UmountGuard(mnt.clone());
+    assert_eq!(std::fs::read(mnt.join("a/y"))?, b"y from lower");
+    mgr.check(&mnt, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cache_dirs = || std::fs::read_dir(work.path().join("stargz/fscache")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(cache_dirs(), 1);
+    mgr.unmount(&mnt).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(!mnt.join("a").exists(), "still mounted");
+    assert_eq!(cache_dirs(), 0, "unmount must free the layer's cache");
+    drop(guard);
+    Ok(())
+}
