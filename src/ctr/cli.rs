@@ -1,0 +1,140 @@
+//! Command line of `ctr-remote`, mirroring Go's global flags and `images` subcommands.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+
+use super::client::Containerd;
+use super::labels::DEFAULT_PREFETCH_SIZE;
+use super::registry::{Reference, RegistryFetcher, RegistryOptions};
+use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
+use super::Error;
+
+const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "ctr-remote", version, about = "containerd CLI with lazy-pulling (stargz) commands")]
+pub struct Cli {
+    /// address for containerd's GRPC server (default "/run/containerd/containerd.sock") [$CONTAINERD_ADDRESS]
+    #[arg(short = 'a', long, global = true)]
+    pub address: Option<PathBuf>,
+    /// namespace to use with commands (default "default") [$CONTAINERD_NAMESPACE]
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// enable debug output in logs
+    #[arg(long, global = true)]
+    pub debug: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// manage images
+    #[command(visible_aliases = ["image", "i"])]
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// pull an image from a registry levaraging stargz snapshotter
+    Rpull(RpullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RpullArgs {
+    /// skip SSL certificate validation
+    #[arg(short = 'k', long)]
+    pub skip_verify: bool,
+    /// allow connections using plain HTTP
+    #[arg(long)]
+    pub plain_http: bool,
+    /// user[:password] Registry user and password
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// labels to attach to the image
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Skip content verification for layers contained in this image.
+    #[arg(long)]
+    pub skip_content_verify: bool,
+    /// snapshotter name. Empty value stands for the default value. [$CONTAINERD_SNAPSHOTTER]
+    #[arg(long)]
+    pub snapshotter: Option<String>,
+    /// image reference
+    #[arg(value_name = "ref")]
+    pub reference: String,
+}
+
+impl Cli {
+    fn address(&self) -> PathBuf {
+        self.address
+            .clone()
+            .or_else(|| std::env::var_os("CONTAINERD_ADDRESS").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS))
+    }
+
+    fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .or_else(|| std::env::var("CONTAINERD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "default".to_string())
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    let cd = Containerd::connect(&cli.address(), &cli.namespace()).await?;
+    match cli.command {
+        Command::Images { command: ImagesCommand::Rpull(args) } => run_rpull(&cd, args).await,
+    }
+}
+
+/// `k=v` (or bare `k`, value empty) as `ctr`'s `LabelArgs`.
+fn parse_labels(args: &[String]) -> HashMap<String, String> {
+    args.iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (l.clone(), String::new()),
+        })
+        .collect()
+}
+
+async fn run_rpull(cd: &Containerd, args: RpullArgs) -> Result<(), Error> {
+    let reference = Reference::parse(&args.reference)?;
+    let fetcher = RegistryFetcher::new(
+        reference.clone(),
+        &RegistryOptions { plain_http: args.plain_http, skip_verify: args.skip_verify, user: args.user },
+    )?;
+    let snapshotter = args
+        .snapshotter
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("CONTAINERD_SNAPSHOTTER").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "stargz".to_string());
+    let opts = RpullOptions {
+        snapshotter,
+        skip_content_verify: args.skip_content_verify,
+        prefetch_size: DEFAULT_PREFETCH_SIZE,
+        image_labels: parse_labels(&args.labels),
+    };
+    let started = Instant::now();
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let s = rpull(cd, &fetcher, &args.reference, &reference, &opts, &mut out, &mut err).await?;
+    let remote = s.layers.iter().filter(|(_, o)| *o == LayerOutcome::Remote).count();
+    let size = s.image_size().max(0) as u64;
+    eprintln!(
+        "done: {remote}/{} layers remote (lazy), downloaded {} of {} layer bytes ({:.1}%) in {:.2}s",
+        s.layers.len(),
+        human(s.downloaded()),
+        human(size),
+        if size == 0 { 0.0 } else { 100.0 * s.downloaded() as f64 / size as f64 },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
