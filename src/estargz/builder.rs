@@ -1,0 +1,1 @@
+//! Builder (placeholder until the converter lands in the next commit).
