@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use super::client::Containerd;
 use super::labels::DEFAULT_PREFETCH_SIZE;
 use super::registry::{Reference, RegistryFetcher, RegistryOptions};
+use super::toc::layer_toc;
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
 use super::Error;
 
@@ -44,6 +45,21 @@ pub enum Command {
 pub enum ImagesCommand {
     /// pull an image from a registry levaraging stargz snapshotter
     Rpull(RpullArgs),
+    /// get the digest of TOC of a layer
+    GetTocDigest(GetTocDigestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GetTocDigestArgs {
+    /// parse layer as zstd:chunked
+    #[arg(long)]
+    pub zstdchunked: bool,
+    /// dump TOC instead of digest. Note that the dumped TOC might be formatted with indents so may have different digest against the original in the layer
+    #[arg(long)]
+    pub dump_toc: bool,
+    /// layer digest
+    #[arg(value_name = "layer digest")]
+    pub digest: String,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +108,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     let cd = Containerd::connect(&cli.address(), &cli.namespace()).await?;
     match cli.command {
         Command::Images { command: ImagesCommand::Rpull(args) } => run_rpull(&cd, args).await,
+        Command::Images { command: ImagesCommand::GetTocDigest(args) } => run_get_toc_digest(&cd, args).await,
     }
 }
 
@@ -136,5 +153,19 @@ async fn run_rpull(cd: &Containerd, args: RpullArgs) -> Result<(), Error> {
         if size == 0 { 0.0 } else { 100.0 * s.downloaded() as f64 / size as f64 },
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+async fn run_get_toc_digest(cd: &Containerd, args: GetTocDigestArgs) -> Result<(), Error> {
+    if args.zstdchunked {
+        return Err(Error::Unsupported("zstd:chunked layers".into()));
+    }
+    let found = layer_toc(cd, &args.digest).await?;
+    if args.dump_toc {
+        let json = serde_json::to_string_pretty(&found.toc)?;
+        println!("{json}");
+    } else {
+        println!("{}", found.digest);
+    }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod labels;
 pub mod oci;
 pub mod registry;
 pub mod rpull;
+pub mod toc;
 
 /// Errors of the `ctr-remote` commands.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub enum Error {
     Incomplete(String),
     #[error("not supported: {0}")]
     Unsupported(String),
+    #[error("layer format: {0}")]
+    Format(String),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
     #[error("i/o: {0}")]

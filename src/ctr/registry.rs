@@ -288,7 +288,7 @@ mod tests {
         assert_eq!((r.host.as_str(), r.repository.as_str()), ("docker.io", "library/ubuntu"));
         assert_eq!(r.tag.as_deref(), Some("latest"));
         let r = Reference::parse("ghcr.io/a/b@sha256:abcd").unwrap();
-        assert_eq!((r.tag, r.digest.as_deref()), (None, Some("sha256:abcd")));
+        assert_eq!((r.tag.as_deref(), r.digest.as_deref()), (None, Some("sha256:abcd")));
         assert_eq!(r.object(), "sha256:abcd");
         let r = Reference::parse("localhost:5000/x:1@sha256:ab").unwrap();
         assert_eq!((r.tag.as_deref(), r.object()), (Some("1"), "sha256:ab"));

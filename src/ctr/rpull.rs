@@ -61,10 +61,15 @@ impl PullSummary {
     }
 }
 
-/// Label containerd's fetcher puts on content so it knows where a blob came from.
+/// Label containerd's fetcher puts on content so it knows where a blob came from; the key
+/// holds the host name without the port, as containerd writes it.
 fn source_label(reference: &Reference) -> HashMap<String, String> {
+    let host = match reference.host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => reference.host.as_str(),
+    };
     HashMap::from([(
-        format!("containerd.io/distribution.source.{}", reference.host),
+        format!("containerd.io/distribution.source.{host}"),
         reference.repository.clone(),
     )])
 }
