@@ -18,7 +18,7 @@ pub mod reader;
 mod rfc3339;
 pub mod toc;
 
-// builder re-exports: see builder.rs
+pub use builder::{build, BuildOptions, BuildResult};
 pub use chunk::{decode_chunk, decode_chunk_into};
 pub use footer::{footer_bytes, parse_footer, TocLocation, FOOTER_SIZE, LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE};
 pub use index::{ChunkInfo, Entry, EntryId, LayerIndex};
