@@ -198,3 +198,50 @@ fn get_toc_digest_agrees_with_go() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("footer"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Our `convert --estargz --oci` gives OCI eStargz layers whose `toc.digest` annotation is
+/// what Go's `get-toc-digest` reads from the blob, whose `uncompressed` annotation is the
+/// config's diff ID; the result runs, and survives a push + our rpull.
+#[test]
+fn convert_estargz_matches_go_toc_digest_and_runs() {
+    let reg = Registry::start();
+    let image = two_layer_image(&reg, "src");
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    ctrd.ctr_ok(&["images", "pull", "--plain-http", &image]);
+    let esgz = format!("{}/test/ctr-remote:esgz", reg.addr());
+    let printed = ok(
+        ctr_remote(ours(), &ctrd, "default", &["image", "convert", "--estargz", "--oci", &image, &esgz]),
+        "our convert",
+    );
+
+    let ls = ctrd.ctr_ok(&["images", "ls"]);
+    let line = ls.lines().find(|l| l.starts_with(&esgz)).expect("converted image listed");
+    let manifest_digest = line.split_whitespace().nth(2).expect("digest");
+    assert_eq!(printed.trim(), manifest_digest);
+    let manifest: serde_json::Value = serde_json::from_str(&ctrd.ctr_ok(&["content", "get", manifest_digest])).expect("json");
+    assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(manifest["config"]["mediaType"], "application/vnd.oci.image.config.v1+json");
+    let config: serde_json::Value =
+        serde_json::from_str(&ctrd.ctr_ok(&["content", "get", manifest["config"]["digest"].as_str().expect("cfg")])).expect("json");
+    let layers = manifest["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 2);
+    for (i, l) in layers.iter().enumerate() {
+        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip");
+        let digest = l["digest"].as_str().expect("digest");
+        let annotated = l["annotations"]["containerd.io/snapshot/stargz/toc.digest"].as_str().expect("toc annotation");
+        let go = ok(ctr_remote(GO_CTR_REMOTE, &ctrd, "default", &["image", "get-toc-digest", digest]), "Go get-toc-digest");
+        assert_eq!(go.trim(), annotated, "layer {i}");
+        assert_eq!(l["annotations"]["containerd.io/uncompressed"], config["rootfs"]["diff_ids"][i]);
+    }
+
+    let out = ctrd.ctr_ok(&["run", "--rm", &esgz, "ctr-remote-conv-1", "/bin/cat", "/data/hello.txt"]);
+    assert_eq!(out.trim(), "hello from ctr-remote");
+
+    ctrd.ctr_ok(&["images", "push", "--plain-http", &esgz]);
+    ok(
+        ctr_remote(ours(), &ctrd, "pulled", &["image", "rpull", "--plain-http", "--snapshotter", "overlayfs", &esgz]),
+        "rpull of converted image",
+    );
+    let out = ctr_ns(&ctrd, "pulled", &["run", "--rm", "--snapshotter", "overlayfs", &esgz, "ctr-remote-conv-2", "/bin/cat", "/data/hello.txt"]);
+    assert_eq!(out.trim(), "hello from ctr-remote");
+}

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use super::client::Containerd;
 use super::labels::DEFAULT_PREFETCH_SIZE;
 use super::registry::{Reference, RegistryFetcher, RegistryOptions};
+use super::convert::{convert, ConvertOptions};
 use super::toc::layer_toc;
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
 use super::Error;
@@ -47,6 +48,33 @@ pub enum ImagesCommand {
     Rpull(RpullArgs),
     /// get the digest of TOC of a layer
     GetTocDigest(GetTocDigestArgs),
+    /// convert an image
+    Convert(ConvertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// convert legacy tar(.gz) layers to eStargz for lazy pulling. Should be used in conjunction with '--oci'
+    #[arg(long)]
+    pub estargz: bool,
+    /// Read 'ctr-remote optimize --record-out=<FILE>' record file
+    #[arg(long)]
+    pub estargz_record_in: Option<PathBuf>,
+    /// eStargz compression level
+    #[arg(long, default_value_t = 9)]
+    pub estargz_compression_level: u32,
+    /// eStargz chunk size (0 = 4 MiB)
+    #[arg(long, default_value_t = 0)]
+    pub estargz_chunk_size: u64,
+    /// convert Docker media types to OCI media types
+    #[arg(long)]
+    pub oci: bool,
+    /// source image reference
+    #[arg(value_name = "source_ref")]
+    pub source: String,
+    /// target image reference
+    #[arg(value_name = "target_ref")]
+    pub target: String,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +137,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Images { command: ImagesCommand::Rpull(args) } => run_rpull(&cd, args).await,
         Command::Images { command: ImagesCommand::GetTocDigest(args) } => run_get_toc_digest(&cd, args).await,
+        Command::Images { command: ImagesCommand::Convert(args) } => run_convert(&cd, args).await,
     }
 }
 
@@ -167,5 +196,26 @@ async fn run_get_toc_digest(cd: &Containerd, args: GetTocDigestArgs) -> Result<(
     } else {
         println!("{}", found.digest);
     }
+    Ok(())
+}
+
+async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
+    if !args.estargz {
+        return Err(Error::Unsupported("only --estargz conversion is implemented".into()));
+    }
+    if args.estargz_compression_level > 9 {
+        return Err(Error::InvalidArgument("--estargz-compression-level must be 0-9".into()));
+    }
+    let opts = ConvertOptions {
+        oci: args.oci,
+        compression_level: args.estargz_compression_level,
+        chunk_size: args.estargz_chunk_size,
+        record_in: args.estargz_record_in,
+        tmp_dir: None,
+    };
+    let mut err = std::io::stderr();
+    let (manifest, _) = convert(cd, &args.source, &args.target, &opts, &mut err).await?;
+    // Go prints the new image's manifest digest.
+    println!("{}", manifest.digest);
     Ok(())
 }

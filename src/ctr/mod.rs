@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod convert;
 pub mod labels;
 pub mod oci;
 pub mod registry;
