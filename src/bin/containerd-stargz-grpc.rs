@@ -1,4 +1,140 @@
-fn main() {
-    eprintln!("containerd-stargz-grpc: not yet implemented");
-    std::process::exit(1);
+//! `containerd-stargz-grpc`: the snapshotter daemon containerd talks to as a proxy plugin.
+//! Flags, defaults and signals follow the Go daemon (see shared/REFERENCE.md).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use stargz::service::{self, config::Config};
+use stargz::snapshot::{SnapshotterImpl, Snapshotter, SysMounter};
+use tracing::{error, info, warn};
+
+const DEFAULT_ADDRESS: &str = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock";
+const DEFAULT_CONFIG: &str = "/etc/containerd-stargz-grpc/config.toml";
+const DEFAULT_ROOT: &str = "/var/lib/containerd-stargz-grpc";
+/// Upper bound on a graceful stop, so a stuck client connection never keeps us alive.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug)]
+#[command(name = "containerd-stargz-grpc", version, about = "Lazy-pulling eStargz snapshotter for containerd")]
+struct Args {
+    /// Address for the snapshotter's gRPC server.
+    #[arg(long, default_value = DEFAULT_ADDRESS)]
+    address: PathBuf,
+    /// Path to the configuration file (may be absent only at the default path).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Path to the root directory for this snapshotter.
+    #[arg(long, default_value = DEFAULT_ROOT)]
+    root: PathBuf,
+    /// Log level: trace, debug, info, warn, error (fatal/panic map to error).
+    #[arg(long = "log-level", default_value = "info")]
+    log_level: String,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGINT: unmount remote layers before exiting.
+    Cleanup,
+    /// SIGTERM: keep everything for the next start.
+    Keep,
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let level = match level {
+        "fatal" | "panic" => "error",
+        "warning" => "warn",
+        l @ ("trace" | "debug" | "info" | "warn" | "error") => l,
+        other => anyhow::bail!("invalid --log-level {other:?} (trace, debug, info, warn, error)"),
+    };
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+fn notify(state: sd_notify::NotifyState) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, &[state]) {
+            warn!(error = %e, "sd_notify failed");
+        }
+    }
+}
+
+/// Registers the handlers now (before READY is sent, so an early signal is never lost)
+/// and returns a future resolving to the first of SIGINT/SIGTERM.
+fn signals() -> anyhow::Result<impl std::future::Future<Output = Stop>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => Stop::Cleanup,
+            _ = term.recv() => Stop::Keep,
+        }
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_level)?;
+    if let Err(e) = real_main(args) {
+        error!(error = format!("{e:#}"), "daemon failed");
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    let missing_ok = args.config == PathBuf::from(DEFAULT_CONFIG);
+    let (config, unknown) = Config::load(&args.config, missing_ok)?;
+    for key in unknown {
+        warn!(key, config = %args.config.display(), "unknown configuration key ignored");
+    }
+    std::fs::create_dir_all(&args.root).with_context(|| format!("create root {}", args.root.display()))?;
+    let remote = service::build_remote_layers(&config, &args.root);
+    let snapshotter = Arc::new(SnapshotterImpl::new(&args.root.join("snapshotter"), remote, Arc::new(SysMounter))?);
+    snapshotter.restore()?;
+    if let Err(e) = snapshotter.cleanup() {
+        warn!(error = %e, "start-up cleanup failed");
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let stop = rt.block_on(async {
+        let listener = service::bind_socket(&args.address)?;
+        info!(address = %args.address.display(), root = %args.root.display(), "containerd-stargz-grpc started");
+        let (sig_tx, sig_rx) = tokio::sync::watch::channel(None::<Stop>);
+        let wait_signal = signals()?;
+        tokio::spawn(async move {
+            let s = wait_signal.await;
+            info!(signal = ?s, "shutting down");
+            let _ = sig_tx.send(Some(s));
+        });
+        let signalled = |mut rx: tokio::sync::watch::Receiver<Option<Stop>>| async move {
+            let _ = rx.wait_for(|s| s.is_some()).await;
+        };
+        notify(sd_notify::NotifyState::Ready);
+        let serve = service::run(listener, snapshotter.clone(), signalled(sig_rx.clone()));
+        tokio::select! {
+            r = serve => r?,
+            _ = async { signalled(sig_rx.clone()).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                warn!("in-flight requests did not finish in time");
+            }
+        }
+        let stop = *sig_rx.borrow();
+        anyhow::Ok(stop)
+    })?;
+    notify(sd_notify::NotifyState::Stopping);
+    let _ = std::fs::remove_file(&args.address);
+    if stop == Some(Stop::Cleanup) {
+        snapshotter.unmount_all_remote()?;
+        info!("remote layers unmounted");
+    }
+    info!("exited");
+    Ok(())
+}
+

@@ -1,1 +1,72 @@
 //! gRPC adapter (containerd snapshots v1), config, daemon wiring and signals.
+//!
+//! Three parts, as in rust-extensions' snapshots crate: the domain [`Snapshotter`] trait
+//! (in `snapshot`), the tonic adapter ([`grpc`]) and the proto↔domain conversions
+//! ([`convert`]). [`run`] serves on an already-bound listener so tests run it in-process.
+
+pub mod config;
+pub mod convert;
+pub mod grpc;
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tracing::info;
+
+use crate::proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
+use crate::snapshot::{RemoteLayers, Snapshotter};
+
+/// Errors of the service layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("socket {path}: {source}")]
+    Socket { path: String, source: std::io::Error },
+    #[error("another daemon is already serving on {0}")]
+    SocketInUse(String),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// The single wiring point for lazy remote layers: the `fs` module plugs its FUSE-backed
+/// implementation in here. `None` means every layer is downloaded by containerd.
+pub fn build_remote_layers(_config: &config::Config, _root: &Path) -> Option<Arc<dyn RemoteLayers>> {
+    None
+}
+
+/// Binds the daemon socket: creates its directory, replaces a stale socket (but refuses to
+/// steal one a live daemon still serves), and makes it owner-only (0600).
+pub fn bind_socket(path: &Path) -> Result<UnixListener, ServiceError> {
+    let err = |source| ServiceError::Socket { path: path.display().to_string(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if md.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServiceError::SocketInUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves containerd's Snapshots API for `snapshotter` on `listener` until `shutdown` resolves.
+pub async fn run<S: Snapshotter>(
+    listener: UnixListener,
+    snapshotter: Arc<S>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServiceError> {
+    let service = SnapshotsServer::new(grpc::SnapshotService::new(snapshotter));
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    info!("serving snapshots API");
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

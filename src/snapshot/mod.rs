@@ -3,6 +3,14 @@
 //! The domain types mirror containerd's `snapshots` package; the gRPC adapter in
 //! [`crate::service`] converts them to and from the wire types.
 
+pub mod filter;
+pub mod mounts;
+pub mod snapshotter;
+pub mod store;
+
+pub use mounts::{Mounter, SysMounter};
+pub use snapshotter::SnapshotterImpl;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::SystemTime;

@@ -582,7 +582,7 @@ fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 pub fn layer_tar(entries: &[LayerEntry]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dirs = std::collections::BTreeSet::new();
-    let mut ensure_dirs = |b: &mut tar::Builder<Vec<u8>>, dir: &str, dirs: &mut std::collections::BTreeSet<String>| {
+    let ensure_dirs = |b: &mut tar::Builder<Vec<u8>>, dir: &str, dirs: &mut std::collections::BTreeSet<String>| {
         let mut acc = String::new();
         for part in dir.split('/').filter(|s| !s.is_empty()) {
             if !acc.is_empty() {
@@ -788,4 +788,48 @@ pub fn push_image(registry: &Registry, name: &str, tag: &str, layers: &[Layer]) 
         String::from_utf8_lossy(&out.stderr)
     );
     reference
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct gRPC access to a snapshotter socket
+// ---------------------------------------------------------------------------------------------
+
+pub use stargz::proto::containerd::services::snapshots::v1 as snapshots_pb;
+
+/// A tonic client for containerd's Snapshots API on the unix socket `path` (our daemon,
+/// bypassing containerd). Use inside a tokio runtime.
+pub async fn snapshots_client(
+    path: &Path,
+) -> Result<snapshots_pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await?;
+    Ok(snapshots_pb::snapshots_client::SnapshotsClient::new(channel))
+}
+
+/// Every snapshot the daemon on `socket` lists: name → (kind, parent, labels). Blocking.
+pub fn daemon_snapshots(socket: &Path) -> BTreeMap<String, (i32, String, BTreeMap<String, String>)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut c = snapshots_client(socket).await.expect("connect to daemon");
+        let mut stream = c
+            .list(snapshots_pb::ListSnapshotsRequest { snapshotter: String::new(), filters: vec![] })
+            .await
+            .expect("List")
+            .into_inner();
+        let mut out = BTreeMap::new();
+        while let Some(msg) = stream.message().await.expect("List stream") {
+            for i in msg.info {
+                out.insert(i.name, (i.kind, i.parent, i.labels.into_iter().collect()));
+            }
+        }
+        out
+    })
 }

@@ -1,0 +1,229 @@
+//! `config.toml` with the Go daemon's key names and defaults. Unknown keys are reported (so
+//! a typo is visible in the log) but never fatal, so a Go config file works unchanged.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading the config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}")]
+    Read { path: String, source: std::io::Error },
+    #[error("parse config {path}")]
+    Parse { path: String, source: toml::de::Error },
+}
+
+/// The whole daemon configuration (Go: `service.Config` + `config.Config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// "" (directory) or "memory".
+    pub http_cache_type: String,
+    pub filesystem_cache_type: String,
+    pub resolve_result_entry_ttl_sec: i64,
+    pub prefetch_size: i64,
+    pub prefetch_timeout_sec: i64,
+    pub prefetch_async_size: i64,
+    pub noprefetch: bool,
+    pub no_background_fetch: bool,
+    pub allow_no_verification: bool,
+    pub disable_verification: bool,
+    pub max_concurrency: i64,
+    pub no_prometheus: bool,
+    pub metrics_address: String,
+    /// "memory" or "db".
+    pub metadata_store: String,
+    pub blob: BlobConfig,
+    pub directory_cache: DirectoryCacheConfig,
+    pub fuse: FuseConfig,
+    pub resolver: ResolverConfig,
+    pub snapshotter: SnapshotterConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http_cache_type: String::new(),
+            filesystem_cache_type: String::new(),
+            resolve_result_entry_ttl_sec: 120,
+            prefetch_size: 0,
+            prefetch_timeout_sec: 10,
+            prefetch_async_size: 0,
+            noprefetch: false,
+            no_background_fetch: false,
+            allow_no_verification: false,
+            disable_verification: false,
+            max_concurrency: 2,
+            no_prometheus: false,
+            metrics_address: String::new(),
+            metadata_store: "memory".into(),
+            blob: BlobConfig::default(),
+            directory_cache: DirectoryCacheConfig::default(),
+            fuse: FuseConfig::default(),
+            resolver: ResolverConfig::default(),
+            snapshotter: SnapshotterConfig::default(),
+        }
+    }
+}
+
+/// `[blob]`: how layer bytes are fetched from the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BlobConfig {
+    pub valid_interval: i64,
+    pub check_always: bool,
+    pub chunk_size: i64,
+    pub fetching_timeout_sec: i64,
+    pub force_single_range_mode: bool,
+    pub max_retries: i64,
+    pub min_wait_msec: i64,
+    pub max_wait_msec: i64,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        BlobConfig {
+            valid_interval: 60,
+            check_always: false,
+            chunk_size: 50000,
+            fetching_timeout_sec: 300,
+            force_single_range_mode: false,
+            max_retries: 5,
+            min_wait_msec: 30,
+            max_wait_msec: 300_000,
+        }
+    }
+}
+
+/// `[directory_cache]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DirectoryCacheConfig {
+    pub max_lru_cache_entry: i64,
+    pub max_cache_fds: i64,
+    pub sync_add: bool,
+    pub direct: bool,
+    pub fadv_dontneed: bool,
+}
+
+impl Default for DirectoryCacheConfig {
+    fn default() -> Self {
+        DirectoryCacheConfig { max_lru_cache_entry: 10, max_cache_fds: 10, sync_add: false, direct: false, fadv_dontneed: false }
+    }
+}
+
+/// `[fuse]`: kernel cache timeouts (seconds) and passthrough.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FuseConfig {
+    pub attr_timeout: i64,
+    pub entry_timeout: i64,
+    pub passthrough: bool,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        FuseConfig { attr_timeout: 1, entry_timeout: 1, passthrough: false }
+    }
+}
+
+/// `[resolver]`: per-host mirrors, as `[resolver.host."HOST".mirrors]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ResolverConfig {
+    pub host: BTreeMap<String, HostConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostConfig {
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MirrorConfig {
+    pub host: String,
+    pub insecure: bool,
+    pub request_timeout_sec: i64,
+    pub header: BTreeMap<String, Vec<String>>,
+}
+
+/// `[snapshotter]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SnapshotterConfig {
+    pub allow_invalid_mounts_on_restart: bool,
+}
+
+impl Config {
+    /// Parses TOML text; returns the config and the dotted paths of keys it does not know.
+    pub fn parse(text: &str, path: &str) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut unknown = Vec::new();
+        let de = toml::Deserializer::parse(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let cfg = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()))
+            .map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        Ok((cfg, unknown))
+    }
+
+    /// Loads `path`; a missing file gives the defaults only when `missing_ok` (the default path).
+    pub fn load(path: &Path, missing_ok: bool) -> Result<(Config, Vec<String>), ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &path.display().to_string()),
+            Err(e) if missing_ok && e.kind() == std::io::ErrorKind::NotFound => Ok((Config::default(), Vec::new())),
+            Err(source) => Err(ConfigError::Read { path: path.display().to_string(), source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_keys_and_defaults() {
+        let text = r#"
+            prefetch_size = 1024
+            noprefetch = true
+            metadata_store = "db"
+            no_such_key = 1
+            [blob]
+            chunk_size = 100000
+            [fuse]
+            attr_timeout = 5
+            [snapshotter]
+            allow_invalid_mounts_on_restart = true
+            [resolver.host."docker.io".mirrors]
+            [[resolver.host."exam.ple".mirrors]]
+            host = "mirror.local"
+            insecure = true
+            [directory_cache]
+            bogus = true
+        "#;
+        // `[resolver.host."docker.io".mirrors]` as a table is not a mirror list: use the array form.
+        let text = text.replace("[resolver.host.\"docker.io\".mirrors]\n", "");
+        let (c, mut unknown) = Config::parse(&text, "t").unwrap();
+        unknown.sort();
+        assert_eq!(c.prefetch_size, 1024);
+        assert!(c.noprefetch);
+        assert_eq!(c.metadata_store, "db");
+        assert_eq!(c.blob.chunk_size, 100000);
+        assert_eq!(c.blob.max_retries, 5, "unset keys keep Go's defaults");
+        assert_eq!(c.fuse.attr_timeout, 5);
+        assert_eq!(c.fuse.entry_timeout, 1);
+        assert!(c.snapshotter.allow_invalid_mounts_on_restart);
+        assert_eq!(c.resolver.host["exam.ple"].mirrors[0].host, "mirror.local");
+        assert!(c.resolver.host["exam.ple"].mirrors[0].insecure);
+        assert_eq!(unknown, vec!["directory_cache.bogus".to_string(), "no_such_key".to_string()]);
+    }
+
+    #[test]
+    fn missing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("nope.toml");
+        assert_eq!(Config::load(&p, true).unwrap().0, Config::default());
+        assert!(Config::load(&p, false).is_err());
+    }
+}

@@ -1,0 +1,528 @@
+//! [`SnapshotterImpl`]: containerd's snapshotter semantics over overlayfs, metadata in
+//! [`MetaStore`], remote layers plugged in at Prepare through [`RemoteLayers`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+
+use super::filter::Filters;
+use super::mounts::{compute_mounts, Mounter};
+use super::store::{Chain, MetaStore, Record, StoredKind};
+use super::{
+    Info, Mount, RemoteLayers, SnapshotError, Snapshotter, Usage, REMOTE_LABEL, REMOTE_LABEL_VALUE,
+    TARGET_SNAPSHOT_LABEL,
+};
+
+/// How many remote snapshots are re-mounted at once on start.
+const RESTORE_PARALLELISM: usize = 8;
+
+fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> SnapshotError {
+    SnapshotError::Internal(format!("{what}: {e}"))
+}
+
+/// The snapshotter. `root` is its own directory (the daemon passes `<--root>/snapshotter`):
+/// `metadata.db` and `snapshots/<id>/{fs,work}` live there.
+pub struct SnapshotterImpl {
+    root: PathBuf,
+    store: MetaStore,
+    remote: Option<Arc<dyn RemoteLayers>>,
+    mounter: Arc<dyn Mounter>,
+}
+
+impl SnapshotterImpl {
+    /// Opens the store and removes orphan directories left by a crash. Call
+    /// [`SnapshotterImpl::restore`] afterwards to re-mount remote snapshots.
+    pub fn new(
+        root: &Path,
+        remote: Option<Arc<dyn RemoteLayers>>,
+        mounter: Arc<dyn Mounter>,
+    ) -> Result<SnapshotterImpl, SnapshotError> {
+        let snapshots = root.join("snapshots");
+        std::fs::create_dir_all(&snapshots).map_err(|e| io_err(format!("create {}", snapshots.display()), e))?;
+        let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700));
+        let store = MetaStore::open(&root.join("metadata.db"))?;
+        Ok(SnapshotterImpl { root: root.to_path_buf(), store, remote, mounter })
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string())
+    }
+
+    /// The directory a snapshot's layer lives in (its overlay upperdir, or the remote mountpoint).
+    pub fn fs_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    fn work_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("work")
+    }
+
+    /// Unmounts stale mounts under `snapshots/` and re-mounts every remote snapshot from its
+    /// stored labels, several at once. A failure is logged and does not stop the others:
+    /// the daemon must come up even when one registry is gone.
+    pub fn restore(&self) -> Result<(), SnapshotError> {
+        self.unmount_under(&self.snapshots_dir());
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let tasks: Vec<(String, Record)> = self.store.list()?.into_iter().filter(|(_, r)| r.is_remote()).collect();
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        info!(count = tasks.len(), "restoring remote snapshots");
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..RESTORE_PARALLELISM.min(tasks.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((name, rec)) = tasks.get(i) else { break };
+                    match remote.mount(&self.fs_dir(rec.id), &rec.labels) {
+                        Ok(()) => info!(key = %name, "restored remote snapshot"),
+                        Err(e) => warn!(key = %name, error = %e, "failed to restore remote snapshot; it stays unavailable"),
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
+    /// Unmounts every remote layer (SIGINT: the daemon goes away cleanly).
+    pub fn unmount_all_remote(&self) -> Result<(), SnapshotError> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        for (name, rec) in self.store.list()?.into_iter().filter(|(_, r)| r.is_remote()) {
+            if let Err(e) = remote.unmount(&self.fs_dir(rec.id)) {
+                warn!(key = %name, error = %e, "failed to unmount remote snapshot");
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches everything mounted at or below `dir`; returns false if something stayed.
+    fn unmount_under(&self, dir: &Path) -> bool {
+        let mounts = match self.mounter.mounts_under(dir) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot read the mount table");
+                return false;
+            }
+        };
+        let mut ok = true;
+        for m in mounts {
+            if let Err(e) = self.mounter.unmount(&m) {
+                warn!(mountpoint = %m.display(), error = %e, "unmount failed");
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Creates the snapshot's directories under a temporary name and renames them into
+    /// place, so `snapshots/<id>` is either complete or absent.
+    fn make_dirs(&self, id: u64, kind: StoredKind, parent_fs: Option<&Path>) -> Result<(), SnapshotError> {
+        let base = self.snapshots_dir();
+        let tmp = base.join(format!("new-{id}"));
+        let dst = self.dir(id);
+        for stale in [&tmp, &dst] {
+            // Only an orphan of a crashed, never-committed create can be here.
+            if stale.exists() {
+                self.remove_tree(stale)?;
+            }
+        }
+        let mk = |p: &Path, mode: u32| -> Result<(), SnapshotError> {
+            std::fs::create_dir(p).map_err(|e| io_err(format!("create {}", p.display()), e))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| io_err(format!("chmod {}", p.display()), e))
+        };
+        mk(&tmp, 0o700)?;
+        mk(&tmp.join("fs"), 0o755)?;
+        if kind == StoredKind::Active {
+            mk(&tmp.join("work"), 0o711)?;
+        }
+        if let (Some(pfs), StoredKind::Active) = (parent_fs, kind) {
+            // The upper dir takes the owner of the parent's root, as overlay would show it.
+            if let Ok(st) = std::fs::metadata(pfs) {
+                let _ = std::os::unix::fs::lchown(tmp.join("fs"), Some(st.uid()), Some(st.gid()));
+            }
+        }
+        std::fs::rename(&tmp, &dst).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            io_err(format!("rename {} to {}", tmp.display(), dst.display()), e)
+        })
+    }
+
+    /// Removes a directory tree after detaching whatever is mounted inside it; refuses to
+    /// recurse if a mount could not be detached (that would delete a mounted layer's files).
+    fn remove_tree(&self, dir: &Path) -> Result<(), SnapshotError> {
+        if !self.unmount_under(dir) {
+            return Err(SnapshotError::Internal(format!(
+                "{} still has mounts; left for a later cleanup",
+                dir.display()
+            )));
+        }
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("remove {}", dir.display()), e)),
+        }
+    }
+
+    /// Releases the directory of a snapshot that is no longer in the store.
+    fn release_dir(&self, id: u64, was_remote: bool) {
+        if let (true, Some(remote)) = (was_remote, &self.remote) {
+            if let Err(e) = remote.unmount(&self.fs_dir(id)) {
+                warn!(id, error = %e, "failed to unmount remote layer");
+            }
+        }
+        if let Err(e) = self.remove_tree(&self.dir(id)) {
+            warn!(id, error = %e, "failed to remove snapshot directory; Cleanup will retry");
+        }
+    }
+
+    fn create(
+        &self,
+        kind: StoredKind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Chain, SnapshotError> {
+        let parent_fs = if parent.is_empty() {
+            None
+        } else {
+            self.store.get(parent).ok().map(|p| self.fs_dir(p.id))
+        };
+        self.store.create(kind, key, parent, labels, |id| self.make_dirs(id, kind, parent_fs.as_deref()))
+    }
+
+    /// Mounts for `chain`; first checks that remote layers among `check` are reachable.
+    fn mounts_of(&self, chain: &Chain, check: &[(String, Record)]) -> Result<Vec<Mount>, SnapshotError> {
+        if let Some(remote) = &self.remote {
+            for (name, rec) in check.iter().filter(|(_, r)| r.is_remote()) {
+                remote.check(&self.fs_dir(rec.id), &rec.labels).map_err(|e| {
+                    SnapshotError::Unavailable(format!("layer {name} (snapshot {}) is unavailable: {e}", rec.id))
+                })?;
+            }
+        }
+        let parent_fs: Vec<PathBuf> = chain.parents.iter().map(|(_, r)| self.fs_dir(r.id)).collect();
+        let id = chain.record.id;
+        Ok(compute_mounts(chain.record.kind.into(), &self.fs_dir(id), &self.work_dir(id), &parent_fs))
+    }
+
+    /// Tries to mount the layer remotely and commit it under `target`. `Ok(true)`: done,
+    /// the caller answers AlreadyExists; `Ok(false)`: fall back to a normal snapshot.
+    fn try_remote(
+        &self,
+        remote: &dyn RemoteLayers,
+        key: &str,
+        target: &str,
+        chain: &Chain,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool, SnapshotError> {
+        let fs = self.fs_dir(chain.record.id);
+        if let Err(e) = remote.mount(&fs, labels) {
+            info!(key, target, "remote-snapshot-prepared" = false, error = %e, "layer is not lazily mounted; containerd will download it");
+            return Ok(false);
+        }
+        let mut committed = labels.clone();
+        committed.insert(REMOTE_LABEL.into(), REMOTE_LABEL_VALUE.into());
+        match self.store.commit(target, key, committed, Usage::default()) {
+            Ok(_) => {
+                info!(key, target, "remote-snapshot-prepared" = true, "prepared remote snapshot");
+                Ok(true)
+            }
+            Err(SnapshotError::AlreadyExists(_)) => {
+                // Someone committed the same layer first; ours is redundant.
+                info!(key, target, "remote-snapshot-prepared" = true, "target already exists");
+                if let Ok(rec) = self.store.remove(key) {
+                    self.release_dir(rec.id, true);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                warn!(key, target, "remote-snapshot-prepared" = false, error = %e, "failed to commit remote snapshot");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// containerd's `fs.DiskUsage`: allocated bytes and distinct inodes below `dir`.
+fn disk_usage(dir: &Path) -> std::io::Result<Usage> {
+    let mut seen = HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p)?;
+        if seen.insert((md.dev(), md.ino())) {
+            usage.inodes += 1;
+            usage.size += (md.blocks() * 512) as i64;
+        }
+        if md.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+impl Snapshotter for SnapshotterImpl {
+    fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+        let chain = self.create(StoredKind::Active, key, parent, labels.clone())?;
+        if let (Some(target), Some(remote)) = (labels.get(TARGET_SNAPSHOT_LABEL), &self.remote) {
+            if self.try_remote(remote.as_ref(), key, target, &chain, &labels)? {
+                return Err(SnapshotError::AlreadyExists(target.clone()));
+            }
+        }
+        debug!(key, parent, id = chain.record.id, "prepared");
+        self.mounts_of(&chain, &chain.parents)
+    }
+
+    fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+        let chain = self.create(StoredKind::View, key, parent, labels)?;
+        self.mounts_of(&chain, &chain.parents)
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        let chain = self.store.chain(key)?;
+        let mut check = vec![(key.to_string(), chain.record.clone())];
+        check.extend(chain.parents.iter().cloned());
+        self.mounts_of(&chain, &check)
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapshotError> {
+        if name.is_empty() {
+            return Err(SnapshotError::InvalidArgument("snapshot name must not be empty".into()));
+        }
+        let rec = self.store.get(key)?;
+        let usage = if rec.kind == StoredKind::Active {
+            disk_usage(&self.fs_dir(rec.id)).map_err(|e| io_err(format!("usage of {key}"), e))?
+        } else {
+            Usage::default()
+        };
+        self.store.commit(name, key, labels, usage)?;
+        debug!(key, name, "committed");
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<(), SnapshotError> {
+        let rec = self.store.remove(key)?;
+        self.release_dir(rec.id, rec.is_remote());
+        debug!(key, id = rec.id, "removed");
+        Ok(())
+    }
+
+    fn stat(&self, key: &str) -> Result<Info, SnapshotError> {
+        Ok(self.store.get(key)?.info(key))
+    }
+
+    fn update(&self, info: Info, field_paths: &[String]) -> Result<Info, SnapshotError> {
+        let rec = self.store.update(&info, field_paths)?;
+        Ok(rec.info(&info.name))
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage, SnapshotError> {
+        let rec = self.store.get(key)?;
+        if rec.kind == StoredKind::Active {
+            return disk_usage(&self.fs_dir(rec.id)).map_err(|e| io_err(format!("usage of {key}"), e));
+        }
+        Ok(Usage { size: rec.size, inodes: rec.inodes })
+    }
+
+    fn list(&self, filters: &[String]) -> Result<Vec<Info>, SnapshotError> {
+        let filters = Filters::parse(filters)?;
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .map(|(name, rec)| rec.info(&name))
+            .filter(|i| filters.matches(i))
+            .collect())
+    }
+
+    fn cleanup(&self) -> Result<(), SnapshotError> {
+        let base = self.snapshots_dir();
+        let removed = self.store.with_ids_locked(|ids| {
+            let entries = match std::fs::read_dir(&base) {
+                Ok(e) => e,
+                Err(e) => return Err(io_err(format!("list {}", base.display()), e)),
+            };
+            let mut removed = 0usize;
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.parse::<u64>().is_ok_and(|id| ids.contains(&id)) {
+                    continue;
+                }
+                if let Some(remote) = &self.remote {
+                    // An orphan may still hold a remote layer; release it (errors: not mounted).
+                    let _ = remote.unmount(&e.path().join("fs"));
+                }
+                match self.remove_tree(&e.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => warn!(dir = %e.path().display(), error = %err, "cannot remove orphan directory"),
+                }
+            }
+            Ok(removed)
+        })??;
+        if removed > 0 {
+            info!(removed, "removed orphan snapshot directories");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Kind;
+    use std::sync::Mutex;
+
+    /// Records unmounts; reports no mounts.
+    #[derive(Default)]
+    struct FakeMounter {
+        unmounted: Mutex<Vec<PathBuf>>,
+    }
+    impl Mounter for FakeMounter {
+        fn mounts_under(&self, _dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+            Ok(Vec::new())
+        }
+        fn unmount(&self, target: &Path) -> std::io::Result<()> {
+            self.unmounted.lock().unwrap().push(target.to_path_buf());
+            Ok(())
+        }
+    }
+
+    /// Remote layers that "mount" by writing a marker file; fails for labels with `fail`.
+    #[derive(Default)]
+    struct FakeRemote {
+        mounted: Mutex<Vec<PathBuf>>,
+        unmounted: Mutex<Vec<PathBuf>>,
+        broken: Mutex<bool>,
+    }
+    impl RemoteLayers for FakeRemote {
+        fn mount(&self, mp: &Path, labels: &BTreeMap<String, String>) -> Result<(), super::super::LayerError> {
+            if labels.contains_key("fail") {
+                return Err("registry unreachable".into());
+            }
+            self.mounted.lock().unwrap().push(mp.to_path_buf());
+            Ok(())
+        }
+        fn check(&self, _mp: &Path, _labels: &BTreeMap<String, String>) -> Result<(), super::super::LayerError> {
+            if *self.broken.lock().unwrap() {
+                return Err("connection refused".into());
+            }
+            Ok(())
+        }
+        fn unmount(&self, mp: &Path) -> Result<(), super::super::LayerError> {
+            self.unmounted.lock().unwrap().push(mp.to_path_buf());
+            Ok(())
+        }
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn new_sn(remote: Option<Arc<FakeRemote>>) -> (tempfile::TempDir, SnapshotterImpl) {
+        let d = tempfile::tempdir().unwrap();
+        let r = remote.map(|r| r as Arc<dyn RemoteLayers>);
+        let s = SnapshotterImpl::new(&d.path().join("snapshotter"), r, Arc::new(FakeMounter::default())).unwrap();
+        (d, s)
+    }
+
+    #[test]
+    fn layers_stack_into_overlay() {
+        let (_d, s) = new_sn(None);
+        let m = s.prepare("a", "", BTreeMap::new()).unwrap();
+        assert_eq!(m[0].kind, "bind");
+        std::fs::write(Path::new(&m[0].source).join("f"), b"hello").unwrap();
+        s.commit("A", "a", BTreeMap::new()).unwrap();
+        assert!(s.usage("A").unwrap().size > 0);
+        s.prepare("b", "A", BTreeMap::new()).unwrap();
+        s.commit("B", "b", BTreeMap::new()).unwrap();
+        let m = s.prepare("c", "B", BTreeMap::new()).unwrap();
+        assert_eq!(m[0].kind, "overlay");
+        let a = s.store.get("A").unwrap().id;
+        let b = s.store.get("B").unwrap().id;
+        let lower = format!("lowerdir={}:{}", s.fs_dir(b).display(), s.fs_dir(a).display());
+        assert!(m[0].options.contains(&lower), "{:?}", m[0].options);
+        assert_eq!(s.mounts("c").unwrap(), m);
+        let v = s.view("v", "A", BTreeMap::new()).unwrap();
+        assert_eq!(v[0].source, s.fs_dir(a).display().to_string());
+        assert!(matches!(s.commit("V", "v", BTreeMap::new()), Err(SnapshotError::FailedPrecondition(_))));
+        assert!(matches!(s.remove("B"), Err(SnapshotError::FailedPrecondition(_))));
+        s.remove("c").unwrap();
+        s.remove("B").unwrap();
+        assert!(!s.dir(b).exists(), "directory removed with the snapshot");
+    }
+
+    #[test]
+    fn cleanup_removes_orphans_only() {
+        let (_d, s) = new_sn(None);
+        s.prepare("a", "", BTreeMap::new()).unwrap();
+        let id = s.store.get("a").unwrap().id;
+        std::fs::create_dir_all(s.snapshots_dir().join("9999/fs")).unwrap();
+        std::fs::create_dir_all(s.snapshots_dir().join("new-12")).unwrap();
+        s.cleanup().unwrap();
+        let names: Vec<_> = std::fs::read_dir(s.snapshots_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(id.to_string())]);
+    }
+
+    #[test]
+    fn remote_prepare_commits_and_reports_already_exists() {
+        let remote = Arc::new(FakeRemote::default());
+        let (_d, s) = new_sn(Some(remote.clone()));
+        let l = labels(&[(TARGET_SNAPSHOT_LABEL, "layer1")]);
+        let e = s.prepare("extract-1", "", l).unwrap_err();
+        assert!(matches!(e, SnapshotError::AlreadyExists(ref t) if t == "layer1"), "{e}");
+        let info = s.stat("layer1").unwrap();
+        assert_eq!(info.kind, Kind::Committed);
+        assert_eq!(info.labels.get(REMOTE_LABEL).map(String::as_str), Some(REMOTE_LABEL_VALUE));
+        assert!(matches!(s.stat("extract-1"), Err(SnapshotError::NotFound(_))));
+        assert_eq!(remote.mounted.lock().unwrap().len(), 1);
+
+        // A failing mount falls back to a normal active snapshot.
+        let l = labels(&[(TARGET_SNAPSHOT_LABEL, "layer2"), ("fail", "1")]);
+        let m = s.prepare("extract-2", "layer1", l).unwrap();
+        assert_eq!(m[0].kind, "overlay");
+        assert_eq!(s.stat("extract-2").unwrap().kind, Kind::Active);
+
+        // An unreachable remote ancestor makes Mounts Unavailable.
+        *remote.broken.lock().unwrap() = true;
+        assert!(matches!(s.mounts("extract-2"), Err(SnapshotError::Unavailable(_))));
+        *remote.broken.lock().unwrap() = false;
+
+        // Remove unmounts the remote layer.
+        s.remove("extract-2").unwrap();
+        s.remove("layer1").unwrap();
+        assert_eq!(remote.unmounted.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn restore_remounts_remote_snapshots_and_tolerates_failures() {
+        let remote = Arc::new(FakeRemote::default());
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("snapshotter");
+        {
+            let s = SnapshotterImpl::new(&root, Some(remote.clone()), Arc::new(FakeMounter::default())).unwrap();
+            let _ = s.prepare("x1", "", labels(&[(TARGET_SNAPSHOT_LABEL, "L1")]));
+            let _ = s.prepare("x2", "L1", labels(&[(TARGET_SNAPSHOT_LABEL, "L2")]));
+            // Make L2's stored labels fail on restore.
+            let mut info = s.stat("L2").unwrap();
+            info.labels.insert("fail".into(), "1".into());
+            s.update(info, &["labels.fail".into()]).unwrap();
+        }
+        let remote2 = Arc::new(FakeRemote::default());
+        let s = SnapshotterImpl::new(&root, Some(remote2.clone()), Arc::new(FakeMounter::default())).unwrap();
+        s.restore().unwrap();
+        assert_eq!(remote2.mounted.lock().unwrap().len(), 1, "L1 restored although L2 failed");
+        assert_eq!(s.list(&[]).unwrap().len(), 2);
+        assert_eq!(s.list(&["name==L2".into()]).unwrap().len(), 1);
+    }
+}
