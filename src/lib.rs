@@ -9,6 +9,7 @@
 //! - [`service`]: gRPC adapter, config, daemon wiring and signals.
 
 pub mod cache;
+pub mod ctr;
 pub mod estargz;
 pub mod fs;
 pub mod remote;

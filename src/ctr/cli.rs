@@ -1,0 +1,221 @@
+//! Command line of `ctr-remote`, mirroring Go's global flags and `images` subcommands.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+
+use super::client::Containerd;
+use super::labels::DEFAULT_PREFETCH_SIZE;
+use super::registry::{Reference, RegistryFetcher, RegistryOptions};
+use super::convert::{convert, ConvertOptions};
+use super::toc::layer_toc;
+use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
+use super::Error;
+
+const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "ctr-remote", version, about = "containerd CLI with lazy-pulling (stargz) commands")]
+pub struct Cli {
+    /// address for containerd's GRPC server (default "/run/containerd/containerd.sock") [$CONTAINERD_ADDRESS]
+    #[arg(short = 'a', long, global = true)]
+    pub address: Option<PathBuf>,
+    /// namespace to use with commands (default "default") [$CONTAINERD_NAMESPACE]
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// enable debug output in logs
+    #[arg(long, global = true)]
+    pub debug: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// manage images
+    #[command(visible_aliases = ["image", "i"])]
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// pull an image from a registry levaraging stargz snapshotter
+    Rpull(RpullArgs),
+    /// get the digest of TOC of a layer
+    GetTocDigest(GetTocDigestArgs),
+    /// convert an image
+    Convert(ConvertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// convert legacy tar(.gz) layers to eStargz for lazy pulling. Should be used in conjunction with '--oci'
+    #[arg(long)]
+    pub estargz: bool,
+    /// Read 'ctr-remote optimize --record-out=<FILE>' record file
+    #[arg(long)]
+    pub estargz_record_in: Option<PathBuf>,
+    /// eStargz compression level
+    #[arg(long, default_value_t = 9)]
+    pub estargz_compression_level: u32,
+    /// eStargz chunk size (0 = 4 MiB)
+    #[arg(long, default_value_t = 0)]
+    pub estargz_chunk_size: u64,
+    /// convert Docker media types to OCI media types
+    #[arg(long)]
+    pub oci: bool,
+    /// source image reference
+    #[arg(value_name = "source_ref")]
+    pub source: String,
+    /// target image reference
+    #[arg(value_name = "target_ref")]
+    pub target: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GetTocDigestArgs {
+    /// parse layer as zstd:chunked
+    #[arg(long)]
+    pub zstdchunked: bool,
+    /// dump TOC instead of digest. Note that the dumped TOC might be formatted with indents so may have different digest against the original in the layer
+    #[arg(long)]
+    pub dump_toc: bool,
+    /// layer digest
+    #[arg(value_name = "layer digest")]
+    pub digest: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RpullArgs {
+    /// skip SSL certificate validation
+    #[arg(short = 'k', long)]
+    pub skip_verify: bool,
+    /// allow connections using plain HTTP
+    #[arg(long)]
+    pub plain_http: bool,
+    /// user[:password] Registry user and password
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// labels to attach to the image
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Skip content verification for layers contained in this image.
+    #[arg(long)]
+    pub skip_content_verify: bool,
+    /// snapshotter name. Empty value stands for the default value. [$CONTAINERD_SNAPSHOTTER]
+    #[arg(long)]
+    pub snapshotter: Option<String>,
+    /// image reference
+    #[arg(value_name = "ref")]
+    pub reference: String,
+}
+
+impl Cli {
+    fn address(&self) -> PathBuf {
+        self.address
+            .clone()
+            .or_else(|| std::env::var_os("CONTAINERD_ADDRESS").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS))
+    }
+
+    fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .or_else(|| std::env::var("CONTAINERD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "default".to_string())
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    let cd = Containerd::connect(&cli.address(), &cli.namespace()).await?;
+    match cli.command {
+        Command::Images { command: ImagesCommand::Rpull(args) } => run_rpull(&cd, args).await,
+        Command::Images { command: ImagesCommand::GetTocDigest(args) } => run_get_toc_digest(&cd, args).await,
+        Command::Images { command: ImagesCommand::Convert(args) } => run_convert(&cd, args).await,
+    }
+}
+
+/// `k=v` (or bare `k`, value empty) as `ctr`'s `LabelArgs`.
+fn parse_labels(args: &[String]) -> HashMap<String, String> {
+    args.iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (l.clone(), String::new()),
+        })
+        .collect()
+}
+
+async fn run_rpull(cd: &Containerd, args: RpullArgs) -> Result<(), Error> {
+    let reference = Reference::parse(&args.reference)?;
+    let fetcher = RegistryFetcher::new(
+        reference.clone(),
+        &RegistryOptions { plain_http: args.plain_http, skip_verify: args.skip_verify, user: args.user },
+    )?;
+    let snapshotter = args
+        .snapshotter
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("CONTAINERD_SNAPSHOTTER").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "stargz".to_string());
+    let opts = RpullOptions {
+        snapshotter,
+        skip_content_verify: args.skip_content_verify,
+        prefetch_size: DEFAULT_PREFETCH_SIZE,
+        image_labels: parse_labels(&args.labels),
+    };
+    let started = Instant::now();
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let s = rpull(cd, &fetcher, &args.reference, &reference, &opts, &mut out, &mut err).await?;
+    let remote = s.layers.iter().filter(|(_, o)| *o == LayerOutcome::Remote).count();
+    let size = s.image_size().max(0) as u64;
+    eprintln!(
+        "done: {remote}/{} layers remote (lazy), downloaded {} of {} layer bytes ({:.1}%) in {:.2}s",
+        s.layers.len(),
+        human(s.downloaded()),
+        human(size),
+        if size == 0 { 0.0 } else { 100.0 * s.downloaded() as f64 / size as f64 },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn run_get_toc_digest(cd: &Containerd, args: GetTocDigestArgs) -> Result<(), Error> {
+    if args.zstdchunked {
+        return Err(Error::Unsupported("zstd:chunked layers".into()));
+    }
+    let found = layer_toc(cd, &args.digest).await?;
+    if args.dump_toc {
+        let json = serde_json::to_string_pretty(&found.toc)?;
+        println!("{json}");
+    } else {
+        println!("{}", found.digest);
+    }
+    Ok(())
+}
+
+async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
+    if !args.estargz {
+        return Err(Error::Unsupported("only --estargz conversion is implemented".into()));
+    }
+    if args.estargz_compression_level > 9 {
+        return Err(Error::InvalidArgument("--estargz-compression-level must be 0-9".into()));
+    }
+    let opts = ConvertOptions {
+        oci: args.oci,
+        compression_level: args.estargz_compression_level,
+        chunk_size: args.estargz_chunk_size,
+        record_in: args.estargz_record_in,
+        tmp_dir: None,
+    };
+    let mut err = std::io::stderr();
+    let (manifest, _) = convert(cd, &args.source, &args.target, &opts, &mut err).await?;
+    // Go prints the new image's manifest digest.
+    println!("{}", manifest.digest);
+    Ok(())
+}

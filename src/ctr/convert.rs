@@ -1,0 +1,266 @@
+//! `image convert --estargz [--oci]`: rebuild every layer of an image that is in
+//! containerd's content store as eStargz and record the result as a new image.
+//!
+//! Blobs are spooled to temp files and streamed back into the content store; no layer is
+//! ever held in memory (the builder itself keeps only per-entry metadata).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::io::AsyncReadExt;
+
+use super::client::{from_pb, Containerd};
+use super::oci::{
+    host_platform, is_index_type, is_layer_type, sha256_digest, Descriptor, Index, Manifest,
+    ANN_TOC_DIGEST, ANN_UNCOMPRESSED, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP, MT_DOCKER_MANIFEST,
+    MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST,
+};
+use super::Error;
+use crate::estargz::{self, BuildOptions};
+
+/// Options of `image convert`.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Use OCI media types for manifest, config and layers.
+    pub oci: bool,
+    pub compression_level: u32,
+    /// 0 = the builder's default (4 MiB).
+    pub chunk_size: u64,
+    /// Lines of `ctr-remote optimize --record-out` output: files to put first, per layer.
+    pub record_in: Option<PathBuf>,
+    /// Where to spool blobs; `None` = the system temp dir.
+    pub tmp_dir: Option<PathBuf>,
+}
+
+/// One converted layer.
+#[derive(Debug, Clone)]
+pub struct ConvertedLayer {
+    pub source: Descriptor,
+    pub target: Descriptor,
+}
+
+/// An entry of a `--record-out` file (Go `recorder.Entry`).
+#[derive(Debug, serde::Deserialize)]
+struct RecordEntry {
+    path: String,
+    #[serde(rename = "manifestDigest", default)]
+    manifest_digest: String,
+    #[serde(rename = "layerIndex", default)]
+    layer_index: usize,
+}
+
+/// Files to prioritise in layer `index` of manifest `manifest_digest`.
+fn prioritized_files(record: &[RecordEntry], manifest_digest: &str, index: usize) -> Vec<String> {
+    record
+        .iter()
+        .filter(|e| e.layer_index == index && (e.manifest_digest.is_empty() || e.manifest_digest == manifest_digest))
+        .map(|e| e.path.clone())
+        .collect()
+}
+
+fn read_record(path: &std::path::Path) -> Result<Vec<RecordEntry>, Error> {
+    let text = std::fs::read_to_string(path)?;
+    let mut out = Vec::new();
+    // Go's decoder reads a stream of JSON values: one per line in practice.
+    for v in serde_json::Deserializer::from_str(&text).into_iter::<RecordEntry>() {
+        out.push(v?);
+    }
+    Ok(out)
+}
+
+/// A stream of a file's bytes in 1 MiB pieces.
+fn file_stream(file: tokio::fs::File) -> impl Stream<Item = Result<Bytes, Error>> + Send + 'static {
+    futures_util::stream::try_unfold(file, |mut f| async move {
+        let mut buf = vec![0u8; 1 << 20];
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        Ok(Some((Bytes::from(buf), f)))
+    })
+}
+
+/// Converts image `src` into eStargz image `dst`; returns the new manifest descriptor.
+pub async fn convert(
+    cd: &Containerd,
+    src: &str,
+    dst: &str,
+    opts: &ConvertOptions,
+    progress: &mut (dyn Write + Send),
+) -> Result<(Descriptor, Vec<ConvertedLayer>), Error> {
+    let (leased, lease) = cd.with_new_lease().await?;
+    let result = convert_in_lease(&leased, src, dst, opts, progress).await;
+    if let Err(e) = cd.delete_lease(&lease).await {
+        tracing::warn!(lease = %lease, error = %e, "failed to delete lease");
+    }
+    result
+}
+
+async fn convert_in_lease(
+    cd: &Containerd,
+    src: &str,
+    dst: &str,
+    opts: &ConvertOptions,
+    progress: &mut (dyn Write + Send),
+) -> Result<(Descriptor, Vec<ConvertedLayer>), Error> {
+    let image = cd.get_image(src).await?;
+    let mut target = image.target.as_ref().map(from_pb).ok_or_else(|| Error::NotFound(format!("target of {src}")))?;
+    if is_index_type(&target.media_type) {
+        let index: Index = serde_json::from_slice(&cd.read_all(&target.digest).await?)?;
+        let want = host_platform();
+        target = index
+            .manifests
+            .into_iter()
+            .find(|m| m.platform.as_ref().is_none_or(|p| p.os == want.os && p.architecture == want.architecture))
+            .ok_or_else(|| Error::NotFound(format!("no {}/{} manifest in {src}", want.os, want.architecture)))?;
+    }
+    let manifest: Manifest = serde_json::from_slice(&cd.read_all(&target.digest).await?)?;
+    let mut config: serde_json::Value = serde_json::from_slice(&cd.read_all(&manifest.config.digest).await?)?;
+    let record = match &opts.record_in {
+        Some(p) => read_record(p)?,
+        None => Vec::new(),
+    };
+
+    let mut converted = Vec::with_capacity(manifest.layers.len());
+    let mut diff_ids = Vec::with_capacity(manifest.layers.len());
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        if !is_layer_type(&layer.media_type) {
+            return Err(Error::Unsupported(format!("layer {i} has media type {}", layer.media_type)));
+        }
+        let files = prioritized_files(&record, &target.digest, i);
+        let new = convert_layer(cd, layer, files, opts).await?;
+        writeln!(
+            progress,
+            "layer {}/{} {} -> {} (toc {})",
+            i + 1,
+            manifest.layers.len(),
+            &layer.digest,
+            &new.digest,
+            new.annotations.get(ANN_TOC_DIGEST).map(String::as_str).unwrap_or("")
+        )?;
+        diff_ids.push(new.annotations.get(ANN_UNCOMPRESSED).cloned().unwrap_or_default());
+        converted.push(ConvertedLayer { source: layer.clone(), target: new });
+    }
+
+    config["rootfs"]["diff_ids"] = serde_json::to_value(&diff_ids)?;
+    let config_bytes = Bytes::from(serde_json::to_vec(&config)?);
+    let config_mt = if opts.oci {
+        MT_OCI_CONFIG
+    } else if manifest.config.media_type == MT_DOCKER_CONFIG {
+        MT_DOCKER_CONFIG
+    } else {
+        manifest.config.media_type.as_str()
+    };
+    let config_desc = desc(config_mt, &config_bytes);
+    cd.write_bytes(&config_desc, config_bytes, &HashMap::new()).await?;
+
+    let mut new_manifest = manifest.clone();
+    new_manifest.config = config_desc.clone();
+    new_manifest.layers = converted.iter().map(|c| c.target.clone()).collect();
+    new_manifest.media_type = Some(if opts.oci || manifest.media_type.as_deref() == Some(MT_OCI_MANIFEST) {
+        MT_OCI_MANIFEST.to_string()
+    } else {
+        MT_DOCKER_MANIFEST.to_string()
+    });
+    let manifest_bytes = Bytes::from(serde_json::to_vec(&new_manifest)?);
+    let manifest_desc = desc(new_manifest.media_type.as_deref().unwrap_or(MT_OCI_MANIFEST), &manifest_bytes);
+    let mut labels = HashMap::from([("containerd.io/gc.ref.content.config".to_string(), config_desc.digest.clone())]);
+    for (i, l) in new_manifest.layers.iter().enumerate() {
+        labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
+    }
+    cd.write_bytes(&manifest_desc, manifest_bytes, &labels).await?;
+    cd.put_image(dst, &manifest_desc, &image.labels).await?;
+    Ok((manifest_desc, converted))
+}
+
+fn desc(media_type: &str, data: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: media_type.to_string(),
+        digest: sha256_digest(data),
+        size: data.len() as i64,
+        urls: vec![],
+        annotations: Default::default(),
+        platform: None,
+    }
+}
+
+/// Spools one layer out of the content store, builds its eStargz form on a blocking thread,
+/// and writes the result back with the TOC digest and diff ID annotations.
+async fn convert_layer(
+    cd: &Containerd,
+    layer: &Descriptor,
+    prioritized_files: Vec<String>,
+    opts: &ConvertOptions,
+) -> Result<Descriptor, Error> {
+    let tmp_dir = opts.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let input = tempfile::tempfile_in(&tmp_dir)?;
+    let mut input_async = tokio::fs::File::from_std(input.try_clone()?);
+    cd.read_to_file(&layer.digest, &mut input_async).await?;
+    let output = tempfile::tempfile_in(&tmp_dir)?;
+    let build_out = output.try_clone()?;
+    let mut build_opts = BuildOptions {
+        compression_level: opts.compression_level,
+        prioritized_files,
+        allow_prioritize_not_found: true,
+        tmp_dir: Some(tmp_dir),
+        ..BuildOptions::default()
+    };
+    if opts.chunk_size > 0 {
+        build_opts.chunk_size = opts.chunk_size;
+    }
+    let result = tokio::task::spawn_blocking(move || {
+        use std::io::Seek;
+        let mut input = input;
+        input.rewind()?;
+        let out = std::io::BufWriter::with_capacity(1 << 20, build_out);
+        estargz::build(input, out, &build_opts).map_err(|e| Error::Format(e.to_string()))
+    })
+    .await
+    .map_err(|e| Error::Incomplete(format!("estargz build task: {e}")))??;
+
+    let media_type = if opts.oci || layer.media_type.starts_with("application/vnd.oci.") {
+        MT_OCI_LAYER_GZIP
+    } else {
+        MT_DOCKER_LAYER_GZIP
+    };
+    let mut annotations = layer.annotations.clone();
+    annotations.insert(ANN_TOC_DIGEST.to_string(), result.toc_digest.clone());
+    annotations.insert(ANN_UNCOMPRESSED.to_string(), result.diff_id.clone());
+    let new = Descriptor {
+        media_type: media_type.to_string(),
+        digest: result.blob_digest.clone(),
+        size: result.blob_size as i64,
+        urls: vec![],
+        annotations,
+        platform: None,
+    };
+    let mut file = tokio::fs::File::from_std(output);
+    {
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(0)).await?;
+    }
+    let labels = HashMap::from([(ANN_UNCOMPRESSED.to_string(), result.diff_id.clone())]);
+    cd.write_stream(&new, file_stream(file), &labels).await?;
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_entries_select_by_layer_and_manifest() {
+        let text = r#"{"path":"usr/bin/python3","manifestDigest":"sha256:m","layerIndex":1}
+{"path":"etc/os-release","manifestDigest":"sha256:m","layerIndex":0}
+{"path":"other","manifestDigest":"sha256:x","layerIndex":1}"#;
+        let rec: Vec<RecordEntry> =
+            serde_json::Deserializer::from_str(text).into_iter().collect::<Result<_, _>>().unwrap();
+        assert_eq!(prioritized_files(&rec, "sha256:m", 1), vec!["usr/bin/python3".to_string()]);
+        assert_eq!(prioritized_files(&rec, "sha256:m", 0), vec!["etc/os-release".to_string()]);
+        assert!(prioritized_files(&rec, "sha256:m", 2).is_empty());
+    }
+}

@@ -1,0 +1,53 @@
+//! `ctr-remote`: the containerd client side of lazy pulling — `image rpull`,
+//! `image convert --estargz` and `image get-toc-digest`, with Go `ctr-remote`'s command
+//! and flag names.
+//!
+//! containerd 1.6 has no transfer service, so everything a Go client does in-process is
+//! done here: content is written through the content service, layers are unpacked by
+//! driving the snapshots and diff services.
+
+pub mod cli;
+pub mod client;
+pub mod convert;
+pub mod labels;
+pub mod oci;
+pub mod registry;
+pub mod rpull;
+pub mod toc;
+
+/// Errors of the `ctr-remote` commands.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to containerd at {address}: {source}")]
+    Connect {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("containerd {op}: {}: {}", .source.code(), .source.message())]
+    Grpc {
+        op: &'static str,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("registry: {0}")]
+    Registry(String),
+    #[error("http: {0}")]
+    Http(#[source] reqwest::Error),
+    #[error("digest mismatch: expected {expected}, got {got}")]
+    DigestMismatch { expected: String, got: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("incomplete: {0}")]
+    Incomplete(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    #[error("layer format: {0}")]
+    Format(String),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
