@@ -96,6 +96,12 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         warn!(key, config = %args.config.display(), "unknown configuration key ignored");
     }
     std::fs::create_dir_all(&args.root).with_context(|| format!("create root {}", args.root.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Handlers first: a signal during a long restore is then handled, not fatal.
+    let wait_signal = {
+        let _guard = rt.enter();
+        signals()?
+    };
     let remote = service::build_remote_layers(&config, &args.root);
     let snapshotter = Arc::new(SnapshotterImpl::new(&args.root.join("snapshotter"), remote, Arc::new(SysMounter))?);
     snapshotter.restore()?;
@@ -103,12 +109,10 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         warn!(error = %e, "start-up cleanup failed");
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let stop = rt.block_on(async {
         let listener = service::bind_socket(&args.address)?;
         info!(address = %args.address.display(), root = %args.root.display(), "containerd-stargz-grpc started");
         let (sig_tx, sig_rx) = tokio::sync::watch::channel(None::<Stop>);
-        let wait_signal = signals()?;
         tokio::spawn(async move {
             let s = wait_signal.await;
             info!(signal = ?s, "shutting down");

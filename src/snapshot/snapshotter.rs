@@ -33,8 +33,9 @@ pub struct SnapshotterImpl {
 }
 
 impl SnapshotterImpl {
-    /// Opens the store and removes orphan directories left by a crash. Call
-    /// [`SnapshotterImpl::restore`] afterwards to re-mount remote snapshots.
+    /// Opens (or creates) the store and the directory layout. Call
+    /// [`SnapshotterImpl::restore`] afterwards to re-mount remote snapshots, and
+    /// [`Snapshotter::cleanup`] to remove directories a crash left without a snapshot.
     pub fn new(
         root: &Path,
         remote: Option<Arc<dyn RemoteLayers>>,
