@@ -1,5 +1,5 @@
 //! containerd 1.6 + registry + our daemon as the `stargz` proxy snapshotter: pull a
-//! multi-layer image with whiteouts, run it, restart the daemon (SIGTERM, kill -9 mid-pull)
+//! multi-layer image with whiteouts, run it, restart the daemon (SIGTERM, SIGINT, kill -9 mid-pull)
 //! and check that every snapshot and label survived. Needs root, containerd, runc,
 //! docker-registry and skopeo (`make deps`).
 mod common;
@@ -138,6 +138,13 @@ fn pull_run_and_restart_keep_state() {
     assert_eq!(ctr_ls(&b.ctrd), ls_before);
     assert_eq!(ctr_infos(&b.ctrd), infos_before, "ctr snapshots info unchanged");
     run_checks(&b.ctrd, &image, "run2");
+
+    // SIGINT cleans up (unmounts) but keeps the metadata too.
+    let status = b.daemon.sigint().expect("daemon was running");
+    assert!(status.success(), "SIGINT exit: {status}");
+    b.daemon.restart();
+    b.ctrd.wait_stargz_ready(READY);
+    assert_eq!(committed(b.daemon.socket()), before, "snapshots and labels survive SIGINT");
 
     // kill -9 in the middle of a pull of a second image (big layers so it takes a while).
     let big: Vec<Layer> = (0..3u8)
