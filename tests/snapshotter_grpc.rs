@@ -150,6 +150,10 @@ fn binary_socket_mode_sd_notify_and_signals() {
     // A stale socket file from a previous crash is replaced.
     std::fs::create_dir_all(sock.parent().expect("parent")).expect("mkdir");
     drop(std::os::unix::net::UnixListener::bind(&sock).expect("stale socket"));
+    // Directories a crash left without a snapshot are removed at start-up.
+    let snapdir = tmp.path().join("root/snapshotter/snapshots");
+    std::fs::create_dir_all(snapdir.join("4242/fs/usr")).expect("orphan");
+    std::fs::create_dir_all(snapdir.join("new-7/fs")).expect("orphan tmp");
     let log = tmp.path().join("log");
     let mut child = std::process::Command::new(daemon_bin())
         .arg("--root")
@@ -168,6 +172,7 @@ fn binary_socket_mode_sd_notify_and_signals() {
     let mode = std::fs::metadata(&sock).expect("socket").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket is owner-only");
     assert!(tmp.path().join("root/snapshotter/metadata.db").exists());
+    assert_eq!(std::fs::read_dir(&snapdir).expect("snapshots dir").count(), 0, "orphans cleaned at start");
 
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let n = notify.recv(&mut buf).expect("STOPPING notification");
