@@ -1,5 +1,5 @@
 //! containerd 1.6 + registry + our daemon as the `stargz` proxy snapshotter: pull a
-//! multi-layer image with whiteouts, run it, restart the daemon (SIGTERM, kill -9 mid-pull)
+//! multi-layer image with whiteouts, run it, restart the daemon (SIGTERM, SIGINT, kill -9 mid-pull)
 //! and check that every snapshot and label survived. Needs root, containerd, runc,
 //! docker-registry and skopeo (`make deps`).
 mod common;
@@ -33,7 +33,12 @@ fn bed() -> Bed {
         ..Default::default()
     });
     ctrd.wait_stargz_ready(READY);
-    Bed { _tmp: tmp, ctrd, daemon, reg }
+    Bed {
+        _tmp: tmp,
+        ctrd,
+        daemon,
+        reg,
+    }
 }
 
 /// tools + data + deletions (whiteout, opaque dir) + one more file.
@@ -60,21 +65,42 @@ const SCRIPT: &str = "cat /data/keep.txt /etc/top.txt; echo; ls /data; ls -R /op
 const EXPECTED: &[&str] = &["kepttop", "keep.txt", "/opq:", "new.txt", "GONE-ABSENT"];
 
 fn run_checks(ctrd: &Containerd, image: &str, id: &str) {
-    let out = ctrd.ctr_ok(&["run", "--rm", "--snapshotter", "stargz", image, id, "/bin/sh", "-c", SCRIPT]);
-    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), EXPECTED, "container output:\n{out}");
+    let out = ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargz",
+        image,
+        id,
+        "/bin/sh",
+        "-c",
+        SCRIPT,
+    ]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        EXPECTED,
+        "container output:\n{out}"
+    );
 }
 
 /// Committed snapshots of the daemon, straight from its socket.
 type Listed = (i32, String, std::collections::BTreeMap<String, String>);
 
 fn committed(sock: &Path) -> Vec<(String, Listed)> {
-    daemon_snapshots(sock).into_iter().filter(|(_, v)| v.0 == snapshots_pb::Kind::Committed as i32).collect()
+    daemon_snapshots(sock)
+        .into_iter()
+        .filter(|(_, v)| v.0 == snapshots_pb::Kind::Committed as i32)
+        .collect()
 }
 
 /// `ctr snapshots ls` rows (KEY PARENT KIND), header dropped, sorted.
 fn ctr_ls(ctrd: &Containerd) -> Vec<String> {
     let out = ctrd.ctr_ok(&["snapshots", "--snapshotter", "stargz", "ls"]);
-    let mut rows: Vec<String> = out.lines().skip(1).map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    let mut rows: Vec<String> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
     rows.sort();
     rows
 }
@@ -93,7 +119,14 @@ fn ctr_infos(ctrd: &Containerd) -> Vec<serde_json::Value> {
 }
 
 fn upperdir_of(ctrd: &Containerd, key: &str) -> PathBuf {
-    let out = ctrd.ctr_ok(&["snapshots", "--snapshotter", "stargz", "mounts", "/mnt/unused", key]);
+    let out = ctrd.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "stargz",
+        "mounts",
+        "/mnt/unused",
+        key,
+    ]);
     let opt = out
         .split([',', ' ', '\n'])
         .find_map(|t| t.strip_prefix("upperdir="))
@@ -105,20 +138,50 @@ fn upperdir_of(ctrd: &Containerd, key: &str) -> PathBuf {
 fn pull_run_and_restart_keep_state() {
     let mut b = bed();
     let image = push_image(&b.reg, "test/layers", "v1", &test_image_layers());
-    b.ctrd.ctr_ok(&["image", "pull", "--plain-http", "--snapshotter", "stargz", &image]);
+    b.ctrd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "stargz",
+        &image,
+    ]);
 
     let snaps = committed(b.daemon.socket());
-    assert_eq!(snaps.len(), 4, "one committed snapshot per layer: {snaps:?}");
+    assert_eq!(
+        snaps.len(),
+        4,
+        "one committed snapshot per layer: {snaps:?}"
+    );
     let parents = snaps.iter().filter(|(_, v)| !v.1.is_empty()).count();
     assert_eq!(parents, 3, "layers are stacked");
     run_checks(&b.ctrd, &image, "run1");
 
     // A file written at run time lands in the container's upper dir, under our root.
-    b.ctrd.ctr_ok(&["run", "--snapshotter", "stargz", &image, "writer", "/bin/sh", "-c", "echo hello > /written.txt"]);
+    b.ctrd.ctr_ok(&[
+        "run",
+        "--snapshotter",
+        "stargz",
+        &image,
+        "writer",
+        "/bin/sh",
+        "-c",
+        "echo hello > /written.txt",
+    ]);
     let upper = upperdir_of(&b.ctrd, "writer");
-    assert!(upper.starts_with(b.daemon.root()), "upperdir {} outside our root", upper.display());
-    assert_eq!(std::fs::read_to_string(upper.join("written.txt")).expect("written file in upperdir"), "hello\n");
-    assert!(!upper.join("data/keep.txt").exists(), "lower layers are not copied up");
+    assert!(
+        upper.starts_with(b.daemon.root()),
+        "upperdir {} outside our root",
+        upper.display()
+    );
+    assert_eq!(
+        std::fs::read_to_string(upper.join("written.txt")).expect("written file in upperdir"),
+        "hello\n"
+    );
+    assert!(
+        !upper.join("data/keep.txt").exists(),
+        "lower layers are not copied up"
+    );
     b.ctrd.ctr_ok(&["containers", "rm", "writer"]);
     // containerd's garbage collector removes the snapshot from us shortly after.
     assert!(
@@ -130,14 +193,36 @@ fn pull_run_and_restart_keep_state() {
     let before = committed(b.daemon.socket());
     let ls_before = ctr_ls(&b.ctrd);
     let infos_before = ctr_infos(&b.ctrd);
-    assert!(infos_before.iter().all(|i| i["Kind"] == "Committed"), "{infos_before:?}");
+    assert!(
+        infos_before.iter().all(|i| i["Kind"] == "Committed"),
+        "{infos_before:?}"
+    );
     b.daemon.sigterm();
     b.daemon.restart();
     b.ctrd.wait_stargz_ready(READY);
-    assert_eq!(committed(b.daemon.socket()), before, "snapshots and labels survive SIGTERM");
+    assert_eq!(
+        committed(b.daemon.socket()),
+        before,
+        "snapshots and labels survive SIGTERM"
+    );
     assert_eq!(ctr_ls(&b.ctrd), ls_before);
-    assert_eq!(ctr_infos(&b.ctrd), infos_before, "ctr snapshots info unchanged");
+    assert_eq!(
+        ctr_infos(&b.ctrd),
+        infos_before,
+        "ctr snapshots info unchanged"
+    );
     run_checks(&b.ctrd, &image, "run2");
+
+    // SIGINT cleans up (unmounts) but keeps the metadata too.
+    let status = b.daemon.sigint().expect("daemon was running");
+    assert!(status.success(), "SIGINT exit: {status}");
+    b.daemon.restart();
+    b.ctrd.wait_stargz_ready(READY);
+    assert_eq!(
+        committed(b.daemon.socket()),
+        before,
+        "snapshots and labels survive SIGINT"
+    );
 
     // kill -9 in the middle of a pull of a second image (big layers so it takes a while).
     let big: Vec<Layer> = (0..3u8)
@@ -160,36 +245,84 @@ fn pull_run_and_restart_keep_state() {
     let mut pull = Command::new("ctr")
         .arg("--address")
         .arg(b.ctrd.socket())
-        .args(["-n", "default", "image", "pull", "--plain-http", "--snapshotter", "stargz", &image2])
+        .args([
+            "-n",
+            "default",
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "stargz",
+            &image2,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn ctr pull");
     // Wait until at least one new layer has been prepared, then kill.
-    let started = wait_until(Duration::from_secs(60), || b.daemon.log()[log_len..].matches("\"prepare\"").count() >= 2);
-    assert!(started, "pull never reached the daemon:\n{}", &b.daemon.log()[log_len..]);
+    let started = wait_until(Duration::from_secs(60), || {
+        b.daemon.log()[log_len..].matches("\"prepare\"").count() >= 2
+    });
+    assert!(
+        started,
+        "pull never reached the daemon:\n{}",
+        &b.daemon.log()[log_len..]
+    );
     b.daemon.kill9();
     let status = pull.wait().expect("wait for ctr pull");
-    assert!(!status.success(), "the pull finished before kill -9; the test did not interrupt it");
+    assert!(
+        !status.success(),
+        "the pull finished before kill -9; the test did not interrupt it"
+    );
     b.daemon.restart();
     b.ctrd.wait_stargz_ready(READY);
     let after = committed(b.daemon.socket());
     for (name, v) in &before {
-        assert_eq!(after.iter().find(|(n, _)| n == name).map(|(_, v)| v), Some(v), "{name} survived kill -9");
+        assert_eq!(
+            after.iter().find(|(n, _)| n == name).map(|(_, v)| v),
+            Some(v),
+            "{name} survived kill -9"
+        );
     }
     // Every committed snapshot still has a complete chain and a directory.
     for (name, v) in &after {
-        assert!(v.1.is_empty() || after.iter().any(|(n, _)| *n == v.1), "{name}: parent {} missing", v.1);
+        assert!(
+            v.1.is_empty() || after.iter().any(|(n, _)| *n == v.1),
+            "{name}: parent {} missing",
+            v.1
+        );
     }
     run_checks(&b.ctrd, &image, "run3");
     // The interrupted pull can be completed.
-    b.ctrd.ctr_ok(&["image", "pull", "--plain-http", "--snapshotter", "stargz", &image2]);
-    let out = b.ctrd.ctr_ok(&["run", "--rm", "--snapshotter", "stargz", &image2, "run4", "/bin/ls", "/big"]);
-    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["0.bin", "1.bin", "2.bin"]);
+    b.ctrd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "stargz",
+        &image2,
+    ]);
+    let out = b.ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargz",
+        &image2,
+        "run4",
+        "/bin/ls",
+        "/big",
+    ]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["0.bin", "1.bin", "2.bin"]
+    );
     // No orphan directories remain after Cleanup.
     let ids: Vec<String> = std::fs::read_dir(b.daemon.root().join("snapshotter/snapshots"))
         .expect("snapshots dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(ids.iter().all(|n| n.parse::<u64>().is_ok()), "temporary dirs left: {ids:?}");
+    assert!(
+        ids.iter().all(|n| n.parse::<u64>().is_ok()),
+        "temporary dirs left: {ids:?}"
+    );
 }

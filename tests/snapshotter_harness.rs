@@ -24,6 +24,18 @@ fn harness_push_pull_run_with_builtin_overlayfs() {
     let image = push_image(&reg, "harness/smoke", "v1", &layers);
     let ctrd = Containerd::start(ContainerdOpts::default());
     ctrd.ctr_ok(&["image", "pull", "--plain-http", &image]);
-    let out = ctrd.ctr_ok(&["run", "--rm", &image, "smoke", "/bin/sh", "-c", "cat /data/keep.txt; echo; ls /data; ls /opq"]);
-    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["keep", "keep.txt", "new.txt"], "output: {out}");
+    let out = ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        &image,
+        "smoke",
+        "/bin/sh",
+        "-c",
+        "cat /data/keep.txt; echo; ls /data; ls /opq",
+    ]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["keep", "keep.txt", "new.txt"],
+        "output: {out}"
+    );
 }

@@ -28,14 +28,22 @@ struct FakeRemote {
 
 impl FakeRemote {
     fn new(layers: HashMap<String, Vec<LayerEntry>>) -> Arc<FakeRemote> {
-        Arc::new(FakeRemote { layers, mounted: Mutex::default(), unmounted: Mutex::default(), broken: AtomicBool::new(false) })
+        Arc::new(FakeRemote {
+            layers,
+            mounted: Mutex::default(),
+            unmounted: Mutex::default(),
+            broken: AtomicBool::new(false),
+        })
     }
 }
 
 impl RemoteLayers for FakeRemote {
     fn mount(&self, mp: &Path, labels: &BTreeMap<String, String>) -> Result<(), LayerError> {
         let digest = labels.get(DIGEST_LABEL).ok_or("no layer digest label")?;
-        let entries = self.layers.get(digest).ok_or_else(|| format!("unknown layer {digest}"))?;
+        let entries = self
+            .layers
+            .get(digest)
+            .ok_or_else(|| format!("unknown layer {digest}"))?;
         for e in entries {
             match e {
                 LayerEntry::Dir { path, .. } => std::fs::create_dir_all(mp.join(path))?,
@@ -43,12 +51,18 @@ impl RemoteLayers for FakeRemote {
                     let p = mp.join(path);
                     std::fs::create_dir_all(p.parent().ok_or("no parent")?)?;
                     std::fs::write(&p, data)?;
-                    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode))?;
+                    std::fs::set_permissions(
+                        &p,
+                        std::os::unix::fs::PermissionsExt::from_mode(*mode),
+                    )?;
                 }
                 other => return Err(format!("fake remote cannot express {other:?}").into()),
             }
         }
-        self.mounted.lock().map_err(|_| "poisoned")?.push(mp.to_path_buf());
+        self.mounted
+            .lock()
+            .map_err(|_| "poisoned")?
+            .push(mp.to_path_buf());
         Ok(())
     }
 
@@ -60,7 +74,10 @@ impl RemoteLayers for FakeRemote {
     }
 
     fn unmount(&self, mp: &Path) -> Result<(), LayerError> {
-        self.unmounted.lock().map_err(|_| "poisoned")?.push(mp.to_path_buf());
+        self.unmounted
+            .lock()
+            .map_err(|_| "poisoned")?
+            .push(mp.to_path_buf());
         Ok(())
     }
 }
@@ -73,14 +90,23 @@ struct InProcess {
 
 impl InProcess {
     fn start(root: &Path, sock: &Path, remote: Arc<FakeRemote>) -> InProcess {
-        let sn = SnapshotterImpl::new(root, Some(remote as Arc<dyn RemoteLayers>), Arc::new(SysMounter)).expect("snapshotter");
+        let sn = SnapshotterImpl::new(
+            root,
+            Some(remote as Arc<dyn RemoteLayers>),
+            Arc::new(SysMounter),
+        )
+        .expect("snapshotter");
         sn.restore().expect("restore");
         let sn = Arc::new(sn);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let sock = sock.to_path_buf();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
                 let listener = service::bind_socket(&sock).expect("bind");
                 let _ = ready_tx.send(());
@@ -91,8 +117,13 @@ impl InProcess {
                 .expect("serve");
             });
         });
-        ready_rx.recv_timeout(Duration::from_secs(10)).expect("server bound");
-        InProcess { stop: Some(tx), thread: Some(thread) }
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server bound");
+        InProcess {
+            stop: Some(tx),
+            thread: Some(thread),
+        }
     }
 }
 
@@ -111,47 +142,98 @@ fn remote_snapshots_with_containerd() {
     let sock = tmp.path().join("run/sn.sock");
     let reg = Registry::start();
     let tools = tools_layer(&["/bin/sh", "/bin/cat"]);
-    let data = vec![LayerEntry::file("data/hello.txt", "from the remote layer\n")];
+    let data = vec![LayerEntry::file(
+        "data/hello.txt",
+        "from the remote layer\n",
+    )];
     let layers = vec![Layer::from_entries(&tools), Layer::from_entries(&data)];
     let known: HashMap<String, Vec<LayerEntry>> =
-        [(layers[0].digest(), tools), (layers[1].digest(), data)].into_iter().collect();
+        [(layers[0].digest(), tools), (layers[1].digest(), data)]
+            .into_iter()
+            .collect();
     let image = push_image(&reg, "test/remote", "v1", &layers);
 
     let remote = FakeRemote::new(known.clone());
     let mut server = Some(InProcess::start(&root, &sock, remote.clone()));
-    let ctrd = Containerd::start(ContainerdOpts { stargz_socket: Some(sock.clone()), ..Default::default() });
+    let ctrd = Containerd::start(ContainerdOpts {
+        stargz_socket: Some(sock.clone()),
+        ..Default::default()
+    });
     ctrd.wait_stargz_ready(Duration::from_secs(30));
 
     let out = std::process::Command::new("ctr-remote")
         .arg("--address")
         .arg(ctrd.socket())
-        .args(["-n", "default", "image", "rpull", "--plain-http", "--snapshotter", "stargz", &image])
+        .args([
+            "-n",
+            "default",
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargz",
+            &image,
+        ])
         .output()
         .expect("run ctr-remote");
-    assert!(out.status.success(), "rpull failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(remote.mounted.lock().expect("lock").len(), 2, "both layers mounted remotely");
+    assert!(
+        out.status.success(),
+        "rpull failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        remote.mounted.lock().expect("lock").len(),
+        2,
+        "both layers mounted remotely"
+    );
 
     let snaps = daemon_snapshots(&sock);
     let remote_committed: Vec<_> = snaps
         .iter()
-        .filter(|(_, v)| v.0 == snapshots_pb::Kind::Committed as i32 && v.2.contains_key(REMOTE_LABEL))
+        .filter(|(_, v)| {
+            v.0 == snapshots_pb::Kind::Committed as i32 && v.2.contains_key(REMOTE_LABEL)
+        })
         .collect();
     assert_eq!(remote_committed.len(), 2, "{snaps:?}");
     // (The readiness probe's scratch key is removed by containerd's GC, maybe not yet.)
     assert!(
-        snaps.iter().filter(|(k, _)| !k.contains("readiness-probe")).all(|(_, v)| v.0 == snapshots_pb::Kind::Committed as i32),
+        snaps
+            .iter()
+            .filter(|(k, _)| !k.contains("readiness-probe"))
+            .all(|(_, v)| v.0 == snapshots_pb::Kind::Committed as i32),
         "no leftover active snapshots: {snaps:?}"
     );
 
-    let out = ctrd.ctr_ok(&["run", "--rm", "--snapshotter", "stargz", &image, "r1", "/bin/cat", "/data/hello.txt"]);
+    let out = ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargz",
+        &image,
+        "r1",
+        "/bin/cat",
+        "/data/hello.txt",
+    ]);
     assert_eq!(out, "from the remote layer\n");
 
     // An unreachable remote ancestor: Mounts answers Unavailable, containerd refuses to run.
     remote.broken.store(true, Ordering::SeqCst);
-    let out = ctrd.ctr(&["run", "--rm", "--snapshotter", "stargz", &image, "r2", "/bin/cat", "/data/hello.txt"]);
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargz",
+        &image,
+        "r2",
+        "/bin/cat",
+        "/data/hello.txt",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unavailable"), "error should say the layer is unavailable: {err}");
+    assert!(
+        err.contains("unavailable"),
+        "error should say the layer is unavailable: {err}"
+    );
     remote.broken.store(false, Ordering::SeqCst);
     let _ = ctrd.ctr(&["containers", "rm", "r2"]);
 
@@ -160,14 +242,37 @@ fn remote_snapshots_with_containerd() {
     let remote2 = FakeRemote::new(known);
     server = Some(InProcess::start(&root, &sock, remote2.clone()));
     ctrd.wait_stargz_ready(Duration::from_secs(30));
-    assert_eq!(remote2.mounted.lock().expect("lock").len(), 2, "restore re-mounted both layers");
-    let out = ctrd.ctr_ok(&["run", "--rm", "--snapshotter", "stargz", &image, "r3", "/bin/cat", "/data/hello.txt"]);
+    assert_eq!(
+        remote2.mounted.lock().expect("lock").len(),
+        2,
+        "restore re-mounted both layers"
+    );
+    let out = ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargz",
+        &image,
+        "r3",
+        "/bin/cat",
+        "/data/hello.txt",
+    ]);
     assert_eq!(out, "from the remote layer\n");
 
     // Removing the image lets containerd's GC remove the snapshots, which unmounts them.
     ctrd.ctr_ok(&["image", "rm", "--sync", &image]);
-    let gone = wait_until(Duration::from_secs(20), || remote2.unmounted.lock().map(|u| u.len() >= 2).unwrap_or(false));
-    assert!(gone, "remote layers unmounted on Remove: {:?}", remote2.unmounted.lock().map(|u| u.clone()));
+    let gone = wait_until(Duration::from_secs(20), || {
+        remote2
+            .unmounted
+            .lock()
+            .map(|u| u.len() >= 2)
+            .unwrap_or(false)
+    });
+    assert!(
+        gone,
+        "remote layers unmounted on Remove: {:?}",
+        remote2.unmounted.lock().map(|u| u.clone())
+    );
     drop(ctrd);
     drop(server);
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use stargz::service::{self, config::Config};
-use stargz::snapshot::{SnapshotterImpl, Snapshotter, SysMounter};
+use stargz::snapshot::{Snapshotter, SnapshotterImpl, SysMounter};
 use tracing::{error, info, warn};
 
 const DEFAULT_ADDRESS: &str = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock";
@@ -18,7 +18,11 @@ const DEFAULT_ROOT: &str = "/var/lib/containerd-stargz-grpc";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug)]
-#[command(name = "containerd-stargz-grpc", version, about = "Lazy-pulling eStargz snapshotter for containerd")]
+#[command(
+    name = "containerd-stargz-grpc",
+    version,
+    about = "Lazy-pulling eStargz snapshotter for containerd"
+)]
 struct Args {
     /// Address for the snapshotter's gRPC server.
     #[arg(long, default_value = DEFAULT_ADDRESS)]
@@ -95,20 +99,31 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     for key in unknown {
         warn!(key, config = %args.config.display(), "unknown configuration key ignored");
     }
-    std::fs::create_dir_all(&args.root).with_context(|| format!("create root {}", args.root.display()))?;
+    std::fs::create_dir_all(&args.root)
+        .with_context(|| format!("create root {}", args.root.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // Handlers first: a signal during a long restore is then handled, not fatal.
+    let wait_signal = {
+        let _guard = rt.enter();
+        signals()?
+    };
     let remote = service::build_remote_layers(&config, &args.root);
-    let snapshotter = Arc::new(SnapshotterImpl::new(&args.root.join("snapshotter"), remote, Arc::new(SysMounter))?);
+    let snapshotter = Arc::new(SnapshotterImpl::new(
+        &args.root.join("snapshotter"),
+        remote,
+        Arc::new(SysMounter),
+    )?);
     snapshotter.restore()?;
     if let Err(e) = snapshotter.cleanup() {
         warn!(error = %e, "start-up cleanup failed");
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let stop = rt.block_on(async {
         let listener = service::bind_socket(&args.address)?;
         info!(address = %args.address.display(), root = %args.root.display(), "containerd-stargz-grpc started");
         let (sig_tx, sig_rx) = tokio::sync::watch::channel(None::<Stop>);
-        let wait_signal = signals()?;
         tokio::spawn(async move {
             let s = wait_signal.await;
             info!(signal = ?s, "shutting down");
@@ -137,4 +152,3 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     info!("exited");
     Ok(())
 }
-

@@ -10,9 +10,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("read config {path}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("parse config {path}")]
-    Parse { path: String, source: toml::de::Error },
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
 }
 
 /// The whole daemon configuration (Go: `service.Config` + `config.Config`).
@@ -110,7 +116,13 @@ pub struct DirectoryCacheConfig {
 
 impl Default for DirectoryCacheConfig {
     fn default() -> Self {
-        DirectoryCacheConfig { max_lru_cache_entry: 10, max_cache_fds: 10, sync_add: false, direct: false, fadv_dontneed: false }
+        DirectoryCacheConfig {
+            max_lru_cache_entry: 10,
+            max_cache_fds: 10,
+            sync_add: false,
+            direct: false,
+            fadv_dontneed: false,
+        }
     }
 }
 
@@ -125,7 +137,11 @@ pub struct FuseConfig {
 
 impl Default for FuseConfig {
     fn default() -> Self {
-        FuseConfig { attr_timeout: 1, entry_timeout: 1, passthrough: false }
+        FuseConfig {
+            attr_timeout: 1,
+            entry_timeout: 1,
+            passthrough: false,
+        }
     }
 }
 
@@ -162,9 +178,17 @@ impl Config {
     /// Parses TOML text; returns the config and the dotted paths of keys it does not know.
     pub fn parse(text: &str, path: &str) -> Result<(Config, Vec<String>), ConfigError> {
         let mut unknown = Vec::new();
-        let de = toml::Deserializer::parse(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
-        let cfg = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()))
-            .map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let de = toml::Deserializer::parse(text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        let cfg =
+            serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).map_err(|source| {
+                ConfigError::Parse {
+                    path: path.into(),
+                    source,
+                }
+            })?;
         Ok((cfg, unknown))
     }
 
@@ -172,8 +196,13 @@ impl Config {
     pub fn load(path: &Path, missing_ok: bool) -> Result<(Config, Vec<String>), ConfigError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Config::parse(&text, &path.display().to_string()),
-            Err(e) if missing_ok && e.kind() == std::io::ErrorKind::NotFound => Ok((Config::default(), Vec::new())),
-            Err(source) => Err(ConfigError::Read { path: path.display().to_string(), source }),
+            Err(e) if missing_ok && e.kind() == std::io::ErrorKind::NotFound => {
+                Ok((Config::default(), Vec::new()))
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
         }
     }
 }
@@ -216,7 +245,13 @@ mod tests {
         assert!(c.snapshotter.allow_invalid_mounts_on_restart);
         assert_eq!(c.resolver.host["exam.ple"].mirrors[0].host, "mirror.local");
         assert!(c.resolver.host["exam.ple"].mirrors[0].insecure);
-        assert_eq!(unknown, vec!["directory_cache.bogus".to_string(), "no_such_key".to_string()]);
+        assert_eq!(
+            unknown,
+            vec![
+                "directory_cache.bogus".to_string(),
+                "no_such_key".to_string()
+            ]
+        );
     }
 
     #[test]

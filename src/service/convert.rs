@@ -30,7 +30,12 @@ pub fn labels_out(m: BTreeMap<String, String>) -> HashMap<String, String> {
 
 pub fn mounts_out(m: Vec<Mount>) -> Vec<pbt::Mount> {
     m.into_iter()
-        .map(|m| pbt::Mount { r#type: m.kind, source: m.source, target: String::new(), options: m.options })
+        .map(|m| pbt::Mount {
+            r#type: m.kind,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
         .collect()
 }
 
@@ -52,11 +57,15 @@ fn kind_in(k: i32) -> Kind {
 
 fn ts_out(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 fn ts_in(t: Option<prost_types::Timestamp>) -> SystemTime {
-    t.and_then(|t| SystemTime::try_from(t).ok()).unwrap_or(UNIX_EPOCH)
+    t.and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or(UNIX_EPOCH)
 }
 
 pub fn info_out(i: Info) -> pb::Info {
@@ -90,16 +99,28 @@ mod tests {
         use tonic::Code;
         let cases = [
             (SnapshotError::NotFound("k".into()), Code::NotFound),
-            (SnapshotError::AlreadyExists("k".into()), Code::AlreadyExists),
-            (SnapshotError::FailedPrecondition("x".into()), Code::FailedPrecondition),
-            (SnapshotError::InvalidArgument("x".into()), Code::InvalidArgument),
+            (
+                SnapshotError::AlreadyExists("k".into()),
+                Code::AlreadyExists,
+            ),
+            (
+                SnapshotError::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                SnapshotError::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+            ),
             (SnapshotError::Unavailable("x".into()), Code::Unavailable),
             (SnapshotError::Internal("x".into()), Code::Internal),
         ];
         for (e, c) in cases {
             assert_eq!(status(e).code(), c);
         }
-        assert_eq!(status(SnapshotError::NotFound("abc".into())).message(), "snapshot abc not found");
+        assert_eq!(
+            status(SnapshotError::NotFound("abc".into())).message(),
+            "snapshot abc not found"
+        );
     }
 
     #[test]

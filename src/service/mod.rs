@@ -23,7 +23,10 @@ use crate::snapshot::{RemoteLayers, Snapshotter};
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("socket {path}: {source}")]
-    Socket { path: String, source: std::io::Error },
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("another daemon is already serving on {0}")]
     SocketInUse(String),
     #[error("gRPC server: {0}")]
@@ -32,7 +35,10 @@ pub enum ServiceError {
 
 /// The single wiring point for lazy remote layers: the `fs` module plugs its FUSE-backed
 /// implementation in here. `None` means every layer is downloaded by containerd.
-pub fn build_remote_layers(_config: &config::Config, _root: &Path) -> Option<Arc<dyn RemoteLayers>> {
+pub fn build_remote_layers(
+    _config: &config::Config,
+    _root: &Path,
+) -> Option<Arc<dyn RemoteLayers>> {
     None
 }
 
@@ -40,9 +46,19 @@ pub fn build_remote_layers(_config: &config::Config, _root: &Path) -> Option<Arc
 /// directory such as /tmp is left alone), replaces a stale socket (but refuses to steal one a
 /// live daemon still serves), and makes it owner-only (0600) from the start (umask during bind).
 pub fn bind_socket(path: &Path) -> Result<UnixListener, ServiceError> {
-    let err = |source| ServiceError::Socket { path: path.display().to_string(), source };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let err = |source| ServiceError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
     }
     if let Ok(md) = std::fs::symlink_metadata(path) {
         if md.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_ok() {

@@ -58,7 +58,10 @@ impl Filter {
     }
 
     fn parse(s: &str) -> Result<Filter, String> {
-        let mut p = Parser { s: s.as_bytes(), i: 0 };
+        let mut p = Parser {
+            s: s.as_bytes(),
+            i: 0,
+        };
         let mut selectors = Vec::new();
         loop {
             p.skip_ws();
@@ -83,7 +86,9 @@ fn field<'a>(info: &'a Info, path: &[String]) -> Option<&'a str> {
             Kind::View => "view",
             Kind::Committed => "committed",
         }),
-        Some("labels") if path.len() > 1 => info.labels.get(&path[1..].join(".")).map(String::as_str),
+        Some("labels") if path.len() > 1 => {
+            info.labels.get(&path[1..].join(".")).map(String::as_str)
+        }
         _ => None,
     }
 }
@@ -145,7 +150,8 @@ impl Parser<'_> {
             Some(b'"') => self.quoted(b'"'),
             _ => {
                 let start = self.i;
-                while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == b'_' || c == b'-' || c == b'/') {
+                while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == b'_' || c == b'-' || c == b'/')
+                {
                     self.i += 1;
                 }
                 if start == self.i {
@@ -213,7 +219,10 @@ mod tests {
             name: name.into(),
             parent: parent.into(),
             kind,
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             created: UNIX_EPOCH,
             updated: UNIX_EPOCH,
         }
@@ -226,7 +235,15 @@ mod tests {
 
     #[test]
     fn selectors() {
-        let i = info("a", "p", Kind::Committed, &[("containerd.io/snapshot/remote", "remote snapshot"), ("x", "1")]);
+        let i = info(
+            "a",
+            "p",
+            Kind::Committed,
+            &[
+                ("containerd.io/snapshot/remote", "remote snapshot"),
+                ("x", "1"),
+            ],
+        );
         assert!(m(&[], &i));
         assert!(m(&["name==a"], &i));
         assert!(!m(&["name==b"], &i));
@@ -236,9 +253,18 @@ mod tests {
         assert!(m(&["kind==active", "name==a"], &i), "filters are ORed");
         assert!(m(&["labels.x"], &i));
         assert!(!m(&["labels.y"], &i));
-        assert!(m(&["labels.y!=1"], &i), "!= matches absent fields like containerd");
-        assert!(m(&[r#"labels."containerd.io/snapshot/remote"=="remote snapshot""#], &i));
-        assert!(m(&["labels.containerd.io/snapshot/remote"], &i), "unquoted dotted keys are joined");
+        assert!(
+            m(&["labels.y!=1"], &i),
+            "!= matches absent fields like containerd"
+        );
+        assert!(m(
+            &[r#"labels."containerd.io/snapshot/remote"=="remote snapshot""#],
+            &i
+        ));
+        assert!(
+            m(&["labels.containerd.io/snapshot/remote"], &i),
+            "unquoted dotted keys are joined"
+        );
         assert!(m(&["name~=^a$"], &i));
         assert!(m(&["name~=/^[a-c]+$/"], &i));
         assert!(!m(&["name~=^b"], &i));
@@ -247,7 +273,15 @@ mod tests {
 
     #[test]
     fn invalid_filters() {
-        for bad in ["==a", "name==", "name==\"open", "name~=(", "name==a b", "labels.", ","] {
+        for bad in [
+            "==a",
+            "name==",
+            "name==\"open",
+            "name~=(",
+            "name==a b",
+            "labels.",
+            ",",
+        ] {
             let e = Filters::parse(&[bad.to_string()]).unwrap_err();
             assert!(matches!(e, SnapshotError::InvalidArgument(_)), "{bad}: {e}");
         }

@@ -33,7 +33,11 @@ pub fn compute_mounts(kind: Kind, fs: &Path, work: &Path, parent_fs: &[PathBuf])
     }
     let lower: Vec<String> = parent_fs.iter().map(|p| p.display().to_string()).collect();
     options.push(format!("lowerdir={}", lower.join(":")));
-    vec![Mount { kind: "overlay".into(), source: "overlay".into(), options }]
+    vec![Mount {
+        kind: "overlay".into(),
+        source: "overlay".into(),
+        options,
+    }]
 }
 
 /// The mount-table operations the snapshotter needs; a fake in tests, [`SysMounter`] for real.
@@ -77,7 +81,9 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         if let (b'\\', Some(d)) = (b[i], octal) {
             out.push(((d[0] - b'0') << 6) | ((d[1] - b'0') << 3) | (d[2] - b'0'));
             i += 4;
@@ -100,7 +106,14 @@ mod tests {
     #[test]
     fn no_parent_is_a_bind() {
         let m = compute_mounts(Kind::Active, &p("/r/1/fs"), &p("/r/1/work"), &[]);
-        assert_eq!(m, vec![Mount { kind: "bind".into(), source: "/r/1/fs".into(), options: vec!["rw".into(), "rbind".into()] }]);
+        assert_eq!(
+            m,
+            vec![Mount {
+                kind: "bind".into(),
+                source: "/r/1/fs".into(),
+                options: vec!["rw".into(), "rbind".into()]
+            }]
+        );
         let m = compute_mounts(Kind::View, &p("/r/1/fs"), &p("/r/1/work"), &[]);
         assert_eq!(m[0].options, ["ro", "rbind"]);
     }
@@ -108,25 +121,46 @@ mod tests {
     #[test]
     fn view_on_one_parent_is_ro_bind_of_parent() {
         let m = compute_mounts(Kind::View, &p("/r/2/fs"), &p("/r/2/work"), &[p("/r/1/fs")]);
-        assert_eq!(m, vec![Mount { kind: "bind".into(), source: "/r/1/fs".into(), options: vec!["ro".into(), "rbind".into()] }]);
+        assert_eq!(
+            m,
+            vec![Mount {
+                kind: "bind".into(),
+                source: "/r/1/fs".into(),
+                options: vec!["ro".into(), "rbind".into()]
+            }]
+        );
     }
 
     #[test]
     fn active_on_parents_is_overlay_nearest_first() {
-        let m = compute_mounts(Kind::Active, &p("/r/3/fs"), &p("/r/3/work"), &[p("/r/2/fs"), p("/r/1/fs")]);
+        let m = compute_mounts(
+            Kind::Active,
+            &p("/r/3/fs"),
+            &p("/r/3/work"),
+            &[p("/r/2/fs"), p("/r/1/fs")],
+        );
         assert_eq!(
             m,
             vec![Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec!["workdir=/r/3/work".into(), "upperdir=/r/3/fs".into(), "lowerdir=/r/2/fs:/r/1/fs".into()],
+                options: vec![
+                    "workdir=/r/3/work".into(),
+                    "upperdir=/r/3/fs".into(),
+                    "lowerdir=/r/2/fs:/r/1/fs".into()
+                ],
             }]
         );
     }
 
     #[test]
     fn view_on_many_parents_is_ro_overlay() {
-        let m = compute_mounts(Kind::View, &p("/r/3/fs"), &p("/r/3/work"), &[p("/r/2/fs"), p("/r/1/fs")]);
+        let m = compute_mounts(
+            Kind::View,
+            &p("/r/3/fs"),
+            &p("/r/3/work"),
+            &[p("/r/2/fs"), p("/r/1/fs")],
+        );
         assert_eq!(m[0].kind, "overlay");
         assert_eq!(m[0].options, ["lowerdir=/r/2/fs:/r/1/fs"]);
     }
@@ -138,6 +172,13 @@ mod tests {
                     24 1 0:22 / /other rw - tmpfs x rw\n\
                     25 1 0:23 / /r/snap/with\\040space rw - tmpfs x rw\n";
         let m = parse_mounts_under(info, Path::new("/r/snap"));
-        assert_eq!(m, vec![p("/r/snap/1/fs/inner"), p("/r/snap/1/fs"), p("/r/snap/with space")]);
+        assert_eq!(
+            m,
+            vec![
+                p("/r/snap/1/fs/inner"),
+                p("/r/snap/1/fs"),
+                p("/r/snap/with space")
+            ]
+        );
     }
 }

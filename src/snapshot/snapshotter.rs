@@ -33,18 +33,25 @@ pub struct SnapshotterImpl {
 }
 
 impl SnapshotterImpl {
-    /// Opens the store and removes orphan directories left by a crash. Call
-    /// [`SnapshotterImpl::restore`] afterwards to re-mount remote snapshots.
+    /// Opens (or creates) the store and the directory layout. Call
+    /// [`SnapshotterImpl::restore`] afterwards to re-mount remote snapshots, and
+    /// [`Snapshotter::cleanup`] to remove directories a crash left without a snapshot.
     pub fn new(
         root: &Path,
         remote: Option<Arc<dyn RemoteLayers>>,
         mounter: Arc<dyn Mounter>,
     ) -> Result<SnapshotterImpl, SnapshotError> {
         let snapshots = root.join("snapshots");
-        std::fs::create_dir_all(&snapshots).map_err(|e| io_err(format!("create {}", snapshots.display()), e))?;
+        std::fs::create_dir_all(&snapshots)
+            .map_err(|e| io_err(format!("create {}", snapshots.display()), e))?;
         let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700));
         let store = MetaStore::open(&root.join("metadata.db"))?;
-        Ok(SnapshotterImpl { root: root.to_path_buf(), store, remote, mounter })
+        Ok(SnapshotterImpl {
+            root: root.to_path_buf(),
+            store,
+            remote,
+            mounter,
+        })
     }
 
     fn snapshots_dir(&self) -> PathBuf {
@@ -72,7 +79,12 @@ impl SnapshotterImpl {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
-        let tasks: Vec<(String, Record)> = self.store.list()?.into_iter().filter(|(_, r)| r.is_remote()).collect();
+        let tasks: Vec<(String, Record)> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|(_, r)| r.is_remote())
+            .collect();
         if tasks.is_empty() {
             return Ok(());
         }
@@ -95,8 +107,15 @@ impl SnapshotterImpl {
 
     /// Unmounts every remote layer (SIGINT: the daemon goes away cleanly).
     pub fn unmount_all_remote(&self) -> Result<(), SnapshotError> {
-        let Some(remote) = &self.remote else { return Ok(()) };
-        for (name, rec) in self.store.list()?.into_iter().filter(|(_, r)| r.is_remote()) {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        for (name, rec) in self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|(_, r)| r.is_remote())
+        {
             if let Err(e) = remote.unmount(&self.fs_dir(rec.id)) {
                 warn!(key = %name, error = %e, "failed to unmount remote snapshot");
             }
@@ -125,7 +144,12 @@ impl SnapshotterImpl {
 
     /// Creates the snapshot's directories under a temporary name and renames them into
     /// place, so `snapshots/<id>` is either complete or absent.
-    fn make_dirs(&self, id: u64, kind: StoredKind, parent_fs: Option<&Path>) -> Result<(), SnapshotError> {
+    fn make_dirs(
+        &self,
+        id: u64,
+        kind: StoredKind,
+        parent_fs: Option<&Path>,
+    ) -> Result<(), SnapshotError> {
         let base = self.snapshots_dir();
         let tmp = base.join(format!("new-{id}"));
         let dst = self.dir(id);
@@ -197,16 +221,25 @@ impl SnapshotterImpl {
         } else {
             self.store.get(parent).ok().map(|p| self.fs_dir(p.id))
         };
-        self.store.create(kind, key, parent, labels, |id| self.make_dirs(id, kind, parent_fs.as_deref()))
+        self.store.create(kind, key, parent, labels, |id| {
+            self.make_dirs(id, kind, parent_fs.as_deref())
+        })
     }
 
     /// Fails with Unavailable if a remote layer among `check` cannot reach its blob.
     fn check_remote(&self, check: &[(String, Record)]) -> Result<(), SnapshotError> {
-        let Some(remote) = &self.remote else { return Ok(()) };
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
         for (name, rec) in check.iter().filter(|(_, r)| r.is_remote()) {
-            remote.check(&self.fs_dir(rec.id), &rec.labels).map_err(|e| {
-                SnapshotError::Unavailable(format!("layer {name} (snapshot {}) is unavailable: {e}", rec.id))
-            })?;
+            remote
+                .check(&self.fs_dir(rec.id), &rec.labels)
+                .map_err(|e| {
+                    SnapshotError::Unavailable(format!(
+                        "layer {name} (snapshot {}) is unavailable: {e}",
+                        rec.id
+                    ))
+                })?;
         }
         Ok(())
     }
@@ -229,9 +262,18 @@ impl SnapshotterImpl {
     }
 
     fn mounts_of(&self, chain: &Chain) -> Vec<Mount> {
-        let parent_fs: Vec<PathBuf> = chain.parents.iter().map(|(_, r)| self.fs_dir(r.id)).collect();
+        let parent_fs: Vec<PathBuf> = chain
+            .parents
+            .iter()
+            .map(|(_, r)| self.fs_dir(r.id))
+            .collect();
         let id = chain.record.id;
-        compute_mounts(chain.record.kind.into(), &self.fs_dir(id), &self.work_dir(id), &parent_fs)
+        compute_mounts(
+            chain.record.kind.into(),
+            &self.fs_dir(id),
+            &self.work_dir(id),
+            &parent_fs,
+        )
     }
 
     /// Tries to mount the layer remotely and commit it under `target`. `Ok(true)`: done,
@@ -253,12 +295,22 @@ impl SnapshotterImpl {
         committed.insert(REMOTE_LABEL.into(), REMOTE_LABEL_VALUE.into());
         match self.store.commit(target, key, committed, Usage::default()) {
             Ok(_) => {
-                info!(key, target, "remote-snapshot-prepared" = true, "prepared remote snapshot");
+                info!(
+                    key,
+                    target,
+                    "remote-snapshot-prepared" = true,
+                    "prepared remote snapshot"
+                );
                 Ok(true)
             }
             Err(SnapshotError::AlreadyExists(_)) => {
                 // Someone committed the same layer first; ours is redundant.
-                info!(key, target, "remote-snapshot-prepared" = true, "target already exists");
+                info!(
+                    key,
+                    target,
+                    "remote-snapshot-prepared" = true,
+                    "target already exists"
+                );
                 if let Ok(rec) = self.store.remove(key) {
                     self.release_dir(rec.id, true);
                 }
@@ -293,7 +345,12 @@ fn disk_usage(dir: &Path) -> std::io::Result<Usage> {
 }
 
 impl Snapshotter for SnapshotterImpl {
-    fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+    fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
         self.check_parent(parent)?;
         let chain = self.create(StoredKind::Active, key, parent, labels.clone())?;
         if let (Some(target), Some(remote)) = (labels.get(TARGET_SNAPSHOT_LABEL), &self.remote) {
@@ -305,7 +362,12 @@ impl Snapshotter for SnapshotterImpl {
         Ok(self.mounts_of(&chain))
     }
 
-    fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+    fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
         self.check_parent(parent)?;
         let chain = self.create(StoredKind::View, key, parent, labels)?;
         Ok(self.mounts_of(&chain))
@@ -319,9 +381,16 @@ impl Snapshotter for SnapshotterImpl {
         Ok(self.mounts_of(&chain))
     }
 
-    fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapshotError> {
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), SnapshotError> {
         if name.is_empty() {
-            return Err(SnapshotError::InvalidArgument("snapshot name must not be empty".into()));
+            return Err(SnapshotError::InvalidArgument(
+                "snapshot name must not be empty".into(),
+            ));
         }
         let rec = self.store.get(key)?;
         let usage = if rec.kind == StoredKind::Active {
@@ -353,9 +422,13 @@ impl Snapshotter for SnapshotterImpl {
     fn usage(&self, key: &str) -> Result<Usage, SnapshotError> {
         let rec = self.store.get(key)?;
         if rec.kind == StoredKind::Active {
-            return disk_usage(&self.fs_dir(rec.id)).map_err(|e| io_err(format!("usage of {key}"), e));
+            return disk_usage(&self.fs_dir(rec.id))
+                .map_err(|e| io_err(format!("usage of {key}"), e));
         }
-        Ok(Usage { size: rec.size, inodes: rec.inodes })
+        Ok(Usage {
+            size: rec.size,
+            inodes: rec.inodes,
+        })
     }
 
     fn list(&self, filters: &[String]) -> Result<Vec<Info>, SnapshotError> {
@@ -429,14 +502,22 @@ mod tests {
         broken: Mutex<bool>,
     }
     impl RemoteLayers for FakeRemote {
-        fn mount(&self, mp: &Path, labels: &BTreeMap<String, String>) -> Result<(), super::super::LayerError> {
+        fn mount(
+            &self,
+            mp: &Path,
+            labels: &BTreeMap<String, String>,
+        ) -> Result<(), super::super::LayerError> {
             if labels.contains_key("fail") {
                 return Err("registry unreachable".into());
             }
             self.mounted.lock().unwrap().push(mp.to_path_buf());
             Ok(())
         }
-        fn check(&self, _mp: &Path, _labels: &BTreeMap<String, String>) -> Result<(), super::super::LayerError> {
+        fn check(
+            &self,
+            _mp: &Path,
+            _labels: &BTreeMap<String, String>,
+        ) -> Result<(), super::super::LayerError> {
             if *self.broken.lock().unwrap() {
                 return Err("connection refused".into());
             }
@@ -449,13 +530,20 @@ mod tests {
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn new_sn(remote: Option<Arc<FakeRemote>>) -> (tempfile::TempDir, SnapshotterImpl) {
         let d = tempfile::tempdir().unwrap();
         let r = remote.map(|r| r as Arc<dyn RemoteLayers>);
-        let s = SnapshotterImpl::new(&d.path().join("snapshotter"), r, Arc::new(FakeMounter::default())).unwrap();
+        let s = SnapshotterImpl::new(
+            &d.path().join("snapshotter"),
+            r,
+            Arc::new(FakeMounter::default()),
+        )
+        .unwrap();
         (d, s)
     }
 
@@ -473,13 +561,23 @@ mod tests {
         assert_eq!(m[0].kind, "overlay");
         let a = s.store.get("A").unwrap().id;
         let b = s.store.get("B").unwrap().id;
-        let lower = format!("lowerdir={}:{}", s.fs_dir(b).display(), s.fs_dir(a).display());
+        let lower = format!(
+            "lowerdir={}:{}",
+            s.fs_dir(b).display(),
+            s.fs_dir(a).display()
+        );
         assert!(m[0].options.contains(&lower), "{:?}", m[0].options);
         assert_eq!(s.mounts("c").unwrap(), m);
         let v = s.view("v", "A", BTreeMap::new()).unwrap();
         assert_eq!(v[0].source, s.fs_dir(a).display().to_string());
-        assert!(matches!(s.commit("V", "v", BTreeMap::new()), Err(SnapshotError::FailedPrecondition(_))));
-        assert!(matches!(s.remove("B"), Err(SnapshotError::FailedPrecondition(_))));
+        assert!(matches!(
+            s.commit("V", "v", BTreeMap::new()),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            s.remove("B"),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
         s.remove("c").unwrap();
         s.remove("B").unwrap();
         assert!(!s.dir(b).exists(), "directory removed with the snapshot");
@@ -493,7 +591,10 @@ mod tests {
         std::fs::create_dir_all(s.snapshots_dir().join("9999/fs")).unwrap();
         std::fs::create_dir_all(s.snapshots_dir().join("new-12")).unwrap();
         s.cleanup().unwrap();
-        let names: Vec<_> = std::fs::read_dir(s.snapshots_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(s.snapshots_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from(id.to_string())]);
     }
 
@@ -503,11 +604,20 @@ mod tests {
         let (_d, s) = new_sn(Some(remote.clone()));
         let l = labels(&[(TARGET_SNAPSHOT_LABEL, "layer1")]);
         let e = s.prepare("extract-1", "", l).unwrap_err();
-        assert!(matches!(e, SnapshotError::AlreadyExists(ref t) if t == "layer1"), "{e}");
+        assert!(
+            matches!(e, SnapshotError::AlreadyExists(ref t) if t == "layer1"),
+            "{e}"
+        );
         let info = s.stat("layer1").unwrap();
         assert_eq!(info.kind, Kind::Committed);
-        assert_eq!(info.labels.get(REMOTE_LABEL).map(String::as_str), Some(REMOTE_LABEL_VALUE));
-        assert!(matches!(s.stat("extract-1"), Err(SnapshotError::NotFound(_))));
+        assert_eq!(
+            info.labels.get(REMOTE_LABEL).map(String::as_str),
+            Some(REMOTE_LABEL_VALUE)
+        );
+        assert!(matches!(
+            s.stat("extract-1"),
+            Err(SnapshotError::NotFound(_))
+        ));
         assert_eq!(remote.mounted.lock().unwrap().len(), 1);
 
         // A failing mount falls back to a normal active snapshot.
@@ -518,9 +628,18 @@ mod tests {
 
         // An unreachable remote ancestor makes Mounts Unavailable.
         *remote.broken.lock().unwrap() = true;
-        assert!(matches!(s.mounts("extract-2"), Err(SnapshotError::Unavailable(_))));
-        assert!(matches!(s.prepare("c", "layer1", BTreeMap::new()), Err(SnapshotError::Unavailable(_))));
-        assert!(matches!(s.stat("c"), Err(SnapshotError::NotFound(_))), "nothing created");
+        assert!(matches!(
+            s.mounts("extract-2"),
+            Err(SnapshotError::Unavailable(_))
+        ));
+        assert!(matches!(
+            s.prepare("c", "layer1", BTreeMap::new()),
+            Err(SnapshotError::Unavailable(_))
+        ));
+        assert!(
+            matches!(s.stat("c"), Err(SnapshotError::NotFound(_))),
+            "nothing created"
+        );
         *remote.broken.lock().unwrap() = false;
 
         // Remove unmounts the remote layer.
@@ -535,7 +654,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("snapshotter");
         {
-            let s = SnapshotterImpl::new(&root, Some(remote.clone()), Arc::new(FakeMounter::default())).unwrap();
+            let s = SnapshotterImpl::new(
+                &root,
+                Some(remote.clone()),
+                Arc::new(FakeMounter::default()),
+            )
+            .unwrap();
             let _ = s.prepare("x1", "", labels(&[(TARGET_SNAPSHOT_LABEL, "L1")]));
             let _ = s.prepare("x2", "L1", labels(&[(TARGET_SNAPSHOT_LABEL, "L2")]));
             // Make L2's stored labels fail on restore.
@@ -544,9 +668,18 @@ mod tests {
             s.update(info, &["labels.fail".into()]).unwrap();
         }
         let remote2 = Arc::new(FakeRemote::default());
-        let s = SnapshotterImpl::new(&root, Some(remote2.clone()), Arc::new(FakeMounter::default())).unwrap();
+        let s = SnapshotterImpl::new(
+            &root,
+            Some(remote2.clone()),
+            Arc::new(FakeMounter::default()),
+        )
+        .unwrap();
         s.restore().unwrap();
-        assert_eq!(remote2.mounted.lock().unwrap().len(), 1, "L1 restored although L2 failed");
+        assert_eq!(
+            remote2.mounted.lock().unwrap().len(),
+            1,
+            "L1 restored although L2 failed"
+        );
         assert_eq!(s.list(&[]).unwrap().len(), 2);
         assert_eq!(s.list(&["name==L2".into()]).unwrap().len(), 1);
     }

@@ -25,7 +25,10 @@ pub enum StoreError {
     #[error("metadata database: {0}")]
     Db(#[from] redb::Error),
     #[error("corrupt snapshot record {key}: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
 }
 
 macro_rules! impl_from_redb {
@@ -96,7 +99,9 @@ impl From<Kind> for StoredKind {
 }
 
 fn to_nanos(t: SystemTime) -> u128 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 fn from_nanos(n: u128) -> SystemTime {
@@ -131,7 +136,10 @@ pub struct Chain {
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<Record, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
 }
 
 fn encode(r: &Record) -> Vec<u8> {
@@ -139,7 +147,10 @@ fn encode(r: &Record) -> Vec<u8> {
     serde_json::to_vec(r).unwrap_or_default()
 }
 
-fn get_in<T: ReadableTable<&'static str, &'static [u8]>>(t: &T, key: &str) -> Result<Option<Record>, SnapshotError> {
+fn get_in<T: ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+    key: &str,
+) -> Result<Option<Record>, SnapshotError> {
     match t.get(key)? {
         Some(v) => Ok(Some(decode(key, v.value())?)),
         None => Ok(None),
@@ -148,7 +159,9 @@ fn get_in<T: ReadableTable<&'static str, &'static [u8]>>(t: &T, key: &str) -> Re
 
 fn require_key(what: &str, key: &str) -> Result<(), SnapshotError> {
     if key.is_empty() {
-        return Err(SnapshotError::InvalidArgument(format!("{what} must not be empty")));
+        return Err(SnapshotError::InvalidArgument(format!(
+            "{what} must not be empty"
+        )));
     }
     Ok(())
 }
@@ -239,8 +252,9 @@ impl MetaStore {
         let parents = if record.parent.is_empty() {
             Vec::new()
         } else {
-            let p = get_in(&t, &record.parent)?
-                .ok_or_else(|| SnapshotError::Internal(format!("parent {} of {key} is missing", record.parent)))?;
+            let p = get_in(&t, &record.parent)?.ok_or_else(|| {
+                SnapshotError::Internal(format!("parent {} of {key} is missing", record.parent))
+            })?;
             ancestors(&t, &record.parent, p)?
         };
         Ok(Chain { record, parents })
@@ -316,7 +330,8 @@ impl MetaStore {
         let txn = self.db.begin_write()?;
         let record = {
             let mut t = txn.open_table(SNAPSHOTS)?;
-            let mut r = get_in(&t, &info.name)?.ok_or_else(|| SnapshotError::NotFound(info.name.clone()))?;
+            let mut r = get_in(&t, &info.name)?
+                .ok_or_else(|| SnapshotError::NotFound(info.name.clone()))?;
             apply_field_paths(&mut r.labels, info, field_paths)?;
             r.updated = to_nanos(SystemTime::now());
             t.insert(info.name.as_str(), encode(&r).as_slice())?;
@@ -340,7 +355,10 @@ impl MetaStore {
 
     /// Runs `f` with the set of ids in use while holding the write lock, so no snapshot is
     /// created or removed meanwhile (Cleanup uses this to pick orphan directories safely).
-    pub fn with_ids_locked<T>(&self, f: impl FnOnce(&HashSet<u64>) -> T) -> Result<T, SnapshotError> {
+    pub fn with_ids_locked<T>(
+        &self,
+        f: impl FnOnce(&HashSet<u64>) -> T,
+    ) -> Result<T, SnapshotError> {
         let txn = self.db.begin_write()?;
         let ids = {
             let t = txn.open_table(SNAPSHOTS)?;
@@ -378,10 +396,13 @@ fn ancestors<T: ReadableTable<&'static str, &'static [u8]>>(
             _ => break,
         };
         if out.len() > 10_000 || out.iter().any(|(n, _)| *n == next) {
-            return Err(SnapshotError::Internal(format!("parent chain of {name} loops")));
+            return Err(SnapshotError::Internal(format!(
+                "parent chain of {name} loops"
+            )));
         }
-        let r = get_in(t, &next)?
-            .ok_or_else(|| SnapshotError::Internal(format!("parent {next} is missing from the store")))?;
+        let r = get_in(t, &next)?.ok_or_else(|| {
+            SnapshotError::Internal(format!("parent {next} is missing from the store"))
+        })?;
         out.push((next, r));
     }
     Ok(out)
@@ -427,7 +448,9 @@ mod tests {
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn ok(_: u64) -> Result<(), SnapshotError> {
@@ -437,13 +460,26 @@ mod tests {
     #[test]
     fn create_commit_chain_and_ids_are_unique() {
         let (_d, s) = store();
-        let a = s.create(StoredKind::Active, "a", "", BTreeMap::new(), ok).unwrap();
-        s.commit("A", "a", labels(&[("x", "1")]), Usage { size: 5, inodes: 1 }).unwrap();
-        let b = s.create(StoredKind::Active, "b", "A", BTreeMap::new(), ok).unwrap();
+        let a = s
+            .create(StoredKind::Active, "a", "", BTreeMap::new(), ok)
+            .unwrap();
+        s.commit(
+            "A",
+            "a",
+            labels(&[("x", "1")]),
+            Usage { size: 5, inodes: 1 },
+        )
+        .unwrap();
+        let b = s
+            .create(StoredKind::Active, "b", "A", BTreeMap::new(), ok)
+            .unwrap();
         assert_ne!(a.record.id, b.record.id);
         assert_eq!(b.parents.len(), 1);
-        s.commit("B", "b", BTreeMap::new(), Usage::default()).unwrap();
-        let c = s.create(StoredKind::View, "c", "B", BTreeMap::new(), ok).unwrap();
+        s.commit("B", "b", BTreeMap::new(), Usage::default())
+            .unwrap();
+        let c = s
+            .create(StoredKind::View, "c", "B", BTreeMap::new(), ok)
+            .unwrap();
         let names: Vec<_> = c.parents.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["B", "A"]);
         let rec = s.get("A").unwrap();
@@ -457,19 +493,48 @@ mod tests {
     #[test]
     fn errors_follow_containerd() {
         let (_d, s) = store();
-        assert!(matches!(s.create(StoredKind::Active, "", "", BTreeMap::new(), ok), Err(SnapshotError::InvalidArgument(_))));
-        s.create(StoredKind::Active, "a", "", BTreeMap::new(), ok).unwrap();
-        assert!(matches!(s.create(StoredKind::Active, "a", "", BTreeMap::new(), ok), Err(SnapshotError::AlreadyExists(_))));
-        assert!(matches!(s.create(StoredKind::Active, "x", "nope", BTreeMap::new(), ok), Err(SnapshotError::NotFound(_))));
-        assert!(matches!(s.create(StoredKind::Active, "x", "a", BTreeMap::new(), ok), Err(SnapshotError::InvalidArgument(_))));
-        s.create(StoredKind::View, "v", "", BTreeMap::new(), ok).unwrap();
-        assert!(matches!(s.commit("V", "v", BTreeMap::new(), Usage::default()), Err(SnapshotError::FailedPrecondition(_))));
-        assert!(matches!(s.commit("V", "missing", BTreeMap::new(), Usage::default()), Err(SnapshotError::NotFound(_))));
-        assert!(matches!(s.commit("", "a", BTreeMap::new(), Usage::default()), Err(SnapshotError::InvalidArgument(_))));
-        s.commit("A", "a", BTreeMap::new(), Usage::default()).unwrap();
-        s.create(StoredKind::Active, "b", "", BTreeMap::new(), ok).unwrap();
-        assert!(matches!(s.commit("A", "b", BTreeMap::new(), Usage::default()), Err(SnapshotError::AlreadyExists(_))));
-        s.create(StoredKind::Active, "child", "A", BTreeMap::new(), ok).unwrap();
+        assert!(matches!(
+            s.create(StoredKind::Active, "", "", BTreeMap::new(), ok),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        s.create(StoredKind::Active, "a", "", BTreeMap::new(), ok)
+            .unwrap();
+        assert!(matches!(
+            s.create(StoredKind::Active, "a", "", BTreeMap::new(), ok),
+            Err(SnapshotError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.create(StoredKind::Active, "x", "nope", BTreeMap::new(), ok),
+            Err(SnapshotError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.create(StoredKind::Active, "x", "a", BTreeMap::new(), ok),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        s.create(StoredKind::View, "v", "", BTreeMap::new(), ok)
+            .unwrap();
+        assert!(matches!(
+            s.commit("V", "v", BTreeMap::new(), Usage::default()),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            s.commit("V", "missing", BTreeMap::new(), Usage::default()),
+            Err(SnapshotError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.commit("", "a", BTreeMap::new(), Usage::default()),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
+        s.commit("A", "a", BTreeMap::new(), Usage::default())
+            .unwrap();
+        s.create(StoredKind::Active, "b", "", BTreeMap::new(), ok)
+            .unwrap();
+        assert!(matches!(
+            s.commit("A", "b", BTreeMap::new(), Usage::default()),
+            Err(SnapshotError::AlreadyExists(_))
+        ));
+        s.create(StoredKind::Active, "child", "A", BTreeMap::new(), ok)
+            .unwrap();
         let e = s.remove("A").unwrap_err();
         assert!(matches!(e, SnapshotError::FailedPrecondition(_)), "{e}");
         assert!(e.to_string().contains("child"));
@@ -481,7 +546,9 @@ mod tests {
     #[test]
     fn failed_dir_creation_records_nothing() {
         let (_d, s) = store();
-        let r = s.create(StoredKind::Active, "a", "", BTreeMap::new(), |_| Err(SnapshotError::Internal("disk full".into())));
+        let r = s.create(StoredKind::Active, "a", "", BTreeMap::new(), |_| {
+            Err(SnapshotError::Internal("disk full".into()))
+        });
         assert!(r.is_err());
         assert!(matches!(s.get("a"), Err(SnapshotError::NotFound(_))));
         assert!(s.list().unwrap().is_empty());
@@ -493,16 +560,24 @@ mod tests {
         let path = d.path().join("metadata.db");
         {
             let s = MetaStore::open(&path).unwrap();
-            s.create(StoredKind::Active, "a", "", labels(&[("k", "v")]), ok).unwrap();
-            s.commit("A", "a", labels(&[("k", "v")]), Usage::default()).unwrap();
-            s.create(StoredKind::Active, "b", "A", BTreeMap::new(), ok).unwrap();
+            s.create(StoredKind::Active, "a", "", labels(&[("k", "v")]), ok)
+                .unwrap();
+            s.commit("A", "a", labels(&[("k", "v")]), Usage::default())
+                .unwrap();
+            s.create(StoredKind::Active, "b", "A", BTreeMap::new(), ok)
+                .unwrap();
         }
         let s = MetaStore::open(&path).unwrap();
         let all = s.list().unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(s.get("A").unwrap().labels, labels(&[("k", "v")]));
-        let c = s.create(StoredKind::Active, "c", "", BTreeMap::new(), ok).unwrap();
-        assert!(all.iter().all(|(_, r)| r.id != c.record.id), "ids are not reused after reopen");
+        let c = s
+            .create(StoredKind::Active, "c", "", BTreeMap::new(), ok)
+            .unwrap();
+        assert!(
+            all.iter().all(|(_, r)| r.id != c.record.id),
+            "ids are not reused after reopen"
+        );
         let ids = s.with_ids_locked(|ids| ids.len()).unwrap();
         assert_eq!(ids, 3);
     }
@@ -510,7 +585,14 @@ mod tests {
     #[test]
     fn update_field_paths() {
         let (_d, s) = store();
-        s.create(StoredKind::Active, "a", "", labels(&[("keep", "1"), ("drop", "2")]), ok).unwrap();
+        s.create(
+            StoredKind::Active,
+            "a",
+            "",
+            labels(&[("keep", "1"), ("drop", "2")]),
+            ok,
+        )
+        .unwrap();
         let info = |l: &[(&str, &str)]| Info {
             name: "a".into(),
             parent: String::new(),
@@ -519,15 +601,28 @@ mod tests {
             created: UNIX_EPOCH,
             updated: UNIX_EPOCH,
         };
-        let r = s.update(&info(&[("new", "3")]), &["labels.new".into(), "labels.drop".into()]).unwrap();
+        let r = s
+            .update(
+                &info(&[("new", "3")]),
+                &["labels.new".into(), "labels.drop".into()],
+            )
+            .unwrap();
         assert_eq!(r.labels, labels(&[("keep", "1"), ("new", "3")]));
-        let r = s.update(&info(&[("only", "x")]), &["labels".into()]).unwrap();
+        let r = s
+            .update(&info(&[("only", "x")]), &["labels".into()])
+            .unwrap();
         assert_eq!(r.labels, labels(&[("only", "x")]));
         let r = s.update(&info(&[("all", "y")]), &[]).unwrap();
         assert_eq!(r.labels, labels(&[("all", "y")]));
-        assert!(matches!(s.update(&info(&[]), &["parent".into()]), Err(SnapshotError::InvalidArgument(_))));
+        assert!(matches!(
+            s.update(&info(&[]), &["parent".into()]),
+            Err(SnapshotError::InvalidArgument(_))
+        ));
         let mut missing = info(&[]);
         missing.name = "zz".into();
-        assert!(matches!(s.update(&missing, &[]), Err(SnapshotError::NotFound(_))));
+        assert!(matches!(
+            s.update(&missing, &[]),
+            Err(SnapshotError::NotFound(_))
+        ));
     }
 }

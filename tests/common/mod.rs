@@ -30,7 +30,10 @@ pub fn require_tool(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "required tool `{tool}` is not installed (run `make deps` as root)");
+    assert!(
+        found,
+        "required tool `{tool}` is not installed (run `make deps` as root)"
+    );
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released; the tiny race is acceptable in tests).
@@ -54,7 +57,9 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn stop_child(child: &mut Child) {
     // SIGTERM first so the process can release what it holds, then SIGKILL.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let ok = wait_until(Duration::from_secs(5), || matches!(child.try_wait(), Ok(Some(_))));
+    let ok = wait_until(Duration::from_secs(5), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
     if !ok {
         let _ = child.kill();
         let _ = child.wait();
@@ -96,7 +101,11 @@ fn unescape_mountinfo(s: &str) -> String {
 /// Lazily unmounts everything at or below `dir` (best effort, for Drop guards).
 pub fn unmount_all_under(dir: &Path) {
     for m in mounts_under(dir) {
-        let _ = Command::new("umount").arg("-l").arg(&m).stderr(Stdio::null()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&m)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -138,13 +147,19 @@ impl Registry {
         let ok = wait_until(Duration::from_secs(20), || reg.v2_ok());
         if !ok {
             let _ = reg.child.kill();
-            panic!("registry did not answer /v2/ on {}: {}", reg.addr, reg.log());
+            panic!(
+                "registry did not answer /v2/ on {}: {}",
+                reg.addr,
+                reg.log()
+            );
         }
         reg
     }
 
     fn v2_ok(&self) -> bool {
-        http_get(&self.addr, "/v2/").map(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200")).unwrap_or(false)
+        http_get(&self.addr, "/v2/")
+            .map(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+            .unwrap_or(false)
     }
 
     /// "127.0.0.1:PORT".
@@ -223,13 +238,21 @@ impl Containerd {
                 s.display()
             ));
             if let Some(r) = &opts.stargz_root {
-                cfg.push_str(&format!("[proxy_plugins.stargz.exports]\n  root = \"{}/\"\n", r.display()));
+                cfg.push_str(&format!(
+                    "[proxy_plugins.stargz.exports]\n  root = \"{}/\"\n",
+                    r.display()
+                ));
             }
         }
         cfg.push_str(&opts.extra_config);
         let config = dir.path().join("config.toml");
         std::fs::write(&config, cfg).expect("write containerd config");
-        let mut c = Containerd { child: None, dir, socket, config };
+        let mut c = Containerd {
+            child: None,
+            dir,
+            socket,
+            config,
+        };
         c.spawn();
         c
     }
@@ -318,7 +341,10 @@ impl Containerd {
             }
             false
         });
-        assert!(ok, "stargz proxy snapshotter not ready after {timeout:?}: {last}");
+        assert!(
+            ok,
+            "stargz proxy snapshotter not ready after {timeout:?}: {last}"
+        );
     }
 
     /// Kills and removes every task and container (best effort; used by Drop).
@@ -328,7 +354,8 @@ impl Containerd {
             let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
             let _ = self.ctr(&["tasks", "rm", "-f", id]);
         }
-        let ids = String::from_utf8_lossy(&self.ctr(&["containers", "ls", "-q"]).stdout).into_owned();
+        let ids =
+            String::from_utf8_lossy(&self.ctr(&["containers", "ls", "-q"]).stdout).into_owned();
         for id in ids.lines().filter(|l| !l.is_empty()) {
             let _ = self.ctr(&["containers", "rm", id]);
         }
@@ -351,9 +378,13 @@ impl Containerd {
 /// Pids of processes whose command line mentions `needle` (shims started for our containerd).
 fn pids_with_cmdline(needle: &str) -> Vec<i32> {
     let mut pids = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         if pid == std::process::id() as i32 {
             continue;
         }
@@ -409,14 +440,22 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with extra environment variables (e.g. `DOCKER_CONFIG`), kept
     /// across restarts.
-    pub fn start_with_env(root: &Path, socket: &Path, extra_args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+    pub fn start_with_env(
+        root: &Path,
+        socket: &Path,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Daemon {
         let logdir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
             child: None,
             root: root.to_path_buf(),
             socket: socket.to_path_buf(),
             args: extra_args.iter().map(|s| s.to_string()).collect(),
-            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: logdir.path().join("daemon.log"),
             _logdir: logdir,
         };
@@ -425,11 +464,24 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("daemon log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log");
         let mut cmd = Command::new(daemon_bin());
-        cmd.arg("--root").arg(&self.root).arg("--address").arg(&self.socket).arg("--log-level").arg("debug");
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--log-level")
+            .arg("debug");
         // Use an empty config unless the test passes its own `--config`.
-        if !self.args.iter().any(|a| a == "--config" || a.starts_with("--config=")) {
+        if !self
+            .args
+            .iter()
+            .any(|a| a == "--config" || a.starts_with("--config="))
+        {
             let cfg = self.log.with_file_name("config.toml");
             if !cfg.exists() {
                 std::fs::write(&cfg, "").expect("write empty daemon config");
@@ -445,10 +497,16 @@ impl Daemon {
             .expect("spawn containerd-stargz-grpc");
         self.child = Some(child);
         let sock = self.socket.clone();
-        let ok = wait_until(Duration::from_secs(30), || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+        let ok = wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
         if !ok {
             let exited = self.child.as_mut().map(|c| c.try_wait().ok().flatten());
-            panic!("daemon socket {} not ready (exit: {exited:?}); log:\n{}", sock.display(), self.log());
+            panic!(
+                "daemon socket {} not ready (exit: {exited:?}); log:\n{}",
+                sock.display(),
+                self.log()
+            );
         }
     }
 
@@ -538,27 +596,55 @@ pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// are added automatically (mode 0755) before the entry.
 #[derive(Debug, Clone)]
 pub enum LayerEntry {
-    Dir { path: String, mode: u32 },
-    File { path: String, data: Vec<u8>, mode: u32 },
-    Symlink { path: String, target: String },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        data: Vec<u8>,
+        mode: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
     /// `dir/.wh.name`: deletes `dir/name` from lower layers.
-    Whiteout { path: String },
+    Whiteout {
+        path: String,
+    },
     /// `dir/.wh..wh..opq`: hides everything lower layers have in `dir`.
-    Opaque { dir: String },
+    Opaque {
+        dir: String,
+    },
 }
 
 impl LayerEntry {
     pub fn dir(path: &str) -> Self {
-        LayerEntry::Dir { path: path.into(), mode: 0o755 }
+        LayerEntry::Dir {
+            path: path.into(),
+            mode: 0o755,
+        }
     }
     pub fn file(path: &str, data: impl Into<Vec<u8>>) -> Self {
-        LayerEntry::File { path: path.into(), data: data.into(), mode: 0o644 }
+        LayerEntry::File {
+            path: path.into(),
+            data: data.into(),
+            mode: 0o644,
+        }
     }
     pub fn exec(path: &str, data: impl Into<Vec<u8>>) -> Self {
-        LayerEntry::File { path: path.into(), data: data.into(), mode: 0o755 }
+        LayerEntry::File {
+            path: path.into(),
+            data: data.into(),
+            mode: 0o755,
+        }
     }
     pub fn symlink(path: &str, target: &str) -> Self {
-        LayerEntry::Symlink { path: path.into(), target: target.into() }
+        LayerEntry::Symlink {
+            path: path.into(),
+            target: target.into(),
+        }
     }
     pub fn whiteout(path: &str) -> Self {
         LayerEntry::Whiteout { path: path.into() }
@@ -591,7 +677,9 @@ fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 pub fn layer_tar(entries: &[LayerEntry]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dirs = std::collections::BTreeSet::new();
-    let ensure_dirs = |b: &mut tar::Builder<Vec<u8>>, dir: &str, dirs: &mut std::collections::BTreeSet<String>| {
+    let ensure_dirs = |b: &mut tar::Builder<Vec<u8>>,
+                       dir: &str,
+                       dirs: &mut std::collections::BTreeSet<String>| {
         let mut acc = String::new();
         for part in dir.split('/').filter(|s| !s.is_empty()) {
             if !acc.is_empty() {
@@ -600,7 +688,8 @@ pub fn layer_tar(entries: &[LayerEntry]) -> Vec<u8> {
             acc.push_str(part);
             if dirs.insert(acc.clone()) {
                 let mut h = tar_header(tar::EntryType::Directory, 0o755, 0);
-                b.append_data(&mut h, format!("{acc}/"), std::io::empty()).expect("tar dir");
+                b.append_data(&mut h, format!("{acc}/"), std::io::empty())
+                    .expect("tar dir");
             }
         }
     };
@@ -612,33 +701,42 @@ pub fn layer_tar(entries: &[LayerEntry]) -> Vec<u8> {
                 let p = path.trim_matches('/').to_string();
                 if dirs.insert(p.clone()) {
                     let mut h = tar_header(tar::EntryType::Directory, *mode, 0);
-                    b.append_data(&mut h, format!("{p}/"), std::io::empty()).expect("tar dir");
+                    b.append_data(&mut h, format!("{p}/"), std::io::empty())
+                        .expect("tar dir");
                 }
             }
             LayerEntry::File { path, data, mode } => {
                 let (parent, _) = split_parent(path);
                 ensure_dirs(&mut b, &parent, &mut dirs);
                 let mut h = tar_header(tar::EntryType::Regular, *mode, data.len() as u64);
-                b.append_data(&mut h, path.trim_matches('/'), data.as_slice()).expect("tar file");
+                b.append_data(&mut h, path.trim_matches('/'), data.as_slice())
+                    .expect("tar file");
             }
             LayerEntry::Symlink { path, target } => {
                 let (parent, _) = split_parent(path);
                 ensure_dirs(&mut b, &parent, &mut dirs);
                 let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0);
-                b.append_link(&mut h, path.trim_matches('/'), target).expect("tar symlink");
+                b.append_link(&mut h, path.trim_matches('/'), target)
+                    .expect("tar symlink");
             }
             LayerEntry::Whiteout { path } => {
                 let (parent, name) = split_parent(path);
                 ensure_dirs(&mut b, &parent, &mut dirs);
-                let wh = if parent.is_empty() { format!(".wh.{name}") } else { format!("{parent}/.wh.{name}") };
+                let wh = if parent.is_empty() {
+                    format!(".wh.{name}")
+                } else {
+                    format!("{parent}/.wh.{name}")
+                };
                 let mut h = tar_header(tar::EntryType::Regular, 0o644, 0);
-                b.append_data(&mut h, wh, std::io::empty()).expect("tar whiteout");
+                b.append_data(&mut h, wh, std::io::empty())
+                    .expect("tar whiteout");
             }
             LayerEntry::Opaque { dir } => {
                 let d = dir.trim_matches('/');
                 ensure_dirs(&mut b, d, &mut dirs);
                 let mut h = tar_header(tar::EntryType::Regular, 0o644, 0);
-                b.append_data(&mut h, format!("{d}/.wh..wh..opq"), std::io::empty()).expect("tar opaque");
+                b.append_data(&mut h, format!("{d}/.wh..wh..opq"), std::io::empty())
+                    .expect("tar opaque");
             }
         }
     }
@@ -682,7 +780,12 @@ impl Layer {
 
     /// A prebuilt blob (e.g. eStargz) with its media type and diff_id.
     pub fn from_blob(blob: Vec<u8>, media_type: &str, diff_id: &str) -> Layer {
-        Layer { blob, media_type: media_type.into(), diff_id: diff_id.into(), annotations: BTreeMap::new() }
+        Layer {
+            blob,
+            media_type: media_type.into(),
+            diff_id: diff_id.into(),
+            annotations: BTreeMap::new(),
+        }
     }
 
     pub fn with_annotation(mut self, k: &str, v: &str) -> Layer {
@@ -718,7 +821,10 @@ pub fn tools_layer(bins: &[&str]) -> Vec<LayerEntry> {
             }
         }
     }
-    let mut entries = vec![LayerEntry::Dir { path: "tmp".into(), mode: 0o1777 }];
+    let mut entries = vec![LayerEntry::Dir {
+        path: "tmp".into(),
+        mode: 0o1777,
+    }];
     for f in files {
         let data = std::fs::read(&f).unwrap_or_else(|e| panic!("read {f}: {e}"));
         entries.push(LayerEntry::exec(f.trim_start_matches('/'), data));
@@ -772,8 +878,13 @@ pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[Layer]) -> String {
             "annotations": {"org.opencontainers.image.ref.name": tag},
         }],
     });
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).expect("index json")).expect("write index");
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).expect("write oci-layout");
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).expect("index json"),
+    )
+    .expect("write index");
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("write oci-layout");
     manifest_digest
 }
 
@@ -785,7 +896,12 @@ pub fn push_image(registry: &Registry, name: &str, tag: &str, layers: &[Layer]) 
     write_oci_layout(dir.path(), tag, layers);
     let reference = format!("{}/{name}:{tag}", registry.addr());
     let out = Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--preserve-digests", "--dest-tls-verify=false"])
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
         .arg(format!("oci:{}:{tag}", dir.path().display()))
         .arg(format!("docker://{reference}"))
         .output()
@@ -809,7 +925,10 @@ pub use stargz::proto::containerd::services::snapshots::v1 as snapshots_pb;
 /// bypassing containerd). Use inside a tokio runtime.
 pub async fn snapshots_client(
     path: &Path,
-) -> Result<snapshots_pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>, tonic::transport::Error> {
+) -> Result<
+    snapshots_pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>,
+    tonic::transport::Error,
+> {
     let path = path.to_path_buf();
     let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")?
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
@@ -820,16 +939,26 @@ pub async fn snapshots_client(
             }
         }))
         .await?;
-    Ok(snapshots_pb::snapshots_client::SnapshotsClient::new(channel))
+    Ok(snapshots_pb::snapshots_client::SnapshotsClient::new(
+        channel,
+    ))
 }
 
 /// Every snapshot the daemon on `socket` lists: name → (kind, parent, labels). Blocking.
-pub fn daemon_snapshots(socket: &Path) -> BTreeMap<String, (i32, String, BTreeMap<String, String>)> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+pub fn daemon_snapshots(
+    socket: &Path,
+) -> BTreeMap<String, (i32, String, BTreeMap<String, String>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let mut c = snapshots_client(socket).await.expect("connect to daemon");
         let mut stream = c
-            .list(snapshots_pb::ListSnapshotsRequest { snapshotter: String::new(), filters: vec![] })
+            .list(snapshots_pb::ListSnapshotsRequest {
+                snapshotter: String::new(),
+                filters: vec![],
+            })
             .await
             .expect("List")
             .into_inner();
