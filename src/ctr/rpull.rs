@@ -370,10 +370,12 @@ mod tests {
     #[derive(Default)]
     struct FakeRemote {
         committed: Mutex<HashMap<String, String>>,
-        prepares: Mutex<Vec<(String, String, HashMap<String, String>)>>,
+        /// (key, parent, labels) of every Prepare.
+        prepares: Mutex<Vec<Prepared>>,
     }
 
     type Res<T> = Result<Response<T>, Status>;
+    type Prepared = (String, String, HashMap<String, String>);
 
     #[tonic::async_trait]
     impl pb::snapshots_server::Snapshots for FakeRemote {
