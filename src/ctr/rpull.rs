@@ -304,7 +304,13 @@ impl LayerStep<'_> {
                     c.fetch_add(b.len() as u64, Ordering::Relaxed);
                 }
             });
-            self.cd.write_stream(layer, stream, source).await?;
+            let ticker = live_progress(layer, counted.clone());
+            let written = self.cd.write_stream(layer, stream, source).await;
+            if let Some(t) = ticker {
+                t.abort();
+                eprint!("\r\x1b[2K");
+            }
+            written?;
         }
         let applied = self
             .cd
@@ -331,6 +337,23 @@ impl LayerStep<'_> {
         }
         Ok(counted.load(Ordering::Relaxed))
     }
+}
+
+/// On a terminal, redraws "downloading X / Y" for the layer being fetched twice a second.
+fn live_progress(layer: &Descriptor, counted: Arc<AtomicU64>) -> Option<tokio::task::JoinHandle<()>> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let digest = short(&layer.digest).to_string();
+    let total = human(layer.size.max(0) as u64);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            eprint!("\r\x1b[2K{digest}: downloading {} / {total}", human(counted.load(Ordering::Relaxed)));
+        }
+    }))
 }
 
 /// `sha256:0123456` — the 15-character prefix Go's rpull prints.
