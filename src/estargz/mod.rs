@@ -12,6 +12,8 @@
 pub mod builder;
 pub mod chunk;
 pub mod footer;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 pub mod landmark;
 pub mod reader;
