@@ -1,0 +1,176 @@
+//! Settings of the registry client, named and defaulted like Go's `config.toml`
+//! (`[blob]`, `[resolver.host."HOST".mirrors]`), so the service can deserialize them directly.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[blob]`: how blobs are fetched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BlobConfig {
+    pub valid_interval: u64,
+    pub check_always: bool,
+    /// Fetch granularity: reads are aligned to this many bytes, one cache entry per chunk.
+    pub chunk_size: u64,
+    /// Upper bound on one HTTP request for blob data, body included.
+    pub fetching_timeout_sec: u64,
+    /// Never send multi-range requests (some registries/CDNs mishandle them).
+    pub force_single_range_mode: bool,
+    pub max_retries: u32,
+    pub min_wait_msec: u64,
+    pub max_wait_msec: u64,
+    /// Not a Go key: a body that delivers no byte for this long is treated as a dead connection.
+    pub stall_timeout_msec: u64,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        BlobConfig {
+            valid_interval: 60,
+            check_always: false,
+            chunk_size: 50_000,
+            fetching_timeout_sec: 300,
+            force_single_range_mode: false,
+            max_retries: 5,
+            min_wait_msec: 30,
+            max_wait_msec: 300_000,
+            stall_timeout_msec: 30_000,
+        }
+    }
+}
+
+impl BlobConfig {
+    /// Wait before retry number `attempt` (0-based): `min * 2^attempt`, capped at `max`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let ms = self
+            .min_wait_msec
+            .saturating_mul(1u64 << attempt.min(30))
+            .min(self.max_wait_msec.max(self.min_wait_msec));
+        Duration::from_millis(ms)
+    }
+}
+
+/// `[resolver]`: per-registry mirrors.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ResolverConfig {
+    /// Keyed by registry host as written in references (`docker.io`, `ghcr.io`, `host:port`).
+    pub host: HashMap<String, HostConfig>,
+}
+
+/// `[resolver.host."HOST"]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct HostConfig {
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+/// One mirror, tried in order before the origin host.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct MirrorConfig {
+    /// `host[:port]`, optionally with an `http://`/`https://` scheme.
+    pub host: String,
+    /// Plain HTTP.
+    pub insecure: bool,
+    /// 0 = the client default.
+    pub request_timeout_sec: u64,
+    /// Extra headers sent to this mirror (values are never logged).
+    pub header: HashMap<String, String>,
+}
+
+/// The platform picked from an image index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        }
+    }
+}
+
+/// Everything [`super::RegistryClient`] needs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub resolver: ResolverConfig,
+    pub blob: BlobConfig,
+    /// Extra hosts spoken to over plain HTTP (besides `localhost`, `127.0.0.1`, `::1`).
+    pub insecure_hosts: Vec<String>,
+    /// Directory holding `config.json`; `None` = `$DOCKER_CONFIG`, else `$HOME/.docker`.
+    pub docker_config_dir: Option<PathBuf>,
+    /// Timeout of small requests (manifests, configs, token, size probe).
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub platform: Platform,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            resolver: ResolverConfig::default(),
+            blob: BlobConfig::default(),
+            insecure_hosts: Vec::new(),
+            docker_config_dir: None,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            platform: Platform::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_go_style_toml() {
+        #[derive(Deserialize)]
+        struct Top {
+            blob: BlobConfig,
+            resolver: ResolverConfig,
+        }
+        let t: Top = toml::from_str(
+            r#"
+            [blob]
+            chunk_size = 1000
+            force_single_range_mode = true
+            [[resolver.host."docker.io".mirrors]]
+            host = "mirror.local:5000"
+            insecure = true
+            request_timeout_sec = 3
+            header = { "x-a" = "b" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(t.blob.chunk_size, 1000);
+        assert_eq!(t.blob.max_retries, 5);
+        assert!(t.blob.force_single_range_mode);
+        let m = &t.resolver.host["docker.io"].mirrors[0];
+        assert_eq!((m.host.as_str(), m.insecure, m.request_timeout_sec), ("mirror.local:5000", true, 3));
+        assert_eq!(m.header["x-a"], "b");
+    }
+
+    #[test]
+    fn backoff_is_exponential_and_capped() {
+        let b = BlobConfig {
+            min_wait_msec: 30,
+            max_wait_msec: 100,
+            ..Default::default()
+        };
+        assert_eq!(b.backoff(0), Duration::from_millis(30));
+        assert_eq!(b.backoff(1), Duration::from_millis(60));
+        assert_eq!(b.backoff(5), Duration::from_millis(100));
+        assert_eq!(b.backoff(99), Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,605 @@
+//! The OCI distribution client: endpoints (mirrors, then origin), auth, retries, resolve, and
+//! small-object fetches. Large blob data goes through [`super::Blob`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::auth::{parse_challenge, redact_url, Challenge, Credentials, DockerConfig, Secret};
+use super::config::{ClientConfig, Platform};
+use super::multipart::parse_content_range;
+use super::reference::Reference;
+use super::RemoteError;
+
+pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// Manifests and configs larger than this are refused (they are read into memory).
+const MAX_SMALL_OBJECT: u64 = 16 << 20;
+
+/// One place a repository can be reached: a mirror or the origin registry.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    /// `scheme://host[:port]`.
+    pub base: String,
+    /// The host credentials are looked up for.
+    pub cred_host: String,
+    pub timeout: Duration,
+    /// Extra headers (mirror `header` config); values are never logged.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub mirror: bool,
+}
+
+/// What a registry said to use for auth, cached per endpoint and scope.
+#[derive(Clone)]
+enum Auth {
+    Basic(Credentials),
+    Bearer { token: Secret, expires: Instant },
+}
+
+/// An OCI descriptor.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    #[serde(default)]
+    pub media_type: String,
+    pub digest: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub annotations: HashMap<String, String>,
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub platform: Option<PlatformSpec>,
+}
+
+/// `platform` of an index entry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct PlatformSpec {
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
+/// An image manifest (OCI or Docker schema 2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    #[serde(default)]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+    #[serde(default)]
+    pub annotations: HashMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+/// A reference resolved to one platform's image manifest.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The input reference pinned to [`Resolved::digest`].
+    pub reference: Reference,
+    /// Digest of the image manifest (not of the index it was picked from).
+    pub digest: String,
+    pub media_type: String,
+    pub manifest: Manifest,
+    /// The manifest bytes as served.
+    pub raw: Vec<u8>,
+}
+
+/// Where a blob's bytes are served and how big it is (see [`RegistryClient::locate_blob`]).
+#[derive(Debug, Clone)]
+pub(crate) struct BlobLocation {
+    pub endpoint: Endpoint,
+    /// Final URL after redirects.
+    pub url: String,
+    /// The URL is on another host (blob storage): request it without registry auth.
+    pub redirected: bool,
+    pub size: u64,
+}
+
+/// A registry client shared by every blob of every layer (cheap to clone).
+#[derive(Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    config: ClientConfig,
+    docker: Option<DockerConfig>,
+    /// `"<base>|<scope>"` → auth to send.
+    auth: Mutex<HashMap<String, Auth>>,
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host.rsplit_once(':').map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host });
+    matches!(h, "localhost" | "127.0.0.1" | "[::1]" | "::1") || h.ends_with(".localhost")
+}
+
+fn retryable_status(s: StatusCode) -> bool {
+    s == StatusCode::TOO_MANY_REQUESTS || (s.is_server_error() && s != StatusCode::NOT_IMPLEMENTED)
+}
+
+pub(crate) fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+impl RegistryClient {
+    pub fn new(config: ClientConfig) -> Result<Self, RemoteError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .user_agent(concat!("stargz-snapshotter-rs/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| RemoteError::Http {
+                url: String::new(),
+                source: e.without_url(),
+            })?;
+        let docker = match &config.docker_config_dir {
+            Some(d) => Some(DockerConfig::in_dir(d)),
+            None => DockerConfig::from_env(),
+        };
+        Ok(RegistryClient {
+            inner: Arc::new(Inner {
+                http,
+                config,
+                docker,
+                auth: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Replaces where credentials come from (e.g. a test's helper `PATH`).
+    pub fn with_docker_config(config: ClientConfig, docker: DockerConfig) -> Result<Self, RemoteError> {
+        let c = Self::new(config)?;
+        let inner = Inner {
+            http: c.inner.http.clone(),
+            config: c.inner.config.clone(),
+            docker: Some(docker),
+            auth: Mutex::new(HashMap::new()),
+        };
+        Ok(RegistryClient { inner: Arc::new(inner) })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Mirrors configured for the reference's host, in order, then the origin.
+    pub(crate) fn endpoints(&self, reference: &Reference) -> Vec<Endpoint> {
+        let cfg = &self.inner.config;
+        let mut out = Vec::new();
+        if let Some(h) = cfg.resolver.host.get(&reference.host) {
+            for m in &h.mirrors {
+                let (scheme, host) = if let Some(h) = m.host.strip_prefix("http://") {
+                    ("http", h)
+                } else if let Some(h) = m.host.strip_prefix("https://") {
+                    ("https", h)
+                } else if m.insecure || is_loopback(&m.host) {
+                    ("http", m.host.as_str())
+                } else {
+                    ("https", m.host.as_str())
+                };
+                let host = host.trim_end_matches('/');
+                let headers = m
+                    .header
+                    .iter()
+                    .filter_map(|(k, v)| Some((HeaderName::try_from(k.as_str()).ok()?, HeaderValue::try_from(v.as_str()).ok()?)))
+                    .collect();
+                out.push(Endpoint {
+                    base: format!("{scheme}://{host}"),
+                    cred_host: host.to_owned(),
+                    timeout: if m.request_timeout_sec > 0 { Duration::from_secs(m.request_timeout_sec) } else { cfg.request_timeout },
+                    headers,
+                    mirror: true,
+                });
+            }
+        }
+        let host = reference.api_host();
+        let plain = is_loopback(host) || cfg.insecure_hosts.iter().any(|h| h == host || h == &reference.host);
+        out.push(Endpoint {
+            base: format!("{}://{host}", if plain { "http" } else { "https" }),
+            cred_host: reference.host.clone(),
+            timeout: cfg.request_timeout,
+            headers: Vec::new(),
+            mirror: false,
+        });
+        out
+    }
+
+    fn auth_key(ep: &Endpoint, scope: &str) -> String {
+        format!("{}|{scope}", ep.base)
+    }
+
+    fn cached_auth(&self, ep: &Endpoint, scope: &str) -> Option<Auth> {
+        let map = self.inner.auth.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&Self::auth_key(ep, scope))? {
+            Auth::Bearer { expires, .. } if *expires <= Instant::now() => None,
+            a => Some(a.clone()),
+        }
+    }
+
+    /// Sends one request with retries (connection errors, 5xx, 429; exponential backoff) and
+    /// auth (`ep` = registry endpoint: cached auth is attached and a 401 triggers one
+    /// challenge/refresh; `None` = a redirected storage URL, sent without credentials).
+    /// Any other status is returned for the caller to judge.
+    pub(crate) async fn send(
+        &self,
+        ep: Option<&Endpoint>,
+        repo: &str,
+        method: Method,
+        url: &str,
+        headers: &HeaderMap,
+        timeout: Duration,
+    ) -> Result<Response, RemoteError> {
+        let blob = &self.inner.config.blob;
+        let scope = format!("repository:{repo}:pull");
+        let mut refreshed = false;
+        let mut attempt = 0;
+        loop {
+            let mut rb = self
+                .inner
+                .http
+                .request(method.clone(), url)
+                .headers(headers.clone())
+                .timeout(timeout);
+            if let Some(ep) = ep {
+                for (k, v) in &ep.headers {
+                    rb = rb.header(k, v);
+                }
+                match self.cached_auth(ep, &scope) {
+                    Some(Auth::Basic(c)) => rb = rb.basic_auth(&c.username, Some(c.secret.expose())),
+                    Some(Auth::Bearer { token, .. }) => rb = rb.bearer_auth(token.expose()),
+                    None => {}
+                }
+            }
+            let result = rb.send().await;
+            let retry = match &result {
+                Ok(r) if r.status() == StatusCode::UNAUTHORIZED && !refreshed => {
+                    if let Some(ep) = ep {
+                        refreshed = true;
+                        self.authenticate(ep, &scope, r.headers()).await?;
+                        continue;
+                    }
+                    false
+                }
+                Ok(r) => retryable_status(r.status()),
+                Err(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
+            };
+            if retry && attempt < blob.max_retries {
+                let wait = blob.backoff(attempt);
+                tracing::debug!(url = %redact_url(url), attempt, wait_ms = wait.as_millis() as u64, status = ?result.as_ref().ok().map(|r| r.status().as_u16()), "retrying registry request");
+                attempt += 1;
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            return result.map_err(|e| RemoteError::http(url, e));
+        }
+    }
+
+    /// Answers a 401: learns the scheme from `WWW-Authenticate`, fetches a bearer token when
+    /// asked (with credentials if any), and caches what to send next time.
+    async fn authenticate(&self, ep: &Endpoint, scope: &str, headers: &HeaderMap) -> Result<(), RemoteError> {
+        let challenge = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(parse_challenge)
+            .ok_or_else(|| RemoteError::Unauthorized {
+                host: ep.cred_host.clone(),
+                reason: "401 without a usable WWW-Authenticate challenge".into(),
+            })?;
+        let creds = match &self.inner.docker {
+            Some(d) => d.lookup(&ep.cred_host).await?,
+            None => None,
+        };
+        let auth = match challenge {
+            Challenge::Basic => Auth::Basic(creds.ok_or_else(|| RemoteError::Unauthorized {
+                host: ep.cred_host.clone(),
+                reason: "basic auth requested and no credentials configured".into(),
+            })?),
+            Challenge::Bearer { realm, service, scope: their_scope } => {
+                self.fetch_token(ep, &realm, service.as_deref(), scope, their_scope.as_deref(), creds.as_ref())
+                    .await?
+            }
+        };
+        tracing::debug!(host = %ep.cred_host, scope = %scope, "registry auth refreshed");
+        self.inner
+            .auth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Self::auth_key(ep, scope), auth);
+        Ok(())
+    }
+
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        their_scope: Option<&str>,
+        creds: Option<&Credentials>,
+    ) -> Result<Auth, RemoteError> {
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let mut url = reqwest::Url::parse(realm).map_err(|_| RemoteError::Unauthorized {
+            host: ep.cred_host.clone(),
+            reason: "token realm is not a URL".into(),
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+            if let Some(s) = their_scope.filter(|s| *s != scope) {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut rb = self.inner.http.get(url.clone()).timeout(self.inner.config.request_timeout);
+        if let Some(c) = creds {
+            rb = rb.basic_auth(&c.username, Some(c.secret.expose()));
+        }
+        let resp = rb.send().await.map_err(|e| RemoteError::http(url.as_str(), e))?;
+        if !resp.status().is_success() {
+            return Err(RemoteError::Unauthorized {
+                host: ep.cred_host.clone(),
+                reason: format!("token endpoint {} answered {}", redact_url(url.as_str()), resp.status().as_u16()),
+            });
+        }
+        let body: TokenResponse = resp.json().await.map_err(|_| RemoteError::Unauthorized {
+            host: ep.cred_host.clone(),
+            reason: "token endpoint sent invalid JSON".into(),
+        })?;
+        let token = body.token.or(body.access_token).ok_or_else(|| RemoteError::Unauthorized {
+            host: ep.cred_host.clone(),
+            reason: "token endpoint sent no token".into(),
+        })?;
+        // Refresh a little before the registry would reject it.
+        let ttl = body.expires_in.unwrap_or(60).max(10);
+        Ok(Auth::Bearer {
+            token: Secret::new(token),
+            expires: Instant::now() + Duration::from_secs(ttl - ttl / 10),
+        })
+    }
+
+    /// GETs a small object (manifest, config) from the first endpoint that has it.
+    async fn get_small(&self, reference: &Reference, path: &str, accept: Option<&str>) -> Result<(Vec<u8>, Option<String>), RemoteError> {
+        let mut headers = HeaderMap::new();
+        if let Some(a) = accept {
+            headers.insert(ACCEPT, HeaderValue::from_str(a).map_err(|_| RemoteError::Protocol("bad accept".into()))?);
+        }
+        let mut last = None;
+        for ep in self.endpoints(reference) {
+            let url = format!("{}/v2/{}/{path}", ep.base, reference.repository);
+            let result = async {
+                let resp = self.send(Some(&ep), &reference.repository, Method::GET, &url, &headers, ep.timeout).await?;
+                let status = resp.status();
+                if !status.is_success() {
+                    return Err(RemoteError::status(&url, status));
+                }
+                if resp.content_length().is_some_and(|l| l > MAX_SMALL_OBJECT) {
+                    return Err(RemoteError::Protocol(format!("{} is larger than {MAX_SMALL_OBJECT} bytes", redact_url(&url))));
+                }
+                let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let body = read_limited(resp, MAX_SMALL_OBJECT, &url).await?;
+                Ok((body, ct))
+            }
+            .await;
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep.base, mirror = ep.mirror, error = %e, "endpoint failed, trying next");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RemoteError::NotFound(reference.to_string())))
+    }
+
+    /// Resolves a reference to one image manifest, picking `platform` (default linux/amd64)
+    /// from an OCI index or Docker manifest list.
+    pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, RemoteError> {
+        let accept = [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST].join(", ");
+        let (raw, ct) = self.get_small(reference, &format!("manifests/{}", reference.object()), Some(&accept)).await?;
+        let (raw, ct, digest) = {
+            let digest = sha256_digest(&raw);
+            check_pinned(reference.digest.as_deref(), &digest)?;
+            let media = media_type(&raw, ct.as_deref());
+            if media == MEDIA_OCI_INDEX || media == MEDIA_DOCKER_LIST {
+                let index: Index = serde_json::from_slice(&raw).map_err(|e| RemoteError::Manifest(e.to_string()))?;
+                let chosen = pick_platform(&index.manifests, &self.inner.config.platform)?;
+                let (raw, ct) = self.get_small(reference, &format!("manifests/{}", chosen.digest), Some(&accept)).await?;
+                let digest = sha256_digest(&raw);
+                check_pinned(Some(&chosen.digest), &digest)?;
+                (raw, ct, digest)
+            } else {
+                (raw, ct, digest)
+            }
+        };
+        let media_type = media_type(&raw, ct.as_deref());
+        let manifest: Manifest = serde_json::from_slice(&raw).map_err(|e| RemoteError::Manifest(e.to_string()))?;
+        Ok(Resolved {
+            reference: reference.with_digest(&digest),
+            digest,
+            media_type,
+            manifest,
+            raw,
+        })
+    }
+
+    /// Fetches a small blob (an image config) whole and checks its digest.
+    pub async fn fetch_blob_bytes(&self, reference: &Reference, digest: &str) -> Result<Vec<u8>, RemoteError> {
+        let (raw, _) = self.get_small(reference, &format!("blobs/{digest}"), None).await?;
+        check_pinned(Some(digest), &sha256_digest(&raw))?;
+        Ok(raw)
+    }
+
+    /// Learns a blob's size and final URL with a `Range: bytes=0-1` GET (following redirects to
+    /// blob storage), trying mirrors first.
+    pub(crate) async fn locate_blob(&self, reference: &Reference, digest: &str) -> Result<BlobLocation, RemoteError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(RANGE, HeaderValue::from_static("bytes=0-1"));
+        let mut last = None;
+        for ep in self.endpoints(reference) {
+            let url = format!("{}/v2/{}/blobs/{digest}", ep.base, reference.repository);
+            match self.probe(&ep, &reference.repository, &url, &headers).await {
+                Ok(loc) => return Ok(loc),
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep.base, mirror = ep.mirror, digest = %digest, error = %e, "blob not reachable here");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RemoteError::NotFound(digest.to_owned())))
+    }
+
+    async fn probe(&self, ep: &Endpoint, repo: &str, url: &str, headers: &HeaderMap) -> Result<BlobLocation, RemoteError> {
+        let resp = self.send(Some(ep), repo, Method::GET, url, headers, ep.timeout).await?;
+        let size = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range)
+                .and_then(|(_, _, total)| total)
+                .ok_or_else(|| RemoteError::Protocol("206 without a total in Content-Range".into()))?,
+            StatusCode::OK => resp
+                .content_length()
+                .ok_or_else(|| RemoteError::Protocol("200 without Content-Length".into()))?,
+            s => return Err(RemoteError::status(url, s)),
+        };
+        let final_url = resp.url().clone();
+        let orig = reqwest::Url::parse(url).map_err(|_| RemoteError::Protocol("bad url".into()))?;
+        let redirected = final_url.host_str() != orig.host_str()
+            || final_url.port_or_known_default() != orig.port_or_known_default()
+            || final_url.scheme() != orig.scheme();
+        // Dropping the response closes the connection if the server sent more than asked.
+        drop(resp);
+        Ok(BlobLocation {
+            endpoint: ep.clone(),
+            url: final_url.to_string(),
+            redirected,
+            size,
+        })
+    }
+}
+
+fn check_pinned(want: Option<&str>, got: &str) -> Result<(), RemoteError> {
+    match want {
+        Some(w) if w.starts_with("sha256:") && w != got => Err(RemoteError::DigestMismatch {
+            expected: w.to_owned(),
+            actual: got.to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn media_type(raw: &[u8], content_type: Option<&str>) -> String {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Probe {
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+    }
+    let probe: Option<Probe> = serde_json::from_slice(raw).ok();
+    if let Some(mt) = probe.as_ref().and_then(|p| p.media_type.clone()) {
+        return mt;
+    }
+    if probe.as_ref().is_some_and(|p| p.manifests.is_some()) {
+        return MEDIA_OCI_INDEX.to_owned();
+    }
+    content_type
+        .map(|c| c.split(';').next().unwrap_or(c).trim().to_owned())
+        .unwrap_or_else(|| MEDIA_OCI_MANIFEST.to_owned())
+}
+
+fn pick_platform<'a>(manifests: &'a [Descriptor], want: &Platform) -> Result<&'a Descriptor, RemoteError> {
+    let matches = |d: &&Descriptor| {
+        d.platform.as_ref().is_some_and(|p| {
+            p.os == want.os
+                && p.architecture == want.architecture
+                && (want.variant.is_none() || p.variant == want.variant)
+        })
+    };
+    manifests.iter().find(matches).ok_or_else(|| RemoteError::NoMatchingPlatform(format!("{}/{}", want.os, want.architecture)))
+}
+
+/// Reads a whole body, refusing more than `max` bytes.
+async fn read_limited(mut resp: Response, max: u64, url: &str) -> Result<Vec<u8>, RemoteError> {
+    let mut out = Vec::new();
+    while let Some(piece) = resp.chunk().await.map_err(|e| RemoteError::http(url, e))? {
+        if out.len() as u64 + piece.len() as u64 > max {
+            return Err(RemoteError::Protocol(format!("{} is larger than {max} bytes", redact_url(url))));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::config::{HostConfig, MirrorConfig};
+
+    #[test]
+    fn endpoints_put_mirrors_first_and_pick_schemes() {
+        let mut cfg = ClientConfig::default();
+        cfg.resolver.host.insert(
+            "docker.io".into(),
+            HostConfig {
+                mirrors: vec![
+                    MirrorConfig { host: "m1.local".into(), insecure: true, ..Default::default() },
+                    MirrorConfig { host: "m2.local".into(), request_timeout_sec: 3, ..Default::default() },
+                ],
+            },
+        );
+        let c = RegistryClient::new(cfg).unwrap();
+        let eps = c.endpoints(&"alpine".parse().unwrap());
+        let bases: Vec<_> = eps.iter().map(|e| e.base.as_str()).collect();
+        assert_eq!(bases, ["http://m1.local", "https://m2.local", "https://registry-1.docker.io"]);
+        assert_eq!(eps[1].timeout, Duration::from_secs(3));
+        let eps = c.endpoints(&"localhost:5000/a".parse().unwrap());
+        assert_eq!(eps[0].base, "http://localhost:5000");
+        let eps = c.endpoints(&"127.0.0.1:5000/a".parse().unwrap());
+        assert_eq!(eps[0].base, "http://127.0.0.1:5000");
+    }
+
+    #[test]
+    fn picks_platform() {
+        let d = |os: &str, arch: &str| Descriptor {
+            media_type: MEDIA_OCI_MANIFEST.into(),
+            digest: format!("sha256:{os}{arch}"),
+            size: 1,
+            annotations: HashMap::new(),
+            urls: vec![],
+            platform: Some(PlatformSpec { os: os.into(), architecture: arch.into(), variant: None }),
+        };
+        let list = vec![d("linux", "arm64"), d("linux", "amd64"), d("windows", "amd64")];
+        assert_eq!(pick_platform(&list, &Platform::default()).unwrap().digest, "sha256:linuxamd64");
+        let riscv = Platform { architecture: "riscv64".into(), ..Default::default() };
+        assert!(pick_platform(&list, &riscv).is_err());
+    }
+}
