@@ -1,9 +1,73 @@
 //! The eStargz format: footer, TOC, chunk index, builder and verification.
 //! Nothing here knows about networks or FUSE: reads go through [`ReadAt`].
+//!
+//! Typical read path (what `fs`/`remote` do):
+//! 1. fetch the blob tail, [`footer::parse_footer`] → [`footer::TocLocation`];
+//! 2. fetch `toc_range`, [`toc::parse_toc_member`] → `(Toc, digest)`; check the digest;
+//! 3. [`index::LayerIndex::build`] once; then per read, [`index::LayerIndex::chunks_for_range`]
+//!    gives the compressed ranges, and [`chunk::decode_chunk`] checks and hands out the bytes.
+//!
+//! [`reader::open_blob`] does 1–3 from any [`ReadAt`]; [`builder::build`] writes a blob.
 
+pub mod builder;
+pub mod chunk;
+pub mod footer;
+pub mod index;
+pub mod landmark;
+pub mod reader;
+mod rfc3339;
 pub mod toc;
 
-pub use toc::{EntryType, Toc, TocEntry};
+pub use builder::{build, BuildOptions, BuildResult};
+pub use chunk::{decode_chunk, decode_chunk_into};
+pub use footer::{footer_bytes, parse_footer, TocLocation, FOOTER_SIZE, LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE};
+pub use index::{ChunkInfo, Entry, EntryId, LayerIndex};
+pub use reader::{open_blob, read_file_range, OpenedBlob};
+pub use toc::{parse_toc_member, EntryType, Toc, TocEntry};
+
+/// Annotation (and snapshot label) holding the TOC JSON digest of a layer.
+pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+
+/// Every way the format can be wrong. One enum for the module (see STYLE.md).
+#[derive(Debug, thiserror::Error)]
+pub enum EstargzError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("blob of {size} bytes is too small to hold a footer")]
+    BlobTooSmall { size: u64 },
+    #[error("invalid footer: {0}")]
+    InvalidFooter(String),
+    #[error("TOC offset {toc_offset} is outside the blob ({blob_size} bytes, footer {footer_size})")]
+    TocOutOfRange { toc_offset: u64, blob_size: u64, footer_size: u64 },
+    #[error("TOC too large: {size} bytes (limit {limit})")]
+    TocTooLarge { size: u64, limit: u64 },
+    #[error("malformed TOC member: {0}")]
+    MalformedToc(String),
+    #[error("TOC JSON: {0}")]
+    TocJson(#[from] serde_json::Error),
+    #[error("TOC digest mismatch: computed {actual}, expected {expected}")]
+    TocDigestMismatch { expected: String, actual: String },
+    #[error("invalid digest {0:?} (want sha256:<64 hex>)")]
+    InvalidDigest(String),
+    #[error("invalid TOC entry {name:?}: {reason}")]
+    InvalidEntry { name: String, reason: String },
+    #[error("layer {layer}: file {file:?}: chunk at file offset {chunk_offset}: {reason}")]
+    Chunk { layer: String, file: String, chunk_offset: u64, reason: String },
+    #[error("layer {layer}: file {file:?}: chunk at file offset {chunk_offset}: digest mismatch (expected {expected}, got {actual})")]
+    ChunkDigestMismatch { layer: String, file: String, chunk_offset: u64, expected: String, actual: String },
+    #[error("no such entry id {0}")]
+    NoSuchEntry(u32),
+    #[error("not a regular file: {0:?}")]
+    NotRegular(String),
+    #[error("read of [{offset}, +{len}) outside file {file:?} of {size} bytes")]
+    OutOfFile { file: String, offset: u64, len: u64, size: u64 },
+    #[error("input tar: {0}")]
+    InputTar(String),
+    #[error("prioritized file not found in the input: {0:?}")]
+    PrioritizedNotFound(String),
+}
+
+pub type Result<T, E = EstargzError> = std::result::Result<T, E>;
 
 /// Positional reads from any byte source (a local file, a registry blob, a cache entry).
 ///
@@ -11,6 +75,22 @@ pub use toc::{EntryType, Toc, TocEntry};
 pub trait ReadAt: Send + Sync {
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (0 = end).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
+
+    /// Fills `buf` completely from `offset`; a short source is `UnexpectedEof`.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset) {
+                Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read")),
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ReadAt for std::fs::File {
@@ -32,4 +112,33 @@ impl ReadAt for Vec<u8> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         self.as_slice().read_at(buf, offset)
     }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for &T {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+}
+
+/// `sha256:<hex>` of `data`, the OCI digest spelling used throughout the TOC.
+pub fn sha256_digest(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// Parses `sha256:<64 lowercase-or-uppercase hex>` into raw bytes.
+pub fn parse_sha256(s: &str) -> Result<[u8; 32]> {
+    let hexpart = s.strip_prefix("sha256:").ok_or_else(|| EstargzError::InvalidDigest(s.to_owned()))?;
+    let mut out = [0u8; 32];
+    if hexpart.len() != 64 {
+        return Err(EstargzError::InvalidDigest(s.to_owned()));
+    }
+    hex::decode_to_slice(hexpart, &mut out).map_err(|_| EstargzError::InvalidDigest(s.to_owned()))?;
+    Ok(out)
 }

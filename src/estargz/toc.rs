@@ -2,7 +2,12 @@
 
 use std::collections::BTreeMap;
 
+use std::io::Read as _;
+
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use super::{EstargzError, Result};
 
 /// Name of the TOC entry, the last tar entry of a stargz blob.
 pub const TOC_TAR_NAME: &str = "stargz.index.json";
@@ -101,6 +106,120 @@ mod xattrs_b64 {
                 Ok((k, bytes))
             })
             .collect()
+    }
+}
+
+/// Largest uncompressed TOC JSON we accept (a million-file layer is ~300 MiB of JSON; bigger is
+/// treated as hostile rather than risking the daemon's memory).
+pub const MAX_TOC_JSON_SIZE: u64 = 256 << 20;
+/// Largest compressed TOC member we fetch.
+pub const MAX_TOC_COMPRESSED_SIZE: u64 = 256 << 20;
+
+/// Parses the TOC gzip member (the bytes from the footer's TOC offset up to the footer):
+/// gunzip one member, expect one tar entry `stargz.index.json`, parse its JSON.
+/// Returns the TOC and its digest, `sha256:` of the uncompressed JSON bytes.
+pub fn parse_toc_member(member: &[u8]) -> Result<(Toc, String)> {
+    if member.len() as u64 > MAX_TOC_COMPRESSED_SIZE {
+        return Err(EstargzError::TocTooLarge { size: member.len() as u64, limit: MAX_TOC_COMPRESSED_SIZE });
+    }
+    let gz = flate2::read::GzDecoder::new(member);
+    let mut ar = tar::Archive::new(gz);
+    let mut entries = ar.entries().map_err(|e| EstargzError::MalformedToc(format!("tar: {e}")))?;
+    let mut entry = match entries.next() {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => return Err(EstargzError::MalformedToc(format!("no tar header in TOC member: {e}"))),
+        None => return Err(EstargzError::MalformedToc("empty TOC member".into())),
+    };
+    let name = entry.path_bytes().into_owned();
+    if name != TOC_TAR_NAME.as_bytes() {
+        return Err(EstargzError::MalformedToc(format!(
+            "TOC tar entry is {:?}, expected {TOC_TAR_NAME:?}",
+            String::from_utf8_lossy(&name)
+        )));
+    }
+    let size = entry.size();
+    if size > MAX_TOC_JSON_SIZE {
+        return Err(EstargzError::TocTooLarge { size, limit: MAX_TOC_JSON_SIZE });
+    }
+    let mut json = Vec::with_capacity(size.min(member.len() as u64 * 8) as usize);
+    (&mut entry)
+        .take(MAX_TOC_JSON_SIZE)
+        .read_to_end(&mut json)
+        .map_err(|e| EstargzError::MalformedToc(format!("reading TOC JSON: {e}")))?;
+    if (json.len() as u64) < size {
+        return Err(EstargzError::MalformedToc("TOC JSON truncated".into()));
+    }
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&json)));
+    let toc: Toc = serde_json::from_slice(&json)?;
+    Ok((toc, digest))
+}
+
+/// Checks a computed TOC digest against the expected one (`sha256:<hex>`, case-insensitive hex).
+pub fn verify_toc_digest(actual: &str, expected: &str) -> Result<()> {
+    let want = super::parse_sha256(expected)?;
+    let got = super::parse_sha256(actual)?;
+    if want != got {
+        return Err(EstargzError::TocDigestMismatch { expected: expected.to_owned(), actual: actual.to_owned() });
+    }
+    Ok(())
+}
+
+/// Serializes the TOC exactly as Go's `json.MarshalIndent(toc, "", "\t")` does: tab indent,
+/// `": "` separators, struct field order, and Go's HTML-safe escaping of `<`, `>`, `&`,
+/// U+2028 and U+2029. Identical entries therefore give identical bytes and TOC digests.
+pub fn to_go_json(toc: &Toc) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(256 * toc.entries.len() + 64);
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, GoFormatter::new());
+    toc.serialize(&mut ser)?;
+    Ok(out)
+}
+
+/// serde_json's pretty printer with Go's string escaping.
+struct GoFormatter(serde_json::ser::PrettyFormatter<'static>);
+
+impl GoFormatter {
+    fn new() -> Self {
+        Self(serde_json::ser::PrettyFormatter::with_indent(b"\t"))
+    }
+}
+
+macro_rules! forward {
+    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
+        $(fn $name<W: ?Sized + std::io::Write>(&mut self, w: &mut W $(, $arg: $ty)*) -> std::io::Result<()> {
+            self.0.$name(w $(, $arg)*)
+        })*
+    };
+}
+
+impl serde_json::ser::Formatter for GoFormatter {
+    forward! {
+        begin_array();
+        end_array();
+        begin_array_value(first: bool);
+        end_array_value();
+        begin_object();
+        end_object();
+        begin_object_key(first: bool);
+        begin_object_value();
+        end_object_value();
+    }
+
+    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, w: &mut W, fragment: &str) -> std::io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            let esc = match c {
+                '<' => "\\u003c",
+                '>' => "\\u003e",
+                '&' => "\\u0026",
+                '\u{2028}' => "\\u2028",
+                '\u{2029}' => "\\u2029",
+                _ => continue,
+            };
+            w.write_all(&fragment.as_bytes()[start..i])?;
+            w.write_all(esc.as_bytes())?;
+            start = i + c.len_utf8();
+        }
+        w.write_all(&fragment.as_bytes()[start..])
     }
 }
 

@@ -1,0 +1,58 @@
+//! Decoding one chunk: gunzip its member range, skip `inner_offset`, take `chunk_size` bytes,
+//! check them against `chunkDigest`, and only then hand them out. Corrupt input is an error,
+//! never a panic and never wrong bytes.
+
+use std::io::{self, Read, Write};
+
+use sha2::{Digest as _, Sha256};
+
+use super::index::ChunkInfo;
+use super::{EstargzError, Result};
+
+fn chunk_err(layer: &str, file: &str, c: &ChunkInfo, reason: impl Into<String>) -> EstargzError {
+    EstargzError::Chunk { layer: layer.to_owned(), file: file.to_owned(), chunk_offset: c.chunk_offset, reason: reason.into() }
+}
+
+/// Decompresses `chunk` from `compressed` (a reader positioned at `chunk.compressed_offset`,
+/// typically over `chunk.compressed_range()`) into `buf`, which must be `chunk_size` long.
+/// On error `buf` holds unspecified bytes and must not be used.
+pub fn decode_chunk_into<R: Read>(compressed: R, chunk: &ChunkInfo, layer: &str, file: &str, buf: &mut [u8]) -> Result<()> {
+    if buf.len() as u64 != chunk.chunk_size {
+        return Err(chunk_err(layer, file, chunk, format!("buffer of {} bytes for a chunk of {}", buf.len(), chunk.chunk_size)));
+    }
+    let mut gz = flate2::read::MultiGzDecoder::new(compressed);
+    let skipped = io::copy(&mut (&mut gz).take(chunk.inner_offset), &mut io::sink())
+        .map_err(|e| chunk_err(layer, file, chunk, format!("gunzip: {e}")))?;
+    if skipped != chunk.inner_offset {
+        return Err(chunk_err(layer, file, chunk, format!("member ends at {skipped}, before inner offset {}", chunk.inner_offset)));
+    }
+    gz.read_exact(buf).map_err(|e| chunk_err(layer, file, chunk, format!("gunzip: {e}")))?;
+    verify(chunk, layer, file, buf)
+}
+
+/// Like [`decode_chunk_into`] but writes the verified bytes to `out` (e.g. a cache writer).
+/// Nothing is written unless the whole chunk verified.
+pub fn decode_chunk<R: Read, W: Write + ?Sized>(compressed: R, chunk: &ChunkInfo, layer: &str, file: &str, out: &mut W) -> Result<()> {
+    let len = usize::try_from(chunk.chunk_size).map_err(|_| chunk_err(layer, file, chunk, "chunk too large"))?;
+    let mut buf = vec![0u8; len];
+    decode_chunk_into(compressed, chunk, layer, file, &mut buf)?;
+    out.write_all(&buf)?;
+    Ok(())
+}
+
+/// Checks `data` against the chunk's digest (no digest: accepted, see
+/// [`super::LayerIndex::require_chunk_digests`]).
+pub fn verify(chunk: &ChunkInfo, layer: &str, file: &str, data: &[u8]) -> Result<()> {
+    let Some(want) = chunk.digest else { return Ok(()) };
+    let got: [u8; 32] = Sha256::digest(data).into();
+    if got != want {
+        return Err(EstargzError::ChunkDigestMismatch {
+            layer: layer.to_owned(),
+            file: file.to_owned(),
+            chunk_offset: chunk.chunk_offset,
+            expected: format!("sha256:{}", hex::encode(want)),
+            actual: format!("sha256:{}", hex::encode(got)),
+        });
+    }
+    Ok(())
+}

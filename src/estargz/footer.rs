@@ -1,0 +1,212 @@
+//! The footer: an empty gzip member at the end of the blob whose FEXTRA field points at the TOC.
+//!
+//! eStargz (51 bytes): XLEN=26, subfield `S`,`G`, LEN=22, data `%016x` + `STARGZ`.
+//! Legacy stargz (47 bytes): XLEN=22, the 22 bytes `%016xSTARGZ` directly.
+//! Readers try eStargz first, then legacy, like Go's `parseFooter`.
+
+use std::ops::Range;
+
+use super::{EstargzError, Result};
+
+/// Size of the eStargz footer.
+pub const FOOTER_SIZE: u64 = 51;
+/// Size of the legacy stargz footer.
+pub const LEGACY_FOOTER_SIZE: u64 = 47;
+/// Fetch at least this many tail bytes to be able to parse either footer.
+pub const MAX_FOOTER_SIZE: u64 = FOOTER_SIZE;
+
+const MAGIC: &[u8; 6] = b"STARGZ";
+const GZIP_ID: [u8; 3] = [0x1f, 0x8b, 0x08];
+const FEXTRA: u8 = 0x04;
+/// Stored, final, empty deflate block followed by CRC32=0 and ISIZE=0: the body of an empty member.
+const EMPTY_BODY: [u8; 13] = [0x01, 0x00, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// Where the TOC gzip member is, as the footer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TocLocation {
+    /// Blob offset of the TOC gzip member.
+    pub toc_offset: u64,
+    /// Size of the footer that was found (51 or 47).
+    pub footer_size: u64,
+    /// True when the legacy stargz footer was found.
+    pub legacy: bool,
+}
+
+impl TocLocation {
+    /// The blob range of the TOC member, `[toc_offset, blob_size - footer_size)`.
+    /// Errors when the footer points outside the blob or at an empty range.
+    pub fn toc_range(&self, blob_size: u64) -> Result<Range<u64>> {
+        let end = blob_size.checked_sub(self.footer_size);
+        match end {
+            Some(end) if self.toc_offset < end => Ok(self.toc_offset..end),
+            _ => Err(EstargzError::TocOutOfRange {
+                toc_offset: self.toc_offset,
+                blob_size,
+                footer_size: self.footer_size,
+            }),
+        }
+    }
+}
+
+/// The 51-byte eStargz footer pointing at `toc_offset`, byte-identical to Go's `footerBytes`
+/// (gzip header with MTIME=0, XFL=0, OS=255, and an empty stored deflate block).
+pub fn footer_bytes(toc_offset: u64) -> [u8; FOOTER_SIZE as usize] {
+    let mut out = [0u8; FOOTER_SIZE as usize];
+    out[..3].copy_from_slice(&GZIP_ID);
+    out[3] = FEXTRA;
+    // bytes 4..8 MTIME = 0, byte 8 XFL = 0
+    out[9] = 0xff;
+    out[10..12].copy_from_slice(&26u16.to_le_bytes());
+    out[12] = b'S';
+    out[13] = b'G';
+    out[14..16].copy_from_slice(&22u16.to_le_bytes());
+    let hexoff = format!("{toc_offset:016x}");
+    out[16..32].copy_from_slice(&hexoff.as_bytes()[..16]);
+    out[32..38].copy_from_slice(MAGIC);
+    out[38..].copy_from_slice(&EMPTY_BODY);
+    out
+}
+
+/// Parses the footer from the last bytes of a blob (`tail` must hold at least the footer; more
+/// is fine). Tries the 51-byte eStargz layout, then the 47-byte legacy one.
+pub fn parse_footer(tail: &[u8]) -> Result<TocLocation> {
+    if tail.len() < LEGACY_FOOTER_SIZE as usize {
+        return Err(EstargzError::BlobTooSmall { size: tail.len() as u64 });
+    }
+    let estargz_err = match tail.len().checked_sub(FOOTER_SIZE as usize) {
+        Some(start) => match parse_estargz(&tail[start..]) {
+            Ok(toc_offset) => return Ok(TocLocation { toc_offset, footer_size: FOOTER_SIZE, legacy: false }),
+            Err(e) => e,
+        },
+        None => "shorter than 51 bytes".to_owned(),
+    };
+    let start = tail.len() - LEGACY_FOOTER_SIZE as usize;
+    match parse_legacy(&tail[start..]) {
+        Ok(toc_offset) => Ok(TocLocation { toc_offset, footer_size: LEGACY_FOOTER_SIZE, legacy: true }),
+        Err(legacy_err) => Err(EstargzError::InvalidFooter(format!("estargz: {estargz_err}; legacy: {legacy_err}"))),
+    }
+}
+
+/// Returns the FEXTRA bytes of the gzip header at the start of `p`, which must be `want_xlen`
+/// long. Like Go's gzip header reader, later optional header fields are not needed here.
+fn gzip_extra(p: &[u8], want_xlen: usize) -> std::result::Result<&[u8], String> {
+    if p.len() < 12 || p[..3] != GZIP_ID {
+        return Err("not a gzip member".into());
+    }
+    if p[3] & FEXTRA == 0 {
+        return Err("gzip header has no FEXTRA".into());
+    }
+    let xlen = u16::from_le_bytes([p[10], p[11]]) as usize;
+    if xlen != want_xlen {
+        return Err(format!("extra field is {xlen} bytes, want {want_xlen}"));
+    }
+    p.get(12..12 + xlen).ok_or_else(|| "extra field truncated".to_owned())
+}
+
+fn parse_estargz(p: &[u8]) -> std::result::Result<u64, String> {
+    let extra = gzip_extra(p, 26)?;
+    if extra[0] != b'S' || extra[1] != b'G' {
+        return Err(format!("subfield id {:?}, want \"SG\"", String::from_utf8_lossy(&extra[..2])));
+    }
+    let slen = u16::from_le_bytes([extra[2], extra[3]]);
+    if slen != 22 {
+        return Err(format!("subfield length {slen}, want 22"));
+    }
+    parse_offset_magic(&extra[4..])
+}
+
+fn parse_legacy(p: &[u8]) -> std::result::Result<u64, String> {
+    let extra = gzip_extra(p, 22)?;
+    parse_offset_magic(extra)
+}
+
+/// `%016x` + `STARGZ` → offset. Only hex digits are accepted (no sign, no spaces).
+fn parse_offset_magic(b: &[u8]) -> std::result::Result<u64, String> {
+    if b.len() != 22 || &b[16..] != MAGIC {
+        return Err("STARGZ magic not found".into());
+    }
+    let digits = &b[..16];
+    if !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err("TOC offset is not 16 hex digits".into());
+    }
+    let s = std::str::from_utf8(digits).map_err(|e| e.to_string())?;
+    let off = u64::from_str_radix(s, 16).map_err(|e| e.to_string())?;
+    // Go parses it as int64: offsets with the top bit set are invalid there, so here too.
+    if off > i64::MAX as u64 {
+        return Err(format!("TOC offset {off:#x} out of range"));
+    }
+    Ok(off)
+}
+
+/// The 47-byte legacy stargz footer (only for tests and old-format interop).
+pub fn legacy_footer_bytes(toc_offset: u64) -> [u8; LEGACY_FOOTER_SIZE as usize] {
+    let mut out = [0u8; LEGACY_FOOTER_SIZE as usize];
+    out[..3].copy_from_slice(&GZIP_ID);
+    out[3] = FEXTRA;
+    out[9] = 0xff;
+    out[10..12].copy_from_slice(&22u16.to_le_bytes());
+    let hexoff = format!("{toc_offset:016x}");
+    out[12..28].copy_from_slice(&hexoff.as_bytes()[..16]);
+    out[28..34].copy_from_slice(MAGIC);
+    out[34..].copy_from_slice(&EMPTY_BODY);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    #[test]
+    fn estargz_footer_round_trips_and_is_an_empty_gzip_member() {
+        for off in [0u64, 1, 0x1234_5678_9abc, i64::MAX as u64] {
+            let f = footer_bytes(off);
+            let loc = parse_footer(&f).expect("parse");
+            assert_eq!(loc, TocLocation { toc_offset: off, footer_size: 51, legacy: false });
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&f[..]).read_to_end(&mut out).expect("valid gzip");
+            assert!(out.is_empty());
+        }
+    }
+
+    #[test]
+    fn footer_matches_go_layout() {
+        let f = footer_bytes(0x10);
+        let want_head = [0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0];
+        assert_eq!(&f[..16], &want_head);
+        assert_eq!(&f[16..38], b"0000000000000010STARGZ");
+    }
+
+    #[test]
+    fn legacy_footer_is_found_after_estargz_fails() {
+        let mut blob = vec![7u8; 100];
+        blob.extend_from_slice(&legacy_footer_bytes(42));
+        let loc = parse_footer(&blob).expect("parse");
+        assert_eq!(loc, TocLocation { toc_offset: 42, footer_size: 47, legacy: true });
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&legacy_footer_bytes(42)[..]).read_to_end(&mut out).expect("valid gzip");
+        // A 47-byte tail alone also works.
+        assert!(parse_footer(&legacy_footer_bytes(9)).is_ok());
+    }
+
+    #[test]
+    fn toc_range_is_checked() {
+        let loc = TocLocation { toc_offset: 100, footer_size: 51, legacy: false };
+        assert_eq!(loc.toc_range(200).expect("in range"), 100..149);
+        assert!(loc.toc_range(151).is_err());
+        assert!(loc.toc_range(10).is_err());
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        assert!(parse_footer(&[0u8; 10]).is_err());
+        assert!(parse_footer(&[0u8; 51]).is_err());
+        let mut f = footer_bytes(5);
+        f[20] = b'g';
+        assert!(parse_footer(&f).is_err());
+        let mut f = footer_bytes(5);
+        f[16] = b'8'; // top bit set
+        assert!(parse_footer(&f).is_err());
+    }
+}

@@ -1,0 +1,604 @@
+//! The layer index: built once from a TOC, validated, then answers every question the
+//! filesystem asks without scanning the TOC again.
+//!
+//! Semantics follow Go's `estargz.Reader.initFields`, with stricter validation:
+//! - names are normalized (`./`, leading `/`, `.` and empty components dropped); a `..`
+//!   component or a NUL byte is an error (Go would resolve `..` lexically; we refuse);
+//! - duplicate names: the last entry wins, as in Go and as when unpacking a tar; a duplicate
+//!   that turns a directory with children into a non-directory is an error;
+//! - missing parent directories are created implicitly (mode 0755, like Go);
+//! - a hardlink is not an entry of its own: its name points at the target's id (one inode),
+//!   which raises the target's `nlink`; a missing or directory target is an error;
+//! - the landmark files are recorded (prefetch offsets) and hidden from the tree, as Go's fs does;
+//! - every regular file's chunks must cover it exactly, lie inside the blob before the TOC,
+//!   and have sane sizes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+
+use super::landmark::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+use super::toc::{EntryType, Toc, TocEntry};
+use super::{parse_sha256, rfc3339, EstargzError, Result};
+
+/// Dense entry id: `0` is the root directory, ids are `< LayerIndex::len()`.
+pub type EntryId = u32;
+
+/// Largest single chunk we accept: a chunk is buffered whole to verify it before use.
+pub const MAX_CHUNK_SIZE: u64 = 256 << 20;
+/// Largest file size we accept (1 PiB): anything bigger is a lying TOC.
+pub const MAX_FILE_SIZE: u64 = 1 << 50;
+/// Largest `innerOffset`: the bytes before a chunk in its member are decompressed and dropped.
+pub const MAX_INNER_OFFSET: u64 = 1 << 30;
+
+/// One piece of a regular file's payload and where its compressed bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Offset of the chunk within the file.
+    pub chunk_offset: u64,
+    /// Bytes of file data in the chunk (never 0).
+    pub chunk_size: u64,
+    /// Blob offset of the gzip member holding the chunk.
+    pub compressed_offset: u64,
+    /// End of the compressed range: the next distinct member offset, or the TOC offset.
+    pub compressed_end: u64,
+    /// Uncompressed bytes to skip in the member before the chunk starts.
+    pub inner_offset: u64,
+    /// sha256 of the chunk's bytes (`chunkDigest`), when the TOC has one.
+    pub digest: Option<[u8; 32]>,
+}
+
+impl ChunkInfo {
+    /// Blob range to fetch to decode this chunk.
+    pub fn compressed_range(&self) -> Range<u64> {
+        self.compressed_offset..self.compressed_end
+    }
+    /// File range this chunk covers.
+    pub fn file_range(&self) -> Range<u64> {
+        self.chunk_offset..self.chunk_offset + self.chunk_size
+    }
+    /// `sha256:<hex>` of the expected digest.
+    pub fn digest_string(&self) -> Option<String> {
+        self.digest.map(|d| format!("sha256:{}", hex::encode(d)))
+    }
+}
+
+/// A file, directory, link or device of the layer (hardlinks share their target's entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Normalized path relative to the root (`""` is the root).
+    pub name: String,
+    /// Never `Hardlink` or `Chunk`.
+    pub kind: EntryType,
+    /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub user_name: String,
+    pub group_name: String,
+    /// Modification time, Unix seconds and nanoseconds (0 when the TOC has none).
+    pub mtime_secs: i64,
+    pub mtime_nanos: u32,
+    /// File size for regular files, 0 otherwise.
+    pub size: u64,
+    /// Symlink target, verbatim.
+    pub link_name: String,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// `digest` of a regular file's whole payload (not verified by reads; chunks are).
+    pub digest: String,
+    /// Number of names: 1 + hardlinks for files, 2 + subdirectories for directories.
+    pub nlink: u32,
+    /// Parent directory (the root is its own parent).
+    pub parent: EntryId,
+    children: BTreeMap<String, EntryId>,
+    chunks: Vec<ChunkInfo>,
+}
+
+impl Entry {
+    /// `st_mode` as `stat(2)` reports it: file type bits plus permission bits.
+    pub fn st_mode(&self) -> u32 {
+        let fmt = match self.kind {
+            EntryType::Dir => libc::S_IFDIR,
+            EntryType::Reg | EntryType::Hardlink | EntryType::Chunk => libc::S_IFREG,
+            EntryType::Symlink => libc::S_IFLNK,
+            EntryType::Char => libc::S_IFCHR,
+            EntryType::Block => libc::S_IFBLK,
+            EntryType::Fifo => libc::S_IFIFO,
+        };
+        fmt | self.mode
+    }
+
+    /// `st_rdev` for devices (glibc `makedev` encoding).
+    pub fn rdev(&self) -> u64 {
+        libc::makedev(self.dev_major, self.dev_minor)
+    }
+
+    /// Base name (`""` for the root).
+    pub fn base_name(&self) -> &str {
+        self.name.rsplit('/').next().unwrap_or("")
+    }
+}
+
+/// The validated, navigable index of one layer.
+#[derive(Debug, Clone)]
+pub struct LayerIndex {
+    entries: Vec<Entry>,
+    paths: HashMap<String, EntryId>,
+    toc_offset: u64,
+    prefetch_landmark: Option<u64>,
+    no_prefetch: bool,
+    missing_chunk_digests: usize,
+    layer: String,
+}
+
+/// Normalizes a TOC or tar name to a root-relative path; `..` and NUL are refused.
+pub fn normalize_name(name: &str) -> std::result::Result<String, String> {
+    if name.contains('\0') {
+        return Err("name contains NUL".into());
+    }
+    let mut out = String::with_capacity(name.len());
+    for comp in name.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => return Err("name has a `..` component".into()),
+            c => {
+                if !out.is_empty() {
+                    out.push('/');
+                }
+                out.push_str(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parent_of(name: &str) -> &str {
+    name.rfind('/').map_or("", |i| &name[..i])
+}
+
+fn invalid(name: &str, reason: impl Into<String>) -> EstargzError {
+    EstargzError::InvalidEntry { name: name.to_owned(), reason: reason.into() }
+}
+
+fn non_negative(name: &str, field: &str, v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| invalid(name, format!("negative {field} {v}")))
+}
+
+/// An entry seen in the TOC, before the tree is linked.
+struct Pending {
+    entry: Entry,
+    /// Normalized hardlink target, for `hardlink` entries.
+    hardlink_to: Option<String>,
+}
+
+impl LayerIndex {
+    /// Builds and validates the index. `toc_offset` bounds every compressed range.
+    pub fn build(toc: &Toc, toc_offset: u64) -> Result<Self> {
+        let mut b = IndexBuilder { toc_offset, ..Default::default() };
+        for e in &toc.entries {
+            b.add(e)?;
+        }
+        b.finish()
+    }
+
+    /// Label used in chunk errors (e.g. the layer digest).
+    pub fn set_layer_label(&mut self, layer: impl Into<String>) {
+        self.layer = layer.into();
+    }
+    pub fn layer_label(&self) -> &str {
+        &self.layer
+    }
+
+    pub fn root(&self) -> EntryId {
+        0
+    }
+    /// Number of entries (ids are dense: `0..len()`).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    pub fn entry(&self, id: EntryId) -> Option<&Entry> {
+        self.entries.get(id as usize)
+    }
+    /// All entries in id order.
+    pub fn entries(&self) -> impl Iterator<Item = (EntryId, &Entry)> {
+        self.entries.iter().enumerate().map(|(i, e)| (i as EntryId, e))
+    }
+    /// Id of a path (any spelling `normalize_name` accepts); hardlink names give the target's id.
+    pub fn lookup(&self, path: &str) -> Option<EntryId> {
+        let n = normalize_name(path).ok()?;
+        self.paths.get(&n).copied()
+    }
+    pub fn lookup_child(&self, dir: EntryId, name: &str) -> Option<EntryId> {
+        self.entry(dir)?.children.get(name).copied()
+    }
+    /// Directory children by base name, sorted; empty for non-directories.
+    pub fn children(&self, dir: EntryId) -> impl Iterator<Item = (&str, EntryId)> {
+        self.entry(dir).into_iter().flat_map(|e| e.children.iter().map(|(k, v)| (k.as_str(), *v)))
+    }
+    pub fn parent(&self, id: EntryId) -> Option<EntryId> {
+        self.entry(id).map(|e| e.parent)
+    }
+    /// All chunks of a regular file, ordered by file offset and covering it exactly.
+    pub fn chunks(&self, id: EntryId) -> &[ChunkInfo] {
+        self.entry(id).map_or(&[], |e| &e.chunks)
+    }
+    /// The chunks holding bytes `[offset, offset+len)` of file `id` (binary search).
+    pub fn chunks_for_range(&self, id: EntryId, offset: u64, len: u64) -> &[ChunkInfo] {
+        let chunks = self.chunks(id);
+        let end = offset.saturating_add(len);
+        let lo = chunks.partition_point(|c| c.chunk_offset + c.chunk_size <= offset);
+        let hi = chunks.partition_point(|c| c.chunk_offset < end);
+        if lo >= hi {
+            return &[];
+        }
+        &chunks[lo..hi]
+    }
+    /// Blob offset of the TOC member (= end of all payload).
+    pub fn toc_offset(&self) -> u64 {
+        self.toc_offset
+    }
+    /// True when the layer has a `.prefetch.landmark`.
+    pub fn has_prefetch_landmark(&self) -> bool {
+        self.prefetch_landmark.is_some()
+    }
+    /// Offset of the `.prefetch.landmark` payload: prefetch `[0, this)`.
+    pub fn prefetch_end_offset(&self) -> Option<u64> {
+        self.prefetch_landmark
+    }
+    /// True when the layer has a `.no.prefetch.landmark`.
+    pub fn no_prefetch(&self) -> bool {
+        self.no_prefetch
+    }
+    /// Go's `VerifyTOC` refuses layers whose data entries lack `chunkDigest`; so do we when
+    /// verification is on.
+    pub fn require_chunk_digests(&self) -> Result<()> {
+        if self.missing_chunk_digests > 0 {
+            return Err(EstargzError::MalformedToc(format!(
+                "{} chunk(s) have no chunkDigest; cannot verify",
+                self.missing_chunk_digests
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct IndexBuilder {
+    toc_offset: u64,
+    slots: Vec<Pending>,
+    by_name: HashMap<String, usize>,
+    /// Slot of the regular file that following `chunk` entries continue.
+    last_reg: Option<usize>,
+    /// Every data offset in the TOC (including replaced duplicates and landmarks): member starts.
+    data_offsets: Vec<u64>,
+    prefetch_landmark: Option<u64>,
+    no_prefetch: bool,
+    missing_chunk_digests: usize,
+    unames: HashMap<u32, String>,
+    gnames: HashMap<u32, String>,
+}
+
+impl IndexBuilder {
+    fn add(&mut self, e: &TocEntry) -> Result<()> {
+        if e.kind == EntryType::Chunk {
+            return self.add_chunk(e);
+        }
+        self.last_reg = None;
+        let name = normalize_name(&e.name).map_err(|r| invalid(&e.name, r))?;
+        if e.kind == EntryType::Reg && super::landmark::is_landmark(&name) {
+            let off = non_negative(&name, "offset", e.offset)?;
+            self.check_offset(&name, off)?;
+            self.data_offsets.push(off);
+            if name == PREFETCH_LANDMARK {
+                self.prefetch_landmark = Some(off);
+            } else if name == NO_PREFETCH_LANDMARK {
+                self.no_prefetch = true;
+            }
+            return Ok(());
+        }
+        let entry = self.entry_from(e, name)?;
+        let hardlink_to = if e.kind == EntryType::Hardlink {
+            Some(normalize_name(&e.link_name).map_err(|r| invalid(&entry.name, format!("hardlink target: {r}")))?)
+        } else {
+            None
+        };
+        let pending = Pending { entry, hardlink_to };
+        let slot = match self.by_name.get(&pending.entry.name) {
+            Some(&i) => {
+                self.slots[i] = pending; // last wins (Go, tar)
+                i
+            }
+            None => {
+                self.by_name.insert(pending.entry.name.clone(), self.slots.len());
+                self.slots.push(pending);
+                self.slots.len() - 1
+            }
+        };
+        if e.kind == EntryType::Reg {
+            self.start_reg(slot, e)?;
+        }
+        Ok(())
+    }
+
+    fn entry_from(&mut self, e: &TocEntry, name: String) -> Result<Entry> {
+        let mode = non_negative(&name, "mode", e.mode)? as u32 & 0o7777;
+        let size = if e.kind == EntryType::Reg { non_negative(&name, "size", e.size)? } else { 0 };
+        if size > MAX_FILE_SIZE {
+            return Err(invalid(&name, format!("absurd size {size}")));
+        }
+        let (mtime_secs, mtime_nanos) = if e.mod_time.is_empty() { (0, 0) } else { rfc3339::parse(&e.mod_time).unwrap_or((0, 0)) };
+        // Go writes userName/groupName only when they change for an id; fill them back in.
+        let user_name = fill_name(&mut self.unames, e.uid, &e.user_name);
+        let group_name = fill_name(&mut self.gnames, e.gid, &e.group_name);
+        let link_name = if e.kind == EntryType::Symlink { e.link_name.clone() } else { String::new() };
+        Ok(Entry {
+            name,
+            kind: e.kind,
+            mode,
+            uid: e.uid,
+            gid: e.gid,
+            user_name,
+            group_name,
+            mtime_secs,
+            mtime_nanos,
+            size,
+            link_name,
+            dev_major: e.dev_major,
+            dev_minor: e.dev_minor,
+            xattrs: e.xattrs.clone(),
+            digest: e.digest.clone(),
+            nlink: 1,
+            parent: 0,
+            children: BTreeMap::new(),
+            chunks: Vec::new(),
+        })
+    }
+
+    fn check_offset(&self, name: &str, off: u64) -> Result<()> {
+        if off >= self.toc_offset {
+            return Err(invalid(name, format!("payload offset {off} is not before the TOC at {}", self.toc_offset)));
+        }
+        Ok(())
+    }
+
+    fn chunk_from(&mut self, name: &str, e: &TocEntry, chunk_offset: u64, file_size: u64) -> Result<ChunkInfo> {
+        let compressed_offset = non_negative(name, "offset", e.offset)?;
+        self.check_offset(name, compressed_offset)?;
+        let inner_offset = non_negative(name, "innerOffset", e.inner_offset)?;
+        if inner_offset > MAX_INNER_OFFSET {
+            return Err(invalid(name, format!("absurd innerOffset {inner_offset}")));
+        }
+        let declared = non_negative(name, "chunkSize", e.chunk_size)?;
+        let chunk_size = if declared == 0 { file_size.saturating_sub(chunk_offset) } else { declared };
+        if chunk_size == 0 || chunk_size > MAX_CHUNK_SIZE {
+            return Err(invalid(name, format!("bad chunk size {chunk_size} at file offset {chunk_offset}")));
+        }
+        if chunk_offset.checked_add(chunk_size).is_none_or(|end| end > file_size) {
+            return Err(invalid(name, format!("chunk [{chunk_offset}, +{chunk_size}) exceeds file size {file_size}")));
+        }
+        let digest = if e.chunk_digest.is_empty() {
+            self.missing_chunk_digests += 1;
+            None
+        } else {
+            Some(parse_sha256(&e.chunk_digest).map_err(|_| invalid(name, format!("bad chunkDigest {:?}", e.chunk_digest)))?)
+        };
+        self.data_offsets.push(compressed_offset);
+        Ok(ChunkInfo { chunk_offset, chunk_size, compressed_offset, compressed_end: 0, inner_offset, digest })
+    }
+
+    fn start_reg(&mut self, slot: usize, e: &TocEntry) -> Result<()> {
+        let size = self.slots[slot].entry.size;
+        let name = self.slots[slot].entry.name.clone();
+        if size == 0 {
+            return Ok(());
+        }
+        if e.chunk_offset != 0 {
+            return Err(invalid(&name, "first chunk of a file must start at 0"));
+        }
+        let c = self.chunk_from(&name, e, 0, size)?;
+        self.slots[slot].entry.chunks.push(c);
+        self.last_reg = Some(slot);
+        Ok(())
+    }
+
+    fn add_chunk(&mut self, e: &TocEntry) -> Result<()> {
+        let slot = self.last_reg.ok_or_else(|| invalid(&e.name, "chunk entry without a preceding regular file"))?;
+        let (name, size) = (self.slots[slot].entry.name.clone(), self.slots[slot].entry.size);
+        let expected = self.slots[slot].entry.chunks.last().map_or(0, |c| c.chunk_offset + c.chunk_size);
+        let chunk_offset = non_negative(&name, "chunkOffset", e.chunk_offset)?;
+        if chunk_offset != expected {
+            return Err(invalid(&name, format!("chunk at {chunk_offset}, expected the next one at {expected}")));
+        }
+        let c = self.chunk_from(&name, e, chunk_offset, size)?;
+        let prev = self.slots[slot].entry.chunks.last().copied();
+        if let Some(p) = prev {
+            if (c.compressed_offset, c.inner_offset) <= (p.compressed_offset, p.inner_offset) {
+                return Err(invalid(&name, "chunk offsets are not increasing"));
+            }
+        }
+        self.slots[slot].entry.chunks.push(c);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<LayerIndex> {
+        self.data_offsets.sort_unstable();
+        self.data_offsets.dedup();
+        for p in &mut self.slots {
+            let covered = p.entry.chunks.last().map_or(0, |c| c.chunk_offset + c.chunk_size);
+            if covered != p.entry.size {
+                return Err(invalid(&p.entry.name, format!("chunks cover {covered} of {} bytes", p.entry.size)));
+            }
+            for c in &mut p.entry.chunks {
+                let i = self.data_offsets.partition_point(|&o| o <= c.compressed_offset);
+                c.compressed_end = self.data_offsets.get(i).copied().unwrap_or(self.toc_offset);
+            }
+        }
+        let mut t = TreeBuilder::new(self.slots)?;
+        t.link()?;
+        Ok(LayerIndex {
+            entries: t.entries,
+            paths: t.paths,
+            toc_offset: self.toc_offset,
+            prefetch_landmark: self.prefetch_landmark,
+            no_prefetch: self.no_prefetch,
+            missing_chunk_digests: self.missing_chunk_digests,
+            layer: String::new(),
+        })
+    }
+}
+
+fn fill_name(map: &mut HashMap<u32, String>, id: u32, name: &str) -> String {
+    if name.is_empty() {
+        map.get(&id).cloned().unwrap_or_default()
+    } else {
+        map.insert(id, name.to_owned());
+        name.to_owned()
+    }
+}
+
+fn implicit_dir(name: String) -> Entry {
+    Entry {
+        name,
+        kind: EntryType::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        user_name: String::new(),
+        group_name: String::new(),
+        mtime_secs: 0,
+        mtime_nanos: 0,
+        size: 0,
+        link_name: String::new(),
+        dev_major: 0,
+        dev_minor: 0,
+        xattrs: BTreeMap::new(),
+        digest: String::new(),
+        nlink: 2,
+        parent: 0,
+        children: BTreeMap::new(),
+        chunks: Vec::new(),
+    }
+}
+
+/// Links entries into the directory tree once every explicit entry has an id.
+struct TreeBuilder {
+    entries: Vec<Entry>,
+    paths: HashMap<String, EntryId>,
+    hardlinks: Vec<(String, String)>,
+}
+
+impl TreeBuilder {
+    fn new(slots: Vec<Pending>) -> Result<Self> {
+        let mut t = TreeBuilder { entries: Vec::with_capacity(slots.len() + 1), paths: HashMap::new(), hardlinks: Vec::new() };
+        // The root takes id 0: the TOC's own "" / "./" entry when present.
+        let mut rest = Vec::with_capacity(slots.len());
+        let mut root = None;
+        for p in slots {
+            if p.entry.name.is_empty() {
+                if p.entry.kind != EntryType::Dir {
+                    return Err(invalid("", "the root is not a directory"));
+                }
+                root = Some(p.entry);
+            } else {
+                rest.push(p);
+            }
+        }
+        let mut root = root.unwrap_or_else(|| implicit_dir(String::new()));
+        root.nlink = 2;
+        t.push(root)?;
+        for p in rest {
+            match p.hardlink_to {
+                Some(target) => t.hardlinks.push((p.entry.name, target)),
+                None => {
+                    t.push(p.entry)?;
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    fn push(&mut self, e: Entry) -> Result<EntryId> {
+        let id = EntryId::try_from(self.entries.len()).map_err(|_| invalid(&e.name, "too many entries"))?;
+        self.paths.insert(e.name.clone(), id);
+        self.entries.push(e);
+        Ok(id)
+    }
+
+    fn link(&mut self) -> Result<()> {
+        let explicit = self.entries.len();
+        for id in 1..explicit as EntryId {
+            let name = self.entries[id as usize].name.clone();
+            let parent = self.dir_for(parent_of(&name), &name)?;
+            self.attach(parent, &name, id);
+        }
+        let hardlinks = std::mem::take(&mut self.hardlinks);
+        let links: HashMap<&str, &str> = hardlinks.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+        for (name, target) in &hardlinks {
+            let id = self.resolve_hardlink(name, target, &links)?;
+            let parent = self.dir_for(parent_of(name), name)?;
+            self.entries[id as usize].nlink += 1;
+            self.paths.insert(name.clone(), id);
+            self.attach_name(parent, name, id);
+        }
+        Ok(())
+    }
+
+    /// Follows hardlink-to-hardlink chains (bounded) to a real entry.
+    fn resolve_hardlink(&self, name: &str, target: &str, links: &HashMap<&str, &str>) -> Result<EntryId> {
+        let mut t = target;
+        for _ in 0..=links.len() {
+            if let Some(&id) = self.paths.get(t) {
+                if self.entries[id as usize].kind == EntryType::Dir {
+                    return Err(invalid(name, format!("hardlink to directory {t:?}")));
+                }
+                return Ok(id);
+            }
+            match links.get(t) {
+                Some(next) => t = next,
+                None => return Err(invalid(name, format!("hardlink target {target:?} not found"))),
+            }
+        }
+        Err(invalid(name, "hardlink cycle"))
+    }
+
+    /// Id of directory `dir`, created (with its ancestors) when the TOC lacks it.
+    /// Iterative: a hostile TOC may nest names very deeply.
+    fn dir_for(&mut self, dir: &str, child: &str) -> Result<EntryId> {
+        let mut missing = Vec::new();
+        let mut cur = dir;
+        let mut top = loop {
+            if let Some(&id) = self.paths.get(cur) {
+                if self.entries[id as usize].kind != EntryType::Dir {
+                    let below = missing.last().copied().unwrap_or(child);
+                    return Err(invalid(below, format!("parent {cur:?} is not a directory")));
+                }
+                break id;
+            }
+            missing.push(cur);
+            cur = parent_of(cur);
+        };
+        for name in missing.into_iter().rev() {
+            let id = self.push(implicit_dir(name.to_owned()))?;
+            self.attach(top, name, id);
+            top = id;
+        }
+        Ok(top)
+    }
+
+    fn attach(&mut self, parent: EntryId, name: &str, id: EntryId) {
+        self.entries[id as usize].parent = parent;
+        if self.entries[id as usize].kind == EntryType::Dir {
+            self.entries[parent as usize].nlink += 1;
+        }
+        self.attach_name(parent, name, id);
+    }
+
+    fn attach_name(&mut self, parent: EntryId, name: &str, id: EntryId) {
+        let base = name.rsplit('/').next().unwrap_or(name).to_owned();
+        self.entries[parent as usize].children.insert(base, id);
+    }
+}

@@ -1,0 +1,77 @@
+//! Opening a blob from any [`ReadAt`]: footer → TOC → verified index; and reading file ranges.
+
+use super::footer::{parse_footer, TocLocation, FOOTER_SIZE};
+use super::index::{EntryId, LayerIndex};
+use super::toc::{parse_toc_member, verify_toc_digest, EntryType, Toc, MAX_TOC_COMPRESSED_SIZE};
+use super::{chunk, EstargzError, ReadAt, Result};
+
+/// Everything learned from a blob's tail.
+#[derive(Debug, Clone)]
+pub struct OpenedBlob {
+    pub location: TocLocation,
+    pub toc: Toc,
+    /// `sha256:` of the uncompressed TOC JSON.
+    pub toc_digest: String,
+    pub index: LayerIndex,
+}
+
+/// Opens a blob of `blob_size` bytes: parses the footer, reads and parses the TOC member,
+/// checks its digest against `expected_toc_digest` when given (mismatch is an error), and
+/// builds the index.
+pub fn open_blob<R: ReadAt + ?Sized>(blob: &R, blob_size: u64, expected_toc_digest: Option<&str>) -> Result<OpenedBlob> {
+    let tail_len = blob_size.min(FOOTER_SIZE);
+    let mut tail = vec![0u8; tail_len as usize];
+    blob.read_exact_at(&mut tail, blob_size - tail_len)?;
+    let location = parse_footer(&tail)?;
+    let range = location.toc_range(blob_size)?;
+    let len = range.end - range.start;
+    if len > MAX_TOC_COMPRESSED_SIZE {
+        return Err(EstargzError::TocTooLarge { size: len, limit: MAX_TOC_COMPRESSED_SIZE });
+    }
+    let mut member = vec![0u8; len as usize];
+    blob.read_exact_at(&mut member, range.start)?;
+    open_from_toc_member(&member, location, expected_toc_digest)
+}
+
+/// Second half of [`open_blob`] for callers that fetched the TOC member themselves
+/// (e.g. the registry client, with one ranged request for footer + TOC).
+pub fn open_from_toc_member(member: &[u8], location: TocLocation, expected_toc_digest: Option<&str>) -> Result<OpenedBlob> {
+    let (toc, toc_digest) = parse_toc_member(member)?;
+    if let Some(want) = expected_toc_digest {
+        verify_toc_digest(&toc_digest, want)?;
+    }
+    let index = LayerIndex::build(&toc, location.toc_offset)?;
+    Ok(OpenedBlob { location, toc, toc_digest, index })
+}
+
+/// Reads `buf.len()` bytes (fewer at end of file) of file `id` at `offset`, fetching each
+/// needed compressed range from `blob` and verifying every chunk. Returns bytes read.
+/// A plain, synchronous reader: the filesystem adds caching and prefetching on top.
+pub fn read_file_range<R: ReadAt + ?Sized>(blob: &R, index: &LayerIndex, id: EntryId, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    let e = index.entry(id).ok_or(EstargzError::NoSuchEntry(id))?;
+    if e.kind != EntryType::Reg {
+        return Err(EstargzError::NotRegular(e.name.clone()));
+    }
+    if offset >= e.size || buf.is_empty() {
+        return Ok(0);
+    }
+    let want = (buf.len() as u64).min(e.size - offset);
+    let mut done = 0u64;
+    let mut compressed = Vec::new();
+    let mut plain = Vec::new();
+    for c in index.chunks_for_range(id, offset, want) {
+        let range = c.compressed_range();
+        compressed.resize((range.end - range.start) as usize, 0);
+        blob.read_exact_at(&mut compressed, range.start)?;
+        plain.resize(c.chunk_size as usize, 0);
+        chunk::decode_chunk_into(&compressed[..], c, index.layer_label(), &e.name, &mut plain)?;
+        let from = offset + done - c.chunk_offset;
+        let n = (c.chunk_size - from).min(want - done);
+        buf[done as usize..(done + n) as usize].copy_from_slice(&plain[from as usize..(from + n) as usize]);
+        done += n;
+    }
+    if done != want {
+        return Err(EstargzError::OutOfFile { file: e.name.clone(), offset, len: want, size: e.size });
+    }
+    Ok(done as usize)
+}
