@@ -27,13 +27,11 @@ pub fn estargz_from_tar(tar_bytes: &[u8], chunk_size: u64, landmark_after: Optio
     let mut w = MemberWriter { out, gz: None };
     let mut toc = Toc { version: 1, entries: Vec::new() };
     let mut ar = tar::Archive::new(tar_bytes);
-    let mut count = 0;
-    for ent in ar.entries()? {
+    for (count, ent) in ar.entries()?.enumerate() {
         let mut ent = ent?;
         if landmark_after == Some(count) {
             add_landmark(&mut w, &mut toc)?;
         }
-        count += 1;
         let h = ent.header().clone();
         let name = String::from_utf8(ent.path_bytes().into_owned())?;
         let mut xattrs = BTreeMap::new();
