@@ -296,3 +296,38 @@ fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
     drop(guard);
     Ok(())
 }
+
+/// Layers written by the crate's own eStargz builder (Go's layout, prioritized files and
+/// landmark) mount and match their source too.
+#[test]
+fn layer_from_estargz_builder_matches_source_and_prefetches_prioritized_files() -> Result<()> {
+    require_root();
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src)?;
+    make_rootfs(&src)?;
+    // The builder rounds sub-second mtimes (Go truncates); compare on whole seconds here.
+    truncate_mtimes(&src)?;
+    let tar = tar_dir(&src)?;
+    let opts = stargz::estargz::builder::BuildOptions {
+        chunk_size: 1 << 20,
+        compression_level: 1,
+        prioritized_files: vec!["etc/passwd".into(), "usr/lib/app/big.bin".into()],
+        ..Default::default()
+    };
+    let mut blob = Vec::new();
+    let res = stargz::estargz::builder::build(tar.as_slice(), &mut blob, &opts)?;
+    let f = Fixture { _tmp: tmp, src, blob, toc_digest: res.toc_digest };
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let mut layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    layer.wait_prefetch();
+    source.set(DOWN);
+    for p in ["etc/passwd", "usr/lib/app/big.bin"] {
+        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p} not prefetched");
+    }
+    source.set(HEALTHY);
+    compare_trees(&f.src, layer.mountpoint())?;
+    layer.unmount()?;
+    Ok(())
+}

@@ -419,3 +419,16 @@ pub fn require_root() {
     assert!(nix::unistd::geteuid().is_root(), "this test needs root and /dev/fuse (CI runs as root)");
     assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
 }
+
+/// Sets every path's mtime to its whole second (some tar/eStargz writers round, Go truncates).
+pub fn truncate_mtimes(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let md = std::fs::symlink_metadata(&p)?;
+        if md.is_dir() {
+            truncate_mtimes(&p)?;
+        }
+        set_mtime(&p, md.mtime())?;
+    }
+    set_mtime(dir, std::fs::symlink_metadata(dir)?.mtime())
+}
