@@ -306,7 +306,7 @@ fn layer_from_estargz_builder_matches_source_and_prefetches_prioritized_files() 
     let src = tmp.path().join("src");
     std::fs::create_dir(&src)?;
     make_rootfs(&src)?;
-    // The builder rounds sub-second mtimes (Go truncates); compare on whole seconds here.
+    // The builder rounds sub-second mtimes to the second, as Go does; compare whole seconds.
     truncate_mtimes(&src)?;
     let tar = tar_dir(&src)?;
     let opts = stargz::estargz::builder::BuildOptions {

@@ -420,7 +420,8 @@ pub fn require_root() {
     assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
 }
 
-/// Sets every path's mtime to its whole second (some tar/eStargz writers round, Go truncates).
+/// Sets every path's mtime to its whole second: eStargz TOCs hold whole seconds, rounded as Go's
+/// `formatModtime` does, so sub-second source mtimes would differ by one.
 pub fn truncate_mtimes(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
