@@ -331,3 +331,34 @@ fn layer_from_estargz_builder_matches_source_and_prefetches_prioritized_files() 
     layer.unmount()?;
     Ok(())
 }
+
+/// A read waiting on a stalled registry does not hold up reads of cached files.
+#[test]
+fn stalled_registry_does_not_block_cached_reads() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let mnt = layer.mountpoint().to_path_buf();
+    let cached = ["usr/lib/app/small.txt", "public", "etc/hostname"];
+    for p in cached {
+        std::fs::read(mnt.join(p))?;
+    }
+    source.set(SLOW);
+    let big = mnt.join("usr/lib/app/big.bin");
+    let slow_reader = std::thread::spawn(move || std::fs::read(big).map(|b| b.len()));
+    std::thread::sleep(Duration::from_millis(300));
+    drop_page_cache()?;
+    let start = Instant::now();
+    for p in cached {
+        assert_eq!(std::fs::read(mnt.join(p))?, std::fs::read(f.src.join(p))?);
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "cached reads waited {took:?} behind a stalled fetch");
+    source.set(HEALTHY);
+    let n = slow_reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    assert_eq!(n as u64, std::fs::metadata(f.src.join("usr/lib/app/big.bin"))?.len());
+    layer.unmount()?;
+    Ok(())
+}

@@ -364,6 +364,8 @@ pub struct FaultySource {
 pub const HEALTHY: u8 = 0;
 pub const DOWN: u8 = 1;
 pub const CORRUPT: u8 = 2;
+/// Every fetch first sleeps 3 s (a stalled registry).
+pub const SLOW: u8 = 3;
 
 impl FaultySource {
     pub fn new(blob: Vec<u8>) -> Arc<Self> {
@@ -385,6 +387,9 @@ impl LayerSource for FaultySource {
             .blob
             .get(offset as usize..(offset + len) as usize)
             .ok_or_else(|| std::io::Error::other("range past end"))?;
+        if self.mode.load(Ordering::SeqCst) == SLOW {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
         match self.mode.load(Ordering::SeqCst) {
             DOWN => Err(std::io::Error::other("registry down")),
             CORRUPT => {
