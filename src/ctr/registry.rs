@@ -88,14 +88,16 @@ fn is_manifest_type(mt: &str) -> bool {
     is_index_type(mt) || matches!(mt, MT_OCI_MANIFEST | MT_DOCKER_MANIFEST)
 }
 
-/// A `Write` end of the blob stream, used from a blocking thread: each write waits for room
-/// in the channel. Fails once the stream's reader is gone, which stops the download.
-struct ChannelWriter(mpsc::Sender<Result<Bytes, Error>>);
+/// The `Write` end of a blob download: a bounded std channel, so a slow content store blocks
+/// the download thread instead of letting bytes pile up. Fails once the reader is gone,
+/// which stops the download. (Tokio's `blocking_send` cannot be used here: the download runs
+/// inside `Handle::block_on`, which counts as async context.)
+struct ChannelWriter(std::sync::mpsc::SyncSender<Result<Bytes, Error>>);
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0
-            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .send(Ok(Bytes::copy_from_slice(buf)))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "blob stream dropped"))?;
         Ok(buf.len())
     }
@@ -130,19 +132,28 @@ impl Fetcher for RemoteFetcher {
     }
 
     /// The download runs on a blocking thread ([`crate::remote::SyncBlob`]) writing into a
-    /// bounded channel; the cache given to the blob is never used by whole-blob fetches.
+    /// bounded channel that a second blocking thread forwards to the stream; the cache given to the blob is never used by whole-blob fetches.
     async fn fetch_stream(&self, desc: &Descriptor) -> Result<BlobStream, Error> {
         let blob = Blob::open(&self.client, &self.reference, &desc.digest, Arc::new(MemoryCache::new())).await?;
         if blob.size() as i64 != desc.size {
             return Err(Error::Format(format!("{} is {} bytes, descriptor says {}", desc.digest, blob.size(), desc.size)));
         }
         let sync = blob.sync(tokio::runtime::Handle::current());
+        let (std_tx, std_rx) = std::sync::mpsc::sync_channel(STREAM_DEPTH);
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         tokio::task::spawn_blocking(move || {
-            let mut writer = ChannelWriter(tx.clone());
+            let mut writer = ChannelWriter(std_tx.clone());
             if let Err(e) = sync.fetch_verified_into(&mut writer) {
                 // Ends the stream in an error so the content writer never commits.
-                let _ = tx.blocking_send(Err(e.into()));
+                let _ = std_tx.send(Err(e.into()));
+            }
+        });
+        // Outside any runtime context, so it may block on the async channel.
+        tokio::task::spawn_blocking(move || {
+            while let Ok(item) = std_rx.recv() {
+                if tx.blocking_send(item).is_err() {
+                    break;
+                }
             }
         });
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
