@@ -77,7 +77,7 @@ impl RemoteFetcher {
     }
 }
 
-fn check_size(desc: &Descriptor, len: usize) -> Result<(), Error> {
+fn check_size(desc: &Descriptor, len: u64) -> Result<(), Error> {
     if len as i64 != desc.size {
         return Err(Error::Format(format!("{} is {len} bytes, descriptor says {}", desc.digest, desc.size)));
     }
@@ -127,7 +127,7 @@ impl Fetcher for RemoteFetcher {
         } else {
             self.client.fetch_blob_bytes(&self.reference, &desc.digest).await?
         };
-        check_size(desc, raw.len())?;
+        check_size(desc, raw.len() as u64)?;
         Ok(Bytes::from(raw))
     }
 
@@ -135,9 +135,7 @@ impl Fetcher for RemoteFetcher {
     /// bounded channel that a second blocking thread forwards to the stream; the cache given to the blob is never used by whole-blob fetches.
     async fn fetch_stream(&self, desc: &Descriptor) -> Result<BlobStream, Error> {
         let blob = Blob::open(&self.client, &self.reference, &desc.digest, Arc::new(MemoryCache::new())).await?;
-        if blob.size() as i64 != desc.size {
-            return Err(Error::Format(format!("{} is {} bytes, descriptor says {}", desc.digest, blob.size(), desc.size)));
-        }
+        check_size(desc, blob.size())?;
         let sync = blob.sync(tokio::runtime::Handle::current());
         let (std_tx, std_rx) = std::sync::mpsc::sync_channel(STREAM_DEPTH);
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
