@@ -132,7 +132,8 @@ impl Fetcher for RemoteFetcher {
     }
 
     /// The download runs on a blocking thread ([`crate::remote::SyncBlob`]) writing into a
-    /// bounded channel that a second blocking thread forwards to the stream; the cache given to the blob is never used by whole-blob fetches.
+    /// bounded channel that a second blocking thread forwards to the stream. Dropping the
+    /// stream stops both. The blob's cache is never used by whole-blob fetches.
     async fn fetch_stream(&self, desc: &Descriptor) -> Result<BlobStream, Error> {
         let blob = Blob::open(&self.client, &self.reference, &desc.digest, Arc::new(MemoryCache::new())).await?;
         check_size(desc, blob.size())?;
