@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 
 use super::client::Containerd;
 use super::labels::DEFAULT_PREFETCH_SIZE;
-use super::registry::{Reference, RegistryFetcher, RegistryOptions};
+use super::registry::{RegistryOptions, RemoteFetcher};
+use crate::remote::Reference;
 use super::convert::{convert, ConvertOptions};
 use super::toc::layer_toc;
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
@@ -152,8 +153,8 @@ fn parse_labels(args: &[String]) -> HashMap<String, String> {
 }
 
 async fn run_rpull(cd: &Containerd, args: RpullArgs) -> Result<(), Error> {
-    let reference = Reference::parse(&args.reference)?;
-    let fetcher = RegistryFetcher::new(
+    let reference: Reference = args.reference.parse()?;
+    let fetcher = RemoteFetcher::new(
         reference.clone(),
         &RegistryOptions { plain_http: args.plain_http, skip_verify: args.skip_verify, user: args.user },
     )?;

@@ -30,10 +30,8 @@ pub enum Error {
         #[source]
         source: tonic::Status,
     },
-    #[error("registry: {0}")]
-    Registry(String),
-    #[error("http: {0}")]
-    Http(#[source] reqwest::Error),
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     #[error("digest mismatch: expected {expected}, got {got}")]
     DigestMismatch { expected: String, got: String },
     #[error("{0}")]

@@ -17,7 +17,8 @@ use tonic::Code;
 use super::client::{to_pb, Containerd};
 use super::labels::{append_default_labels, snapshot_labels, LABEL_SKIP_VERIFY};
 use super::oci::{chain_ids, host_platform, is_index_type, Config, Descriptor, Index, Manifest};
-use super::registry::{Fetcher, Reference};
+use super::registry::Fetcher;
+use crate::remote::Reference;
 use super::Error;
 
 /// Options of `image rpull` beyond the registry ones.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use reqwest::{Method, Response, StatusCode};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use super::config::BlobConfig;
@@ -169,6 +170,21 @@ impl Blob {
     /// A `sink` error aborts at once ([`RemoteError::Sink`]).
     pub async fn fetch_range_into(&self, range: Range<u64>, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
         self.inner.fetch_range_into(range, sink).await
+    }
+
+    /// Streams the whole blob into `sink` (resuming broken connections like
+    /// [`Blob::fetch_range_into`]) and checks the bytes against the blob's digest, so a full
+    /// download (`ctr-remote rpull` fallback) is verified without ever being buffered whole.
+    /// On [`RemoteError::DigestMismatch`] `sink` has already seen the bad bytes: the caller
+    /// must discard them.
+    pub async fn fetch_verified_into(&self, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
+        let mut hashing = HashingWriter { sink, hasher: Sha256::new() };
+        let n = self.inner.fetch_range_into(0..self.inner.size, &mut hashing).await?;
+        let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
+        if self.inner.digest.starts_with("sha256:") && actual != self.inner.digest {
+            return Err(RemoteError::DigestMismatch { expected: self.inner.digest.clone(), actual });
+        }
+        Ok(n)
     }
 
     /// Checks the blob is still reachable (re-probes size and URL).
@@ -672,6 +688,24 @@ impl Inner {
     }
 }
 
+/// Passes bytes through to `sink` while hashing them.
+struct HashingWriter<'a> {
+    sink: &'a mut (dyn Write + Send),
+    hasher: Sha256,
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.sink.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sink.flush()
+    }
+}
+
 /// Whether a failed attempt is worth repeating here. Statuses and connection errors were
 /// already retried with backoff by `RegistryClient::send`; what is left to retry is a response
 /// that broke while streaming (reset, truncation, stall, garbled framing).
@@ -726,6 +760,10 @@ impl SyncBlob {
 
     pub fn fetch_range_into(&self, range: Range<u64>, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
         self.handle.block_on(self.blob.fetch_range_into(range, sink))
+    }
+
+    pub fn fetch_verified_into(&self, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
+        self.handle.block_on(self.blob.fetch_verified_into(sink))
     }
 }
 

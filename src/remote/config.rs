@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::auth::Credentials;
+
 /// `[blob]`: how blobs are fetched.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -113,6 +115,11 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub platform: Platform,
+    /// Accept any TLS certificate, for every host (`ctr --skip-verify`, as Go's resolver does).
+    pub skip_tls_verify: bool,
+    /// Credentials given on the command line (`ctr --user`), keyed by registry host as written
+    /// in references; they take precedence over the docker config.
+    pub credentials: HashMap<String, Credentials>,
 }
 
 impl Default for ClientConfig {
@@ -125,6 +132,8 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             platform: Platform::default(),
+            skip_tls_verify: false,
+            credentials: HashMap::new(),
         }
     }
 }

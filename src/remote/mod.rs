@@ -8,9 +8,11 @@
 //! let resolved = client.resolve(&reference).await?;          // manifest (platform picked)
 //! let config = client.fetch_blob_bytes(&reference, &resolved.manifest.config.digest).await?;
 //! let blob = Blob::open(&client, &reference, layer_digest, cache).await?;  // probes size + URL
+//! let index = client.fetch_manifest(&reference, reference.object()).await?; // raw bytes, no platform pick
 //! blob.read_at(&mut buf, offset).await?;                     // cached, chunk-aligned reads
 //! blob.prefetch(&[a..b]).await?;                             // fill the cache, no caller buffer
 //! blob.fetch_range_into(a..b, &mut sink).await?;             // stream bytes, NOT cached
+//! blob.fetch_verified_into(&mut sink).await?;               // whole blob, digest-checked, NOT cached
 //! let sync = blob.sync(tokio::runtime::Handle::current());   // for FUSE threads
 //! estargz::ReadAt::read_at(&sync, &mut buf, offset)?;        // blocks on the runtime
 //! blob.free_cache()?;                                        // drop this blob's cache entries
@@ -52,7 +54,7 @@ pub use blob::{Blob, SyncBlob};
 pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, Platform, ResolverConfig};
 pub use reference::Reference;
 pub use registry::{
-    Descriptor, Manifest, PlatformSpec, RegistryClient, Resolved, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
+    Descriptor, Manifest, PlatformSpec, RawManifest, RegistryClient, Resolved, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
     MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
 };
 

@@ -104,6 +104,15 @@ pub struct Resolved {
     pub raw: Vec<u8>,
 }
 
+/// A manifest or index exactly as the registry served it (see [`RegistryClient::fetch_manifest`]).
+#[derive(Debug, Clone)]
+pub struct RawManifest {
+    pub media_type: String,
+    /// `sha256:` of [`RawManifest::raw`].
+    pub digest: String,
+    pub raw: Vec<u8>,
+}
+
 /// Where a blob's bytes are served and how big it is (see [`RegistryClient::locate_blob`]).
 #[derive(Debug, Clone)]
 pub(crate) struct BlobLocation {
@@ -146,6 +155,7 @@ impl RegistryClient {
     pub fn new(config: ClientConfig) -> Result<Self, RemoteError> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            .danger_accept_invalid_certs(config.skip_tls_verify)
             .user_agent(concat!("stargz-snapshotter-rs/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| RemoteError::Http {
@@ -306,9 +316,10 @@ impl RegistryClient {
                 host: ep.cred_host.clone(),
                 reason: "401 without a usable WWW-Authenticate challenge".into(),
             })?;
-        let creds = match &self.inner.docker {
-            Some(d) => d.lookup(&ep.cred_host).await?,
-            None => None,
+        let creds = match (self.inner.config.credentials.get(&ep.cred_host), &self.inner.docker) {
+            (Some(c), _) => Some(c.clone()),
+            (None, Some(d)) => d.lookup(&ep.cred_host).await?,
+            (None, None) => None,
         };
         let auth = match challenge {
             Challenge::Basic => Auth::Basic(creds.ok_or_else(|| RemoteError::Unauthorized {
@@ -446,6 +457,22 @@ impl RegistryClient {
             digest,
             media_type,
             manifest,
+            raw,
+        })
+    }
+
+    /// Fetches one manifest or index as served, without picking a platform: `object` is a tag
+    /// or digest. Clients that store content (`ctr-remote rpull`) need the exact bytes of
+    /// every level. A digest `object` (or a pinned reference) is verified.
+    pub async fn fetch_manifest(&self, reference: &Reference, object: &str) -> Result<RawManifest, RemoteError> {
+        let accept = [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST].join(", ");
+        let (raw, ct) = self.get_small(reference, &format!("manifests/{object}"), Some(&accept)).await?;
+        let digest = sha256_digest(&raw);
+        let pinned = if object.contains(':') { Some(object) } else { reference.digest.as_deref() };
+        check_pinned(pinned, &digest)?;
+        Ok(RawManifest {
+            media_type: media_type(&raw, ct.as_deref()),
+            digest,
             raw,
         })
     }
