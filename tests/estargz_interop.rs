@@ -5,6 +5,7 @@
 //! - our builder's layer is pulled and unpacked by containerd as an ordinary gzip layer
 //!   (diff ID checked by containerd), mounted, and equal to the source tree; Go's
 //!   `ctr-remote image get-toc-digest` reports the TOC digest we computed.
+//!
 //! Needs root (containerd, mounts). Every process and mount is cleaned up on drop.
 
 mod common;

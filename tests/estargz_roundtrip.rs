@@ -145,7 +145,7 @@ fn tree() -> impl Strategy<Value = Vec<Node>> {
                 continue;
             }
             let kind = match k {
-                0 | 1 | 2 => Kind::File(data),
+                0..=2 => Kind::File(data),
                 3 => Kind::Symlink(format!("../{name}")),
                 4 => match files.first() {
                     Some(t) => Kind::Hardlink(t.clone()),
