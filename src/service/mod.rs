@@ -64,8 +64,7 @@ pub fn build_remote_layers(
     )?;
     let resolver = fs::RegistryResolver::new(client, http_cache, handle);
     let mut fs_config = fs::FsConfig::new(root);
-    let secs = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
-    fs_config.layer.attr_timeout = secs(config.fuse.attr_timeout);
+    fs_config.layer.attr_timeout = Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
     fs_config.layer.passthrough = config.fuse.passthrough;
     fs_config.layer.prefetch_size = u64::try_from(config.prefetch_size).unwrap_or(0);
     fs_config.layer.no_prefetch = config.noprefetch;
