@@ -13,12 +13,14 @@ pub mod layer;
 pub mod manager;
 pub mod open;
 pub mod reader;
+pub mod remote_source;
 pub mod source;
 
 pub use background::BackgroundFetcher;
 pub use manager::{BlobResolver, FsConfig, LayerManager};
 pub use layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
 pub use reader::{LayerReader, Priority, ReadOptions};
+pub use remote_source::{RegistryResolver, RemoteSource};
 pub use source::{FileSource, LayerSource};
 
 /// Errors of the `fs` module; the FUSE boundary maps them to errno in `fuse.rs`.
