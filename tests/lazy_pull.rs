@@ -88,7 +88,8 @@ fn fuse_mounts_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Every JSON log line of the daemon carrying `remote-snapshot-prepared`: (value, target, line).
+/// Every JSON log line of the daemon carrying `remote-snapshot-prepared`: (value, namespace of
+/// the key + "/" + target, line).
 fn prepared_events(log: &str) -> Vec<(bool, String, String)> {
     let mut out = Vec::new();
     for line in log.lines() {
@@ -96,10 +97,18 @@ fn prepared_events(log: &str) -> Vec<(bool, String, String)> {
         let fields = if v.get("fields").is_some() { &v["fields"] } else { &v };
         let Some(p) = fields.get("remote-snapshot-prepared") else { continue };
         let val = p.as_bool().unwrap_or_else(|| p.as_str() == Some("true"));
-        let target = fields.get("target").and_then(|t| t.as_str()).unwrap_or_default().to_string();
-        out.push((val, target, line.to_string()));
+        let target = fields.get("target").and_then(|t| t.as_str()).unwrap_or_default();
+        let ns = fields.get("key").and_then(|t| t.as_str()).and_then(|k| k.split('/').next()).unwrap_or_default();
+        out.push((val, format!("{ns}/{target}"), line.to_string()));
     }
     out
+}
+
+/// The daemon's INFO-and-above log lines (its debug output is large), last 60.
+fn log_tail(daemon: &Daemon) -> String {
+    let log = daemon.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("\"level\":\"DEBUG\"") && !l.contains("\"level\":\"TRACE\"")).collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 /// The image's manifest and the (digest, size) of its layers, read back from containerd.
@@ -137,34 +146,54 @@ fn run_python(ctrd: &Containerd, ns: &str, image: &str, id: &str, code: &str) ->
 
 /// Converts `src` to eStargz as `dst` with `bin`'s `image convert --estargz --oci` in the
 /// build containerd and pushes it to the registry.
-fn convert_and_push(bin: &str, ctrd: &Containerd, src: &str, dst: &str) {
+fn convert_and_push(bin: &str, ctrd: &Containerd, src: &str, dst: &str, extra: &[&str]) {
     let t = Instant::now();
-    ctr_remote(bin, ctrd, "default", &["image", "convert", "--estargz", "--oci", src, dst]);
+    let mut args = vec!["image", "convert", "--estargz", "--oci"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[src, dst]);
+    ctr_remote(bin, ctrd, "default", &args);
     ctr_ns(ctrd, "default", &["image", "push", "--plain-http", dst]);
     eprintln!("converted+pushed {dst} with {bin} in {:?}", t.elapsed());
 }
 
-/// Builds the images in the registry: the gzip original and our eStargz conversion (Go's
-/// convert takes about a minute here, so both rpulls use ours). Returns (gzip, estargz). The
-/// build containerd is gone afterwards, so nothing local remains.
-fn build_images(reg: &Registry) -> (String, String) {
+/// Builds the images in the registry: the gzip original, our eStargz conversion, and a second
+/// one at compression level 1 for Go's rpull (other blobs, so other snapshots: containerd 1.6
+/// shares committed snapshots across namespaces; Go's convert takes a minute here, too slow).
+/// Returns (gzip, estargz, estargz-2). The build containerd is gone afterwards, so nothing
+/// local remains.
+fn build_images(reg: &Registry) -> (String, String, String) {
     let t = Instant::now();
     let gzip = push_python_image(reg, "e2e/python", "gzip");
     eprintln!("pushed gzip image in {:?}", t.elapsed());
     let ours_ref = format!("{}/e2e/python:esgz", reg.addr());
     let build = Containerd::start(ContainerdOpts::default());
     ctr_ns(&build, "default", &["image", "pull", "--plain-http", &gzip]);
-    convert_and_push(ours(), &build, &gzip, &ours_ref);
+    let second = format!("{}/e2e/python:esgz-l1", reg.addr());
+    convert_and_push(ours(), &build, &gzip, &ours_ref, &[]);
+    convert_and_push(ours(), &build, &gzip, &second, &["--estargz-compression-level", "1"]);
     drop(build);
-    (gzip, ours_ref)
+    (gzip, ours_ref, second)
 }
 
 /// Asserts that every layer of `image` (namespace `ns`) is a FUSE mount below the daemon root
 /// serving that layer, and that the daemon logged `remote-snapshot-prepared=true` for as many
 /// new targets. Returns the layers.
-fn assert_all_remote(ctrd: &Containerd, daemon: &Daemon, ns: &str, image: &str, before: usize) -> Vec<(String, u64)> {
+fn assert_all_remote(
+    ctrd: &Containerd,
+    daemon: &Daemon,
+    ns: &str,
+    image: &str,
+    (before, mounts_before): (usize, usize),
+) -> Vec<(String, u64)> {
     let layers = layers_of(ctrd, ns, image);
     assert_eq!(layers.len(), 3, "3 layers expected: {layers:?}");
+    let mounts = fuse_mounts_under(daemon.root());
+    assert_eq!(
+        mounts.len(),
+        mounts_before + layers.len(),
+        "one new FUSE mount per layer expected: {mounts:?}; events: {:#?}",
+        &prepared_events(&daemon.log())[before..]
+    );
     for (d, _) in &layers {
         assert!(
             layer_state(daemon.root(), d).is_some(),
@@ -173,12 +202,12 @@ fn assert_all_remote(ctrd: &Containerd, daemon: &Daemon, ns: &str, image: &str, 
             fuse_mounts_under(daemon.root())
         );
     }
-    let log = daemon.log();
-    let events = prepared_events(&log);
+    let events = prepared_events(&daemon.log());
     let new: BTreeSet<&str> = events[before..].iter().filter(|e| e.0).map(|e| e.1.as_str()).collect();
     assert!(
         new.len() >= layers.len() && new.iter().all(|t| t.starts_with(&format!("{ns}/"))),
-        "remote-snapshot-prepared=true for each layer of {image} expected, got {new:?}; log:\n{log}"
+        "remote-snapshot-prepared=true for each layer of {image} expected, got {new:?}; events: {:#?}",
+        &events[before..]
     );
     let fallbacks: Vec<_> = events[before..].iter().filter(|e| !e.0).collect();
     assert!(fallbacks.is_empty(), "no layer of {image} may fall back: {fallbacks:?}");
@@ -198,7 +227,7 @@ fn lazy_pull_python_image_end_to_end() {
     require_tool("ctr");
     assert!(Path::new(GO_CTR_REMOTE).is_file(), "Go's ctr-remote missing (apt-get install stargz-snapshotter)");
     let reg = Registry::start();
-    let (gzip, esgz) = build_images(&reg);
+    let (gzip, esgz, esgz2) = build_images(&reg);
     let built = started.elapsed();
 
     // Fresh containerd + our daemon.
@@ -216,7 +245,7 @@ fn lazy_pull_python_image_end_to_end() {
 
     // 3 + 4 + 5: our rpull is lazy, python runs, little was fetched.
     let t = Instant::now();
-    let before = prepared_events(&daemon.log()).len();
+    let before = (prepared_events(&daemon.log()).len(), 0);
     let progress = ctr_remote(ours(), &ctrd, "default", &["image", "rpull", "--plain-http", &esgz]);
     let layers = assert_all_remote(&ctrd, &daemon, "default", &esgz, before);
     let out = run_python(&ctrd, "default", &esgz, "py1", "import json, sqlite3; print('hello', json.dumps([1, 2]))");
@@ -236,11 +265,11 @@ fn lazy_pull_python_image_end_to_end() {
     );
     assert!(fetched * 2 < size, "fetched {fetched} of {size}: not lazy");
 
-    // Go's ctr-remote, in its own namespace (fresh snapshots of the same layers).
-    let before = prepared_events(&daemon.log()).len();
-    ctr_remote(GO_CTR_REMOTE, &ctrd, "go", &["image", "rpull", "--plain-http", "--snapshotter", "stargz", &esgz]);
-    assert_all_remote(&ctrd, &daemon, "go", &esgz, before);
-    let out = run_python(&ctrd, "go", &esgz, "py-go", "print('from go', 6 * 7)");
+    // Go's ctr-remote on the second image (its own layers, so its own snapshots).
+    let before = (prepared_events(&daemon.log()).len(), fuse_mounts_under(&root).len());
+    ctr_remote(GO_CTR_REMOTE, &ctrd, "go", &["image", "rpull", "--plain-http", "--snapshotter", "stargz", &esgz2]);
+    assert_all_remote(&ctrd, &daemon, "go", &esgz2, before);
+    let out = run_python(&ctrd, "go", &esgz2, "py-go", "print('from go', 6 * 7)");
     assert_eq!(out.trim(), "from go 42");
 
     // 6: kill -9 with a container's snapshot present, restart, re-mounted, a new container runs.
@@ -258,7 +287,7 @@ fn lazy_pull_python_image_end_to_end() {
     let remounted = wait_until(Duration::from_secs(30), || {
         layers.iter().all(|(d, _)| layer_state(&root, d).is_some())
     });
-    assert!(remounted, "layers not re-mounted after restart: {:?}\n{}", fuse_mounts_under(&root), daemon.log());
+    assert!(remounted, "layers not re-mounted after restart: {:?}\n{}", fuse_mounts_under(&root), log_tail(&daemon));
     let out = run_python(&ctrd, "default", &esgz, "py2", "print('after restart')");
     eprintln!("restart to second run: {:?}", t.elapsed());
     assert_eq!(out.trim(), "after restart");
