@@ -310,4 +310,17 @@ fn lazy_pull_python_image_end_to_end() {
     assert_eq!(out.trim(), "plain 2");
 
     eprintln!("images built in {built:?}; whole test {:?}", started.elapsed());
+    let t = Instant::now();
+    drop(ctrd);
+    eprintln!("containerd teardown {:?}", t.elapsed());
+    // SIGINT: the daemon unmounts everything it mounted and exits.
+    let t = Instant::now();
+    let status = daemon.sigint();
+    let left = fuse_mounts_under(&root);
+    eprintln!("daemon SIGINT exit {status:?} in {:?}", t.elapsed());
+    assert!(left.is_empty(), "FUSE mounts left after SIGINT: {left:?}");
+    let t = Instant::now();
+    drop(daemon);
+    drop(tmp);
+    eprintln!("temp dir removal {:?}", t.elapsed());
 }
