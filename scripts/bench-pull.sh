@@ -20,6 +20,7 @@
 # Environment: RATE (100mbit), DELAY_MS (10, one way), BIG (1: also the twice-as-big image),
 # OUT (bench-results/pull.txt), DAEMON / CTR_REMOTE (default target/release/...), GO_DAEMON (a
 # binary; default: built by scripts/go-daemon.sh; empty: skip (c)),
+# RUNS (1: times are the median of RUNS fresh pulls; other figures come from the last run),
 # SETTLE_TIMEOUT (180 s to wait for the background fetch), KEEP=1 (keep the work dir for debugging),
 # RUN_CMD (default "python3 -c print(1)"; e.g. "python3 /app/main.py" imports a wider spread of the
 # stdlib) with EXPECT (last output line required, default 1; empty: only the exit status counts).
@@ -34,6 +35,7 @@ DAEMON=${DAEMON:-$REPO/target/release/containerd-stargz-grpc}
 CTR_REMOTE=${CTR_REMOTE:-$REPO/target/release/ctr-remote}
 GO_CTR_REMOTE=${GO_CTR_REMOTE:-/usr/bin/ctr-remote}
 SETTLE_TIMEOUT=${SETTLE_TIMEOUT:-180}
+RUNS=${RUNS:-1}
 read -r -a RUN_CMD <<<"${RUN_CMD:-python3 -c print(1)}"
 EXPECT=${EXPECT-1}
 LINK=bench$$
@@ -94,6 +96,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 now() { date +%s.%N; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
 served() { "$NETLINK" stats "$LINK" | jq -r .upstream_to_client; }
@@ -127,7 +130,7 @@ TOML
   tail -n 20 "$dir/containerd.log" >&2; die "containerd $name did not start"
 }
 
-# Seconds from the start of PULL_CMD... to the end of `python3 -c 'print(1)'` in a container of
+# Seconds from the start of PULL_CMD... to the end of RUN_CMD in a container of
 # REF with SNAPSHOTTER. Sets T (seconds) and FETCHED (bytes served by the registry meanwhile);
 # returns non-zero (with the reason in $WORK/why) if a step failed.
 timed_run() {
@@ -218,24 +221,35 @@ result image_estargz_compressed_bytes "$ESGZ_BYTES"
 
 # ---- (b) full pulls with overlayfs ----
 for tag in gzip esgz; do
-  start_containerd "full-$tag"; sock=$CTRD_SOCK
   ref=$ADDR/bench/python:$tag
-  if timed_run "$sock" "$ref" overlayfs ctr --address "$sock" image pull --plain-http "$ref"; then
+  times=()
+  for r in $(seq 1 "$RUNS"); do
+    start_containerd "full-$tag-$r"; sock=$CTRD_SOCK
+    if ! timed_run "$sock" "$ref" overlayfs ctr --address "$sock" image pull --plain-http "$ref"; then
+      stop_pid "$CTRD_PID"; times=(); break
+    fi
+    times+=("$T")
+    disk=$(du -sb "$WORK/full-$tag-$r/root" 2>/dev/null | cut -f1)
+    stop_pid "$CTRD_PID"
+    rm -rf "$WORK/full-$tag-$r"
+  done
+  if [ ${#times[@]} -gt 0 ]; then
+    T=$(median "${times[@]}")
     result "full_${tag}_overlayfs_seconds" "$T"
+    [ "$RUNS" -gt 1 ] && result "full_${tag}_overlayfs_seconds_runs" "${times[*]}"
     result "full_${tag}_overlayfs_fetched_bytes" "$FETCHED"
-    result "full_${tag}_overlayfs_disk_bytes" "$(du -sb "$WORK/full-$tag/root" | cut -f1)"
+    result "full_${tag}_overlayfs_disk_bytes" "$disk"
     declare "FULL_$tag=$T"
   else
     result "full_${tag}_overlayfs_seconds" "failed: $(tr '\n' ' ' <"$WORK/why")"
   fi
-  stop_pid "$CTRD_PID"
 done
 [ -n "${FULL_gzip:-}" ] || die "the baseline full pull failed; see above"
 
 # ---- (a)/(c) lazy pulls through a stargz daemon ----
-# lazy NAME DAEMON_BIN RPULL_BIN VARIANT: measures one lazy pull with a fresh daemon and containerd.
+# lazy NAME DAEMON_BIN RPULL_BIN VARIANT RUN: measures one lazy pull with a fresh daemon and containerd.
 lazy() {
-  local name=$1 daemon=$2 rpull=$3 v=$4 dir=$WORK/$1-$4 sock dsock pid i ready=0 out
+  local name=$1 daemon=$2 rpull=$3 v=$4 dir=$WORK/$1-$4-$5 sock dsock pid i ready=0 out
   mkdir -p "$dir"
   dsock=$dir/stargz.sock
   cat >"$dir/stargz.toml" <<TOML
@@ -246,7 +260,7 @@ TOML
   "$daemon" --address "$dsock" --root "$dir/root" --config "$dir/stargz.toml" --log-level info \
     >"$dir/daemon.log" 2>&1 </dev/null &
   pid=$!; PIDS+=("$pid")
-  start_containerd "$name-$v-ctrd" "[proxy_plugins.stargz]
+  start_containerd "$name-$v-$5-ctrd" "[proxy_plugins.stargz]
   type = \"snapshot\"
   address = \"$dsock\"
 [proxy_plugins.stargz.exports]
@@ -274,6 +288,8 @@ TOML
   kill -0 "$pid" 2>/dev/null || { echo "daemon exited during the run" >"$WORK/why"; return 1; }
   # Done with this pair: SIGINT makes the daemon unmount everything.
   stop_pid "$CTRD_PID"; stop_pid "$pid" INT
+  # The caches are measured; free the disk unless something is still mounted there.
+  grep -qF "$dir/" /proc/self/mountinfo || rm -rf "$dir/root" "$WORK/$name-$v-$5-ctrd/root"
 }
 
 report_lazy() {
@@ -281,9 +297,17 @@ report_lazy() {
   for v in "${variants[@]}"; do
     local key=${name}_lazy; [ "$v" = python-big ] && key=${name}_lazy_big
     prepare_image "$v"
-    local before; before=$(served)
-    if lazy "$name" "$daemon" "$rpull" "$v"; then
+    local before r runs=1 times=() ok=1
+    [ "$v" = python ] && runs=$RUNS
+    for r in $(seq 1 "$runs"); do
+      before=$(served)
+      lazy "$name" "$daemon" "$rpull" "$v" "$r" || { ok=0; break; }
+      times+=("$LAZY_T")
+    done
+    if [ "$ok" = 1 ]; then
+      LAZY_T=$(median "${times[@]}")
       result "${key}_seconds" "$LAZY_T"
+      [ "$runs" -gt 1 ] && result "${key}_seconds_runs" "${times[*]}"
       [ "$v" = python ] && result "${key}_over_full_gzip" "$(ratio "$LAZY_T" "$FULL_gzip")"
       [ "$v" = python ] && [ -n "${FULL_esgz:-}" ] && result "${key}_over_full_esgz" "$(ratio "$LAZY_T" "$FULL_esgz")"
       result "${key}_fetched_bytes_until_python_exit" "$LAZY_FETCHED"

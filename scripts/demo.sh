@@ -235,8 +235,13 @@ if [ "$SNAPSHOTTER" = stargz ]; then
 	remote=$(grep -c 'remote-snapshot-prepared.*true' "$WORK/stargz.log" || true)
 	echo "layers mounted lazily by our daemon (remote-snapshot-prepared=true): $remote"
 	if [ "$remote" = 0 ]; then
-		echo "NOTE: no layer was prepared remotely: this run was a full (fallback) pull. Daemon log:"
-		grep 'remote-snapshot-prepared' "$WORK/stargz.log" | tail -n 3 | sed 's/^/    /'
+		echo "NOTE: no layer was prepared remotely: this run was a full (fallback) pull, not a lazy one."
+		if grep -q 'remote-snapshot-prepared' "$WORK/stargz.log"; then
+			echo "      The daemon said why:"
+			grep 'remote-snapshot-prepared' "$WORK/stargz.log" | tail -n 3 | sed 's/^/    /'
+		else
+			echo "      The daemon made no remote-snapshot attempt (lazy layers are not enabled in this build)."
+		fi
 	fi
 else
 	echo "NOTE: this was a full pull through overlayfs (our daemon was not serving), so everything was fetched."

@@ -18,8 +18,9 @@
 #
 # Environment: PORT (5000); REGISTRY_DIR (registry storage, default a directory under the state dir
 # that `down` deletes; a given one is kept); UPSTREAM=HOST:PORT (start no registry, forward to
-# HOST:PORT as seen from inside the namespace, e.g. 10.203.X.1:PORT for a server on the host bound
-# to 0.0.0.0); DELAY_PROXY (binary; default target/{release,debug}/examples/delay-proxy, built with
+# HOST:PORT as seen from inside the namespace; UPSTREAM=host:PORT means this link's host side
+# 10.203.X.1:PORT, for a server on the host bound to 0.0.0.0, e.g. a test's fault-injecting
+# registry, which then sits behind the slow link); DELAY_PROXY (binary; default target/{release,debug}/examples/delay-proxy, built with
 # `cargo build --release --example delay-proxy` if missing); TBF_BURST (default 8 ms of RATE).
 # State lives in /run/stargz-testbed/netlink/NAME (pids, logs, stats.json).
 #
@@ -156,6 +157,7 @@ up() {
   ip netns exec "$ns" tc qdisc add dev "$nsv" root tbf rate "$rate" burst "$burst" latency 50ms
   if [ -n "${UPSTREAM:-}" ]; then
     upstream=$UPSTREAM; upstream_mode=1
+    [[ $upstream == host:* ]] && upstream=10.203.$IDX.1:${upstream#host:}
   else
     command -v docker-registry >/dev/null || die "docker-registry missing (apt-get install docker-registry)"
     upstream=127.0.0.1:$PORT

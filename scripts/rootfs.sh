@@ -10,6 +10,8 @@
 #                                         --big adds 4-bulk.tar (a copy of /usr under /opt/bulk), which
 #                                         makes the image about twice as big (issue 6's flat-RSS check)
 #   scripts/rootfs.sh oci DIR [--big]     an OCI image layout (gzip layers, tag "latest") in DIR
+#   scripts/rootfs.sh image DIR TAR...    an OCI image layout in DIR from any layer tars (in that
+#                                         order, gzip-compressed; config runs python3 /app/main.py)
 #   scripts/rootfs.sh push OCIDIR HOST:PORT/REPO:TAG
 #                                         push a layout to a plain-http registry with skopeo
 #
@@ -186,9 +188,20 @@ case "$cmd" in
     with_lock build_cached_oci "$v" "$(big_flag "${2:-}")"
     rm -rf "$1"; mkdir -p "$(dirname "$1")"; cp -a "$CACHE/oci-$v" "$1"
     echo "$1" ;;
+  image)
+    [ $# -ge 2 ] || die "usage: rootfs.sh image DIR TAR..."
+    out=$1; shift
+    work=$(mktemp -d); TMPS+=("$work")
+    i=0
+    for t in "$@"; do
+      [ -f "$t" ] || die "no layer tar $t"
+      i=$((i + 1)); ln -s "$(realpath "$t")" "$work/$(printf '%04d' "$i").tar"
+    done
+    build_oci "$work" "$out"
+    echo "$out" ;;
   push)
     [ -n "${1:-}" ] && [ -n "${2:-}" ] || die "usage: rootfs.sh push OCIDIR HOST:PORT/REPO:TAG"
     skopeo copy --quiet --dest-tls-verify=false "oci:$1:latest" "docker://$2" ;;
   *)
-    sed -n '2,21p' "$0" >&2; exit 2 ;;
+    sed -n '2,23p' "$0" >&2; exit 2 ;;
 esac

@@ -7,8 +7,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use common::{push_image, require_tool, tools_layer, Containerd, ContainerdOpts, Layer, LayerEntry, Registry};
+use common::{push_image, require_tool, tools_layer, Containerd, ContainerdOpts, Daemon, Layer, LayerEntry, Registry};
 
 const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
 
@@ -244,4 +245,83 @@ fn convert_estargz_matches_go_toc_digest_and_runs() {
     );
     let out = ctr_ns(&ctrd, "pulled", &["run", "--rm", "--snapshotter", "overlayfs", &esgz, "ctr-remote-conv-2", "/bin/cat", "/data/hello.txt"]);
     assert_eq!(out.trim(), "hello from ctr-remote");
+}
+
+/// Our daemon plus containerd with the `stargz` proxy plugin; the tempdir holds the daemon's
+/// root and socket (dropped last: the guards stop the processes first).
+struct StargzBed {
+    ctrd: Containerd,
+    _daemon: Daemon,
+    _dir: tempfile::TempDir,
+}
+
+fn stargz_bed() -> StargzBed {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let sock = dir.path().join("stargz.sock");
+    let daemon = Daemon::start(&root, &sock, &[]);
+    let ctrd = Containerd::start(ContainerdOpts {
+        stargz_socket: Some(sock),
+        stargz_root: Some(root),
+        ..Default::default()
+    });
+    ctrd.wait_stargz_ready(Duration::from_secs(30));
+    StargzBed { ctrd, _daemon: daemon, _dir: dir }
+}
+
+/// A plain gzip image cannot be mounted lazily: rpull through `stargz` (the default
+/// snapshotter) falls back to downloading every layer, says so, and the image runs; Go's
+/// rpull of the same image gives the same snapshot chain.
+#[test]
+fn rpull_plain_image_with_stargz_falls_back_and_runs() {
+    let reg = Registry::start();
+    let image = two_layer_image(&reg, "plain");
+    let bed = stargz_bed();
+    let ctrd = &bed.ctrd;
+
+    let out = ctr_remote(ours(), ctrd, "ours", &["image", "rpull", "--plain-http", &image]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out, "our rpull");
+    assert_eq!(stderr.matches("not lazy: fallback").count(), 2, "{stderr}");
+    assert!(stderr.contains("done: 0/2 layers remote"), "{stderr}");
+    // (Whether the daemon logs `remote-snapshot-prepared=false` is the daemon's tests' business.)
+
+    let run = ctr_ns(ctrd, "ours", &["run", "--rm", "--snapshotter", "stargz", &image, "ctr-remote-sgz-1", "/bin/cat", "/data/hello.txt"]);
+    assert_eq!(run.trim(), "hello from ctr-remote");
+
+    ok(ctr_remote(GO_CTR_REMOTE, ctrd, "go", &["image", "rpull", "--plain-http", &image]), "Go rpull");
+    let (_, chain_ours, labels_ours) = config_of(ctrd, "ours", &image);
+    let (_, chain_go, labels_go) = config_of(ctrd, "go", &image);
+    assert_eq!(chain_ours, chain_go);
+    assert_eq!(labels_ours, labels_go);
+    let top = chain_ours.last().cloned().unwrap_or_default();
+    assert_eq!(labels_ours.get("containerd.io/gc.ref.snapshot.stargz"), Some(&top));
+    let a = snapshot_chain(ctrd, "ours", "stargz", &top);
+    let b = snapshot_chain(ctrd, "go", "stargz", &top);
+    assert_eq!(a, b);
+}
+
+/// An eStargz image (converted by us) rpulled through our daemon runs, and the per-layer
+/// report adds up: every layer is either remote or downloaded in full.
+#[test]
+fn rpull_estargz_image_with_stargz_runs() {
+    let reg = Registry::start();
+    let image = two_layer_image(&reg, "src");
+    let bed = stargz_bed();
+    let ctrd = &bed.ctrd;
+    ctrd.ctr_ok(&["images", "pull", "--plain-http", &image]);
+    let esgz = format!("{}/test/ctr-remote:esgz", reg.addr());
+    ok(ctr_remote(ours(), ctrd, "default", &["image", "convert", "--estargz", "--oci", &image, &esgz]), "convert");
+    ctrd.ctr_ok(&["images", "push", "--plain-http", &esgz]);
+
+    let out = ctr_remote(ours(), ctrd, "pulled", &["image", "rpull", "--plain-http", &esgz]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out, "rpull");
+    let remote = stderr.matches(": remote (lazy)").count();
+    let fallback = stderr.matches("not lazy: fallback").count();
+    assert_eq!(remote + fallback, 2, "{stderr}");
+    assert!(stderr.contains(&format!("done: {remote}/2 layers remote")), "{stderr}");
+
+    let run = ctr_ns(ctrd, "pulled", &["run", "--rm", "--snapshotter", "stargz", &esgz, "ctr-remote-sgz-2", "/bin/cat", "/data/hello.txt"]);
+    assert_eq!(run.trim(), "hello from ctr-remote");
 }

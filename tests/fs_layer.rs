@@ -296,3 +296,69 @@ fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
     drop(guard);
     Ok(())
 }
+
+/// Layers written by the crate's own eStargz builder (Go's layout, prioritized files and
+/// landmark) mount and match their source too.
+#[test]
+fn layer_from_estargz_builder_matches_source_and_prefetches_prioritized_files() -> Result<()> {
+    require_root();
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src)?;
+    make_rootfs(&src)?;
+    // The builder rounds sub-second mtimes to the second, as Go does; compare whole seconds.
+    truncate_mtimes(&src)?;
+    let tar = tar_dir(&src)?;
+    let opts = stargz::estargz::builder::BuildOptions {
+        chunk_size: 1 << 20,
+        compression_level: 1,
+        prioritized_files: vec!["etc/passwd".into(), "usr/lib/app/big.bin".into()],
+        ..Default::default()
+    };
+    let mut blob = Vec::new();
+    let res = stargz::estargz::builder::build(tar.as_slice(), &mut blob, &opts)?;
+    let f = Fixture { _tmp: tmp, src, blob, toc_digest: res.toc_digest };
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let mut layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    layer.wait_prefetch();
+    source.set(DOWN);
+    for p in ["etc/passwd", "usr/lib/app/big.bin"] {
+        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p} not prefetched");
+    }
+    source.set(HEALTHY);
+    compare_trees(&f.src, layer.mountpoint())?;
+    layer.unmount()?;
+    Ok(())
+}
+
+/// A read waiting on a stalled registry does not hold up reads of cached files.
+#[test]
+fn stalled_registry_does_not_block_cached_reads() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let mnt = layer.mountpoint().to_path_buf();
+    let cached = ["usr/lib/app/small.txt", "public", "etc/hostname"];
+    for p in cached {
+        std::fs::read(mnt.join(p))?;
+    }
+    source.set(SLOW);
+    let big = mnt.join("usr/lib/app/big.bin");
+    let slow_reader = std::thread::spawn(move || std::fs::read(big).map(|b| b.len()));
+    std::thread::sleep(Duration::from_millis(300));
+    drop_page_cache()?;
+    let start = Instant::now();
+    for p in cached {
+        assert_eq!(std::fs::read(mnt.join(p))?, std::fs::read(f.src.join(p))?);
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "cached reads waited {took:?} behind a stalled fetch");
+    source.set(HEALTHY);
+    let n = slow_reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    assert_eq!(n as u64, std::fs::metadata(f.src.join("usr/lib/app/big.bin"))?.len());
+    layer.unmount()?;
+    Ok(())
+}

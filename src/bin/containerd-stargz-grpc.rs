@@ -109,10 +109,10 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         let _guard = rt.enter();
         signals()?
     };
-    let remote = service::build_remote_layers(&config, &args.root);
+    let remote = service::build_remote_layers(&config, &args.root, rt.handle().clone())?;
     let snapshotter = Arc::new(SnapshotterImpl::new(
         &args.root.join("snapshotter"),
-        remote,
+        Some(remote),
         Arc::new(SysMounter),
     )?);
     snapshotter.restore()?;

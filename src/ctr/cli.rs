@@ -219,3 +219,46 @@ async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
     println!("{}", manifest.digest);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("ctr-remote").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn accepts_go_ctr_remote_flag_names() {
+        let cli = parse(&[
+            "-a", "/x.sock", "-n", "ns", "i", "rpull", "--plain-http", "-k", "-u", "me:pw", "--label", "a=b",
+            "--skip-content-verify", "--snapshotter", "overlayfs", "reg/img:1",
+        ]);
+        assert_eq!(cli.address(), PathBuf::from("/x.sock"));
+        assert_eq!(cli.namespace(), "ns");
+        let Command::Images { command: ImagesCommand::Rpull(r) } = cli.command else { panic!("rpull") };
+        assert!(r.plain_http && r.skip_verify && r.skip_content_verify);
+        assert_eq!((r.user.as_deref(), r.snapshotter.as_deref()), (Some("me:pw"), Some("overlayfs")));
+        assert_eq!(parse_labels(&r.labels)["a"], "b");
+
+        let cli = parse(&["--address", "/y", "image", "get-toc-digest", "--dump-toc", "sha256:ab"]);
+        let Command::Images { command: ImagesCommand::GetTocDigest(g) } = cli.command else { panic!("toc") };
+        assert!(g.dump_toc && !g.zstdchunked);
+
+        let cli = parse(&[
+            "images", "convert", "--estargz", "--oci", "--estargz-compression-level", "5",
+            "--estargz-chunk-size", "100000", "--estargz-record-in", "/r.json", "src", "dst",
+        ]);
+        let Command::Images { command: ImagesCommand::Convert(c) } = cli.command else { panic!("convert") };
+        assert!(c.estargz && c.oci);
+        assert_eq!((c.estargz_compression_level, c.estargz_chunk_size), (5, 100000));
+        assert_eq!((c.source.as_str(), c.target.as_str()), ("src", "dst"));
+    }
+
+    #[test]
+    fn defaults_match_go() {
+        let cli = parse(&["images", "convert", "--estargz", "a", "b"]);
+        let Command::Images { command: ImagesCommand::Convert(c) } = cli.command else { panic!("convert") };
+        assert_eq!((c.estargz_compression_level, c.estargz_chunk_size, c.oci), (9, 0, false));
+    }
+}

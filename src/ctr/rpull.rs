@@ -304,7 +304,13 @@ impl LayerStep<'_> {
                     c.fetch_add(b.len() as u64, Ordering::Relaxed);
                 }
             });
-            self.cd.write_stream(layer, stream, source).await?;
+            let ticker = live_progress(layer, counted.clone());
+            let written = self.cd.write_stream(layer, stream, source).await;
+            if let Some(t) = ticker {
+                t.abort();
+                eprint!("\r\x1b[2K");
+            }
+            written?;
         }
         let applied = self
             .cd
@@ -333,6 +339,23 @@ impl LayerStep<'_> {
     }
 }
 
+/// On a terminal, redraws "downloading X / Y" for the layer being fetched twice a second.
+fn live_progress(layer: &Descriptor, counted: Arc<AtomicU64>) -> Option<tokio::task::JoinHandle<()>> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let digest = short(&layer.digest).to_string();
+    let total = human(layer.size.max(0) as u64);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            eprint!("\r\x1b[2K{digest}: downloading {} / {total}", human(counted.load(Ordering::Relaxed)));
+        }
+    }))
+}
+
 /// `sha256:0123456` — the 15-character prefix Go's rpull prints.
 pub fn short(digest: &str) -> &str {
     digest.get(..15).unwrap_or(digest)
@@ -347,4 +370,155 @@ pub fn human(n: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lazy path of the unpacker against a fake remote snapshotter served over a unix
+    //! socket (the same Snapshots API containerd proxies), since proving it end to end needs
+    //! a daemon that mounts layers remotely.
+
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::ctr::labels::{LABEL_DIGEST, LABEL_LAYERS, LABEL_SNAPSHOT_REF};
+    use crate::ctr::oci::{RootFs, MT_OCI_LAYER_GZIP};
+    use crate::ctr::registry::BlobStream;
+    use crate::proto::containerd::services::snapshots::v1 as pb;
+
+    /// Commits the target itself and answers AlreadyExists, like a remote snapshotter.
+    #[derive(Default)]
+    struct FakeRemote {
+        committed: Mutex<HashMap<String, String>>,
+        /// (key, parent, labels) of every Prepare.
+        prepares: Mutex<Vec<Prepared>>,
+    }
+
+    type Res<T> = Result<Response<T>, Status>;
+    type Prepared = (String, String, HashMap<String, String>);
+
+    #[tonic::async_trait]
+    impl pb::snapshots_server::Snapshots for FakeRemote {
+        async fn prepare(&self, r: Request<pb::PrepareSnapshotRequest>) -> Res<pb::PrepareSnapshotResponse> {
+            let r = r.into_inner();
+            self.prepares.lock().unwrap().push((r.key.clone(), r.parent.clone(), r.labels.clone()));
+            let target = r.labels.get(LABEL_SNAPSHOT_REF).cloned().unwrap_or_default();
+            self.committed.lock().unwrap().insert(target, r.parent);
+            Err(Status::already_exists("target snapshot exists"))
+        }
+        async fn view(&self, _: Request<pb::ViewSnapshotRequest>) -> Res<pb::ViewSnapshotResponse> {
+            Err(Status::unimplemented("view"))
+        }
+        async fn mounts(&self, _: Request<pb::MountsRequest>) -> Res<pb::MountsResponse> {
+            Err(Status::unimplemented("mounts"))
+        }
+        async fn commit(&self, _: Request<pb::CommitSnapshotRequest>) -> Res<()> {
+            Err(Status::unimplemented("commit"))
+        }
+        async fn remove(&self, _: Request<pb::RemoveSnapshotRequest>) -> Res<()> {
+            Err(Status::unimplemented("remove"))
+        }
+        async fn stat(&self, r: Request<pb::StatSnapshotRequest>) -> Res<pb::StatSnapshotResponse> {
+            let key = r.into_inner().key;
+            match self.committed.lock().unwrap().get(&key) {
+                Some(parent) => Ok(Response::new(pb::StatSnapshotResponse {
+                    info: Some(pb::Info { name: key, parent: parent.clone(), ..Default::default() }),
+                })),
+                None => Err(Status::not_found(key)),
+            }
+        }
+        async fn update(&self, _: Request<pb::UpdateSnapshotRequest>) -> Res<pb::UpdateSnapshotResponse> {
+            Err(Status::unimplemented("update"))
+        }
+        type ListStream = tokio_stream::Empty<Result<pb::ListSnapshotsResponse, Status>>;
+        async fn list(&self, _: Request<pb::ListSnapshotsRequest>) -> Res<Self::ListStream> {
+            Err(Status::unimplemented("list"))
+        }
+        async fn usage(&self, _: Request<pb::UsageRequest>) -> Res<pb::UsageResponse> {
+            Err(Status::unimplemented("usage"))
+        }
+        async fn cleanup(&self, _: Request<pb::CleanupRequest>) -> Res<()> {
+            Err(Status::unimplemented("cleanup"))
+        }
+    }
+
+    /// A fetcher that must never be asked for a layer.
+    struct NoDownloads;
+
+    impl Fetcher for NoDownloads {
+        async fn resolve(&self) -> Result<(Descriptor, bytes::Bytes), Error> {
+            Err(Error::Unsupported("resolve".into()))
+        }
+        async fn fetch_small(&self, _: &Descriptor) -> Result<bytes::Bytes, Error> {
+            Err(Error::Unsupported("fetch_small".into()))
+        }
+        async fn fetch_stream(&self, d: &Descriptor) -> Result<BlobStream, Error> {
+            Err(Error::Unsupported(format!("a remote layer was downloaded: {}", d.digest)))
+        }
+    }
+
+    fn layer(n: u8) -> Descriptor {
+        Descriptor {
+            media_type: MT_OCI_LAYER_GZIP.into(),
+            digest: format!("sha256:{:064x}", n),
+            size: 100,
+            urls: vec![],
+            annotations: [(crate::ctr::oci::ANN_TOC_DIGEST.to_string(), format!("sha256:{:064x}", n + 100))].into(),
+            platform: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn remote_layers_are_skipped_with_labels_and_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("fake.sock");
+        let fake = std::sync::Arc::new(FakeRemote::default());
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let svc = pb::snapshots_server::SnapshotsServer::from_arc(fake.clone());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        let cd = Containerd::connect(&sock, "default").await.unwrap();
+
+        let mut layers = vec![layer(1), layer(2), layer(3)];
+        append_default_labels("reg/img:1", &mut layers, 7);
+        let config = Config {
+            rootfs: RootFs { kind: "layers".into(), diff_ids: (11..14).map(|n| format!("sha256:{:064x}", n)).collect() },
+            extra: Default::default(),
+        };
+        let opts = RpullOptions {
+            snapshotter: "stargz".into(),
+            skip_content_verify: true,
+            prefetch_size: 7,
+            image_labels: HashMap::new(),
+        };
+        let mut progress = Vec::new();
+        let (outcomes, chains) =
+            unpack(&cd, &NoDownloads, &layers, &config, &HashMap::new(), &opts, &mut progress).await.unwrap();
+        assert!(outcomes.iter().all(|(_, o)| *o == LayerOutcome::Remote), "{outcomes:?}");
+        assert_eq!(String::from_utf8_lossy(&progress).matches("remote (lazy)").count(), 3);
+
+        let prepares = fake.prepares.lock().unwrap().clone();
+        assert_eq!(prepares.len(), 3);
+        for (i, (key, parent, labels)) in prepares.iter().enumerate() {
+            assert!(key.starts_with("extract-") && key.ends_with(&format!(" {}", chains[i])), "{key}");
+            assert_eq!(parent, if i == 0 { "" } else { &chains[i - 1] });
+            assert_eq!(labels[LABEL_SNAPSHOT_REF], chains[i]);
+            assert_eq!(labels[LABEL_DIGEST], layers[i].digest);
+            assert_eq!(labels[LABEL_LAYERS].split(',').count(), 3 - i);
+            assert_eq!(labels[LABEL_SKIP_VERIFY], "true");
+            assert_eq!(labels[crate::ctr::oci::ANN_TOC_DIGEST], layers[i].annotations[crate::ctr::oci::ANN_TOC_DIGEST]);
+        }
+
+        // Pulling again finds the committed chain and prepares nothing.
+        let (again, _) = unpack(&cd, &NoDownloads, &layers, &config, &HashMap::new(), &opts, &mut Vec::new()).await.unwrap();
+        assert!(again.iter().all(|(_, o)| *o == LayerOutcome::AlreadyUnpacked));
+        assert_eq!(fake.prepares.lock().unwrap().len(), 3);
+        server.abort();
+    }
 }

@@ -267,12 +267,12 @@ fn in_entry<R: Read>(ent: &mut tar::Entry<'_, R>, ext: Extensions) -> Result<Opt
         name: lossy(&name),
         link_name: lossy(&link),
         typeflag,
-        mode: h.mode().map_err(|e| bad("mode", e))?,
-        uid: h.uid().map_err(|e| bad("uid", e))?,
-        gid: h.gid().map_err(|e| bad("gid", e))?,
+        mode: numeric(h.mode().map(u64::from), &h.as_old().mode).map_err(|e| bad("mode", e))? as u32,
+        uid: numeric(h.uid(), &h.as_old().uid).map_err(|e| bad("uid", e))?,
+        gid: numeric(h.gid(), &h.as_old().gid).map_err(|e| bad("gid", e))?,
         uname: h.username_bytes().map(lossy).unwrap_or_default(),
         gname: h.groupname_bytes().map(lossy).unwrap_or_default(),
-        mtime: i64::try_from(h.mtime().map_err(|e| bad("mtime", e))?).unwrap_or(0),
+        mtime: i64::try_from(numeric(h.mtime(), &h.as_old().mtime).map_err(|e| bad("mtime", e))?).unwrap_or(0),
         dev_major: h.device_major().ok().flatten().unwrap_or(0),
         dev_minor: h.device_minor().ok().flatten().unwrap_or(0),
         pax: Vec::new(),
@@ -285,6 +285,14 @@ fn in_entry<R: Read>(ent: &mut tar::Entry<'_, R>, ext: Extensions) -> Result<Opt
         apply_pax(&mut e, &key, &value)?;
     }
     Ok(Some(e))
+}
+
+/// A numeric header field; an all-NUL/space field is 0, as Go's tar reader treats it.
+fn numeric(parsed: io::Result<u64>, raw: &[u8]) -> io::Result<u64> {
+    match parsed {
+        Err(_) if raw.iter().all(|&c| c == 0 || c == b' ') => Ok(0),
+        other => other,
+    }
 }
 
 fn apply_pax(e: &mut InEntry, key: &str, value: &[u8]) -> Result<()> {

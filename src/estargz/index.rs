@@ -27,6 +27,8 @@ pub type EntryId = u32;
 pub const MAX_CHUNK_SIZE: u64 = 256 << 20;
 /// Largest file size we accept (1 PiB): anything bigger is a lying TOC.
 pub const MAX_FILE_SIZE: u64 = 1 << 50;
+/// Longest entry name (Linux `PATH_MAX`).
+pub const MAX_NAME_LEN: usize = 4096;
 /// Largest `innerOffset`: the bytes before a chunk in its member are decompressed and dropped.
 pub const MAX_INNER_OFFSET: u64 = 1 << 30;
 
@@ -136,6 +138,11 @@ pub struct LayerIndex {
 pub fn normalize_name(name: &str) -> std::result::Result<String, String> {
     if name.contains('\0') {
         return Err("name contains NUL".into());
+    }
+    // Longer than PATH_MAX cannot be used by any file API, and deep names would make the
+    // implicit-directory table quadratic in memory.
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("name longer than {MAX_NAME_LEN} bytes"));
     }
     let mut out = String::with_capacity(name.len());
     for comp in name.split('/') {
@@ -600,5 +607,123 @@ impl TreeBuilder {
     fn attach_name(&mut self, parent: EntryId, name: &str, id: EntryId) {
         let base = name.rsplit('/').next().unwrap_or(name).to_owned();
         self.entries[parent as usize].children.insert(base, id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ent(name: &str, kind: EntryType) -> TocEntry {
+        TocEntry { name: name.into(), kind, ..Default::default() }
+    }
+    fn reg(name: &str, size: i64, offset: i64) -> TocEntry {
+        TocEntry { size, offset, chunk_digest: format!("sha256:{}", "a".repeat(64)), ..ent(name, EntryType::Reg) }
+    }
+    fn chunk(offset: i64, chunk_offset: i64, chunk_size: i64) -> TocEntry {
+        TocEntry { offset, chunk_offset, chunk_size, ..ent("", EntryType::Chunk) }
+    }
+    fn build(entries: Vec<TocEntry>) -> Result<LayerIndex> {
+        LayerIndex::build(&Toc { version: 1, entries }, 10_000)
+    }
+
+    #[test]
+    fn implicit_parents_and_nlink() {
+        let idx = build(vec![reg("./a/b/c", 3, 100), ent("a/d/", EntryType::Dir)]).expect("build");
+        let c = idx.lookup("/a/b/c").expect("c");
+        let b = idx.parent(c).expect("parent");
+        assert_eq!(idx.entry(b).expect("b").name, "a/b");
+        assert_eq!(idx.entry(b).expect("b").mode, 0o755);
+        let a = idx.lookup("a").expect("a");
+        assert_eq!(idx.entry(a).expect("a").nlink, 4, "a has two subdirectories");
+        assert_eq!(idx.children(a).map(|(n, _)| n).collect::<Vec<_>>(), vec!["b", "d"]);
+        assert_eq!(idx.parent(idx.root()), Some(0));
+        assert_eq!(idx.chunks(c)[0].compressed_end, 10_000, "last member ends at the TOC");
+    }
+
+    #[test]
+    fn duplicates_last_wins() {
+        let mut second = reg("f", 5, 200);
+        second.mode = 0o600;
+        let idx = build(vec![reg("f", 3, 100), second]).expect("build");
+        let f = idx.entry(idx.lookup("f").expect("f")).expect("entry");
+        assert_eq!((f.size, f.mode), (5, 0o600));
+        // But turning a directory with children into a file is refused.
+        assert!(build(vec![ent("d", EntryType::Dir), reg("d/x", 1, 100), reg("d", 1, 200)]).is_err());
+    }
+
+    #[test]
+    fn hostile_names_and_links_are_refused() {
+        assert!(build(vec![reg("../etc/passwd", 1, 100)]).is_err());
+        assert!(build(vec![reg("a/../../b", 1, 100)]).is_err());
+        assert!(build(vec![TocEntry { link_name: "nope".into(), ..ent("h", EntryType::Hardlink) }]).is_err());
+        assert!(build(vec![ent("d", EntryType::Dir), TocEntry { link_name: "d".into(), ..ent("h", EntryType::Hardlink) }]).is_err());
+        assert!(build(vec![reg("f", 1, 100), reg("f/x", 1, 200)]).is_err(), "parent is a file");
+        assert!(build(vec![reg("", 1, 100)]).is_err(), "root must be a dir");
+        // Hardlink chains resolve; cycles are refused.
+        let l1 = TocEntry { link_name: "f".into(), ..ent("l1", EntryType::Hardlink) };
+        let l2 = TocEntry { link_name: "l1".into(), ..ent("l2", EntryType::Hardlink) };
+        let idx = build(vec![l2, reg("f", 1, 100), l1]).expect("chain");
+        assert_eq!(idx.lookup("l2"), idx.lookup("f"));
+        assert_eq!(idx.entry(idx.lookup("f").expect("f")).expect("f").nlink, 3);
+        let c1 = TocEntry { link_name: "c2".into(), ..ent("c1", EntryType::Hardlink) };
+        let c2 = TocEntry { link_name: "c1".into(), ..ent("c2", EntryType::Hardlink) };
+        assert!(build(vec![c1, c2]).is_err());
+    }
+
+    #[test]
+    fn lying_sizes_and_offsets_are_refused() {
+        assert!(build(vec![reg("f", 10, 20_000)]).is_err(), "offset past the TOC");
+        assert!(build(vec![reg("f", -1, 100)]).is_err());
+        assert!(build(vec![reg("f", 1 << 60, 100)]).is_err());
+        let mut big = reg("f", 100, 100);
+        big.chunk_size = 40;
+        assert!(build(vec![big.clone()]).is_err(), "chunks do not cover the file");
+        assert!(build(vec![big.clone(), chunk(200, 50, 0)]).is_err(), "gap");
+        assert!(build(vec![big.clone(), chunk(200, 40, 100)]).is_err(), "past the end");
+        assert!(build(vec![big.clone(), chunk(50, 40, 0)]).is_err(), "offsets go backwards");
+        assert!(build(vec![chunk(50, 0, 0)]).is_err(), "orphan chunk");
+        let idx = build(vec![big, chunk(200, 40, 40), chunk(300, 80, 0)]).expect("ok");
+        let f = idx.lookup("f").expect("f");
+        let cs = idx.chunks(f);
+        assert_eq!(cs.iter().map(|c| (c.chunk_offset, c.chunk_size, c.compressed_end)).collect::<Vec<_>>(), vec![(0, 40, 200), (40, 40, 300), (80, 20, 10_000)]);
+        assert_eq!(idx.chunks_for_range(f, 39, 2).len(), 2);
+        assert_eq!(idx.chunks_for_range(f, 40, 40).len(), 1);
+        assert_eq!(idx.chunks_for_range(f, 100, 5).len(), 0);
+        let mut bad = reg("g", 1, 100);
+        bad.chunk_digest = "md5:x".into();
+        assert!(build(vec![bad]).is_err());
+    }
+
+    #[test]
+    fn shared_members_use_inner_offsets() {
+        let mut a = reg("a", 10, 100);
+        a.inner_offset = 512;
+        let mut b = reg("b", 10, 100);
+        b.inner_offset = 1024;
+        let idx = build(vec![a, b, reg("c", 1, 400)]).expect("build");
+        for (n, inner) in [("a", 512), ("b", 1024)] {
+            let c = idx.chunks(idx.lookup(n).expect("id"))[0];
+            assert_eq!((c.compressed_offset, c.compressed_end, c.inner_offset), (100, 400, inner));
+        }
+    }
+
+    #[test]
+    fn deep_nesting_does_not_overflow_the_stack() {
+        let deep = vec!["d"; 2000].join("/");
+        let idx = build(vec![reg(&deep, 1, 100)]).expect("build");
+        assert_eq!(idx.len(), 2001);
+        let too_deep = vec!["d"; 3000].join("/");
+        assert!(build(vec![reg(&too_deep, 1, 100)]).is_err());
+    }
+
+    #[test]
+    fn landmarks_are_recorded_and_hidden() {
+        let idx = build(vec![reg("a", 1, 100), reg(".prefetch.landmark", 1, 300), reg("b", 1, 400)]).expect("build");
+        assert_eq!(idx.prefetch_end_offset(), Some(300));
+        assert!(idx.lookup(".prefetch.landmark").is_none());
+        assert_eq!(idx.chunks(idx.lookup("a").expect("a"))[0].compressed_end, 300);
+        let idx = build(vec![reg(".no.prefetch.landmark", 1, 100)]).expect("build");
+        assert!(idx.no_prefetch() && !idx.has_prefetch_landmark());
     }
 }

@@ -57,14 +57,12 @@ pub fn read_file_range<R: ReadAt + ?Sized>(blob: &R, index: &LayerIndex, id: Ent
     }
     let want = (buf.len() as u64).min(e.size - offset);
     let mut done = 0u64;
-    let mut compressed = Vec::new();
     let mut plain = Vec::new();
     for c in index.chunks_for_range(id, offset, want) {
         let range = c.compressed_range();
-        compressed.resize((range.end - range.start) as usize, 0);
-        blob.read_exact_at(&mut compressed, range.start)?;
+        let section = std::io::BufReader::with_capacity(64 << 10, Section { blob, pos: range.start, end: range.end });
         plain.resize(c.chunk_size as usize, 0);
-        chunk::decode_chunk_into(&compressed[..], c, index.layer_label(), &e.name, &mut plain)?;
+        chunk::decode_chunk_into(section, c, index.layer_label(), &e.name, &mut plain)?;
         let from = offset + done - c.chunk_offset;
         let n = (c.chunk_size - from).min(want - done);
         buf[done as usize..(done + n) as usize].copy_from_slice(&plain[from as usize..(from + n) as usize]);
@@ -74,4 +72,25 @@ pub fn read_file_range<R: ReadAt + ?Sized>(blob: &R, index: &LayerIndex, id: Ent
         return Err(EstargzError::OutOfFile { file: e.name.clone(), offset, len: want, size: e.size });
     }
     Ok(done as usize)
+}
+
+/// `Read` over `[pos, end)` of a [`ReadAt`]: the decoder pulls only the compressed bytes it
+/// needs, so a lying TOC with a huge member range costs no memory.
+pub struct Section<'a, R: ReadAt + ?Sized> {
+    pub blob: &'a R,
+    pub pos: u64,
+    pub end: u64,
+}
+
+impl<R: ReadAt + ?Sized> std::io::Read for Section<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.end.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.blob.read_at(&mut buf[..n], self.pos)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
 }

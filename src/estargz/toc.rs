@@ -248,4 +248,26 @@ mod tests {
         let json = r#"{"version":1,"entries":[{"name":"x","type":"socket"}]}"#;
         assert!(serde_json::from_str::<Toc>(json).is_err());
     }
+
+    #[test]
+    fn go_json_layout_and_escaping() {
+        let toc = Toc {
+            version: 1,
+            entries: vec![TocEntry { name: "a<b>&c".into(), kind: EntryType::Dir, mode: 493, ..Default::default() }],
+        };
+        let json = String::from_utf8(to_go_json(&toc).expect("json")).expect("utf8");
+        let want = "{\n\t\"version\": 1,\n\t\"entries\": [\n\t\t{\n\t\t\t\"name\": \"a\\u003cb\\u003e\\u0026c\",\n\t\t\t\"type\": \"dir\",\n\t\t\t\"mode\": 493\n\t\t}\n\t]\n}";
+        assert_eq!(json, want);
+        let empty = String::from_utf8(to_go_json(&Toc { version: 1, entries: vec![] }).expect("json")).expect("utf8");
+        assert_eq!(empty, "{\n\t\"version\": 1,\n\t\"entries\": []\n}");
+    }
+
+    #[test]
+    fn toc_member_errors() {
+        assert!(parse_toc_member(b"").is_err());
+        assert!(parse_toc_member(b"not gzip at all").is_err());
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &[0u8; 1024]).expect("gz");
+        assert!(parse_toc_member(&gz.finish().expect("gz")).is_err(), "empty tar");
+    }
 }

@@ -232,11 +232,11 @@ impl Builder {
         if self.node_mut(ino).kind == NodeKind::Dir {
             self.node_mut(parent).nlink += 1;
         }
-        if name.starts_with(WHITEOUT_PREFIX) {
+        if let Some(target) = name.strip_prefix(WHITEOUT_PREFIX) {
             if name == OPAQUE_MARKER {
                 self.node_mut(parent).opaque = true;
             } else {
-                self.whiteouts.push((parent, name[WHITEOUT_PREFIX.len()..].to_string(), ino));
+                self.whiteouts.push((parent, target.to_string(), ino));
             }
             return;
         }

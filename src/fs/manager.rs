@@ -188,8 +188,11 @@ impl RemoteLayers for LayerManager {
                 release(m);
                 Ok(())
             }
-            // Not ours (e.g. mounted by an earlier run): detach whatever is there.
-            None => nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| e.into()),
+            // Not ours (e.g. mounted by an earlier run): detach whatever is there, if anything.
+            None => match nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
         }
     }
 }

@@ -1,10 +1,13 @@
 //! `config.toml` with the Go daemon's key names and defaults. Unknown keys are reported (so
 //! a typo is visible in the log) but never fatal, so a Go config file works unchanged.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+/// `[blob]` and `[resolver.host."HOST".mirrors]` belong to the registry client; the daemon
+/// config reads them straight into its types so there is one definition of each key.
+pub use crate::remote::config::{BlobConfig, HostConfig, MirrorConfig, ResolverConfig};
 
 /// Errors reading the config file.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +25,7 @@ pub enum ConfigError {
 }
 
 /// The whole daemon configuration (Go: `service.Config` + `config.Config`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// "" (directory) or "memory".
@@ -74,37 +77,8 @@ impl Default for Config {
     }
 }
 
-/// `[blob]`: how layer bytes are fetched from the registry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct BlobConfig {
-    pub valid_interval: i64,
-    pub check_always: bool,
-    pub chunk_size: i64,
-    pub fetching_timeout_sec: i64,
-    pub force_single_range_mode: bool,
-    pub max_retries: i64,
-    pub min_wait_msec: i64,
-    pub max_wait_msec: i64,
-}
-
-impl Default for BlobConfig {
-    fn default() -> Self {
-        BlobConfig {
-            valid_interval: 60,
-            check_always: false,
-            chunk_size: 50000,
-            fetching_timeout_sec: 300,
-            force_single_range_mode: false,
-            max_retries: 5,
-            min_wait_msec: 30,
-            max_wait_msec: 300_000,
-        }
-    }
-}
-
 /// `[directory_cache]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DirectoryCacheConfig {
     pub max_lru_cache_entry: i64,
@@ -127,7 +101,7 @@ impl Default for DirectoryCacheConfig {
 }
 
 /// `[fuse]`: kernel cache timeouts (seconds) and passthrough.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct FuseConfig {
     pub attr_timeout: i64,
@@ -140,35 +114,15 @@ impl Default for FuseConfig {
         FuseConfig {
             attr_timeout: 1,
             entry_timeout: 1,
-            passthrough: false,
+            // Go's default is false; ours is on because it falls back to normal reads by itself
+            // where the kernel lacks FUSE passthrough, and cached reads then skip the daemon.
+            passthrough: true,
         }
     }
 }
 
-/// `[resolver]`: per-host mirrors, as `[resolver.host."HOST".mirrors]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ResolverConfig {
-    pub host: BTreeMap<String, HostConfig>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct HostConfig {
-    pub mirrors: Vec<MirrorConfig>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MirrorConfig {
-    pub host: String,
-    pub insecure: bool,
-    pub request_timeout_sec: i64,
-    pub header: BTreeMap<String, Vec<String>>,
-}
-
 /// `[snapshotter]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct SnapshotterConfig {
     pub allow_invalid_mounts_on_restart: bool,
@@ -258,7 +212,10 @@ mod tests {
     fn missing_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("nope.toml");
-        assert_eq!(Config::load(&p, true).unwrap().0, Config::default());
+        let (c, unknown) = Config::load(&p, true).unwrap();
+        assert!(unknown.is_empty());
+        assert_eq!(c.max_concurrency, Config::default().max_concurrency);
+        assert_eq!(c.blob.chunk_size, 50_000);
         assert!(Config::load(&p, false).is_err());
     }
 }

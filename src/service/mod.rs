@@ -12,12 +12,14 @@ use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tracing::info;
 
 use crate::proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
 use crate::snapshot::{RemoteLayers, Snapshotter};
+use crate::{cache, fs, remote};
 
 /// Errors of the service layer.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +33,47 @@ pub enum ServiceError {
     SocketInUse(String),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("registry client: {0}")]
+    Remote(#[from] remote::RemoteError),
+    #[error("http cache: {0}")]
+    Cache(#[from] cache::CacheError),
+    #[error("remote layers: {0}")]
+    Layers(#[from] fs::FsError),
 }
 
-/// The single wiring point for lazy remote layers: the `fs` module plugs its FUSE-backed
-/// implementation in here. `None` means every layer is downloaded by containerd.
+/// The single wiring point for lazy remote layers: the FUSE-backed [`fs::LayerManager`] over a
+/// registry client and the HTTP cache under `<root>/stargz`. Its calls block on `handle`, so the
+/// snapshotter must call it from blocking threads (the gRPC adapter does).
 pub fn build_remote_layers(
-    _config: &config::Config,
-    _root: &Path,
-) -> Option<Arc<dyn RemoteLayers>> {
-    None
+    config: &config::Config,
+    root: &Path,
+    handle: tokio::runtime::Handle,
+) -> Result<Arc<dyn RemoteLayers>, ServiceError> {
+    let client = remote::RegistryClient::new(remote::ClientConfig {
+        resolver: config.resolver.clone(),
+        blob: config.blob.clone(),
+        ..remote::ClientConfig::default()
+    })?;
+    let http_cache = cache::open_store(
+        &config.http_cache_type,
+        &root.join("stargz").join("httpcache"),
+        cache::DirectoryCacheConfig {
+            max_bytes: None,
+            sync_add: config.directory_cache.sync_add,
+        },
+    )?;
+    let resolver = fs::RegistryResolver::new(client, http_cache, handle);
+    let mut fs_config = fs::FsConfig::new(root);
+    let secs = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+    fs_config.layer.attr_timeout = secs(config.fuse.attr_timeout);
+    fs_config.layer.passthrough = config.fuse.passthrough;
+    fs_config.layer.prefetch_size = u64::try_from(config.prefetch_size).unwrap_or(0);
+    fs_config.layer.no_prefetch = config.noprefetch;
+    fs_config.disable_verification = config.disable_verification;
+    fs_config.allow_no_verification = config.allow_no_verification;
+    fs_config.no_background_fetch = config.no_background_fetch;
+    fs_config.max_concurrency = usize::try_from(config.max_concurrency).unwrap_or(1).max(1);
+    Ok(Arc::new(fs::LayerManager::new(fs_config, Arc::new(resolver))?))
 }
 
 /// Binds the daemon socket: creates its directory (0700, only when we create it: an existing

@@ -27,13 +27,11 @@ pub fn estargz_from_tar(tar_bytes: &[u8], chunk_size: u64, landmark_after: Optio
     let mut w = MemberWriter { out, gz: None };
     let mut toc = Toc { version: 1, entries: Vec::new() };
     let mut ar = tar::Archive::new(tar_bytes);
-    let mut count = 0;
-    for ent in ar.entries()? {
+    for (count, ent) in ar.entries()?.enumerate() {
         let mut ent = ent?;
         if landmark_after == Some(count) {
             add_landmark(&mut w, &mut toc)?;
         }
-        count += 1;
         let h = ent.header().clone();
         let name = String::from_utf8(ent.path_bytes().into_owned())?;
         let mut xattrs = BTreeMap::new();
@@ -366,6 +364,8 @@ pub struct FaultySource {
 pub const HEALTHY: u8 = 0;
 pub const DOWN: u8 = 1;
 pub const CORRUPT: u8 = 2;
+/// Every fetch first sleeps 3 s (a stalled registry).
+pub const SLOW: u8 = 3;
 
 impl FaultySource {
     pub fn new(blob: Vec<u8>) -> Arc<Self> {
@@ -387,6 +387,9 @@ impl LayerSource for FaultySource {
             .blob
             .get(offset as usize..(offset + len) as usize)
             .ok_or_else(|| std::io::Error::other("range past end"))?;
+        if self.mode.load(Ordering::SeqCst) == SLOW {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
         match self.mode.load(Ordering::SeqCst) {
             DOWN => Err(std::io::Error::other("registry down")),
             CORRUPT => {
@@ -420,4 +423,18 @@ impl Drop for UmountGuard {
 pub fn require_root() {
     assert!(nix::unistd::geteuid().is_root(), "this test needs root and /dev/fuse (CI runs as root)");
     assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
+}
+
+/// Sets every path's mtime to its whole second: eStargz TOCs hold whole seconds, rounded as Go's
+/// `formatModtime` does, so sub-second source mtimes would differ by one.
+pub fn truncate_mtimes(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let md = std::fs::symlink_metadata(&p)?;
+        if md.is_dir() {
+            truncate_mtimes(&p)?;
+        }
+        set_mtime(&p, md.mtime())?;
+    }
+    set_mtime(dir, std::fs::symlink_metadata(dir)?.mtime())
 }

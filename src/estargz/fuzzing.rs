@@ -1,0 +1,51 @@
+//! Entry points shared by the `cargo fuzz` targets (`fuzz/`) and the stable-Rust no-panic
+//! tests (`tests/estargz_fuzz.rs`): each feeds untrusted bytes to a parser and exercises what
+//! it returns. They must never panic, loop, or allocate without bound; errors are fine.
+
+use super::footer::parse_footer;
+use super::index::LayerIndex;
+use super::reader::{open_blob, read_file_range};
+use super::toc::{parse_toc_member, EntryType, Toc};
+
+/// Footer parsing, plus the TOC range computed for a few blob sizes.
+pub fn fuzz_footer(data: &[u8]) {
+    if let Ok(loc) = parse_footer(data) {
+        for size in [0, data.len() as u64, u64::MAX] {
+            let _ = loc.toc_range(size);
+        }
+    }
+}
+
+/// TOC member parsing (gzip → tar → JSON) and, for raw JSON input, index building with
+/// every lookup the filesystem makes.
+pub fn fuzz_toc(data: &[u8]) {
+    if let Ok((toc, _)) = parse_toc_member(data) {
+        walk_index(&toc);
+    }
+    if let Ok(toc) = serde_json::from_slice::<Toc>(data) {
+        walk_index(&toc);
+    }
+}
+
+fn walk_index(toc: &Toc) {
+    let Ok(idx) = LayerIndex::build(toc, 1 << 40) else { return };
+    for (id, e) in idx.entries() {
+        let _ = idx.children(id).count();
+        let _ = idx.parent(id);
+        let _ = idx.lookup(&e.name);
+        if e.kind == EntryType::Reg {
+            let _ = idx.chunks_for_range(id, e.size / 2, e.size);
+        }
+    }
+}
+
+/// A whole blob: open it, then read every regular file through the verifying reader.
+pub fn fuzz_open_blob(data: &[u8]) {
+    let Ok(opened) = open_blob(data, data.len() as u64, None) else { return };
+    let mut buf = vec![0u8; 4096];
+    for (id, e) in opened.index.entries() {
+        if e.kind == EntryType::Reg {
+            let _ = read_file_range(data, &opened.index, id, 0, &mut buf);
+        }
+    }
+}
