@@ -66,10 +66,21 @@ fn push_python_image(reg: &Registry, repo: &str, tag: &str) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let oci = dir.path().join("oci");
     let script = rootfs_script();
-    let out = Command::new("bash").arg(&script).arg("oci").arg(&oci).output().expect("run rootfs.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("oci")
+        .arg(&oci)
+        .output()
+        .expect("run rootfs.sh");
     ok(out, "rootfs.sh oci");
     let reference = format!("{}/{repo}:{tag}", reg.addr());
-    let out = Command::new("bash").arg(&script).arg("push").arg(&oci).arg(&reference).output().expect("run rootfs.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("push")
+        .arg(&oci)
+        .arg(&reference)
+        .output()
+        .expect("run rootfs.sh");
     ok(out, "rootfs.sh push");
     reference
 }
@@ -82,7 +93,8 @@ fn fuse_mounts_under(dir: &Path) -> Vec<PathBuf> {
             let (pre, post) = l.split_once(" - ")?;
             let mp = pre.split(' ').nth(4)?;
             let fstype = post.split(' ').next()?;
-            (fstype == "fuse" || fstype.starts_with("fuse.")).then(|| PathBuf::from(mp.replace("\\040", " ")))
+            (fstype == "fuse" || fstype.starts_with("fuse."))
+                .then(|| PathBuf::from(mp.replace("\\040", " ")))
         })
         .filter(|p| p.starts_with(dir))
         .collect()
@@ -93,12 +105,27 @@ fn fuse_mounts_under(dir: &Path) -> Vec<PathBuf> {
 fn prepared_events(log: &str) -> Vec<(bool, String, String)> {
     let mut out = Vec::new();
     for line in log.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let fields = if v.get("fields").is_some() { &v["fields"] } else { &v };
-        let Some(p) = fields.get("remote-snapshot-prepared") else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let fields = if v.get("fields").is_some() {
+            &v["fields"]
+        } else {
+            &v
+        };
+        let Some(p) = fields.get("remote-snapshot-prepared") else {
+            continue;
+        };
         let val = p.as_bool().unwrap_or_else(|| p.as_str() == Some("true"));
-        let target = fields.get("target").and_then(|t| t.as_str()).unwrap_or_default();
-        let ns = fields.get("key").and_then(|t| t.as_str()).and_then(|k| k.split('/').next()).unwrap_or_default();
+        let target = fields
+            .get("target")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default();
+        let ns = fields
+            .get("key")
+            .and_then(|t| t.as_str())
+            .and_then(|k| k.split('/').next())
+            .unwrap_or_default();
         out.push((val, format!("{ns}/{target}"), line.to_string()));
     }
     out
@@ -107,22 +134,38 @@ fn prepared_events(log: &str) -> Vec<(bool, String, String)> {
 /// The daemon's INFO-and-above log lines (its debug output is large), last 60.
 fn log_tail(daemon: &Daemon) -> String {
     let log = daemon.log();
-    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("\"level\":\"DEBUG\"") && !l.contains("\"level\":\"TRACE\"")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("\"level\":\"DEBUG\"") && !l.contains("\"level\":\"TRACE\""))
+        .collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 /// The image's manifest and the (digest, size) of its layers, read back from containerd.
 fn layers_of(ctrd: &Containerd, ns: &str, image: &str) -> Vec<(String, u64)> {
     let ls = ctr_ns(ctrd, ns, &["images", "ls"]);
-    let line = ls.lines().find(|l| l.starts_with(image)).unwrap_or_else(|| panic!("{image} not listed:\n{ls}"));
-    let manifest_digest = line.split_whitespace().nth(2).expect("digest column").to_string();
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with(image))
+        .unwrap_or_else(|| panic!("{image} not listed:\n{ls}"));
+    let manifest_digest = line
+        .split_whitespace()
+        .nth(2)
+        .expect("digest column")
+        .to_string();
     let manifest: serde_json::Value =
-        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &manifest_digest])).expect("manifest json");
+        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &manifest_digest]))
+            .expect("manifest json");
     manifest["layers"]
         .as_array()
         .expect("layers")
         .iter()
-        .map(|l| (l["digest"].as_str().unwrap_or_default().to_string(), l["size"].as_u64().unwrap_or(0)))
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap_or_default().to_string(),
+                l["size"].as_u64().unwrap_or(0),
+            )
+        })
         .collect()
 }
 
@@ -141,7 +184,21 @@ fn layer_state(root: &Path, digest: &str) -> Option<(u64, u64)> {
 
 /// Runs `python3 -c CODE` in a fresh container of `image` with the stargz snapshotter.
 fn run_python(ctrd: &Containerd, ns: &str, image: &str, id: &str, code: &str) -> String {
-    ctr_ns(ctrd, ns, &["run", "--rm", "--snapshotter", "stargz", image, id, "python3", "-c", code])
+    ctr_ns(
+        ctrd,
+        ns,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stargz",
+            image,
+            id,
+            "python3",
+            "-c",
+            code,
+        ],
+    )
 }
 
 /// Converts `src` to eStargz as `dst` with `bin`'s `image convert --estargz --oci` in the
@@ -170,7 +227,13 @@ fn build_images(reg: &Registry) -> (String, String, String) {
     ctr_ns(&build, "default", &["image", "pull", "--plain-http", &gzip]);
     let second = format!("{}/e2e/python:esgz-l1", reg.addr());
     convert_and_push(ours(), &build, &gzip, &ours_ref, &[]);
-    convert_and_push(ours(), &build, &gzip, &second, &["--estargz-compression-level", "1"]);
+    convert_and_push(
+        ours(),
+        &build,
+        &gzip,
+        &second,
+        &["--estargz-compression-level", "1"],
+    );
     drop(build);
     (gzip, ours_ref, second)
 }
@@ -203,14 +266,21 @@ fn assert_all_remote(
         );
     }
     let events = prepared_events(&daemon.log());
-    let new: BTreeSet<&str> = events[before..].iter().filter(|e| e.0).map(|e| e.1.as_str()).collect();
+    let new: BTreeSet<&str> = events[before..]
+        .iter()
+        .filter(|e| e.0)
+        .map(|e| e.1.as_str())
+        .collect();
     assert!(
         new.len() >= layers.len() && new.iter().all(|t| t.starts_with(&format!("{ns}/"))),
         "remote-snapshot-prepared=true for each layer of {image} expected, got {new:?}; events: {:#?}",
         &events[before..]
     );
     let fallbacks: Vec<_> = events[before..].iter().filter(|e| !e.0).collect();
-    assert!(fallbacks.is_empty(), "no layer of {image} may fall back: {fallbacks:?}");
+    assert!(
+        fallbacks.is_empty(),
+        "no layer of {image} may fall back: {fallbacks:?}"
+    );
     layers
 }
 
@@ -225,7 +295,10 @@ fn daemon_config(dir: &Path) -> PathBuf {
 fn lazy_pull_python_image_end_to_end() {
     let started = Instant::now();
     require_tool("ctr");
-    assert!(Path::new(GO_CTR_REMOTE).is_file(), "Go's ctr-remote missing (apt-get install stargz-snapshotter)");
+    assert!(
+        Path::new(GO_CTR_REMOTE).is_file(),
+        "Go's ctr-remote missing (apt-get install stargz-snapshotter)"
+    );
     let reg = Registry::start();
     let (gzip, esgz, esgz2) = build_images(&reg);
     let built = started.elapsed();
@@ -235,7 +308,11 @@ fn lazy_pull_python_image_end_to_end() {
     let root = tmp.path().join("root");
     let sock = tmp.path().join("stargz.sock");
     let cfg = daemon_config(tmp.path());
-    let mut daemon = Daemon::start(&root, &sock, &["--config", cfg.to_str().expect("utf-8 path")]);
+    let mut daemon = Daemon::start(
+        &root,
+        &sock,
+        &["--config", cfg.to_str().expect("utf-8 path")],
+    );
     let ctrd = Containerd::start(ContainerdOpts {
         stargz_socket: Some(sock.clone()),
         stargz_root: Some(root.clone()),
@@ -246,11 +323,26 @@ fn lazy_pull_python_image_end_to_end() {
     // 3 + 4 + 5: our rpull is lazy, python runs, little was fetched.
     let t = Instant::now();
     let before = (prepared_events(&daemon.log()).len(), 0);
-    let progress = ctr_remote(ours(), &ctrd, "default", &["image", "rpull", "--plain-http", &esgz]);
+    let progress = ctr_remote(
+        ours(),
+        &ctrd,
+        "default",
+        &["image", "rpull", "--plain-http", &esgz],
+    );
     let layers = assert_all_remote(&ctrd, &daemon, "default", &esgz, before);
-    let out = run_python(&ctrd, "default", &esgz, "py1", "import json, sqlite3; print('hello', json.dumps([1, 2]))");
+    let out = run_python(
+        &ctrd,
+        "default",
+        &esgz,
+        "py1",
+        "import json, sqlite3; print('hello', json.dumps([1, 2]))",
+    );
     let lazy_time = t.elapsed();
-    assert_eq!(out.trim(), "hello [1, 2]", "python output; rpull said: {progress}");
+    assert_eq!(
+        out.trim(),
+        "hello [1, 2]",
+        "python output; rpull said: {progress}"
+    );
     let (mut fetched, mut size) = (0u64, 0u64);
     for (d, compressed) in &layers {
         let (f, s) = layer_state(&root, d).unwrap_or_else(|| panic!("state of {d}"));
@@ -266,8 +358,23 @@ fn lazy_pull_python_image_end_to_end() {
     assert!(fetched * 2 < size, "fetched {fetched} of {size}: not lazy");
 
     // Go's ctr-remote on the second image (its own layers, so its own snapshots).
-    let before = (prepared_events(&daemon.log()).len(), fuse_mounts_under(&root).len());
-    ctr_remote(GO_CTR_REMOTE, &ctrd, "go", &["image", "rpull", "--plain-http", "--snapshotter", "stargz", &esgz2]);
+    let before = (
+        prepared_events(&daemon.log()).len(),
+        fuse_mounts_under(&root).len(),
+    );
+    ctr_remote(
+        GO_CTR_REMOTE,
+        &ctrd,
+        "go",
+        &[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargz",
+            &esgz2,
+        ],
+    );
     assert_all_remote(&ctrd, &daemon, "go", &esgz2, before);
     let out = run_python(&ctrd, "go", &esgz2, "py-go", "print('from go', 6 * 7)");
     assert_eq!(out.trim(), "from go 42");
@@ -276,10 +383,24 @@ fn lazy_pull_python_image_end_to_end() {
     ctr_ns(
         &ctrd,
         "default",
-        &["run", "-d", "--snapshotter", "stargz", &esgz, "sleeper", "python3", "-c", "import time; time.sleep(600)"],
+        &[
+            "run",
+            "-d",
+            "--snapshotter",
+            "stargz",
+            &esgz,
+            "sleeper",
+            "python3",
+            "-c",
+            "import time; time.sleep(600)",
+        ],
     );
     let mounts_before = fuse_mounts_under(&root).len();
-    assert!(mounts_before >= 6, "6 layer mounts expected: {:?}", fuse_mounts_under(&root));
+    assert!(
+        mounts_before >= 6,
+        "6 layer mounts expected: {:?}",
+        fuse_mounts_under(&root)
+    );
     daemon.kill9();
     let t = Instant::now();
     daemon.restart();
@@ -287,29 +408,50 @@ fn lazy_pull_python_image_end_to_end() {
     let remounted = wait_until(Duration::from_secs(30), || {
         layers.iter().all(|(d, _)| layer_state(&root, d).is_some())
     });
-    assert!(remounted, "layers not re-mounted after restart: {:?}\n{}", fuse_mounts_under(&root), log_tail(&daemon));
+    assert!(
+        remounted,
+        "layers not re-mounted after restart: {:?}\n{}",
+        fuse_mounts_under(&root),
+        log_tail(&daemon)
+    );
     let out = run_python(&ctrd, "default", &esgz, "py2", "print('after restart')");
     eprintln!("restart to second run: {:?}", t.elapsed());
     assert_eq!(out.trim(), "after restart");
     let _ = ctrd.ctr(&["tasks", "kill", "-s", "SIGKILL", "sleeper"]);
-    wait_until(Duration::from_secs(10), || ctrd.ctr(&["tasks", "rm", "-f", "sleeper"]).status.success());
+    wait_until(Duration::from_secs(10), || {
+        ctrd.ctr(&["tasks", "rm", "-f", "sleeper"]).status.success()
+    });
     let _ = ctrd.ctr(&["containers", "rm", "sleeper"]);
 
     // 7: a plain gzip image falls back to a normal pull, with the reason logged.
     let before = prepared_events(&daemon.log()).len();
-    ctr_remote(ours(), &ctrd, "plain", &["image", "rpull", "--plain-http", &gzip]);
+    ctr_remote(
+        ours(),
+        &ctrd,
+        "plain",
+        &["image", "rpull", "--plain-http", &gzip],
+    );
     let events = prepared_events(&daemon.log());
-    let falls: BTreeMap<&str, &str> =
-        events[before..].iter().filter(|e| !e.0).map(|e| (e.1.as_str(), e.2.as_str())).collect();
+    let falls: BTreeMap<&str, &str> = events[before..]
+        .iter()
+        .filter(|e| !e.0)
+        .map(|e| (e.1.as_str(), e.2.as_str()))
+        .collect();
     assert!(
         falls.len() >= 3 && falls.values().all(|l| l.contains("error")),
         "remote-snapshot-prepared=false with an error for each gzip layer expected: {falls:#?}"
     );
-    assert!(events[before..].iter().all(|e| !e.0), "a gzip layer was mounted remotely?");
+    assert!(
+        events[before..].iter().all(|e| !e.0),
+        "a gzip layer was mounted remotely?"
+    );
     let out = run_python(&ctrd, "plain", &gzip, "py-plain", "print('plain', 1 + 1)");
     assert_eq!(out.trim(), "plain 2");
 
-    eprintln!("images built in {built:?}; whole test {:?}", started.elapsed());
+    eprintln!(
+        "images built in {built:?}; whole test {:?}",
+        started.elapsed()
+    );
     let t = Instant::now();
     drop(ctrd);
     eprintln!("containerd teardown {:?}", t.elapsed());
@@ -319,9 +461,27 @@ fn lazy_pull_python_image_end_to_end() {
     let left = fuse_mounts_under(&root);
     eprintln!("daemon SIGINT exit {status:?} in {:?}", t.elapsed());
     assert!(left.is_empty(), "FUSE mounts left after SIGINT: {left:?}");
+    let du = Command::new("du")
+        .args(["-s", "--apparent-size", "-k"])
+        .args(["snapshotter", "stargz/httpcache", "stargz/fscache"])
+        .current_dir(&root)
+        .output();
+    let du = du
+        .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', "; "))
+        .unwrap_or_default();
+    let files = Command::new("find")
+        .arg(&root)
+        .args(["-xdev", "-type", "f"])
+        .output()
+        .map(|o| o.stdout.iter().filter(|&&b| b == b'\n').count())
+        .unwrap_or(0);
+    eprintln!("daemon root after SIGINT (KiB): {du} {files} files");
     let t = Instant::now();
     drop(daemon);
     let unmounted = t.elapsed();
     drop(tmp);
-    eprintln!("daemon drop {unmounted:?}, temp dir removal {:?}", t.elapsed() - unmounted);
+    eprintln!(
+        "daemon drop {unmounted:?}, temp dir removal {:?}",
+        t.elapsed() - unmounted
+    );
 }
