@@ -515,14 +515,18 @@ fn verify(w: &mut ChunkWriter, c: &Chunk, allow_unverified: bool) -> Result<(), 
     if w.remaining != 0 {
         return Err(FsError::Chunk(format!("chunk at {} is {} bytes short", c.blob_off, w.remaining)));
     }
-    let got = format!("sha256:{}", hex::encode(std::mem::take(&mut w.hasher).finalize()));
-    if c.digest.is_empty() {
-        return if allow_unverified { Ok(()) } else { Err(FsError::Chunk(format!("chunk at {} has no digest", c.blob_off))) };
+    let got: [u8; 32] = std::mem::take(&mut w.hasher).finalize().into();
+    match c.digest {
+        None if allow_unverified => Ok(()),
+        None => Err(FsError::Chunk(format!("chunk at {} has no digest", c.blob_off))),
+        Some(want) if want != got => Err(FsError::Chunk(format!(
+            "chunk at {}: digest sha256:{} != sha256:{}",
+            c.blob_off,
+            hex::encode(got),
+            hex::encode(want)
+        ))),
+        Some(_) => Ok(()),
     }
-    if got != c.digest {
-        return Err(FsError::Chunk(format!("chunk at {}: digest {got} != {}", c.blob_off, c.digest)));
-    }
-    Ok(())
 }
 
 impl Write for SpanSink<'_> {
