@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::estargz::{Entry, EntryId, EntryType, LayerIndex};
+use crate::estargz::{ChunkInfo, Entry, EntryId, EntryType, LayerIndex};
 
 /// The root directory.
 pub const ROOT_INO: u64 = 1;
@@ -39,17 +39,10 @@ pub enum NodeKind {
     Whiteout,
 }
 
-/// One chunk of a regular file: `len` decompressed bytes at `file_off`, found by decompressing
-/// the gzip member at `[blob_off, blob_end)` and skipping `inner_off` bytes.
+/// One chunk of a regular file as the index describes it, plus its place in blob order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
-    pub file_off: u64,
-    pub len: u64,
-    pub blob_off: u64,
-    pub blob_end: u64,
-    pub inner_off: u64,
-    /// sha256 of the decompressed chunk, when the TOC has one.
-    pub digest: Option<[u8; 32]>,
+    pub info: ChunkInfo,
     /// Position in [`InodeTable::blob_order`]: chunk `seq + 1` is the next one in the blob.
     pub seq: usize,
 }
@@ -105,7 +98,7 @@ impl Node {
 
     /// Index of the first chunk that holds `offset` (chunks are sorted by `file_off`).
     pub fn chunk_index(&self, offset: u64) -> usize {
-        self.chunks.partition_point(|c| c.file_off + c.len <= offset)
+        self.chunks.partition_point(|c| c.info.chunk_offset + c.info.chunk_size <= offset)
     }
 }
 
@@ -183,7 +176,7 @@ impl InodeTable {
 
     /// Total decompressed payload bytes.
     pub fn payload_size(&self) -> u64 {
-        self.nodes.iter().flat_map(|n| n.chunks.iter()).map(|c| c.len).sum()
+        self.nodes.iter().flat_map(|n| n.chunks.iter()).map(|c| c.info.chunk_size).sum()
     }
 }
 
@@ -219,15 +212,7 @@ fn node_from(index: &LayerIndex, id: EntryId, e: &Entry) -> Node {
     node.chunks = index
         .chunks(id)
         .iter()
-        .map(|c| Chunk {
-            file_off: c.chunk_offset,
-            len: c.chunk_size,
-            blob_off: c.compressed_offset,
-            blob_end: c.compressed_end,
-            inner_off: c.inner_offset,
-            digest: c.digest,
-            seq: 0,
-        })
+        .map(|&info| Chunk { info, seq: 0 })
         .collect();
     node
 }
@@ -279,7 +264,7 @@ fn link_children(index: &LayerIndex, nodes: &mut [Node], dir: EntryId) {
 fn blob_order(nodes: &[Node]) -> Vec<ChunkId> {
     let mut ids: Vec<(u64, ChunkId)> = nodes
         .iter()
-        .flat_map(|n| n.chunks.iter().enumerate().map(move |(i, c)| (c.blob_off, (n.ino, i))))
+        .flat_map(|n| n.chunks.iter().enumerate().map(move |(i, c)| (c.info.compressed_offset, (n.ino, i))))
         .collect();
     ids.sort_unstable();
     ids.into_iter().map(|(_, id)| id).collect()
@@ -327,8 +312,8 @@ mod tests {
         assert_eq!(big.nlink, 2);
         assert_eq!(big.mtime.duration_since(UNIX_EPOCH).expect("after").as_secs(), 1_577_934_245);
         assert_eq!(big.chunks.len(), 2);
-        assert_eq!((big.chunks[0].blob_end, big.chunks[1].blob_end, big.chunks[1].len), (150, 300, 6));
-        assert_eq!(big.chunks[1].digest, Some([0xbb; 32]));
+        assert_eq!((big.chunks[0].info.compressed_end, big.chunks[1].info.compressed_end, big.chunks[1].info.chunk_size), (150, 300, 6));
+        assert_eq!(big.chunks[1].info.digest, Some([0xbb; 32]));
         assert_eq!(big.chunk_index(3), 0);
         assert_eq!(big.chunk_index(4), 1);
         let d = t.lookup(ROOT_INO, "d").expect("d");
