@@ -43,8 +43,13 @@ pub fn decode_chunk<R: Read, W: Write + ?Sized>(compressed: R, chunk: &ChunkInfo
 /// Checks `data` against the chunk's digest (no digest: accepted, see
 /// [`super::LayerIndex::require_chunk_digests`]).
 pub fn verify(chunk: &ChunkInfo, layer: &str, file: &str, data: &[u8]) -> Result<()> {
+    check_digest(chunk, layer, file, Sha256::digest(data).into())
+}
+
+/// [`verify`] for callers that hash the chunk as it streams by (no whole-chunk buffer):
+/// compares the finished sha256 `got` with the chunk's digest (none: accepted).
+pub fn check_digest(chunk: &ChunkInfo, layer: &str, file: &str, got: [u8; 32]) -> Result<()> {
     let Some(want) = chunk.digest else { return Ok(()) };
-    let got: [u8; 32] = Sha256::digest(data).into();
     if got != want {
         return Err(EstargzError::ChunkDigestMismatch {
             layer: layer.to_owned(),

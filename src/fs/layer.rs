@@ -79,7 +79,7 @@ pub fn open_layer(
         let _urgent = priority.urgent();
         open_toc(spec.source.as_ref(), spec.toc_digest.as_deref())?
     };
-    let table = InodeTable::build(&opened.toc, opened.toc_offset)?;
+    let table = InodeTable::build(&opened.index);
     let cache = FileCache::new(cache_dir).map_err(FsError::Cache)?;
     let mut opts = opts.clone();
     if spec.toc_digest.is_none() {

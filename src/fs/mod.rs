@@ -26,12 +26,9 @@ pub use source::{FileSource, LayerSource};
 /// Errors of the `fs` module; the FUSE boundary maps them to errno in `fuse.rs`.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    #[error("invalid TOC: {0}")]
-    Toc(String),
-    #[error("not an eStargz blob: {0}")]
-    Format(String),
-    #[error("TOC verification: {0}")]
-    Verify(String),
+    /// The blob's footer, TOC or index is not valid eStargz, or the TOC digest does not match.
+    #[error("opening the layer's TOC: {0}")]
+    Toc(#[from] crate::estargz::EstargzError),
     #[error("fetching from the blob: {0}")]
     Source(#[source] std::io::Error),
     #[error("fscache: {0}")]

@@ -14,6 +14,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
+use crate::estargz::chunk::check_digest;
+
 use super::fscache::FileCache;
 use super::inode::{Chunk, InodeTable, NodeKind};
 use super::source::LayerSource;
@@ -129,7 +131,7 @@ impl LayerReader {
     ) -> Self {
         let words = table.blob_order.len().div_ceil(64);
         // The footer and TOC (everything after the last payload) were fetched to mount.
-        let payload_end = table.blob_order.last().and_then(|&id| table.chunk(id)).map_or(0, |c| c.blob_end);
+        let payload_end = table.blob_order.last().and_then(|&id| table.chunk(id)).map_or(0, |c| c.info.compressed_end);
         let fetched = source.size().saturating_sub(payload_end);
         LayerReader {
             present: (0..words).map(|_| AtomicU64::new(0)).collect(),
@@ -271,16 +273,16 @@ impl LayerReader {
     ) -> (Vec<usize>, Arc<Flight>) {
         let flight = Arc::new(Flight::default());
         let mut seqs = vec![seq];
-        let mut end = self.chunk(seq).blob_end;
+        let mut end = self.chunk(seq).info.compressed_end;
         let limit = end.saturating_add(budget);
         let mut next = seq + 1;
         while next < self.table.blob_order.len() {
             let c = self.chunk(next);
-            if c.blob_off != end || c.blob_end > limit || self.is_present(next) || inflight.contains_key(&next) {
+            if c.info.compressed_offset != end || c.info.compressed_end > limit || self.is_present(next) || inflight.contains_key(&next) {
                 break;
             }
             seqs.push(next);
-            end = c.blob_end;
+            end = c.info.compressed_end;
             next += 1;
         }
         for &s in &seqs {
@@ -311,8 +313,8 @@ impl LayerReader {
         let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
             return Ok(());
         };
-        let start = self.chunk(first).blob_off;
-        let end = self.chunk(last).blob_end;
+        let start = self.chunk(first).info.compressed_offset;
+        let end = self.chunk(last).info.compressed_end;
         let mut sink = SpanSink { reader: self, seqs, k: 0, pos: start, dec: None, failed: None };
         sink.start_chunk();
         let fetched = self.source.fetch(start, end - start, &mut sink);
@@ -329,13 +331,13 @@ impl LayerReader {
     pub fn prefetch(&self, limit: u64) -> Result<(), FsError> {
         let mut seq = 0;
         let n = self.table.blob_order.len();
-        while seq < n && self.chunk(seq).blob_end <= limit {
+        while seq < n && self.chunk(seq).info.compressed_end <= limit {
             let claim = {
                 let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
                 if self.is_present(seq) || inflight.contains_key(&seq) {
                     None
                 } else {
-                    Some(self.claim_span(&mut inflight, seq, limit - self.chunk(seq).blob_end))
+                    Some(self.claim_span(&mut inflight, seq, limit - self.chunk(seq).info.compressed_end))
                 }
             };
             match claim {
@@ -371,7 +373,7 @@ impl LayerReader {
                 return BgStep::More;
             }
             let seq = cursor.0;
-            let budget = span_bytes.saturating_sub(self.chunk(seq).blob_end - self.chunk(seq).blob_off);
+            let budget = span_bytes.saturating_sub(self.chunk(seq).info.compressed_end - self.chunk(seq).info.compressed_offset);
             let claim = self.claim_span(&mut inflight, seq, budget);
             cursor.0 = claim.0.last().map_or(seq, |&s| s) + 1;
             claim
@@ -401,7 +403,7 @@ impl LayerReader {
         match res {
             Ok(()) => {
                 self.set_present(seq);
-                self.fetched.fetch_add(c.blob_end - c.blob_off, Ordering::Relaxed);
+                self.fetched.fetch_add(c.info.compressed_end - c.info.compressed_offset, Ordering::Relaxed);
                 if self.fully_cached() {
                     // The only bytes left are tar headers before the first payload.
                     self.fetched.store(self.source.size(), Ordering::Relaxed);
@@ -409,7 +411,7 @@ impl LayerReader {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(layer = %self.digest, offset = c.blob_off, error = %e, "chunk rejected");
+                tracing::warn!(layer = %self.digest, offset = c.info.compressed_offset, error = %e, "chunk rejected");
                 Err(e)
             }
         }
@@ -470,9 +472,9 @@ impl SpanSink<'_> {
             Ok(file) => {
                 let w = ChunkWriter {
                     file,
-                    pos: c.file_off,
-                    skip: c.inner_off,
-                    remaining: c.len,
+                    pos: c.info.chunk_offset,
+                    skip: c.info.inner_offset,
+                    remaining: c.info.chunk_size,
                     hasher: Sha256::new(),
                     io_error: None,
                 };
@@ -494,7 +496,10 @@ impl SpanSink<'_> {
         if let Some(mut dec) = self.dec.take() {
             let res = match dec.try_finish() {
                 Err(e) => Err(FsError::Chunk(format!("decompress: {e}"))),
-                Ok(()) => verify(dec.get_mut(), self.reader.chunk(seq), self.reader.opts.allow_unverified),
+                Ok(()) => {
+                    let (ino, _) = self.reader.table.blob_order[seq];
+                    verify(dec.get_mut(), self.reader.chunk(seq), &self.reader.digest, ino, self.reader.opts.allow_unverified)
+                }
             };
             match res {
                 Ok(()) => {
@@ -508,21 +513,20 @@ impl SpanSink<'_> {
     }
 }
 
-fn verify(w: &mut ChunkWriter, c: &Chunk, allow_unverified: bool) -> Result<(), FsError> {
+/// Checks a streamed chunk: the writer must have seen all of it, and its running hash must
+/// match (via [`check_digest`], the same rule `estargz` applies to buffered chunks).
+fn verify(w: &mut ChunkWriter, c: &Chunk, layer: &str, ino: u64, allow_unverified: bool) -> Result<(), FsError> {
     if let Some(e) = w.io_error.take() {
         return Err(FsError::Cache(e));
     }
     if w.remaining != 0 {
-        return Err(FsError::Chunk(format!("chunk at {} is {} bytes short", c.blob_off, w.remaining)));
+        return Err(FsError::Chunk(format!("chunk at {} is {} bytes short", c.info.compressed_offset, w.remaining)));
     }
-    let got = format!("sha256:{}", hex::encode(std::mem::take(&mut w.hasher).finalize()));
-    if c.digest.is_empty() {
-        return if allow_unverified { Ok(()) } else { Err(FsError::Chunk(format!("chunk at {} has no digest", c.blob_off))) };
+    let got: [u8; 32] = std::mem::take(&mut w.hasher).finalize().into();
+    if c.info.digest.is_none() && !allow_unverified {
+        return Err(FsError::Chunk(format!("chunk at {} has no digest", c.info.compressed_offset)));
     }
-    if got != c.digest {
-        return Err(FsError::Chunk(format!("chunk at {}: digest {got} != {}", c.blob_off, c.digest)));
-    }
-    Ok(())
+    check_digest(&c.info, layer, &format!("inode {ino}"), got).map_err(|e| FsError::Chunk(e.to_string()))
 }
 
 impl Write for SpanSink<'_> {
@@ -532,7 +536,7 @@ impl Write for SpanSink<'_> {
             let Some(&seq) = self.seqs.get(self.k) else {
                 return Err(io::Error::other("source sent more bytes than asked"));
             };
-            let end = self.reader.chunk(seq).blob_end;
+            let end = self.reader.chunk(seq).info.compressed_end;
             let n = usize::try_from(end - self.pos).unwrap_or(usize::MAX).min(data.len());
             let mut part = &data[..n];
             while let Some(dec) = self.dec.as_mut().filter(|_| !part.is_empty()) {

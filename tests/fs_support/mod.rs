@@ -1,11 +1,10 @@
-//! Test helpers for the `fs` tests: a small eStargz writer (tar → eStargz, Go's layout),
-//! directory trees with every file kind, metadata comparison, fault-injecting sources and
+//! Test helpers for the `fs` tests: tar → eStargz through `estargz::builder`, directory trees with every file kind, metadata comparison, fault-injecting sources and
 //! mount guards.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -13,179 +12,32 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
-use flate2::write::GzEncoder;
-use flate2::Compression;
-use sha2::{Digest, Sha256};
-use stargz::estargz::{EntryType, Toc, TocEntry};
+use anyhow::{ensure, Context, Result};
 use stargz::fs::LayerSource;
 
-/// Writes an eStargz blob from a tar stream, laid out as Go's writer does: every chunk of a
-/// regular file starts a new gzip member; headers travel in the preceding member; the TOC is
-/// the last member, followed by the 51-byte footer. Returns the TOC JSON digest.
+/// Writes an eStargz blob from a tar stream with the crate's builder (Go's layout). With
+/// `landmark_after = Some(n)`, the regular files among the first `n` tar entries are
+/// prioritized, so a `.prefetch.landmark` follows them; otherwise Go's `.no.prefetch.landmark`
+/// is written. Returns the TOC JSON digest.
 pub fn estargz_from_tar(tar_bytes: &[u8], chunk_size: u64, landmark_after: Option<usize>, out: &mut Vec<u8>) -> Result<String> {
-    let mut w = MemberWriter { out, gz: None };
-    let mut toc = Toc { version: 1, entries: Vec::new() };
-    let mut ar = tar::Archive::new(tar_bytes);
-    for (count, ent) in ar.entries()?.enumerate() {
-        let mut ent = ent?;
-        if landmark_after == Some(count) {
-            add_landmark(&mut w, &mut toc)?;
-        }
-        let h = ent.header().clone();
-        let name = String::from_utf8(ent.path_bytes().into_owned())?;
-        let mut xattrs = BTreeMap::new();
-        if let Some(exts) = ent.pax_extensions()? {
-            for e in exts {
-                let e = e?;
-                if let Some(k) = e.key()?.strip_prefix("SCHILY.xattr.") {
-                    xattrs.insert(k.to_string(), e.value_bytes().to_vec());
-                }
+    let mut prioritized_files = Vec::new();
+    if let Some(n) = landmark_after {
+        for ent in tar::Archive::new(tar_bytes).entries()?.take(n) {
+            let ent = ent?;
+            if ent.header().entry_type() == tar::EntryType::Regular {
+                prioritized_files.push(String::from_utf8(ent.path_bytes().into_owned())?);
             }
         }
-        let kind = match h.entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => EntryType::Reg,
-            tar::EntryType::Directory => EntryType::Dir,
-            tar::EntryType::Symlink => EntryType::Symlink,
-            tar::EntryType::Link => EntryType::Hardlink,
-            tar::EntryType::Char => EntryType::Char,
-            tar::EntryType::Block => EntryType::Block,
-            tar::EntryType::Fifo => EntryType::Fifo,
-            other => bail!("unsupported tar entry {other:?}"),
-        };
-        let link = ent.link_name_bytes().map(|l| String::from_utf8_lossy(&l).into_owned()).unwrap_or_default();
-        let mut e = TocEntry {
-            name: name.clone(),
-            kind,
-            mod_time: rfc3339(h.mtime()?),
-            link_name: link,
-            mode: h.mode()? as i64,
-            uid: h.uid()? as u32,
-            gid: h.gid()? as u32,
-            dev_major: h.device_major()?.unwrap_or(0),
-            dev_minor: h.device_minor()?.unwrap_or(0),
-            xattrs,
-            ..Default::default()
-        };
-        w.member()?.write_all(h.as_bytes())?;
-        if kind != EntryType::Reg {
-            toc.entries.push(e);
-            continue;
-        }
-        let size = h.size()?;
-        e.size = size as i64;
-        let mut data = Vec::with_capacity(size as usize);
-        ent.read_to_end(&mut data)?;
-        e.digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-        let mut off = 0u64;
-        let mut first = true;
-        while off < size {
-            let n = chunk_size.min(size - off);
-            w.close()?;
-            let mut c = if first { e.clone() } else { TocEntry { name: name.clone(), kind: EntryType::Chunk, ..Default::default() } };
-            c.offset = w.out.len() as i64;
-            c.chunk_offset = off as i64;
-            if n == chunk_size {
-                c.chunk_size = n as i64;
-            }
-            let bytes = &data[off as usize..(off + n) as usize];
-            c.chunk_digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
-            w.member()?.write_all(bytes)?;
-            toc.entries.push(c);
-            off += n;
-            first = false;
-        }
-        if size == 0 {
-            toc.entries.push(e);
-        }
-        let pad = (512 - size % 512) % 512;
-        w.member()?.write_all(&vec![0u8; pad as usize])?;
     }
-    w.close()?;
-    let toc_offset = w.out.len() as u64;
-    let json = serde_json::to_vec(&toc)?;
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
-    let mut th = tar::Header::new_gnu();
-    th.set_path("stargz.index.json")?;
-    th.set_size(json.len() as u64);
-    th.set_mode(0o644);
-    th.set_entry_type(tar::EntryType::Regular);
-    th.set_cksum();
-    {
-        let m = w.member()?;
-        m.write_all(th.as_bytes())?;
-        m.write_all(&json)?;
-        m.write_all(&vec![0u8; (512 - json.len() % 512) % 512])?;
-        m.write_all(&[0u8; 1024])?;
-    }
-    w.close()?;
-    w.out.extend_from_slice(&footer(toc_offset));
-    Ok(digest)
-}
-
-fn add_landmark(w: &mut MemberWriter<'_>, toc: &mut Toc) -> Result<()> {
-    w.close()?;
-    let e = TocEntry {
-        name: ".prefetch.landmark".into(),
-        kind: EntryType::Reg,
-        size: 1,
-        offset: w.out.len() as i64,
-        mode: 0o644,
-        digest: format!("sha256:{}", hex::encode(Sha256::digest([0x0f]))),
-        chunk_digest: format!("sha256:{}", hex::encode(Sha256::digest([0x0f]))),
-        ..Default::default()
-    };
-    w.member()?.write_all(&[0x0f])?;
-    toc.entries.push(e);
-    Ok(())
-}
-
-struct MemberWriter<'a> {
-    out: &'a mut Vec<u8>,
-    gz: Option<GzEncoder<Vec<u8>>>,
-}
-
-impl MemberWriter<'_> {
-    fn member(&mut self) -> Result<&mut GzEncoder<Vec<u8>>> {
-        if self.gz.is_none() {
-            self.gz = Some(GzEncoder::new(Vec::new(), Compression::new(6)));
-        }
-        self.gz.as_mut().context("member")
-    }
-    fn close(&mut self) -> Result<()> {
-        if let Some(gz) = self.gz.take() {
-            self.out.extend_from_slice(&gz.finish()?);
-        }
-        Ok(())
-    }
-}
-
-fn footer(toc_offset: u64) -> Vec<u8> {
-    let mut f = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0];
-    f.extend_from_slice(format!("{toc_offset:016x}STARGZ").as_bytes());
-    f.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
-    assert_eq!(f.len(), 51);
-    f
-}
-
-fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let opts = stargz::estargz::BuildOptions { chunk_size, compression_level: 6, prioritized_files, threads: 1, ..Default::default() };
+    Ok(stargz::estargz::build(tar_bytes, &mut *out, &opts)?.toc_digest)
 }
 
 /// `tar` of a directory with GNU tar (hardlinks, devices, fifos, xattrs, numeric owners).
+/// Truncates the tree's mtimes to whole seconds first (see [`truncate_mtimes`]), so the
+/// mounted layer and the source compare equal.
 pub fn tar_dir(dir: &Path) -> Result<Vec<u8>> {
+    truncate_mtimes(dir)?;
     let out = Command::new("tar")
         .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "--sort=name", "-C"])
         .arg(dir)
