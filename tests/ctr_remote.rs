@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{push_image, require_tool, tools_layer, Containerd, ContainerdOpts, Daemon, Layer, LayerEntry, Registry};
+use common::{assert_success as ok, push_image, require_tool, tools_layer, Containerd, ContainerdOpts, Daemon, Layer, LayerEntry, Registry};
 
 const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
 
@@ -26,17 +26,6 @@ fn ctr_remote(bin: &str, ctrd: &Containerd, ns: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run ctr-remote")
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn ctr_ns(ctrd: &Containerd, ns: &str, args: &[&str]) -> String {

@@ -7,26 +7,15 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{require_tool, wait_until, Containerd, ContainerdOpts, Daemon, Registry};
+use common::{assert_success as ok, require_tool, wait_until, Containerd, ContainerdOpts, Daemon, Registry};
 
 const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
 
 fn ours() -> &'static str {
     env!("CARGO_BIN_EXE_ctr-remote")
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs a `ctr-remote` binary against `ctrd` in namespace `ns`.

@@ -451,14 +451,7 @@ impl Inner {
                 if let Some(b) = multipart::boundary(ct) {
                     parser = Some(multipart::Parser::new(&b));
                 } else {
-                    let (start, _, total) = resp
-                        .headers()
-                        .get(CONTENT_RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_content_range)
-                        .ok_or_else(|| RemoteError::Protocol("206 without a valid Content-Range".into()))?;
-                    self.check_total(total)?;
-                    pos = start;
+                    pos = self.single_range_start(&resp)?;
                 }
             }
             StatusCode::OK => {
@@ -505,6 +498,18 @@ impl Inner {
         }
         let missing = pending.iter().filter(|p| !p.done).count();
         Err(RemoteError::Truncated(format!("{missing} chunk(s) of {} incomplete", self.digest)).into())
+    }
+
+    /// Start offset of a single-range 206, after checking its Content-Range names this blob's size.
+    fn single_range_start(&self, resp: &reqwest::Response) -> Result<u64, RemoteError> {
+        let (start, _, total) = resp
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_content_range)
+            .ok_or_else(|| RemoteError::Protocol("206 without a valid Content-Range".into()))?;
+        self.check_total(total)?;
+        Ok(start)
     }
 
     fn check_total(&self, total: Option<u64>) -> Result<(), RemoteError> {
@@ -652,13 +657,7 @@ impl Inner {
     ) -> Result<(), FetchError> {
         let mut pos = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
-                let (s, _, total) = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_content_range)
-                    .ok_or_else(|| RemoteError::Protocol("206 without a valid Content-Range".into()))?;
-                self.check_total(total)?;
+                let s = self.single_range_start(&resp)?;
                 if s != start {
                     return Err(RemoteError::Protocol(format!("asked for offset {start}, got {s}")).into());
                 }

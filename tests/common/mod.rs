@@ -312,16 +312,7 @@ impl Containerd {
 
     /// Like [`Containerd::ctr`] but panics (with stdout/stderr) on failure; returns stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "ctr {:?} failed: {}\nstdout: {}\nstderr: {}",
-            args,
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        assert_success(self.ctr(args), &format!("ctr {args:?}"))
     }
 
     /// Waits until the `stargz` proxy snapshotter answers: retries Prepare of a scratch key
@@ -970,4 +961,17 @@ pub fn daemon_snapshots(
         }
         out
     })
+}
+
+/// Asserts that a finished command succeeded (showing its status, stdout and stderr otherwise)
+/// and returns its stdout.
+pub fn assert_success(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
