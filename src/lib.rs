@@ -8,6 +8,7 @@
 //! - [`snapshot`]: the snapshotter (metadata store, overlay mounts, remote snapshots);
 //! - [`service`]: gRPC adapter, config, daemon wiring and signals.
 
+pub mod alloc;
 pub mod cache;
 pub mod ctr;
 pub mod estargz;

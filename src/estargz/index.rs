@@ -189,6 +189,15 @@ impl LayerIndex {
         b.finish()
     }
 
+    /// Builds the index straight from a TOC gzip member, entry by entry as the JSON is parsed
+    /// ([`super::toc::parse_toc_member_with`]), so the parsed TOC is never held whole. Returns
+    /// the index and the TOC digest, which the caller must check before trusting the index.
+    pub fn from_toc_member(member: &[u8], toc_offset: u64) -> Result<(Self, String)> {
+        let mut b = IndexBuilder { toc_offset, ..Default::default() };
+        let (_, digest) = super::toc::parse_toc_member_with(member, |e| b.add(&e))?;
+        Ok((b.finish()?, digest))
+    }
+
     /// Label used in chunk errors (e.g. the layer digest).
     pub fn set_layer_label(&mut self, layer: impl Into<String>) {
         self.layer = layer.into();

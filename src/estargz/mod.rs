@@ -24,7 +24,7 @@ pub use builder::{build, BuildOptions, BuildResult};
 pub use chunk::{decode_chunk, decode_chunk_into};
 pub use footer::{footer_bytes, parse_footer, TocLocation, FOOTER_SIZE, LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE};
 pub use index::{ChunkInfo, Entry, EntryId, LayerIndex};
-pub use reader::{open_blob, open_from_toc_member, read_file_range, OpenedBlob, Section};
+pub use reader::{open_blob, open_from_toc_member, open_index_from_toc_member, read_file_range, OpenedBlob, Section};
 pub use toc::{parse_toc_member, EntryType, Toc, TocEntry};
 
 /// Annotation (and snapshot label) holding the TOC JSON digest of a layer.

@@ -44,6 +44,16 @@ pub fn open_from_toc_member(member: &[u8], location: TocLocation, expected_toc_d
     Ok(OpenedBlob { location, toc, toc_digest, index })
 }
 
+/// [`open_from_toc_member`] for callers that need only the index (the filesystem): the TOC is
+/// streamed into the index and never held whole. Returns the index and the TOC digest.
+pub fn open_index_from_toc_member(member: &[u8], location: TocLocation, expected_toc_digest: Option<&str>) -> Result<(LayerIndex, String)> {
+    let (index, toc_digest) = LayerIndex::from_toc_member(member, location.toc_offset)?;
+    if let Some(want) = expected_toc_digest {
+        verify_toc_digest(&toc_digest, want)?;
+    }
+    Ok((index, toc_digest))
+}
+
 /// Reads `buf.len()` bytes (fewer at end of file) of file `id` at `offset`, fetching each
 /// needed compressed range from `blob` and verifying every chunk. Returns bytes read.
 /// A plain, synchronous reader: the filesystem adds caching and prefetching on top.

@@ -119,6 +119,19 @@ pub const MAX_TOC_COMPRESSED_SIZE: u64 = 256 << 20;
 /// gunzip one member, expect one tar entry `stargz.index.json`, parse its JSON.
 /// Returns the TOC and its digest, `sha256:` of the uncompressed JSON bytes.
 pub fn parse_toc_member(member: &[u8]) -> Result<(Toc, String)> {
+    let mut entries = Vec::new();
+    let (version, digest) = parse_toc_member_with(member, |e| {
+        entries.push(e);
+        Ok(())
+    })?;
+    Ok((Toc { version, entries }, digest))
+}
+
+/// [`parse_toc_member`] without materializing the TOC: each entry goes to `on_entry` as soon
+/// as it is parsed (an error from it stops the parse), so a caller that builds its own
+/// structure never holds the JSON or the entry list. Returns the TOC version and digest; the
+/// digest is known only at the end, so the caller must check it before using what it built.
+pub fn parse_toc_member_with(member: &[u8], on_entry: impl FnMut(TocEntry) -> Result<()>) -> Result<(u32, String)> {
     if member.len() as u64 > MAX_TOC_COMPRESSED_SIZE {
         return Err(EstargzError::TocTooLarge { size: member.len() as u64, limit: MAX_TOC_COMPRESSED_SIZE });
     }
@@ -141,17 +154,111 @@ pub fn parse_toc_member(member: &[u8]) -> Result<(Toc, String)> {
     if size > MAX_TOC_JSON_SIZE {
         return Err(EstargzError::TocTooLarge { size, limit: MAX_TOC_JSON_SIZE });
     }
-    let mut json = Vec::with_capacity(size.min(member.len() as u64 * 8) as usize);
-    (&mut entry)
-        .take(MAX_TOC_JSON_SIZE)
-        .read_to_end(&mut json)
-        .map_err(|e| EstargzError::MalformedToc(format!("reading TOC JSON: {e}")))?;
-    if (json.len() as u64) < size {
+    // The JSON is parsed as it is decompressed and hashed: a layer's TOC JSON is several times
+    // its compressed size (megabytes for a rootfs), and holding it whole next to the parsed
+    // entries was the daemon's peak memory at mount.
+    let mut hashed = HashingReader { inner: (&mut entry).take(size), hasher: sha2::Sha256::new(), read: 0 };
+    let mut visitor = TocVisitor { on_entry, failed: None };
+    let parsed = {
+        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(64 << 10, &mut hashed));
+        serde::Deserializer::deserialize_map(&mut de, &mut visitor).and_then(|v| de.end().map(|()| v))
+    };
+    let version = match (parsed, visitor.failed.take()) {
+        (_, Some(e)) => return Err(e),
+        (Err(e), None) => return Err(e.into()),
+        (Ok(v), None) => v,
+    };
+    if hashed.read < size {
         return Err(EstargzError::MalformedToc("TOC JSON truncated".into()));
     }
-    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&json)));
-    let toc: Toc = serde_json::from_slice(&json)?;
-    Ok((toc, digest))
+    Ok((version, format!("sha256:{}", hex::encode(hashed.hasher.finalize()))))
+}
+
+/// Visits `{"version": N, "entries": [...]}` like `Toc`'s derived `Deserialize` (version
+/// required, unknown keys ignored, duplicates refused), handing each entry to `on_entry`.
+struct TocVisitor<F> {
+    on_entry: F,
+    /// The callback's own error (serde's error type can carry only a message).
+    failed: Option<EstargzError>,
+}
+
+impl<'de, F: FnMut(TocEntry) -> Result<()>> serde::de::Visitor<'de> for &mut TocVisitor<F> {
+    type Value = u32;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<u32, A::Error> {
+        use serde::de::Error as _;
+        let (mut version, mut seen_entries) = (None, false);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "version" if version.is_some() => return Err(A::Error::duplicate_field("version")),
+                "version" => version = Some(map.next_value::<u32>()?),
+                "entries" if seen_entries => return Err(A::Error::duplicate_field("entries")),
+                "entries" => {
+                    seen_entries = true;
+                    map.next_value_seed(EntriesSeed(&mut *self))?;
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        version.ok_or_else(|| A::Error::missing_field("version"))
+    }
+}
+
+/// The `entries` array: `null` (Go's empty slice) or a sequence, streamed entry by entry.
+struct EntriesSeed<'a, F>(&'a mut TocVisitor<F>);
+
+impl<'de, F: FnMut(TocEntry) -> Result<()>> serde::de::DeserializeSeed<'de> for EntriesSeed<'_, F> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: FnMut(TocEntry) -> Result<()>> serde::de::Visitor<'de> for EntriesSeed<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of TOC entries")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        use serde::de::Error as _;
+        while let Some(e) = seq.next_element::<TocEntry>()? {
+            if let Err(err) = (self.0.on_entry)(e) {
+                let msg = err.to_string();
+                self.0.failed = Some(err);
+                return Err(A::Error::custom(msg));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hashes and counts what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    read: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| std::io::Error::new(e.kind(), format!("reading TOC JSON: {e}")))?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
 }
 
 /// Checks a computed TOC digest against the expected one (`sha256:<hex>`, case-insensitive hex).
@@ -260,6 +367,55 @@ mod tests {
         assert_eq!(json, want);
         let empty = String::from_utf8(to_go_json(&Toc { version: 1, entries: vec![] }).expect("json")).expect("utf8");
         assert_eq!(empty, "{\n\t\"version\": 1,\n\t\"entries\": []\n}");
+    }
+
+    /// A TOC member holding `json` as `stargz.index.json`.
+    fn member(json: &str) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(json.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, TOC_TAR_NAME, json.as_bytes()).expect("tar");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar.into_inner().expect("tar")).expect("gz");
+        gz.finish().expect("gz")
+    }
+
+    #[test]
+    fn streamed_parse_matches_derived_rules() {
+        let json = r#"{"version":1,"extra":{"x":[1]},"entries":[{"name":"a","type":"dir"},{"name":"a/b","type":"reg","size":3}]}"#;
+        let (toc, digest) = parse_toc_member(&member(json)).expect("parse");
+        assert_eq!(toc, serde_json::from_str::<Toc>(json).expect("derived"));
+        assert_eq!(digest, format!("sha256:{}", hex::encode(sha2::Sha256::digest(json.as_bytes()))));
+        // Go marshals an empty entry list as null.
+        assert!(parse_toc_member(&member(r#"{"version":1,"entries":null}"#)).expect("null").0.entries.is_empty());
+        for bad in [
+            r#"{"entries":[]}"#,
+            r#"{"version":1,"version":1}"#,
+            r#"{"version":1,"entries":[],"entries":[]}"#,
+            r#"{"version":1,"entries":{}}"#,
+            r#"{"version":1} trailing"#,
+            r#"{"version":1,"entries":[{"name":"x","type":"socket"}]}"#,
+        ] {
+            assert!(parse_toc_member(&member(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn callback_error_stops_the_parse_and_is_returned() {
+        let json = r#"{"version":1,"entries":[{"name":"a","type":"dir"},{"name":"b","type":"dir"},{"name":"c","type":"dir"}]}"#;
+        let mut seen = 0;
+        let err = parse_toc_member_with(&member(json), |e| {
+            seen += 1;
+            if e.name == "b" {
+                return Err(EstargzError::MalformedToc("stop at b".into()));
+            }
+            Ok(())
+        })
+        .expect_err("callback error");
+        assert_eq!(seen, 2);
+        assert!(matches!(err, EstargzError::MalformedToc(ref m) if m == "stop at b"), "{err}");
     }
 
     #[test]

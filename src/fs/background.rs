@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use super::reader::{BgStep, LayerReader, Priority};
 
-/// Compressed bytes fetched per background step.
-pub const DEFAULT_SPAN_BYTES: u64 = 4 << 20;
+/// Compressed bytes fetched per background step: an on-demand miss that arrives mid-step
+/// shares the link with at most this much (~80 ms at 100 Mbit).
+pub const DEFAULT_SPAN_BYTES: u64 = 1 << 20;
 
 struct Shared {
     layers: Mutex<(Vec<Weak<LayerReader>>, usize)>,

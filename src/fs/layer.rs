@@ -75,11 +75,13 @@ pub fn open_layer(
     opts: &ReadOptions,
     priority: Arc<Priority>,
 ) -> Result<Arc<LayerReader>, FsError> {
-    let opened = {
+    let index = {
         let _urgent = priority.urgent();
         open_toc(spec.source.as_ref(), spec.toc_digest.as_deref())?
     };
-    let table = InodeTable::build(&opened.index);
+    let table = InodeTable::build(&index);
+    drop(index);
+    crate::alloc::trim();
     let cache = FileCache::new(cache_dir).map_err(FsError::Cache)?;
     let mut opts = opts.clone();
     if spec.toc_digest.is_none() {

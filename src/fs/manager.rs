@@ -41,6 +41,9 @@ pub struct FsConfig {
     pub no_background_fetch: bool,
     /// Background fetch workers shared by all layers (`max_concurrency`).
     pub max_concurrency: usize,
+    /// Background fetch starts only this long after the last on-demand fetch (see
+    /// [`Priority`]); Go's daemon waits 5 s of silence the same way.
+    pub background_quiet: std::time::Duration,
 }
 
 impl FsConfig {
@@ -53,6 +56,7 @@ impl FsConfig {
             allow_no_verification: false,
             no_background_fetch: false,
             max_concurrency: 2,
+            background_quiet: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -111,7 +115,7 @@ impl LayerManager {
             _ => {}
         }
         std::fs::create_dir_all(&config.fscache_dir).map_err(FsError::Cache)?;
-        let priority = Arc::new(Priority::default());
+        let priority = Arc::new(Priority::with_quiet_period(config.background_quiet));
         let fetcher = (!config.no_background_fetch)
             .then(|| Arc::new(BackgroundFetcher::new(config.max_concurrency, priority.clone(), DEFAULT_SPAN_BYTES)));
         Ok(LayerManager { resolver, config, priority, fetcher, mounts: Mutex::new(HashMap::new()), next_id: AtomicU64::new(0) })
