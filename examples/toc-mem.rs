@@ -4,7 +4,32 @@
 //!   cargo run --release --example toc-mem -- BLOB [--convert]
 //!
 //! Prints VmHWM / VmRSS (KiB) before and after, so a change to the TOC path can be measured.
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// Counts live heap bytes and their peak, to tell real use from allocator slack in RSS.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        // SAFETY: same layout as asked.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: p was allocated by System with l.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
 
 fn status(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -27,6 +52,8 @@ fn main() -> anyhow::Result<()> {
     // Start from a clean high-water mark (Linux: writing 5 to clear_refs resets VmHWM).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let (hwm0, rss0) = (status("VmHWM:"), status("VmRSS:"));
+    let live0 = LIVE.load(Ordering::Relaxed);
+    PEAK.store(live0, Ordering::Relaxed);
     let src: Arc<dyn stargz::fs::LayerSource> = Arc::new(stargz::fs::FileSource::open(&blob)?);
     let dir = tempfile::tempdir()?;
     let spec = stargz::fs::LayerSpec { digest: "sha256:test".into(), source: src, toc_digest: None };
@@ -38,6 +65,11 @@ fn main() -> anyhow::Result<()> {
     unsafe { libc::malloc_trim(0) };
     let trimmed = status("VmRSS:");
     println!(
+        "heap: live +{} KiB, peak +{} KiB",
+        (LIVE.load(Ordering::Relaxed) - live0) / 1024,
+        (PEAK.load(Ordering::Relaxed) - live0) / 1024
+    );
+    println!(
         "entries {} chunks {}  open {:?}  before: hwm {hwm0} rss {rss0} KiB  after: hwm {hwm1} (+{}) rss {rss1} (+{}) KiB, after malloc_trim +{} KiB",
         reader.table().nodes().len(),
         reader.table().blob_order.len(),
@@ -48,11 +80,11 @@ fn main() -> anyhow::Result<()> {
     );
     println!("size_of Node {} Chunk {}", std::mem::size_of::<stargz::fs::inode::Node>(), std::mem::size_of::<stargz::fs::inode::Chunk>());
     let t = reader.table();
-    let kids: usize = t.nodes().iter().map(|n| n.children.len()).sum();
-    let chunks: usize = t.nodes().iter().map(|n| n.chunks.len()).sum();
-    let xattrs: usize = t.nodes().iter().map(|n| n.xattrs.len()).sum();
-    let links: usize = t.nodes().iter().map(|n| n.link_name.len()).sum();
-    println!("children {kids} chunks {chunks} xattrs {xattrs} link bytes {links}");
+    let kids: usize = t.nodes().iter().map(|n| n.child_count()).sum();
+    let chunks: usize = t.nodes().iter().map(|n| t.chunks(n).len()).sum();
+    let xattrs: usize = t.nodes().iter().map(|n| t.xattrs(n).count()).sum();
+    let links: usize = t.nodes().iter().map(|n| t.link_name(n).len()).sum();
+    println!("children {kids} chunks {chunks} xattrs {xattrs} link bytes {links}; table vectors {} KiB", t.heap_bytes() / 1024);
     Ok(())
 }
 #[allow(dead_code)]

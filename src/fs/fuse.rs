@@ -102,9 +102,11 @@ impl LayerFs {
         }
         let node = self.reader.table.get(ino).filter(|n| n.kind == NodeKind::Dir)?;
         let mut out = vec![(ino, FileType::Directory, ".".into()), (node.parent, FileType::Directory, "..".into())];
-        for (name, &child) in &node.children {
-            let kind = self.reader.table.get(child).map_or(FileType::RegularFile, |n| file_type(n.kind));
-            out.push((child, kind, name.clone()));
+        let table = &self.reader.table;
+        out.reserve(node.child_count());
+        for (name, child) in table.children(node) {
+            let kind = table.get(child).map_or(FileType::RegularFile, |n| file_type(n.kind));
+            out.push((child, kind, name.to_string()));
         }
         Some(out)
     }
@@ -115,7 +117,8 @@ impl LayerFs {
         if node.opaque {
             out.push((OPAQUE_XATTR.into(), b"y".to_vec()));
         }
-        out.extend(node.xattrs.iter().filter(|(k, _)| k.as_str() != OPAQUE_XATTR).map(|(k, v)| (k.clone(), v.clone())));
+        let xattrs = self.reader.table.xattrs(node).filter(|&(k, _)| k != OPAQUE_XATTR);
+        out.extend(xattrs.map(|(k, v)| (k.to_string(), v.to_vec())));
         Some(out)
     }
 
@@ -266,7 +269,7 @@ impl Filesystem for LayerFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.reader.table.get(ino.0) {
-            Some(n) if n.kind == NodeKind::Symlink => reply.data(n.link_name.as_bytes()),
+            Some(n) if n.kind == NodeKind::Symlink => reply.data(self.reader.table.link_name(n).as_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
         }

@@ -79,7 +79,7 @@ pub fn open_layer(
         let _urgent = priority.urgent();
         open_toc(spec.source.as_ref(), spec.toc_digest.as_deref())?
     };
-    let table = InodeTable::build(&index);
+    let table = InodeTable::build(&index)?;
     drop(index);
     crate::alloc::trim();
     let cache = FileCache::new(cache_dir).map_err(FsError::Cache)?;

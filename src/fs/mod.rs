@@ -37,6 +37,9 @@ pub enum FsError {
     Chunk(String),
     #[error("no inode {0}")]
     NotFound(u64),
+    /// The layer has more names, entries or chunks than the inode table indexes (4 Gi).
+    #[error("layer too large for the inode table ({0} items)")]
+    TooLarge(usize),
     #[error("mount at {path}: {source}")]
     Mount {
         path: std::path::PathBuf,

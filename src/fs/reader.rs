@@ -233,12 +233,12 @@ impl LayerReader {
 
     fn chunk(&self, seq: usize) -> &Chunk {
         let (ino, i) = self.table.blob_order[seq];
-        &self.table.get(ino).expect("blob_order names only existing inodes").chunks[i]
+        self.table.chunk((ino, i)).expect("blob_order names only existing chunks")
     }
 
     /// True when every chunk of `ino` is cached (its reads can be passed through).
     pub fn file_cached(&self, ino: u64) -> bool {
-        self.table.get(ino).is_some_and(|n| n.chunks.iter().all(|c| self.is_present(c.seq)))
+        self.table.get(ino).is_some_and(|n| self.table.chunks(n).iter().all(|c| self.is_present(c.seq)))
     }
 
     /// Reads up to `size` bytes of file `ino` at `offset`, fetching missing chunks.
@@ -251,9 +251,11 @@ impl LayerReader {
             return Ok(Vec::new());
         }
         let end = node.size.min(offset + u64::from(size));
-        let first = node.chunk_index(offset);
-        let last = node.chunk_index(end - 1);
-        for c in &node.chunks[first..=last] {
+        let first = self.table.chunk_index(node, offset);
+        let last = self.table.chunk_index(node, end - 1);
+        let chunks = self.table.chunks(node).get(first..=last);
+        let chunks = chunks.ok_or_else(|| FsError::Chunk(format!("no chunk holds bytes {offset}..{end} of inode {ino}")))?;
+        for c in chunks {
             self.ensure(c.seq)?;
         }
         let file = self.cache.open(ino, node.size).map_err(FsError::Cache)?;
