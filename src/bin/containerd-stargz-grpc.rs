@@ -84,7 +84,7 @@ fn signals() -> anyhow::Result<impl std::future::Future<Output = Stop>> {
 }
 
 fn main() -> anyhow::Result<()> {
-    stargz::alloc::limit_arenas();
+    stargz::alloc::tune();
     let args = Args::parse();
     init_logging(&args.log_level)?;
     if let Err(e) = real_main(args) {
