@@ -453,6 +453,10 @@ impl IndexBuilder {
                 c.compressed_end = self.data_offsets.get(i).copied().unwrap_or(self.toc_offset);
             }
         }
+        // Names are about to be indexed again by the tree builder: free the first copy now,
+        // so the two never peak together (mount-time memory is dominated by this build).
+        drop(std::mem::take(&mut self.by_name));
+        drop(std::mem::take(&mut self.data_offsets));
         let mut t = TreeBuilder::new(self.slots)?;
         t.link()?;
         Ok(LayerIndex {
@@ -510,23 +514,26 @@ struct TreeBuilder {
 impl TreeBuilder {
     fn new(slots: Vec<Pending>) -> Result<Self> {
         let mut t = TreeBuilder { entries: Vec::with_capacity(slots.len() + 1), paths: HashMap::new(), hardlinks: Vec::new() };
-        // The root takes id 0: the TOC's own "" / "./" entry when present.
-        let mut rest = Vec::with_capacity(slots.len());
-        let mut root = None;
-        for p in slots {
-            if p.entry.name.is_empty() {
-                if p.entry.kind != EntryType::Dir {
+        // The root takes id 0: the TOC's own "" / "./" entry when present. The rest keep TOC
+        // order, consumed in place (no second vector of pending entries).
+        let mut slots = slots;
+        let root_at = slots.iter().position(|p| p.entry.name.is_empty());
+        let mut root = match root_at {
+            Some(i) => {
+                let e = std::mem::replace(&mut slots[i].entry, implicit_dir(String::new()));
+                if e.kind != EntryType::Dir {
                     return Err(invalid("", "the root is not a directory"));
                 }
-                root = Some(p.entry);
-            } else {
-                rest.push(p);
+                e
             }
-        }
-        let mut root = root.unwrap_or_else(|| implicit_dir(String::new()));
+            None => implicit_dir(String::new()),
+        };
         root.nlink = 2;
         t.push(root)?;
-        for p in rest {
+        for (i, p) in slots.into_iter().enumerate() {
+            if Some(i) == root_at {
+                continue;
+            }
             match p.hardlink_to {
                 Some(target) => t.hardlinks.push((p.entry.name, target)),
                 None => {
