@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use fs_support::*;
-use stargz::fs::{mount_layer, open_layer, BackgroundFetcher, LayerOptions, LayerSpec, MountedLayer, Priority};
+use stargz::fs::{mount_layer, open_layer, BackgroundFetcher, LayerOptions, LayerSpec, MountedLayer, Priority, ReadOptions};
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -220,7 +220,9 @@ fn prefetch_up_to_landmark_in_one_request_and_readahead_batches_small_files() ->
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
     let before = source.fetches.load(Ordering::SeqCst);
-    let mut layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    // Read-ahead is off by default (see ReadOptions); here it is on, to check what it does.
+    let opts = LayerOptions { read: ReadOptions { readahead_bytes: 64 << 10, ..Default::default() }, ..Default::default() };
+    let mut layer = mount(&f, source.clone(), work.path(), &opts, None)?;
     layer.wait_prefetch();
     // Footer, TOC, then the whole prefetch in one range request.
     assert_eq!(source.fetches.load(Ordering::SeqCst) - before, 3, "prefetch must be one range request");

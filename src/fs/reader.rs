@@ -96,9 +96,10 @@ pub enum BgStep {
 #[derive(Debug, Clone)]
 pub struct ReadOptions {
     /// On a miss, also fetch the chunks that follow in blob order up to this many compressed
-    /// bytes. Small on purpose: on a 20 ms / 100 Mbit link a miss costs one round trip, and
-    /// 64 KiB more costs ~5 ms, which pays when neighbouring small files are read together
-    /// (modules of one package); a megabyte costs ~80 ms per miss and mostly went unused.
+    /// bytes. Off by default: measured with scripts/bench-pull.sh (python start-up, 20 ms /
+    /// 100 Mbit), 1 MiB of read-ahead made each miss ~80 ms slower and fetched 37 MB instead of
+    /// 5 MB; 64 KiB fetched 11% more than none and was no faster. Neighbours in blob order are
+    /// rarely what a program reads next; the chunk itself (up to 4 MiB) is the read-ahead.
     pub readahead_bytes: u64,
     /// Serve chunks whose TOC entry carries no digest (only with verification disabled).
     pub allow_unverified: bool,
@@ -106,7 +107,7 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { readahead_bytes: 64 << 10, allow_unverified: false }
+        ReadOptions { readahead_bytes: 0, allow_unverified: false }
     }
 }
 
