@@ -93,7 +93,7 @@ pub enum BgStep {
 }
 
 /// Tuning of the read path.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ReadOptions {
     /// On a miss, also fetch the chunks that follow in blob order up to this many compressed
     /// bytes. Off by default: measured with scripts/bench-pull.sh (python start-up, 20 ms /
@@ -105,11 +105,6 @@ pub struct ReadOptions {
     pub allow_unverified: bool,
 }
 
-impl Default for ReadOptions {
-    fn default() -> Self {
-        ReadOptions { readahead_bytes: 0, allow_unverified: false }
-    }
-}
 
 #[derive(Default)]
 struct Flight {
