@@ -42,7 +42,8 @@ const LINK_RATE: &str = "100mbit";
 const LINK_DELAY_MS: u64 = 10;
 const REPO: &str = "bench/fs";
 
-/// Deterministic data that gzip shrinks to roughly half (like binaries).
+/// Deterministic data, every other byte random: `Compression::fast()` (zlib-rs) barely shrinks it,
+/// so a chunk's gzip member is about as large as the chunk (the header line prints the blob size).
 fn fill(buf: &mut [u8], seed: u64) {
     let mut x = seed | 1;
     for (i, b) in buf.iter_mut().enumerate() {
@@ -61,6 +62,8 @@ fn fill(buf: &mut [u8], seed: u64) {
 struct Built {
     toc: String,
     blob: String,
+    /// Compressed size of each 4 MiB chunk in the blob, by chunk index.
+    gz_sizes: Vec<u64>,
 }
 
 /// Writes `data.bin` (plain) and `blob` (eStargz with one big file `big`), streaming.
@@ -70,6 +73,7 @@ fn build(dir: &Path, size: u64) -> Result<Built> {
     let mut toc = Toc { version: 1, entries: Vec::new() };
     let mut whole = Sha256::new();
     let mut buf = vec![0u8; CHUNK as usize];
+    let mut gz_sizes = Vec::new();
     let mut off = 0;
     while off < size {
         let n = CHUNK.min(size - off);
@@ -90,7 +94,9 @@ fn build(dir: &Path, size: u64) -> Result<Built> {
         e.chunk_digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
         let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
         gz.write_all(data)?;
-        blob.write(&gz.finish()?)?;
+        let member = gz.finish()?;
+        gz_sizes.push(member.len() as u64);
+        blob.write(&member)?;
         toc.entries.push(e);
         off += n;
     }
@@ -116,6 +122,7 @@ fn build(dir: &Path, size: u64) -> Result<Built> {
     Ok(Built {
         toc: format!("sha256:{}", hex::encode(Sha256::digest(&json))),
         blob: format!("sha256:{}", hex::encode(blob.hash.finalize())),
+        gz_sizes,
     })
 }
 
@@ -201,18 +208,34 @@ fn cached_throughput(dir: &Path, toc: &str, passthrough: bool, out: &mut String)
     Ok(())
 }
 
-/// Latencies of 100 cold 4 KiB reads of `file` at pseudo-random 4 KiB-aligned offsets below
-/// `size` (the same offsets in every call, so the local and link runs read the same chunks).
+/// The 100 pseudo-random 4 KiB-aligned offsets below `size` of the cold runs (the same in every
+/// call, so the local and link runs read the same chunks).
+fn random_offsets(size: u64) -> Vec<u64> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..100)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % (size / 4096)) * 4096
+        })
+        .collect()
+}
+
+/// Compressed bytes of the distinct chunks the cold reads touch: what an ideal fetcher (one
+/// chunk per miss, nothing more) would pull from the registry, and how many chunks that is.
+fn ideal_fetch(built: &Built, size: u64) -> (u64, usize) {
+    let chunks: std::collections::BTreeSet<u64> = random_offsets(size).iter().map(|o| o / CHUNK).collect();
+    let bytes = chunks.iter().filter_map(|&c| built.gz_sizes.get(c as usize)).sum();
+    (bytes, chunks.len())
+}
+
+/// Latencies of the cold 4 KiB reads of `file` at [`random_offsets`], sorted.
 fn random_reads(file: &Path, size: u64) -> Result<Vec<Duration>> {
     let f = File::open(file)?;
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut lat = Vec::new();
     let mut buf = [0u8; 4096];
-    for _ in 0..100 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let off = (x % (size / 4096)) * 4096;
+    for off in random_offsets(size) {
         let start = Instant::now();
         f.read_exact_at(&mut buf, off)?;
         lat.push(start.elapsed());
@@ -303,15 +326,19 @@ fn cold_random_link(
     let served = served_settled(&link)?.saturating_sub(before);
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let p50 = quantile_ms(&lat, 0.5);
+    let (ideal, chunks) = ideal_fetch(built, size);
     let line = format!(
         "cold_random_4k link={LINK_RATE}/{}ms: p50 {p50:.1} ms ({:.1}x local disk), p99 {:.1} ms, served {:.1} MiB \
          (100 reads; registry behind scripts/netlink.sh, read through fs::RegistryResolver)\n  \
-         link setup: push inside the namespace {push_s:.1}s; mount incl. TOC {mount_s:.2}s, {:.1} MiB served\n",
+         served / compressed size of the {chunks} distinct chunks read ({:.1} MiB): {:.2}x; \
+         mount incl. TOC {mount_s:.2}s, {:.0} KiB served; push inside the namespace {push_s:.1}s\n",
         2 * LINK_DELAY_MS,
         p50 / local_p50,
         quantile_ms(&lat, 0.99),
         mib(served),
-        mib(before),
+        mib(ideal),
+        served as f64 / ideal.max(1) as f64,
+        before as f64 / 1024.0,
     );
     print!("{line}");
     out.push_str(&line);
@@ -328,7 +355,10 @@ fn main() -> Result<()> {
     let built = build(tmp.path(), size)?;
     // The registry client and resolver run on this runtime; the fs parts call in from plain threads.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let mut out = format!("# fs_read benchmark: one {mib} MiB file in an eStargz layer, 4 MiB chunks\n");
+    let blob_mib = std::fs::metadata(tmp.path().join("blob"))?.len() as f64 / (1 << 20) as f64;
+    let mut out = format!(
+        "# fs_read benchmark: one {mib} MiB file in an eStargz layer ({blob_mib:.0} MiB blob), 4 MiB chunks\n"
+    );
     cached_throughput(tmp.path(), &built.toc, true, &mut out)?;
     cached_throughput(tmp.path(), &built.toc, false, &mut out)?;
     let local_p50 = cold_random_local(tmp.path(), &built.toc, size, &mut out)?;
