@@ -3,11 +3,19 @@
 //! 1. Sequential read of a 1 GiB file once fully cached, as a ratio to reading the same bytes
 //!    from a plain local file in the same run (page cache dropped before each pass), with and
 //!    without FUSE passthrough.
-//! 2. Cold random 4 KiB reads (empty cache, no prefetch or background fetch): p50/p99 latency
-//!    with the blob on local disk, and behind a source that adds 20 ms per range request
-//!    (an in-process stand-in for a 20 ms RTT registry link).
+//! 2. Cold random 4 KiB reads (empty cache, no prefetch or background fetch): p50/p99 latency of
+//!    the same 100 offsets with the blob on local disk (the baseline), then with the blob in a
+//!    `docker-registry` behind the project's slow link (`scripts/netlink.sh`: network namespace,
+//!    veth limited to 100 Mbit by `tbf`, 20 ms RTT from `examples/delay-proxy.rs`), read through
+//!    the daemon's own path (`fs::RegistryResolver` over `remote::RegistryClient`, the registry
+//!    configured as an insecure mirror), with the bytes the registry served through the link.
 //!
 //! Writes `bench-results/fs_read.txt`. Size can be lowered with `FS_BENCH_MIB` (default 1024).
+//! Needs root, /dev/fuse, `ip`, `tc`, `curl` and `docker-registry`. Mounts and the link are
+//! removed by Drop guards, also when a step fails.
+
+#[path = "../tests/testbed/mod.rs"]
+mod testbed;
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -22,12 +30,20 @@ use flate2::Compression;
 use sha2::{Digest, Sha256};
 use stargz::estargz::{EntryType, Toc, TocEntry};
 use stargz::fs::{
-    mount_layer, open_layer, BackgroundFetcher, FileSource, LayerOptions, LayerSource, LayerSpec, Priority,
+    mount_layer, open_layer, BackgroundFetcher, BlobResolver, FileSource, LayerOptions, LayerSource, LayerSpec,
+    Priority, RegistryResolver,
 };
+use stargz::remote::{ClientConfig, HostConfig, MirrorConfig, RegistryClient, ResolverConfig};
+use testbed::SlowLink;
 
 const CHUNK: u64 = 4 << 20;
+/// Link of the cold-read measurement: 100 Mbit each way, 10 ms each way (20 ms RTT).
+const LINK_RATE: &str = "100mbit";
+const LINK_DELAY_MS: u64 = 10;
+const REPO: &str = "bench/fs";
 
-/// Deterministic data that gzip shrinks to roughly half (like binaries).
+/// Deterministic data, every other byte random: `Compression::fast()` (zlib-rs) barely shrinks it,
+/// so a chunk's gzip member is about as large as the chunk (the header line prints the blob size).
 fn fill(buf: &mut [u8], seed: u64) {
     let mut x = seed | 1;
     for (i, b) in buf.iter_mut().enumerate() {
@@ -42,13 +58,22 @@ fn fill(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// Digests of the built layer.
+struct Built {
+    toc: String,
+    blob: String,
+    /// Compressed size of each 4 MiB chunk in the blob, by chunk index.
+    gz_sizes: Vec<u64>,
+}
+
 /// Writes `data.bin` (plain) and `blob` (eStargz with one big file `big`), streaming.
-fn build(dir: &Path, size: u64) -> Result<String> {
+fn build(dir: &Path, size: u64) -> Result<Built> {
     let mut plain = BufWriter::new(File::create(dir.join("data.bin"))?);
-    let mut blob = CountingFile { f: BufWriter::new(File::create(dir.join("blob"))?), n: 0 };
+    let mut blob = CountingFile { f: BufWriter::new(File::create(dir.join("blob"))?), n: 0, hash: Sha256::new() };
     let mut toc = Toc { version: 1, entries: Vec::new() };
     let mut whole = Sha256::new();
     let mut buf = vec![0u8; CHUNK as usize];
+    let mut gz_sizes = Vec::new();
     let mut off = 0;
     while off < size {
         let n = CHUNK.min(size - off);
@@ -69,7 +94,9 @@ fn build(dir: &Path, size: u64) -> Result<String> {
         e.chunk_digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
         let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
         gz.write_all(data)?;
-        blob.write(&gz.finish()?)?;
+        let member = gz.finish()?;
+        gz_sizes.push(member.len() as u64);
+        blob.write(&member)?;
         toc.entries.push(e);
         off += n;
     }
@@ -92,35 +119,26 @@ fn build(dir: &Path, size: u64) -> Result<String> {
     blob.write(&footer)?;
     blob.f.flush()?;
     plain.flush()?;
-    Ok(format!("sha256:{}", hex::encode(Sha256::digest(&json))))
+    Ok(Built {
+        toc: format!("sha256:{}", hex::encode(Sha256::digest(&json))),
+        blob: format!("sha256:{}", hex::encode(blob.hash.finalize())),
+        gz_sizes,
+    })
 }
 
+/// The blob being written: its length so far (for TOC offsets) and its running digest.
 struct CountingFile {
     f: BufWriter<File>,
     n: u64,
+    hash: Sha256,
 }
 
 impl CountingFile {
     fn write(&mut self, b: &[u8]) -> Result<()> {
         self.f.write_all(b)?;
+        self.hash.update(b);
         self.n += b.len() as u64;
         Ok(())
-    }
-}
-
-/// Adds a fixed delay to every range request (stand-in for a registry round trip).
-struct Delayed {
-    inner: FileSource,
-    delay: Duration,
-}
-
-impl LayerSource for Delayed {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> std::io::Result<()> {
-        std::thread::sleep(self.delay);
-        self.inner.fetch(offset, len, sink)
     }
 }
 
@@ -190,36 +208,142 @@ fn cached_throughput(dir: &Path, toc: &str, passthrough: bool, out: &mut String)
     Ok(())
 }
 
-fn cold_random(dir: &Path, toc: &str, size: u64, delay: Duration, out: &mut String) -> Result<()> {
-    let name = format!("cold{}", delay.as_millis());
-    let opts = LayerOptions { passthrough: false, ..Default::default() };
-    let src: Arc<dyn LayerSource> = Arc::new(Delayed { inner: FileSource::open(&dir.join("blob"))?, delay });
-    let layer = mount(dir, &name, src, toc, &opts, None)?;
-    let f = File::open(layer.mountpoint().join("big"))?;
+/// The 100 pseudo-random 4 KiB-aligned offsets below `size` of the cold runs (the same in every
+/// call, so the local and link runs read the same chunks).
+fn random_offsets(size: u64) -> Vec<u64> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..100)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % (size / 4096)) * 4096
+        })
+        .collect()
+}
+
+/// Compressed bytes of the distinct chunks the cold reads touch: what an ideal fetcher (one
+/// chunk per miss, nothing more) would pull from the registry, and how many chunks that is.
+fn ideal_fetch(built: &Built, size: u64) -> (u64, usize) {
+    let chunks: std::collections::BTreeSet<u64> = random_offsets(size).iter().map(|o| o / CHUNK).collect();
+    let bytes = chunks.iter().filter_map(|&c| built.gz_sizes.get(c as usize)).sum();
+    (bytes, chunks.len())
+}
+
+/// Latencies of the cold 4 KiB reads of `file` at [`random_offsets`], sorted.
+fn random_reads(file: &Path, size: u64) -> Result<Vec<Duration>> {
+    let f = File::open(file)?;
     let mut lat = Vec::new();
     let mut buf = [0u8; 4096];
-    for _ in 0..100 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let off = (x % (size / 4096)) * 4096;
+    for off in random_offsets(size) {
         let start = Instant::now();
         f.read_exact_at(&mut buf, off)?;
         lat.push(start.elapsed());
     }
     lat.sort();
-    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
+    Ok(lat)
+}
+
+/// Milliseconds at quantile `q` of sorted latencies.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+/// Layer options of the cold runs: nothing read ahead of the measured reads.
+fn cold_options() -> LayerOptions {
+    LayerOptions { passthrough: false, no_prefetch: true, ..Default::default() }
+}
+
+/// Baseline: cold reads with the blob on local disk. Returns the p50 in ms.
+fn cold_random_local(dir: &Path, toc: &str, size: u64, out: &mut String) -> Result<f64> {
+    let src: Arc<dyn LayerSource> = Arc::new(FileSource::open(&dir.join("blob"))?);
+    let layer = mount(dir, "coldlocal", src, toc, &cold_options(), None)?;
+    let lat = random_reads(&layer.mountpoint().join("big"), size)?;
+    let p50 = quantile_ms(&lat, 0.5);
     let line = format!(
-        "cold_random_4k added_rtt={}ms: p50 {:.1} ms, p99 {:.1} ms (100 reads; each miss fetches and verifies one 4 MiB chunk)\n",
-        delay.as_millis(),
-        p(0.5),
-        p(0.99)
+        "cold_random_4k local disk: p50 {p50:.1} ms, p99 {:.1} ms (100 reads; each miss fetches and verifies one 4 MiB chunk)\n",
+        quantile_ms(&lat, 0.99)
     );
     print!("{line}");
     out.push_str(&line);
-    drop(f);
     layer.unmount()?;
+    Ok(p50)
+}
+
+/// Uploads `file` (digest `digest`) to the link's registry from inside its namespace, where the
+/// registry answers on 127.0.0.1 without delay or rate limit (monolithic upload, streamed by curl).
+fn push_blob(link: &SlowLink, file: &Path, digest: &str) -> Result<()> {
+    let port = link.addr().rsplit(':').next().context("link address has no port")?;
+    let script = r#"set -euo pipefail
+loc=$(curl -sS --fail -i -X POST "$1" | tr -d '\r' | awk 'tolower($1)=="location:"{print $2}')
+[ -n "$loc" ] || { echo "no upload location" >&2; exit 1; }
+case $loc in *\?*) sep='&';; *) sep='?';; esac
+curl -sS --fail -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' -T "$2" "$loc${sep}digest=$3""#;
+    let start_url = format!("http://127.0.0.1:{port}/v2/{REPO}/blobs/uploads/");
+    let file = file.to_str().context("blob path is not UTF-8")?;
+    link.exec(&["bash", "-c", script, "push", &start_url, file, digest])?;
+    Ok(())
+}
+
+/// The registry client the daemon would build for a config naming `addr` as an insecure mirror
+/// of itself (`[[resolver.host."ADDR".mirrors]] host = "ADDR" insecure = true`).
+fn link_client(addr: &str) -> Result<RegistryClient> {
+    let mirror = MirrorConfig { host: addr.to_string(), insecure: true, ..Default::default() };
+    let mut resolver = ResolverConfig::default();
+    resolver.host.insert(addr.to_string(), HostConfig { mirrors: vec![mirror] });
+    Ok(RegistryClient::new(ClientConfig { resolver, ..ClientConfig::default() })?)
+}
+
+/// Bytes the registry has served through the link, read after the proxy's counters flushed.
+fn served_settled(link: &SlowLink) -> Result<u64> {
+    std::thread::sleep(Duration::from_millis(300));
+    link.served_bytes()
+}
+
+/// Cold reads with the blob in a registry behind the slow link, through the daemon's read path.
+fn cold_random_link(
+    dir: &Path,
+    built: &Built,
+    size: u64,
+    local_p50: f64,
+    rt: &tokio::runtime::Runtime,
+    out: &mut String,
+) -> Result<()> {
+    // Declared first so it is dropped last: the layer is unmounted before the link goes down.
+    let link = SlowLink::up(LINK_RATE, LINK_DELAY_MS)?;
+    let push_start = Instant::now();
+    push_blob(&link, &dir.join("blob"), &built.blob)?;
+    let push_s = push_start.elapsed().as_secs_f64();
+    let cache = stargz::cache::open_store("memory", &dir.join("httpcache"), Default::default())?;
+    let resolver = RegistryResolver::new(link_client(link.addr())?, cache, rt.handle().clone());
+    let reference = format!("{}/{REPO}:latest", link.addr());
+    let mount_start = Instant::now();
+    let src = resolver.resolve(&reference, &built.blob)?;
+    let layer = mount(dir, "coldlink", src, &built.toc, &cold_options(), None)?;
+    let mount_s = mount_start.elapsed().as_secs_f64();
+    let before = served_settled(&link)?;
+    let lat = random_reads(&layer.mountpoint().join("big"), size)?;
+    let served = served_settled(&link)?.saturating_sub(before);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let p50 = quantile_ms(&lat, 0.5);
+    let (ideal, chunks) = ideal_fetch(built, size);
+    let line = format!(
+        "cold_random_4k link={LINK_RATE}/{}ms: p50 {p50:.1} ms ({:.1}x local disk), p99 {:.1} ms, served {:.1} MiB \
+         (100 reads; registry behind scripts/netlink.sh, read through fs::RegistryResolver)\n  \
+         served / compressed size of the {chunks} distinct chunks read ({:.1} MiB): {:.2}x; \
+         mount incl. TOC {mount_s:.2}s, {:.0} KiB served; push inside the namespace {push_s:.1}s\n",
+        2 * LINK_DELAY_MS,
+        p50 / local_p50,
+        quantile_ms(&lat, 0.99),
+        mib(served),
+        mib(ideal),
+        served as f64 / ideal.max(1) as f64,
+        before as f64 / 1024.0,
+    );
+    print!("{line}");
+    out.push_str(&line);
+    layer.unmount()?;
+    drop(link);
     Ok(())
 }
 
@@ -228,12 +352,18 @@ fn main() -> Result<()> {
     let mib: u64 = std::env::var("FS_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     let size = mib << 20;
     let tmp = tempfile::Builder::new().prefix("fs-bench").tempdir_in("/var/tmp")?;
-    let toc = build(tmp.path(), size)?;
-    let mut out = format!("# fs_read benchmark: one {mib} MiB file in an eStargz layer, 4 MiB chunks\n");
-    cached_throughput(tmp.path(), &toc, true, &mut out)?;
-    cached_throughput(tmp.path(), &toc, false, &mut out)?;
-    cold_random(tmp.path(), &toc, size, Duration::ZERO, &mut out)?;
-    cold_random(tmp.path(), &toc, size, Duration::from_millis(20), &mut out)?;
+    let built = build(tmp.path(), size)?;
+    // The registry client and resolver run on this runtime; the fs parts call in from plain threads.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let blob_mib = std::fs::metadata(tmp.path().join("blob"))?.len() as f64 / (1 << 20) as f64;
+    let mut out = format!(
+        "# fs_read benchmark: one {mib} MiB file in an eStargz layer ({blob_mib:.0} MiB blob), 4 MiB chunks\n"
+    );
+    cached_throughput(tmp.path(), &built.toc, true, &mut out)?;
+    cached_throughput(tmp.path(), &built.toc, false, &mut out)?;
+    let local_p50 = cold_random_local(tmp.path(), &built.toc, size, &mut out)?;
+    cold_random_link(tmp.path(), &built, size, local_p50, &rt, &mut out)?;
+    rt.shutdown_background();
     std::fs::create_dir_all("bench-results")?;
     std::fs::write("bench-results/fs_read.txt", &out)?;
     Ok(())
