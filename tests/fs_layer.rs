@@ -177,7 +177,10 @@ fn fully_fetched_layer_survives_registry_going_down() -> Result<()> {
     assert!(state["fetchedPercent"].as_f64().unwrap_or(0.0) > 99.0, "{state}");
     source.set(DOWN);
     drop_page_cache()?;
+    let before = layer.reader().userspace_reads();
     compare_trees(&f.src, layer.mountpoint())?;
+    // Fully cached files are handed to the kernel (FUSE passthrough): no read comes to us.
+    assert_eq!(layer.reader().userspace_reads(), before, "reads of cached files went through userspace");
     layer.unmount()?;
     Ok(())
 }

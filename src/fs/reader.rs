@@ -136,6 +136,8 @@ pub struct LayerReader {
     present_count: AtomicUsize,
     inflight: Mutex<HashMap<usize, Arc<Flight>>>,
     fetched: AtomicU64,
+    /// Reads served through this process (passthrough reads never get here).
+    userspace_reads: AtomicU64,
     /// Next chunk (blob order) the background fetcher looks at, and how often it wrapped.
     bg_cursor: Mutex<(usize, u32)>,
     bg_done: AtomicBool,
@@ -173,6 +175,7 @@ impl LayerReader {
             priority,
             inflight: Mutex::new(HashMap::new()),
             fetched: AtomicU64::new(fetched),
+            userspace_reads: AtomicU64::new(0),
             bg_cursor: Mutex::new((0, 0)),
             bg_done: AtomicBool::new(false),
             bg_failures: AtomicU32::new(0),
@@ -192,6 +195,11 @@ impl LayerReader {
 
     pub fn blob_size(&self) -> u64 {
         self.source.size()
+    }
+
+    /// File reads this process served (FUSE passthrough bypasses it for fully cached files).
+    pub fn userspace_reads(&self) -> u64 {
+        self.userspace_reads.load(Ordering::Relaxed)
     }
 
     /// Compressed bytes fetched so far (TOC, footer and every cached chunk).
@@ -239,6 +247,7 @@ impl LayerReader {
 
     /// Reads up to `size` bytes of file `ino` at `offset`, fetching missing chunks.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        self.userspace_reads.fetch_add(1, Ordering::Relaxed);
         let node = self.table.get(ino).ok_or(FsError::NotFound(ino))?;
         if node.kind != NodeKind::Reg {
             return Err(FsError::NotFound(ino));
