@@ -72,7 +72,8 @@ impl SnapshotterImpl {
     }
 
     /// Unmounts stale mounts under `snapshots/` and re-mounts every remote snapshot from its
-    /// stored labels, several at once. A failure is logged and does not stop the others:
+    /// stored labels, several at once, then tells the remote layers restore is over
+    /// ([`RemoteLayers::restored`]: caches of snapshots removed meanwhile are freed). A failure is logged and does not stop the others:
     /// the daemon must come up even when one registry is gone.
     pub fn restore(&self) -> Result<(), SnapshotError> {
         self.unmount_under(&self.snapshots_dir());
@@ -86,6 +87,7 @@ impl SnapshotterImpl {
             .filter(|(_, r)| r.is_remote())
             .collect();
         if tasks.is_empty() {
+            remote.restored();
             return Ok(());
         }
         info!(count = tasks.len(), "restoring remote snapshots");
@@ -102,6 +104,7 @@ impl SnapshotterImpl {
                 });
             }
         });
+        remote.restored();
         Ok(())
     }
 
