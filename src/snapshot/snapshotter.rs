@@ -503,6 +503,8 @@ mod tests {
         mounted: Mutex<Vec<PathBuf>>,
         unmounted: Mutex<Vec<PathBuf>>,
         broken: Mutex<bool>,
+        /// How many mounts had happened each time restore said it was done.
+        restored: Mutex<Vec<usize>>,
     }
     impl RemoteLayers for FakeRemote {
         fn mount(
@@ -529,6 +531,10 @@ mod tests {
         fn unmount(&self, mp: &Path) -> Result<(), super::super::LayerError> {
             self.unmounted.lock().unwrap().push(mp.to_path_buf());
             Ok(())
+        }
+        fn restored(&self) {
+            let n = self.mounted.lock().unwrap().len();
+            self.restored.lock().unwrap().push(n);
         }
     }
 
@@ -682,6 +688,11 @@ mod tests {
             remote2.mounted.lock().unwrap().len(),
             1,
             "L1 restored although L2 failed"
+        );
+        assert_eq!(
+            *remote2.restored.lock().unwrap(),
+            vec![1],
+            "told once, after the mounts, that restore is done"
         );
         assert_eq!(s.list(&[]).unwrap().len(), 2);
         assert_eq!(s.list(&["name==L2".into()]).unwrap().len(), 1);
