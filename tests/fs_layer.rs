@@ -367,3 +367,158 @@ fn stalled_registry_does_not_block_cached_reads() -> Result<()> {
     layer.unmount()?;
     Ok(())
 }
+
+/// Opens the layer over `dir/cache` with the source healthy (the TOC must be fetched), then
+/// switches the source to `mode` before the mount is served.
+fn remount(f: &Fixture, source: &Arc<FaultySource>, dir: &Path, mode: u8) -> Result<MountedLayer> {
+    source.set(HEALTHY);
+    let spec = LayerSpec { digest: "sha256:feedbeef".into(), source: source.clone(), toc_digest: Some(f.toc_digest.clone()) };
+    let reader = open_layer(spec, &dir.join("cache"), &ReadOptions::default(), Arc::new(Priority::default()))?;
+    source.set(mode);
+    Ok(mount_layer(reader, &dir.join("mnt"), &LayerOptions::default(), None)?)
+}
+
+/// A daemon restart: the cache directory a layer filled is reused by the next mount, only for
+/// chunks whose bytes on disk still match the TOC; a corrupted one is fetched again.
+#[test]
+fn cache_dir_is_reused_after_remount_only_where_verified() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let read = ["usr/lib/app/big.bin", "usr/lib/app/small.txt", "etc/passwd", "owned"];
+    let unread = ["usr/lib/app/mod05.py", "public", "secret"];
+    let mut inos = std::collections::HashMap::new();
+    for p in read {
+        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p}");
+        inos.insert(p, std::fs::metadata(layer.mountpoint().join(p))?.ino());
+    }
+    let fetched_before = layer.reader().fetched_size();
+    // MountedLayer::unmount leaves the cache directory (only the manager's release frees it).
+    layer.unmount()?;
+
+    // Registry down: only what was read before is served, from the re-verified cache.
+    let fetches = source.fetches.load(Ordering::SeqCst);
+    let layer = remount(&f, &source, work.path(), DOWN)?;
+    assert_eq!(source.fetches.load(Ordering::SeqCst) - fetches, 2, "remount fetched more than footer and TOC");
+    assert_eq!(layer.reader().fetched_size(), fetched_before, "fetched bytes of cached chunks not counted");
+    assert!(!layer.reader().fully_cached());
+    for p in read {
+        assert!(layer.reader().file_cached(inos[p]), "{p} not trusted from disk");
+    }
+    drop_page_cache()?;
+    for p in read {
+        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p} after remount");
+    }
+    for p in unread {
+        let err = std::fs::read(layer.mountpoint().join(p)).expect_err("unread file served with the source down");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{p}: {err}");
+    }
+    layer.unmount()?;
+
+    // One byte of big.bin's second chunk flipped on disk: that chunk alone is fetched again.
+    let big = inos["usr/lib/app/big.bin"];
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(work.path().join("cache").join(big.to_string()))?;
+    let at = (1 << 20) + 4321;
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, at)?;
+    std::os::unix::fs::FileExt::write_all_at(&file, &[b[0] ^ 0x40], at)?;
+    drop(file);
+    let layer = remount(&f, &source, work.path(), HEALTHY)?;
+    assert!(!layer.reader().file_cached(big), "a corrupted chunk was trusted");
+    assert!(layer.reader().file_cached(inos["usr/lib/app/small.txt"]));
+    let fetches = source.fetches.load(Ordering::SeqCst);
+    let bytes = source.bytes.load(Ordering::SeqCst);
+    drop_page_cache()?;
+    assert_eq!(std::fs::read(layer.mountpoint().join("usr/lib/app/big.bin"))?, std::fs::read(f.src.join("usr/lib/app/big.bin"))?);
+    assert_eq!(source.fetches.load(Ordering::SeqCst) - fetches, 1, "exactly the corrupted chunk is re-fetched");
+    assert!(source.bytes.load(Ordering::SeqCst) - bytes < 2 << 20, "more than one chunk re-fetched");
+    assert!(layer.reader().file_cached(big));
+    source.set(DOWN);
+    for p in read {
+        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p} after repair");
+    }
+    layer.unmount()?;
+    Ok(())
+}
+
+/// A fully fetched layer remounts fully cached: complete, accounted as fully fetched, and
+/// served entirely with the registry down.
+#[test]
+fn fully_fetched_cache_is_complete_after_remount() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let fetcher = Arc::new(BackgroundFetcher::new(2, Arc::new(Priority::default()), 1 << 20));
+    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), Some(fetcher))?;
+    wait_until("background fetch", || layer.reader().fully_cached())?;
+    layer.unmount()?;
+    let layer = remount(&f, &source, work.path(), DOWN)?;
+    assert!(layer.reader().fully_cached(), "a complete cache was not fully trusted");
+    assert_eq!(layer.reader().fetched_size(), f.blob.len() as u64);
+    drop_page_cache()?;
+    compare_trees(&f.src, layer.mountpoint())?;
+    layer.unmount()?;
+    Ok(())
+}
+
+/// The manager names a layer's cache after its mountpoint, keeps it across a restart (a new
+/// manager over the same root), and deletes caches no mounted layer claims.
+#[test]
+fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
+    use stargz::snapshot::RemoteLayers;
+    require_root();
+    let f = fixture(lower_tree, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let manager = || -> Result<stargz::fs::LayerManager> {
+        let resolver = MapResolver([("sha256:11".to_string(), source.clone())].into_iter().collect());
+        let mut cfg = stargz::fs::FsConfig::new(work.path());
+        cfg.no_background_fetch = true;
+        Ok(stargz::fs::LayerManager::new(cfg, Arc::new(resolver))?)
+    };
+    let labels: std::collections::BTreeMap<String, String> = [
+        ("containerd.io/snapshot/remote/stargz.reference", "127.0.0.1:5000/img:v1"),
+        ("containerd.io/snapshot/remote/stargz.digest", "sha256:11"),
+        ("containerd.io/snapshot/stargz/toc.digest", f.toc_digest.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let (kept, gone) = (work.path().join("kept"), work.path().join("gone"));
+    let _guards = [UmountGuard(kept.clone()), UmountGuard(gone.clone())];
+    let mgr = manager()?;
+    for m in [&kept, &gone] {
+        std::fs::create_dir(m)?;
+        mgr.mount(m, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(std::fs::read(m.join("a/y"))?, b"y from lower");
+    }
+    let (kept_cache, gone_cache) = (mgr.cache_dir_for(&kept), mgr.cache_dir_for(&gone));
+    assert_ne!(kept_cache, gone_cache, "two snapshots of one blob share a cache");
+    assert!(kept_cache.is_dir() && gone_cache.is_dir());
+    // Leftovers of a run whose snapshot was removed while the daemon was down.
+    let fscache = work.path().join("stargz/fscache");
+    std::fs::create_dir(fscache.join("0123456789abcdef0123456789abcdef"))?;
+    std::fs::write(fscache.join("0123456789abcdef0123456789abcdef/7"), b"old")?;
+    std::fs::write(fscache.join("stray"), b"x")?;
+    assert_eq!(mgr.remove_unclaimed_caches(), 2);
+    assert!(kept_cache.is_dir() && gone_cache.is_dir(), "a mounted layer's cache was removed");
+    assert_eq!(std::fs::read(kept.join("a/y"))?, b"y from lower");
+
+    // Restart (SIGTERM keeps caches): only `kept` is restored; `gone` lost its snapshot.
+    drop(mgr);
+    let mgr = manager()?;
+    assert!(kept_cache.is_dir() && gone_cache.is_dir(), "start-up wiped the caches");
+    mgr.mount(&kept, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+    mgr.restored();
+    assert!(kept_cache.is_dir(), "restored layer's cache removed");
+    assert!(!gone_cache.exists(), "orphan cache kept after restore");
+    let fetches = source.fetches.load(Ordering::SeqCst);
+    assert_eq!(std::fs::read(kept.join("a/y"))?, b"y from lower");
+    assert_eq!(source.fetches.load(Ordering::SeqCst), fetches, "a cached file was fetched again after restart");
+    mgr.unmount(&kept).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(!kept_cache.exists(), "unmount must free the layer's cache");
+    Ok(())
+}

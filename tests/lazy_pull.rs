@@ -390,6 +390,10 @@ fn lazy_pull_python_image_end_to_end() {
         "6 layer mounts expected: {:?}",
         fuse_mounts_under(&root)
     );
+    let fetched_before: Vec<u64> = layers
+        .iter()
+        .map(|(d, _)| layer_state(&root, d).map_or(0, |(f, _)| f))
+        .collect();
     daemon.kill9();
     let t = Instant::now();
     daemon.restart();
@@ -403,6 +407,12 @@ fn lazy_pull_python_image_end_to_end() {
         fuse_mounts_under(&root),
         log_tail(&daemon)
     );
+    // The decompressed cache survived the restart: what was fetched before still counts.
+    for ((d, _), before) in layers.iter().zip(&fetched_before) {
+        let after = layer_state(&root, d).map_or(0, |(f, _)| f);
+        eprintln!("layer {d}: fetched {before} before kill -9, {after} after restore");
+        assert!(after >= *before, "layer {d}: cache not reused after restart ({before} → {after})");
+    }
     let out = run_python(&ctrd, "default", &esgz, "py2", "print('after restart')");
     eprintln!("restart to second run: {:?}", t.elapsed());
     assert_eq!(out.trim(), "after restart");

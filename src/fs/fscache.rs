@@ -2,7 +2,8 @@
 //! at their file offsets, filled chunk by chunk.
 //!
 //! Which chunks are valid is tracked by the reader (a bitmap set only after verification), so a
-//! crash mid-write leaves bytes that are simply never served. A fully filled file is exactly the
+//! crash mid-write leaves bytes that are simply never served. The directory outlives the daemon
+//! (it is named after the snapshot's mountpoint); the next mount re-hashes what it finds. A fully filled file is exactly the
 //! file's content, which is what FUSE passthrough hands to the kernel.
 
 use std::collections::HashMap;

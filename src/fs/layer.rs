@@ -68,7 +68,8 @@ impl std::fmt::Debug for MountedLayer {
     }
 }
 
-/// Opens the layer's TOC and builds its reader (no mount yet).
+/// Opens the layer's TOC and builds its reader (no mount yet). Chunks already in `cache_dir`
+/// are trusted only after [`LayerReader::revalidate_cache`] re-hashed them.
 pub fn open_layer(
     spec: LayerSpec,
     cache_dir: &Path,
@@ -82,13 +83,28 @@ pub fn open_layer(
     let table = InodeTable::build(&index)?;
     drop(index);
     crate::alloc::trim();
+    // A cache directory with files was left by an earlier mount of this snapshot (a daemon
+    // restart): its chunks are re-hashed below before anything is served from it.
+    let reused = std::fs::read_dir(cache_dir).is_ok_and(|mut d| d.next().is_some());
     let cache = FileCache::new(cache_dir).map_err(FsError::Cache)?;
     let mut opts = opts.clone();
     if spec.toc_digest.is_none() {
         // Without a trusted TOC the chunk digests prove nothing either; accept entries without one.
         opts.allow_unverified = true;
     }
-    Ok(Arc::new(LayerReader::new(spec.digest, table, spec.source, cache, opts, priority)))
+    let reader = LayerReader::new(spec.digest, table, spec.source, cache, opts, priority);
+    if reused {
+        let started = std::time::Instant::now();
+        let trusted = reader.revalidate_cache();
+        tracing::info!(
+            layer = %reader.digest(),
+            chunks = trusted,
+            of = reader.table().blob_order.len(),
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "reused verified chunks of an earlier mount"
+        );
+    }
+    Ok(Arc::new(reader))
 }
 
 /// Mounts `reader` at `mountpoint` (allow_other, default_permissions, read-only), then starts

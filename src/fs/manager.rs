@@ -4,10 +4,12 @@
 //! label follow Go's `fs/fs.go`; the blob itself comes from a [`BlobResolver`] (the registry
 //! in the daemon, a local file in tests).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
 
 use crate::snapshot::{LayerError, RemoteLayers};
 
@@ -33,7 +35,8 @@ pub trait BlobResolver: Send + Sync {
 /// The filesystem part of `config.toml`.
 #[derive(Debug, Clone)]
 pub struct FsConfig {
-    /// `<root>/stargz/fscache`: decompressed file caches, one directory per mounted layer.
+    /// `<root>/stargz/fscache`: decompressed file caches, one directory per mounted layer,
+    /// named after its mountpoint so that it survives a daemon restart.
     pub fscache_dir: PathBuf,
     pub layer: LayerOptions,
     pub disable_verification: bool,
@@ -97,7 +100,9 @@ pub struct LayerManager {
     priority: Arc<Priority>,
     fetcher: Option<Arc<BackgroundFetcher>>,
     mounts: Mutex<HashMap<PathBuf, MountedLayer>>,
-    next_id: AtomicU64,
+    /// Cache directories of mounted layers and of mounts in progress, which
+    /// [`LayerManager::remove_unclaimed_caches`] must leave alone.
+    claimed: Mutex<HashSet<PathBuf>>,
 }
 
 impl std::fmt::Debug for LayerManager {
@@ -107,18 +112,30 @@ impl std::fmt::Debug for LayerManager {
 }
 
 impl LayerManager {
-    /// Starts the shared background fetcher. Caches left by an earlier run are deleted: chunk
-    /// validity is tracked in memory, so their bytes could not be trusted.
+    /// Starts the shared background fetcher. Caches left by an earlier run are kept: the
+    /// restored mounts re-verify and reuse them, and [`LayerManager::remove_unclaimed_caches`]
+    /// deletes the rest once restore is done.
     pub fn new(config: FsConfig, resolver: Arc<dyn BlobResolver>) -> Result<Self, FsError> {
-        match std::fs::remove_dir_all(&config.fscache_dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(FsError::Cache(e)),
-            _ => {}
-        }
         std::fs::create_dir_all(&config.fscache_dir).map_err(FsError::Cache)?;
         let priority = Arc::new(Priority::with_quiet_period(config.background_quiet));
         let fetcher = (!config.no_background_fetch)
             .then(|| Arc::new(BackgroundFetcher::new(config.max_concurrency, priority.clone(), DEFAULT_SPAN_BYTES)));
-        Ok(LayerManager { resolver, config, priority, fetcher, mounts: Mutex::new(HashMap::new()), next_id: AtomicU64::new(0) })
+        Ok(LayerManager {
+            resolver,
+            config,
+            priority,
+            fetcher,
+            mounts: Mutex::new(HashMap::new()),
+            claimed: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The cache directory of the layer mounted at `mountpoint`: stable across restarts (the
+    /// snapshotter mounts a snapshot at the same path again), distinct for two snapshots of
+    /// the same blob.
+    pub fn cache_dir_for(&self, mountpoint: &Path) -> PathBuf {
+        let h = Sha256::digest(mountpoint.as_os_str().as_bytes());
+        self.config.fscache_dir.join(&hex::encode(h)[..32])
     }
 
     /// Mounts a layer; the error says why it can't be lazy (the caller falls back).
@@ -128,9 +145,16 @@ impl LayerManager {
             let _urgent = self.priority.urgent();
             self.resolver.resolve(&parsed.reference, &parsed.digest)?
         };
-        let hex = parsed.digest.split_once(':').map_or(parsed.digest.as_str(), |(_, h)| h);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cache_dir = self.config.fscache_dir.join(format!("{hex}.{}.{id}", std::process::id()));
+        // A layer already at this mountpoint goes first: it shares the cache directory, whose
+        // chunks the new mount re-verifies (they may belong to another blob; digests decide).
+        let old = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).remove(mountpoint);
+        if let Some(old) = old {
+            if let Err(e) = old.unmount() {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of the previous layer failed");
+            }
+        }
+        let cache_dir = self.cache_dir_for(mountpoint);
+        self.claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(cache_dir.clone());
         let spec = LayerSpec { digest: parsed.digest.clone(), source, toc_digest: parsed.toc_digest };
         let mut opts = self.config.layer.clone();
         if let Some(p) = parsed.prefetch_size {
@@ -141,15 +165,70 @@ impl LayerManager {
         let mounted = match mounted {
             Ok(m) => m,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&cache_dir);
+                self.free_cache(&cache_dir);
                 return Err(e);
             }
         };
         let old = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).insert(mountpoint.to_path_buf(), mounted);
         if let Some(old) = old {
-            release(old);
+            // A concurrent mount at the same path won the race; both used this cache dir.
+            if let Err(e) = old.unmount() {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of the replaced layer failed");
+            }
         }
         Ok(())
+    }
+
+    /// Deletes the cache directories no mounted layer claims: after restore, those of
+    /// snapshots removed while the daemon was down (and stray files). Returns how many.
+    pub fn remove_unclaimed_caches(&self) -> usize {
+        let claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = match std::fs::read_dir(&self.config.fscache_dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(dir = %self.config.fscache_dir.display(), error = %e, "cannot list the cache directory");
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            if claimed.contains(&path) {
+                continue;
+            }
+            let res = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            match res {
+                Ok(()) => removed += 1,
+                Err(err) => tracing::warn!(dir = %path.display(), error = %err, "cannot remove unclaimed cache"),
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed caches of layers no longer mounted");
+        }
+        removed
+    }
+
+    /// Deletes a layer's cache directory and drops its claim.
+    fn free_cache(&self, dir: &Path) {
+        let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove layer cache");
+            }
+        }
+        claimed.remove(dir);
+    }
+
+    /// Unmounts a layer and frees its cache (the snapshot is gone or the daemon cleans up).
+    fn release(&self, m: MountedLayer) {
+        let cache = m.reader().cache().dir().to_path_buf();
+        if let Err(e) = m.unmount() {
+            tracing::warn!(error = %e, "unmount failed");
+        }
+        self.free_cache(&cache);
     }
 
     /// The mounted layer at `mountpoint`, for inspection (tests, metrics).
@@ -160,16 +239,8 @@ impl LayerManager {
     /// Unmounts everything (daemon shutdown with cleanup).
     pub fn unmount_all(&self) {
         let all: Vec<_> = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, m)| m).collect();
-        all.into_iter().for_each(release);
+        all.into_iter().for_each(|m| self.release(m));
     }
-}
-
-fn release(m: MountedLayer) {
-    let cache = m.reader().cache().dir().to_path_buf();
-    if let Err(e) = m.unmount() {
-        tracing::warn!(error = %e, "unmount failed");
-    }
-    let _ = std::fs::remove_dir_all(cache);
 }
 
 impl RemoteLayers for LayerManager {
@@ -185,14 +256,25 @@ impl RemoteLayers for LayerManager {
         }
     }
 
+    fn restored(&self) {
+        self.remove_unclaimed_caches();
+    }
+
     fn unmount(&self, mountpoint: &Path) -> Result<(), LayerError> {
         let m = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).remove(mountpoint);
+        if m.is_none() {
+            let dir = self.cache_dir_for(mountpoint);
+            if !self.claimed.lock().unwrap_or_else(|e| e.into_inner()).contains(&dir) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
         match m {
             Some(m) => {
-                release(m);
+                self.release(m);
                 Ok(())
             }
-            // Not ours (e.g. mounted by an earlier run): detach whatever is there, if anything.
+            // Not ours (e.g. mounted by an earlier run): drop a cache it may have left and
+            // detach whatever is there, if anything.
             None => match nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
                 Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
                 Err(e) => Err(e.into()),

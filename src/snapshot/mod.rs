@@ -105,4 +105,7 @@ pub trait RemoteLayers: Send + Sync {
     fn check(&self, mountpoint: &Path, labels: &BTreeMap<String, String>) -> Result<(), LayerError>;
     /// Unmounts the layer and releases what it holds (including its cache).
     fn unmount(&self, mountpoint: &Path) -> Result<(), LayerError>;
+    /// Called once restore has re-mounted what it could: state kept for layers that were not
+    /// re-mounted (their snapshots are gone) can be dropped now.
+    fn restored(&self) {}
 }

@@ -72,7 +72,8 @@ impl SnapshotterImpl {
     }
 
     /// Unmounts stale mounts under `snapshots/` and re-mounts every remote snapshot from its
-    /// stored labels, several at once. A failure is logged and does not stop the others:
+    /// stored labels, several at once, then tells the remote layers restore is over
+    /// ([`RemoteLayers::restored`]: caches of snapshots removed meanwhile are freed). A failure is logged and does not stop the others:
     /// the daemon must come up even when one registry is gone.
     pub fn restore(&self) -> Result<(), SnapshotError> {
         self.unmount_under(&self.snapshots_dir());
@@ -86,6 +87,7 @@ impl SnapshotterImpl {
             .filter(|(_, r)| r.is_remote())
             .collect();
         if tasks.is_empty() {
+            remote.restored();
             return Ok(());
         }
         info!(count = tasks.len(), "restoring remote snapshots");
@@ -102,6 +104,7 @@ impl SnapshotterImpl {
                 });
             }
         });
+        remote.restored();
         Ok(())
     }
 
@@ -500,6 +503,8 @@ mod tests {
         mounted: Mutex<Vec<PathBuf>>,
         unmounted: Mutex<Vec<PathBuf>>,
         broken: Mutex<bool>,
+        /// How many mounts had happened each time restore said it was done.
+        restored: Mutex<Vec<usize>>,
     }
     impl RemoteLayers for FakeRemote {
         fn mount(
@@ -526,6 +531,10 @@ mod tests {
         fn unmount(&self, mp: &Path) -> Result<(), super::super::LayerError> {
             self.unmounted.lock().unwrap().push(mp.to_path_buf());
             Ok(())
+        }
+        fn restored(&self) {
+            let n = self.mounted.lock().unwrap().len();
+            self.restored.lock().unwrap().push(n);
         }
     }
 
@@ -679,6 +688,11 @@ mod tests {
             remote2.mounted.lock().unwrap().len(),
             1,
             "L1 restored although L2 failed"
+        );
+        assert_eq!(
+            *remote2.restored.lock().unwrap(),
+            vec![1],
+            "told once, after the mounts, that restore is done"
         );
         assert_eq!(s.list(&[]).unwrap().len(), 2);
         assert_eq!(s.list(&["name==L2".into()]).unwrap().len(), 1);
