@@ -503,7 +503,7 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
     std::fs::create_dir(fscache.join("0123456789abcdef0123456789abcdef"))?;
     std::fs::write(fscache.join("0123456789abcdef0123456789abcdef/7"), b"old")?;
     std::fs::write(fscache.join("stray"), b"x")?;
-    assert_eq!(mgr.remove_unclaimed_caches(), 2);
+    assert_eq!(mgr.remove_unclaimed_caches(&[]), 2);
     assert!(kept_cache.is_dir() && gone_cache.is_dir(), "a mounted layer's cache was removed");
     assert_eq!(std::fs::read(kept.join("a/y"))?, b"y from lower");
 
@@ -512,8 +512,14 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
     let mgr = manager()?;
     assert!(kept_cache.is_dir() && gone_cache.is_dir(), "start-up wiped the caches");
     mgr.mount(&kept, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
-    mgr.restored();
+    // A snapshot that still exists but could not be re-mounted (registry down) keeps its cache.
+    let failed = work.path().join("failed/fs");
+    let failed_cache = mgr.cache_dir_for(&failed);
+    std::fs::create_dir_all(&failed_cache)?;
+    std::fs::write(failed_cache.join("9"), b"cached")?;
+    mgr.restored(&[kept.clone(), failed.clone()]);
     assert!(kept_cache.is_dir(), "restored layer's cache removed");
+    assert!(failed_cache.join("9").is_file(), "cache of a snapshot that failed to restore removed");
     assert!(!gone_cache.exists(), "orphan cache kept after restore");
     let fetches = source.fetches.load(Ordering::SeqCst);
     assert_eq!(std::fs::read(kept.join("a/y"))?, b"y from lower");

@@ -179,10 +179,12 @@ impl LayerManager {
         Ok(())
     }
 
-    /// Deletes the cache directories no mounted layer claims: after restore, those of
-    /// snapshots removed while the daemon was down (and stray files). Returns how many.
-    pub fn remove_unclaimed_caches(&self) -> usize {
-        let claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+    /// Deletes the cache directories that neither a mounted layer nor one of `keep` (the
+    /// mountpoints of remote snapshots that still exist, mounted or not) claims: after restore,
+    /// those of snapshots removed while the daemon was down, and stray files. Returns how many.
+    pub fn remove_unclaimed_caches(&self, keep: &[PathBuf]) -> usize {
+        let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        claimed.extend(keep.iter().map(|m| self.cache_dir_for(m)));
         let entries = match std::fs::read_dir(&self.config.fscache_dir) {
             Ok(e) => e,
             Err(e) => {
@@ -256,8 +258,8 @@ impl RemoteLayers for LayerManager {
         }
     }
 
-    fn restored(&self) {
-        self.remove_unclaimed_caches();
+    fn restored(&self, remote_mountpoints: &[PathBuf]) {
+        self.remove_unclaimed_caches(remote_mountpoints);
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<(), LayerError> {

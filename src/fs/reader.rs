@@ -269,18 +269,25 @@ impl LayerReader {
         trusted
     }
 
-    /// True when `c`'s bytes in `file` are whole and match its digest.
+    /// True when `c`'s bytes in `file` are whole and match its digest. Hashed in 64 KiB
+    /// pieces: a chunk (up to 4 MiB and more) is never held in memory whole.
     fn chunk_on_disk(&self, file: &std::fs::File, c: &Chunk, buf: &mut Vec<u8>) -> bool {
         let info = &c.info;
         if info.digest.is_none() || has_hole(file, info.chunk_offset, info.chunk_size) {
             return false;
         }
-        let Ok(len) = usize::try_from(info.chunk_size) else { return false };
-        buf.resize(len, 0);
-        if file.read_exact_at(buf, info.chunk_offset).is_err() {
-            return false;
+        buf.resize(64 << 10, 0);
+        let mut hasher = Sha256::new();
+        let (mut pos, end) = (info.chunk_offset, info.chunk_offset + info.chunk_size);
+        while pos < end {
+            let n = usize::try_from(end - pos).unwrap_or(usize::MAX).min(buf.len());
+            if file.read_exact_at(&mut buf[..n], pos).is_err() {
+                return false;
+            }
+            hasher.update(&buf[..n]);
+            pos += n as u64;
         }
-        let got: [u8; 32] = Sha256::digest(&buf[..]).into();
+        let got: [u8; 32] = hasher.finalize().into();
         check_digest(info, &self.digest, "cache", got).is_ok()
     }
 

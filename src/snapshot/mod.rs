@@ -12,7 +12,7 @@ pub use mounts::{Mounter, SysMounter};
 pub use snapshotter::SnapshotterImpl;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 /// Label whose value names the committed snapshot a Prepare is for (containerd's unpacker sets it).
@@ -105,7 +105,9 @@ pub trait RemoteLayers: Send + Sync {
     fn check(&self, mountpoint: &Path, labels: &BTreeMap<String, String>) -> Result<(), LayerError>;
     /// Unmounts the layer and releases what it holds (including its cache).
     fn unmount(&self, mountpoint: &Path) -> Result<(), LayerError>;
-    /// Called once restore has re-mounted what it could: state kept for layers that were not
-    /// re-mounted (their snapshots are gone) can be dropped now.
-    fn restored(&self) {}
+    /// Called once restore has re-mounted what it could, with the mountpoints of every remote
+    /// snapshot the metadata still holds (mounted or not): state kept for any other layer (its
+    /// snapshot was removed while the daemon was down) can be dropped now. A snapshot whose
+    /// re-mount failed (registry down) keeps its state for a later mount.
+    fn restored(&self, _remote_mountpoints: &[PathBuf]) {}
 }

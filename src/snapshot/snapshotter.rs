@@ -86,8 +86,9 @@ impl SnapshotterImpl {
             .into_iter()
             .filter(|(_, r)| r.is_remote())
             .collect();
+        let mountpoints: Vec<PathBuf> = tasks.iter().map(|(_, r)| self.fs_dir(r.id)).collect();
         if tasks.is_empty() {
-            remote.restored();
+            remote.restored(&mountpoints);
             return Ok(());
         }
         info!(count = tasks.len(), "restoring remote snapshots");
@@ -104,7 +105,7 @@ impl SnapshotterImpl {
                 });
             }
         });
-        remote.restored();
+        remote.restored(&mountpoints);
         Ok(())
     }
 
@@ -532,7 +533,7 @@ mod tests {
             self.unmounted.lock().unwrap().push(mp.to_path_buf());
             Ok(())
         }
-        fn restored(&self) {
+        fn restored(&self, _remote_mountpoints: &[PathBuf]) {
             let n = self.mounted.lock().unwrap().len();
             self.restored.lock().unwrap().push(n);
         }
