@@ -154,6 +154,9 @@ impl LayerManager {
             }
         }
         let cache_dir = self.cache_dir_for(mountpoint);
+        // A cache left by an earlier run survives a failed re-mount (registry down at restore):
+        // the snapshot still exists and may mount later. A new one is removed with the failure.
+        let reused = cache_dir.exists();
         self.claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(cache_dir.clone());
         let spec = LayerSpec { digest: parsed.digest.clone(), source, toc_digest: parsed.toc_digest };
         let mut opts = self.config.layer.clone();
@@ -165,7 +168,11 @@ impl LayerManager {
         let mounted = match mounted {
             Ok(m) => m,
             Err(e) => {
-                self.free_cache(&cache_dir);
+                if reused {
+                    self.claimed.lock().unwrap_or_else(|e| e.into_inner()).remove(&cache_dir);
+                } else {
+                    self.free_cache(&cache_dir);
+                }
                 return Err(e);
             }
         };
