@@ -75,6 +75,15 @@ fn mounted_rootfs_matches_source() -> Result<()> {
     assert!(out.status.success(), "uid 65534 cannot read a 0644 file: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout, b"everyone\n");
 
+    // Absent names are ENOENT, also when asked again (the kernel caches the negative entry),
+    // inside a directory and below a file alike.
+    for _ in 0..2 {
+        for p in ["no-such-file", "etc/no-such-file", "public/child"] {
+            let err = std::fs::symlink_metadata(mnt.join(p)).expect_err("absent name found");
+            assert!(matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)), "{p}: {err}");
+        }
+    }
+
     // Read-only.
     let err = std::fs::OpenOptions::new().write(true).open(mnt.join("public")).expect_err("write open must fail");
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
