@@ -45,7 +45,7 @@ pub struct FsConfig {
     /// Background fetch workers shared by all layers (`max_concurrency`).
     pub max_concurrency: usize,
     /// Background fetch starts only this long after the last on-demand fetch (see
-    /// [`Priority`]); Go's daemon waits 5 s of silence the same way.
+    /// [`Priority`]); Go's daemon likewise holds background work back behind on-demand reads.
     pub background_quiet: std::time::Duration,
 }
 
