@@ -254,16 +254,18 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match (self.lookup_name(parent.0, name), self.attr(parent.0)) {
-            (Some(attr), _) => reply.entry(&self.ttl, &attr, Generation(0)),
-            // A layer never changes, so a miss is as cacheable as a hit: node id 0 is a negative
-            // entry the kernel keeps for `ttl`. Absent names are most lookups at start-up (every
-            // PATH and sys.path probe, repeated by overlayfs in each lower layer).
-            (None, Some(mut dir)) if dir.kind == FileType::Directory => {
+        if let Some(attr) = self.lookup_name(parent.0, name) {
+            return reply.entry(&self.ttl, &attr, Generation(0));
+        }
+        // A layer never changes, so a miss is as cacheable as a hit: node id 0 is a negative
+        // entry the kernel keeps for `ttl`. Absent names are most lookups at start-up (every
+        // PATH and sys.path probe, repeated by overlayfs in each lower layer).
+        match self.attr(parent.0) {
+            Some(mut dir) if dir.kind == FileType::Directory => {
                 dir.ino = INodeNo(0);
                 reply.entry(&self.ttl, &dir, Generation(0));
             }
-            (None, _) => reply.error(Errno::ENOENT),
+            _ => reply.error(Errno::ENOENT),
         }
     }
 

@@ -30,9 +30,8 @@ use super::FsError;
 pub struct Priority {
     waiting: AtomicUsize,
     quiet: std::time::Duration,
-    /// When the last urgent guard dropped, as an offset from `epoch` (ms).
-    last_urgent_ms: AtomicU64,
-    epoch: std::sync::OnceLock<std::time::Instant>,
+    /// When the last urgent guard dropped (None: never, or no quiet period).
+    last_urgent: Mutex<Option<std::time::Instant>>,
 }
 
 impl Priority {
@@ -50,20 +49,8 @@ impl Priority {
     /// True while some on-demand fetch waits, or ended less than the quiet period ago:
     /// background fetchers hold back.
     pub fn busy(&self) -> bool {
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            return true;
-        }
-        if self.quiet.is_zero() {
-            return false;
-        }
-        let since = self.now_ms().saturating_sub(self.last_urgent_ms.load(Ordering::SeqCst));
-        u128::from(since) < self.quiet.as_millis() && self.last_urgent_ms.load(Ordering::SeqCst) > 0
-    }
-
-    fn now_ms(&self) -> u64 {
-        let epoch = self.epoch.get_or_init(std::time::Instant::now);
-        // +1 so that "never" (0) differs from an urgent fetch in the first millisecond.
-        u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+        self.waiting.load(Ordering::SeqCst) > 0
+            || self.last_urgent.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < self.quiet)
     }
 }
 
@@ -75,7 +62,7 @@ impl Drop for UrgentGuard {
     fn drop(&mut self) {
         let p = &self.0;
         if !p.quiet.is_zero() {
-            p.last_urgent_ms.store(p.now_ms(), Ordering::SeqCst);
+            *p.last_urgent.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
         }
         p.waiting.fetch_sub(1, Ordering::SeqCst);
     }
@@ -255,7 +242,7 @@ impl LayerReader {
             if node.kind != NodeKind::Reg || chunks.iter().all(|c| c.info.digest.is_none()) {
                 continue;
             }
-            let Ok(file) = std::fs::File::open(self.cache.path(node.ino)) else { continue };
+            let Ok(file) = self.cache.open_readonly(node.ino) else { continue };
             if !file.metadata().is_ok_and(|m| m.len() == node.size) {
                 continue;
             }
@@ -669,5 +656,27 @@ impl Write for SpanSink<'_> {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn background_waits_for_the_quiet_period_after_urgent_work() {
+        let p = Arc::new(Priority::with_quiet_period(Duration::from_millis(200)));
+        assert!(!p.busy(), "busy before any urgent work");
+        let guard = p.urgent();
+        assert!(p.busy());
+        drop(guard);
+        assert!(p.busy(), "not busy right after urgent work ended");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!p.busy(), "still busy after the quiet period");
+
+        let none = Arc::new(Priority::default());
+        drop(none.urgent());
+        assert!(!none.busy(), "no quiet period means busy only while urgent work waits");
     }
 }
