@@ -537,3 +537,138 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
     assert!(!kept_cache.exists(), "unmount must free the layer's cache");
     Ok(())
 }
+
+/// A tree of `n` files of 64 KiB each (one chunk and one range request per file) plus a small
+/// file read before the registry stalls.
+fn many_files(n: usize) -> impl FnOnce(&Path) -> Result<()> {
+    move |root: &Path| {
+        std::fs::create_dir_all(root.join("data"))?;
+        for i in 0..n {
+            std::fs::write(root.join(format!("data/f{i:03}")), noise(64 << 10, i as u64 + 1))?;
+        }
+        std::fs::write(root.join("cached.txt"), b"already here\n")?;
+        Ok(())
+    }
+}
+
+/// More reads waiting on a stalled registry than the mount has FUSE threads: lookups, stats,
+/// directory listings and reads of cached files on the same mount still answer at once, and
+/// every stalled read completes with the right bytes once the registry is back.
+#[test]
+fn stalled_reads_beyond_the_thread_pool_leave_metadata_and_cached_reads_alone() -> Result<()> {
+    require_root();
+    let f = fixture(many_files(24), None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let opts = LayerOptions::default();
+    let layer = mount(&f, source.clone(), work.path(), &opts, None)?;
+    let mnt = layer.mountpoint().to_path_buf();
+    std::fs::read(mnt.join("cached.txt"))?;
+    source.set(SLOW);
+    let stalled = 2 * opts.threads + 4;
+    let readers: Vec<_> = (0..stalled)
+        .map(|i| {
+            let path = mnt.join(format!("data/f{i:03}"));
+            std::thread::spawn(move || std::fs::read(path))
+        })
+        .collect();
+    // Past the kernel's 1 s attribute and entry timeouts, so the stats below reach the daemon.
+    std::thread::sleep(Duration::from_millis(1200));
+    drop_page_cache()?;
+    let start = Instant::now();
+    let listed = std::fs::read_dir(mnt.join("data"))?.count();
+    for i in 0..24 {
+        std::fs::symlink_metadata(mnt.join(format!("data/f{i:03}")))?;
+    }
+    assert_eq!(std::fs::read(mnt.join("cached.txt"))?, b"already here\n");
+    let took = start.elapsed();
+    // Readers blocked on this process's own mount must finish before any assertion can fail:
+    // a panicking test would otherwise never exit.
+    source.set(HEALTHY);
+    let got: Vec<_> = readers.into_iter().map(|r| r.join()).collect();
+    assert_eq!(listed, 24);
+    assert!(took < Duration::from_secs(2), "metadata and cached reads waited {took:?} behind {stalled} stalled reads");
+    for (i, r) in got.into_iter().enumerate() {
+        let got = r.map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        assert_eq!(got, std::fs::read(f.src.join(format!("data/f{i:03}")))?, "data/f{i:03}");
+    }
+    layer.unmount()?;
+    Ok(())
+}
+
+/// A blob written by hand: one file whose gzip member is followed, inside the file's
+/// compressed range, by `garbage`; `tail` is appended to the file's bytes inside the same
+/// deflate stream (past the chunk, so never part of the file). Returns (blob, TOC digest).
+fn hand_made_blob(content: &[u8], tail: &[u8], garbage: &[u8]) -> Result<(Vec<u8>, String)> {
+    use std::io::Write as _;
+    let gzip = |data: &[u8]| -> Result<Vec<u8>> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(data)?;
+        Ok(gz.finish()?)
+    };
+    let mut blob = gzip(&[content, tail].concat())?;
+    blob.extend_from_slice(garbage);
+    let toc_offset = blob.len() as u64;
+    let digest = stargz::estargz::sha256_digest(content);
+    let json = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": [
+        {"name": "f", "type": "reg", "size": content.len(), "mode": 420, "offset": 0, "digest": digest, "chunkDigest": digest}
+    ]}))?;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(json.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, "stargz.index.json", json.as_slice())?;
+    blob.extend_from_slice(&gzip(&tar.into_inner()?)?);
+    blob.extend_from_slice(&stargz::estargz::footer_bytes(toc_offset));
+    Ok((blob, stargz::estargz::sha256_digest(&json)))
+}
+
+/// Bytes after a chunk inside its compressed range (garbage after the gzip member, or more
+/// deflate output than the chunk holds) are never served and never make the read fail.
+#[test]
+fn bytes_past_a_chunk_in_its_range_are_ignored() -> Result<()> {
+    require_root();
+    let content = noise(100_000, 3);
+    for (tail, garbage) in [(vec![], noise(10_000, 9)), (vec![0u8; 64 << 20], vec![]), (noise(5000, 4), vec![0xff; 333])] {
+        let (blob, toc_digest) = hand_made_blob(&content, &tail, &garbage)?;
+        let work = tempfile::tempdir()?;
+        let f = Fixture { _tmp: tempfile::tempdir()?, src: work.path().join("unused"), blob, toc_digest };
+        let layer = mount(&f, FaultySource::new(f.blob.clone()), work.path(), &LayerOptions::default(), None)?;
+        let got = std::fs::read(layer.mountpoint().join("f"))?;
+        assert!(got == content, "tail {} B, garbage {} B: wrong bytes served", tail.len(), garbage.len());
+        layer.unmount()?;
+    }
+    Ok(())
+}
+
+/// A fetch that panics fails its own read and every read waiting for the same chunk at once
+/// (nobody waits for a fetch that will never report), and the next read fetches again.
+#[test]
+fn a_panicking_fetch_wakes_its_waiters_and_the_next_read_retries() -> Result<()> {
+    require_root();
+    let f = fixture(many_files(2), None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let path = layer.mountpoint().join("data/f000");
+    source.set(PANIC);
+    let start = Instant::now();
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || std::fs::File::open(&path).and_then(|mut fh| std::io::Read::read_to_end(&mut fh, &mut Vec::new())))
+        })
+        .collect();
+    let results: Vec<_> = readers.into_iter().map(|r| r.join()).collect();
+    let took = start.elapsed();
+    source.set(HEALTHY);
+    for r in results {
+        let err = r.map_err(|_| anyhow::anyhow!("reader panicked"))?.expect_err("a read through a panicking fetch");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    }
+    assert!(took < Duration::from_secs(30), "waiters of a panicked fetch waited {took:?}");
+    assert_eq!(std::fs::read(&path)?, std::fs::read(f.src.join("data/f000"))?);
+    layer.unmount()?;
+    Ok(())
+}

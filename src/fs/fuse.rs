@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -27,6 +27,73 @@ pub struct LayerFs {
     passthrough: AtomicBool,
     next_fh: AtomicU64,
     handles: Mutex<Handles>,
+    misses: MissWorkers,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that serve reads which must wait for the registry.
+///
+/// FUSE has a fixed pool of dispatch threads per mount; a read that waits for a stalled
+/// registry on one of them takes it out of service, and a handful of such reads used to hang
+/// every lookup, stat and cached read of the mount. So the dispatch threads only ever answer
+/// from memory or the cache, and hand misses over here. Workers are started as misses need them,
+/// up to `max`; past that, misses queue (each is a few bytes: the request and its reply) and the
+/// registry client's deadlines bound how long any of them waits. Dropping this ends the workers
+/// once their current job is done.
+struct MissWorkers {
+    tx: mpsc::Sender<Job>,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    /// Jobs submitted and not yet finished.
+    pending: Arc<AtomicUsize>,
+    spawned: Mutex<usize>,
+    max: usize,
+}
+
+impl MissWorkers {
+    fn new(max: usize) -> Self {
+        let (tx, rx) = mpsc::channel();
+        MissWorkers {
+            tx,
+            rx: Arc::new(Mutex::new(rx)),
+            pending: Arc::new(AtomicUsize::new(0)),
+            spawned: Mutex::new(0),
+            max: max.max(1),
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        let pending = self.pending.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut spawned = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+        if *spawned < pending.min(self.max) {
+            let (rx, count) = (self.rx.clone(), self.pending.clone());
+            let started = std::thread::Builder::new().name("stargz-miss".into()).spawn(move || loop {
+                let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok(job) = job else { return };
+                // A panicking read drops its reply (the kernel gets EIO) and its fetch claim
+                // (waiters get an error); the worker itself stays in service.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    tracing::error!("a read panicked; answered EIO");
+                }
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+            match started {
+                Ok(_) => *spawned += 1,
+                Err(e) if *spawned == 0 => {
+                    // No worker at all: serve it here rather than leave it queued forever.
+                    tracing::warn!(error = %e, "cannot start a read worker; serving the read inline");
+                    drop(spawned);
+                    job();
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start another read worker"),
+            }
+        }
+        drop(spawned);
+        // Cannot fail: `self.rx` keeps the channel open.
+        let _ = self.tx.send(job);
+    }
 }
 
 /// Open file handles. The kernel refuses (EIO) a passthrough open of an inode that still has
@@ -40,13 +107,15 @@ struct Handles {
 }
 
 impl LayerFs {
-    pub fn new(reader: Arc<LayerReader>, ttl: Duration, passthrough: bool) -> Self {
+    /// `miss_workers` bounds the threads that serve reads waiting for the registry.
+    pub fn new(reader: Arc<LayerReader>, ttl: Duration, passthrough: bool, miss_workers: usize) -> Self {
         LayerFs {
             reader,
             ttl,
             passthrough: AtomicBool::new(passthrough),
             next_fh: AtomicU64::new(1),
             handles: Mutex::new(Handles::default()),
+            misses: MissWorkers::new(miss_workers),
         }
     }
 
@@ -91,24 +160,37 @@ impl LayerFs {
         }
     }
 
-    /// `(ino, kind, name)` of a directory's entries, `.` and `..` first.
-    fn dir_entries(&self, ino: u64) -> Option<Vec<(u64, FileType, String)>> {
+    /// Hands `add(ino, next offset, kind, name)` the entries of directory `ino` from position
+    /// `offset` on (`.` and `..` are 0 and 1) until it returns true (the reply is full). Starts
+    /// at the offset without walking what came before, so listing a directory of n entries in
+    /// pieces costs O(n) in all. False when `ino` is not a directory.
+    fn list_dir(&self, ino: u64, offset: u64, mut add: impl FnMut(u64, u64, FileType, &str) -> bool) -> bool {
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
         if ino == STATE_DIR_INO {
-            return Some(vec![
-                (STATE_DIR_INO, FileType::Directory, ".".into()),
-                (ROOT_INO, FileType::Directory, "..".into()),
-                (STATE_FILE_INO, FileType::RegularFile, self.state_file_name()),
-            ]);
+            let file = self.state_file_name();
+            let fixed = [(STATE_DIR_INO, FileType::Directory, "."), (ROOT_INO, FileType::Directory, ".."), (STATE_FILE_INO, FileType::RegularFile, file.as_str())];
+            for (i, (child, kind, name)) in fixed.into_iter().enumerate().skip(offset) {
+                if add(child, i as u64 + 1, kind, name) {
+                    break;
+                }
+            }
+            return true;
         }
-        let node = self.reader.table.get(ino).filter(|n| n.kind == NodeKind::Dir)?;
-        let mut out = vec![(ino, FileType::Directory, ".".into()), (node.parent, FileType::Directory, "..".into())];
         let table = &self.reader.table;
-        out.reserve(node.child_count());
-        for (name, child) in table.children(node) {
-            let kind = table.get(child).map_or(FileType::RegularFile, |n| file_type(n.kind));
-            out.push((child, kind, name.to_string()));
+        let Some(node) = table.get(ino).filter(|n| n.kind == NodeKind::Dir) else { return false };
+        for (i, (child, name)) in [(ino, "."), (node.parent, "..")].into_iter().enumerate().skip(offset) {
+            if add(child, i as u64 + 1, FileType::Directory, name) {
+                return true;
+            }
         }
-        Some(out)
+        let skip = offset.saturating_sub(2);
+        for (i, (name, child)) in table.children_from(node, skip).enumerate() {
+            let kind = table.get(child).map_or(FileType::RegularFile, |n| file_type(n.kind));
+            if add(child, (2 + skip + i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        true
     }
 
     fn xattrs(&self, ino: u64) -> Option<Vec<(String, Vec<u8>)>> {
@@ -227,6 +309,16 @@ fn errno(e: &FsError) -> Errno {
     }
 }
 
+fn serve_read(reader: &LayerReader, ino: u64, offset: u64, size: u32, reply: ReplyData) {
+    match reader.read(ino, offset, size) {
+        Ok(data) => reply.data(&data),
+        Err(e) => {
+            tracing::warn!(layer = %reader.digest(), ino, offset, error = %e, "read failed");
+            reply.error(errno(&e));
+        }
+    }
+}
+
 fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -321,13 +413,11 @@ impl Filesystem for LayerFs {
             let end = start.saturating_add(size as usize).min(json.len());
             return reply.data(&json[start..end]);
         }
-        match self.reader.read(ino.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => {
-                tracing::warn!(layer = %self.reader.digest(), ino = ino.0, offset, error = %e, "read failed");
-                reply.error(errno(&e));
-            }
+        if self.reader.range_cached(ino.0, offset, size) {
+            return serve_read(&self.reader, ino.0, offset, size, reply);
         }
+        let reader = self.reader.clone();
+        self.misses.submit(Box::new(move || serve_read(&reader, ino.0, offset, size, reply)));
     }
 
     fn release(
@@ -347,26 +437,19 @@ impl Filesystem for LayerFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(entries) = self.dir_entries(ino.0) else {
+        if !self.list_dir(ino.0, offset, |child, next, kind, name| reply.add(INodeNo(child), next, kind, name)) {
             return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*child), (i + 1) as u64, *kind, name) {
-                break;
-            }
         }
         reply.ok();
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let Some(entries) = self.dir_entries(ino.0) else {
+        let listed = self.list_dir(ino.0, offset, |child, next, _, name| match self.attr(child) {
+            Some(attr) => reply.add(INodeNo(child), next, name, &self.ttl, &attr, Generation(0)),
+            None => false,
+        });
+        if !listed {
             return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (child, _, name)) in entries.iter().enumerate().skip(offset as usize) {
-            let Some(attr) = self.attr(*child) else { continue };
-            if reply.add(INodeNo(*child), (i + 1) as u64, name, &self.ttl, &attr, Generation(0)) {
-                break;
-            }
         }
         reply.ok();
     }

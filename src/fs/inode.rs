@@ -267,6 +267,14 @@ impl InodeTable {
         self.dirents.get(dir.children.range()).unwrap_or_default().iter().map(|d| (self.name(d.name), d.ino))
     }
 
+    /// [`Self::children`] from the `skip`-th entry on, without walking the ones before
+    /// (readdir resumes at an offset, so listing a directory stays linear in its size).
+    pub fn children_from(&self, dir: &Node, skip: usize) -> impl Iterator<Item = (&str, u64)> + '_ {
+        let range = dir.children.range();
+        let start = range.start.saturating_add(skip).min(range.end);
+        self.dirents.get(start..range.end).unwrap_or_default().iter().map(|d| (self.name(d.name), d.ino))
+    }
+
     /// A regular file's chunks in file order; empty for other nodes.
     pub fn chunks(&self, node: &Node) -> &[Chunk] {
         self.chunks.get(node.chunks.range()).unwrap_or_default()

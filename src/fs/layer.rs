@@ -23,7 +23,8 @@ pub struct LayerOptions {
     pub attr_timeout: Duration,
     /// Serve fully cached files through FUSE passthrough (`[fuse] passthrough`).
     pub passthrough: bool,
-    /// FUSE dispatch threads: reads of cached data go on while others wait for the registry.
+    /// FUSE dispatch threads (they never wait for the registry), and the most threads serving
+    /// reads that do.
     pub threads: usize,
     pub read: ReadOptions,
     /// Prefetch this many blob bytes at mount unless a landmark says otherwise (0 = none).
@@ -115,7 +116,7 @@ pub fn mount_layer(
     opts: &LayerOptions,
     fetcher: Option<Arc<BackgroundFetcher>>,
 ) -> Result<MountedLayer, FsError> {
-    let fs = LayerFs::new(reader.clone(), opts.attr_timeout, opts.passthrough);
+    let fs = LayerFs::new(reader.clone(), opts.attr_timeout, opts.passthrough, opts.threads);
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("stargz".into()),

@@ -3,8 +3,12 @@
 //! Invariants:
 //! - a chunk's bit in `present` is set only after all its bytes were written to the cache file
 //!   and their sha256 matched the TOC, so a read never returns unverified bytes;
-//! - a chunk is fetched by at most one thread at a time (`inflight`); others wait for it;
-//! - compressed bytes are streamed straight into decoders, never buffered whole or cached.
+//! - a chunk is fetched by at most one thread at a time (`inflight`); others wait for it, with a
+//!   deadline, and share its outcome: a failed fetch fails its waiters at once (the next read
+//!   tries again), and a claim dropped without an outcome (a panic) wakes them with an error;
+//! - compressed bytes are streamed straight into decoders, never buffered whole or cached; a
+//!   chunk's decoder stops as soon as the chunk's bytes are out (what follows in its compressed
+//!   range is tar padding or garbage, never decompressed).
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -80,7 +84,7 @@ pub enum BgStep {
 }
 
 /// Tuning of the read path.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReadOptions {
     /// On a miss, also fetch the chunks that follow in blob order up to this many compressed
     /// bytes. Off by default: measured with scripts/bench-pull.sh (python start-up, 20 ms /
@@ -90,25 +94,71 @@ pub struct ReadOptions {
     pub readahead_bytes: u64,
     /// Serve chunks whose TOC entry carries no digest (only with verification disabled).
     pub allow_unverified: bool,
+    /// Longest a read waits for another reader's fetch of the same chunk before failing with
+    /// EIO. The fetch itself is bounded by the registry client's timeouts; this bounds the wait
+    /// even if a fetch never reports (the daemon sets it from `fetching_timeout_sec`).
+    pub wait_timeout: std::time::Duration,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions { readahead_bytes: 0, allow_unverified: false, wait_timeout: std::time::Duration::from_secs(300) }
+    }
 }
 
 
+/// One fetch in flight: its outcome, once known, for every reader waiting on it.
 #[derive(Default)]
 struct Flight {
-    done: Mutex<bool>,
+    outcome: Mutex<Option<Result<(), String>>>,
     cv: Condvar,
 }
 
 impl Flight {
-    fn wait(&self) {
-        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        while !*done {
-            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+    /// Waits up to `timeout` for the outcome; a failed or abandoned fetch is an error here too.
+    fn wait(&self, timeout: std::time::Duration) -> Result<(), FsError> {
+        let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let (outcome, _) =
+            self.cv.wait_timeout_while(outcome, timeout, |o| o.is_none()).unwrap_or_else(|e| e.into_inner());
+        match &*outcome {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(FsError::Chunk(format!("fetch by another reader failed: {e}"))),
+            None => Err(FsError::Chunk(format!("no fetch result after {} s", timeout.as_secs()))),
         }
     }
-    fn finish(&self) {
-        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+
+    fn finish(&self, res: Result<(), String>) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(res);
         self.cv.notify_all();
+    }
+}
+
+/// Chunks claimed for one fetch. Dropping it releases the claims and wakes the waiters, with
+/// an error unless [`Claim::finish`] reported the outcome first: a fetch that unwinds can never
+/// leave readers waiting for it.
+struct Claim<'a> {
+    reader: &'a LayerReader,
+    seqs: Vec<usize>,
+    flight: Arc<Flight>,
+    outcome: Option<Result<(), String>>,
+}
+
+impl Claim<'_> {
+    fn finish(mut self, res: &Result<(), FsError>) {
+        self.outcome = Some(res.as_ref().map(|_| ()).map_err(ToString::to_string));
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        {
+            let mut inflight = self.reader.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for s in &self.seqs {
+                inflight.remove(s);
+            }
+        }
+        let outcome = self.outcome.take().unwrap_or_else(|| Err("fetch abandoned".into()));
+        self.flight.finish(outcome);
     }
 }
 
@@ -307,54 +357,48 @@ impl LayerReader {
         Ok(buf)
     }
 
-    /// Makes chunk `seq` present: waits for a fetch in flight or fetches it (with read-ahead).
+    /// True when every byte of `[offset, offset+size)` of `ino` is cached: the read will not
+    /// wait for the registry (so the FUSE layer may serve it on its dispatch thread).
+    pub fn range_cached(&self, ino: u64, offset: u64, size: u32) -> bool {
+        let Some(node) = self.table.get(ino).filter(|n| n.kind == NodeKind::Reg) else { return true };
+        if offset >= node.size || size == 0 {
+            return true;
+        }
+        let end = node.size.min(offset + u64::from(size));
+        let (first, last) = (self.table.chunk_index(node, offset), self.table.chunk_index(node, end - 1));
+        self.table.chunks(node).get(first..=last).is_some_and(|cs| cs.iter().all(|c| self.is_present(c.seq)))
+    }
+
+    /// Makes chunk `seq` present: fetches it (with read-ahead), or waits, with a deadline, for
+    /// the fetch already in flight and shares its outcome. Never retries a failed fetch itself:
+    /// the error goes back to the reader at once, and the next read starts a new fetch.
     fn ensure(&self, seq: usize) -> Result<(), FsError> {
-        let mut own_attempt = false;
-        loop {
+        if self.is_present(seq) {
+            return Ok(());
+        }
+        let claim = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             if self.is_present(seq) {
                 return Ok(());
             }
-            let claim = {
-                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                if self.is_present(seq) {
-                    return Ok(());
-                }
-                match inflight.get(&seq) {
-                    Some(f) => Err(f.clone()),
-                    None => {
-                        let budget = if own_attempt { 0 } else { self.opts.readahead_bytes };
-                        Ok(self.claim_span(&mut inflight, seq, budget))
-                    }
-                }
-            };
-            match claim {
-                Err(flight) => {
-                    let _urgent = self.priority.urgent();
-                    flight.wait();
-                }
-                Ok((seqs, flight)) => {
-                    let _urgent = self.priority.urgent();
-                    own_attempt = true;
-                    let res = self.fetch_claimed(&seqs, &flight);
-                    if !self.is_present(seq) {
-                        return Err(res.err().unwrap_or_else(|| FsError::Chunk(format!("chunk {seq} failed verification"))));
-                    }
-                }
+            match inflight.get(&seq) {
+                Some(f) => Err(f.clone()),
+                None => Ok(self.claim_span(&mut inflight, seq, self.opts.readahead_bytes)),
             }
-            if own_attempt && !self.is_present(seq) {
-                // Someone else's fetch failed for us and our own did too: give up (EIO).
-                return Err(FsError::Chunk(format!("chunk {seq} unavailable")));
-            }
+        };
+        let _urgent = self.priority.urgent();
+        let res = match claim {
+            Err(flight) => flight.wait(self.opts.wait_timeout),
+            Ok(claim) => self.fetch_claimed(claim),
+        };
+        if self.is_present(seq) {
+            return Ok(());
         }
+        Err(res.err().unwrap_or_else(|| FsError::Chunk(format!("chunk {seq} failed verification"))))
     }
 
     /// Claims `seq` plus following contiguous missing chunks within `budget` compressed bytes.
-    fn claim_span(
-        &self,
-        inflight: &mut HashMap<usize, Arc<Flight>>,
-        seq: usize,
-        budget: u64,
-    ) -> (Vec<usize>, Arc<Flight>) {
+    fn claim_span(&self, inflight: &mut HashMap<usize, Arc<Flight>>, seq: usize, budget: u64) -> Claim<'_> {
         let flight = Arc::new(Flight::default());
         let mut seqs = vec![seq];
         let mut end = self.chunk(seq).info.compressed_end;
@@ -372,23 +416,17 @@ impl LayerReader {
         for &s in &seqs {
             inflight.insert(s, flight.clone());
         }
-        (seqs, flight)
+        Claim { reader: self, seqs, flight, outcome: None }
     }
 
-    /// Fetches claimed chunks, then releases the claim whatever happened.
-    fn fetch_claimed(&self, seqs: &[usize], flight: &Flight) -> Result<(), FsError> {
-        let res = self.fetch_span(seqs);
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            for s in seqs {
-                inflight.remove(s);
-            }
-        }
-        flight.finish();
+    /// Fetches claimed chunks; the claim is released (and its waiters woken) whatever happens.
+    fn fetch_claimed(&self, claim: Claim<'_>) -> Result<(), FsError> {
+        let res = self.fetch_span(&claim.seqs);
         if let Err(e) = &res {
             tracing::warn!(layer = %self.digest, error = %e, "chunk fetch failed");
             *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
         }
+        claim.finish(&res);
         res
     }
 
@@ -425,9 +463,9 @@ impl LayerReader {
                 }
             };
             match claim {
-                Some((seqs, flight)) => {
-                    seq = seqs.last().map_or(seq, |&s| s) + 1;
-                    self.fetch_claimed(&seqs, &flight)?;
+                Some(claim) => {
+                    seq = claim.seqs.last().map_or(seq, |&s| s) + 1;
+                    self.fetch_claimed(claim)?;
                 }
                 None => seq += 1,
             }
@@ -459,10 +497,10 @@ impl LayerReader {
             let seq = cursor.0;
             let budget = span_bytes.saturating_sub(self.chunk(seq).info.compressed_end - self.chunk(seq).info.compressed_offset);
             let claim = self.claim_span(&mut inflight, seq, budget);
-            cursor.0 = claim.0.last().map_or(seq, |&s| s) + 1;
+            cursor.0 = claim.seqs.last().map_or(seq, |&s| s) + 1;
             claim
         };
-        if self.fetch_claimed(&claim.0, &claim.1).is_ok() {
+        if self.fetch_claimed(claim).is_ok() {
             return BgStep::More;
         }
         if self.bg_failures.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_BG_FAILURES {
@@ -588,25 +626,31 @@ impl SpanSink<'_> {
         }
     }
 
+    /// Ends the current chunk at the end of its compressed range: flushes its decoder (if it
+    /// is still running) and verifies it, then starts the next chunk.
     fn finish_chunk(&mut self) {
-        let seq = self.seqs[self.k];
-        if let Some(mut dec) = self.dec.take() {
-            let res = match dec.try_finish() {
-                Err(e) => Err(FsError::Chunk(format!("decompress: {e}"))),
-                Ok(()) => {
-                    let (ino, _) = self.reader.table.blob_order[seq];
-                    verify(dec.get_mut(), self.reader.chunk(seq), &self.reader.digest, ino, self.reader.opts.allow_unverified)
-                }
-            };
-            match res {
-                Ok(()) => {
-                    let _ = self.reader.chunk_done(seq, Ok(()));
-                }
-                Err(e) => self.fail(seq, e),
-            }
+        if let Some(dec) = self.dec.take() {
+            self.complete(dec, true);
         }
         self.k += 1;
         self.start_chunk();
+    }
+
+    /// Verifies the current chunk and records the result. `flush` drains the decoder first;
+    /// without it (the chunk's bytes are all out already) nothing more is decompressed.
+    fn complete(&mut self, mut dec: flate2::write::GzDecoder<ChunkWriter>, flush: bool) {
+        let seq = self.seqs[self.k];
+        let flushed = if flush { dec.try_finish().map_err(|e| FsError::Chunk(format!("decompress: {e}"))) } else { Ok(()) };
+        let res = flushed.and_then(|()| {
+            let (ino, _) = self.reader.table.blob_order[seq];
+            verify(dec.get_mut(), self.reader.chunk(seq), &self.reader.digest, ino, self.reader.opts.allow_unverified)
+        });
+        match res {
+            Ok(()) => {
+                let _ = self.reader.chunk_done(seq, Ok(()));
+            }
+            Err(e) => self.fail(seq, e),
+        }
     }
 }
 
@@ -645,6 +689,10 @@ impl Write for SpanSink<'_> {
                         self.fail(seq, FsError::Chunk(format!("decompress: {e}")));
                     }
                 }
+                if let Some(done) = self.dec.take_if(|d| d.get_ref().remaining == 0) {
+                    // All of the chunk is out: the rest of its range is not decompressed.
+                    self.complete(done, false);
+                }
             }
             self.pos += n as u64;
             data = &data[n..];
@@ -663,6 +711,24 @@ impl Write for SpanSink<'_> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_flight_wait_has_a_deadline_and_shares_the_outcome() {
+        let f = Arc::new(Flight::default());
+        let err = f.wait(Duration::from_millis(50)).expect_err("no outcome yet");
+        assert!(err.to_string().contains("no fetch result"), "{err}");
+        let waiter = {
+            let f = f.clone();
+            std::thread::spawn(move || f.wait(Duration::from_secs(60)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        f.finish(Err("registry said no".into()));
+        let err = waiter.join().expect("waiter").expect_err("failed fetch");
+        assert!(err.to_string().contains("registry said no"), "{err}");
+        let ok = Flight::default();
+        ok.finish(Ok(()));
+        assert!(ok.wait(Duration::ZERO).is_ok());
+    }
 
     #[test]
     fn background_waits_for_the_quiet_period_after_urgent_work() {

@@ -218,6 +218,8 @@ pub const DOWN: u8 = 1;
 pub const CORRUPT: u8 = 2;
 /// Every fetch first sleeps 3 s (a stalled registry).
 pub const SLOW: u8 = 3;
+/// Every fetch sleeps 0.5 s, then panics (a bug in the fetch path).
+pub const PANIC: u8 = 4;
 
 impl FaultySource {
     pub fn new(blob: Vec<u8>) -> Arc<Self> {
@@ -241,6 +243,10 @@ impl LayerSource for FaultySource {
             .ok_or_else(|| std::io::Error::other("range past end"))?;
         if self.mode.load(Ordering::SeqCst) == SLOW {
             std::thread::sleep(std::time::Duration::from_secs(3));
+        }
+        if self.mode.load(Ordering::SeqCst) == PANIC {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            panic!("injected fetch panic");
         }
         match self.mode.load(Ordering::SeqCst) {
             DOWN => Err(std::io::Error::other("registry down")),
