@@ -69,7 +69,7 @@ pub(crate) fn read_file_header<R: Read>(r: &mut R, what: &str) -> Result<FileHea
             }
             let data = read_data(r, size).map_err(|e| bad(format!("tar extension record: {e}")))?;
             match typeflag {
-                b'L' => long_name = Some(trim_nul(data)),
+                b'L' => long_name = Some(cstr(&data).to_vec()), // up to the first NUL, as Go
                 b'K' => {} // a long link name: meaningless for a regular file
                 _ => {
                     let (path, size) = if typeflag == b'x' {
@@ -144,13 +144,6 @@ fn header_name(block: &[u8; BLOCK]) -> Vec<u8> {
 /// Bytes up to the first NUL.
 fn cstr(b: &[u8]) -> &[u8] {
     b.iter().position(|&c| c == 0).map_or(b, |i| &b[..i])
-}
-
-fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
-    while v.last() == Some(&0) {
-        v.pop();
-    }
-    v
 }
 
 /// The header checksum: the sum of all bytes with the checksum field read as spaces, summed
@@ -343,7 +336,7 @@ pub(crate) mod tests {
 
         let mut s = extension(b'g', &pax("path", "global"));
         s.extend(extension(b'x', &pax("path", "local")));
-        s.extend(extension(b'L', b"gnu-long\0"));
+        s.extend(extension(b'L', b"gnu-long\0ignored"));
         s.extend(extension(b'K', b"link\0"));
         s.extend_from_slice(&header(b"short", b'0', 3, true));
         assert_eq!(
