@@ -51,18 +51,18 @@ pub const MAX_NAME_LEN: usize = 4096;
 /// Largest `innerOffset`: the bytes before a chunk in its member are decompressed and dropped.
 pub const MAX_INNER_OFFSET: u64 = 1 << 30;
 /// Implicit directories allowed per TOC entry (see the module doc on memory).
-pub const IMPLICIT_DIRS_PER_ENTRY: usize = 2;
+pub(crate) const IMPLICIT_DIRS_PER_ENTRY: usize = 2;
 /// Implicit directories allowed whatever the TOC's size: small layers with deep names.
-pub const IMPLICIT_DIRS_SLACK: usize = 32 << 10;
+pub(crate) const IMPLICIT_DIRS_SLACK: usize = 32 << 10;
 /// Bytes of implicit directories' full names allowed per byte of TOC entry names.
-pub const IMPLICIT_NAME_BYTES_PER_BYTE: usize = 2;
+pub(crate) const IMPLICIT_NAME_BYTES_PER_BYTE: usize = 2;
 /// Bytes of implicit directories' full names allowed whatever the TOC's size (one 2000-deep
 /// name implies ~4 MiB of them).
-pub const IMPLICIT_NAME_BYTES_SLACK: usize = 8 << 20;
+pub(crate) const IMPLICIT_NAME_BYTES_SLACK: usize = 8 << 20;
 /// Prefix of an overlay whiteout name (`.wh.x` deletes `x` of the layers below).
-pub const WHITEOUT_PREFIX: &str = ".wh.";
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 /// The whiteout name that marks its directory opaque.
-pub const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+pub(crate) const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 
 /// One piece of a regular file's payload and where its compressed bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
