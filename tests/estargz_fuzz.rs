@@ -1,11 +1,74 @@
 //! Stable-Rust stand-in for the `cargo fuzz` targets in `fuzz/`: drives the same entry
 //! functions (`stargz::estargz::fuzzing`) with the seed corpus, random bytes, and mutations
-//! of valid blobs/TOCs/footers. Passing means: no panic, no hang, bounded memory.
+//! of valid blobs/TOCs/footers/TOC members. Passing means: no panic, no hang, bounded memory
+//! (measured: this binary counts what each thread holds).
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::Write as _;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use stargz::estargz::{self, fuzzing, BuildOptions};
+
+/// The system allocator, counting the bytes each thread holds and the most it held.
+struct Counting;
+
+thread_local! {
+    static HELD: Cell<usize> = const { Cell::new(0) };
+    static PEAK: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note_alloc(size: usize) {
+    let _ = HELD.try_with(|h| {
+        let now = h.get() + size;
+        h.set(now);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
+    });
+}
+
+fn note_free(size: usize) {
+    let _ = HELD.try_with(|h| h.set(h.get().saturating_sub(size)));
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; the counters are plain thread-locals
+// with const initializers (no allocation, no destructor).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's layout.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            note_alloc(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc`/`realloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) };
+        note_free(layout.size());
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded with the caller's pointer, layout and size.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            note_free(layout.size());
+            note_alloc(new_size);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Runs `f` and returns the most bytes this thread held during it beyond what it held before.
+fn peak_during(f: impl FnOnce()) -> usize {
+    let base = HELD.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    f();
+    PEAK.with(Cell::get) - base
+}
 
 fn valid_blob() -> Vec<u8> {
     let mut tar = Vec::new();
@@ -46,6 +109,258 @@ fn seed_corpus_does_not_panic() {
     for s in corpus("open_blob") {
         fuzzing::fuzz_open_blob(&s);
     }
+    for s in corpus("toc_member") {
+        fuzzing::fuzz_toc_member(&s);
+    }
+}
+
+/// The member seeds mean what their names say: the valid spellings of the TOC header parse,
+/// the hostile ones are refused.
+#[test]
+fn toc_member_seeds_parse_or_fail_as_named() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/toc_member");
+    for (name, ok) in [
+        ("builder", true),
+        ("ustar", true),
+        ("pax_path", true),
+        ("gnu_long_name", true),
+        ("oversized_long_name", false),
+        ("wrong_pax_name", false),
+        ("bad_checksum", false),
+        ("deep_names", false),
+    ] {
+        let seed = std::fs::read(dir.join(name)).expect("seed");
+        let parsed = estargz::LayerIndex::from_toc_member(&seed, 1 << 40);
+        assert_eq!(parsed.is_ok(), ok, "{name}: {:?}", parsed.err());
+        if let Err(e) = parsed {
+            assert!(
+                e.to_string().len() < 1024,
+                "{name}: error of {} bytes",
+                e.to_string().len()
+            );
+        }
+    }
+}
+
+// ---- TOC members written by hand: tar headers the `tar` crate's writer would not produce ----
+
+const TOC_NAME: &[u8] = b"stargz.index.json";
+const JSON: &[u8] =
+    br#"{"version":1,"entries":[{"name":"a/","type":"dir"},{"name":"a/f","type":"reg"}]}"#;
+
+fn set_checksum(b: &mut [u8]) {
+    b[148..156].copy_from_slice(b"        ");
+    let sum: u64 = b[..512].iter().map(|&c| u64::from(c)).sum();
+    b[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+}
+
+/// A ustar (or GNU) header block with a valid checksum; `size` is written in octal.
+fn header(name: &[u8], typeflag: u8, size: u64, gnu: bool) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    let n = name.len().min(100);
+    b[..n].copy_from_slice(&name[..n]);
+    b[100..107].copy_from_slice(b"0000644");
+    b[124..135].copy_from_slice(format!("{:011o}", size.min(0o777_7777_7777)).as_bytes());
+    b[156] = typeflag;
+    if gnu {
+        b[257..265].copy_from_slice(b"ustar  \0");
+    } else {
+        b[257..265].copy_from_slice(b"ustar\x0000");
+    }
+    set_checksum(&mut b);
+    b
+}
+
+fn padded(mut d: Vec<u8>) -> Vec<u8> {
+    d.resize(d.len().div_ceil(512) * 512, 0);
+    d
+}
+
+/// An extension record (`x`, `g`, `L`, `K`) whose header declares `declared` bytes and which
+/// carries `data` (so the two may disagree).
+fn extension(typeflag: u8, declared: u64, data: &[u8]) -> Vec<u8> {
+    let mut out = header(b"././@LongLink", typeflag, declared, true);
+    out.extend(padded(data.to_vec()));
+    out
+}
+
+fn pax(key: &str, value: &[u8]) -> Vec<u8> {
+    let body = key.len() + value.len() + 3;
+    let mut len = body + 1;
+    while len != body + len.to_string().len() {
+        len = body + len.to_string().len();
+    }
+    let mut r = format!("{len} {key}=").into_bytes();
+    r.extend_from_slice(value);
+    r.push(b'\n');
+    r
+}
+
+fn file(name: &[u8], json: &[u8]) -> Vec<u8> {
+    let mut out = header(name, b'0', json.len() as u64, false);
+    out.extend(padded(json.to_vec()));
+    out.extend([0u8; 1024]);
+    out
+}
+
+fn gzip(tar: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(tar).expect("gz");
+    gz.finish().expect("gz")
+}
+
+/// Uncompressed TOC members that must parse, with the offsets of their header blocks.
+fn valid_members() -> Vec<(Vec<u8>, Vec<usize>)> {
+    let plain = file(TOC_NAME, JSON);
+    let records = [pax("path", TOC_NAME), pax("mtime", b"1.25")].concat();
+    let mut with_pax = extension(b'x', records.len() as u64, &records);
+    let pax_len = with_pax.len();
+    with_pax.extend(file(b"ignored", JSON));
+    let mut gnu = extension(b'L', TOC_NAME.len() as u64 + 1, &[TOC_NAME, b"\0"].concat());
+    let gnu_len = gnu.len();
+    gnu.extend(file(b"short", JSON));
+    vec![
+        (plain, vec![0]),
+        (with_pax, vec![0, pax_len]),
+        (gnu, vec![0, gnu_len]),
+    ]
+}
+
+#[test]
+fn hand_written_valid_members_parse() {
+    for (tar, _) in valid_members() {
+        let (toc, digest) = estargz::parse_toc_member(&gzip(&tar)).expect("valid member");
+        assert_eq!(toc.entries.len(), 2);
+        assert_eq!(digest, estargz::sha256_digest(JSON));
+    }
+}
+
+/// Each hostile member is refused, fast, holding little: a few KiB of compressed input once
+/// made the daemon log 50 MB lines and peak at 4 GB.
+#[test]
+fn hostile_members_are_refused_quickly_in_bounded_memory() {
+    let huge_name = vec![b'n'; 16 << 20];
+    let deep = vec!["d"; 2000].join("/");
+    let deep_json = format!(
+        r#"{{"version":1,"entries":[{}]}}"#,
+        (0..300)
+            .map(|i| format!(r#"{{"name":"x{i}/{deep}/f","type":"reg"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut bad_sum = file(TOC_NAME, JSON);
+    bad_sum[0] ^= 1;
+    let mut many = Vec::new();
+    for _ in 0..100 {
+        many.extend(extension(b'x', 12, &pax("a", b"b")));
+    }
+    many.extend(file(TOC_NAME, JSON));
+    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+        (
+            "16 MiB GNU long name",
+            [
+                extension(b'L', huge_name.len() as u64, &huge_name),
+                file(TOC_NAME, JSON),
+            ]
+            .concat(),
+            1 << 20,
+        ),
+        (
+            "16 MiB GNU long link",
+            [
+                extension(b'K', huge_name.len() as u64, &huge_name),
+                file(TOC_NAME, JSON),
+            ]
+            .concat(),
+            1 << 20,
+        ),
+        (
+            "8 GiB long name, no data",
+            [extension(b'L', 0o777_7777_7777, b""), file(TOC_NAME, JSON)].concat(),
+            1 << 20,
+        ),
+        (
+            "16 MiB PAX path",
+            [
+                extension(b'x', huge_name.len() as u64 + 20, &pax("path", &huge_name)),
+                file(TOC_NAME, JSON),
+            ]
+            .concat(),
+            1 << 20,
+        ),
+        (
+            "16 MiB PAX global",
+            [
+                extension(
+                    b'g',
+                    huge_name.len() as u64 + 20,
+                    &pax("comment", &huge_name),
+                ),
+                file(TOC_NAME, JSON),
+            ]
+            .concat(),
+            1 << 20,
+        ),
+        ("100 PAX records", many, 1 << 20),
+        ("bad checksum", bad_sum, 1 << 20),
+        ("4 KiB wrong name", file(&[b'w'; 4096], JSON), 1 << 20),
+        (
+            "PAX size of 1 TiB",
+            [
+                extension(b'x', 20, &pax("size", b"1099511627776")),
+                file(TOC_NAME, JSON),
+            ]
+            .concat(),
+            1 << 20,
+        ),
+        (
+            "PAX size past the data",
+            [
+                extension(b'x', 20, &pax("size", b"100000")),
+                file(TOC_NAME, JSON),
+            ]
+            .concat(),
+            1 << 20,
+        ),
+        (
+            "directory",
+            [header(TOC_NAME, b'5', 0, false), JSON.to_vec()].concat(),
+            1 << 20,
+        ),
+        (
+            "300 deep names",
+            file(TOC_NAME, deep_json.as_bytes()),
+            96 << 20,
+        ),
+    ];
+    for (what, tar, limit) in cases {
+        let member = gzip(&tar);
+        assert!(
+            member.len() < 200 << 10,
+            "{what}: {} bytes compressed",
+            member.len()
+        );
+        let started = Instant::now();
+        let mut result = None;
+        let peak = peak_during(|| {
+            result = Some(estargz::LayerIndex::from_toc_member(&member, 1 << 40).map(|_| ()))
+        });
+        let err = result.expect("ran").expect_err(what).to_string();
+        assert!(err.len() < 1024, "{what}: error of {} bytes", err.len());
+        assert!(peak < limit, "{what}: held {peak} bytes");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+        // The deep names are valid JSON: only the index refuses them.
+        assert_eq!(
+            estargz::parse_toc_member(&member).is_err(),
+            what != "300 deep names",
+            "{what}"
+        );
+        fuzzing::fuzz_toc_member(&member);
+    }
 }
 
 proptest! {
@@ -69,6 +384,29 @@ proptest! {
         fuzzing::fuzz_open_blob(&blob);
         let tail = &blob[blob.len().saturating_sub(51)..];
         fuzzing::fuzz_footer(tail);
+    }
+
+    #[test]
+    fn mutated_toc_members(
+        which in 0usize..3,
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        in_header in any::<bool>(),
+        fix_checksums in any::<bool>(),
+    ) {
+        let (mut tar, headers) = valid_members().swap_remove(which);
+        for (i, v) in edits {
+            // Aim at the header blocks half of the time: that is where the new reader is.
+            let i = if in_header { headers[i.index(headers.len())] + i.index(512) } else { i.index(tar.len()) };
+            tar[i] = v;
+        }
+        if fix_checksums {
+            for &h in &headers {
+                set_checksum(&mut tar[h..h + 512]);
+            }
+        }
+        let member = gzip(&tar);
+        let peak = peak_during(|| fuzzing::fuzz_toc_member(&member));
+        prop_assert!(peak < 8 << 20, "held {} bytes", peak);
     }
 
     #[test]

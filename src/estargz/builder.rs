@@ -228,23 +228,9 @@ fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
     v
 }
 
-/// PAX records `"<len> <key>=<value>\n"`, split by their length prefix (values may hold `\n`).
-fn parse_pax_records(mut data: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
-    let bad = || EstargzError::InputTar("malformed PAX record".into());
-    let mut out = Vec::new();
-    while !data.is_empty() && data[0] != 0 {
-        let sp = data.iter().position(|&c| c == b' ').ok_or_else(bad)?;
-        let len: usize = std::str::from_utf8(&data[..sp]).ok().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-        if len <= sp + 1 || len > data.len() || data[len - 1] != b'\n' {
-            return Err(bad());
-        }
-        let rec = &data[sp + 1..len - 1];
-        let eq = rec.iter().position(|&c| c == b'=').ok_or_else(bad)?;
-        let key = std::str::from_utf8(&rec[..eq]).map_err(|_| bad())?.to_owned();
-        out.push((key, rec[eq + 1..].to_vec()));
-        data = &data[len..];
-    }
-    Ok(out)
+/// PAX records, split by length (values may hold `\n`, e.g. binary xattrs).
+fn parse_pax_records(data: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
+    super::tar_header::parse_pax_records(data).ok_or_else(|| EstargzError::InputTar("malformed PAX record".into()))
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -573,8 +559,8 @@ fn tar_header(e: &InEntry) -> Result<Vec<u8>> {
         pax.push(("gname".into(), e.gname.clone().into_bytes()));
     }
     if matches!(e.typeflag, b'3' | b'4') {
-        h.set_device_major(e.dev_major).map_err(|err| EstargzError::InputTar(format!("{}: {err}", e.name)))?;
-        h.set_device_minor(e.dev_minor).map_err(|err| EstargzError::InputTar(format!("{}: {err}", e.name)))?;
+        h.set_device_major(e.dev_major).map_err(|err| EstargzError::InputTar(format!("{}: {err}", crate::untrusted::clip(&e.name))))?;
+        h.set_device_minor(e.dev_minor).map_err(|err| EstargzError::InputTar(format!("{}: {err}", crate::untrusted::clip(&e.name))))?;
     }
     h.set_cksum();
     let mut out = Vec::with_capacity(1024);

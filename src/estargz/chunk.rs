@@ -10,7 +10,7 @@ use super::index::ChunkInfo;
 use super::{EstargzError, Result};
 
 fn chunk_err(layer: &str, file: &str, c: &ChunkInfo, reason: impl Into<String>) -> EstargzError {
-    EstargzError::Chunk { layer: layer.to_owned(), file: file.to_owned(), chunk_offset: c.chunk_offset, reason: reason.into() }
+    EstargzError::Chunk { layer: crate::untrusted::clip(layer), file: crate::untrusted::clip(file), chunk_offset: c.chunk_offset, reason: reason.into() }
 }
 
 /// Decompresses `chunk` from `compressed` (a reader positioned at `chunk.compressed_offset`,
@@ -52,8 +52,8 @@ pub fn check_digest(chunk: &ChunkInfo, layer: &str, file: &str, got: [u8; 32]) -
     let Some(want) = chunk.digest else { return Ok(()) };
     if got != want {
         return Err(EstargzError::ChunkDigestMismatch {
-            layer: layer.to_owned(),
-            file: file.to_owned(),
+            layer: crate::untrusted::clip(layer),
+            file: crate::untrusted::clip(file),
             chunk_offset: chunk.chunk_offset,
             expected: format!("sha256:{}", hex::encode(want)),
             actual: format!("sha256:{}", hex::encode(got)),

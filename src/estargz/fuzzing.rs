@@ -28,7 +28,12 @@ pub fn fuzz_toc(data: &[u8]) {
 }
 
 fn walk_index(toc: &Toc) {
-    let Ok(idx) = LayerIndex::build(toc, 1 << 40) else { return };
+    if let Ok(idx) = LayerIndex::build(toc, 1 << 40) {
+        walk(&idx);
+    }
+}
+
+fn walk(idx: &LayerIndex) {
     for (id, e) in idx.entries() {
         let _ = idx.children(id).count();
         let _ = idx.parent(id);
@@ -36,6 +41,17 @@ fn walk_index(toc: &Toc) {
         if e.kind == EntryType::Reg {
             let _ = idx.chunks_for_range(id, e.size / 2, e.size);
         }
+    }
+}
+
+/// A TOC gzip member (gzip → tar headers, extension records included → JSON), streamed into
+/// the index as the filesystem does, then every lookup; and parsed whole as `ctr-remote` does.
+pub fn fuzz_toc_member(data: &[u8]) {
+    if let Ok((idx, _)) = LayerIndex::from_toc_member(data, 1 << 40) {
+        walk(&idx);
+    }
+    if let Ok((toc, _)) = parse_toc_member(data) {
+        walk_index(&toc);
     }
 }
 

@@ -4,14 +4,32 @@
 //! Semantics follow Go's `estargz.Reader.initFields`, with stricter validation:
 //! - names are normalized (`./`, leading `/`, `.` and empty components dropped); a `..`
 //!   component or a NUL byte is an error (Go would resolve `..` lexically; we refuse);
-//! - duplicate names: the last entry wins, as in Go and as when unpacking a tar; a duplicate
-//!   that turns a directory with children into a non-directory is an error;
-//! - missing parent directories are created implicitly (mode 0755, like Go);
+//! - duplicate names: the last entry wins, as in Go and as when unpacking a tar;
+//! - every entry's parent must be a directory: a file, link or hardlink that replaces (or is
+//!   replaced by) a directory with entries below it is an error;
+//! - a whiteout must name something: `.wh.` alone is an error (`.wh..wh..opq` is the opaque
+//!   marker); turning whiteouts into overlay nodes is the filesystem's business;
+//! - missing parent directories are created implicitly (mode 0755, like Go), within a budget;
 //! - a hardlink is not an entry of its own: its name points at the target's id (one inode),
 //!   which raises the target's `nlink`; a missing or directory target is an error;
 //! - the landmark files are recorded (prefetch offsets) and hidden from the tree, as Go's fs does;
 //! - every regular file's chunks must cover it exactly, lie inside the blob before the TOC,
 //!   and have sane sizes.
+//!
+//! Memory. Every entry is held once: an [`Entry`] of ~250 bytes, its name at most three times
+//! (in the entry, the path map, and its base name in the parent). An explicit entry's name is
+//! in the TOC JSON, so explicit entries cost O(JSON bytes). Implicit directories are not paid
+//! for by the JSON: one name of n components implies n directories whose full names add up to
+//! O(n²) bytes, so a few KiB of compressed TOC could imply gigabytes. With E the number of TOC
+//! entries and N the bytes of their names, their count is at most
+//! `IMPLICIT_DIRS_PER_ENTRY·E + IMPLICIT_DIRS_SLACK` (2E + 32 Ki) and their full names at most
+//! `IMPLICIT_NAME_BYTES_PER_BYTE·N + IMPLICIT_NAME_BYTES_SLACK` (2N + 8 MiB) bytes; a TOC
+//! asking for more is refused as soon as it does. What implicit directories hold is then at
+//! most 3·(2N + 8 MiB) of names plus (2E + 32 Ki)·~350 bytes of entries and map slots: linear
+//! in the TOC plus ~35 MiB, whatever its names and depths say. Real layers list their
+//! directories (Docker and BuildKit tars do) and need none; a tar without directory entries
+//! implies about one or two per file at most (`locale/xx/LC_MESSAGES` is two for one `.mo`
+//! file), and small layers with a few deep names fit in the slack.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -19,6 +37,7 @@ use std::ops::Range;
 use super::landmark::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
 use super::toc::{EntryType, Toc, TocEntry};
 use super::{parse_sha256, rfc3339, EstargzError, Result};
+use crate::untrusted::clip;
 
 /// Dense entry id: `0` is the root directory, ids are `< LayerIndex::len()`.
 pub type EntryId = u32;
@@ -31,6 +50,19 @@ pub const MAX_FILE_SIZE: u64 = 1 << 50;
 pub const MAX_NAME_LEN: usize = 4096;
 /// Largest `innerOffset`: the bytes before a chunk in its member are decompressed and dropped.
 pub const MAX_INNER_OFFSET: u64 = 1 << 30;
+/// Implicit directories allowed per TOC entry (see the module doc on memory).
+pub(crate) const IMPLICIT_DIRS_PER_ENTRY: usize = 2;
+/// Implicit directories allowed whatever the TOC's size: small layers with deep names.
+pub(crate) const IMPLICIT_DIRS_SLACK: usize = 32 << 10;
+/// Bytes of implicit directories' full names allowed per byte of TOC entry names.
+pub(crate) const IMPLICIT_NAME_BYTES_PER_BYTE: usize = 2;
+/// Bytes of implicit directories' full names allowed whatever the TOC's size (one 2000-deep
+/// name implies ~4 MiB of them).
+pub(crate) const IMPLICIT_NAME_BYTES_SLACK: usize = 8 << 20;
+/// Prefix of an overlay whiteout name (`.wh.x` deletes `x` of the layers below).
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
+/// The whiteout name that marks its directory opaque.
+pub(crate) const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 
 /// One piece of a regular file's payload and where its compressed bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,8 +196,9 @@ fn parent_of(name: &str) -> &str {
     name.rfind('/').map_or("", |i| &name[..i])
 }
 
+/// The error for entry `name`; the name is clipped, and so must be any TOC string in `reason`.
 fn invalid(name: &str, reason: impl Into<String>) -> EstargzError {
-    EstargzError::InvalidEntry { name: name.to_owned(), reason: reason.into() }
+    EstargzError::InvalidEntry { name: clip(name), reason: reason.into() }
 }
 
 fn non_negative(name: &str, field: &str, v: i64) -> Result<u64> {
@@ -296,15 +329,23 @@ struct IndexBuilder {
     missing_chunk_digests: usize,
     unames: HashMap<u32, String>,
     gnames: HashMap<u32, String>,
+    /// Entries seen in the TOC and the bytes of their names: the implicit directory budget.
+    toc_entries: usize,
+    toc_name_bytes: usize,
 }
 
 impl IndexBuilder {
     fn add(&mut self, e: &TocEntry) -> Result<()> {
+        self.toc_entries += 1;
+        self.toc_name_bytes += e.name.len();
         if e.kind == EntryType::Chunk {
             return self.add_chunk(e);
         }
         self.last_reg = None;
         let name = normalize_name(&e.name).map_err(|r| invalid(&e.name, r))?;
+        if name.rsplit('/').next() == Some(WHITEOUT_PREFIX) {
+            return Err(invalid(&name, "whiteout of an empty name"));
+        }
         if e.kind == EntryType::Reg && super::landmark::is_landmark(&name) {
             let off = non_negative(&name, "offset", e.offset)?;
             self.check_offset(&name, off)?;
@@ -400,7 +441,7 @@ impl IndexBuilder {
             self.missing_chunk_digests += 1;
             None
         } else {
-            Some(parse_sha256(&e.chunk_digest).map_err(|_| invalid(name, format!("bad chunkDigest {:?}", e.chunk_digest)))?)
+            Some(parse_sha256(&e.chunk_digest).map_err(|_| invalid(name, format!("bad chunkDigest {:?}", clip(&e.chunk_digest))))?)
         };
         self.data_offsets.push(compressed_offset);
         Ok(ChunkInfo { chunk_offset, chunk_size, compressed_offset, compressed_end: 0, inner_offset, digest })
@@ -457,7 +498,8 @@ impl IndexBuilder {
         // so the two never peak together (mount-time memory is dominated by this build).
         drop(std::mem::take(&mut self.by_name));
         drop(std::mem::take(&mut self.data_offsets));
-        let mut t = TreeBuilder::new(self.slots)?;
+        let budget = self.implicit_budget();
+        let mut t = TreeBuilder::new(self.slots, budget)?;
         t.link()?;
         Ok(LayerIndex {
             entries: t.entries,
@@ -468,6 +510,20 @@ impl IndexBuilder {
             missing_chunk_digests: self.missing_chunk_digests,
             layer: String::new(),
         })
+    }
+}
+
+impl IndexBuilder {
+    /// The implicit directory budget for the entries added so far (see the module doc).
+    fn implicit_budget(&self) -> ImplicitBudget {
+        let dirs = self.toc_entries.saturating_mul(IMPLICIT_DIRS_PER_ENTRY);
+        let bytes = self.toc_name_bytes.saturating_mul(IMPLICIT_NAME_BYTES_PER_BYTE);
+        ImplicitBudget {
+            max_dirs: dirs.saturating_add(IMPLICIT_DIRS_SLACK),
+            max_name_bytes: bytes.saturating_add(IMPLICIT_NAME_BYTES_SLACK),
+            dirs: 0,
+            name_bytes: 0,
+        }
     }
 }
 
@@ -504,16 +560,26 @@ fn implicit_dir(name: String) -> Entry {
     }
 }
 
+/// How many implicit directories (and bytes of their names) the tree may still create.
+struct ImplicitBudget {
+    max_dirs: usize,
+    max_name_bytes: usize,
+    dirs: usize,
+    name_bytes: usize,
+}
+
 /// Links entries into the directory tree once every explicit entry has an id.
 struct TreeBuilder {
     entries: Vec<Entry>,
     paths: HashMap<String, EntryId>,
     hardlinks: Vec<(String, String)>,
+    implicit: ImplicitBudget,
 }
 
 impl TreeBuilder {
-    fn new(slots: Vec<Pending>) -> Result<Self> {
-        let mut t = TreeBuilder { entries: Vec::with_capacity(slots.len() + 1), paths: HashMap::new(), hardlinks: Vec::new() };
+    fn new(slots: Vec<Pending>, implicit: ImplicitBudget) -> Result<Self> {
+        let entries = Vec::with_capacity(slots.len() + 1);
+        let mut t = TreeBuilder { entries, paths: HashMap::new(), hardlinks: Vec::new(), implicit };
         // The root takes id 0: the TOC's own "" / "./" entry when present. The rest keep TOC
         // order, consumed in place (no second vector of pending entries).
         let mut slots = slots;
@@ -552,17 +618,22 @@ impl TreeBuilder {
     }
 
     fn link(&mut self) -> Result<()> {
+        let hardlinks = std::mem::take(&mut self.hardlinks);
+        let links: HashMap<&str, &str> = hardlinks.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
         let explicit = self.entries.len();
         for id in 1..explicit as EntryId {
             let name = self.entries[id as usize].name.clone();
-            let parent = self.dir_for(parent_of(&name), &name)?;
+            let parent = self.dir_for(parent_of(&name), &name, &links)?;
             self.attach(parent, &name, id);
         }
-        let hardlinks = std::mem::take(&mut self.hardlinks);
-        let links: HashMap<&str, &str> = hardlinks.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
         for (name, target) in &hardlinks {
             let id = self.resolve_hardlink(name, target, &links)?;
-            let parent = self.dir_for(parent_of(name), name)?;
+            let parent = self.dir_for(parent_of(name), name, &links)?;
+            if self.paths.contains_key(name) {
+                // `dir_for` refuses to create a directory at a hardlink's name, and explicit
+                // names are unique, so this is only a guard that the rule holds.
+                return Err(invalid(name, "hardlink would replace a directory"));
+            }
             self.entries[id as usize].nlink += 1;
             self.paths.insert(name.clone(), id);
             self.attach_name(parent, name, id);
@@ -576,34 +647,55 @@ impl TreeBuilder {
         for _ in 0..=links.len() {
             if let Some(&id) = self.paths.get(t) {
                 if self.entries[id as usize].kind == EntryType::Dir {
-                    return Err(invalid(name, format!("hardlink to directory {t:?}")));
+                    return Err(invalid(name, format!("hardlink to directory {:?}", clip(t))));
                 }
                 return Ok(id);
             }
             match links.get(t) {
                 Some(next) => t = next,
-                None => return Err(invalid(name, format!("hardlink target {target:?} not found"))),
+                None => return Err(invalid(name, format!("hardlink target {:?} not found", clip(target)))),
             }
         }
         Err(invalid(name, "hardlink cycle"))
     }
 
-    /// Id of directory `dir`, created (with its ancestors) when the TOC lacks it.
+    /// Id of directory `dir`, created (with its ancestors) when the TOC lacks it, within the
+    /// implicit directory budget. The one place the rule "a parent is a directory" is checked:
+    /// against explicit entries and against hardlink names (`links`), whatever the TOC order.
     /// Iterative: a hostile TOC may nest names very deeply.
-    fn dir_for(&mut self, dir: &str, child: &str) -> Result<EntryId> {
+    fn dir_for(&mut self, dir: &str, child: &str, links: &HashMap<&str, &str>) -> Result<EntryId> {
         let mut missing = Vec::new();
         let mut cur = dir;
+        let not_a_dir = |cur: &str, missing: &[&str]| {
+            let below = missing.last().copied().unwrap_or(child);
+            invalid(below, format!("parent {:?} is not a directory", clip(cur)))
+        };
         let mut top = loop {
             if let Some(&id) = self.paths.get(cur) {
                 if self.entries[id as usize].kind != EntryType::Dir {
-                    let below = missing.last().copied().unwrap_or(child);
-                    return Err(invalid(below, format!("parent {cur:?} is not a directory")));
+                    return Err(not_a_dir(cur, &missing));
                 }
                 break id;
+            }
+            if links.contains_key(cur) {
+                return Err(not_a_dir(cur, &missing));
             }
             missing.push(cur);
             cur = parent_of(cur);
         };
+        let b = &mut self.implicit;
+        let bytes: usize = missing.iter().map(|m| m.len()).sum();
+        if b.dirs + missing.len() > b.max_dirs || b.name_bytes + bytes > b.max_name_bytes {
+            return Err(invalid(
+                child,
+                format!(
+                    "the TOC implies more parent directories than it lists (limit {} directories, {} bytes of names)",
+                    b.max_dirs, b.max_name_bytes
+                ),
+            ));
+        }
+        b.dirs += missing.len();
+        b.name_bytes += bytes;
         for name in missing.into_iter().rev() {
             let id = self.push(implicit_dir(name.to_owned()))?;
             self.attach(top, name, id);
@@ -731,6 +823,249 @@ mod tests {
         assert_eq!(idx.len(), 2001);
         let too_deep = vec!["d"; 3000].join("/");
         assert!(build(vec![reg(&too_deep, 1, 100)]).is_err());
+    }
+
+    /// Runs the tree builder over `entries` and returns its result with what it holds in
+    /// implicit directories (count, bytes of full names) and its budget.
+    fn implicit_held(entries: &[TocEntry]) -> (Result<()>, usize, usize, (usize, usize)) {
+        let mut b = IndexBuilder {
+            toc_offset: 10_000,
+            ..Default::default()
+        };
+        for e in entries {
+            b.add(e).expect("add");
+        }
+        let budget = b.implicit_budget();
+        let limits = (budget.max_dirs, budget.max_name_bytes);
+        let mut t = TreeBuilder::new(b.slots, budget).expect("tree");
+        let explicit = t.entries.len();
+        let linked = t.link();
+        let implicit = &t.entries[explicit..];
+        (
+            linked,
+            implicit.len(),
+            implicit.iter().map(|e| e.name.len()).sum(),
+            limits,
+        )
+    }
+
+    /// `x<i>/d/d/…/d/f`, just under the name limit: each implies ~2000 directories and ~4 MiB
+    /// of their names.
+    fn deep_chains(n: usize) -> Vec<TocEntry> {
+        let chain = vec!["d"; (MAX_NAME_LEN - 16) / 2].join("/");
+        (0..n)
+            .map(|i| reg(&format!("x{i}/{chain}/f"), 1, 100))
+            .collect()
+    }
+
+    #[test]
+    fn hostile_deep_chains_stay_within_the_implicit_budget() {
+        let entries = deep_chains(3000);
+        let (linked, dirs, bytes, (max_dirs, max_bytes)) = implicit_held(&entries);
+        let err = linked.expect_err("refused").to_string();
+        assert!(err.contains("implies more parent directories"), "{err}");
+        assert!(
+            err.len() < 1024,
+            "the name in the error is clipped: {} bytes",
+            err.len()
+        );
+        let names: usize = entries.iter().map(|e| e.name.len()).sum();
+        assert_eq!(
+            (max_dirs, max_bytes),
+            (
+                2 * entries.len() + IMPLICIT_DIRS_SLACK,
+                2 * names + IMPLICIT_NAME_BYTES_SLACK
+            )
+        );
+        assert!(
+            dirs <= max_dirs && bytes <= max_bytes,
+            "held {dirs} dirs, {bytes} name bytes"
+        );
+        // Unbounded, these 3000 names (12 MB of JSON) would imply 6 million directories and
+        // 12 GB of names.
+        assert!(bytes < 40 << 20, "{bytes}");
+
+        // The same TOC as a compressed member (~tens of KiB) is refused just as quickly.
+        let json = serde_json::to_vec(&Toc {
+            version: 1,
+            entries,
+        })
+        .expect("json");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut tar = super::super::tar_header::tests::header(
+            b"stargz.index.json",
+            b'0',
+            json.len() as u64,
+            false,
+        )
+        .to_vec();
+        tar.extend_from_slice(&json);
+        std::io::Write::write_all(&mut gz, &tar).expect("gz");
+        let member = gz.finish().expect("gz");
+        assert!(member.len() < 256 << 10, "{}", member.len());
+        let started = std::time::Instant::now();
+        assert!(LayerIndex::from_toc_member(&member, 10_000).is_err());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_few_deep_names_fit_in_the_slack() {
+        let entries = deep_chains(2);
+        let (linked, dirs, bytes, (max_dirs, max_bytes)) = implicit_held(&entries);
+        linked.expect("two deep names build");
+        assert!(dirs > 3000 && dirs <= max_dirs && bytes <= max_bytes);
+    }
+
+    /// A rootfs-like layer whose tar lists no directories (as some hand-rolled tools write):
+    /// packages with docs, Python modules, and locale files (two implicit directories per file).
+    #[test]
+    fn realistic_layer_without_directory_entries_builds() {
+        let mut entries = Vec::new();
+        for p in 0..400 {
+            entries.push(reg(&format!("usr/share/doc/pkg{p}/copyright"), 1, 100));
+            entries.push(reg(
+                &format!("usr/share/doc/pkg{p}/changelog.Debian.gz"),
+                1,
+                100,
+            ));
+            entries.push(reg(&format!("usr/bin/tool{p}"), 1, 100));
+            for m in 0..10 {
+                entries.push(reg(
+                    &format!(
+                        "usr/lib/python3/dist-packages/pkg{p}/sub{}/mod{m}.py",
+                        m % 3
+                    ),
+                    1,
+                    100,
+                ));
+            }
+        }
+        for lang in 0..300 {
+            for pkg in ["coreutils", "tar", "apt"] {
+                entries.push(reg(
+                    &format!("usr/share/locale/l{lang}/LC_MESSAGES/{pkg}.mo"),
+                    1,
+                    100,
+                ));
+            }
+        }
+        for e in 0..70_000 {
+            entries.push(reg(
+                &format!("usr/share/locale-only/x{e}/LC_MESSAGES/only.mo"),
+                1,
+                100,
+            ));
+        }
+        let files = entries.len();
+        let (linked, dirs, bytes, (max_dirs, max_bytes)) = implicit_held(&entries);
+        linked.expect("builds");
+        assert!(
+            dirs > files && dirs <= max_dirs && bytes <= max_bytes,
+            "{dirs} dirs, {bytes} bytes for {files} files"
+        );
+        let idx = build(entries).expect("index");
+        assert_eq!(idx.len(), 1 + files + dirs);
+        let mo = idx
+            .lookup("usr/share/locale/l7/LC_MESSAGES/tar.mo")
+            .expect("mo");
+        assert_eq!(
+            idx.entry(idx.parent(mo).expect("parent"))
+                .expect("dir")
+                .mode,
+            0o755
+        );
+    }
+
+    #[test]
+    fn nothing_replaces_a_directory_with_entries() {
+        let hl = |name: &str, to: &str| TocEntry {
+            link_name: to.into(),
+            ..ent(name, EntryType::Hardlink)
+        };
+        let sym = |name: &str| TocEntry {
+            link_name: "x".into(),
+            ..ent(name, EntryType::Symlink)
+        };
+        // Explicit directory, children, then a non-directory of the same name; and the
+        // other orders, with and without the directory entry.
+        for late in [
+            reg("d", 1, 200),
+            hl("d", "f"),
+            sym("d"),
+            ent("d", EntryType::Fifo),
+        ] {
+            let cases = [
+                vec![
+                    reg("f", 1, 100),
+                    ent("d", EntryType::Dir),
+                    reg("d/x", 1, 300),
+                    late.clone(),
+                ],
+                vec![reg("f", 1, 100), reg("d/x", 1, 300), late.clone()],
+                vec![reg("f", 1, 100), late.clone(), reg("d/x/y", 1, 300)],
+                vec![reg("f", 1, 100), late.clone(), hl("d/h", "f")],
+            ];
+            for entries in cases {
+                let err = build(entries.clone())
+                    .expect_err(&format!("{entries:?}"))
+                    .to_string();
+                assert!(err.contains("is not a directory"), "{err}");
+            }
+        }
+        // Replacing an empty directory is the ordinary last-wins rule.
+        let idx = build(vec![
+            reg("f", 1, 100),
+            ent("d", EntryType::Dir),
+            hl("d", "f"),
+        ])
+        .expect("empty dir replaced");
+        assert_eq!(idx.lookup("d"), idx.lookup("f"));
+    }
+
+    #[test]
+    fn whiteouts_must_name_something() {
+        for bad in [".wh.", "dir/.wh.", "./a/b/.wh./"] {
+            for kind in [EntryType::Reg, EntryType::Dir, EntryType::Char] {
+                let err = build(vec![ent(bad, kind)]).expect_err(bad).to_string();
+                assert!(err.contains("empty name"), "{err}");
+            }
+        }
+        let idx = build(vec![
+            ent("d/.wh..wh..opq", EntryType::Reg),
+            ent(".wh.x", EntryType::Reg),
+            ent("d/.wh.y", EntryType::Char),
+        ])
+        .expect("ok");
+        assert!(idx.lookup("d/.wh..wh..opq").is_some() && idx.lookup(".wh.x").is_some());
+    }
+
+    #[test]
+    fn toc_strings_in_errors_are_clipped() {
+        let long = "n".repeat(MAX_NAME_LEN);
+        let mut bad_digest = reg(&long, 1, 100);
+        bad_digest.chunk_digest = format!("sha256:{}", "z".repeat(100_000));
+        let cases = [
+            vec![reg(&long, -1, 100)],
+            vec![bad_digest],
+            vec![TocEntry {
+                link_name: "t".repeat(MAX_NAME_LEN),
+                ..ent(&long, EntryType::Hardlink)
+            }],
+            vec![reg(&long, 1, 100), reg(&format!("{long}/x"), 1, 200)],
+            vec![reg(&"m".repeat(100_000), 1, 100)],
+        ];
+        for entries in cases {
+            let err = build(entries).expect_err("invalid").to_string();
+            assert!(err.len() < 1024, "{} bytes: {}", err.len(), &err[..200]);
+        }
+        assert!(
+            std::mem::size_of::<Entry>() <= 256,
+            "the module doc's ~250 bytes"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod index;
 pub mod landmark;
 pub mod reader;
 mod rfc3339;
+mod tar_header;
 pub mod toc;
 
 pub use builder::{build, BuildOptions, BuildResult};
@@ -45,7 +46,8 @@ pub enum EstargzError {
     TocTooLarge { size: u64, limit: u64 },
     #[error("malformed TOC member: {0}")]
     MalformedToc(String),
-    #[error("TOC JSON: {0}")]
+    /// serde quotes what it could not parse (an unknown `type`, a key), so the message is clipped.
+    #[error("TOC JSON: {}", crate::untrusted::clip(&.0.to_string()))]
     TocJson(#[from] serde_json::Error),
     #[error("TOC digest mismatch: computed {actual}, expected {expected}")]
     TocDigestMismatch { expected: String, actual: String },
@@ -136,11 +138,12 @@ pub fn sha256_digest(data: &[u8]) -> String {
 
 /// Parses `sha256:<64 lowercase-or-uppercase hex>` into raw bytes.
 pub fn parse_sha256(s: &str) -> Result<[u8; 32]> {
-    let hexpart = s.strip_prefix("sha256:").ok_or_else(|| EstargzError::InvalidDigest(s.to_owned()))?;
+    let invalid = || EstargzError::InvalidDigest(crate::untrusted::clip(s));
+    let hexpart = s.strip_prefix("sha256:").ok_or_else(invalid)?;
     let mut out = [0u8; 32];
     if hexpart.len() != 64 {
-        return Err(EstargzError::InvalidDigest(s.to_owned()));
+        return Err(invalid());
     }
-    hex::decode_to_slice(hexpart, &mut out).map_err(|_| EstargzError::InvalidDigest(s.to_owned()))?;
+    hex::decode_to_slice(hexpart, &mut out).map_err(|_| invalid())?;
     Ok(out)
 }

@@ -60,7 +60,7 @@ pub fn open_index_from_toc_member(member: &[u8], location: TocLocation, expected
 pub fn read_file_range<R: ReadAt + ?Sized>(blob: &R, index: &LayerIndex, id: EntryId, offset: u64, buf: &mut [u8]) -> Result<usize> {
     let e = index.entry(id).ok_or(EstargzError::NoSuchEntry(id))?;
     if e.kind != EntryType::Reg {
-        return Err(EstargzError::NotRegular(e.name.clone()));
+        return Err(EstargzError::NotRegular(crate::untrusted::clip(&e.name)));
     }
     if offset >= e.size || buf.is_empty() {
         return Ok(0);
@@ -79,7 +79,7 @@ pub fn read_file_range<R: ReadAt + ?Sized>(blob: &R, index: &LayerIndex, id: Ent
         done += n;
     }
     if done != want {
-        return Err(EstargzError::OutOfFile { file: e.name.clone(), offset, len: want, size: e.size });
+        return Err(EstargzError::OutOfFile { file: crate::untrusted::clip(&e.name), offset, len: want, size: e.size });
     }
     Ok(done as usize)
 }

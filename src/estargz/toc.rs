@@ -102,7 +102,7 @@ mod xattrs_b64 {
         let enc = Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default();
         enc.into_iter()
             .map(|(k, v)| {
-                let bytes = STANDARD.decode(v.as_bytes()).map_err(|e| D::Error::custom(format!("xattr {k:?}: {e}")))?;
+                let bytes = STANDARD.decode(v.as_bytes()).map_err(|e| D::Error::custom(format!("xattr {:?}: {e}", crate::untrusted::clip(&k))))?;
                 Ok((k, bytes))
             })
             .collect()
@@ -135,29 +135,24 @@ pub fn parse_toc_member_with(member: &[u8], on_entry: impl FnMut(TocEntry) -> Re
     if member.len() as u64 > MAX_TOC_COMPRESSED_SIZE {
         return Err(EstargzError::TocTooLarge { size: member.len() as u64, limit: MAX_TOC_COMPRESSED_SIZE });
     }
-    let gz = flate2::read::GzDecoder::new(member);
-    let mut ar = tar::Archive::new(gz);
-    let mut entries = ar.entries().map_err(|e| EstargzError::MalformedToc(format!("tar: {e}")))?;
-    let mut entry = match entries.next() {
-        Some(Ok(e)) => e,
-        Some(Err(e)) => return Err(EstargzError::MalformedToc(format!("no tar header in TOC member: {e}"))),
-        None => return Err(EstargzError::MalformedToc("empty TOC member".into())),
-    };
-    let name = entry.path_bytes().into_owned();
-    if name != TOC_TAR_NAME.as_bytes() {
+    // One gzip member, like Go's `Multistream(false)`; its tar headers go through our bounded
+    // reader, never the `tar` crate, which would read any long name or PAX record whole.
+    let mut gz = flate2::read::GzDecoder::new(member);
+    let header = super::tar_header::read_file_header(&mut gz, "TOC member")?;
+    if header.name != TOC_TAR_NAME.as_bytes() {
         return Err(EstargzError::MalformedToc(format!(
             "TOC tar entry is {:?}, expected {TOC_TAR_NAME:?}",
-            String::from_utf8_lossy(&name)
+            crate::untrusted::clip_bytes(&header.name)
         )));
     }
-    let size = entry.size();
+    let size = header.size;
     if size > MAX_TOC_JSON_SIZE {
         return Err(EstargzError::TocTooLarge { size, limit: MAX_TOC_JSON_SIZE });
     }
     // The JSON is parsed as it is decompressed and hashed: a layer's TOC JSON is several times
     // its compressed size (megabytes for a rootfs), and holding it whole next to the parsed
     // entries was the daemon's peak memory at mount.
-    let mut hashed = HashingReader { inner: (&mut entry).take(size), hasher: sha2::Sha256::new(), read: 0 };
+    let mut hashed = HashingReader { inner: (&mut gz).take(size), hasher: sha2::Sha256::new(), read: 0 };
     let mut visitor = TocVisitor { on_entry, failed: None };
     let parsed = {
         let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(64 << 10, &mut hashed));

@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::estargz::{ChunkInfo, Entry, EntryId, EntryType, LayerIndex};
+use crate::estargz::index::{OPAQUE_WHITEOUT as OPAQUE_MARKER, WHITEOUT_PREFIX};
+use crate::estargz::{ChunkInfo, Entry, EntryId, EntryType, EstargzError, LayerIndex};
 
 use super::FsError;
 
@@ -30,10 +31,10 @@ pub const STATE_DIR_INO: u64 = 2;
 pub const STATE_FILE_INO: u64 = 3;
 const FIRST_INO: u64 = 4;
 
-/// Name of the hidden state directory in the layer root (as Go's `fs/layer`).
+/// Name of the hidden state directory in the layer root (as Go's `fs/layer`). A layer entry
+/// at this name, its whiteout, or anything below it would shadow the daemon's own files, so
+/// such a layer is refused ([`InodeTable::build`]).
 pub const STATE_DIR_NAME: &str = ".stargz-snapshotter";
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// What a node is. Whiteouts (`.wh.x` in the TOC) are served as 0:0 character devices named `x`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +178,7 @@ impl InodeTable {
     /// sized from the index up front and trimmed after, so the index can be dropped right away
     /// and leaves no small allocations of the table among its freed memory.
     pub fn build(index: &LayerIndex) -> Result<Self, FsError> {
+        check_state_dir_free(index)?;
         let mut t = InodeTable::with_capacity(index);
         for (id, e) in index.entries() {
             let node = t.node_from(id, e)?;
@@ -357,7 +359,8 @@ impl InodeTable {
 
     /// Fills the visible entries of directory `dir`: overlay whiteouts `.wh.x` become 0:0
     /// character devices named `x` (unless the layer also has a real `x`), `.wh..wh..opq` marks
-    /// the directory opaque, and the state directory name is reserved in the root.
+    /// the directory opaque. (`estargz` refuses `.wh.` alone; the state directory name is
+    /// free, see [`check_state_dir_free`].)
     /// `scratch` is reused across directories so that building allocates nothing per directory.
     fn link_children<'i>(
         &mut self,
@@ -370,8 +373,8 @@ impl InodeTable {
         for (name, child) in index.children(dir) {
             if name == OPAQUE_MARKER {
                 opaque = true;
-            } else if name.starts_with(WHITEOUT_PREFIX) || (dir == index.root() && name == STATE_DIR_NAME) {
-                // Whiteouts are converted below; the state directory's name is ours.
+            } else if name.starts_with(WHITEOUT_PREFIX) {
+                // Whiteouts are converted below.
             } else {
                 scratch.push((name, child));
             }
@@ -422,6 +425,20 @@ impl InodeTable {
         }
         Ok(())
     }
+}
+
+/// Refuses a layer with a root entry named [`STATE_DIR_NAME`] (which anything below that name
+/// implies) or its whiteout: either would shadow the state directory the daemon serves there.
+fn check_state_dir_free(index: &LayerIndex) -> Result<(), FsError> {
+    let whiteout = format!("{WHITEOUT_PREFIX}{STATE_DIR_NAME}");
+    for name in [STATE_DIR_NAME, whiteout.as_str()] {
+        if index.lookup_child(index.root(), name).is_some() {
+            let reason = "shadows the daemon's state directory in the layer root".to_owned();
+            let err = EstargzError::InvalidEntry { name: name.to_owned(), reason };
+            return Err(FsError::Toc(err));
+        }
+    }
+    Ok(())
 }
 
 /// Serves `node` as an overlay whiteout: a 0:0 character device with no payload.
@@ -498,7 +515,6 @@ mod tests {
                 hl,
                 ent("d/.wh.gone", EntryType::Reg),
                 ent("e/.wh..wh..opq", EntryType::Reg),
-                ent(".stargz-snapshotter/x", EntryType::Reg),
                 ent(".no.prefetch.landmark", EntryType::Reg),
             ],
         };
@@ -519,7 +535,7 @@ mod tests {
         let e = t.lookup(ROOT_INO, "e").expect("e");
         assert!(e.opaque && t.children(e).next().is_none());
         assert!(t.lookup(ROOT_INO, ".no.prefetch.landmark").is_none());
-        assert!(t.lookup(ROOT_INO, STATE_DIR_NAME).is_none(), "the state directory name is reserved");
+        assert!(t.lookup(ROOT_INO, STATE_DIR_NAME).is_none(), "the table has no state dir");
         assert_eq!(t.landmark, Some(Landmark::NoPrefetch));
         assert_eq!(t.blob_order, vec![(big.ino, 0), (big.ino, 1)]);
         for n in t.nodes() {
@@ -578,6 +594,55 @@ mod tests {
         assert_eq!(t.xattrs(link).count(), 0);
         assert_eq!(t.children(xa).count(), 0, "files have no entries");
         assert!(t.heap_bytes() >= std::mem::size_of_val(t.nodes()));
+    }
+
+    #[test]
+    fn entries_shadowing_the_state_directory_are_refused() {
+        let long = format!("{}/{}", STATE_DIR_NAME, "x".repeat(1000));
+        for name in [
+            STATE_DIR_NAME,
+            "./.stargz-snapshotter/",
+            ".stargz-snapshotter/x",
+            ".wh..stargz-snapshotter",
+            &long,
+        ] {
+            for kind in [EntryType::Dir, EntryType::Reg, EntryType::Symlink] {
+                let toc = Toc {
+                    version: 1,
+                    entries: vec![ent("./", EntryType::Dir), ent(name, kind)],
+                };
+                let index = LayerIndex::build(&toc, 300).expect("the format allows the name");
+                let err = InodeTable::build(&index).expect_err(name).to_string();
+                assert!(
+                    err.contains("state directory") && err.len() < 300,
+                    "{name}: {err}"
+                );
+            }
+        }
+        // A hardlink at the name is refused too.
+        let mut hl = ent(STATE_DIR_NAME, EntryType::Hardlink);
+        hl.link_name = "f".into();
+        let toc = Toc {
+            version: 1,
+            entries: vec![ent("f", EntryType::Reg), hl],
+        };
+        assert!(InodeTable::build(&LayerIndex::build(&toc, 300).expect("index")).is_err());
+        // Only the root is reserved: the name elsewhere, or a longer one, is an ordinary entry.
+        let toc = Toc {
+            version: 1,
+            entries: vec![
+                ent("d/.stargz-snapshotter/x", EntryType::Reg),
+                ent("d/.wh..stargz-snapshotter", EntryType::Reg),
+                ent(".stargz-snapshotter2", EntryType::Reg),
+            ],
+        };
+        let t = InodeTable::build(&LayerIndex::build(&toc, 300).expect("index")).expect("table");
+        let d = t.lookup(ROOT_INO, "d").expect("d");
+        assert_eq!(
+            t.lookup(d.ino, STATE_DIR_NAME).map(|n| n.kind),
+            Some(NodeKind::Dir)
+        );
+        assert!(t.lookup(ROOT_INO, ".stargz-snapshotter2").is_some());
     }
 
     #[test]
