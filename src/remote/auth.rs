@@ -308,8 +308,13 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     out
 }
 
-/// Drops the user-info and query of a URL (presigned blob URLs carry signatures there).
+/// Drops the user-info and query of a URL (presigned blob URLs carry signatures there), and
+/// clips it: a registry picks the URLs it redirects to.
 pub fn redact_url(url: &str) -> String {
+    crate::untrusted::clip(&redact_unclipped(url))
+}
+
+fn redact_unclipped(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             let _ = u.set_username("");

@@ -8,8 +8,8 @@
 
 use super::RemoteError;
 
-/// Longest part-header block accepted.
-const MAX_HEADER: usize = 16 * 1024;
+/// Longest part-header block accepted (and longest preamble).
+pub(crate) const MAX_HEADER: usize = 16 * 1024;
 
 /// What the parser reports while fed.
 #[derive(Debug, PartialEq, Eq)]
@@ -190,7 +190,7 @@ fn part_range(headers: &[u8]) -> Result<(u64, u64, Option<u64>), RemoteError> {
         if let Some((k, v)) = line.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-range") {
                 return parse_content_range(v)
-                    .ok_or_else(|| RemoteError::Protocol(format!("bad part Content-Range {:?}", v.trim())));
+                    .ok_or_else(|| RemoteError::Protocol(format!("bad part Content-Range {:?}", crate::untrusted::clip(v.trim()))));
             }
         }
     }
