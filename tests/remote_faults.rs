@@ -317,7 +317,7 @@ async fn redirect_to_storage_and_reresolve_on_403() -> Result<()> {
     assert_eq!(b, data);
     assert!(refused.load(Ordering::SeqCst) >= 2);
     // Errors from storage URLs never show the presigned signature.
-    let err = RemoteError::Status { url: stargz::remote::auth::redact_url(&format!("http://{}/x?sig=SECRETSIG", storage.addr)), status: 403 };
+    let err = RemoteError::Status { url: stargz::remote::auth::redact_url(&format!("http://{}/x?sig=SECRETSIG", storage.addr)), status: 403, detail: String::new() };
     assert!(!err.to_string().contains("SECRETSIG"));
     Ok(())
 }

@@ -12,6 +12,7 @@ use reqwest::{Method, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
+use super::body::{self, ByteBudget};
 use super::config::BlobConfig;
 use super::multipart::{self, parse_content_range, Event};
 use super::reference::Reference;
@@ -93,6 +94,7 @@ struct Target<'a> {
 
 impl Blob {
     /// Probes the blob (size, final URL after redirects; mirrors first) and returns a reader.
+    /// Each endpoint is given its request timeout, retries included, before the next is tried.
     pub async fn open(
         client: &RegistryClient,
         reference: &Reference,
@@ -187,7 +189,8 @@ impl Blob {
         Ok(n)
     }
 
-    /// Checks the blob is still reachable (re-probes size and URL).
+    /// Checks the blob is still reachable (re-probes size and URL). Ends within the request
+    /// timeout of each endpoint tried, like [`Blob::open`].
     pub async fn check(&self) -> Result<(), RemoteError> {
         self.inner.relocate().await
     }
@@ -345,8 +348,29 @@ impl Inner {
     }
 
     /// Fetches `chunks` (sorted, distinct) into the cache and the overlapping part of `target`,
-    /// retrying transient failures. Chunks completed by a failed attempt stay committed.
-    async fn fetch(self: &Arc<Self>, chunks: Vec<(Chunk, Option<Flight>)>, mut target: Option<&mut Target<'_>>) -> Result<(), RemoteError> {
+    /// retrying transient failures. Chunks completed by a failed attempt stay committed. Ends
+    /// within [`BlobConfig::fetch_deadline`]; on expiry the unfinished chunks' writers are
+    /// aborted and their waiters woken (dropping the fetch drops them).
+    async fn fetch(self: &Arc<Self>, chunks: Vec<(Chunk, Option<Flight>)>, target: Option<&mut Target<'_>>) -> Result<(), RemoteError> {
+        let deadline = self.config.fetch_deadline();
+        tokio::time::timeout(deadline, self.fetch_retrying(chunks, target))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out(deadline)))
+    }
+
+    fn timed_out(&self, after: Duration) -> RemoteError {
+        tracing::warn!(digest = %self.digest, after_ms = after.as_millis() as u64, "blob fetch ran past its deadline");
+        RemoteError::TimedOut {
+            what: format!("fetch from blob {}", self.digest),
+            after,
+        }
+    }
+
+    async fn fetch_retrying(
+        self: &Arc<Self>,
+        chunks: Vec<(Chunk, Option<Flight>)>,
+        mut target: Option<&mut Target<'_>>,
+    ) -> Result<(), RemoteError> {
         let mut pending: Vec<Pending> = chunks
             .into_iter()
             .map(|(chunk, flight)| Pending {
@@ -443,15 +467,25 @@ impl Inner {
         let (mut resp, loc) = self.send_range(&header, timeout).await?;
         let status = resp.status();
         let url = loc.url.as_str();
+        let stall = self.config.stall_timeout();
         let mut parser = None;
         let mut pos = 0u64;
-        match status {
+        // The bytes of the asked span (first to last missing chunk): a response longer than
+        // that plus multipart framing is refused, whatever it declares.
+        let first = pending.iter().find(|p| !p.done).map_or(0, |p| p.chunk.off);
+        let last = pending.iter().rev().find(|p| !p.done).map_or(0, |p| p.chunk.off + p.chunk.len);
+        let ranges = pending.iter().filter(|p| !p.done).count();
+        let mut parts = 0usize;
+        let mut budget = match status {
             StatusCode::PARTIAL_CONTENT => {
                 let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
                 if let Some(b) = multipart::boundary(ct) {
+                    let framing = (multipart::MAX_HEADER + 2 * b.len() + 16) as u64;
                     parser = Some(multipart::Parser::new(&b));
+                    ByteBudget::new((last - first).saturating_add(framing.saturating_mul(ranges as u64 + 1)))
                 } else {
                     pos = self.single_range_start(&resp)?;
+                    ByteBudget::new(last.saturating_sub(pos))
                 }
             }
             StatusCode::OK => {
@@ -459,6 +493,7 @@ impl Inner {
                 if let Some(l) = resp.content_length() {
                     self.check_total(Some(l))?;
                 }
+                ByteBudget::new(last)
             }
             StatusCode::BAD_REQUEST | StatusCode::RANGE_NOT_SATISFIABLE | StatusCode::NOT_IMPLEMENTED if multi => {
                 tracing::info!(digest = %self.digest, status = status.as_u16(), "registry refused a multi-range request; switching to single-range mode");
@@ -466,9 +501,8 @@ impl Inner {
                 return Err(FetchError::SingleRange);
             }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if loc.redirected => return Err(FetchError::Relocate),
-            s => return Err(RemoteError::status(url, s).into()),
-        }
-        let stall = Duration::from_millis(self.config.stall_timeout_msec.max(1));
+            _ => return Err(body::status_error(resp, url, stall).await.into()),
+        };
         loop {
             let piece = match tokio::time::timeout(stall, resp.chunk()).await {
                 Err(_) => return Err(RemoteError::Stalled(stall).into()),
@@ -476,9 +510,17 @@ impl Inner {
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(p))) => p,
             };
+            budget.spend(piece.len(), || format!("range response for {} ({header})", self.digest))?;
             match parser.as_mut() {
                 Some(parser) => parser.feed(&piece, &mut |ev| match ev {
-                    Event::Part { total, .. } => self.check_total(total),
+                    Event::Part { total, .. } => {
+                        // Servers may merge ranges, never split them.
+                        parts += 1;
+                        if parts > ranges {
+                            return Err(RemoteError::Protocol(format!("multipart response has more than the {ranges} part(s) asked")));
+                        }
+                        self.check_total(total)
+                    }
                     Event::Data { offset, data } => {
                         self.accept(pending, target.as_deref_mut(), offset, data);
                         Ok(())
@@ -601,7 +643,15 @@ impl Inner {
         Ok(())
     }
 
+    /// Ends within [`BlobConfig::fetch_deadline`] (`sink` may have seen part of the range then).
     async fn fetch_range_into(&self, range: Range<u64>, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
+        let deadline = self.config.fetch_deadline();
+        tokio::time::timeout(deadline, self.fetch_range_retrying(range, sink))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out(deadline)))
+    }
+
+    async fn fetch_range_retrying(&self, range: Range<u64>, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
         if range.start > range.end || range.end > self.size {
             return Err(RemoteError::OutOfRange {
                 start: range.start,
@@ -665,9 +715,10 @@ impl Inner {
             }
             StatusCode::OK => 0,
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if loc.redirected => return Err(FetchError::Relocate),
-            s => return Err(RemoteError::status(&loc.url, s).into()),
+            _ => return Err(body::status_error(resp, &loc.url, self.config.stall_timeout()).await.into()),
         };
-        let stall = Duration::from_millis(self.config.stall_timeout_msec.max(1));
+        // Never reads past `end`: a longer body is simply not read.
+        let stall = self.config.stall_timeout();
         while pos < end {
             let piece = match tokio::time::timeout(stall, resp.chunk()).await {
                 Err(_) => return Err(RemoteError::Stalled(stall).into()),

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
-use reqwest::{Method, Response, StatusCode};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::auth::{parse_challenge, redact_url, Challenge, Credentials, DockerConfig, Secret};
+use super::body::{self, MAX_CONFIG, MAX_MANIFEST, MAX_TOKEN};
 use super::config::{ClientConfig, Platform};
 use super::multipart::parse_content_range;
 use super::reference::Reference;
@@ -21,8 +22,8 @@ pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// Manifests and configs larger than this are refused (they are read into memory).
-const MAX_SMALL_OBJECT: u64 = 16 << 20;
+/// Redirects followed per request (Go's and reqwest's default).
+const MAX_REDIRECTS: usize = 10;
 
 /// One place a repository can be reached: a mirror or the origin registry.
 #[derive(Debug, Clone)]
@@ -42,6 +43,32 @@ pub(crate) struct Endpoint {
 enum Auth {
     Basic(Credentials),
     Bearer { token: Secret, expires: Instant },
+}
+
+/// What a request may carry only to the origin (scheme, host, port) it was first sent to:
+/// credentials and mirror `header`s. A redirect elsewhere (blob storage, a CDN, whatever a
+/// hostile registry names) gets neither, as Go's client does for Authorization.
+#[derive(Default)]
+struct OriginOnly<'a> {
+    headers: &'a [(HeaderName, HeaderValue)],
+    auth: Option<Auth>,
+}
+
+impl OriginOnly<'_> {
+    fn apply(&self, mut rb: RequestBuilder) -> RequestBuilder {
+        for (k, v) in self.headers {
+            rb = rb.header(k, v);
+        }
+        match &self.auth {
+            Some(Auth::Basic(c)) => rb.basic_auth(&c.username, Some(c.secret.expose())),
+            Some(Auth::Bearer { token, .. }) => rb.bearer_auth(token.expose()),
+            None => rb,
+        }
+    }
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme() && a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
 }
 
 /// An OCI descriptor.
@@ -155,6 +182,8 @@ impl RegistryClient {
     pub fn new(config: ClientConfig) -> Result<Self, RemoteError> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            // Followed by hand in `send_following`, which decides what a hop may carry.
+            .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(config.skip_tls_verify)
             .user_agent(concat!("stargz-snapshotter-rs/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -246,11 +275,31 @@ impl RegistryClient {
         }
     }
 
-    /// Sends one request with retries (connection errors, 5xx, 429; exponential backoff) and
-    /// auth (`ep` = registry endpoint: cached auth is attached and a 401 triggers one
-    /// challenge/refresh; `None` = a redirected storage URL, sent without credentials).
-    /// Any other status is returned for the caller to judge.
+    /// Sends one request with retries (connection errors, stalls, 5xx, 429; exponential
+    /// backoff) and auth (`ep` = registry endpoint: cached auth and the mirror's headers are
+    /// attached for its own origin and a 401 from it triggers one challenge/refresh; `None` = a
+    /// redirected storage URL, sent without either). Any other status is returned for the
+    /// caller to judge. All attempts together end within `retry_budget(timeout)`.
     pub(crate) async fn send(
+        &self,
+        ep: Option<&Endpoint>,
+        repo: &str,
+        method: Method,
+        url: &str,
+        headers: &HeaderMap,
+        timeout: Duration,
+    ) -> Result<Response, RemoteError> {
+        let budget = self.inner.config.blob.retry_budget(timeout);
+        match tokio::time::timeout(budget, self.send_retrying(ep, repo, method, url, headers, timeout)).await {
+            Ok(r) => r,
+            Err(_) => Err(RemoteError::TimedOut {
+                what: format!("request to {}", redact_url(url)),
+                after: budget,
+            }),
+        }
+    }
+
+    async fn send_retrying(
         &self,
         ep: Option<&Endpoint>,
         repo: &str,
@@ -264,25 +313,17 @@ impl RegistryClient {
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
-            let mut rb = self
-                .inner
-                .http
-                .request(method.clone(), url)
-                .headers(headers.clone())
-                .timeout(timeout);
-            if let Some(ep) = ep {
-                for (k, v) in &ep.headers {
-                    rb = rb.header(k, v);
-                }
-                match self.cached_auth(ep, &scope) {
-                    Some(Auth::Basic(c)) => rb = rb.basic_auth(&c.username, Some(c.secret.expose())),
-                    Some(Auth::Bearer { token, .. }) => rb = rb.bearer_auth(token.expose()),
-                    None => {}
-                }
-            }
-            let result = rb.send().await;
+            let private = match ep {
+                Some(ep) => OriginOnly {
+                    headers: &ep.headers,
+                    auth: self.cached_auth(ep, &scope),
+                },
+                None => OriginOnly::default(),
+            };
+            let result = self.send_following(&method, url, headers, timeout, &private).await;
             let retry = match &result {
-                Ok(r) if r.status() == StatusCode::UNAUTHORIZED && !refreshed => {
+                // A 401 from a redirect target is not the registry asking for credentials.
+                Ok((r, left)) if r.status() == StatusCode::UNAUTHORIZED && !refreshed && !left => {
                     if let Some(ep) = ep {
                         refreshed = true;
                         self.authenticate(ep, &scope, r.headers()).await?;
@@ -290,18 +331,79 @@ impl RegistryClient {
                     }
                     false
                 }
-                Ok(r) => retryable_status(r.status()),
-                Err(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
+                Ok((r, _)) => retryable_status(r.status()),
+                Err(RemoteError::Http { source: e, .. }) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
+                Err(RemoteError::Stalled(_)) => true,
+                Err(_) => false,
             };
             if retry && attempt < blob.max_retries {
                 let wait = blob.backoff(attempt);
-                tracing::debug!(url = %redact_url(url), attempt, wait_ms = wait.as_millis() as u64, status = ?result.as_ref().ok().map(|r| r.status().as_u16()), "retrying registry request");
+                tracing::debug!(url = %redact_url(url), attempt, wait_ms = wait.as_millis() as u64, status = ?result.as_ref().ok().map(|(r, _)| r.status().as_u16()), "retrying registry request");
                 attempt += 1;
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            return result.map_err(|e| RemoteError::http(url, e));
+            return result.map(|(r, _)| r);
         }
+    }
+
+    /// One attempt: sends `url`, following up to [`MAX_REDIRECTS`] redirects. `private` goes
+    /// only to hops on the first URL's origin; once a hop leaves it, no later hop gets it.
+    /// Each hop's response headers must arrive within the stall timeout. Returns the final
+    /// response and whether it came from another origin.
+    async fn send_following(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        timeout: Duration,
+        private: &OriginOnly<'_>,
+    ) -> Result<(Response, bool), RemoteError> {
+        let first = Url::parse(url).map_err(|_| RemoteError::Protocol(format!("invalid URL {}", redact_url(url))))?;
+        let stall = self.inner.config.blob.stall_timeout();
+        let mut current = first.clone();
+        let mut method = method.clone();
+        let mut left = false;
+        for _ in 0..=MAX_REDIRECTS {
+            let mut rb = self
+                .inner
+                .http
+                .request(method.clone(), current.clone())
+                .headers(headers.clone())
+                .timeout(timeout);
+            if !left {
+                rb = private.apply(rb);
+            }
+            let resp = match tokio::time::timeout(stall, rb.send()).await {
+                Err(_) => {
+                    tracing::debug!(url = %redact_url(current.as_str()), wait_ms = stall.as_millis() as u64, "no response headers in time");
+                    return Err(RemoteError::Stalled(stall));
+                }
+                Ok(r) => r.map_err(|e| RemoteError::http(current.as_str(), e))?,
+            };
+            let status = resp.status();
+            let redirect = matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308);
+            let Some(location) = resp.headers().get(LOCATION).filter(|_| redirect) else {
+                return Ok((resp, left));
+            };
+            let next = location
+                .to_str()
+                .ok()
+                .and_then(|l| current.join(l).ok())
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    RemoteError::Protocol(format!("{} redirected to an invalid Location", redact_url(current.as_str())))
+                })?;
+            if !same_origin(&next, &first) {
+                left = true;
+            }
+            if status == StatusCode::SEE_OTHER && method != Method::HEAD {
+                method = Method::GET;
+            }
+            tracing::debug!(from = %redact_url(current.as_str()), to = %redact_url(next.as_str()), status = status.as_u16(), credentials = !left, "following redirect");
+            current = next;
+        }
+        Err(RemoteError::Protocol(format!("more than {MAX_REDIRECTS} redirects from {}", redact_url(url))))
     }
 
     /// Answers a 401: learns the scheme from `WWW-Authenticate`, fetches a bearer token when
@@ -369,18 +471,29 @@ impl RegistryClient {
                 q.append_pair("scope", s);
             }
         }
-        let mut rb = self.inner.http.get(url.clone()).timeout(self.inner.config.request_timeout);
-        if let Some(c) = creds {
-            rb = rb.basic_auth(&c.username, Some(c.secret.expose()));
-        }
-        let resp = rb.send().await.map_err(|e| RemoteError::http(url.as_str(), e))?;
+        // The realm is the registry's choice: the credentials go to it (as Docker's clients
+        // do) but not on to where it redirects, and its answer is bounded like any body.
+        let private = OriginOnly {
+            headers: &[],
+            auth: creds.cloned().map(Auth::Basic),
+        };
+        let timeout = self.inner.config.request_timeout;
+        let stall = self.inner.config.blob.stall_timeout();
+        let (resp, _) = self.send_following(&Method::GET, url.as_str(), &HeaderMap::new(), timeout, &private).await?;
         if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let detail = body::error_detail(resp, stall).await;
             return Err(RemoteError::Unauthorized {
                 host: ep.cred_host.clone(),
-                reason: format!("token endpoint {} answered {}", redact_url(url.as_str()), resp.status().as_u16()),
+                reason: format!(
+                    "token endpoint {} answered {status}{}",
+                    redact_url(url.as_str()),
+                    if detail.is_empty() { String::new() } else { format!(": {detail}") }
+                ),
             });
         }
-        let body: TokenResponse = resp.json().await.map_err(|_| RemoteError::Unauthorized {
+        let raw = body::read_limited(resp, MAX_TOKEN, "token response", stall).await?;
+        let body: TokenResponse = serde_json::from_slice(&raw).map_err(|_| RemoteError::Unauthorized {
             host: ep.cred_host.clone(),
             reason: "token endpoint sent invalid JSON".into(),
         })?;
@@ -396,8 +509,17 @@ impl RegistryClient {
         })
     }
 
-    /// GETs a small object (manifest, config) from the first endpoint that has it.
-    async fn get_small(&self, reference: &Reference, path: &str, accept: Option<&str>) -> Result<(Vec<u8>, Option<String>), RemoteError> {
+    /// GETs a small object (manifest, config) from the first endpoint that has it, refusing
+    /// more than `limit` bytes (`what` names it in that error).
+    async fn get_small(
+        &self,
+        reference: &Reference,
+        path: &str,
+        accept: Option<&str>,
+        limit: u64,
+        what: &str,
+    ) -> Result<(Vec<u8>, Option<String>), RemoteError> {
+        let stall = self.inner.config.blob.stall_timeout();
         let mut headers = HeaderMap::new();
         if let Some(a) = accept {
             headers.insert(ACCEPT, HeaderValue::from_str(a).map_err(|_| RemoteError::Protocol("bad accept".into()))?);
@@ -407,15 +529,15 @@ impl RegistryClient {
             let url = format!("{}/v2/{}/{path}", ep.base, reference.repository);
             let result = async {
                 let resp = self.send(Some(&ep), &reference.repository, Method::GET, &url, &headers, ep.timeout).await?;
-                let status = resp.status();
-                if !status.is_success() {
-                    return Err(RemoteError::status(&url, status));
+                if !resp.status().is_success() {
+                    return Err(body::status_error(resp, &url, stall).await);
                 }
-                if resp.content_length().is_some_and(|l| l > MAX_SMALL_OBJECT) {
-                    return Err(RemoteError::Protocol(format!("{} is larger than {MAX_SMALL_OBJECT} bytes", redact_url(&url))));
-                }
-                let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                let body = read_limited(resp, MAX_SMALL_OBJECT, &url).await?;
+                let ct = resp
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(crate::untrusted::clip);
+                let body = body::read_limited(resp, limit, what, stall).await?;
                 Ok((body, ct))
             }
             .await;
@@ -434,15 +556,19 @@ impl RegistryClient {
     /// from an OCI index or Docker manifest list.
     pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, RemoteError> {
         let accept = [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST].join(", ");
-        let (raw, ct) = self.get_small(reference, &format!("manifests/{}", reference.object()), Some(&accept)).await?;
+        let (raw, ct) = self
+            .get_small(reference, &format!("manifests/{}", reference.object()), Some(&accept), MAX_MANIFEST, "manifest")
+            .await?;
         let (raw, ct, digest) = {
             let digest = sha256_digest(&raw);
             check_pinned(reference.digest.as_deref(), &digest)?;
             let media = media_type(&raw, ct.as_deref());
             if media == MEDIA_OCI_INDEX || media == MEDIA_DOCKER_LIST {
-                let index: Index = serde_json::from_slice(&raw).map_err(|e| RemoteError::Manifest(e.to_string()))?;
+                let index: Index = serde_json::from_slice(&raw).map_err(manifest_error)?;
                 let chosen = pick_platform(&index.manifests, &self.inner.config.platform)?;
-                let (raw, ct) = self.get_small(reference, &format!("manifests/{}", chosen.digest), Some(&accept)).await?;
+                let (raw, ct) = self
+                    .get_small(reference, &format!("manifests/{}", chosen.digest), Some(&accept), MAX_MANIFEST, "manifest")
+                    .await?;
                 let digest = sha256_digest(&raw);
                 check_pinned(Some(&chosen.digest), &digest)?;
                 (raw, ct, digest)
@@ -451,7 +577,7 @@ impl RegistryClient {
             }
         };
         let media_type = media_type(&raw, ct.as_deref());
-        let manifest: Manifest = serde_json::from_slice(&raw).map_err(|e| RemoteError::Manifest(e.to_string()))?;
+        let manifest: Manifest = serde_json::from_slice(&raw).map_err(manifest_error)?;
         Ok(Resolved {
             reference: reference.with_digest(&digest),
             digest,
@@ -466,7 +592,9 @@ impl RegistryClient {
     /// every level. A digest `object` (or a pinned reference) is verified.
     pub async fn fetch_manifest(&self, reference: &Reference, object: &str) -> Result<RawManifest, RemoteError> {
         let accept = [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST].join(", ");
-        let (raw, ct) = self.get_small(reference, &format!("manifests/{object}"), Some(&accept)).await?;
+        let (raw, ct) = self
+            .get_small(reference, &format!("manifests/{object}"), Some(&accept), MAX_MANIFEST, "manifest")
+            .await?;
         let digest = sha256_digest(&raw);
         let pinned = if object.contains(':') { Some(object) } else { reference.digest.as_deref() };
         check_pinned(pinned, &digest)?;
@@ -479,20 +607,31 @@ impl RegistryClient {
 
     /// Fetches a small blob (an image config) whole and checks its digest.
     pub async fn fetch_blob_bytes(&self, reference: &Reference, digest: &str) -> Result<Vec<u8>, RemoteError> {
-        let (raw, _) = self.get_small(reference, &format!("blobs/{digest}"), None).await?;
+        let (raw, _) = self
+            .get_small(reference, &format!("blobs/{digest}"), None, MAX_CONFIG, "blob")
+            .await?;
         check_pinned(Some(digest), &sha256_digest(&raw))?;
         Ok(raw)
     }
 
     /// Learns a blob's size and final URL with a `Range: bytes=0-1` GET (following redirects to
-    /// blob storage), trying mirrors first.
+    /// blob storage), trying mirrors first. Each endpoint gets its request timeout for the whole
+    /// probe, retries included, so a stalled mirror can not keep the origin from being tried and
+    /// the whole call ends within the sum of those timeouts.
     pub(crate) async fn locate_blob(&self, reference: &Reference, digest: &str) -> Result<BlobLocation, RemoteError> {
         let mut headers = HeaderMap::new();
         headers.insert(RANGE, HeaderValue::from_static("bytes=0-1"));
         let mut last = None;
         for ep in self.endpoints(reference) {
             let url = format!("{}/v2/{}/blobs/{digest}", ep.base, reference.repository);
-            match self.probe(&ep, &reference.repository, &url, &headers).await {
+            let probe = tokio::time::timeout(ep.timeout, self.probe(&ep, &reference.repository, &url, &headers));
+            let result = probe.await.unwrap_or_else(|_| {
+                Err(RemoteError::TimedOut {
+                    what: format!("probing blob at {}", redact_url(&url)),
+                    after: ep.timeout,
+                })
+            });
+            match result {
                 Ok(loc) => return Ok(loc),
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.base, mirror = ep.mirror, digest = %digest, error = %e, "blob not reachable here");
@@ -516,7 +655,7 @@ impl RegistryClient {
             StatusCode::OK => resp
                 .content_length()
                 .ok_or_else(|| RemoteError::Protocol("200 without Content-Length".into()))?,
-            s => return Err(RemoteError::status(url, s)),
+            _ => return Err(body::status_error(resp, url, self.inner.config.blob.stall_timeout()).await),
         };
         let final_url = resp.url().clone();
         let orig = reqwest::Url::parse(url).map_err(|_| RemoteError::Protocol("bad url".into()))?;
@@ -574,16 +713,9 @@ fn pick_platform<'a>(manifests: &'a [Descriptor], want: &Platform) -> Result<&'a
     manifests.iter().find(matches).ok_or_else(|| RemoteError::NoMatchingPlatform(format!("{}/{}", want.os, want.architecture)))
 }
 
-/// Reads a whole body, refusing more than `max` bytes.
-async fn read_limited(mut resp: Response, max: u64, url: &str) -> Result<Vec<u8>, RemoteError> {
-    let mut out = Vec::new();
-    while let Some(piece) = resp.chunk().await.map_err(|e| RemoteError::http(url, e))? {
-        if out.len() as u64 + piece.len() as u64 > max {
-            return Err(RemoteError::Protocol(format!("{} is larger than {max} bytes", redact_url(url))));
-        }
-        out.extend_from_slice(&piece);
-    }
-    Ok(out)
+/// A manifest that does not parse; serde quotes offending values, so the message is clipped.
+fn manifest_error(e: serde_json::Error) -> RemoteError {
+    RemoteError::Manifest(crate::untrusted::clip(&e.to_string()))
 }
 
 #[cfg(test)]
