@@ -466,3 +466,147 @@ async fn serve(mut sock: tokio::net::TcpStream, upstream: &str, policy: Policy, 
     }
     Ok(())
 }
+
+/// What a [`Hostile`] server does with one request.
+pub enum Reply {
+    /// A normal answer with a Content-Length.
+    Fixed {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// `prefix`, then `piece` over and over (no Content-Length, until `cap` bytes or the
+    /// client goes away).
+    Endless {
+        status: u16,
+        headers: Vec<(String, String)>,
+        prefix: Vec<u8>,
+        piece: Vec<u8>,
+        cap: u64,
+    },
+    /// Declares `len` bytes, then sends one byte every `every`.
+    Trickle {
+        status: u16,
+        headers: Vec<(String, String)>,
+        len: u64,
+        every: Duration,
+    },
+    /// Reads the request and never answers (holds the connection open).
+    Silent,
+}
+
+pub type HostilePolicy = Arc<dyn Fn(&ProxyRequest) -> Reply + Send + Sync>;
+
+/// A raw HTTP/1.1 server on loopback playing a hostile registry: records every request and
+/// counts the body bytes it managed to write. Stops accepting when dropped.
+pub struct Hostile {
+    pub addr: String,
+    pub seen: Arc<Mutex<Vec<ProxyRequest>>>,
+    pub sent: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Hostile {
+    pub async fn start(policy: HostilePolicy) -> Result<Hostile> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s2, n2) = (seen.clone(), sent.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { return };
+                let (policy, seen, sent) = (policy.clone(), s2.clone(), n2.clone());
+                tokio::spawn(async move {
+                    let _ = hostile_serve(sock, policy, seen, sent).await;
+                });
+            }
+        });
+        Ok(Hostile { addr, seen, sent, task })
+    }
+
+    pub fn requests(&self) -> Vec<ProxyRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn hostile_serve(
+    mut sock: tokio::net::TcpStream,
+    policy: HostilePolicy,
+    seen: Arc<Mutex<Vec<ProxyRequest>>>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sock.read(&mut byte).await?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&byte[..n]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let method = first.next().unwrap_or("").to_owned();
+    let path = first.next().unwrap_or("/").to_owned();
+    let headers: Vec<(String, String)> = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
+        .collect();
+    let req = ProxyRequest { method, path, headers };
+    seen.lock().unwrap().push(req.clone());
+    let head = |status: u16, headers: &[(String, String)], len: Option<u64>| {
+        let mut h = format!("HTTP/1.1 {status} X\r\nconnection: close\r\n");
+        if let Some(l) = len {
+            h.push_str(&format!("content-length: {l}\r\n"));
+        }
+        for (k, v) in headers {
+            h.push_str(&format!("{k}: {v}\r\n"));
+        }
+        h.push_str("\r\n");
+        h
+    };
+    match policy(&req) {
+        Reply::Fixed { status, headers, body } => {
+            sock.write_all(head(status, &headers, Some(body.len() as u64)).as_bytes()).await?;
+            sock.write_all(&body).await?;
+            sent.fetch_add(body.len() as u64, Ordering::SeqCst);
+            sock.shutdown().await?;
+        }
+        Reply::Endless { status, headers, prefix, piece, cap } => {
+            sock.write_all(head(status, &headers, None).as_bytes()).await?;
+            sock.write_all(&prefix).await?;
+            let mut n = prefix.len() as u64;
+            while n < cap && !piece.is_empty() {
+                sock.write_all(&piece).await?;
+                n += piece.len() as u64;
+                sent.fetch_add(piece.len() as u64, Ordering::SeqCst);
+            }
+            sock.shutdown().await?;
+        }
+        Reply::Trickle { status, headers, len, every } => {
+            sock.write_all(head(status, &headers, Some(len)).as_bytes()).await?;
+            for _ in 0..len {
+                sock.write_all(b"x").await?;
+                sock.flush().await?;
+                sent.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(every).await;
+            }
+        }
+        Reply::Silent => tokio::time::sleep(Duration::from_secs(3600)).await,
+    }
+    Ok(())
+}
