@@ -14,7 +14,8 @@ use anyhow::Result;
 use remote_support::{Hostile, ProxyRequest, Reply};
 use stargz::cache::MemoryCache;
 use stargz::remote::{
-    Blob, BlobConfig, ClientConfig, Credentials, HostConfig, MirrorConfig, Reference, RegistryClient, RemoteError, Secret,
+    Blob, BlobConfig, ClientConfig, Credentials, HostConfig, MirrorConfig, Reference,
+    RegistryClient, RemoteError, Secret,
 };
 
 const LAYER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
@@ -87,16 +88,26 @@ async fn endless_token_body_is_refused_promptly() -> Result<()> {
     let realm = format!("http://{}/token", token.addr);
     let reg = Hostile::start(Arc::new(move |_: &ProxyRequest| Reply::Fixed {
         status: 401,
-        headers: vec![h("www-authenticate", &format!("Bearer realm=\"{realm}\",service=\"reg\""))],
+        headers: vec![h(
+            "www-authenticate",
+            &format!("Bearer realm=\"{realm}\",service=\"reg\""),
+        )],
         body: Vec::new(),
     }))
     .await?;
     let r: Reference = format!("{}/a/b:t", reg.addr).parse()?;
     let t = Instant::now();
     let err = client_with(blob_config()).resolve(&r).await.unwrap_err();
-    assert!(matches!(&err, RemoteError::BodyTooLarge { limit, .. } if *limit == 1 << 20), "{err}");
+    assert!(
+        matches!(&err, RemoteError::BodyTooLarge { limit, .. } if *limit == 1 << 20),
+        "{err}"
+    );
     assert!(err.to_string().contains("token response"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     let sent = settled(&token).await;
     assert!(sent < MAX_BUFFERED, "token server wrote {sent} bytes");
     Ok(())
@@ -117,11 +128,20 @@ async fn endless_error_bodies_give_clipped_messages() -> Result<()> {
         let r: Reference = format!("{}/{repo}:t", srv.addr).parse()?;
         let t = Instant::now();
         let err = client.fetch_manifest(&r, "t").await.unwrap_err();
-        let RemoteError::Status { status, detail, .. } = &err else { panic!("{err}") };
+        let RemoteError::Status { status, detail, .. } = &err else {
+            panic!("{err}")
+        };
         assert_eq!(*status, want);
-        assert!(detail.starts_with("oops ZZZ") && detail.contains("more bytes)"), "{detail}");
+        assert!(
+            detail.starts_with("oops ZZZ") && detail.contains("more bytes)"),
+            "{detail}"
+        );
         assert!(err.to_string().len() < 1024, "{err}");
-        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
     }
     // 503 is retried (3 requests), 404 is not.
     assert_eq!(srv.requests().len(), 4);
@@ -135,7 +155,10 @@ async fn oversized_manifest_is_refused() -> Result<()> {
     const LIMIT: u64 = 4 << 20;
     let head = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
     let srv = Hostile::start(Arc::new(move |r: &ProxyRequest| {
-        let headers = vec![h("content-type", "application/vnd.oci.image.manifest.v1+json")];
+        let headers = vec![h(
+            "content-type",
+            "application/vnd.oci.image.manifest.v1+json",
+        )];
         if r.path.ends_with("/big") {
             // No Content-Length: only the streamed count stops it.
             return Reply::Endless {
@@ -149,7 +172,11 @@ async fn oversized_manifest_is_refused() -> Result<()> {
         // Valid JSON padded with spaces to exactly the limit.
         let mut body = head.to_vec();
         body.resize(LIMIT as usize, b' ');
-        Reply::Fixed { status: 200, headers, body }
+        Reply::Fixed {
+            status: 200,
+            headers,
+            body,
+        }
     }))
     .await?;
     let client = client_with(blob_config());
@@ -157,7 +184,10 @@ async fn oversized_manifest_is_refused() -> Result<()> {
     let ok = client.fetch_manifest(&r, "fits").await?;
     assert_eq!(ok.raw.len() as u64, LIMIT);
     let err = client.fetch_manifest(&r, "big").await.unwrap_err();
-    assert!(matches!(&err, RemoteError::BodyTooLarge { limit: LIMIT, .. }), "{err}");
+    assert!(
+        matches!(&err, RemoteError::BodyTooLarge { limit: LIMIT, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("manifest"), "{err}");
     Ok(())
 }
@@ -172,22 +202,40 @@ async fn silent_registry_fails_within_the_deadline() -> Result<()> {
     // No headers ever: each attempt waits one stall timeout, 3 attempts, tiny backoffs.
     let bound = cfg.retry_budget(cfg.stall_timeout());
     let t = Instant::now();
-    let err = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new())).await.err().unwrap();
+    let err = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new()))
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, RemoteError::Stalled(_)), "{err}");
-    assert!(t.elapsed() < bound + Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < bound + Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
     assert_eq!(srv.requests().len(), 3);
 
     let t = Instant::now();
     let err = client.resolve(&r).await.unwrap_err();
     assert!(matches!(err, RemoteError::Stalled(_)), "{err}");
-    assert!(t.elapsed() < bound + Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < bound + Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_checks_of_a_silent_blob_end_within_their_deadlines() -> Result<()> {
     // The probe is answered, then the server goes silent.
-    let srv = Hostile::start(Arc::new(|r: &ProxyRequest| if is_probe(r) { probe_reply() } else { Reply::Silent })).await?;
+    let srv = Hostile::start(Arc::new(|r: &ProxyRequest| {
+        if is_probe(r) {
+            probe_reply()
+        } else {
+            Reply::Silent
+        }
+    }))
+    .await?;
     let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
     // Nested retries (3 requests inside each of 3 fetch attempts) would wait 9 stalls of
     // 0.4 s = 3.6 s; the fetch deadline (3 fetch timeouts of 1 s + backoffs) cuts them first.
@@ -206,7 +254,10 @@ async fn reads_and_checks_of_a_silent_blob_end_within_their_deadlines() -> Resul
     let err = blob.read_at(&mut buf, 0).await.unwrap_err();
     let took = t.elapsed();
     assert!(matches!(err, RemoteError::TimedOut { .. }), "{err}");
-    assert!(took >= deadline && took < deadline + Duration::from_secs(1), "took {took:?}, deadline {deadline:?}");
+    assert!(
+        took >= deadline && took < deadline + Duration::from_secs(1),
+        "took {took:?}, deadline {deadline:?}"
+    );
     let io = std::io::Error::from(err);
     assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
 
@@ -214,7 +265,11 @@ async fn reads_and_checks_of_a_silent_blob_end_within_their_deadlines() -> Resul
     let mut sink = Vec::new();
     let err = blob.fetch_range_into(0..100, &mut sink).await.unwrap_err();
     assert!(matches!(err, RemoteError::TimedOut { .. }), "{err}");
-    assert!(t.elapsed() < deadline + Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < deadline + Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
 
     Ok(())
 }
@@ -246,8 +301,15 @@ async fn check_of_a_blob_whose_registry_went_silent_is_bounded() -> Result<()> {
     let blob = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new())).await?;
     let t = Instant::now();
     let err = blob.check().await.unwrap_err();
-    assert!(matches!(err, RemoteError::TimedOut { .. } | RemoteError::Http { .. }), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    assert!(
+        matches!(err, RemoteError::TimedOut { .. } | RemoteError::Http { .. }),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
     Ok(())
 }
 
@@ -268,12 +330,25 @@ async fn range_response_longer_than_asked_is_cut_off() -> Result<()> {
     }))
     .await?;
     let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
-    let blob = Blob::open(&client_with(blob_config()), &r, LAYER, Arc::new(MemoryCache::new())).await?;
+    let blob = Blob::open(
+        &client_with(blob_config()),
+        &r,
+        LAYER,
+        Arc::new(MemoryCache::new()),
+    )
+    .await?;
     let t = Instant::now();
     let mut buf = [0u8; 100];
     let err = blob.read_at(&mut buf, 500).await.unwrap_err();
-    assert!(matches!(&err, RemoteError::BodyTooLarge { limit: 50, .. }), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        matches!(&err, RemoteError::BodyTooLarge { limit: 50, .. }),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     let sent = settled(&srv).await;
     assert!(sent < MAX_BUFFERED, "server wrote {sent} bytes");
     Ok(())
@@ -298,13 +373,30 @@ async fn multipart_with_more_parts_than_asked_is_refused() -> Result<()> {
     }))
     .await?;
     let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
-    let blob = Blob::open(&client_with(blob_config()), &r, LAYER, Arc::new(MemoryCache::new())).await?;
+    let blob = Blob::open(
+        &client_with(blob_config()),
+        &r,
+        LAYER,
+        Arc::new(MemoryCache::new()),
+    )
+    .await?;
     let t = Instant::now();
     let err = blob.prefetch(&[0..100, 300..400]).await.unwrap_err();
     // The retries ask for the one chunk still missing, and get too many parts again.
-    assert!(err.to_string().contains("more than the 1 part(s) asked"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
-    let data: Vec<_> = srv.requests().into_iter().filter(|r| !is_probe(r)).collect();
+    assert!(
+        err.to_string().contains("more than the 1 part(s) asked"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let data: Vec<_> = srv
+        .requests()
+        .into_iter()
+        .filter(|r| !is_probe(r))
+        .collect();
     assert_eq!(data[0].header("range"), Some("bytes=0-99,300-399"));
     let sent = settled(&srv).await;
     assert!(sent < MAX_BUFFERED, "server wrote {sent} bytes");
@@ -366,14 +458,23 @@ async fn redirects_to_another_origin_carry_no_credentials_or_mirror_headers() ->
     assert_eq!(blob.size(), 1000);
 
     let seen = mirror.requests();
-    let hop = seen.iter().find(|r| r.path == "/hop/blob").expect("same-origin hop followed");
-    assert!(hop.header("authorization").is_some_and(|a| a.starts_with("Basic ")));
+    let hop = seen
+        .iter()
+        .find(|r| r.path == "/hop/blob")
+        .expect("same-origin hop followed");
+    assert!(hop
+        .header("authorization")
+        .is_some_and(|a| a.starts_with("Basic ")));
     assert_eq!(hop.header("x-mirror-secret"), Some("m1"));
     let at_storage = storage.requests();
     assert_eq!(at_storage.len(), 1);
     let s = &at_storage[0];
     assert_eq!(s.path, "/storage/blob?sig=S");
-    assert_eq!(s.header("range"), Some("bytes=0-1"), "request headers are kept");
+    assert_eq!(
+        s.header("range"),
+        Some("bytes=0-1"),
+        "request headers are kept"
+    );
     assert_eq!(s.header("authorization"), None);
     assert_eq!(s.header("x-mirror-secret"), None);
     Ok(())

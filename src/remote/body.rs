@@ -33,7 +33,11 @@ impl ByteBudget {
     }
 
     /// Accounts `n` more bytes; [`RemoteError::BodyTooLarge`] (naming `what()`) once past the limit.
-    pub(crate) fn spend(&mut self, n: usize, what: impl FnOnce() -> String) -> Result<(), RemoteError> {
+    pub(crate) fn spend(
+        &mut self,
+        n: usize,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), RemoteError> {
         self.seen = self.seen.saturating_add(n as u64);
         if self.seen > self.limit {
             return Err(RemoteError::BodyTooLarge {
@@ -48,11 +52,19 @@ impl ByteBudget {
 /// Reads the whole body of `resp` into memory: [`RemoteError::BodyTooLarge`] as soon as it
 /// passes `limit` bytes (or declares more), [`RemoteError::Stalled`] when no piece arrives
 /// within `stall`. `what` names the object in the error ("manifest", "token response").
-pub(crate) async fn read_limited(mut resp: Response, limit: u64, what: &str, stall: Duration) -> Result<Vec<u8>, RemoteError> {
+pub(crate) async fn read_limited(
+    mut resp: Response,
+    limit: u64,
+    what: &str,
+    stall: Duration,
+) -> Result<Vec<u8>, RemoteError> {
     let url = resp.url().to_string();
     let name = || format!("{what} from {}", redact_url(&url));
     if resp.content_length().is_some_and(|l| l > limit) {
-        return Err(RemoteError::BodyTooLarge { what: name(), limit });
+        return Err(RemoteError::BodyTooLarge {
+            what: name(),
+            limit,
+        });
     }
     let mut budget = ByteBudget::new(limit);
     let mut out = Vec::new();
@@ -120,7 +132,10 @@ fn describe(body: &[u8]) -> String {
             .join("; "),
         _ => String::from_utf8_lossy(body).into_owned(),
     };
-    let one_line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     untrusted::clip(one_line.trim())
 }
 
@@ -153,8 +168,13 @@ mod tests {
     async fn endless_body_stops_at_the_limit() {
         let sent = Arc::new(AtomicU64::new(0));
         let resp = endless(&[b'{'; 1000], sent.clone(), 200);
-        let err = read_limited(resp, 10_000, "token response", Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(err, RemoteError::BodyTooLarge { limit: 10_000, .. }), "{err}");
+        let err = read_limited(resp, 10_000, "token response", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RemoteError::BodyTooLarge { limit: 10_000, .. }),
+            "{err}"
+        );
         assert!(err.to_string().starts_with("token response from "), "{err}");
         // One piece past the limit, never more.
         assert!(sent.load(Ordering::Relaxed) <= 11_000);
@@ -162,9 +182,23 @@ mod tests {
 
     #[tokio::test]
     async fn body_within_the_limit_is_read_whole() {
-        let body = read_limited(fixed(b"0123456789", 200), 10, "manifest", Duration::from_secs(5)).await.unwrap();
+        let body = read_limited(
+            fixed(b"0123456789", 200),
+            10,
+            "manifest",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
         assert_eq!(body, b"0123456789");
-        let err = read_limited(fixed(b"0123456789x", 200), 10, "manifest", Duration::from_secs(5)).await.unwrap_err();
+        let err = read_limited(
+            fixed(b"0123456789x", 200),
+            10,
+            "manifest",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, RemoteError::BodyTooLarge { .. }), "{err}");
     }
 
@@ -173,7 +207,9 @@ mod tests {
         let stream = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
         let resp = Response::from(http::Response::new(reqwest::Body::wrap_stream(stream)));
         let t = std::time::Instant::now();
-        let err = read_limited(resp, 10, "manifest", Duration::from_millis(100)).await.unwrap_err();
+        let err = read_limited(resp, 10, "manifest", Duration::from_millis(100))
+            .await
+            .unwrap_err();
         assert!(matches!(err, RemoteError::Stalled(_)), "{err}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
@@ -181,11 +217,26 @@ mod tests {
     #[tokio::test]
     async fn error_body_is_a_clipped_prefix() {
         let sent = Arc::new(AtomicU64::new(0));
-        let err = status_error(endless(b"AAAA\n", sent.clone(), 503), "http://h/v2/x?sig=s", Duration::from_secs(5)).await;
-        let RemoteError::Status { status, detail, url } = &err else { panic!("{err}") };
+        let err = status_error(
+            endless(b"AAAA\n", sent.clone(), 503),
+            "http://h/v2/x?sig=s",
+            Duration::from_secs(5),
+        )
+        .await;
+        let RemoteError::Status {
+            status,
+            detail,
+            url,
+        } = &err
+        else {
+            panic!("{err}")
+        };
         assert_eq!((*status, url.as_str()), (503, "http://h/v2/x?<redacted>"));
         assert!(detail.len() < untrusted::MAX_SHOWN + 64, "{detail}");
-        assert!(detail.starts_with("AAAA AAAA") && !detail.contains('\n'), "{detail}");
+        assert!(
+            detail.starts_with("AAAA AAAA") && !detail.contains('\n'),
+            "{detail}"
+        );
         assert!(sent.load(Ordering::Relaxed) <= MAX_ERROR_BODY as u64 + 5);
         assert!(err.to_string().contains("answered HTTP 503: AAAA"), "{err}");
     }
@@ -194,7 +245,10 @@ mod tests {
     async fn error_body_names_oci_errors() {
         let body = br#"{"errors":[{"code":"DENIED","message":"no\naccess","detail":{}}]}"#;
         let err = status_error(fixed(body, 403), "http://h/", Duration::from_secs(5)).await;
-        assert_eq!(err.to_string(), "http://h/ answered HTTP 403: DENIED: no access");
+        assert_eq!(
+            err.to_string(),
+            "http://h/ answered HTTP 403: DENIED: no access"
+        );
         let err = status_error(fixed(b"", 500), "http://h/", Duration::from_secs(5)).await;
         assert_eq!(err.to_string(), "http://h/ answered HTTP 500");
     }

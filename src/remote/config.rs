@@ -195,7 +195,10 @@ mod tests {
         assert_eq!(t.blob.max_retries, 5);
         assert!(t.blob.force_single_range_mode);
         let m = &t.resolver.host["docker.io"].mirrors[0];
-        assert_eq!((m.host.as_str(), m.insecure, m.request_timeout_sec), ("mirror.local:5000", true, 3));
+        assert_eq!(
+            (m.host.as_str(), m.insecure, m.request_timeout_sec),
+            ("mirror.local:5000", true, 3)
+        );
         assert_eq!(m.header["x-a"], "b");
     }
 
@@ -222,15 +225,31 @@ mod tests {
             ..Default::default()
         };
         // 4 attempts of 1 s, waits 10 + 20 + 25 ms.
-        assert_eq!(b.retry_budget(Duration::from_secs(1)), Duration::from_millis(4055));
+        assert_eq!(
+            b.retry_budget(Duration::from_secs(1)),
+            Duration::from_millis(4055)
+        );
         assert_eq!(b.fetch_deadline(), Duration::from_millis(8055));
-        let none = BlobConfig { max_retries: 0, ..b.clone() };
-        assert_eq!(none.retry_budget(Duration::from_secs(1)), Duration::from_secs(1));
+        let none = BlobConfig {
+            max_retries: 0,
+            ..b.clone()
+        };
+        assert_eq!(
+            none.retry_budget(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
         // Absurd settings saturate instead of overflowing or looping for long.
-        let huge = BlobConfig { max_retries: u32::MAX, max_wait_msec: u64::MAX, ..b };
+        let huge = BlobConfig {
+            max_retries: u32::MAX,
+            max_wait_msec: u64::MAX,
+            ..b
+        };
         assert!(huge.fetch_deadline() >= Duration::from_secs(u32::MAX as u64));
         let d = BlobConfig::default();
         assert_eq!(d.stall_timeout(), Duration::from_secs(30));
-        assert_eq!(d.fetch_deadline(), Duration::from_millis(6 * 300_000 + 30 + 60 + 120 + 240 + 480));
+        assert_eq!(
+            d.fetch_deadline(),
+            Duration::from_millis(6 * 300_000 + 30 + 60 + 120 + 240 + 480)
+        );
     }
 }

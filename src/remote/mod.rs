@@ -63,8 +63,8 @@ pub use blob::{Blob, SyncBlob};
 pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, Platform, ResolverConfig};
 pub use reference::Reference;
 pub use registry::{
-    Descriptor, Manifest, PlatformSpec, RawManifest, RegistryClient, Resolved, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
+    Descriptor, Manifest, PlatformSpec, RawManifest, RegistryClient, Resolved, MEDIA_DOCKER_LIST,
+    MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
 };
 
 use crate::cache::CacheError;
@@ -103,7 +103,10 @@ pub enum RemoteError {
     BodyTooLarge { what: String, limit: u64 },
     /// A whole operation, retries included, ran past its deadline.
     #[error("{what} did not finish within {after:?}")]
-    TimedOut { what: String, after: std::time::Duration },
+    TimedOut {
+        what: String,
+        after: std::time::Duration,
+    },
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: String, actual: String },
     #[error("invalid manifest: {0}")]
@@ -138,16 +141,25 @@ impl RemoteError {
             why = format!("{why}: {s}");
             src = s.source();
         }
-        RemoteError::Truncated(format!("body from {} broke off: {why}", auth::redact_url(url)))
+        RemoteError::Truncated(format!(
+            "body from {} broke off: {why}",
+            auth::redact_url(url)
+        ))
     }
 
     /// Worth another attempt after a backoff.
     pub fn is_retryable(&self) -> bool {
         match self {
             RemoteError::Http { source, .. } => {
-                source.is_connect() || source.is_timeout() || source.is_body() || source.is_request() || source.is_decode()
+                source.is_connect()
+                    || source.is_timeout()
+                    || source.is_body()
+                    || source.is_request()
+                    || source.is_decode()
             }
-            RemoteError::Status { status, .. } => *status == 429 || (*status >= 500 && *status != 501),
+            RemoteError::Status { status, .. } => {
+                *status == 429 || (*status >= 500 && *status != 501)
+            }
             RemoteError::Truncated(_) | RemoteError::Stalled(_) | RemoteError::Protocol(_) => true,
             _ => false,
         }

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE,
+    WWW_AUTHENTICATE,
+};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -68,7 +71,9 @@ impl OriginOnly<'_> {
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
-    a.scheme() == b.scheme() && a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
 }
 
 /// An OCI descriptor.
@@ -166,7 +171,13 @@ struct Inner {
 }
 
 fn is_loopback(host: &str) -> bool {
-    let h = host.rsplit_once(':').map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host });
+    let h = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
     matches!(h, "localhost" | "127.0.0.1" | "[::1]" | "::1") || h.ends_with(".localhost")
 }
 
@@ -206,7 +217,10 @@ impl RegistryClient {
     }
 
     /// Replaces where credentials come from (e.g. a test's helper `PATH`).
-    pub fn with_docker_config(config: ClientConfig, docker: DockerConfig) -> Result<Self, RemoteError> {
+    pub fn with_docker_config(
+        config: ClientConfig,
+        docker: DockerConfig,
+    ) -> Result<Self, RemoteError> {
         let c = Self::new(config)?;
         let inner = Inner {
             http: c.inner.http.clone(),
@@ -214,7 +228,9 @@ impl RegistryClient {
             docker: Some(docker),
             auth: Mutex::new(HashMap::new()),
         };
-        Ok(RegistryClient { inner: Arc::new(inner) })
+        Ok(RegistryClient {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -240,19 +256,32 @@ impl RegistryClient {
                 let headers = m
                     .header
                     .iter()
-                    .filter_map(|(k, v)| Some((HeaderName::try_from(k.as_str()).ok()?, HeaderValue::try_from(v.as_str()).ok()?)))
+                    .filter_map(|(k, v)| {
+                        Some((
+                            HeaderName::try_from(k.as_str()).ok()?,
+                            HeaderValue::try_from(v.as_str()).ok()?,
+                        ))
+                    })
                     .collect();
                 out.push(Endpoint {
                     base: format!("{scheme}://{host}"),
                     cred_host: host.to_owned(),
-                    timeout: if m.request_timeout_sec > 0 { Duration::from_secs(m.request_timeout_sec) } else { cfg.request_timeout },
+                    timeout: if m.request_timeout_sec > 0 {
+                        Duration::from_secs(m.request_timeout_sec)
+                    } else {
+                        cfg.request_timeout
+                    },
                     headers,
                     mirror: true,
                 });
             }
         }
         let host = reference.api_host();
-        let plain = is_loopback(host) || cfg.insecure_hosts.iter().any(|h| h == host || h == &reference.host);
+        let plain = is_loopback(host)
+            || cfg
+                .insecure_hosts
+                .iter()
+                .any(|h| h == host || h == &reference.host);
         out.push(Endpoint {
             base: format!("{}://{host}", if plain { "http" } else { "https" }),
             cred_host: reference.host.clone(),
@@ -290,7 +319,12 @@ impl RegistryClient {
         timeout: Duration,
     ) -> Result<Response, RemoteError> {
         let budget = self.inner.config.blob.retry_budget(timeout);
-        match tokio::time::timeout(budget, self.send_retrying(ep, repo, method, url, headers, timeout)).await {
+        match tokio::time::timeout(
+            budget,
+            self.send_retrying(ep, repo, method, url, headers, timeout),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(RemoteError::TimedOut {
                 what: format!("request to {}", redact_url(url)),
@@ -320,7 +354,9 @@ impl RegistryClient {
                 },
                 None => OriginOnly::default(),
             };
-            let result = self.send_following(&method, url, headers, timeout, &private).await;
+            let result = self
+                .send_following(&method, url, headers, timeout, &private)
+                .await;
             let retry = match &result {
                 // A 401 from a redirect target is not the registry asking for credentials.
                 Ok((r, left)) if r.status() == StatusCode::UNAUTHORIZED && !refreshed && !left => {
@@ -332,7 +368,9 @@ impl RegistryClient {
                     false
                 }
                 Ok((r, _)) => retryable_status(r.status()),
-                Err(RemoteError::Http { source: e, .. }) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
+                Err(RemoteError::Http { source: e, .. }) => {
+                    e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
+                }
                 Err(RemoteError::Stalled(_)) => true,
                 Err(_) => false,
             };
@@ -359,7 +397,8 @@ impl RegistryClient {
         timeout: Duration,
         private: &OriginOnly<'_>,
     ) -> Result<(Response, bool), RemoteError> {
-        let first = Url::parse(url).map_err(|_| RemoteError::Protocol(format!("invalid URL {}", redact_url(url))))?;
+        let first = Url::parse(url)
+            .map_err(|_| RemoteError::Protocol(format!("invalid URL {}", redact_url(url))))?;
         let stall = self.inner.config.blob.stall_timeout();
         let mut current = first.clone();
         let mut method = method.clone();
@@ -392,7 +431,10 @@ impl RegistryClient {
                 .and_then(|l| current.join(l).ok())
                 .filter(|u| matches!(u.scheme(), "http" | "https"))
                 .ok_or_else(|| {
-                    RemoteError::Protocol(format!("{} redirected to an invalid Location", redact_url(current.as_str())))
+                    RemoteError::Protocol(format!(
+                        "{} redirected to an invalid Location",
+                        redact_url(current.as_str())
+                    ))
                 })?;
             if !same_origin(&next, &first) {
                 left = true;
@@ -403,12 +445,20 @@ impl RegistryClient {
             tracing::debug!(from = %redact_url(current.as_str()), to = %redact_url(next.as_str()), status = status.as_u16(), credentials = !left, "following redirect");
             current = next;
         }
-        Err(RemoteError::Protocol(format!("more than {MAX_REDIRECTS} redirects from {}", redact_url(url))))
+        Err(RemoteError::Protocol(format!(
+            "more than {MAX_REDIRECTS} redirects from {}",
+            redact_url(url)
+        )))
     }
 
     /// Answers a 401: learns the scheme from `WWW-Authenticate`, fetches a bearer token when
     /// asked (with credentials if any), and caches what to send next time.
-    async fn authenticate(&self, ep: &Endpoint, scope: &str, headers: &HeaderMap) -> Result<(), RemoteError> {
+    async fn authenticate(
+        &self,
+        ep: &Endpoint,
+        scope: &str,
+        headers: &HeaderMap,
+    ) -> Result<(), RemoteError> {
         let challenge = headers
             .get_all(WWW_AUTHENTICATE)
             .iter()
@@ -418,7 +468,10 @@ impl RegistryClient {
                 host: ep.cred_host.clone(),
                 reason: "401 without a usable WWW-Authenticate challenge".into(),
             })?;
-        let creds = match (self.inner.config.credentials.get(&ep.cred_host), &self.inner.docker) {
+        let creds = match (
+            self.inner.config.credentials.get(&ep.cred_host),
+            &self.inner.docker,
+        ) {
             (Some(c), _) => Some(c.clone()),
             (None, Some(d)) => d.lookup(&ep.cred_host).await?,
             (None, None) => None,
@@ -428,9 +481,20 @@ impl RegistryClient {
                 host: ep.cred_host.clone(),
                 reason: "basic auth requested and no credentials configured".into(),
             })?),
-            Challenge::Bearer { realm, service, scope: their_scope } => {
-                self.fetch_token(ep, &realm, service.as_deref(), scope, their_scope.as_deref(), creds.as_ref())
-                    .await?
+            Challenge::Bearer {
+                realm,
+                service,
+                scope: their_scope,
+            } => {
+                self.fetch_token(
+                    ep,
+                    &realm,
+                    service.as_deref(),
+                    scope,
+                    their_scope.as_deref(),
+                    creds.as_ref(),
+                )
+                .await?
             }
         };
         tracing::debug!(host = %ep.cred_host, scope = %scope, "registry auth refreshed");
@@ -479,7 +543,15 @@ impl RegistryClient {
         };
         let timeout = self.inner.config.request_timeout;
         let stall = self.inner.config.blob.stall_timeout();
-        let (resp, _) = self.send_following(&Method::GET, url.as_str(), &HeaderMap::new(), timeout, &private).await?;
+        let (resp, _) = self
+            .send_following(
+                &Method::GET,
+                url.as_str(),
+                &HeaderMap::new(),
+                timeout,
+                &private,
+            )
+            .await?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
             let detail = body::error_detail(resp, stall).await;
@@ -488,19 +560,27 @@ impl RegistryClient {
                 reason: format!(
                     "token endpoint {} answered {status}{}",
                     redact_url(url.as_str()),
-                    if detail.is_empty() { String::new() } else { format!(": {detail}") }
+                    if detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {detail}")
+                    }
                 ),
             });
         }
         let raw = body::read_limited(resp, MAX_TOKEN, "token response", stall).await?;
-        let body: TokenResponse = serde_json::from_slice(&raw).map_err(|_| RemoteError::Unauthorized {
-            host: ep.cred_host.clone(),
-            reason: "token endpoint sent invalid JSON".into(),
-        })?;
-        let token = body.token.or(body.access_token).ok_or_else(|| RemoteError::Unauthorized {
-            host: ep.cred_host.clone(),
-            reason: "token endpoint sent no token".into(),
-        })?;
+        let body: TokenResponse =
+            serde_json::from_slice(&raw).map_err(|_| RemoteError::Unauthorized {
+                host: ep.cred_host.clone(),
+                reason: "token endpoint sent invalid JSON".into(),
+            })?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .ok_or_else(|| RemoteError::Unauthorized {
+                host: ep.cred_host.clone(),
+                reason: "token endpoint sent no token".into(),
+            })?;
         // Refresh a little before the registry would reject it.
         let ttl = body.expires_in.unwrap_or(60).max(10);
         Ok(Auth::Bearer {
@@ -522,13 +602,25 @@ impl RegistryClient {
         let stall = self.inner.config.blob.stall_timeout();
         let mut headers = HeaderMap::new();
         if let Some(a) = accept {
-            headers.insert(ACCEPT, HeaderValue::from_str(a).map_err(|_| RemoteError::Protocol("bad accept".into()))?);
+            headers.insert(
+                ACCEPT,
+                HeaderValue::from_str(a).map_err(|_| RemoteError::Protocol("bad accept".into()))?,
+            );
         }
         let mut last = None;
         for ep in self.endpoints(reference) {
             let url = format!("{}/v2/{}/{path}", ep.base, reference.repository);
             let result = async {
-                let resp = self.send(Some(&ep), &reference.repository, Method::GET, &url, &headers, ep.timeout).await?;
+                let resp = self
+                    .send(
+                        Some(&ep),
+                        &reference.repository,
+                        Method::GET,
+                        &url,
+                        &headers,
+                        ep.timeout,
+                    )
+                    .await?;
                 if !resp.status().is_success() {
                     return Err(body::status_error(resp, &url, stall).await);
                 }
@@ -555,9 +647,21 @@ impl RegistryClient {
     /// Resolves a reference to one image manifest, picking `platform` (default linux/amd64)
     /// from an OCI index or Docker manifest list.
     pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, RemoteError> {
-        let accept = [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST].join(", ");
+        let accept = [
+            MEDIA_OCI_INDEX,
+            MEDIA_DOCKER_LIST,
+            MEDIA_OCI_MANIFEST,
+            MEDIA_DOCKER_MANIFEST,
+        ]
+        .join(", ");
         let (raw, ct) = self
-            .get_small(reference, &format!("manifests/{}", reference.object()), Some(&accept), MAX_MANIFEST, "manifest")
+            .get_small(
+                reference,
+                &format!("manifests/{}", reference.object()),
+                Some(&accept),
+                MAX_MANIFEST,
+                "manifest",
+            )
             .await?;
         let (raw, ct, digest) = {
             let digest = sha256_digest(&raw);
@@ -567,7 +671,13 @@ impl RegistryClient {
                 let index: Index = serde_json::from_slice(&raw).map_err(manifest_error)?;
                 let chosen = pick_platform(&index.manifests, &self.inner.config.platform)?;
                 let (raw, ct) = self
-                    .get_small(reference, &format!("manifests/{}", chosen.digest), Some(&accept), MAX_MANIFEST, "manifest")
+                    .get_small(
+                        reference,
+                        &format!("manifests/{}", chosen.digest),
+                        Some(&accept),
+                        MAX_MANIFEST,
+                        "manifest",
+                    )
                     .await?;
                 let digest = sha256_digest(&raw);
                 check_pinned(Some(&chosen.digest), &digest)?;
@@ -590,13 +700,33 @@ impl RegistryClient {
     /// Fetches one manifest or index as served, without picking a platform: `object` is a tag
     /// or digest. Clients that store content (`ctr-remote rpull`) need the exact bytes of
     /// every level. A digest `object` (or a pinned reference) is verified.
-    pub async fn fetch_manifest(&self, reference: &Reference, object: &str) -> Result<RawManifest, RemoteError> {
-        let accept = [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST].join(", ");
+    pub async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+        object: &str,
+    ) -> Result<RawManifest, RemoteError> {
+        let accept = [
+            MEDIA_OCI_INDEX,
+            MEDIA_DOCKER_LIST,
+            MEDIA_OCI_MANIFEST,
+            MEDIA_DOCKER_MANIFEST,
+        ]
+        .join(", ");
         let (raw, ct) = self
-            .get_small(reference, &format!("manifests/{object}"), Some(&accept), MAX_MANIFEST, "manifest")
+            .get_small(
+                reference,
+                &format!("manifests/{object}"),
+                Some(&accept),
+                MAX_MANIFEST,
+                "manifest",
+            )
             .await?;
         let digest = sha256_digest(&raw);
-        let pinned = if object.contains(':') { Some(object) } else { reference.digest.as_deref() };
+        let pinned = if object.contains(':') {
+            Some(object)
+        } else {
+            reference.digest.as_deref()
+        };
         check_pinned(pinned, &digest)?;
         Ok(RawManifest {
             media_type: media_type(&raw, ct.as_deref()),
@@ -606,9 +736,19 @@ impl RegistryClient {
     }
 
     /// Fetches a small blob (an image config) whole and checks its digest.
-    pub async fn fetch_blob_bytes(&self, reference: &Reference, digest: &str) -> Result<Vec<u8>, RemoteError> {
+    pub async fn fetch_blob_bytes(
+        &self,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<Vec<u8>, RemoteError> {
         let (raw, _) = self
-            .get_small(reference, &format!("blobs/{digest}"), None, MAX_CONFIG, "blob")
+            .get_small(
+                reference,
+                &format!("blobs/{digest}"),
+                None,
+                MAX_CONFIG,
+                "blob",
+            )
             .await?;
         check_pinned(Some(digest), &sha256_digest(&raw))?;
         Ok(raw)
@@ -618,13 +758,20 @@ impl RegistryClient {
     /// blob storage), trying mirrors first. Each endpoint gets its request timeout for the whole
     /// probe, retries included, so a stalled mirror can not keep the origin from being tried and
     /// the whole call ends within the sum of those timeouts.
-    pub(crate) async fn locate_blob(&self, reference: &Reference, digest: &str) -> Result<BlobLocation, RemoteError> {
+    pub(crate) async fn locate_blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<BlobLocation, RemoteError> {
         let mut headers = HeaderMap::new();
         headers.insert(RANGE, HeaderValue::from_static("bytes=0-1"));
         let mut last = None;
         for ep in self.endpoints(reference) {
             let url = format!("{}/v2/{}/blobs/{digest}", ep.base, reference.repository);
-            let probe = tokio::time::timeout(ep.timeout, self.probe(&ep, &reference.repository, &url, &headers));
+            let probe = tokio::time::timeout(
+                ep.timeout,
+                self.probe(&ep, &reference.repository, &url, &headers),
+            );
             let result = probe.await.unwrap_or_else(|_| {
                 Err(RemoteError::TimedOut {
                     what: format!("probing blob at {}", redact_url(&url)),
@@ -642,8 +789,16 @@ impl RegistryClient {
         Err(last.unwrap_or_else(|| RemoteError::NotFound(digest.to_owned())))
     }
 
-    async fn probe(&self, ep: &Endpoint, repo: &str, url: &str, headers: &HeaderMap) -> Result<BlobLocation, RemoteError> {
-        let resp = self.send(Some(ep), repo, Method::GET, url, headers, ep.timeout).await?;
+    async fn probe(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        url: &str,
+        headers: &HeaderMap,
+    ) -> Result<BlobLocation, RemoteError> {
+        let resp = self
+            .send(Some(ep), repo, Method::GET, url, headers, ep.timeout)
+            .await?;
         let size = match resp.status() {
             StatusCode::PARTIAL_CONTENT => resp
                 .headers()
@@ -651,11 +806,17 @@ impl RegistryClient {
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_content_range)
                 .and_then(|(_, _, total)| total)
-                .ok_or_else(|| RemoteError::Protocol("206 without a total in Content-Range".into()))?,
+                .ok_or_else(|| {
+                    RemoteError::Protocol("206 without a total in Content-Range".into())
+                })?,
             StatusCode::OK => resp
                 .content_length()
                 .ok_or_else(|| RemoteError::Protocol("200 without Content-Length".into()))?,
-            _ => return Err(body::status_error(resp, url, self.inner.config.blob.stall_timeout()).await),
+            _ => {
+                return Err(
+                    body::status_error(resp, url, self.inner.config.blob.stall_timeout()).await,
+                )
+            }
         };
         let final_url = resp.url().clone();
         let orig = reqwest::Url::parse(url).map_err(|_| RemoteError::Protocol("bad url".into()))?;
@@ -702,7 +863,10 @@ fn media_type(raw: &[u8], content_type: Option<&str>) -> String {
         .unwrap_or_else(|| MEDIA_OCI_MANIFEST.to_owned())
 }
 
-fn pick_platform<'a>(manifests: &'a [Descriptor], want: &Platform) -> Result<&'a Descriptor, RemoteError> {
+fn pick_platform<'a>(
+    manifests: &'a [Descriptor],
+    want: &Platform,
+) -> Result<&'a Descriptor, RemoteError> {
     let matches = |d: &&Descriptor| {
         d.platform.as_ref().is_some_and(|p| {
             p.os == want.os
@@ -710,7 +874,9 @@ fn pick_platform<'a>(manifests: &'a [Descriptor], want: &Platform) -> Result<&'a
                 && (want.variant.is_none() || p.variant == want.variant)
         })
     };
-    manifests.iter().find(matches).ok_or_else(|| RemoteError::NoMatchingPlatform(format!("{}/{}", want.os, want.architecture)))
+    manifests.iter().find(matches).ok_or_else(|| {
+        RemoteError::NoMatchingPlatform(format!("{}/{}", want.os, want.architecture))
+    })
 }
 
 /// A manifest that does not parse; serde quotes offending values, so the message is clipped.
@@ -730,15 +896,30 @@ mod tests {
             "docker.io".into(),
             HostConfig {
                 mirrors: vec![
-                    MirrorConfig { host: "m1.local".into(), insecure: true, ..Default::default() },
-                    MirrorConfig { host: "m2.local".into(), request_timeout_sec: 3, ..Default::default() },
+                    MirrorConfig {
+                        host: "m1.local".into(),
+                        insecure: true,
+                        ..Default::default()
+                    },
+                    MirrorConfig {
+                        host: "m2.local".into(),
+                        request_timeout_sec: 3,
+                        ..Default::default()
+                    },
                 ],
             },
         );
         let c = RegistryClient::new(cfg).unwrap();
         let eps = c.endpoints(&"alpine".parse().unwrap());
         let bases: Vec<_> = eps.iter().map(|e| e.base.as_str()).collect();
-        assert_eq!(bases, ["http://m1.local", "https://m2.local", "https://registry-1.docker.io"]);
+        assert_eq!(
+            bases,
+            [
+                "http://m1.local",
+                "https://m2.local",
+                "https://registry-1.docker.io"
+            ]
+        );
         assert_eq!(eps[1].timeout, Duration::from_secs(3));
         let eps = c.endpoints(&"localhost:5000/a".parse().unwrap());
         assert_eq!(eps[0].base, "http://localhost:5000");
@@ -754,11 +935,25 @@ mod tests {
             size: 1,
             annotations: HashMap::new(),
             urls: vec![],
-            platform: Some(PlatformSpec { os: os.into(), architecture: arch.into(), variant: None }),
+            platform: Some(PlatformSpec {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: None,
+            }),
         };
-        let list = vec![d("linux", "arm64"), d("linux", "amd64"), d("windows", "amd64")];
-        assert_eq!(pick_platform(&list, &Platform::default()).unwrap().digest, "sha256:linuxamd64");
-        let riscv = Platform { architecture: "riscv64".into(), ..Default::default() };
+        let list = vec![
+            d("linux", "arm64"),
+            d("linux", "amd64"),
+            d("windows", "amd64"),
+        ];
+        assert_eq!(
+            pick_platform(&list, &Platform::default()).unwrap().digest,
+            "sha256:linuxamd64"
+        );
+        let riscv = Platform {
+            architecture: "riscv64".into(),
+            ..Default::default()
+        };
         assert!(pick_platform(&list, &riscv).is_err());
     }
 }
