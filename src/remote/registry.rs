@@ -928,6 +928,19 @@ mod tests {
     }
 
     #[test]
+    fn origin_is_scheme_host_and_port() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert!(same_origin(
+            &u("http://h/v2/x"),
+            &u("http://h:80/other?q=1")
+        ));
+        assert!(same_origin(&u("https://h/a"), &u("https://h:443/b")));
+        assert!(!same_origin(&u("https://h/a"), &u("http://h/a")));
+        assert!(!same_origin(&u("http://h:5000/a"), &u("http://h:5001/a")));
+        assert!(!same_origin(&u("http://h/a"), &u("http://h.evil/a")));
+    }
+
+    #[test]
     fn picks_platform() {
         let d = |os: &str, arch: &str| Descriptor {
             media_type: MEDIA_OCI_MANIFEST.into(),
