@@ -6,7 +6,9 @@ mod remote_support;
 
 use anyhow::{ensure, Result};
 use futures_util::StreamExt;
-use remote_support::{pseudo_random, write_docker_config, write_htpasswd, Action, Fault, Proxy, Pusher, Registry};
+use remote_support::{
+    pseudo_random, write_docker_config, write_htpasswd, Action, Fault, Proxy, Pusher, Registry,
+};
 use stargz::ctr::oci::{Descriptor, Index, Manifest};
 use stargz::ctr::registry::{Fetcher, RegistryOptions, RemoteFetcher};
 use stargz::ctr::Error;
@@ -20,11 +22,19 @@ const PASSWORD: &str = "ctr-Basic-Pa55-77f1";
 async fn pull_layer(fetcher: &RemoteFetcher) -> Result<Vec<u8>, Error> {
     let (top, bytes) = fetcher.resolve().await?;
     let index: Index = serde_json::from_slice(&bytes)?;
-    assert!(top.media_type.ends_with("index.v1+json"), "{}", top.media_type);
+    assert!(
+        top.media_type.ends_with("index.v1+json"),
+        "{}",
+        top.media_type
+    );
     let chosen = index
         .manifests
         .iter()
-        .find(|m| m.platform.as_ref().is_some_and(|p| p.architecture == "amd64"))
+        .find(|m| {
+            m.platform
+                .as_ref()
+                .is_some_and(|p| p.architecture == "amd64")
+        })
         .cloned()
         .ok_or_else(|| Error::NotFound("amd64".into()))?;
     let manifest: Manifest = serde_json::from_slice(&fetcher.fetch_small(&chosen).await?)?;
@@ -53,20 +63,34 @@ async fn user_flag_and_docker_config_authenticate_rpull() -> Result<()> {
     let empty = tempfile::tempdir()?;
     std::env::set_var("DOCKER_CONFIG", empty.path());
     let anon = RemoteFetcher::new(reference.clone(), &RegistryOptions::default())?;
-    let err = pull_layer(&anon).await.expect_err("anonymous pull of a protected image");
-    ensure!(!err.to_string().contains(PASSWORD), "password in error: {err}");
+    let err = pull_layer(&anon)
+        .await
+        .expect_err("anonymous pull of a protected image");
+    ensure!(
+        !err.to_string().contains(PASSWORD),
+        "password in error: {err}"
+    );
 
     // `--user USER:PASS`.
-    let opts = RegistryOptions { user: Some(format!("{USER}:{PASSWORD}")), ..Default::default() };
+    let opts = RegistryOptions {
+        user: Some(format!("{USER}:{PASSWORD}")),
+        ..Default::default()
+    };
     let with_user = RemoteFetcher::new(reference.clone(), &opts)?;
-    ensure!(pull_layer(&with_user).await? == data, "layer bytes differ (--user)");
+    ensure!(
+        pull_layer(&with_user).await? == data,
+        "layer bytes differ (--user)"
+    );
 
     // `$DOCKER_CONFIG/config.json` `auths`, as `docker login` writes it.
     let docker = tempfile::tempdir()?;
     write_docker_config(docker.path(), &reg.addr, USER, PASSWORD)?;
     std::env::set_var("DOCKER_CONFIG", docker.path());
     let from_config = RemoteFetcher::new(reference, &RegistryOptions::default())?;
-    ensure!(pull_layer(&from_config).await? == data, "layer bytes differ (docker config)");
+    ensure!(
+        pull_layer(&from_config).await? == data,
+        "layer bytes differ (docker config)"
+    );
     Ok(())
 }
 
@@ -74,12 +98,18 @@ async fn user_flag_and_docker_config_authenticate_rpull() -> Result<()> {
 async fn corrupted_layer_stream_ends_in_digest_error() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(1 << 20, 9);
-    let (layer_digest, _) = Pusher::new(&reg.base()).image("bad/img", "v1", data).await?;
+    let (layer_digest, _) = Pusher::new(&reg.base())
+        .image("bad/img", "v1", data)
+        .await?;
     let corrupt_path = format!("/blobs/{layer_digest}");
     let front = Proxy::start(
         &reg.addr,
         std::sync::Arc::new(move |r: &remote_support::ProxyRequest| {
-            Action::Forward(if r.path.ends_with(&corrupt_path) { Fault::Corrupt(0.5) } else { Fault::None })
+            Action::Forward(if r.path.ends_with(&corrupt_path) {
+                Fault::Corrupt(0.5)
+            } else {
+                Fault::None
+            })
         }),
     )
     .await?;

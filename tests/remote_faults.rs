@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use remote_support::{pseudo_random, verify_cache_dir, Action, Fault, Proxy, ProxyRequest, Pusher, Registry};
+use remote_support::{
+    pseudo_random, verify_cache_dir, Action, Fault, Proxy, ProxyRequest, Pusher, Registry,
+};
 use stargz::cache::{BlobCache, DirectoryCache, DirectoryCacheConfig, MemoryCache};
 use stargz::remote::{Blob, BlobConfig, ClientConfig, Reference, RegistryClient, RemoteError};
 
@@ -49,7 +51,10 @@ fn is_data_request(r: &ProxyRequest) -> bool {
 }
 
 /// Every fault but corruption, about half of the data requests.
-fn faulty_policy(dice: Arc<Dice>, counts: Arc<Mutex<std::collections::HashMap<&'static str, usize>>>) -> remote_support::Policy {
+fn faulty_policy(
+    dice: Arc<Dice>,
+    counts: Arc<Mutex<std::collections::HashMap<&'static str, usize>>>,
+) -> remote_support::Policy {
     let seen = AtomicUsize::new(0);
     Arc::new(move |r: &ProxyRequest| {
         if !is_data_request(r) {
@@ -82,7 +87,9 @@ fn faulty_policy(dice: Arc<Dice>, counts: Arc<Mutex<std::collections::HashMap<&'
 }
 
 fn next(x: &mut u64) -> u64 {
-    *x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *x = x
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     *x >> 16
 }
 
@@ -90,7 +97,9 @@ fn next(x: &mut u64) -> u64 {
 async fn thousands_of_random_reads_through_faults_are_exact_or_clear_errors() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = Arc::new(pseudo_random(1_000_003, 11));
-    let (layer, _) = Pusher::new(&reg.base()).image("f/a", "t", data.to_vec()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("f/a", "t", data.to_vec())
+        .await?;
     let dice = Arc::new(Dice(Mutex::new(0x9e3779b97f4a7c15)));
     let counts = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let proxy = Proxy::start(&reg.addr, faulty_policy(dice, counts.clone())).await?;
@@ -99,7 +108,10 @@ async fn thousands_of_random_reads_through_faults_are_exact_or_clear_errors() ->
     // A budget of a quarter of the blob keeps eviction (and refetching) going all along.
     let cache = Arc::new(DirectoryCache::open(
         dir.path(),
-        DirectoryCacheConfig { max_bytes: Some(250_000), sync_add: false },
+        DirectoryCacheConfig {
+            max_bytes: Some(250_000),
+            sync_add: false,
+        },
     )?);
     let c = client();
     let started = Instant::now();
@@ -135,19 +147,44 @@ async fn thousands_of_random_reads_through_faults_are_exact_or_clear_errors() ->
     }
     let errors = errors.lock().unwrap().clone();
     let ok = ok.load(Ordering::Relaxed);
-    eprintln!("reads ok={ok} errors={} faults={:?} in {:?}", errors.len(), counts.lock().unwrap(), started.elapsed());
+    eprintln!(
+        "reads ok={ok} errors={} faults={:?} in {:?}",
+        errors.len(),
+        counts.lock().unwrap(),
+        started.elapsed()
+    );
     assert_eq!(ok + errors.len(), 2040);
     // Retries make most reads succeed; whatever failed says why.
     assert!(ok > 1800, "too few successful reads: {ok}");
     for e in &errors {
         assert!(
-            ["answered HTTP", "truncated", "stalled", "request to", "protocol"].iter().any(|k| e.contains(k)),
+            [
+                "answered HTTP",
+                "truncated",
+                "stalled",
+                "request to",
+                "protocol"
+            ]
+            .iter()
+            .any(|k| e.contains(k)),
             "unclear error: {e}"
         );
     }
     let counts = counts.lock().unwrap();
-    for kind in ["reset", "truncate", "503", "429", "full-200", "stall", "multi-400", "multi-range requests"] {
-        assert!(counts.get(kind).copied().unwrap_or(0) > 0, "fault {kind} never injected");
+    for kind in [
+        "reset",
+        "truncate",
+        "503",
+        "429",
+        "full-200",
+        "stall",
+        "multi-400",
+        "multi-range requests",
+    ] {
+        assert!(
+            counts.get(kind).copied().unwrap_or(0) > 0,
+            "fault {kind} never injected"
+        );
     }
     // No partial or wrong chunk in the cache, nothing left in wip/, budget respected.
     let n = verify_cache_dir(dir.path(), &data, layer.trim_start_matches("sha256:"))?;
@@ -160,7 +197,9 @@ async fn thousands_of_random_reads_through_faults_are_exact_or_clear_errors() ->
 async fn exhausted_retries_give_a_clear_error_and_cache_nothing() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(100_000, 12);
-    let (layer, _) = Pusher::new(&reg.base()).image("f/b", "t", data.clone()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("f/b", "t", data.clone())
+        .await?;
     for (fault, want) in [
         (Fault::Status(503), "answered HTTP 503"),
         (Fault::Truncate(0.5), "truncated"),
@@ -168,18 +207,35 @@ async fn exhausted_retries_give_a_clear_error_and_cache_nothing() -> Result<()> 
         (Fault::Stall(0.2, Duration::from_secs(2)), "stalled"),
     ] {
         let policy: remote_support::Policy = Arc::new(move |r: &ProxyRequest| {
-            Action::Forward(if is_data_request(r) { fault } else { Fault::None })
+            Action::Forward(if is_data_request(r) {
+                fault
+            } else {
+                Fault::None
+            })
         });
         let proxy = Proxy::start(&reg.addr, policy).await?;
         let r: Reference = format!("{}/f/b:t", proxy.addr).parse()?;
         let cache = Arc::new(MemoryCache::new());
-        let mut cfg = ClientConfig { docker_config_dir: Some("/nonexistent".into()), ..Default::default() };
-        cfg.blob = BlobConfig { chunk_size: CHUNK, max_retries: 2, min_wait_msec: 1, max_wait_msec: 2, stall_timeout_msec: 200, ..Default::default() };
+        let mut cfg = ClientConfig {
+            docker_config_dir: Some("/nonexistent".into()),
+            ..Default::default()
+        };
+        cfg.blob = BlobConfig {
+            chunk_size: CHUNK,
+            max_retries: 2,
+            min_wait_msec: 1,
+            max_wait_msec: 2,
+            stall_timeout_msec: 200,
+            ..Default::default()
+        };
         let blob = Blob::open(&RegistryClient::new(cfg)?, &r, &layer, cache.clone()).await?;
         let mut buf = vec![0u8; 30_000];
         let err = blob.read_at(&mut buf, 5_000).await.unwrap_err();
         assert!(err.to_string().contains(want), "{fault:?}: {err}");
-        if !matches!(fault, Fault::Truncate(_) | Fault::Reset(_) | Fault::Stall(..)) {
+        if !matches!(
+            fault,
+            Fault::Truncate(_) | Fault::Reset(_) | Fault::Stall(..)
+        ) {
             assert_eq!(cache.usage(), 0);
         }
         // Whatever was committed is exact (truncation may complete the first chunks).
@@ -198,7 +254,9 @@ async fn exhausted_retries_give_a_clear_error_and_cache_nothing() -> Result<()> 
 async fn concurrent_reads_of_one_chunk_share_one_fetch() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = Arc::new(pseudo_random(100_000, 13));
-    let (layer, _) = Pusher::new(&reg.base()).image("f/c", "t", data.to_vec()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("f/c", "t", data.to_vec())
+        .await?;
     let fetches = Arc::new(AtomicUsize::new(0));
     let f2 = fetches.clone();
     let policy: remote_support::Policy = Arc::new(move |r: &ProxyRequest| {
@@ -225,7 +283,11 @@ async fn concurrent_reads_of_one_chunk_share_one_fetch() -> Result<()> {
     for t in tasks {
         t.await?;
     }
-    assert_eq!(fetches.load(Ordering::SeqCst), 1, "16 readers of one chunk, one request");
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        1,
+        "16 readers of one chunk, one request"
+    );
     Ok(())
 }
 
@@ -237,7 +299,9 @@ async fn concurrent_reads_of_one_chunk_share_one_fetch() -> Result<()> {
 async fn corrupted_bytes_keep_lengths_and_are_dropped_by_free_cache() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = Arc::new(pseudo_random(200_000, 14));
-    let (layer, _) = Pusher::new(&reg.base()).image("f/d", "t", data.to_vec()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("f/d", "t", data.to_vec())
+        .await?;
     let dice = Arc::new(Dice(Mutex::new(77)));
     let corrupting = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (d2, c2) = (dice.clone(), corrupting.clone());
@@ -260,17 +324,27 @@ async fn corrupted_bytes_keep_lengths_and_are_dropped_by_free_cache() -> Result<
         match blob.read_at(&mut b, off).await {
             Ok(n) => {
                 assert_eq!(n, len, "length is always right");
-                if b == data[off as usize..off as usize + len] { exact += 1 } else { wrong += 1 }
+                if b == data[off as usize..off as usize + len] {
+                    exact += 1
+                } else {
+                    wrong += 1
+                }
             }
             Err(e) => {
-                assert!(e.to_string().contains("protocol") || e.to_string().contains("truncated"), "{e}");
+                assert!(
+                    e.to_string().contains("protocol") || e.to_string().contains("truncated"),
+                    "{e}"
+                );
                 failed += 1;
             }
         }
         blob.free_cache()?;
     }
     eprintln!("corruption: exact={exact} wrong={wrong} failed(framing)={failed}");
-    assert!(wrong > 0, "payload corruption is passed through (verified one layer up)");
+    assert!(
+        wrong > 0,
+        "payload corruption is passed through (verified one layer up)"
+    );
     // The cure the fs layer applies: drop the cache, read again from a clean source.
     corrupting.store(false, Ordering::SeqCst);
     blob.free_cache()?;
@@ -287,27 +361,42 @@ async fn redirect_to_storage_and_reresolve_on_403() -> Result<()> {
     // request with 403 (an expired presigned URL): the reader re-resolves and succeeds.
     let reg = Registry::start(None)?;
     let data = pseudo_random(60_000, 15);
-    let (layer, _) = Pusher::new(&reg.base()).image("f/e", "t", data.clone()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("f/e", "t", data.clone())
+        .await?;
     let refused = Arc::new(AtomicUsize::new(0));
     let r2 = refused.clone();
-    let storage = Proxy::start(&reg.addr, Arc::new(move |r: &ProxyRequest| {
-        if is_data_request(r) && r2.fetch_add(1, Ordering::SeqCst) == 0 {
-            return Action::Respond { status: 403, headers: vec![], body: b"expired".to_vec() };
-        }
-        Action::Forward(Fault::None)
-    }))
+    let storage = Proxy::start(
+        &reg.addr,
+        Arc::new(move |r: &ProxyRequest| {
+            if is_data_request(r) && r2.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Action::Respond {
+                    status: 403,
+                    headers: vec![],
+                    body: b"expired".to_vec(),
+                };
+            }
+            Action::Forward(Fault::None)
+        }),
+    )
     .await?;
     let storage_addr = storage.addr.clone();
-    let front = Proxy::start(&reg.addr, Arc::new(move |r: &ProxyRequest| {
-        if r.path.contains("/blobs/") {
-            return Action::Respond {
-                status: 307,
-                headers: vec![("location".into(), format!("http://{storage_addr}{}?sig=SECRETSIG", r.path))],
-                body: vec![],
-            };
-        }
-        Action::Forward(Fault::None)
-    }))
+    let front = Proxy::start(
+        &reg.addr,
+        Arc::new(move |r: &ProxyRequest| {
+            if r.path.contains("/blobs/") {
+                return Action::Respond {
+                    status: 307,
+                    headers: vec![(
+                        "location".into(),
+                        format!("http://{storage_addr}{}?sig=SECRETSIG", r.path),
+                    )],
+                    body: vec![],
+                };
+            }
+            Action::Forward(Fault::None)
+        }),
+    )
     .await?;
     let r: Reference = format!("{}/f/e:t", front.addr).parse()?;
     let blob = Blob::open(&client(), &r, &layer, Arc::new(MemoryCache::new())).await?;
@@ -317,7 +406,11 @@ async fn redirect_to_storage_and_reresolve_on_403() -> Result<()> {
     assert_eq!(b, data);
     assert!(refused.load(Ordering::SeqCst) >= 2);
     // Errors from storage URLs never show the presigned signature.
-    let err = RemoteError::Status { url: stargz::remote::auth::redact_url(&format!("http://{}/x?sig=SECRETSIG", storage.addr)), status: 403 };
+    let err = RemoteError::Status {
+        url: stargz::remote::auth::redact_url(&format!("http://{}/x?sig=SECRETSIG", storage.addr)),
+        status: 403,
+        detail: String::new(),
+    };
     assert!(!err.to_string().contains("SECRETSIG"));
     Ok(())
 }

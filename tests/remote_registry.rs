@@ -5,9 +5,14 @@ mod remote_support;
 use std::sync::Arc;
 
 use anyhow::Result;
-use remote_support::{pseudo_random, verify_cache_dir, write_docker_config, write_htpasswd, Pusher, Registry};
+use remote_support::{
+    pseudo_random, verify_cache_dir, write_docker_config, write_htpasswd, Pusher, Registry,
+};
 use stargz::cache::{BlobCache, DirectoryCache, MemoryCache};
-use stargz::remote::{Blob, BlobConfig, ClientConfig, HostConfig, MirrorConfig, Reference, RegistryClient, RemoteError};
+use stargz::remote::{
+    Blob, BlobConfig, ClientConfig, HostConfig, MirrorConfig, Reference, RegistryClient,
+    RemoteError,
+};
 
 fn client(blob: BlobConfig) -> RegistryClient {
     let cfg = ClientConfig {
@@ -31,13 +36,20 @@ fn small_chunks() -> BlobConfig {
 async fn resolves_index_and_reads_ranges_through_dir_cache() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(123_457, 1);
-    let (layer, mdigest) = Pusher::new(&reg.base()).image("test/app", "v1", data.clone()).await?;
+    let (layer, mdigest) = Pusher::new(&reg.base())
+        .image("test/app", "v1", data.clone())
+        .await?;
     let c = client(small_chunks());
     let r: Reference = format!("{}/test/app:v1", reg.addr).parse()?;
     let resolved = c.resolve(&r).await?;
-    assert_eq!(resolved.digest, mdigest, "linux/amd64 picked from the index");
+    assert_eq!(
+        resolved.digest, mdigest,
+        "linux/amd64 picked from the index"
+    );
     assert_eq!(resolved.manifest.layers[0].digest, layer);
-    let config = c.fetch_blob_bytes(&r, &resolved.manifest.config.digest).await?;
+    let config = c
+        .fetch_blob_bytes(&r, &resolved.manifest.config.digest)
+        .await?;
     assert!(config.starts_with(b"{\"architecture\""));
 
     let dir = tempfile::tempdir()?;
@@ -61,7 +73,9 @@ async fn resolves_index_and_reads_ranges_through_dir_cache() -> Result<()> {
     // Random reads.
     let mut x = 7u64;
     for _ in 0..200 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let off = (x >> 20) % data.len() as u64;
         let len = ((x >> 8) % 5000) as usize + 1;
         let mut b = vec![0u8; len];
@@ -72,7 +86,12 @@ async fn resolves_index_and_reads_ranges_through_dir_cache() -> Result<()> {
     let hex = layer.trim_start_matches("sha256:");
     let entries = verify_cache_dir(dir.path(), &data, hex)?;
     assert!(entries > 0);
-    assert_eq!(cache.usage(), entries as u64 * 1000 - (1000 - data.len() as u64 % 1000) * u64::from(blob.is_cached(data.len() as u64 - 1..data.len() as u64)));
+    assert_eq!(
+        cache.usage(),
+        entries as u64 * 1000
+            - (1000 - data.len() as u64 % 1000)
+                * u64::from(blob.is_cached(data.len() as u64 - 1..data.len() as u64))
+    );
     assert!(blob.free_cache()? > 0);
     assert_eq!(cache.usage(), 0);
     Ok(())
@@ -82,7 +101,9 @@ async fn resolves_index_and_reads_ranges_through_dir_cache() -> Result<()> {
 async fn prefetch_fetch_range_into_and_single_range_mode() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(300_001, 2);
-    let (layer, _) = Pusher::new(&reg.base()).image("x/y", "t", data.clone()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("x/y", "t", data.clone())
+        .await?;
     let r: Reference = format!("{}/x/y:t", reg.addr).parse()?;
     for single in [false, true] {
         let c = client(BlobConfig {
@@ -91,16 +112,28 @@ async fn prefetch_fetch_range_into_and_single_range_mode() -> Result<()> {
         });
         let cache = Arc::new(MemoryCache::new());
         let blob = Blob::open(&c, &r, &layer, cache.clone()).await?;
-        blob.prefetch(&[0..5000, 10_000..10_001, 250_000..300_001]).await?;
-        assert!(blob.is_cached(0..5000) && blob.is_cached(10_000..10_001) && blob.is_cached(250_000..300_001));
+        blob.prefetch(&[0..5000, 10_000..10_001, 250_000..300_001])
+            .await?;
+        assert!(
+            blob.is_cached(0..5000)
+                && blob.is_cached(10_000..10_001)
+                && blob.is_cached(250_000..300_001)
+        );
         assert!(!blob.is_cached(5000..6000));
         assert_eq!(cache.usage(), 5000 + 1000 + 50_001);
         let mut sink = Vec::new();
         let n = blob.fetch_range_into(123..200_123, &mut sink).await?;
         assert_eq!(n, 200_000);
         assert_eq!(sink, data[123..200_123]);
-        assert_eq!(cache.usage(), 5000 + 1000 + 50_001, "fetch_range_into does not cache");
-        assert!(matches!(blob.fetch_range_into(0..300_002, &mut sink).await, Err(RemoteError::OutOfRange { .. })));
+        assert_eq!(
+            cache.usage(),
+            5000 + 1000 + 50_001,
+            "fetch_range_into does not cache"
+        );
+        assert!(matches!(
+            blob.fetch_range_into(0..300_002, &mut sink).await,
+            Err(RemoteError::OutOfRange { .. })
+        ));
     }
     Ok(())
 }
@@ -109,9 +142,17 @@ async fn prefetch_fetch_range_into_and_single_range_mode() -> Result<()> {
 async fn sync_adapter_reads_from_plain_threads() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(50_000, 3);
-    let (layer, _) = Pusher::new(&reg.base()).image("s/a", "t", data.clone()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("s/a", "t", data.clone())
+        .await?;
     let r: Reference = format!("{}/s/a:t", reg.addr).parse()?;
-    let blob = Blob::open(&client(small_chunks()), &r, &layer, Arc::new(MemoryCache::new())).await?;
+    let blob = Blob::open(
+        &client(small_chunks()),
+        &r,
+        &layer,
+        Arc::new(MemoryCache::new()),
+    )
+    .await?;
     let sync = blob.sync(tokio::runtime::Handle::current());
     let data = Arc::new(data);
     let threads: Vec<_> = (0..4)
@@ -129,7 +170,9 @@ async fn sync_adapter_reads_from_plain_threads() -> Result<()> {
         })
         .collect();
     for t in threads {
-        tokio::task::spawn_blocking(move || t.join()).await?.map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+        tokio::task::spawn_blocking(move || t.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
     }
     Ok(())
 }
@@ -138,7 +181,9 @@ async fn sync_adapter_reads_from_plain_threads() -> Result<()> {
 async fn mirrors_are_tried_before_the_origin() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(4000, 4);
-    let (layer, _) = Pusher::new(&reg.base()).image("m/i", "t", data.clone()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("m/i", "t", data.clone())
+        .await?;
     // The origin is a closed port: everything must come from the mirror. A dead first mirror
     // is skipped.
     let dead = remote_support::free_port()?;
@@ -153,8 +198,17 @@ async fn mirrors_are_tried_before_the_origin() -> Result<()> {
         origin.clone(),
         HostConfig {
             mirrors: vec![
-                MirrorConfig { host: format!("127.0.0.1:{dead}"), insecure: true, ..Default::default() },
-                MirrorConfig { host: reg.addr.clone(), insecure: true, request_timeout_sec: 5, ..Default::default() },
+                MirrorConfig {
+                    host: format!("127.0.0.1:{dead}"),
+                    insecure: true,
+                    ..Default::default()
+                },
+                MirrorConfig {
+                    host: reg.addr.clone(),
+                    insecure: true,
+                    request_timeout_sec: 5,
+                    ..Default::default()
+                },
             ],
         },
     );
@@ -194,7 +248,13 @@ async fn basic_auth_with_docker_config() -> Result<()> {
         ..Default::default()
     })?;
     let resolved = c.resolve(&r).await?;
-    let blob = Blob::open(&c, &r, &resolved.manifest.layers[0].digest, Arc::new(MemoryCache::new())).await?;
+    let blob = Blob::open(
+        &c,
+        &r,
+        &resolved.manifest.layers[0].digest,
+        Arc::new(MemoryCache::new()),
+    )
+    .await?;
     assert_eq!(blob.digest(), layer);
     let mut b = vec![0; 20_000];
     assert_eq!(blob.read_at(&mut b, 0).await?, 20_000);
@@ -207,7 +267,10 @@ async fn basic_auth_with_docker_config() -> Result<()> {
         ..Default::default()
     })?;
     let err = c.resolve(&r).await.unwrap_err().to_string();
-    assert!(!err.contains("wrong-Secret-77") && !err.contains(password), "{err}");
+    assert!(
+        !err.contains("wrong-Secret-77") && !err.contains(password),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -216,16 +279,31 @@ async fn a_mirror_that_dies_mid_use_falls_back_to_the_origin() -> Result<()> {
     use remote_support::{Action, Fault, Proxy};
     let reg = Registry::start(None)?;
     let data = pseudo_random(50_000, 6);
-    let (layer, _) = Pusher::new(&reg.base()).image("m/d", "t", data.clone()).await?;
-    let mirror = Proxy::start(&reg.addr, Arc::new(|_: &remote_support::ProxyRequest| Action::Forward(Fault::None))).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("m/d", "t", data.clone())
+        .await?;
+    let mirror = Proxy::start(
+        &reg.addr,
+        Arc::new(|_: &remote_support::ProxyRequest| Action::Forward(Fault::None)),
+    )
+    .await?;
     let mut cfg = ClientConfig {
-        blob: BlobConfig { max_retries: 1, ..small_chunks() },
+        blob: BlobConfig {
+            max_retries: 1,
+            ..small_chunks()
+        },
         docker_config_dir: Some("/nonexistent".into()),
         ..Default::default()
     };
     cfg.resolver.host.insert(
         reg.addr.clone(),
-        HostConfig { mirrors: vec![MirrorConfig { host: mirror.addr.clone(), insecure: true, ..Default::default() }] },
+        HostConfig {
+            mirrors: vec![MirrorConfig {
+                host: mirror.addr.clone(),
+                insecure: true,
+                ..Default::default()
+            }],
+        },
     );
     let c = RegistryClient::new(cfg)?;
     let r: Reference = format!("{}/m/d:t", reg.addr).parse()?;

@@ -10,9 +10,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Result;
 use base64::Engine;
-use remote_support::{pseudo_random, Action, Fault, LogCapture, Proxy, ProxyRequest, Pusher, Registry};
+use remote_support::{
+    pseudo_random, Action, Fault, LogCapture, Proxy, ProxyRequest, Pusher, Registry,
+};
 use stargz::cache::MemoryCache;
-use stargz::remote::{Blob, BlobConfig, ClientConfig, DockerConfig, Reference, RegistryClient, RemoteError};
+use stargz::remote::{
+    Blob, BlobConfig, ClientConfig, DockerConfig, Reference, RegistryClient, RemoteError,
+};
 
 const USER: &str = "carol";
 const PASSWORD: &str = "t0ken-Realm-Pa55-e1c9";
@@ -33,16 +37,27 @@ fn policy(realm: Arc<OnceLock<String>>, state: Arc<Mutex<TokenState>>) -> remote
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
             );
-            if r.header("authorization") != Some(want.as_str()) || !r.path.contains("scope=repository%3Atok%2Fimg%3Apull") {
-                return Action::Respond { status: 401, headers: vec![], body: b"{}".to_vec() };
+            if r.header("authorization") != Some(want.as_str())
+                || !r.path.contains("scope=repository%3Atok%2Fimg%3Apull")
+            {
+                return Action::Respond {
+                    status: 401,
+                    headers: vec![],
+                    body: b"{}".to_vec(),
+                };
             }
-            let token = format!("tk{}x{:016x}", st.issued.len(), rand_u64(st.issued.len() as u64));
+            let token = format!(
+                "tk{}x{:016x}",
+                st.issued.len(),
+                rand_u64(st.issued.len() as u64)
+            );
             st.issued.push(token.clone());
             st.valid.insert(token.clone());
             return Action::Respond {
                 status: 200,
                 headers: vec![("content-type".into(), "application/json".into())],
-                body: serde_json::to_vec(&serde_json::json!({"token": token, "expires_in": 3600})).unwrap(),
+                body: serde_json::to_vec(&serde_json::json!({"token": token, "expires_in": 3600}))
+                    .unwrap(),
             };
         }
         let ok = r
@@ -54,7 +69,10 @@ fn policy(realm: Arc<OnceLock<String>>, state: Arc<Mutex<TokenState>>) -> remote
                 status: 401,
                 headers: vec![(
                     "www-authenticate".into(),
-                    format!(r#"Bearer realm="{}",service="test-registry",scope="repository:tok/img:pull""#, realm.get().unwrap()),
+                    format!(
+                        r#"Bearer realm="{}",service="test-registry",scope="repository:tok/img:pull""#,
+                        realm.get().unwrap()
+                    ),
                 )],
                 body: b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}".to_vec(),
             };
@@ -64,7 +82,10 @@ fn policy(realm: Arc<OnceLock<String>>, state: Arc<Mutex<TokenState>>) -> remote
 }
 
 fn rand_u64(seed: u64) -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     (t ^ seed.wrapping_mul(0x9e3779b97f4a7c15)).wrapping_mul(0xbf58476d1ce4e5b9)
 }
 
@@ -73,7 +94,9 @@ async fn bearer_token_flow_refresh_and_no_secret_in_logs() -> Result<()> {
     let logs = LogCapture::install();
     let reg = Registry::start(None)?;
     let data = pseudo_random(30_000, 21);
-    let (layer, _) = Pusher::new(&reg.base()).image("tok/img", "v1", data.clone()).await?;
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("tok/img", "v1", data.clone())
+        .await?;
 
     let realm = Arc::new(OnceLock::new());
     let state = Arc::new(Mutex::new(TokenState::default()));
@@ -90,11 +113,18 @@ async fn bearer_token_flow_refresh_and_no_secret_in_logs() -> Result<()> {
     std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     std::fs::write(
         tmp.path().join("config.json"),
-        serde_json::to_vec(&serde_json::json!({"credHelpers": {front.addr.clone(): "testhelper"}}))?,
+        serde_json::to_vec(
+            &serde_json::json!({"credHelpers": {front.addr.clone(): "testhelper"}}),
+        )?,
     )?;
     let docker = DockerConfig::in_dir(tmp.path()).with_helper_path(tmp.path());
     let cfg = ClientConfig {
-        blob: BlobConfig { chunk_size: 5000, min_wait_msec: 1, max_wait_msec: 10, ..Default::default() },
+        blob: BlobConfig {
+            chunk_size: 5000,
+            min_wait_msec: 1,
+            max_wait_msec: 10,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let client = RegistryClient::with_docker_config(cfg.clone(), docker)?;
@@ -118,24 +148,33 @@ async fn bearer_token_flow_refresh_and_no_secret_in_logs() -> Result<()> {
     // Wrong credentials: a clear error that names neither the password nor a token.
     let bad_dir = tempfile::tempdir()?;
     remote_support::write_docker_config(bad_dir.path(), &front.addr, USER, "wrong-Pw-31337")?;
-    let bad = RegistryClient::with_docker_config(cfg.clone(), DockerConfig::in_dir(bad_dir.path()))?;
+    let bad =
+        RegistryClient::with_docker_config(cfg.clone(), DockerConfig::in_dir(bad_dir.path()))?;
     let err = bad.resolve(&r).await.unwrap_err();
     assert!(matches!(err, RemoteError::Unauthorized { .. }), "{err}");
     let err_text = format!("{err} / {err:?}");
     // No credentials at all: also a clear error.
-    let none = RegistryClient::with_docker_config(cfg, DockerConfig::in_dir(tmp.path().join("none")))?;
+    let none =
+        RegistryClient::with_docker_config(cfg, DockerConfig::in_dir(tmp.path().join("none")))?;
     let err2 = none.resolve(&r).await.unwrap_err();
     assert!(matches!(err2, RemoteError::Unauthorized { .. }), "{err2}");
 
     let text = format!("{}\n{err_text}\n{err2} / {err2:?}", logs.text());
-    assert!(text.contains("registry auth refreshed"), "logs were captured");
+    assert!(
+        text.contains("registry auth refreshed"),
+        "logs were captured"
+    );
     let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-    let bad_b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:wrong-Pw-31337"));
+    let bad_b64 =
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:wrong-Pw-31337"));
     let mut secrets = vec![PASSWORD.to_owned(), b64, "wrong-Pw-31337".into(), bad_b64];
     secrets.extend(state.lock().unwrap().issued.clone());
     assert!(secrets.len() >= 6);
     for s in &secrets {
-        assert!(!text.contains(s.as_str()), "secret {s:?} leaked into logs/errors");
+        assert!(
+            !text.contains(s.as_str()),
+            "secret {s:?} leaked into logs/errors"
+        );
     }
     Ok(())
 }

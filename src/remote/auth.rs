@@ -99,7 +99,12 @@ fn normalize_host(key: &str) -> &str {
 fn host_aliases(host: &str) -> Vec<&str> {
     match host {
         "docker.io" | "registry-1.docker.io" | "index.docker.io" => {
-            vec!["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
+            vec![
+                "https://index.docker.io/v1/",
+                "index.docker.io",
+                "docker.io",
+                "registry-1.docker.io",
+            ]
         }
         h => vec![h],
     }
@@ -204,7 +209,9 @@ async fn run_helper(
 ) -> Result<Option<Credentials>, RemoteError> {
     use tokio::io::AsyncWriteExt;
     if helper.is_empty() || helper.contains('/') {
-        return Err(RemoteError::Credentials(format!("invalid credential helper name {helper:?}")));
+        return Err(RemoteError::Credentials(format!(
+            "invalid credential helper name {helper:?}"
+        )));
     }
     let program = format!("docker-credential-{helper}");
     let mut cmd = tokio::process::Command::new(&program);
@@ -308,8 +315,13 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     out
 }
 
-/// Drops the user-info and query of a URL (presigned blob URLs carry signatures there).
+/// Drops the user-info and query of a URL (presigned blob URLs carry signatures there), and
+/// clips it: a registry picks the URLs it redirects to.
 pub fn redact_url(url: &str) -> String {
+    crate::untrusted::clip(&redact_unclipped(url))
+}
+
+fn redact_unclipped(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             let _ = u.set_username("");
@@ -333,7 +345,9 @@ mod tests {
 
     #[test]
     fn parses_challenges() {
-        let c = parse_challenge(r#"Bearer realm="https://auth.io/token",service="registry.io",scope="repository:a/b:pull,push""#);
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.io/token",service="registry.io",scope="repository:a/b:pull,push""#,
+        );
         assert_eq!(
             c,
             Some(Challenge::Bearer {
@@ -342,7 +356,10 @@ mod tests {
                 scope: Some("repository:a/b:pull,push".into()),
             })
         );
-        assert_eq!(parse_challenge(r#"Basic realm="x""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="x""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Negotiate"), None);
     }
 
@@ -353,7 +370,10 @@ mod tests {
             secret: Secret::new("hunter2"),
         };
         assert!(!format!("{c:?}").contains("hunter2"));
-        assert_eq!(redact_url("https://u:p@h/x?sig=abc"), "https://h/x?<redacted>");
+        assert_eq!(
+            redact_url("https://u:p@h/x?sig=abc"),
+            "https://h/x?<redacted>"
+        );
     }
 
     #[tokio::test]
@@ -367,7 +387,10 @@ mod tests {
         .unwrap();
         let cfg = DockerConfig::in_dir(dir.path());
         let c = cfg.lookup("docker.io").await.unwrap().unwrap();
-        assert_eq!((c.username.as_str(), c.secret.expose()), ("alice", "s3cret"));
+        assert_eq!(
+            (c.username.as_str(), c.secret.expose()),
+            ("alice", "s3cret")
+        );
         assert!(cfg.lookup("127.0.0.1:5000").await.unwrap().is_some());
         assert!(cfg.lookup("other:1").await.unwrap().is_none());
         let missing = DockerConfig::in_dir(dir.path().join("nope"));
@@ -383,7 +406,8 @@ mod tests {
             "#!/bin/sh\nread host\necho \"{\\\"ServerURL\\\":\\\"$host\\\",\\\"Username\\\":\\\"bob\\\",\\\"Secret\\\":\\\"pw-$host\\\"}\"\n",
         )
         .unwrap();
-        std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         std::fs::write(
             dir.path().join("config.json"),
             r#"{"credHelpers":{"reg.example:1":"testhelper"}}"#,
@@ -395,6 +419,9 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!((c.username.as_str(), c.secret.expose()), ("bob", "pw-reg.example:1"));
+        assert_eq!(
+            (c.username.as_str(), c.secret.expose()),
+            ("bob", "pw-reg.example:1")
+        );
     }
 }

@@ -12,6 +12,7 @@ use reqwest::{Method, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
+use super::body::{self, ByteBudget};
 use super::config::BlobConfig;
 use super::multipart::{self, parse_content_range, Event};
 use super::reference::Reference;
@@ -93,6 +94,7 @@ struct Target<'a> {
 
 impl Blob {
     /// Probes the blob (size, final URL after redirects; mirrors first) and returns a reader.
+    /// Each endpoint is given its request timeout, retries included, before the next is tried.
     pub async fn open(
         client: &RegistryClient,
         reference: &Reference,
@@ -168,7 +170,11 @@ impl Blob {
     /// them into its own cache: no second, compressed copy). A broken connection resumes where it
     /// stopped, so `sink` sees every byte exactly once, in order. Returns the bytes written.
     /// A `sink` error aborts at once ([`RemoteError::Sink`]).
-    pub async fn fetch_range_into(&self, range: Range<u64>, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
+    pub async fn fetch_range_into(
+        &self,
+        range: Range<u64>,
+        sink: &mut (dyn Write + Send),
+    ) -> Result<u64, RemoteError> {
         self.inner.fetch_range_into(range, sink).await
     }
 
@@ -177,17 +183,30 @@ impl Blob {
     /// download (`ctr-remote rpull` fallback) is verified without ever being buffered whole.
     /// On [`RemoteError::DigestMismatch`] `sink` has already seen the bad bytes: the caller
     /// must discard them.
-    pub async fn fetch_verified_into(&self, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
-        let mut hashing = HashingWriter { sink, hasher: Sha256::new() };
-        let n = self.inner.fetch_range_into(0..self.inner.size, &mut hashing).await?;
+    pub async fn fetch_verified_into(
+        &self,
+        sink: &mut (dyn Write + Send),
+    ) -> Result<u64, RemoteError> {
+        let mut hashing = HashingWriter {
+            sink,
+            hasher: Sha256::new(),
+        };
+        let n = self
+            .inner
+            .fetch_range_into(0..self.inner.size, &mut hashing)
+            .await?;
         let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
         if self.inner.digest.starts_with("sha256:") && actual != self.inner.digest {
-            return Err(RemoteError::DigestMismatch { expected: self.inner.digest.clone(), actual });
+            return Err(RemoteError::DigestMismatch {
+                expected: self.inner.digest.clone(),
+                actual,
+            });
         }
         Ok(n)
     }
 
-    /// Checks the blob is still reachable (re-probes size and URL).
+    /// Checks the blob is still reachable (re-probes size and URL). Ends within the request
+    /// timeout of each endpoint tried, like [`Blob::open`].
     pub async fn check(&self) -> Result<(), RemoteError> {
         self.inner.relocate().await
     }
@@ -207,7 +226,10 @@ impl Inner {
     }
 
     fn location(&self) -> Arc<BlobLocation> {
-        self.location.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.location
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn key(&self, c: Chunk) -> String {
@@ -220,13 +242,15 @@ impl Inner {
         let end = range.end.min(self.size);
         let first = range.start / cs;
         let last = if end == 0 { 0 } else { end.div_ceil(cs) };
-        (first..last).filter(move |_| range.start < end).map(move |i| {
-            let off = i * cs;
-            Chunk {
-                off,
-                len: cs.min(self.size - off),
-            }
-        })
+        (first..last)
+            .filter(move |_| range.start < end)
+            .map(move |i| {
+                let off = i * cs;
+                Chunk {
+                    off,
+                    len: cs.min(self.size - off),
+                }
+            })
     }
 
     async fn read_at(self: &Arc<Self>, buf: &mut [u8], offset: u64) -> Result<usize, RemoteError> {
@@ -302,7 +326,11 @@ impl Inner {
     /// Splits `chunks` into those this caller now fetches (registered in-flight) and receivers
     /// for those someone else is fetching. With `wait = false` the latter are just skipped.
     #[allow(clippy::type_complexity)]
-    fn claim(self: &Arc<Self>, chunks: &[Chunk], wait: bool) -> (Vec<(Chunk, Option<Flight>)>, Vec<watch::Receiver<()>>) {
+    fn claim(
+        self: &Arc<Self>,
+        chunks: &[Chunk],
+        wait: bool,
+    ) -> (Vec<(Chunk, Option<Flight>)>, Vec<watch::Receiver<()>>) {
         let mut mine = Vec::new();
         let mut waits = Vec::new();
         let mut map = self.lock_inflight();
@@ -345,8 +373,33 @@ impl Inner {
     }
 
     /// Fetches `chunks` (sorted, distinct) into the cache and the overlapping part of `target`,
-    /// retrying transient failures. Chunks completed by a failed attempt stay committed.
-    async fn fetch(self: &Arc<Self>, chunks: Vec<(Chunk, Option<Flight>)>, mut target: Option<&mut Target<'_>>) -> Result<(), RemoteError> {
+    /// retrying transient failures. Chunks completed by a failed attempt stay committed. Ends
+    /// within [`BlobConfig::fetch_deadline`]; on expiry the unfinished chunks' writers are
+    /// aborted and their waiters woken (dropping the fetch drops them).
+    async fn fetch(
+        self: &Arc<Self>,
+        chunks: Vec<(Chunk, Option<Flight>)>,
+        target: Option<&mut Target<'_>>,
+    ) -> Result<(), RemoteError> {
+        let deadline = self.config.fetch_deadline();
+        tokio::time::timeout(deadline, self.fetch_retrying(chunks, target))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out(deadline)))
+    }
+
+    fn timed_out(&self, after: Duration) -> RemoteError {
+        tracing::warn!(digest = %self.digest, after_ms = after.as_millis() as u64, "blob fetch ran past its deadline");
+        RemoteError::TimedOut {
+            what: format!("fetch from blob {}", self.digest),
+            after,
+        }
+    }
+
+    async fn fetch_retrying(
+        self: &Arc<Self>,
+        chunks: Vec<(Chunk, Option<Flight>)>,
+        mut target: Option<&mut Target<'_>>,
+    ) -> Result<(), RemoteError> {
         let mut pending: Vec<Pending> = chunks
             .into_iter()
             .map(|(chunk, flight)| Pending {
@@ -415,43 +468,87 @@ impl Inner {
         }
         let multi = ranges.len() > 1 && !self.single_range.load(Ordering::Relaxed);
         let header = if multi {
-            let parts: Vec<String> = ranges.iter().map(|(s, e)| format!("{s}-{}", e - 1)).collect();
+            let parts: Vec<String> = ranges
+                .iter()
+                .map(|(s, e)| format!("{s}-{}", e - 1))
+                .collect();
             format!("bytes={}", parts.join(","))
         } else {
-            let (s, e) = (ranges.first().map_or(0, |r| r.0), ranges.last().map_or(0, |r| r.1));
+            let (s, e) = (
+                ranges.first().map_or(0, |r| r.0),
+                ranges.last().map_or(0, |r| r.1),
+            );
             format!("bytes={s}-{}", e.saturating_sub(1))
         };
         (header, multi)
     }
 
     /// Sends a ranged GET to the blob's current location.
-    async fn send_range(&self, header: &str, timeout: Duration) -> Result<(Response, Arc<BlobLocation>), RemoteError> {
+    async fn send_range(
+        &self,
+        header: &str,
+        timeout: Duration,
+    ) -> Result<(Response, Arc<BlobLocation>), RemoteError> {
         let loc = self.location();
         let mut headers = HeaderMap::new();
-        headers.insert(RANGE, HeaderValue::from_str(header).map_err(|_| RemoteError::Protocol("bad range".into()))?);
+        headers.insert(
+            RANGE,
+            HeaderValue::from_str(header).map_err(|_| RemoteError::Protocol("bad range".into()))?,
+        );
         let ep = (!loc.redirected).then_some(&loc.endpoint);
         let resp = self
             .client
-            .send(ep, &self.reference.repository, Method::GET, &loc.url, &headers, timeout)
+            .send(
+                ep,
+                &self.reference.repository,
+                Method::GET,
+                &loc.url,
+                &headers,
+                timeout,
+            )
             .await?;
         Ok((resp, loc))
     }
 
-    async fn fetch_once(&self, pending: &mut [Pending], mut target: Option<&mut Target<'_>>) -> Result<(), FetchError> {
+    async fn fetch_once(
+        &self,
+        pending: &mut [Pending],
+        mut target: Option<&mut Target<'_>>,
+    ) -> Result<(), FetchError> {
         let (header, multi) = self.range_header(pending);
         let timeout = Duration::from_secs(self.config.fetching_timeout_sec.max(1));
         let (mut resp, loc) = self.send_range(&header, timeout).await?;
         let status = resp.status();
         let url = loc.url.as_str();
+        let stall = self.config.stall_timeout();
         let mut parser = None;
         let mut pos = 0u64;
-        match status {
+        // The bytes of the asked span (first to last missing chunk): a response longer than
+        // that plus multipart framing is refused, whatever it declares.
+        let first = pending.iter().find(|p| !p.done).map_or(0, |p| p.chunk.off);
+        let last = pending
+            .iter()
+            .rev()
+            .find(|p| !p.done)
+            .map_or(0, |p| p.chunk.off + p.chunk.len);
+        let ranges = pending.iter().filter(|p| !p.done).count();
+        let mut parts = 0usize;
+        let mut budget = match status {
             StatusCode::PARTIAL_CONTENT => {
-                let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let ct = resp
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
                 if let Some(b) = multipart::boundary(ct) {
+                    let framing = (multipart::MAX_HEADER + 2 * b.len() + 16) as u64;
                     parser = Some(multipart::Parser::new(&b));
+                    ByteBudget::new(
+                        (last - first).saturating_add(framing.saturating_mul(ranges as u64 + 1)),
+                    )
                 } else {
                     pos = self.single_range_start(&resp)?;
+                    ByteBudget::new(last.saturating_sub(pos))
                 }
             }
             StatusCode::OK => {
@@ -459,16 +556,22 @@ impl Inner {
                 if let Some(l) = resp.content_length() {
                     self.check_total(Some(l))?;
                 }
+                ByteBudget::new(last)
             }
-            StatusCode::BAD_REQUEST | StatusCode::RANGE_NOT_SATISFIABLE | StatusCode::NOT_IMPLEMENTED if multi => {
+            StatusCode::BAD_REQUEST
+            | StatusCode::RANGE_NOT_SATISFIABLE
+            | StatusCode::NOT_IMPLEMENTED
+                if multi =>
+            {
                 tracing::info!(digest = %self.digest, status = status.as_u16(), "registry refused a multi-range request; switching to single-range mode");
                 self.single_range.store(true, Ordering::Relaxed);
                 return Err(FetchError::SingleRange);
             }
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if loc.redirected => return Err(FetchError::Relocate),
-            s => return Err(RemoteError::status(url, s).into()),
-        }
-        let stall = Duration::from_millis(self.config.stall_timeout_msec.max(1));
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if loc.redirected => {
+                return Err(FetchError::Relocate)
+            }
+            _ => return Err(body::status_error(resp, url, stall).await.into()),
+        };
         loop {
             let piece = match tokio::time::timeout(stall, resp.chunk()).await {
                 Err(_) => return Err(RemoteError::Stalled(stall).into()),
@@ -478,7 +581,16 @@ impl Inner {
             };
             match parser.as_mut() {
                 Some(parser) => parser.feed(&piece, &mut |ev| match ev {
-                    Event::Part { total, .. } => self.check_total(total),
+                    Event::Part { total, .. } => {
+                        // Servers may merge ranges, never split them.
+                        parts += 1;
+                        if parts > ranges {
+                            return Err(RemoteError::Protocol(format!(
+                                "multipart response has more than the {ranges} part(s) asked"
+                            )));
+                        }
+                        self.check_total(total)
+                    }
                     Event::Data { offset, data } => {
                         self.accept(pending, target.as_deref_mut(), offset, data);
                         Ok(())
@@ -492,12 +604,19 @@ impl Inner {
             if pending.iter().all(|p| p.done) {
                 return Ok(());
             }
+            // After routing the piece: the one completing the span may run past its end.
+            budget.spend(piece.len(), || {
+                format!("range response for {} ({header})", self.digest)
+            })?;
         }
         if let Some(p) = &parser {
             p.finish()?;
         }
         let missing = pending.iter().filter(|p| !p.done).count();
-        Err(RemoteError::Truncated(format!("{missing} chunk(s) of {} incomplete", self.digest)).into())
+        Err(
+            RemoteError::Truncated(format!("{missing} chunk(s) of {} incomplete", self.digest))
+                .into(),
+        )
     }
 
     /// Start offset of a single-range 206, after checking its Content-Range names this blob's size.
@@ -526,7 +645,13 @@ impl Inner {
     /// Routes `data` (blob bytes at `pos`) into the caller's buffer and the chunks' writers.
     /// A chunk takes bytes only contiguously from where it stopped; a gap leaves it incomplete
     /// (it is then refetched), so a committed chunk always holds exactly its bytes.
-    fn accept(&self, pending: &mut [Pending], target: Option<&mut Target<'_>>, pos: u64, data: &[u8]) {
+    fn accept(
+        &self,
+        pending: &mut [Pending],
+        target: Option<&mut Target<'_>>,
+        pos: u64,
+        data: &[u8],
+    ) {
         let end = pos + data.len() as u64;
         if let Some(t) = target {
             let (s, e) = (pos.max(t.offset), end.min(t.offset + t.buf.len() as u64));
@@ -589,7 +714,10 @@ impl Inner {
 
     /// Re-probes the blob's URL (after a redirect target refused us, or as a health check).
     async fn relocate(&self) -> Result<(), RemoteError> {
-        let loc = self.client.locate_blob(&self.reference, &self.digest).await?;
+        let loc = self
+            .client
+            .locate_blob(&self.reference, &self.digest)
+            .await?;
         if loc.size != self.size {
             return Err(RemoteError::BlobChanged {
                 digest: self.digest.clone(),
@@ -601,7 +729,23 @@ impl Inner {
         Ok(())
     }
 
-    async fn fetch_range_into(&self, range: Range<u64>, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
+    /// Ends within [`BlobConfig::fetch_deadline`] (`sink` may have seen part of the range then).
+    async fn fetch_range_into(
+        &self,
+        range: Range<u64>,
+        sink: &mut (dyn Write + Send),
+    ) -> Result<u64, RemoteError> {
+        let deadline = self.config.fetch_deadline();
+        tokio::time::timeout(deadline, self.fetch_range_retrying(range, sink))
+            .await
+            .unwrap_or_else(|_| Err(self.timed_out(deadline)))
+    }
+
+    async fn fetch_range_retrying(
+        &self,
+        range: Range<u64>,
+        sink: &mut (dyn Write + Send),
+    ) -> Result<u64, RemoteError> {
         if range.start > range.end || range.end > self.size {
             return Err(RemoteError::OutOfRange {
                 start: range.start,
@@ -618,7 +762,10 @@ impl Inner {
             let header = format!("bytes={start}-{}", range.end - 1);
             let timeout = Duration::from_secs(self.config.fetching_timeout_sec.max(1));
             let result = match self.send_range(&header, timeout).await {
-                Ok((resp, loc)) => self.stream_into(resp, &loc, start, range.end, sink, &mut delivered).await,
+                Ok((resp, loc)) => {
+                    self.stream_into(resp, &loc, start, range.end, sink, &mut delivered)
+                        .await
+                }
                 Err(e) => Err(FetchError::Remote(e)),
             };
             let err = match result {
@@ -659,26 +806,45 @@ impl Inner {
             StatusCode::PARTIAL_CONTENT => {
                 let s = self.single_range_start(&resp)?;
                 if s != start {
-                    return Err(RemoteError::Protocol(format!("asked for offset {start}, got {s}")).into());
+                    return Err(RemoteError::Protocol(format!(
+                        "asked for offset {start}, got {s}"
+                    ))
+                    .into());
                 }
                 s
             }
             StatusCode::OK => 0,
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if loc.redirected => return Err(FetchError::Relocate),
-            s => return Err(RemoteError::status(&loc.url, s).into()),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if loc.redirected => {
+                return Err(FetchError::Relocate)
+            }
+            _ => {
+                return Err(
+                    body::status_error(resp, &loc.url, self.config.stall_timeout())
+                        .await
+                        .into(),
+                )
+            }
         };
-        let stall = Duration::from_millis(self.config.stall_timeout_msec.max(1));
+        // Never reads past `end`: a longer body is simply not read.
+        let stall = self.config.stall_timeout();
         while pos < end {
             let piece = match tokio::time::timeout(stall, resp.chunk()).await {
                 Err(_) => return Err(RemoteError::Stalled(stall).into()),
                 Ok(Err(e)) => return Err(RemoteError::body(&loc.url, e).into()),
-                Ok(Ok(None)) => return Err(RemoteError::Truncated(format!("range of {} ended at {pos}", self.digest)).into()),
+                Ok(Ok(None)) => {
+                    return Err(RemoteError::Truncated(format!(
+                        "range of {} ended at {pos}",
+                        self.digest
+                    ))
+                    .into())
+                }
                 Ok(Ok(Some(p))) => p,
             };
             let p_end = pos + piece.len() as u64;
             let (s, e) = (pos.max(start), p_end.min(end));
             if s < e {
-                sink.write_all(&piece[(s - pos) as usize..(e - pos) as usize]).map_err(RemoteError::Sink)?;
+                sink.write_all(&piece[(s - pos) as usize..(e - pos) as usize])
+                    .map_err(RemoteError::Sink)?;
                 *delivered += e - s;
             }
             pos = p_end;
@@ -709,7 +875,10 @@ impl Write for HashingWriter<'_> {
 /// already retried with backoff by `RegistryClient::send`; what is left to retry is a response
 /// that broke while streaming (reset, truncation, stall, garbled framing).
 fn retry_in_stream(err: &RemoteError) -> bool {
-    matches!(err, RemoteError::Truncated(_) | RemoteError::Stalled(_) | RemoteError::Protocol(_))
+    matches!(
+        err,
+        RemoteError::Truncated(_) | RemoteError::Stalled(_) | RemoteError::Protocol(_)
+    )
 }
 
 /// Why one fetch attempt stopped.
@@ -757,8 +926,13 @@ impl SyncBlob {
         self.handle.block_on(self.blob.prefetch(ranges))
     }
 
-    pub fn fetch_range_into(&self, range: Range<u64>, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {
-        self.handle.block_on(self.blob.fetch_range_into(range, sink))
+    pub fn fetch_range_into(
+        &self,
+        range: Range<u64>,
+        sink: &mut (dyn Write + Send),
+    ) -> Result<u64, RemoteError> {
+        self.handle
+            .block_on(self.blob.fetch_range_into(range, sink))
     }
 
     pub fn fetch_verified_into(&self, sink: &mut (dyn Write + Send)) -> Result<u64, RemoteError> {

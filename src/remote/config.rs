@@ -17,14 +17,16 @@ pub struct BlobConfig {
     pub check_always: bool,
     /// Fetch granularity: reads are aligned to this many bytes, one cache entry per chunk.
     pub chunk_size: u64,
-    /// Upper bound on one HTTP request for blob data, body included.
+    /// Upper bound on one HTTP request for blob data, body included. One fetch call, all its
+    /// retries and waits included, is bounded by [`BlobConfig::fetch_deadline`].
     pub fetching_timeout_sec: u64,
     /// Never send multi-range requests (some registries/CDNs mishandle them).
     pub force_single_range_mode: bool,
     pub max_retries: u32,
     pub min_wait_msec: u64,
     pub max_wait_msec: u64,
-    /// Not a Go key: a body that delivers no byte for this long is treated as a dead connection.
+    /// Not a Go key: a response whose headers do not arrive within this long, or whose body
+    /// delivers no byte for this long, is treated as a dead connection (and retried).
     pub stall_timeout_msec: u64,
 }
 
@@ -52,6 +54,33 @@ impl BlobConfig {
             .saturating_mul(1u64 << attempt.min(30))
             .min(self.max_wait_msec.max(self.min_wait_msec));
         Duration::from_millis(ms)
+    }
+
+    /// The longest a registry may stay silent: while we wait for response headers, or
+    /// between two pieces of a body.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.stall_timeout_msec.max(1))
+    }
+
+    /// Worst case of the retry schedule when each attempt may take `per_attempt`:
+    /// `(max_retries + 1) * per_attempt` plus every backoff wait. Callers wrap a whole retried
+    /// operation in it, so nested retries (a request retried inside a retried fetch, a
+    /// re-resolve) can not multiply the time a hostile registry holds a caller.
+    pub fn retry_budget(&self, per_attempt: Duration) -> Duration {
+        let attempts = self.max_retries.saturating_add(1);
+        let mut total = per_attempt.saturating_mul(attempts);
+        // Past 64 retries every wait is capped at `max`: add those without looping.
+        for i in 0..self.max_retries.min(64) {
+            total = total.saturating_add(self.backoff(i));
+        }
+        let capped = self.max_retries.saturating_sub(64);
+        total.saturating_add(self.backoff(64).saturating_mul(capped))
+    }
+
+    /// Bound on one blob fetch call (a read, a prefetch, a streamed range), all attempts,
+    /// waits and re-resolves included: [`BlobConfig::retry_budget`] of `fetching_timeout_sec`.
+    pub fn fetch_deadline(&self) -> Duration {
+        self.retry_budget(Duration::from_secs(self.fetching_timeout_sec.max(1)))
     }
 }
 
@@ -166,7 +195,10 @@ mod tests {
         assert_eq!(t.blob.max_retries, 5);
         assert!(t.blob.force_single_range_mode);
         let m = &t.resolver.host["docker.io"].mirrors[0];
-        assert_eq!((m.host.as_str(), m.insecure, m.request_timeout_sec), ("mirror.local:5000", true, 3));
+        assert_eq!(
+            (m.host.as_str(), m.insecure, m.request_timeout_sec),
+            ("mirror.local:5000", true, 3)
+        );
         assert_eq!(m.header["x-a"], "b");
     }
 
@@ -181,5 +213,43 @@ mod tests {
         assert_eq!(b.backoff(1), Duration::from_millis(60));
         assert_eq!(b.backoff(5), Duration::from_millis(100));
         assert_eq!(b.backoff(99), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn retry_budget_covers_every_attempt_and_wait() {
+        let b = BlobConfig {
+            max_retries: 3,
+            min_wait_msec: 10,
+            max_wait_msec: 25,
+            fetching_timeout_sec: 2,
+            ..Default::default()
+        };
+        // 4 attempts of 1 s, waits 10 + 20 + 25 ms.
+        assert_eq!(
+            b.retry_budget(Duration::from_secs(1)),
+            Duration::from_millis(4055)
+        );
+        assert_eq!(b.fetch_deadline(), Duration::from_millis(8055));
+        let none = BlobConfig {
+            max_retries: 0,
+            ..b.clone()
+        };
+        assert_eq!(
+            none.retry_budget(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        // Absurd settings saturate instead of overflowing or looping for long.
+        let huge = BlobConfig {
+            max_retries: u32::MAX,
+            max_wait_msec: u64::MAX,
+            ..b
+        };
+        assert!(huge.fetch_deadline() >= Duration::from_secs(u32::MAX as u64));
+        let d = BlobConfig::default();
+        assert_eq!(d.stall_timeout(), Duration::from_secs(30));
+        assert_eq!(
+            d.fetch_deadline(),
+            Duration::from_millis(6 * 300_000 + 30 + 60 + 120 + 240 + 480)
+        );
     }
 }

@@ -34,6 +34,14 @@
 //!   [`Blob::free_cache`] or `BlobCache::remove`). Length, offsets and totals ARE verified.
 //! - Transient failures (connection reset, truncation, stall, 5xx, 429) are retried with
 //!   exponential backoff (`max_retries`, `min_wait_msec`, `max_wait_msec`); then a clear error.
+//! - Every wait has a deadline: response headers and each body piece within `stall_timeout_msec`;
+//!   one fetch call, retries and re-resolves included, within [`BlobConfig::fetch_deadline`];
+//!   `Blob::open`/`check` within the request timeout per endpoint tried.
+//! - Every body is streamed against a byte limit, never trusting Content-Length: small objects
+//!   (manifests, configs, tokens) have fixed caps, range responses may not exceed what was
+//!   asked, and only a short prefix of an error body is read, clipped, for the message.
+//! - Redirects are followed by hand: registry credentials and mirror `header`s go only to the
+//!   origin (scheme, host, port) a request was first sent to, never to a redirect target.
 //! - A 401/403 from a redirected storage URL re-resolves the URL; a 401 from the registry
 //!   refreshes the token once.
 //! - Credentials/tokens are never logged nor put in errors: [`auth::Secret`] prints
@@ -44,6 +52,7 @@
 
 pub mod auth;
 mod blob;
+mod body;
 pub mod config;
 pub mod multipart;
 pub mod reference;
@@ -54,8 +63,8 @@ pub use blob::{Blob, SyncBlob};
 pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, Platform, ResolverConfig};
 pub use reference::Reference;
 pub use registry::{
-    Descriptor, Manifest, PlatformSpec, RawManifest, RegistryClient, Resolved, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
+    Descriptor, Manifest, PlatformSpec, RawManifest, RegistryClient, Resolved, MEDIA_DOCKER_LIST,
+    MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
 };
 
 use crate::cache::CacheError;
@@ -72,8 +81,13 @@ pub enum RemoteError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("{url} answered HTTP {status}")]
-    Status { url: String, status: u16 },
+    #[error("{url} answered HTTP {status}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    Status {
+        url: String,
+        status: u16,
+        /// What the error body said: a clipped prefix, empty when it said nothing readable.
+        detail: String,
+    },
     #[error("registry {host} refused authorization: {reason}")]
     Unauthorized { host: String, reason: String },
     #[error("not found: {0}")]
@@ -84,6 +98,15 @@ pub enum RemoteError {
     Truncated(String),
     #[error("no data for {0:?}, connection stalled")]
     Stalled(std::time::Duration),
+    /// A body longer than we ever read into memory (or than the range asked for).
+    #[error("{what} is larger than {limit} bytes")]
+    BodyTooLarge { what: String, limit: u64 },
+    /// A whole operation, retries included, ran past its deadline.
+    #[error("{what} did not finish within {after:?}")]
+    TimedOut {
+        what: String,
+        after: std::time::Duration,
+    },
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: String, actual: String },
     #[error("invalid manifest: {0}")]
@@ -118,23 +141,25 @@ impl RemoteError {
             why = format!("{why}: {s}");
             src = s.source();
         }
-        RemoteError::Truncated(format!("body from {} broke off: {why}", auth::redact_url(url)))
-    }
-
-    pub(crate) fn status(url: &str, s: reqwest::StatusCode) -> Self {
-        RemoteError::Status {
-            url: auth::redact_url(url),
-            status: s.as_u16(),
-        }
+        RemoteError::Truncated(format!(
+            "body from {} broke off: {why}",
+            auth::redact_url(url)
+        ))
     }
 
     /// Worth another attempt after a backoff.
     pub fn is_retryable(&self) -> bool {
         match self {
             RemoteError::Http { source, .. } => {
-                source.is_connect() || source.is_timeout() || source.is_body() || source.is_request() || source.is_decode()
+                source.is_connect()
+                    || source.is_timeout()
+                    || source.is_body()
+                    || source.is_request()
+                    || source.is_decode()
             }
-            RemoteError::Status { status, .. } => *status == 429 || (*status >= 500 && *status != 501),
+            RemoteError::Status { status, .. } => {
+                *status == 429 || (*status >= 500 && *status != 501)
+            }
             RemoteError::Truncated(_) | RemoteError::Stalled(_) | RemoteError::Protocol(_) => true,
             _ => false,
         }
@@ -147,7 +172,7 @@ impl From<RemoteError> for std::io::Error {
             RemoteError::NotFound(_) => std::io::ErrorKind::NotFound,
             RemoteError::Unauthorized { .. } => std::io::ErrorKind::PermissionDenied,
             RemoteError::OutOfRange { .. } => std::io::ErrorKind::InvalidInput,
-            RemoteError::Stalled(_) => std::io::ErrorKind::TimedOut,
+            RemoteError::Stalled(_) | RemoteError::TimedOut { .. } => std::io::ErrorKind::TimedOut,
             _ => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, e)

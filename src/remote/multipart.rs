@@ -8,14 +8,18 @@
 
 use super::RemoteError;
 
-/// Longest part-header block accepted.
-const MAX_HEADER: usize = 16 * 1024;
+/// Longest part-header block accepted (and longest preamble).
+pub(crate) const MAX_HEADER: usize = 16 * 1024;
 
 /// What the parser reports while fed.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     /// A part with `Content-Range: bytes start-end/total` starts (`end` exclusive here).
-    Part { start: u64, end: u64, total: Option<u64> },
+    Part {
+        start: u64,
+        end: u64,
+        total: Option<u64>,
+    },
     /// Payload bytes of the current part at absolute blob offset `offset`.
     Data { offset: u64, data: &'a [u8] },
 }
@@ -26,7 +30,10 @@ enum State {
     /// Reading a part's header block.
     Headers,
     /// Inside a part: `next` is the blob offset of the next byte, `remaining` bytes to go.
-    Data { next: u64, remaining: u64 },
+    Data {
+        next: u64,
+        remaining: u64,
+    },
     /// After a part: expecting `\r\n--boundary` then `\r\n` (next part) or `--` (end).
     Delimiter,
     Done,
@@ -111,7 +118,11 @@ impl Parser {
                     // preamble, whose length is unknown), so nothing past it is ever buffered.
                     let strict = matches!(self.state, State::Delimiter);
                     let want = 2 + self.delimiter.len() + 2;
-                    let take = if strict { input.len().min(want - self.buf.len()) } else { 1 };
+                    let take = if strict {
+                        input.len().min(want - self.buf.len())
+                    } else {
+                        1
+                    };
                     self.buf.extend_from_slice(&input[..take]);
                     input = &input[take..];
                     if let Some(next) = self.after_delimiter(strict)? {
@@ -124,7 +135,9 @@ impl Parser {
                     self.buf.extend_from_slice(input);
                     let Some(end) = find(&self.buf, b"\r\n\r\n") else {
                         if self.buf.len() > MAX_HEADER {
-                            return Err(RemoteError::Protocol("multipart part headers too long".into()));
+                            return Err(RemoteError::Protocol(
+                                "multipart part headers too long".into(),
+                            ));
                         }
                         input = &[];
                         continue;
@@ -156,7 +169,9 @@ impl Parser {
                 return Ok(None);
             }
             if &self.buf[..2] != b"\r\n" || self.buf[2..2 + d] != self.delimiter[..] {
-                return Err(RemoteError::Protocol("multipart part longer than its Content-Range".into()));
+                return Err(RemoteError::Protocol(
+                    "multipart part longer than its Content-Range".into(),
+                ));
             }
         } else {
             let n = self.buf.len();
@@ -170,7 +185,9 @@ impl Parser {
         match &self.buf[self.buf.len() - 2..] {
             b"--" => Ok(Some(State::Done)),
             b"\r\n" => Ok(Some(State::Headers)),
-            _ => Err(RemoteError::Protocol("malformed multipart delimiter".into())),
+            _ => Err(RemoteError::Protocol(
+                "malformed multipart delimiter".into(),
+            )),
         }
     }
 
@@ -189,12 +206,18 @@ fn part_range(headers: &[u8]) -> Result<(u64, u64, Option<u64>), RemoteError> {
     for line in text.split("\r\n") {
         if let Some((k, v)) = line.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-range") {
-                return parse_content_range(v)
-                    .ok_or_else(|| RemoteError::Protocol(format!("bad part Content-Range {:?}", v.trim())));
+                return parse_content_range(v).ok_or_else(|| {
+                    RemoteError::Protocol(format!(
+                        "bad part Content-Range {:?}",
+                        crate::untrusted::clip(v.trim())
+                    ))
+                });
             }
         }
     }
-    Err(RemoteError::Protocol("multipart part without Content-Range".into()))
+    Err(RemoteError::Protocol(
+        "multipart part without Content-Range".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -238,7 +261,14 @@ mod tests {
 
     #[test]
     fn parses_parts_in_any_piece_size() {
-        let input = body("BOUND", &[(0, b"hello"), (100, b"--BOUND\r\n not a delimiter"), (990, b"0123456789")]);
+        let input = body(
+            "BOUND",
+            &[
+                (0, b"hello"),
+                (100, b"--BOUND\r\n not a delimiter"),
+                (990, b"0123456789"),
+            ],
+        );
         for step in 1..input.len() {
             let (parts, data) = run(&input, step).unwrap();
             assert_eq!(parts, vec![(0, 5), (100, 125), (990, 1000)]);
@@ -263,8 +293,14 @@ mod tests {
 
     #[test]
     fn parses_content_type_and_range() {
-        assert_eq!(boundary("multipart/byteranges; boundary=abc"), Some("abc".into()));
-        assert_eq!(boundary("Multipart/Byteranges;boundary=\"a b\""), Some("a b".into()));
+        assert_eq!(
+            boundary("multipart/byteranges; boundary=abc"),
+            Some("abc".into())
+        );
+        assert_eq!(
+            boundary("Multipart/Byteranges;boundary=\"a b\""),
+            Some("a b".into())
+        );
         assert_eq!(boundary("application/octet-stream"), None);
         assert_eq!(parse_content_range("bytes 0-1/2"), Some((0, 2, Some(2))));
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 10, None)));

@@ -48,7 +48,10 @@ impl Reference {
 }
 
 fn looks_like_host(s: &str) -> bool {
-    s.contains('.') || s.contains(':') || s == "localhost" || s.chars().any(|c| c.is_ascii_uppercase())
+    s.contains('.')
+        || s.contains(':')
+        || s == "localhost"
+        || s.chars().any(|c| c.is_ascii_uppercase())
 }
 
 fn valid_digest(d: &str) -> bool {
@@ -56,7 +59,9 @@ fn valid_digest(d: &str) -> bool {
         Some((alg, hex)) => {
             !alg.is_empty()
                 && !hex.is_empty()
-                && alg.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c))
+                && alg
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c))
                 && hex.chars().all(|c| c.is_ascii_hexdigit())
         }
         None => false,
@@ -80,7 +85,10 @@ impl FromStr for Reference {
         // A tag is after the last ':' that follows the last '/' (a ':' before it is a port).
         let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
         let (name, tag) = match rest[last_slash..].rfind(':') {
-            Some(i) => (&rest[..last_slash + i], Some(rest[last_slash + i + 1..].to_owned())),
+            Some(i) => (
+                &rest[..last_slash + i],
+                Some(rest[last_slash + i + 1..].to_owned()),
+            ),
             None => (rest, None),
         };
         let (host, repository) = match name.split_once('/') {
@@ -95,10 +103,15 @@ impl FromStr for Reference {
         let repo_ok = !repository.is_empty()
             && repository.split('/').all(|c| {
                 !c.is_empty()
-                    && c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
+                    && c.chars().all(|ch| {
+                        ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch)
+                    })
             });
         let tag_ok = tag.as_deref().is_none_or(|t| {
-            !t.is_empty() && t.len() <= 128 && t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            !t.is_empty()
+                && t.len() <= 128
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         });
         if host.is_empty() || !repo_ok || !tag_ok {
             return Err(bad());
@@ -141,26 +154,49 @@ mod tests {
     #[test]
     fn parses_references() {
         let r = p("ubuntu");
-        assert_eq!((r.host.as_str(), r.repository.as_str(), r.tag.as_deref()), ("docker.io", "library/ubuntu", Some("latest")));
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("docker.io", "library/ubuntu", Some("latest"))
+        );
         assert_eq!(r.api_host(), "registry-1.docker.io");
         let r = p("127.0.0.1:5000/foo/bar:v1");
-        assert_eq!((r.host.as_str(), r.repository.as_str(), r.tag.as_deref()), ("127.0.0.1:5000", "foo/bar", Some("v1")));
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("127.0.0.1:5000", "foo/bar", Some("v1"))
+        );
         let d = format!("sha256:{}", "a".repeat(64));
         let r = p(&format!("localhost:5000/x@{d}"));
-        assert_eq!((r.tag.as_deref(), r.digest.as_deref()), (None, Some(d.as_str())));
+        assert_eq!(
+            (r.tag.as_deref(), r.digest.as_deref()),
+            (None, Some(d.as_str()))
+        );
         assert_eq!(r.object(), d);
         let r = p(&format!("ghcr.io/o/x:t@{d}"));
         assert_eq!(r.tag.as_deref(), Some("t"));
         assert_eq!(r.to_string(), format!("ghcr.io/o/x:t@{d}"));
         let r = p("user/img:1.0");
-        assert_eq!((r.host.as_str(), r.repository.as_str()), ("docker.io", "user/img"));
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str()),
+            ("docker.io", "user/img")
+        );
         let r = p("localhost/img");
-        assert_eq!((r.host.as_str(), r.repository.as_str()), ("localhost", "img"));
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str()),
+            ("localhost", "img")
+        );
     }
 
     #[test]
     fn rejects_bad_references() {
-        for s in ["", "UPPER/x:y/", "x@sha256:zz", "x@nope", "a//b", "x:", "host:5000/"] {
+        for s in [
+            "",
+            "UPPER/x:y/",
+            "x@sha256:zz",
+            "x@nope",
+            "a//b",
+            "x:",
+            "host:5000/",
+        ] {
             assert!(s.parse::<Reference>().is_err(), "{s:?}");
         }
     }

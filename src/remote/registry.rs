@@ -5,12 +5,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
-use reqwest::{Method, Response, StatusCode};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE,
+    WWW_AUTHENTICATE,
+};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::auth::{parse_challenge, redact_url, Challenge, Credentials, DockerConfig, Secret};
+use super::body::{self, MAX_CONFIG, MAX_MANIFEST, MAX_TOKEN};
 use super::config::{ClientConfig, Platform};
 use super::multipart::parse_content_range;
 use super::reference::Reference;
@@ -21,8 +25,8 @@ pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// Manifests and configs larger than this are refused (they are read into memory).
-const MAX_SMALL_OBJECT: u64 = 16 << 20;
+/// Redirects followed per request (Go's and reqwest's default).
+const MAX_REDIRECTS: usize = 10;
 
 /// One place a repository can be reached: a mirror or the origin registry.
 #[derive(Debug, Clone)]
@@ -42,6 +46,34 @@ pub(crate) struct Endpoint {
 enum Auth {
     Basic(Credentials),
     Bearer { token: Secret, expires: Instant },
+}
+
+/// What a request may carry only to the origin (scheme, host, port) it was first sent to:
+/// credentials and mirror `header`s. A redirect elsewhere (blob storage, a CDN, whatever a
+/// hostile registry names) gets neither, as Go's client does for Authorization.
+#[derive(Default)]
+struct OriginOnly<'a> {
+    headers: &'a [(HeaderName, HeaderValue)],
+    auth: Option<Auth>,
+}
+
+impl OriginOnly<'_> {
+    fn apply(&self, mut rb: RequestBuilder) -> RequestBuilder {
+        for (k, v) in self.headers {
+            rb = rb.header(k, v);
+        }
+        match &self.auth {
+            Some(Auth::Basic(c)) => rb.basic_auth(&c.username, Some(c.secret.expose())),
+            Some(Auth::Bearer { token, .. }) => rb.bearer_auth(token.expose()),
+            None => rb,
+        }
+    }
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
 }
 
 /// An OCI descriptor.
@@ -139,7 +171,13 @@ struct Inner {
 }
 
 fn is_loopback(host: &str) -> bool {
-    let h = host.rsplit_once(':').map_or(host, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { host });
+    let h = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
     matches!(h, "localhost" | "127.0.0.1" | "[::1]" | "::1") || h.ends_with(".localhost")
 }
 
@@ -155,6 +193,8 @@ impl RegistryClient {
     pub fn new(config: ClientConfig) -> Result<Self, RemoteError> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            // Followed by hand in `send_following`, which decides what a hop may carry.
+            .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(config.skip_tls_verify)
             .user_agent(concat!("stargz-snapshotter-rs/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -177,7 +217,10 @@ impl RegistryClient {
     }
 
     /// Replaces where credentials come from (e.g. a test's helper `PATH`).
-    pub fn with_docker_config(config: ClientConfig, docker: DockerConfig) -> Result<Self, RemoteError> {
+    pub fn with_docker_config(
+        config: ClientConfig,
+        docker: DockerConfig,
+    ) -> Result<Self, RemoteError> {
         let c = Self::new(config)?;
         let inner = Inner {
             http: c.inner.http.clone(),
@@ -185,7 +228,9 @@ impl RegistryClient {
             docker: Some(docker),
             auth: Mutex::new(HashMap::new()),
         };
-        Ok(RegistryClient { inner: Arc::new(inner) })
+        Ok(RegistryClient {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -211,19 +256,32 @@ impl RegistryClient {
                 let headers = m
                     .header
                     .iter()
-                    .filter_map(|(k, v)| Some((HeaderName::try_from(k.as_str()).ok()?, HeaderValue::try_from(v.as_str()).ok()?)))
+                    .filter_map(|(k, v)| {
+                        Some((
+                            HeaderName::try_from(k.as_str()).ok()?,
+                            HeaderValue::try_from(v.as_str()).ok()?,
+                        ))
+                    })
                     .collect();
                 out.push(Endpoint {
                     base: format!("{scheme}://{host}"),
                     cred_host: host.to_owned(),
-                    timeout: if m.request_timeout_sec > 0 { Duration::from_secs(m.request_timeout_sec) } else { cfg.request_timeout },
+                    timeout: if m.request_timeout_sec > 0 {
+                        Duration::from_secs(m.request_timeout_sec)
+                    } else {
+                        cfg.request_timeout
+                    },
                     headers,
                     mirror: true,
                 });
             }
         }
         let host = reference.api_host();
-        let plain = is_loopback(host) || cfg.insecure_hosts.iter().any(|h| h == host || h == &reference.host);
+        let plain = is_loopback(host)
+            || cfg
+                .insecure_hosts
+                .iter()
+                .any(|h| h == host || h == &reference.host);
         out.push(Endpoint {
             base: format!("{}://{host}", if plain { "http" } else { "https" }),
             cred_host: reference.host.clone(),
@@ -246,11 +304,36 @@ impl RegistryClient {
         }
     }
 
-    /// Sends one request with retries (connection errors, 5xx, 429; exponential backoff) and
-    /// auth (`ep` = registry endpoint: cached auth is attached and a 401 triggers one
-    /// challenge/refresh; `None` = a redirected storage URL, sent without credentials).
-    /// Any other status is returned for the caller to judge.
+    /// Sends one request with retries (connection errors, stalls, 5xx, 429; exponential
+    /// backoff) and auth (`ep` = registry endpoint: cached auth and the mirror's headers are
+    /// attached for its own origin and a 401 from it triggers one challenge/refresh; `None` = a
+    /// redirected storage URL, sent without either). Any other status is returned for the
+    /// caller to judge. All attempts together end within `retry_budget(timeout)`.
     pub(crate) async fn send(
+        &self,
+        ep: Option<&Endpoint>,
+        repo: &str,
+        method: Method,
+        url: &str,
+        headers: &HeaderMap,
+        timeout: Duration,
+    ) -> Result<Response, RemoteError> {
+        let budget = self.inner.config.blob.retry_budget(timeout);
+        match tokio::time::timeout(
+            budget,
+            self.send_retrying(ep, repo, method, url, headers, timeout),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(RemoteError::TimedOut {
+                what: format!("request to {}", redact_url(url)),
+                after: budget,
+            }),
+        }
+    }
+
+    async fn send_retrying(
         &self,
         ep: Option<&Endpoint>,
         repo: &str,
@@ -264,25 +347,19 @@ impl RegistryClient {
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
-            let mut rb = self
-                .inner
-                .http
-                .request(method.clone(), url)
-                .headers(headers.clone())
-                .timeout(timeout);
-            if let Some(ep) = ep {
-                for (k, v) in &ep.headers {
-                    rb = rb.header(k, v);
-                }
-                match self.cached_auth(ep, &scope) {
-                    Some(Auth::Basic(c)) => rb = rb.basic_auth(&c.username, Some(c.secret.expose())),
-                    Some(Auth::Bearer { token, .. }) => rb = rb.bearer_auth(token.expose()),
-                    None => {}
-                }
-            }
-            let result = rb.send().await;
+            let private = match ep {
+                Some(ep) => OriginOnly {
+                    headers: &ep.headers,
+                    auth: self.cached_auth(ep, &scope),
+                },
+                None => OriginOnly::default(),
+            };
+            let result = self
+                .send_following(&method, url, headers, timeout, &private)
+                .await;
             let retry = match &result {
-                Ok(r) if r.status() == StatusCode::UNAUTHORIZED && !refreshed => {
+                // A 401 from a redirect target is not the registry asking for credentials.
+                Ok((r, left)) if r.status() == StatusCode::UNAUTHORIZED && !refreshed && !left => {
                     if let Some(ep) = ep {
                         refreshed = true;
                         self.authenticate(ep, &scope, r.headers()).await?;
@@ -290,23 +367,98 @@ impl RegistryClient {
                     }
                     false
                 }
-                Ok(r) => retryable_status(r.status()),
-                Err(e) => e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
+                Ok((r, _)) => retryable_status(r.status()),
+                Err(RemoteError::Http { source: e, .. }) => {
+                    e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
+                }
+                Err(RemoteError::Stalled(_)) => true,
+                Err(_) => false,
             };
             if retry && attempt < blob.max_retries {
                 let wait = blob.backoff(attempt);
-                tracing::debug!(url = %redact_url(url), attempt, wait_ms = wait.as_millis() as u64, status = ?result.as_ref().ok().map(|r| r.status().as_u16()), "retrying registry request");
+                tracing::debug!(url = %redact_url(url), attempt, wait_ms = wait.as_millis() as u64, status = ?result.as_ref().ok().map(|(r, _)| r.status().as_u16()), "retrying registry request");
                 attempt += 1;
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            return result.map_err(|e| RemoteError::http(url, e));
+            return result.map(|(r, _)| r);
         }
+    }
+
+    /// One attempt: sends `url`, following up to [`MAX_REDIRECTS`] redirects. `private` goes
+    /// only to hops on the first URL's origin; once a hop leaves it, no later hop gets it.
+    /// Each hop's response headers must arrive within the stall timeout. Returns the final
+    /// response and whether it came from another origin.
+    async fn send_following(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        timeout: Duration,
+        private: &OriginOnly<'_>,
+    ) -> Result<(Response, bool), RemoteError> {
+        let first = Url::parse(url)
+            .map_err(|_| RemoteError::Protocol(format!("invalid URL {}", redact_url(url))))?;
+        let stall = self.inner.config.blob.stall_timeout();
+        let mut current = first.clone();
+        let mut method = method.clone();
+        let mut left = false;
+        for _ in 0..=MAX_REDIRECTS {
+            let mut rb = self
+                .inner
+                .http
+                .request(method.clone(), current.clone())
+                .headers(headers.clone())
+                .timeout(timeout);
+            if !left {
+                rb = private.apply(rb);
+            }
+            let resp = match tokio::time::timeout(stall, rb.send()).await {
+                Err(_) => {
+                    tracing::debug!(url = %redact_url(current.as_str()), wait_ms = stall.as_millis() as u64, "no response headers in time");
+                    return Err(RemoteError::Stalled(stall));
+                }
+                Ok(r) => r.map_err(|e| RemoteError::http(current.as_str(), e))?,
+            };
+            let status = resp.status();
+            let redirect = matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308);
+            let Some(location) = resp.headers().get(LOCATION).filter(|_| redirect) else {
+                return Ok((resp, left));
+            };
+            let next = location
+                .to_str()
+                .ok()
+                .and_then(|l| current.join(l).ok())
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    RemoteError::Protocol(format!(
+                        "{} redirected to an invalid Location",
+                        redact_url(current.as_str())
+                    ))
+                })?;
+            if !same_origin(&next, &first) {
+                left = true;
+            }
+            if status == StatusCode::SEE_OTHER && method != Method::HEAD {
+                method = Method::GET;
+            }
+            tracing::debug!(from = %redact_url(current.as_str()), to = %redact_url(next.as_str()), status = status.as_u16(), credentials = !left, "following redirect");
+            current = next;
+        }
+        Err(RemoteError::Protocol(format!(
+            "more than {MAX_REDIRECTS} redirects from {}",
+            redact_url(url)
+        )))
     }
 
     /// Answers a 401: learns the scheme from `WWW-Authenticate`, fetches a bearer token when
     /// asked (with credentials if any), and caches what to send next time.
-    async fn authenticate(&self, ep: &Endpoint, scope: &str, headers: &HeaderMap) -> Result<(), RemoteError> {
+    async fn authenticate(
+        &self,
+        ep: &Endpoint,
+        scope: &str,
+        headers: &HeaderMap,
+    ) -> Result<(), RemoteError> {
         let challenge = headers
             .get_all(WWW_AUTHENTICATE)
             .iter()
@@ -316,7 +468,10 @@ impl RegistryClient {
                 host: ep.cred_host.clone(),
                 reason: "401 without a usable WWW-Authenticate challenge".into(),
             })?;
-        let creds = match (self.inner.config.credentials.get(&ep.cred_host), &self.inner.docker) {
+        let creds = match (
+            self.inner.config.credentials.get(&ep.cred_host),
+            &self.inner.docker,
+        ) {
             (Some(c), _) => Some(c.clone()),
             (None, Some(d)) => d.lookup(&ep.cred_host).await?,
             (None, None) => None,
@@ -326,9 +481,20 @@ impl RegistryClient {
                 host: ep.cred_host.clone(),
                 reason: "basic auth requested and no credentials configured".into(),
             })?),
-            Challenge::Bearer { realm, service, scope: their_scope } => {
-                self.fetch_token(ep, &realm, service.as_deref(), scope, their_scope.as_deref(), creds.as_ref())
-                    .await?
+            Challenge::Bearer {
+                realm,
+                service,
+                scope: their_scope,
+            } => {
+                self.fetch_token(
+                    ep,
+                    &realm,
+                    service.as_deref(),
+                    scope,
+                    their_scope.as_deref(),
+                    creds.as_ref(),
+                )
+                .await?
             }
         };
         tracing::debug!(host = %ep.cred_host, scope = %scope, "registry auth refreshed");
@@ -369,25 +535,52 @@ impl RegistryClient {
                 q.append_pair("scope", s);
             }
         }
-        let mut rb = self.inner.http.get(url.clone()).timeout(self.inner.config.request_timeout);
-        if let Some(c) = creds {
-            rb = rb.basic_auth(&c.username, Some(c.secret.expose()));
-        }
-        let resp = rb.send().await.map_err(|e| RemoteError::http(url.as_str(), e))?;
+        // The realm is the registry's choice: the credentials go to it (as Docker's clients
+        // do) but not on to where it redirects, and its answer is bounded like any body.
+        let private = OriginOnly {
+            headers: &[],
+            auth: creds.cloned().map(Auth::Basic),
+        };
+        let timeout = self.inner.config.request_timeout;
+        let stall = self.inner.config.blob.stall_timeout();
+        let (resp, _) = self
+            .send_following(
+                &Method::GET,
+                url.as_str(),
+                &HeaderMap::new(),
+                timeout,
+                &private,
+            )
+            .await?;
         if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let detail = body::error_detail(resp, stall).await;
             return Err(RemoteError::Unauthorized {
                 host: ep.cred_host.clone(),
-                reason: format!("token endpoint {} answered {}", redact_url(url.as_str()), resp.status().as_u16()),
+                reason: format!(
+                    "token endpoint {} answered {status}{}",
+                    redact_url(url.as_str()),
+                    if detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {detail}")
+                    }
+                ),
             });
         }
-        let body: TokenResponse = resp.json().await.map_err(|_| RemoteError::Unauthorized {
-            host: ep.cred_host.clone(),
-            reason: "token endpoint sent invalid JSON".into(),
-        })?;
-        let token = body.token.or(body.access_token).ok_or_else(|| RemoteError::Unauthorized {
-            host: ep.cred_host.clone(),
-            reason: "token endpoint sent no token".into(),
-        })?;
+        let raw = body::read_limited(resp, MAX_TOKEN, "token response", stall).await?;
+        let body: TokenResponse =
+            serde_json::from_slice(&raw).map_err(|_| RemoteError::Unauthorized {
+                host: ep.cred_host.clone(),
+                reason: "token endpoint sent invalid JSON".into(),
+            })?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .ok_or_else(|| RemoteError::Unauthorized {
+                host: ep.cred_host.clone(),
+                reason: "token endpoint sent no token".into(),
+            })?;
         // Refresh a little before the registry would reject it.
         let ttl = body.expires_in.unwrap_or(60).max(10);
         Ok(Auth::Bearer {
@@ -396,26 +589,47 @@ impl RegistryClient {
         })
     }
 
-    /// GETs a small object (manifest, config) from the first endpoint that has it.
-    async fn get_small(&self, reference: &Reference, path: &str, accept: Option<&str>) -> Result<(Vec<u8>, Option<String>), RemoteError> {
+    /// GETs a small object (manifest, config) from the first endpoint that has it, refusing
+    /// more than `limit` bytes (`what` names it in that error).
+    async fn get_small(
+        &self,
+        reference: &Reference,
+        path: &str,
+        accept: Option<&str>,
+        limit: u64,
+        what: &str,
+    ) -> Result<(Vec<u8>, Option<String>), RemoteError> {
+        let stall = self.inner.config.blob.stall_timeout();
         let mut headers = HeaderMap::new();
         if let Some(a) = accept {
-            headers.insert(ACCEPT, HeaderValue::from_str(a).map_err(|_| RemoteError::Protocol("bad accept".into()))?);
+            headers.insert(
+                ACCEPT,
+                HeaderValue::from_str(a).map_err(|_| RemoteError::Protocol("bad accept".into()))?,
+            );
         }
         let mut last = None;
         for ep in self.endpoints(reference) {
             let url = format!("{}/v2/{}/{path}", ep.base, reference.repository);
             let result = async {
-                let resp = self.send(Some(&ep), &reference.repository, Method::GET, &url, &headers, ep.timeout).await?;
-                let status = resp.status();
-                if !status.is_success() {
-                    return Err(RemoteError::status(&url, status));
+                let resp = self
+                    .send(
+                        Some(&ep),
+                        &reference.repository,
+                        Method::GET,
+                        &url,
+                        &headers,
+                        ep.timeout,
+                    )
+                    .await?;
+                if !resp.status().is_success() {
+                    return Err(body::status_error(resp, &url, stall).await);
                 }
-                if resp.content_length().is_some_and(|l| l > MAX_SMALL_OBJECT) {
-                    return Err(RemoteError::Protocol(format!("{} is larger than {MAX_SMALL_OBJECT} bytes", redact_url(&url))));
-                }
-                let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                let body = read_limited(resp, MAX_SMALL_OBJECT, &url).await?;
+                let ct = resp
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(crate::untrusted::clip);
+                let body = body::read_limited(resp, limit, what, stall).await?;
                 Ok((body, ct))
             }
             .await;
@@ -433,16 +647,38 @@ impl RegistryClient {
     /// Resolves a reference to one image manifest, picking `platform` (default linux/amd64)
     /// from an OCI index or Docker manifest list.
     pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, RemoteError> {
-        let accept = [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST].join(", ");
-        let (raw, ct) = self.get_small(reference, &format!("manifests/{}", reference.object()), Some(&accept)).await?;
+        let accept = [
+            MEDIA_OCI_INDEX,
+            MEDIA_DOCKER_LIST,
+            MEDIA_OCI_MANIFEST,
+            MEDIA_DOCKER_MANIFEST,
+        ]
+        .join(", ");
+        let (raw, ct) = self
+            .get_small(
+                reference,
+                &format!("manifests/{}", reference.object()),
+                Some(&accept),
+                MAX_MANIFEST,
+                "manifest",
+            )
+            .await?;
         let (raw, ct, digest) = {
             let digest = sha256_digest(&raw);
             check_pinned(reference.digest.as_deref(), &digest)?;
             let media = media_type(&raw, ct.as_deref());
             if media == MEDIA_OCI_INDEX || media == MEDIA_DOCKER_LIST {
-                let index: Index = serde_json::from_slice(&raw).map_err(|e| RemoteError::Manifest(e.to_string()))?;
+                let index: Index = serde_json::from_slice(&raw).map_err(manifest_error)?;
                 let chosen = pick_platform(&index.manifests, &self.inner.config.platform)?;
-                let (raw, ct) = self.get_small(reference, &format!("manifests/{}", chosen.digest), Some(&accept)).await?;
+                let (raw, ct) = self
+                    .get_small(
+                        reference,
+                        &format!("manifests/{}", chosen.digest),
+                        Some(&accept),
+                        MAX_MANIFEST,
+                        "manifest",
+                    )
+                    .await?;
                 let digest = sha256_digest(&raw);
                 check_pinned(Some(&chosen.digest), &digest)?;
                 (raw, ct, digest)
@@ -451,7 +687,7 @@ impl RegistryClient {
             }
         };
         let media_type = media_type(&raw, ct.as_deref());
-        let manifest: Manifest = serde_json::from_slice(&raw).map_err(|e| RemoteError::Manifest(e.to_string()))?;
+        let manifest: Manifest = serde_json::from_slice(&raw).map_err(manifest_error)?;
         Ok(Resolved {
             reference: reference.with_digest(&digest),
             digest,
@@ -464,11 +700,33 @@ impl RegistryClient {
     /// Fetches one manifest or index as served, without picking a platform: `object` is a tag
     /// or digest. Clients that store content (`ctr-remote rpull`) need the exact bytes of
     /// every level. A digest `object` (or a pinned reference) is verified.
-    pub async fn fetch_manifest(&self, reference: &Reference, object: &str) -> Result<RawManifest, RemoteError> {
-        let accept = [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST].join(", ");
-        let (raw, ct) = self.get_small(reference, &format!("manifests/{object}"), Some(&accept)).await?;
+    pub async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+        object: &str,
+    ) -> Result<RawManifest, RemoteError> {
+        let accept = [
+            MEDIA_OCI_INDEX,
+            MEDIA_DOCKER_LIST,
+            MEDIA_OCI_MANIFEST,
+            MEDIA_DOCKER_MANIFEST,
+        ]
+        .join(", ");
+        let (raw, ct) = self
+            .get_small(
+                reference,
+                &format!("manifests/{object}"),
+                Some(&accept),
+                MAX_MANIFEST,
+                "manifest",
+            )
+            .await?;
         let digest = sha256_digest(&raw);
-        let pinned = if object.contains(':') { Some(object) } else { reference.digest.as_deref() };
+        let pinned = if object.contains(':') {
+            Some(object)
+        } else {
+            reference.digest.as_deref()
+        };
         check_pinned(pinned, &digest)?;
         Ok(RawManifest {
             media_type: media_type(&raw, ct.as_deref()),
@@ -478,21 +736,49 @@ impl RegistryClient {
     }
 
     /// Fetches a small blob (an image config) whole and checks its digest.
-    pub async fn fetch_blob_bytes(&self, reference: &Reference, digest: &str) -> Result<Vec<u8>, RemoteError> {
-        let (raw, _) = self.get_small(reference, &format!("blobs/{digest}"), None).await?;
+    pub async fn fetch_blob_bytes(
+        &self,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<Vec<u8>, RemoteError> {
+        let (raw, _) = self
+            .get_small(
+                reference,
+                &format!("blobs/{digest}"),
+                None,
+                MAX_CONFIG,
+                "blob",
+            )
+            .await?;
         check_pinned(Some(digest), &sha256_digest(&raw))?;
         Ok(raw)
     }
 
     /// Learns a blob's size and final URL with a `Range: bytes=0-1` GET (following redirects to
-    /// blob storage), trying mirrors first.
-    pub(crate) async fn locate_blob(&self, reference: &Reference, digest: &str) -> Result<BlobLocation, RemoteError> {
+    /// blob storage), trying mirrors first. Each endpoint gets its request timeout for the whole
+    /// probe, retries included, so a stalled mirror can not keep the origin from being tried and
+    /// the whole call ends within the sum of those timeouts.
+    pub(crate) async fn locate_blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<BlobLocation, RemoteError> {
         let mut headers = HeaderMap::new();
         headers.insert(RANGE, HeaderValue::from_static("bytes=0-1"));
         let mut last = None;
         for ep in self.endpoints(reference) {
             let url = format!("{}/v2/{}/blobs/{digest}", ep.base, reference.repository);
-            match self.probe(&ep, &reference.repository, &url, &headers).await {
+            let probe = tokio::time::timeout(
+                ep.timeout,
+                self.probe(&ep, &reference.repository, &url, &headers),
+            );
+            let result = probe.await.unwrap_or_else(|_| {
+                Err(RemoteError::TimedOut {
+                    what: format!("probing blob at {}", redact_url(&url)),
+                    after: ep.timeout,
+                })
+            });
+            match result {
                 Ok(loc) => return Ok(loc),
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.base, mirror = ep.mirror, digest = %digest, error = %e, "blob not reachable here");
@@ -503,8 +789,16 @@ impl RegistryClient {
         Err(last.unwrap_or_else(|| RemoteError::NotFound(digest.to_owned())))
     }
 
-    async fn probe(&self, ep: &Endpoint, repo: &str, url: &str, headers: &HeaderMap) -> Result<BlobLocation, RemoteError> {
-        let resp = self.send(Some(ep), repo, Method::GET, url, headers, ep.timeout).await?;
+    async fn probe(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        url: &str,
+        headers: &HeaderMap,
+    ) -> Result<BlobLocation, RemoteError> {
+        let resp = self
+            .send(Some(ep), repo, Method::GET, url, headers, ep.timeout)
+            .await?;
         let size = match resp.status() {
             StatusCode::PARTIAL_CONTENT => resp
                 .headers()
@@ -512,11 +806,17 @@ impl RegistryClient {
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_content_range)
                 .and_then(|(_, _, total)| total)
-                .ok_or_else(|| RemoteError::Protocol("206 without a total in Content-Range".into()))?,
+                .ok_or_else(|| {
+                    RemoteError::Protocol("206 without a total in Content-Range".into())
+                })?,
             StatusCode::OK => resp
                 .content_length()
                 .ok_or_else(|| RemoteError::Protocol("200 without Content-Length".into()))?,
-            s => return Err(RemoteError::status(url, s)),
+            _ => {
+                return Err(
+                    body::status_error(resp, url, self.inner.config.blob.stall_timeout()).await,
+                )
+            }
         };
         let final_url = resp.url().clone();
         let orig = reqwest::Url::parse(url).map_err(|_| RemoteError::Protocol("bad url".into()))?;
@@ -563,7 +863,10 @@ fn media_type(raw: &[u8], content_type: Option<&str>) -> String {
         .unwrap_or_else(|| MEDIA_OCI_MANIFEST.to_owned())
 }
 
-fn pick_platform<'a>(manifests: &'a [Descriptor], want: &Platform) -> Result<&'a Descriptor, RemoteError> {
+fn pick_platform<'a>(
+    manifests: &'a [Descriptor],
+    want: &Platform,
+) -> Result<&'a Descriptor, RemoteError> {
     let matches = |d: &&Descriptor| {
         d.platform.as_ref().is_some_and(|p| {
             p.os == want.os
@@ -571,19 +874,14 @@ fn pick_platform<'a>(manifests: &'a [Descriptor], want: &Platform) -> Result<&'a
                 && (want.variant.is_none() || p.variant == want.variant)
         })
     };
-    manifests.iter().find(matches).ok_or_else(|| RemoteError::NoMatchingPlatform(format!("{}/{}", want.os, want.architecture)))
+    manifests.iter().find(matches).ok_or_else(|| {
+        RemoteError::NoMatchingPlatform(format!("{}/{}", want.os, want.architecture))
+    })
 }
 
-/// Reads a whole body, refusing more than `max` bytes.
-async fn read_limited(mut resp: Response, max: u64, url: &str) -> Result<Vec<u8>, RemoteError> {
-    let mut out = Vec::new();
-    while let Some(piece) = resp.chunk().await.map_err(|e| RemoteError::http(url, e))? {
-        if out.len() as u64 + piece.len() as u64 > max {
-            return Err(RemoteError::Protocol(format!("{} is larger than {max} bytes", redact_url(url))));
-        }
-        out.extend_from_slice(&piece);
-    }
-    Ok(out)
+/// A manifest that does not parse; serde quotes offending values, so the message is clipped.
+fn manifest_error(e: serde_json::Error) -> RemoteError {
+    RemoteError::Manifest(crate::untrusted::clip(&e.to_string()))
 }
 
 #[cfg(test)]
@@ -598,20 +896,48 @@ mod tests {
             "docker.io".into(),
             HostConfig {
                 mirrors: vec![
-                    MirrorConfig { host: "m1.local".into(), insecure: true, ..Default::default() },
-                    MirrorConfig { host: "m2.local".into(), request_timeout_sec: 3, ..Default::default() },
+                    MirrorConfig {
+                        host: "m1.local".into(),
+                        insecure: true,
+                        ..Default::default()
+                    },
+                    MirrorConfig {
+                        host: "m2.local".into(),
+                        request_timeout_sec: 3,
+                        ..Default::default()
+                    },
                 ],
             },
         );
         let c = RegistryClient::new(cfg).unwrap();
         let eps = c.endpoints(&"alpine".parse().unwrap());
         let bases: Vec<_> = eps.iter().map(|e| e.base.as_str()).collect();
-        assert_eq!(bases, ["http://m1.local", "https://m2.local", "https://registry-1.docker.io"]);
+        assert_eq!(
+            bases,
+            [
+                "http://m1.local",
+                "https://m2.local",
+                "https://registry-1.docker.io"
+            ]
+        );
         assert_eq!(eps[1].timeout, Duration::from_secs(3));
         let eps = c.endpoints(&"localhost:5000/a".parse().unwrap());
         assert_eq!(eps[0].base, "http://localhost:5000");
         let eps = c.endpoints(&"127.0.0.1:5000/a".parse().unwrap());
         assert_eq!(eps[0].base, "http://127.0.0.1:5000");
+    }
+
+    #[test]
+    fn origin_is_scheme_host_and_port() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert!(same_origin(
+            &u("http://h/v2/x"),
+            &u("http://h:80/other?q=1")
+        ));
+        assert!(same_origin(&u("https://h/a"), &u("https://h:443/b")));
+        assert!(!same_origin(&u("https://h/a"), &u("http://h/a")));
+        assert!(!same_origin(&u("http://h:5000/a"), &u("http://h:5001/a")));
+        assert!(!same_origin(&u("http://h/a"), &u("http://h.evil/a")));
     }
 
     #[test]
@@ -622,11 +948,25 @@ mod tests {
             size: 1,
             annotations: HashMap::new(),
             urls: vec![],
-            platform: Some(PlatformSpec { os: os.into(), architecture: arch.into(), variant: None }),
+            platform: Some(PlatformSpec {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: None,
+            }),
         };
-        let list = vec![d("linux", "arm64"), d("linux", "amd64"), d("windows", "amd64")];
-        assert_eq!(pick_platform(&list, &Platform::default()).unwrap().digest, "sha256:linuxamd64");
-        let riscv = Platform { architecture: "riscv64".into(), ..Default::default() };
+        let list = vec![
+            d("linux", "arm64"),
+            d("linux", "amd64"),
+            d("windows", "amd64"),
+        ];
+        assert_eq!(
+            pick_platform(&list, &Platform::default()).unwrap().digest,
+            "sha256:linuxamd64"
+        );
+        let riscv = Platform {
+            architecture: "riscv64".into(),
+            ..Default::default()
+        };
         assert!(pick_platform(&list, &riscv).is_err());
     }
 }

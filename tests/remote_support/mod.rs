@@ -32,7 +32,10 @@ impl Registry {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let auth = match htpasswd {
-            Some(p) => format!("auth:\n  htpasswd:\n    realm: basic-realm\n    path: {}\n", p.display()),
+            Some(p) => format!(
+                "auth:\n  htpasswd:\n    realm: basic-realm\n    path: {}\n",
+                p.display()
+            ),
             None => String::new(),
         };
         let config = format!(
@@ -136,7 +139,10 @@ impl Pusher {
     pub async fn blob(&self, repo: &str, data: Vec<u8>) -> Result<String> {
         let digest = sha256(&data);
         let resp = self
-            .auth(self.http.post(format!("{}/v2/{repo}/blobs/uploads/", self.base)))
+            .auth(
+                self.http
+                    .post(format!("{}/v2/{repo}/blobs/uploads/", self.base)),
+            )
             .send()
             .await?;
         if resp.status() != 202 {
@@ -148,7 +154,11 @@ impl Pusher {
             .context("no Location")?
             .to_str()?
             .to_owned();
-        let url = if loc.starts_with("http") { loc } else { format!("{}{loc}", self.base) };
+        let url = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{}{loc}", self.base)
+        };
         let sep = if url.contains('?') { '&' } else { '?' };
         let resp = self
             .auth(self.http.put(format!("{url}{sep}digest={digest}")))
@@ -162,15 +172,28 @@ impl Pusher {
         Ok(digest)
     }
 
-    pub async fn manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Result<String> {
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Result<String> {
         let resp = self
-            .auth(self.http.put(format!("{}/v2/{repo}/manifests/{reference}", self.base)))
+            .auth(
+                self.http
+                    .put(format!("{}/v2/{repo}/manifests/{reference}", self.base)),
+            )
             .header("content-type", media_type)
             .body(body.to_vec())
             .send()
             .await?;
         if resp.status() != 201 {
-            bail!("manifest put: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+            bail!(
+                "manifest put: {} {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
         }
         Ok(sha256(body))
     }
@@ -196,7 +219,12 @@ impl Pusher {
             });
             let mbytes = serde_json::to_vec(&manifest)?;
             let mdigest = self
-                .manifest(repo, &sha256(&mbytes), "application/vnd.oci.image.manifest.v1+json", &mbytes)
+                .manifest(
+                    repo,
+                    &sha256(&mbytes),
+                    "application/vnd.oci.image.manifest.v1+json",
+                    &mbytes,
+                )
                 .await?;
             entries.push(serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
                 "size": mbytes.len(), "platform": {"os": "linux", "architecture": arch}}));
@@ -209,7 +237,13 @@ impl Pusher {
             "manifests": entries,
         });
         let ibytes = serde_json::to_vec(&index)?;
-        self.manifest(repo, tag, "application/vnd.oci.image.index.v1+json", &ibytes).await?;
+        self.manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.index.v1+json",
+            &ibytes,
+        )
+        .await?;
         Ok((layer_digest, mdigest))
     }
 }
@@ -282,7 +316,9 @@ pub fn verify_cache_dir(dir: &Path, blob: &[u8], hex: &str) -> Result<usize> {
         for f in std::fs::read_dir(bucket.path())? {
             let f = f?;
             let name = f.file_name().to_string_lossy().into_owned();
-            let rest = name.strip_prefix(&format!("{hex}-")).context("foreign key")?;
+            let rest = name
+                .strip_prefix(&format!("{hex}-"))
+                .context("foreign key")?;
             let (off, len) = rest.split_once('-').context("bad key")?;
             let (off, len): (usize, usize) = (off.parse()?, len.parse()?);
             let data = std::fs::read(f.path())?;
@@ -366,7 +402,9 @@ impl Proxy {
             .build()?;
         let task = tokio::spawn(async move {
             loop {
-                let Ok((sock, _)) = listener.accept().await else { return };
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
                 let (upstream, policy, http) = (upstream.clone(), policy.clone(), http.clone());
                 tokio::spawn(async move {
                     let _ = serve(sock, &upstream, policy, http).await;
@@ -377,7 +415,12 @@ impl Proxy {
     }
 }
 
-async fn serve(mut sock: tokio::net::TcpStream, upstream: &str, policy: Policy, http: reqwest::Client) -> Result<()> {
+async fn serve(
+    mut sock: tokio::net::TcpStream,
+    upstream: &str,
+    policy: Policy,
+    http: reqwest::Client,
+) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::new();
     let mut byte = [0u8; 1024];
@@ -395,11 +438,22 @@ async fn serve(mut sock: tokio::net::TcpStream, upstream: &str, policy: Policy, 
     let path = first.next().unwrap_or("/").to_owned();
     let headers: Vec<(String, String)> = lines
         .take_while(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        })
         .collect();
-    let req = ProxyRequest { method, path, headers };
+    let req = ProxyRequest {
+        method,
+        path,
+        headers,
+    };
     let (status, mut out_headers, mut body, fault) = match policy(&req) {
-        Action::Respond { status, headers, body } => (status, headers, body, Fault::None),
+        Action::Respond {
+            status,
+            headers,
+            body,
+        } => (status, headers, body, Fault::None),
         Action::Forward(fault) => {
             let method = reqwest::Method::from_bytes(req.method.as_bytes())?;
             let mut rb = http.request(method, format!("http://{upstream}{}", req.path));
@@ -417,7 +471,9 @@ async fn serve(mut sock: tokio::net::TcpStream, upstream: &str, policy: Policy, 
             let headers = resp
                 .headers()
                 .iter()
-                .filter(|(k, _)| !["content-length", "transfer-encoding", "connection"].contains(&k.as_str()))
+                .filter(|(k, _)| {
+                    !["content-length", "transfer-encoding", "connection"].contains(&k.as_str())
+                })
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
                 .collect();
             let body = resp.bytes().await?.to_vec();
@@ -436,7 +492,10 @@ async fn serve(mut sock: tokio::net::TcpStream, upstream: &str, policy: Policy, 
             body[i] ^= 0x5a;
         }
     }
-    let mut resp = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+    let mut resp = format!(
+        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
     for (k, v) in &out_headers {
         resp.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -463,6 +522,182 @@ async fn serve(mut sock: tokio::net::TcpStream, upstream: &str, policy: Policy, 
             sock.write_all(&body).await?;
             sock.shutdown().await?;
         }
+    }
+    Ok(())
+}
+
+/// What a [`Hostile`] server does with one request.
+pub enum Reply {
+    /// A normal answer with a Content-Length.
+    Fixed {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// `prefix`, then `piece` over and over (no Content-Length, until `cap` bytes or the
+    /// client goes away).
+    Endless {
+        status: u16,
+        headers: Vec<(String, String)>,
+        prefix: Vec<u8>,
+        piece: Vec<u8>,
+        cap: u64,
+    },
+    /// Declares `len` bytes, then sends one byte every `every`.
+    Trickle {
+        status: u16,
+        headers: Vec<(String, String)>,
+        len: u64,
+        every: Duration,
+    },
+    /// Reads the request and never answers (holds the connection open).
+    Silent,
+}
+
+pub type HostilePolicy = Arc<dyn Fn(&ProxyRequest) -> Reply + Send + Sync>;
+
+/// A raw HTTP/1.1 server on loopback playing a hostile registry: records every request and
+/// counts the body bytes it managed to write. Stops accepting when dropped.
+pub struct Hostile {
+    pub addr: String,
+    pub seen: Arc<Mutex<Vec<ProxyRequest>>>,
+    pub sent: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Hostile {
+    pub async fn start(policy: HostilePolicy) -> Result<Hostile> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s2, n2) = (seen.clone(), sent.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (policy, seen, sent) = (policy.clone(), s2.clone(), n2.clone());
+                tokio::spawn(async move {
+                    let _ = hostile_serve(sock, policy, seen, sent).await;
+                });
+            }
+        });
+        Ok(Hostile {
+            addr,
+            seen,
+            sent,
+            task,
+        })
+    }
+
+    pub fn requests(&self) -> Vec<ProxyRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn hostile_serve(
+    mut sock: tokio::net::TcpStream,
+    policy: HostilePolicy,
+    seen: Arc<Mutex<Vec<ProxyRequest>>>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sock.read(&mut byte).await?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&byte[..n]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let method = first.next().unwrap_or("").to_owned();
+    let path = first.next().unwrap_or("/").to_owned();
+    let headers: Vec<(String, String)> = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect();
+    let req = ProxyRequest {
+        method,
+        path,
+        headers,
+    };
+    seen.lock().unwrap().push(req.clone());
+    let head = |status: u16, headers: &[(String, String)], len: Option<u64>| {
+        let mut h = format!("HTTP/1.1 {status} X\r\nconnection: close\r\n");
+        if let Some(l) = len {
+            h.push_str(&format!("content-length: {l}\r\n"));
+        }
+        for (k, v) in headers {
+            h.push_str(&format!("{k}: {v}\r\n"));
+        }
+        h.push_str("\r\n");
+        h
+    };
+    match policy(&req) {
+        Reply::Fixed {
+            status,
+            headers,
+            body,
+        } => {
+            sock.write_all(head(status, &headers, Some(body.len() as u64)).as_bytes())
+                .await?;
+            sock.write_all(&body).await?;
+            sent.fetch_add(body.len() as u64, Ordering::SeqCst);
+            sock.shutdown().await?;
+        }
+        Reply::Endless {
+            status,
+            headers,
+            prefix,
+            piece,
+            cap,
+        } => {
+            sock.write_all(head(status, &headers, None).as_bytes())
+                .await?;
+            sock.write_all(&prefix).await?;
+            let mut n = prefix.len() as u64;
+            while n < cap && !piece.is_empty() {
+                sock.write_all(&piece).await?;
+                n += piece.len() as u64;
+                sent.fetch_add(piece.len() as u64, Ordering::SeqCst);
+            }
+            sock.shutdown().await?;
+        }
+        Reply::Trickle {
+            status,
+            headers,
+            len,
+            every,
+        } => {
+            sock.write_all(head(status, &headers, Some(len)).as_bytes())
+                .await?;
+            for _ in 0..len {
+                sock.write_all(b"x").await?;
+                sock.flush().await?;
+                sent.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(every).await;
+            }
+        }
+        Reply::Silent => tokio::time::sleep(Duration::from_secs(3600)).await,
     }
     Ok(())
 }

@@ -1,0 +1,481 @@
+//! The registry client against hostile servers on loopback: endless token, error, manifest and
+//! range bodies, registries that never answer, and redirects that would carry credentials or
+//! mirror headers to another origin. Each case asserts a clear error, a bounded number of bytes
+//! read, and a bounded time.
+
+mod remote_support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use remote_support::{Hostile, ProxyRequest, Reply};
+use stargz::cache::MemoryCache;
+use stargz::remote::{
+    Blob, BlobConfig, ClientConfig, Credentials, HostConfig, MirrorConfig, Reference,
+    RegistryClient, RemoteError, Secret,
+};
+
+const LAYER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+/// What the kernel's loopback socket buffers may hold after the client hung up; far below the
+/// gigabyte the servers offer.
+const MAX_BUFFERED: u64 = 64 << 20;
+
+fn blob_config() -> BlobConfig {
+    BlobConfig {
+        chunk_size: 100,
+        max_retries: 2,
+        min_wait_msec: 5,
+        max_wait_msec: 20,
+        stall_timeout_msec: 300,
+        fetching_timeout_sec: 2,
+        ..Default::default()
+    }
+}
+
+fn client_with(blob: BlobConfig) -> RegistryClient {
+    RegistryClient::new(ClientConfig {
+        blob,
+        docker_config_dir: Some("/nonexistent".into()),
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn h(k: &str, v: &str) -> (String, String) {
+    (k.to_owned(), v.to_owned())
+}
+
+fn is_probe(r: &ProxyRequest) -> bool {
+    r.header("range") == Some("bytes=0-1")
+}
+
+/// Answers the size probe of a 1000-byte blob.
+fn probe_reply() -> Reply {
+    Reply::Fixed {
+        status: 206,
+        headers: vec![h("content-range", "bytes 0-1/1000")],
+        body: b"xx".to_vec(),
+    }
+}
+
+/// Waits until the server stops writing (the client hung up), then returns what it wrote.
+async fn settled(server: &Hostile) -> u64 {
+    let mut last = server.sent();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = server.sent();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_token_body_is_refused_promptly() -> Result<()> {
+    let token = Hostile::start(Arc::new(|_: &ProxyRequest| Reply::Endless {
+        status: 200,
+        headers: vec![h("content-type", "application/json")],
+        prefix: Vec::new(),
+        piece: vec![b'{'; 64 << 10],
+        cap: 1 << 30,
+    }))
+    .await?;
+    let realm = format!("http://{}/token", token.addr);
+    let reg = Hostile::start(Arc::new(move |_: &ProxyRequest| Reply::Fixed {
+        status: 401,
+        headers: vec![h(
+            "www-authenticate",
+            &format!("Bearer realm=\"{realm}\",service=\"reg\""),
+        )],
+        body: Vec::new(),
+    }))
+    .await?;
+    let r: Reference = format!("{}/a/b:t", reg.addr).parse()?;
+    let t = Instant::now();
+    let err = client_with(blob_config()).resolve(&r).await.unwrap_err();
+    assert!(
+        matches!(&err, RemoteError::BodyTooLarge { limit, .. } if *limit == 1 << 20),
+        "{err}"
+    );
+    assert!(err.to_string().contains("token response"), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let sent = settled(&token).await;
+    assert!(sent < MAX_BUFFERED, "token server wrote {sent} bytes");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_error_bodies_give_clipped_messages() -> Result<()> {
+    let srv = Hostile::start(Arc::new(|r: &ProxyRequest| Reply::Endless {
+        status: if r.path.contains("/five/") { 503 } else { 404 },
+        headers: Vec::new(),
+        prefix: b"oops\n".to_vec(),
+        piece: vec![b'Z'; 64 << 10],
+        cap: 1 << 30,
+    }))
+    .await?;
+    let client = client_with(blob_config());
+    for (repo, want) in [("a/five", 503u16), ("a/four", 404)] {
+        let r: Reference = format!("{}/{repo}:t", srv.addr).parse()?;
+        let t = Instant::now();
+        let err = client.fetch_manifest(&r, "t").await.unwrap_err();
+        let RemoteError::Status { status, detail, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(*status, want);
+        assert!(
+            detail.starts_with("oops ZZZ") && detail.contains("more bytes)"),
+            "{detail}"
+        );
+        assert!(err.to_string().len() < 1024, "{err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+    // 503 is retried (3 requests), 404 is not.
+    assert_eq!(srv.requests().len(), 4);
+    let sent = settled(&srv).await;
+    assert!(sent < 4 * MAX_BUFFERED, "server wrote {sent} bytes");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_manifest_is_refused() -> Result<()> {
+    const LIMIT: u64 = 4 << 20;
+    let head = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    let srv = Hostile::start(Arc::new(move |r: &ProxyRequest| {
+        let headers = vec![h(
+            "content-type",
+            "application/vnd.oci.image.manifest.v1+json",
+        )];
+        if r.path.ends_with("/big") {
+            // No Content-Length: only the streamed count stops it.
+            return Reply::Endless {
+                status: 200,
+                headers,
+                prefix: head.to_vec(),
+                piece: vec![b' '; 64 << 10],
+                cap: 2 * LIMIT,
+            };
+        }
+        // Valid JSON padded with spaces to exactly the limit.
+        let mut body = head.to_vec();
+        body.resize(LIMIT as usize, b' ');
+        Reply::Fixed {
+            status: 200,
+            headers,
+            body,
+        }
+    }))
+    .await?;
+    let client = client_with(blob_config());
+    let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+    let ok = client.fetch_manifest(&r, "fits").await?;
+    assert_eq!(ok.raw.len() as u64, LIMIT);
+    let err = client.fetch_manifest(&r, "big").await.unwrap_err();
+    assert!(
+        matches!(&err, RemoteError::BodyTooLarge { limit: LIMIT, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("manifest"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_registry_fails_within_the_deadline() -> Result<()> {
+    let srv = Hostile::start(Arc::new(|_: &ProxyRequest| Reply::Silent)).await?;
+    let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+    let cfg = blob_config();
+    let client = client_with(cfg.clone());
+
+    // No headers ever: each attempt waits one stall timeout, 3 attempts, tiny backoffs.
+    let bound = cfg.retry_budget(cfg.stall_timeout());
+    let t = Instant::now();
+    let err = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new()))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, RemoteError::Stalled(_)), "{err}");
+    assert!(
+        t.elapsed() < bound + Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(srv.requests().len(), 3);
+
+    let t = Instant::now();
+    let err = client.resolve(&r).await.unwrap_err();
+    assert!(matches!(err, RemoteError::Stalled(_)), "{err}");
+    assert!(
+        t.elapsed() < bound + Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_checks_of_a_silent_blob_end_within_their_deadlines() -> Result<()> {
+    // The probe is answered, then the server goes silent.
+    let srv = Hostile::start(Arc::new(|r: &ProxyRequest| {
+        if is_probe(r) {
+            probe_reply()
+        } else {
+            Reply::Silent
+        }
+    }))
+    .await?;
+    let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+    // Nested retries (3 requests inside each of 3 fetch attempts) would wait 9 stalls of
+    // 0.4 s = 3.6 s; the fetch deadline (3 fetch timeouts of 1 s + backoffs) cuts them first.
+    let cfg = BlobConfig {
+        stall_timeout_msec: 400,
+        fetching_timeout_sec: 1,
+        ..blob_config()
+    };
+    let client = client_with(cfg.clone());
+    let blob = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new())).await?;
+    assert_eq!(blob.size(), 1000);
+
+    let deadline = cfg.fetch_deadline();
+    let t = Instant::now();
+    let mut buf = [0u8; 100];
+    let err = blob.read_at(&mut buf, 0).await.unwrap_err();
+    let took = t.elapsed();
+    assert!(matches!(err, RemoteError::TimedOut { .. }), "{err}");
+    assert!(
+        took >= deadline && took < deadline + Duration::from_secs(1),
+        "took {took:?}, deadline {deadline:?}"
+    );
+    let io = std::io::Error::from(err);
+    assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
+
+    let t = Instant::now();
+    let mut sink = Vec::new();
+    let err = blob.fetch_range_into(0..100, &mut sink).await.unwrap_err();
+    assert!(matches!(err, RemoteError::TimedOut { .. }), "{err}");
+    assert!(
+        t.elapsed() < deadline + Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_of_a_blob_whose_registry_went_silent_is_bounded() -> Result<()> {
+    let probes = Arc::new(AtomicUsize::new(0));
+    let p2 = probes.clone();
+    let srv = Hostile::start(Arc::new(move |r: &ProxyRequest| {
+        if is_probe(r) && p2.fetch_add(1, Ordering::SeqCst) == 0 {
+            probe_reply()
+        } else {
+            Reply::Silent
+        }
+    }))
+    .await?;
+    let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+    let cfg = BlobConfig {
+        stall_timeout_msec: 60_000,
+        ..blob_config()
+    };
+    // The header wait alone (60 s) would outlast the check: the request timeout (2 s) bounds it.
+    let client = RegistryClient::new(ClientConfig {
+        blob: cfg,
+        docker_config_dir: Some("/nonexistent".into()),
+        request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })?;
+    let blob = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new())).await?;
+    let t = Instant::now();
+    let err = blob.check().await.unwrap_err();
+    assert!(
+        matches!(err, RemoteError::TimedOut { .. } | RemoteError::Http { .. }),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_response_longer_than_asked_is_cut_off() -> Result<()> {
+    // Asked for 500..600, the server claims to start at 550 and never stops.
+    let srv = Hostile::start(Arc::new(|r: &ProxyRequest| {
+        if is_probe(r) {
+            return probe_reply();
+        }
+        Reply::Endless {
+            status: 206,
+            headers: vec![h("content-range", "bytes 550-999/1000")],
+            prefix: Vec::new(),
+            piece: vec![b'x'; 64 << 10],
+            cap: 1 << 30,
+        }
+    }))
+    .await?;
+    let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+    let blob = Blob::open(
+        &client_with(blob_config()),
+        &r,
+        LAYER,
+        Arc::new(MemoryCache::new()),
+    )
+    .await?;
+    let t = Instant::now();
+    let mut buf = [0u8; 100];
+    let err = blob.read_at(&mut buf, 500).await.unwrap_err();
+    assert!(
+        matches!(&err, RemoteError::BodyTooLarge { limit: 50, .. }),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let sent = settled(&srv).await;
+    assert!(sent < MAX_BUFFERED, "server wrote {sent} bytes");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_with_more_parts_than_asked_is_refused() -> Result<()> {
+    let mut part = b"--B\r\nContent-Range: bytes 0-99/1000\r\n\r\n".to_vec();
+    part.extend_from_slice(&[b'y'; 100]);
+    part.extend_from_slice(b"\r\n");
+    let srv = Hostile::start(Arc::new(move |r: &ProxyRequest| {
+        if is_probe(r) {
+            return probe_reply();
+        }
+        Reply::Endless {
+            status: 206,
+            headers: vec![h("content-type", "multipart/byteranges; boundary=B")],
+            prefix: Vec::new(),
+            piece: part.clone(),
+            cap: 1 << 30,
+        }
+    }))
+    .await?;
+    let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+    let blob = Blob::open(
+        &client_with(blob_config()),
+        &r,
+        LAYER,
+        Arc::new(MemoryCache::new()),
+    )
+    .await?;
+    let t = Instant::now();
+    let err = blob.prefetch(&[0..100, 300..400]).await.unwrap_err();
+    // The retries ask for the one chunk still missing, and get too many parts again.
+    assert!(
+        err.to_string().contains("more than the 1 part(s) asked"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let data: Vec<_> = srv
+        .requests()
+        .into_iter()
+        .filter(|r| !is_probe(r))
+        .collect();
+    assert_eq!(data[0].header("range"), Some("bytes=0-99,300-399"));
+    let sent = settled(&srv).await;
+    assert!(sent < MAX_BUFFERED, "server wrote {sent} bytes");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_to_another_origin_carry_no_credentials_or_mirror_headers() -> Result<()> {
+    let storage = Hostile::start(Arc::new(|_: &ProxyRequest| probe_reply())).await?;
+    let storage_addr = storage.addr.clone();
+    let mirror = Hostile::start(Arc::new(move |r: &ProxyRequest| {
+        if r.header("authorization").is_none() {
+            return Reply::Fixed {
+                status: 401,
+                headers: vec![h("www-authenticate", "Basic realm=\"m\"")],
+                body: Vec::new(),
+            };
+        }
+        // First a hop on the same origin (keeps both), then one to storage on another port.
+        let location = if r.path.starts_with("/v2/") {
+            "/hop/blob".to_owned()
+        } else {
+            format!("http://{storage_addr}/storage/blob?sig=S")
+        };
+        Reply::Fixed {
+            status: 307,
+            headers: vec![h("location", &location)],
+            body: Vec::new(),
+        }
+    }))
+    .await?;
+    let mut resolver = stargz::remote::ResolverConfig::default();
+    resolver.host.insert(
+        "registry.invalid".into(),
+        HostConfig {
+            mirrors: vec![MirrorConfig {
+                host: mirror.addr.clone(),
+                insecure: true,
+                header: HashMap::from([("x-mirror-secret".to_owned(), "m1".to_owned())]),
+                ..Default::default()
+            }],
+        },
+    );
+    let client = RegistryClient::new(ClientConfig {
+        blob: blob_config(),
+        resolver,
+        docker_config_dir: Some("/nonexistent".into()),
+        credentials: HashMap::from([(
+            mirror.addr.clone(),
+            Credentials {
+                username: "u".into(),
+                secret: Secret::new("p"),
+            },
+        )]),
+        ..Default::default()
+    })?;
+    let r: Reference = "registry.invalid/a/b:t".parse()?;
+    let blob = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new())).await?;
+    assert_eq!(blob.size(), 1000);
+
+    let seen = mirror.requests();
+    let hop = seen
+        .iter()
+        .find(|r| r.path == "/hop/blob")
+        .expect("same-origin hop followed");
+    assert!(hop
+        .header("authorization")
+        .is_some_and(|a| a.starts_with("Basic ")));
+    assert_eq!(hop.header("x-mirror-secret"), Some("m1"));
+    let at_storage = storage.requests();
+    assert_eq!(at_storage.len(), 1);
+    let s = &at_storage[0];
+    assert_eq!(s.path, "/storage/blob?sig=S");
+    assert_eq!(
+        s.header("range"),
+        Some("bytes=0-1"),
+        "request headers are kept"
+    );
+    assert_eq!(s.header("authorization"), None);
+    assert_eq!(s.header("x-mirror-secret"), None);
+    Ok(())
+}
