@@ -596,34 +596,6 @@ fn stalled_reads_beyond_the_thread_pool_leave_metadata_and_cached_reads_alone() 
     Ok(())
 }
 
-/// A blob written by hand: one file whose gzip member is followed, inside the file's
-/// compressed range, by `garbage`; `tail` is appended to the file's bytes inside the same
-/// deflate stream (past the chunk, so never part of the file). Returns (blob, TOC digest).
-fn hand_made_blob(content: &[u8], tail: &[u8], garbage: &[u8]) -> Result<(Vec<u8>, String)> {
-    use std::io::Write as _;
-    let gzip = |data: &[u8]| -> Result<Vec<u8>> {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(data)?;
-        Ok(gz.finish()?)
-    };
-    let mut blob = gzip(&[content, tail].concat())?;
-    blob.extend_from_slice(garbage);
-    let toc_offset = blob.len() as u64;
-    let digest = stargz::estargz::sha256_digest(content);
-    let json = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": [
-        {"name": "f", "type": "reg", "size": content.len(), "mode": 420, "offset": 0, "digest": digest, "chunkDigest": digest}
-    ]}))?;
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_size(json.len() as u64);
-    h.set_mode(0o644);
-    h.set_cksum();
-    tar.append_data(&mut h, "stargz.index.json", json.as_slice())?;
-    blob.extend_from_slice(&gzip(&tar.into_inner()?)?);
-    blob.extend_from_slice(&stargz::estargz::footer_bytes(toc_offset));
-    Ok((blob, stargz::estargz::sha256_digest(&json)))
-}
-
 /// Bytes after a chunk inside its compressed range (garbage after the gzip member, or more
 /// deflate output than the chunk holds) are never served and never make the read fail.
 #[test]

@@ -375,6 +375,8 @@ pub enum Fault {
     Stall(f64, Duration),
     /// Ignore the Range header: answer 200 with the whole blob.
     FullBody,
+    /// Read the request, never answer (a registry stalled before its response headers).
+    Silent,
 }
 
 pub type Policy = Arc<dyn Fn(&ProxyRequest) -> Action + Send + Sync>;
@@ -448,7 +450,12 @@ async fn serve(
         path,
         headers,
     };
-    let (status, mut out_headers, mut body, fault) = match policy(&req) {
+    let action = policy(&req);
+    if matches!(action, Action::Forward(Fault::Silent)) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return Ok(());
+    }
+    let (status, mut out_headers, mut body, fault) = match action {
         Action::Respond {
             status,
             headers,
