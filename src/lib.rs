@@ -16,6 +16,7 @@ pub mod fs;
 pub mod remote;
 pub mod service;
 pub mod snapshot;
+pub mod untrusted;
 
 /// Code generated from `proto/` (containerd's snapshots v1 API) by `build.rs`.
 pub mod proto {
