@@ -257,11 +257,13 @@ impl RemoteLayers for LayerManager {
         Ok(self.mount_layer(mountpoint, labels)?)
     }
 
+    /// Asks the registry outside the table lock: a slow registry must not block the mounts
+    /// and unmounts of other layers.
     fn check(&self, mountpoint: &Path, _labels: &BTreeMap<String, String>) -> Result<(), LayerError> {
-        let res = self.with_layer(mountpoint, |m| m.reader().source().check());
-        match res {
+        let source = self.with_layer(mountpoint, |m| m.reader().source().clone());
+        match source {
             None => Err(format!("no layer mounted at {}", mountpoint.display()).into()),
-            Some(r) => Ok(r?),
+            Some(s) => Ok(s.check()?),
         }
     }
 

@@ -3,11 +3,13 @@
 //! The domain types mirror containerd's `snapshots` package; the gRPC adapter in
 //! [`crate::service`] converts them to and from the wire types.
 
+pub mod check;
 pub mod filter;
 pub mod mounts;
 pub mod snapshotter;
 pub mod store;
 
+pub use check::CheckPolicy;
 pub use mounts::{Mounter, SysMounter};
 pub use snapshotter::SnapshotterImpl;
 
