@@ -115,7 +115,8 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         &args.root.join("snapshotter"),
         Some(remote),
         Arc::new(SysMounter),
-    )?);
+    )?
+    .with_check_policy(config.check_policy()));
     snapshotter.restore()?;
     if let Err(e) = snapshotter.cleanup() {
         warn!(error = %e, "start-up cleanup failed");
