@@ -112,11 +112,12 @@ impl std::fmt::Debug for LayerManager {
 }
 
 impl LayerManager {
-    /// Starts the shared background fetcher. Caches left by an earlier run are kept: the
+    /// Starts the shared background fetcher and makes the cache directory private (0700, also
+    /// when an older version left it readable). Caches left by an earlier run are kept: the
     /// restored mounts re-verify and reuse them, and [`LayerManager::remove_unclaimed_caches`]
     /// deletes the rest once restore is done.
     pub fn new(config: FsConfig, resolver: Arc<dyn BlobResolver>) -> Result<Self, FsError> {
-        std::fs::create_dir_all(&config.fscache_dir).map_err(FsError::Cache)?;
+        super::fscache::private_dir(&config.fscache_dir).map_err(FsError::Cache)?;
         let priority = Arc::new(Priority::with_quiet_period(config.background_quiet));
         let fetcher = (!config.no_background_fetch)
             .then(|| Arc::new(BackgroundFetcher::new(config.max_concurrency, priority.clone(), DEFAULT_SPAN_BYTES)));
@@ -300,6 +301,28 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    struct NoBlobs;
+    impl BlobResolver for NoBlobs {
+        fn resolve(&self, _reference: &str, _digest: &str) -> Result<Arc<dyn LayerSource>, FsError> {
+            Err(FsError::Labels("no blobs here".into()))
+        }
+    }
+
+    #[test]
+    fn cache_dir_is_private_even_when_left_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut cfg = FsConfig::new(d.path());
+        cfg.no_background_fetch = true;
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        LayerManager::new(cfg.clone(), Arc::new(NoBlobs)).expect("new");
+        assert_eq!(mode(&d.path().join("stargz")), 0o700);
+        assert_eq!(mode(&cfg.fscache_dir), 0o700);
+        std::fs::set_permissions(&cfg.fscache_dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        LayerManager::new(cfg.clone(), Arc::new(NoBlobs)).expect("new");
+        assert_eq!(mode(&cfg.fscache_dir), 0o700, "narrowed on restart");
     }
 
     #[test]

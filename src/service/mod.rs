@@ -54,9 +54,15 @@ pub fn build_remote_layers(
         blob: config.blob.clone(),
         ..remote::ClientConfig::default()
     })?;
+    // Everything under `<root>/stargz` is image content: owner-only, created so (and narrowed
+    // if an older version left it open) before the caches put anything there.
+    let http_dir = root.join("stargz").join("httpcache");
+    for dir in [root, &root.join("stargz"), &http_dir] {
+        fs::fscache::private_dir(dir).map_err(fs::FsError::Cache)?;
+    }
     let http_cache = cache::open_store(
         &config.http_cache_type,
-        &root.join("stargz").join("httpcache"),
+        &http_dir,
         cache::DirectoryCacheConfig {
             max_bytes: None,
             sync_add: config.directory_cache.sync_add,

@@ -2,7 +2,7 @@
 //! [`MetaStore`], remote layers plugged in at Prepare through [`RemoteLayers`].
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -47,9 +47,17 @@ impl SnapshotterImpl {
         mounter: Arc<dyn Mounter>,
     ) -> Result<SnapshotterImpl, SnapshotError> {
         let snapshots = root.join("snapshots");
-        std::fs::create_dir_all(&snapshots)
+        // Owner-only, as containerd's own snapshotters: below are the upper dirs of every
+        // container. Created so, and narrowed if an older version left them open.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&snapshots)
             .map_err(|e| io_err(format!("create {}", snapshots.display()), e))?;
-        let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700));
+        for dir in [root, snapshots.as_path()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| io_err(format!("chmod {}", dir.display()), e))?;
+        }
         let store = MetaStore::open(&root.join("metadata.db"))?;
         Ok(SnapshotterImpl {
             root: root.to_path_buf(),
@@ -179,8 +187,15 @@ impl SnapshotterImpl {
                 self.remove_tree(stale)?;
             }
         }
+        // Created with their mode (then chmod-ed past the umask): `<id>` is owner-only like
+        // its parents; `fs` is the overlay upper dir, whose mode is that of the container's
+        // root directory (0755, as containerd's overlay snapshotter makes it); `work` 0711
+        // as containerd's. Both are only reachable through the 0700 `<id>`.
         let mk = |p: &Path, mode: u32| -> Result<(), SnapshotError> {
-            std::fs::create_dir(p).map_err(|e| io_err(format!("create {}", p.display()), e))?;
+            std::fs::DirBuilder::new()
+                .mode(mode)
+                .create(p)
+                .map_err(|e| io_err(format!("create {}", p.display()), e))?;
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| io_err(format!("chmod {}", p.display()), e))
         };
@@ -801,5 +816,35 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never recovered");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn snapshot_dirs_are_owner_only_and_old_ones_are_narrowed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("snapshotter");
+        let s = SnapshotterImpl::new(&root, None, Arc::new(FakeMounter::default())).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("snapshots")), 0o700);
+        assert_eq!(mode(&root.join("metadata.db")), 0o600);
+        drop(s);
+        // As an older version left them.
+        for (p, m) in [
+            (root.clone(), 0o755),
+            (root.join("snapshots"), 0o755),
+            (root.join("metadata.db"), 0o644),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        let s = SnapshotterImpl::new(&root, None, Arc::new(FakeMounter::default())).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("snapshots")), 0o700);
+        assert_eq!(mode(&root.join("metadata.db")), 0o600);
+        s.prepare("a", "", BTreeMap::new()).unwrap();
+        let id = s.store.get("a").unwrap().id;
+        assert_eq!(mode(&s.dir(id)), 0o700);
+        assert_eq!(mode(&s.fs_dir(id)), 0o755, "the container's root directory");
+        assert_eq!(mode(&s.work_dir(id)), 0o711);
     }
 }
