@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_success as ok, require_tool, wait_until, Containerd, ContainerdOpts, Daemon, Registry};
+use common::{
+    assert_success as ok, require_tool, wait_until, Containerd, ContainerdOpts, Daemon, Registry,
+};
 
 const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
 
@@ -280,7 +282,10 @@ fn assert_all_remote(
 /// `snapshots/<id>` above them is 0700 (which the walk checks), and their contents are the
 /// container's and the image's own files, so the walk does not descend into them.
 fn is_snapshot_fs(rel: &Path) -> bool {
-    let c: Vec<_> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let c: Vec<_> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
     c.len() == 4 && c[0] == "snapshotter" && c[1] == "snapshots" && c[3] == "fs"
 }
 
@@ -295,7 +300,9 @@ fn exposed_under(root: &Path) -> Vec<String> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
         // A cache may be freed while we walk.
-        let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         let rel = p.strip_prefix(root).expect("below root");
         if md.file_type().is_symlink() || is_snapshot_fs(rel) {
             continue;
@@ -310,7 +317,11 @@ fn exposed_under(root: &Path) -> Vec<String> {
             }
         }
     }
-    assert!(seen > 10, "walked only {seen} entries below {}", root.display());
+    assert!(
+        seen > 10,
+        "walked only {seen} entries below {}",
+        root.display()
+    );
     exposed
 }
 
@@ -319,16 +330,29 @@ fn exposed_under(root: &Path) -> Vec<String> {
 fn loosen_like_an_old_version(root: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let set = |p: &Path, m: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()))
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()))
     };
-    for d in [root.to_path_buf(), root.join("stargz"), root.join("stargz/fscache"), root.join("snapshotter"), root.join("snapshotter/snapshots")] {
+    for d in [
+        root.to_path_buf(),
+        root.join("stargz"),
+        root.join("stargz/fscache"),
+        root.join("snapshotter"),
+        root.join("snapshotter/snapshots"),
+    ] {
         set(&d, 0o755);
     }
     set(&root.join("snapshotter/metadata.db"), 0o644);
     let mut files = 0;
-    for layer in std::fs::read_dir(root.join("stargz/fscache")).expect("list fscache").flatten() {
+    for layer in std::fs::read_dir(root.join("stargz/fscache"))
+        .expect("list fscache")
+        .flatten()
+    {
         set(&layer.path(), 0o755);
-        for f in std::fs::read_dir(layer.path()).expect("list layer cache").flatten() {
+        for f in std::fs::read_dir(layer.path())
+            .expect("list layer cache")
+            .flatten()
+        {
             set(&f.path(), 0o644);
             files += 1;
         }
@@ -433,7 +457,10 @@ fn lazy_pull_python_image_end_to_end() {
 
     // Issue 9: the cache holds every image's files (even 0600 ones): nobody else may read it.
     let exposed = exposed_under(&root);
-    assert!(exposed.is_empty(), "readable by other users after lazy pulls: {exposed:#?}");
+    assert!(
+        exposed.is_empty(),
+        "readable by other users after lazy pulls: {exposed:#?}"
+    );
 
     // 6: kill -9 with a container's snapshot present, restart, re-mounted, a new container runs.
     ctr_ns(
@@ -480,13 +507,19 @@ fn lazy_pull_python_image_end_to_end() {
     for ((d, _), before) in layers.iter().zip(&fetched_before) {
         let after = layer_state(&root, d).map_or(0, |(f, _)| f);
         eprintln!("layer {d}: fetched {before} before kill -9, {after} after restore");
-        assert!(after >= *before, "layer {d}: cache not reused after restart ({before} → {after})");
+        assert!(
+            after >= *before,
+            "layer {d}: cache not reused after restart ({before} → {after})"
+        );
     }
     let out = run_python(&ctrd, "default", &esgz, "py2", "print('after restart')");
     eprintln!("restart to second run: {:?}", t.elapsed());
     assert_eq!(out.trim(), "after restart");
     let exposed = exposed_under(&root);
-    assert!(exposed.is_empty(), "readable by other users after restore: {exposed:#?}");
+    assert!(
+        exposed.is_empty(),
+        "readable by other users after restore: {exposed:#?}"
+    );
     let _ = ctrd.ctr(&["tasks", "kill", "-s", "SIGKILL", "sleeper"]);
     wait_until(Duration::from_secs(10), || {
         ctrd.ctr(&["tasks", "rm", "-f", "sleeper"]).status.success()

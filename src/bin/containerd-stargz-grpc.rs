@@ -115,12 +115,14 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         signals()?
     };
     let remote = service::build_remote_layers(&config, &args.root, rt.handle().clone())?;
-    let snapshotter = Arc::new(SnapshotterImpl::new(
-        &args.root.join("snapshotter"),
-        Some(remote),
-        Arc::new(SysMounter),
-    )?
-    .with_check_policy(config.check_policy()));
+    let snapshotter = Arc::new(
+        SnapshotterImpl::new(
+            &args.root.join("snapshotter"),
+            Some(remote),
+            Arc::new(SysMounter),
+        )?
+        .with_check_policy(config.check_policy()),
+    );
     snapshotter.restore()?;
     if let Err(e) = snapshotter.cleanup() {
         warn!(error = %e, "start-up cleanup failed");

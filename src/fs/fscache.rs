@@ -26,7 +26,10 @@ pub const FILE_MODE: u32 = 0o600;
 /// Creates `dir` (and missing parents) as [`DIR_MODE`] from the start, and narrows it to
 /// [`DIR_MODE`] if it already existed with looser permissions (left by an older version).
 pub fn private_dir(dir: &Path) -> io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
     tighten(dir, DIR_MODE)
 }
 
@@ -52,7 +55,10 @@ impl FileCache {
     /// Uses (and creates) `dir`; the layer owns it and [`FileCache::remove`] deletes it. A
     /// directory reused from an earlier run is made private, its files too.
     pub fn new(dir: &Path) -> io::Result<Self> {
-        std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)?;
         // Files first, the directory last: a directory that is private already (made by this
         // version, or fixed completely before) holds only private files, so it is not listed.
         if std::fs::symlink_metadata(dir)?.permissions().mode() & 0o077 != 0 {
@@ -64,7 +70,10 @@ impl FileCache {
             }
             tighten(dir, DIR_MODE)?;
         }
-        Ok(FileCache { dir: dir.to_path_buf(), open: Mutex::new(HashMap::new()) })
+        Ok(FileCache {
+            dir: dir.to_path_buf(),
+            open: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -81,7 +90,13 @@ impl FileCache {
         if let Some(f) = open.get(&ino) {
             return Ok(f.clone());
         }
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(FILE_MODE).open(self.path(ino))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(self.path(ino))?;
         let md = file.metadata()?;
         if md.permissions().mode() & 0o077 != 0 {
             file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
@@ -110,7 +125,12 @@ impl FileCache {
         if range.is_empty() {
             return Ok(());
         }
-        let cached = self.open.lock().unwrap_or_else(|e| e.into_inner()).get(&ino).cloned();
+        let cached = self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .cloned();
         let file = match cached {
             Some(f) => f,
             None => match OpenOptions::new().write(true).open(self.path(ino)) {
@@ -119,13 +139,25 @@ impl FileCache {
                 Err(e) => return Err(e),
             },
         };
-        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, format!("range {range:?} out of bounds"));
+        let too_big = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {range:?} out of bounds"),
+            )
+        };
         let off = i64::try_from(range.start).map_err(|_| too_big())?;
         let len = i64::try_from(range.end - range.start).map_err(|_| too_big())?;
         use nix::fcntl::{fallocate, FallocateFlags};
-        match fallocate(&*file, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, off, len) {
+        match fallocate(
+            &*file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
             Ok(()) => Ok(()),
-            Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOSYS) => zero_fill(&file, range),
+            Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOSYS) => {
+                zero_fill(&file, range)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -183,7 +215,8 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         for name in ["1", "2"] {
             std::fs::write(dir.join(name), b"secret").unwrap();
-            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+            std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
         }
         let c = FileCache::new(&dir).unwrap();
         assert_eq!(mode(&dir), DIR_MODE);
@@ -193,7 +226,11 @@ mod tests {
         std::fs::set_permissions(dir.join("1"), std::fs::Permissions::from_mode(0o644)).unwrap();
         c.open(1, 6).unwrap();
         assert_eq!(mode(&dir.join("1")), FILE_MODE);
-        assert_eq!(std::fs::read(dir.join("1")).unwrap(), b"secret", "contents kept");
+        assert_eq!(
+            std::fs::read(dir.join("1")).unwrap(),
+            b"secret",
+            "contents kept"
+        );
     }
 
     #[test]
@@ -219,9 +256,20 @@ mod tests {
         c.discard(3, hole.clone()).unwrap();
         let mut buf = vec![0u8; SIZE as usize];
         f.read_exact_at(&mut buf, 0).unwrap();
-        assert!(buf[..hole.start as usize].iter().all(|&b| b == 0xAB), "before the range kept");
-        assert!(buf[hole.start as usize..hole.end as usize].iter().all(|&b| b == 0), "range zeroed");
-        assert!(buf[hole.end as usize..].iter().all(|&b| b == 0xAB), "after the range kept");
+        assert!(
+            buf[..hole.start as usize].iter().all(|&b| b == 0xAB),
+            "before the range kept"
+        );
+        assert!(
+            buf[hole.start as usize..hole.end as usize]
+                .iter()
+                .all(|&b| b == 0),
+            "range zeroed"
+        );
+        assert!(
+            buf[hole.end as usize..].iter().all(|&b| b == 0xAB),
+            "after the range kept"
+        );
         assert_eq!(f.metadata().unwrap().len(), SIZE, "size kept");
 
         // SEEK_HOLE from the start finds the punched range (unless the fs cannot punch).
@@ -262,6 +310,12 @@ mod tests {
     /// Whether this filesystem punches holes at all.
     fn fallocate_probe(f: &File) -> bool {
         use nix::fcntl::{fallocate, FallocateFlags};
-        fallocate(f, FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, 4096).is_ok()
+        fallocate(
+            f,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            4096,
+        )
+        .is_ok()
     }
 }

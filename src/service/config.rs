@@ -241,9 +241,14 @@ mod tests {
         let (c, unknown) = Config::parse(text, "t").unwrap();
         assert!(unknown.is_empty(), "{unknown:?}");
         let p = c.check_policy();
-        assert_eq!(p.valid_interval, std::time::Duration::from_secs(60), "0 means Go's default");
+        assert_eq!(
+            p.valid_interval,
+            std::time::Duration::from_secs(60),
+            "0 means Go's default"
+        );
         assert_eq!(p.timeout, std::time::Duration::from_secs(2));
-        let (c, _) = Config::parse("[blob]\nvalid_interval = 10\ncheck_always = true\n", "t").unwrap();
+        let (c, _) =
+            Config::parse("[blob]\nvalid_interval = 10\ncheck_always = true\n", "t").unwrap();
         assert_eq!(c.check_policy().valid_interval, std::time::Duration::ZERO);
     }
 

@@ -32,7 +32,10 @@ pub struct CheckPolicy {
 
 impl Default for CheckPolicy {
     fn default() -> Self {
-        CheckPolicy { valid_interval: DEFAULT_VALID_INTERVAL, timeout: DEFAULT_CHECK_TIMEOUT }
+        CheckPolicy {
+            valid_interval: DEFAULT_VALID_INTERVAL,
+            timeout: DEFAULT_CHECK_TIMEOUT,
+        }
     }
 }
 
@@ -45,8 +48,15 @@ impl CheckPolicy {
             (false, 0) => DEFAULT_VALID_INTERVAL,
             (false, s) => Duration::from_secs(s),
         };
-        let timeout = if timeout.is_zero() { DEFAULT_CHECK_TIMEOUT } else { timeout };
-        CheckPolicy { valid_interval, timeout }
+        let timeout = if timeout.is_zero() {
+            DEFAULT_CHECK_TIMEOUT
+        } else {
+            timeout
+        };
+        CheckPolicy {
+            valid_interval,
+            timeout,
+        }
     }
 }
 
@@ -77,7 +87,9 @@ pub struct CheckGate {
 
 impl std::fmt::Debug for CheckGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CheckGate").field("policy", &self.policy).finish_non_exhaustive()
+        f.debug_struct("CheckGate")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,7 +124,11 @@ impl CheckGate {
     }
 
     fn with_clock(policy: CheckPolicy, clock: Clock) -> Self {
-        CheckGate { policy, clock, layers: Arc::default() }
+        CheckGate {
+            policy,
+            clock,
+            layers: Arc::default(),
+        }
     }
 
     pub fn policy(&self) -> CheckPolicy {
@@ -122,7 +138,10 @@ impl CheckGate {
     /// The layer at `mountpoint` was just mounted: its registry answered.
     pub fn record_ok(&self, mountpoint: &Path) {
         let now = (self.clock)();
-        lock(&self.layers).entry(mountpoint.to_path_buf()).or_default().last_ok = Some(now);
+        lock(&self.layers)
+            .entry(mountpoint.to_path_buf())
+            .or_default()
+            .last_ok = Some(now);
     }
 
     /// The layer is gone; a check still running for it records nothing.
@@ -133,7 +152,10 @@ impl CheckGate {
     /// Checks every layer (concurrently, each at most once at a time), waiting at most the
     /// policy's timeout in all; returns the first failure with the key it was given under.
     pub fn check_all<K>(&self, layers: Vec<(K, PathBuf, CheckFn)>) -> Result<(), (K, CheckError)> {
-        let pending: Vec<(K, Pending)> = layers.into_iter().map(|(k, mp, f)| (k, self.start(mp, f))).collect();
+        let pending: Vec<(K, Pending)> = layers
+            .into_iter()
+            .map(|(k, mp, f)| (k, self.start(mp, f)))
+            .collect();
         let deadline = Instant::now() + self.policy.timeout;
         for (k, p) in pending {
             self.wait(p, deadline).map_err(|e| (k, e))?;
@@ -146,7 +168,10 @@ impl CheckGate {
         let mut layers = lock(&self.layers);
         let state = layers.entry(mountpoint.clone()).or_default();
         let interval = self.policy.valid_interval;
-        if state.last_ok.is_some_and(|t| started.saturating_duration_since(t) < interval) {
+        if state
+            .last_ok
+            .is_some_and(|t| started.saturating_duration_since(t) < interval)
+        {
             return Pending::Fresh;
         }
         if let Some(r) = &state.running {
@@ -158,24 +183,29 @@ impl CheckGate {
         let table = self.layers.clone();
         let mine = running.clone();
         let mp = mountpoint.clone();
-        let spawned = std::thread::Builder::new().name("layer-check".into()).spawn(move || {
-            let res = check();
-            if let Err(e) = &res {
-                tracing::warn!(mountpoint = %mp.display(), error = %e, "layer is unavailable");
-            }
-            {
-                let mut layers = lock(&table);
-                // Only if the layer is still the one this check was started for.
-                if let Some(state) = layers.get_mut(&mp).filter(|s| s.running.as_ref().is_some_and(|r| Arc::ptr_eq(r, &mine))) {
-                    state.running = None;
-                    if res.is_ok() {
-                        state.last_ok = Some(started);
+        let spawned = std::thread::Builder::new()
+            .name("layer-check".into())
+            .spawn(move || {
+                let res = check();
+                if let Err(e) = &res {
+                    tracing::warn!(mountpoint = %mp.display(), error = %e, "layer is unavailable");
+                }
+                {
+                    let mut layers = lock(&table);
+                    // Only if the layer is still the one this check was started for.
+                    if let Some(state) = layers
+                        .get_mut(&mp)
+                        .filter(|s| s.running.as_ref().is_some_and(|r| Arc::ptr_eq(r, &mine)))
+                    {
+                        state.running = None;
+                        if res.is_ok() {
+                            state.last_ok = Some(started);
+                        }
                     }
                 }
-            }
-            *lock(&mine.result) = Some(res);
-            mine.done.notify_all();
-        });
+                *lock(&mine.result) = Some(res);
+                mine.done.notify_all();
+            });
         match spawned {
             Ok(_) => Pending::Running(running),
             Err(e) => {
@@ -202,7 +232,11 @@ impl CheckGate {
             if left.is_zero() {
                 return Err(CheckError::Timeout(self.policy.timeout));
             }
-            result = running.done.wait_timeout(result, left).unwrap_or_else(|e| e.into_inner()).0;
+            result = running
+                .done
+                .wait_timeout(result, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -229,21 +263,31 @@ mod tests {
     }
 
     fn one(gate: &CheckGate, mp: &str, f: CheckFn) -> Result<(), CheckError> {
-        gate.check_all(vec![((), PathBuf::from(mp), f)]).map_err(|(_, e)| e)
+        gate.check_all(vec![((), PathBuf::from(mp), f)])
+            .map_err(|(_, e)| e)
     }
 
     #[test]
     fn policy_follows_go_meaning() {
         let p = CheckPolicy::from_config(0, false, Duration::ZERO);
         assert_eq!(p, CheckPolicy::default());
-        assert_eq!(CheckPolicy::from_config(7, false, Duration::from_secs(1)).valid_interval, Duration::from_secs(7));
-        assert_eq!(CheckPolicy::from_config(7, true, Duration::from_secs(1)).valid_interval, Duration::ZERO);
+        assert_eq!(
+            CheckPolicy::from_config(7, false, Duration::from_secs(1)).valid_interval,
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            CheckPolicy::from_config(7, true, Duration::from_secs(1)).valid_interval,
+            Duration::ZERO
+        );
     }
 
     #[test]
     fn success_is_trusted_for_the_interval_and_failure_is_not() {
         let (clock, now) = test_clock();
-        let policy = CheckPolicy { valid_interval: Duration::from_secs(60), timeout: Duration::from_secs(5) };
+        let policy = CheckPolicy {
+            valid_interval: Duration::from_secs(60),
+            timeout: Duration::from_secs(5),
+        };
         let gate = CheckGate::with_clock(policy, clock);
         let calls = Arc::new(AtomicUsize::new(0));
 
@@ -254,7 +298,12 @@ mod tests {
 
         // Past the interval the registry is asked again; a failure is reported and not cached.
         *lock(&now) += Duration::from_secs(61);
-        let e = one(&gate, "/a", counting(&calls, Err("connection refused".into()))).unwrap_err();
+        let e = one(
+            &gate,
+            "/a",
+            counting(&calls, Err("connection refused".into())),
+        )
+        .unwrap_err();
         assert_eq!(e, CheckError::Failed("connection refused".into()));
         one(&gate, "/a", counting(&calls, Ok(()))).expect("asked again after a failure");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -271,7 +320,10 @@ mod tests {
     #[test]
     fn check_always_checks_every_call() {
         let (clock, _now) = test_clock();
-        let gate = CheckGate::with_clock(CheckPolicy::from_config(60, true, Duration::from_secs(5)), clock);
+        let gate = CheckGate::with_clock(
+            CheckPolicy::from_config(60, true, Duration::from_secs(5)),
+            clock,
+        );
         let calls = Arc::new(AtomicUsize::new(0));
         gate.record_ok(Path::new("/a"));
         for _ in 0..3 {
@@ -282,7 +334,10 @@ mod tests {
 
     #[test]
     fn a_hung_check_fails_fast_and_is_never_duplicated() {
-        let policy = CheckPolicy { valid_interval: Duration::from_secs(60), timeout: Duration::from_millis(100) };
+        let policy = CheckPolicy {
+            valid_interval: Duration::from_secs(60),
+            timeout: Duration::from_millis(100),
+        };
         let gate = CheckGate::new(policy);
         let calls = Arc::new(AtomicUsize::new(0));
         let (release, hold) = mpsc::channel::<()>();
@@ -293,8 +348,15 @@ mod tests {
             Ok(())
         });
         let t = Instant::now();
-        assert_eq!(one(&gate, "/a", hung), Err(CheckError::Timeout(Duration::from_millis(100))));
-        assert!(t.elapsed() < Duration::from_secs(2), "bounded: {:?}", t.elapsed());
+        assert_eq!(
+            one(&gate, "/a", hung),
+            Err(CheckError::Timeout(Duration::from_millis(100)))
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "bounded: {:?}",
+            t.elapsed()
+        );
 
         // Retries while it hangs join it: no second check starts, each retry is bounded.
         for _ in 0..5 {
@@ -307,7 +369,10 @@ mod tests {
         release.send(()).expect("release");
         let deadline = Instant::now() + Duration::from_secs(5);
         while one(&gate, "/a", counting(&calls, Err("down".into()))).is_err() {
-            assert!(Instant::now() < deadline, "the background check never completed");
+            assert!(
+                Instant::now() < deadline,
+                "the background check never completed"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         // Calls that raced the completion may have started one more check; none pile up.
@@ -316,7 +381,10 @@ mod tests {
 
     #[test]
     fn layers_are_checked_concurrently_within_one_bound() {
-        let policy = CheckPolicy { valid_interval: Duration::ZERO, timeout: Duration::from_secs(2) };
+        let policy = CheckPolicy {
+            valid_interval: Duration::ZERO,
+            timeout: Duration::from_secs(2),
+        };
         let gate = CheckGate::new(policy);
         let slow = |ms| -> CheckFn {
             Box::new(move || {
@@ -325,18 +393,34 @@ mod tests {
             })
         };
         let t = Instant::now();
-        let layers = (0..4).map(|i| (i, PathBuf::from(format!("/l{i}")), slow(300))).collect();
+        let layers = (0..4)
+            .map(|i| (i, PathBuf::from(format!("/l{i}")), slow(300)))
+            .collect();
         gate.check_all(layers).expect("all answer");
-        assert!(t.elapsed() < Duration::from_millis(1000), "ran in parallel: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "ran in parallel: {:?}",
+            t.elapsed()
+        );
 
-        let layers = vec![(1, PathBuf::from("/ok"), slow(0)), (2, PathBuf::from("/bad"), Box::new(|| Err("gone".to_string())) as CheckFn)];
+        let layers = vec![
+            (1, PathBuf::from("/ok"), slow(0)),
+            (
+                2,
+                PathBuf::from("/bad"),
+                Box::new(|| Err("gone".to_string())) as CheckFn,
+            ),
+        ];
         let (k, e) = gate.check_all(layers).unwrap_err();
         assert_eq!((k, e), (2, CheckError::Failed("gone".into())));
     }
 
     #[test]
     fn a_forgotten_layer_is_not_revived_by_its_late_check() {
-        let policy = CheckPolicy { valid_interval: Duration::from_secs(60), timeout: Duration::from_millis(50) };
+        let policy = CheckPolicy {
+            valid_interval: Duration::from_secs(60),
+            timeout: Duration::from_millis(50),
+        };
         let gate = CheckGate::new(policy);
         let (release, hold) = mpsc::channel::<()>();
         let (finished, done) = mpsc::channel::<()>();
@@ -348,10 +432,14 @@ mod tests {
         assert!(one(&gate, "/a", hung).is_err());
         gate.forget(Path::new("/a"));
         release.send(()).expect("release");
-        done.recv_timeout(Duration::from_secs(5)).expect("check finished");
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("check finished");
         std::thread::sleep(Duration::from_millis(50));
         let calls = Arc::new(AtomicUsize::new(0));
-        assert!(one(&gate, "/a", counting(&calls, Err("down".into()))).is_err(), "checked anew, not fresh");
+        assert!(
+            one(&gate, "/a", counting(&calls, Err("down".into()))).is_err(),
+            "checked anew, not fresh"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

@@ -273,14 +273,19 @@ impl SnapshotterImpl {
             .iter()
             .filter(|(_, r)| r.is_remote())
             .map(|(name, rec)| {
-                let (remote, mp, labels) = (remote.clone(), self.fs_dir(rec.id), rec.labels.clone());
-                let f: CheckFn = Box::new(move || remote.check(&mp, &labels).map_err(|e| clip(&e.to_string())));
+                let (remote, mp, labels) =
+                    (remote.clone(), self.fs_dir(rec.id), rec.labels.clone());
+                let f: CheckFn =
+                    Box::new(move || remote.check(&mp, &labels).map_err(|e| clip(&e.to_string())));
                 ((name.as_str(), rec.id), self.fs_dir(rec.id), f)
             })
             .collect();
         self.checks.check_all(layers).map_err(|((name, id), e)| {
             warn!(key = name, id, error = %e, "remote layer is unavailable");
-            SnapshotError::Unavailable(format!("layer {} (snapshot {id}) is unavailable: {e}", clip(name)))
+            SnapshotError::Unavailable(format!(
+                "layer {} (snapshot {id}) is unavailable: {e}",
+                clip(name)
+            ))
         })
     }
 
@@ -796,7 +801,11 @@ mod tests {
                 matches!(e, SnapshotError::Unavailable(ref m) if m.contains("did not answer")),
                 "{e}"
             );
-            assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(2),
+                "{:?}",
+                t.elapsed()
+            );
         }
         assert!(matches!(
             s.view("v2", "layer1", BTreeMap::new()),

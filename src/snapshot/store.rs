@@ -26,10 +26,7 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     /// The cause is in the message: [`SnapshotError`] keeps only the text.
     #[error("metadata file {path}: {error}")]
-    File {
-        path: String,
-        error: std::io::Error,
-    },
+    File { path: String, error: std::io::Error },
     #[error("corrupt snapshot record {key}: {source}")]
     Corrupt {
         key: String,
