@@ -62,7 +62,7 @@ impl CheckPolicy {
 
 /// Why a layer counts as unavailable.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum CheckError {
+pub(crate) enum CheckError {
     #[error("the registry did not answer the availability check within {0:?}; it goes on in the background")]
     Timeout(Duration),
     /// The check's own error, already clipped (it may quote the registry).
@@ -73,13 +73,13 @@ pub enum CheckError {
 }
 
 /// A check of one layer: `Err` holds a message safe to show (bounded).
-pub type CheckFn = Box<dyn FnOnce() -> Result<(), String> + Send>;
+pub(crate) type CheckFn = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 /// The time source for `valid_interval` (a test clock in unit tests).
 type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
 /// Per-layer check state, keyed by mountpoint. See the module doc.
-pub struct CheckGate {
+pub(crate) struct CheckGate {
     policy: CheckPolicy,
     clock: Clock,
     layers: Arc<Mutex<HashMap<PathBuf, LayerState>>>,
@@ -129,10 +129,6 @@ impl CheckGate {
             clock,
             layers: Arc::default(),
         }
-    }
-
-    pub fn policy(&self) -> CheckPolicy {
-        self.policy
     }
 
     /// The layer at `mountpoint` was just mounted: its registry answered.

@@ -3,7 +3,7 @@
 //! The domain types mirror containerd's `snapshots` package; the gRPC adapter in
 //! [`crate::service`] converts them to and from the wire types.
 
-pub mod check;
+pub(crate) mod check;
 pub mod filter;
 pub mod mounts;
 pub mod snapshotter;

@@ -68,8 +68,8 @@ impl SnapshotterImpl {
         })
     }
 
-    /// Replaces the default availability-check policy (Go's `valid_interval` default and
-    /// [`super::check::DEFAULT_CHECK_TIMEOUT`]).
+    /// Replaces the default availability-check policy ([`CheckPolicy::default`]: Go's
+    /// `valid_interval`, our default bound).
     pub fn with_check_policy(mut self, policy: CheckPolicy) -> Self {
         self.checks = CheckGate::new(policy);
         self
