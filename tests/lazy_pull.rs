@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_success as ok, require_tool, wait_until, Containerd, ContainerdOpts, Daemon, Registry};
+use common::{
+    assert_success as ok, require_tool, wait_until, Containerd, ContainerdOpts, Daemon, Registry,
+};
 
 const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
 
@@ -273,6 +275,91 @@ fn assert_all_remote(
     layers
 }
 
+/// Whether `rel` (relative to the daemon root) is a snapshot's `fs` directory. Those are the
+/// one exception to "owner-only": the overlay upper dir's mode is the mode of the container's
+/// root directory (0755, as containerd's overlay snapshotter makes it) and a remote layer's is
+/// the FUSE root with the image's mode. Neither is reachable by other users, because
+/// `snapshots/<id>` above them is 0700 (which the walk checks), and their contents are the
+/// container's and the image's own files, so the walk does not descend into them.
+fn is_snapshot_fs(rel: &Path) -> bool {
+    let c: Vec<_> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    c.len() == 4 && c[0] == "snapshotter" && c[1] == "snapshots" && c[3] == "fs"
+}
+
+/// Everything below the daemon root that users other than root could read or write (mode
+/// bits 066 for group/other), without following symlinks or crossing into another file
+/// system (FUSE and overlay mounts). Execute-only bits are fine: `work` is 0711 like
+/// containerd's overlay work dirs, and holds nothing readable.
+fn exposed_under(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(root).expect("stat root").dev();
+    let (mut exposed, mut seen) = (Vec::new(), 0usize);
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        // A cache may be freed while we walk.
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let rel = p.strip_prefix(root).expect("below root");
+        if md.file_type().is_symlink() || is_snapshot_fs(rel) {
+            continue;
+        }
+        seen += 1;
+        if md.mode() & 0o066 != 0 {
+            exposed.push(format!("{} {:o}", p.display(), md.mode() & 0o7777));
+        }
+        if md.is_dir() && md.dev() == dev {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    assert!(
+        seen > 10,
+        "walked only {seen} entries below {}",
+        root.display()
+    );
+    exposed
+}
+
+/// Makes the daemon's own directories and cache files world-readable, as an older version
+/// left them (not the snapshots' contents, which belong to the containers).
+fn loosen_like_an_old_version(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()))
+    };
+    for d in [
+        root.to_path_buf(),
+        root.join("stargz"),
+        root.join("stargz/fscache"),
+        root.join("snapshotter"),
+        root.join("snapshotter/snapshots"),
+    ] {
+        set(&d, 0o755);
+    }
+    set(&root.join("snapshotter/metadata.db"), 0o644);
+    let mut files = 0;
+    for layer in std::fs::read_dir(root.join("stargz/fscache"))
+        .expect("list fscache")
+        .flatten()
+    {
+        set(&layer.path(), 0o755);
+        for f in std::fs::read_dir(layer.path())
+            .expect("list layer cache")
+            .flatten()
+        {
+            set(&f.path(), 0o644);
+            files += 1;
+        }
+    }
+    assert!(files > 0, "no cache files to loosen");
+}
+
 /// The daemon config of this test: no background fetch, so what was fetched is what the run read.
 fn daemon_config(dir: &Path) -> PathBuf {
     let p = dir.join("config.toml");
@@ -368,6 +455,13 @@ fn lazy_pull_python_image_end_to_end() {
     let out = run_python(&ctrd, "go", &esgz2, "py-go", "print('from go', 6 * 7)");
     assert_eq!(out.trim(), "from go 42");
 
+    // Issue 9: the cache holds every image's files (even 0600 ones): nobody else may read it.
+    let exposed = exposed_under(&root);
+    assert!(
+        exposed.is_empty(),
+        "readable by other users after lazy pulls: {exposed:#?}"
+    );
+
     // 6: kill -9 with a container's snapshot present, restart, re-mounted, a new container runs.
     ctr_ns(
         &ctrd,
@@ -395,6 +489,8 @@ fn lazy_pull_python_image_end_to_end() {
         .map(|(d, _)| layer_state(&root, d).map_or(0, |(f, _)| f))
         .collect();
     daemon.kill9();
+    // The restarted daemon also narrows what an older version left open.
+    loosen_like_an_old_version(&root);
     let t = Instant::now();
     daemon.restart();
     ctrd.wait_stargz_ready(Duration::from_secs(30));
@@ -411,11 +507,19 @@ fn lazy_pull_python_image_end_to_end() {
     for ((d, _), before) in layers.iter().zip(&fetched_before) {
         let after = layer_state(&root, d).map_or(0, |(f, _)| f);
         eprintln!("layer {d}: fetched {before} before kill -9, {after} after restore");
-        assert!(after >= *before, "layer {d}: cache not reused after restart ({before} → {after})");
+        assert!(
+            after >= *before,
+            "layer {d}: cache not reused after restart ({before} → {after})"
+        );
     }
     let out = run_python(&ctrd, "default", &esgz, "py2", "print('after restart')");
     eprintln!("restart to second run: {:?}", t.elapsed());
     assert_eq!(out.trim(), "after restart");
+    let exposed = exposed_under(&root);
+    assert!(
+        exposed.is_empty(),
+        "readable by other users after restore: {exposed:#?}"
+    );
     let _ = ctrd.ctr(&["tasks", "kill", "-s", "SIGKILL", "sleeper"]);
     wait_until(Duration::from_secs(10), || {
         ctrd.ctr(&["tasks", "rm", "-f", "sleeper"]).status.success()

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use common::*;
 use stargz::service;
-use stargz::snapshot::{LayerError, RemoteLayers, SnapshotterImpl, SysMounter, REMOTE_LABEL};
+use stargz::snapshot::{
+    CheckPolicy, LayerError, RemoteLayers, SnapshotterImpl, SysMounter, REMOTE_LABEL,
+};
 
 const DIGEST_LABEL: &str = "containerd.io/snapshot/remote/stargz.digest";
 
@@ -90,12 +92,15 @@ struct InProcess {
 
 impl InProcess {
     fn start(root: &Path, sock: &Path, remote: Arc<FakeRemote>) -> InProcess {
+        // `check_always` (Go's key): the test flips reachability and expects the next call
+        // to see it, instead of trusting the last answer for `valid_interval`.
         let sn = SnapshotterImpl::new(
             root,
             Some(remote as Arc<dyn RemoteLayers>),
             Arc::new(SysMounter),
         )
-        .expect("snapshotter");
+        .expect("snapshotter")
+        .with_check_policy(CheckPolicy::from_config(0, true, Duration::from_secs(5)));
         sn.restore().expect("restore");
         let sn = Arc::new(sn);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -100,7 +100,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     for key in unknown {
         warn!(key, config = %args.config.display(), "unknown configuration key ignored");
     }
-    std::fs::create_dir_all(&args.root)
+    // Nothing we create is for other users (the cache holds every image's files, even
+    // those that are 0600 in the image), so the default is owner-only; the few directories
+    // that need other modes (overlay upper/work dirs, the socket) set them explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    stargz::fs::fscache::private_dir(&args.root)
         .with_context(|| format!("create root {}", args.root.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -111,11 +115,14 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         signals()?
     };
     let remote = service::build_remote_layers(&config, &args.root, rt.handle().clone())?;
-    let snapshotter = Arc::new(SnapshotterImpl::new(
-        &args.root.join("snapshotter"),
-        Some(remote),
-        Arc::new(SysMounter),
-    )?);
+    let snapshotter = Arc::new(
+        SnapshotterImpl::new(
+            &args.root.join("snapshotter"),
+            Some(remote),
+            Arc::new(SysMounter),
+        )?
+        .with_check_policy(config.check_policy()),
+    );
     snapshotter.restore()?;
     if let Err(e) = snapshotter.cleanup() {
         warn!(error = %e, "start-up cleanup failed");

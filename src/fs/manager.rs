@@ -75,10 +75,21 @@ pub struct LayerLabels {
 }
 
 /// Reads the labels and applies the verification policy.
-pub fn parse_labels(labels: &BTreeMap<String, String>, cfg: &FsConfig) -> Result<LayerLabels, FsError> {
-    let get = |a: &str, b: &str| labels.get(a).or_else(|| labels.get(b)).filter(|v| !v.is_empty()).cloned();
-    let reference = get(LABEL_CRI_REF, LABEL_REF).ok_or_else(|| FsError::Labels("no image reference label".into()))?;
-    let digest = get(LABEL_CRI_DIGEST, LABEL_DIGEST).ok_or_else(|| FsError::Labels("no layer digest label".into()))?;
+pub fn parse_labels(
+    labels: &BTreeMap<String, String>,
+    cfg: &FsConfig,
+) -> Result<LayerLabels, FsError> {
+    let get = |a: &str, b: &str| {
+        labels
+            .get(a)
+            .or_else(|| labels.get(b))
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
+    let reference = get(LABEL_CRI_REF, LABEL_REF)
+        .ok_or_else(|| FsError::Labels("no image reference label".into()))?;
+    let digest = get(LABEL_CRI_DIGEST, LABEL_DIGEST)
+        .ok_or_else(|| FsError::Labels("no layer digest label".into()))?;
     let toc_digest = if cfg.disable_verification {
         None
     } else if let Some(d) = labels.get(LABEL_TOC_DIGEST).filter(|v| !v.is_empty()) {
@@ -90,7 +101,12 @@ pub fn parse_labels(labels: &BTreeMap<String, String>, cfg: &FsConfig) -> Result
         return Err(FsError::Labels("digest of TOC JSON must be passed".into()));
     };
     let prefetch_size = labels.get(LABEL_PREFETCH).and_then(|v| v.parse().ok());
-    Ok(LayerLabels { reference, digest, toc_digest, prefetch_size })
+    Ok(LayerLabels {
+        reference,
+        digest,
+        toc_digest,
+        prefetch_size,
+    })
 }
 
 /// Mounts and tracks remote layers for the snapshotter.
@@ -107,19 +123,27 @@ pub struct LayerManager {
 
 impl std::fmt::Debug for LayerManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LayerManager").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("LayerManager")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 impl LayerManager {
-    /// Starts the shared background fetcher. Caches left by an earlier run are kept: the
+    /// Starts the shared background fetcher and makes the cache directory private (0700, also
+    /// when an older version left it readable). Caches left by an earlier run are kept: the
     /// restored mounts re-verify and reuse them, and [`LayerManager::remove_unclaimed_caches`]
     /// deletes the rest once restore is done.
     pub fn new(config: FsConfig, resolver: Arc<dyn BlobResolver>) -> Result<Self, FsError> {
-        std::fs::create_dir_all(&config.fscache_dir).map_err(FsError::Cache)?;
+        super::fscache::private_dir(&config.fscache_dir).map_err(FsError::Cache)?;
         let priority = Arc::new(Priority::with_quiet_period(config.background_quiet));
-        let fetcher = (!config.no_background_fetch)
-            .then(|| Arc::new(BackgroundFetcher::new(config.max_concurrency, priority.clone(), DEFAULT_SPAN_BYTES)));
+        let fetcher = (!config.no_background_fetch).then(|| {
+            Arc::new(BackgroundFetcher::new(
+                config.max_concurrency,
+                priority.clone(),
+                DEFAULT_SPAN_BYTES,
+            ))
+        });
         Ok(LayerManager {
             resolver,
             config,
@@ -139,7 +163,11 @@ impl LayerManager {
     }
 
     /// Mounts a layer; the error says why it can't be lazy (the caller falls back).
-    pub fn mount_layer(&self, mountpoint: &Path, labels: &BTreeMap<String, String>) -> Result<(), FsError> {
+    pub fn mount_layer(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), FsError> {
         let parsed = parse_labels(labels, &self.config)?;
         let source = {
             let _urgent = self.priority.urgent();
@@ -147,7 +175,11 @@ impl LayerManager {
         };
         // A layer already at this mountpoint goes first: it shares the cache directory, whose
         // chunks the new mount re-verifies (they may belong to another blob; digests decide).
-        let old = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).remove(mountpoint);
+        let old = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(mountpoint);
         if let Some(old) = old {
             if let Err(e) = old.unmount() {
                 tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of the previous layer failed");
@@ -157,8 +189,15 @@ impl LayerManager {
         // A cache left by an earlier run survives a failed re-mount (registry down at restore):
         // the snapshot still exists and may mount later. A new one is removed with the failure.
         let reused = cache_dir.exists();
-        self.claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(cache_dir.clone());
-        let spec = LayerSpec { digest: parsed.digest.clone(), source, toc_digest: parsed.toc_digest };
+        self.claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cache_dir.clone());
+        let spec = LayerSpec {
+            digest: parsed.digest.clone(),
+            source,
+            toc_digest: parsed.toc_digest,
+        };
         let mut opts = self.config.layer.clone();
         if let Some(p) = parsed.prefetch_size {
             opts.prefetch_size = p;
@@ -169,14 +208,21 @@ impl LayerManager {
             Ok(m) => m,
             Err(e) => {
                 if reused {
-                    self.claimed.lock().unwrap_or_else(|e| e.into_inner()).remove(&cache_dir);
+                    self.claimed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&cache_dir);
                 } else {
                     self.free_cache(&cache_dir);
                 }
                 return Err(e);
             }
         };
-        let old = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).insert(mountpoint.to_path_buf(), mounted);
+        let old = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(mountpoint.to_path_buf(), mounted);
         if let Some(old) = old {
             // A concurrent mount at the same path won the race; both used this cache dir.
             if let Err(e) = old.unmount() {
@@ -190,7 +236,11 @@ impl LayerManager {
     /// mountpoints of remote snapshots that still exist, mounted or not) claims: after restore,
     /// those of snapshots removed while the daemon was down, and stray files. Returns how many.
     pub fn remove_unclaimed_caches(&self, keep: &[PathBuf]) -> usize {
-        let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut claimed = self
+            .claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         claimed.extend(keep.iter().map(|m| self.cache_dir_for(m)));
         let entries = match std::fs::read_dir(&self.config.fscache_dir) {
             Ok(e) => e,
@@ -211,7 +261,9 @@ impl LayerManager {
             };
             match res {
                 Ok(()) => removed += 1,
-                Err(err) => tracing::warn!(dir = %path.display(), error = %err, "cannot remove unclaimed cache"),
+                Err(err) => {
+                    tracing::warn!(dir = %path.display(), error = %err, "cannot remove unclaimed cache")
+                }
             }
         }
         if removed > 0 {
@@ -241,27 +293,51 @@ impl LayerManager {
     }
 
     /// The mounted layer at `mountpoint`, for inspection (tests, metrics).
-    pub fn with_layer<T>(&self, mountpoint: &Path, f: impl FnOnce(&MountedLayer) -> T) -> Option<T> {
-        self.mounts.lock().unwrap_or_else(|e| e.into_inner()).get(mountpoint).map(f)
+    pub fn with_layer<T>(
+        &self,
+        mountpoint: &Path,
+        f: impl FnOnce(&MountedLayer) -> T,
+    ) -> Option<T> {
+        self.mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(mountpoint)
+            .map(f)
     }
 
     /// Unmounts everything (daemon shutdown with cleanup).
     pub fn unmount_all(&self) {
-        let all: Vec<_> = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, m)| m).collect();
+        let all: Vec<_> = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, m)| m)
+            .collect();
         all.into_iter().for_each(|m| self.release(m));
     }
 }
 
 impl RemoteLayers for LayerManager {
-    fn mount(&self, mountpoint: &Path, labels: &BTreeMap<String, String>) -> Result<(), LayerError> {
+    fn mount(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), LayerError> {
         Ok(self.mount_layer(mountpoint, labels)?)
     }
 
-    fn check(&self, mountpoint: &Path, _labels: &BTreeMap<String, String>) -> Result<(), LayerError> {
-        let res = self.with_layer(mountpoint, |m| m.reader().source().check());
-        match res {
+    /// Asks the registry outside the table lock: a slow registry must not block the mounts
+    /// and unmounts of other layers.
+    fn check(
+        &self,
+        mountpoint: &Path,
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<(), LayerError> {
+        let source = self.with_layer(mountpoint, |m| m.reader().source().clone());
+        match source {
             None => Err(format!("no layer mounted at {}", mountpoint.display()).into()),
-            Some(r) => Ok(r?),
+            Some(s) => Ok(s.check()?),
         }
     }
 
@@ -270,10 +346,19 @@ impl RemoteLayers for LayerManager {
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<(), LayerError> {
-        let m = self.mounts.lock().unwrap_or_else(|e| e.into_inner()).remove(mountpoint);
+        let m = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(mountpoint);
         if m.is_none() {
             let dir = self.cache_dir_for(mountpoint);
-            if !self.claimed.lock().unwrap_or_else(|e| e.into_inner()).contains(&dir) {
+            if !self
+                .claimed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&dir)
+            {
                 let _ = std::fs::remove_dir_all(dir);
             }
         }
@@ -297,7 +382,37 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    struct NoBlobs;
+    impl BlobResolver for NoBlobs {
+        fn resolve(
+            &self,
+            _reference: &str,
+            _digest: &str,
+        ) -> Result<Arc<dyn LayerSource>, FsError> {
+            Err(FsError::Labels("no blobs here".into()))
+        }
+    }
+
+    #[test]
+    fn cache_dir_is_private_even_when_left_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut cfg = FsConfig::new(d.path());
+        cfg.no_background_fetch = true;
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        LayerManager::new(cfg.clone(), Arc::new(NoBlobs)).expect("new");
+        assert_eq!(mode(&d.path().join("stargz")), 0o700);
+        assert_eq!(mode(&cfg.fscache_dir), 0o700);
+        std::fs::set_permissions(&cfg.fscache_dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        LayerManager::new(cfg.clone(), Arc::new(NoBlobs)).expect("new");
+        assert_eq!(mode(&cfg.fscache_dir), 0o700, "narrowed on restart");
     }
 
     #[test]
@@ -316,14 +431,25 @@ mod tests {
         assert_eq!(p.toc_digest.as_deref(), Some("sha256:toc"));
         assert_eq!(p.prefetch_size, Some(1000));
 
-        let l = labels(&[(LABEL_REF, "r"), (LABEL_DIGEST, "sha256:aa"), (LABEL_SKIP_VERIFY, "")]);
-        assert!(parse_labels(&l, &cfg).is_err(), "skipverify needs allow_no_verification");
+        let l = labels(&[
+            (LABEL_REF, "r"),
+            (LABEL_DIGEST, "sha256:aa"),
+            (LABEL_SKIP_VERIFY, ""),
+        ]);
+        assert!(
+            parse_labels(&l, &cfg).is_err(),
+            "skipverify needs allow_no_verification"
+        );
         let mut cfg2 = cfg.clone();
         cfg2.allow_no_verification = true;
         assert_eq!(parse_labels(&l, &cfg2).expect("skip").toc_digest, None);
         let mut cfg3 = cfg.clone();
         cfg3.disable_verification = true;
-        let l = labels(&[(LABEL_REF, "r"), (LABEL_DIGEST, "sha256:aa"), (LABEL_TOC_DIGEST, "sha256:t")]);
+        let l = labels(&[
+            (LABEL_REF, "r"),
+            (LABEL_DIGEST, "sha256:aa"),
+            (LABEL_TOC_DIGEST, "sha256:t"),
+        ]);
         assert_eq!(parse_labels(&l, &cfg3).expect("disabled").toc_digest, None);
         assert!(parse_labels(&labels(&[(LABEL_REF, "r")]), &cfg).is_err());
     }

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::snapshot::check::{CheckPolicy, DEFAULT_CHECK_TIMEOUT};
+
 /// `[blob]` and `[resolver.host."HOST".mirrors]` belong to the registry client; the daemon
 /// config reads them straight into its types so there is one definition of each key.
 pub use crate::remote::config::{BlobConfig, HostConfig, MirrorConfig, ResolverConfig};
@@ -122,10 +124,22 @@ impl Default for FuseConfig {
 }
 
 /// `[snapshotter]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct SnapshotterConfig {
     pub allow_invalid_mounts_on_restart: bool,
+    /// Not a Go key: how long (seconds) Prepare/View/Mounts wait for the registry to confirm
+    /// a mounted layer is reachable before answering Unavailable; 0 = the default.
+    pub check_timeout_sec: u64,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        SnapshotterConfig {
+            allow_invalid_mounts_on_restart: false,
+            check_timeout_sec: DEFAULT_CHECK_TIMEOUT.as_secs(),
+        }
+    }
 }
 
 impl Config {
@@ -144,6 +158,16 @@ impl Config {
                 }
             })?;
         Ok((cfg, unknown))
+    }
+
+    /// When and how long the snapshotter checks mounted layers: `[blob] valid_interval` and
+    /// `check_always` as Go reads them, bounded by `[snapshotter] check_timeout_sec`.
+    pub fn check_policy(&self) -> CheckPolicy {
+        CheckPolicy::from_config(
+            self.blob.valid_interval,
+            self.blob.check_always,
+            std::time::Duration::from_secs(self.snapshotter.check_timeout_sec),
+        )
     }
 
     /// Loads `path`; a missing file gives the defaults only when `missing_ok` (the default path).
@@ -206,6 +230,26 @@ mod tests {
                 "no_such_key".to_string()
             ]
         );
+    }
+
+    #[test]
+    fn check_policy_keys() {
+        let (c, unknown) = Config::parse("", "t").unwrap();
+        assert!(unknown.is_empty());
+        assert_eq!(c.check_policy(), CheckPolicy::default());
+        let text = "[blob]\nvalid_interval = 0\n[snapshotter]\ncheck_timeout_sec = 2\n";
+        let (c, unknown) = Config::parse(text, "t").unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let p = c.check_policy();
+        assert_eq!(
+            p.valid_interval,
+            std::time::Duration::from_secs(60),
+            "0 means Go's default"
+        );
+        assert_eq!(p.timeout, std::time::Duration::from_secs(2));
+        let (c, _) =
+            Config::parse("[blob]\nvalid_interval = 10\ncheck_always = true\n", "t").unwrap();
+        assert_eq!(c.check_policy().valid_interval, std::time::Duration::ZERO);
     }
 
     #[test]

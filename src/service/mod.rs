@@ -54,9 +54,15 @@ pub fn build_remote_layers(
         blob: config.blob.clone(),
         ..remote::ClientConfig::default()
     })?;
+    // Everything under `<root>/stargz` is image content: owner-only, created so (and narrowed
+    // if an older version left it open) before the caches put anything there.
+    let http_dir = root.join("stargz").join("httpcache");
+    for dir in [root, &root.join("stargz"), &http_dir] {
+        fs::fscache::private_dir(dir).map_err(fs::FsError::Cache)?;
+    }
     let http_cache = cache::open_store(
         &config.http_cache_type,
-        &root.join("stargz").join("httpcache"),
+        &http_dir,
         cache::DirectoryCacheConfig {
             max_bytes: None,
             sync_add: config.directory_cache.sync_add,
@@ -64,7 +70,8 @@ pub fn build_remote_layers(
     )?;
     let resolver = fs::RegistryResolver::new(client, http_cache, handle);
     let mut fs_config = fs::FsConfig::new(root);
-    fs_config.layer.attr_timeout = Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
+    fs_config.layer.attr_timeout =
+        Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
     fs_config.layer.passthrough = config.fuse.passthrough;
     fs_config.layer.prefetch_size = u64::try_from(config.prefetch_size).unwrap_or(0);
     fs_config.layer.no_prefetch = config.noprefetch;
@@ -72,7 +79,10 @@ pub fn build_remote_layers(
     fs_config.allow_no_verification = config.allow_no_verification;
     fs_config.no_background_fetch = config.no_background_fetch;
     fs_config.max_concurrency = usize::try_from(config.max_concurrency).unwrap_or(1).max(1);
-    Ok(Arc::new(fs::LayerManager::new(fs_config, Arc::new(resolver))?))
+    Ok(Arc::new(fs::LayerManager::new(
+        fs_config,
+        Arc::new(resolver),
+    )?))
 }
 
 /// Binds the daemon socket: creates its directory (0700, only when we create it: an existing

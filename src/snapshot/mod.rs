@@ -3,11 +3,13 @@
 //! The domain types mirror containerd's `snapshots` package; the gRPC adapter in
 //! [`crate::service`] converts them to and from the wire types.
 
+pub(crate) mod check;
 pub mod filter;
 pub mod mounts;
 pub mod snapshotter;
 pub mod store;
 
+pub use check::CheckPolicy;
 pub use mounts::{Mounter, SysMounter};
 pub use snapshotter::SnapshotterImpl;
 
@@ -77,10 +79,25 @@ pub enum SnapshotError {
 /// The snapshotter, with containerd's semantics. Calls may block (disk, mounts, a remote
 /// mount fetching a TOC); the gRPC adapter runs them on blocking threads.
 pub trait Snapshotter: Send + Sync + 'static {
-    fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError>;
-    fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError>;
+    fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError>;
+    fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError>;
     fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError>;
-    fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapshotError>;
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), SnapshotError>;
     fn remove(&self, key: &str) -> Result<(), SnapshotError>;
     fn stat(&self, key: &str) -> Result<Info, SnapshotError>;
     /// Updates the fields named by `field_paths` (`labels`, `labels.<key>`); all labels when empty.
@@ -100,9 +117,11 @@ pub type LayerError = Box<dyn std::error::Error + Send + Sync>;
 pub trait RemoteLayers: Send + Sync {
     /// Mounts the layer described by `labels` at `mountpoint`. An error means "fall back to a
     /// normal snapshot" and is logged with `remote-snapshot-prepared=false`.
-    fn mount(&self, mountpoint: &Path, labels: &BTreeMap<String, String>) -> Result<(), LayerError>;
+    fn mount(&self, mountpoint: &Path, labels: &BTreeMap<String, String>)
+        -> Result<(), LayerError>;
     /// Checks that the layer mounted at `mountpoint` can still reach its blob.
-    fn check(&self, mountpoint: &Path, labels: &BTreeMap<String, String>) -> Result<(), LayerError>;
+    fn check(&self, mountpoint: &Path, labels: &BTreeMap<String, String>)
+        -> Result<(), LayerError>;
     /// Unmounts the layer and releases what it holds (including its cache).
     fn unmount(&self, mountpoint: &Path) -> Result<(), LayerError>;
     /// Called once restore has re-mounted what it could, with the mountpoints of every remote

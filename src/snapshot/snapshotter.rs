@@ -2,12 +2,15 @@
 //! [`MetaStore`], remote layers plugged in at Prepare through [`RemoteLayers`].
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
+use crate::untrusted::clip;
+
+use super::check::{CheckFn, CheckGate, CheckPolicy};
 use super::filter::Filters;
 use super::mounts::{compute_mounts, Mounter};
 use super::store::{Chain, MetaStore, Record, StoredKind};
@@ -30,6 +33,8 @@ pub struct SnapshotterImpl {
     store: MetaStore,
     remote: Option<Arc<dyn RemoteLayers>>,
     mounter: Arc<dyn Mounter>,
+    /// Bounds and spaces out the availability checks of mounted remote layers.
+    checks: CheckGate,
 }
 
 impl SnapshotterImpl {
@@ -42,16 +47,32 @@ impl SnapshotterImpl {
         mounter: Arc<dyn Mounter>,
     ) -> Result<SnapshotterImpl, SnapshotError> {
         let snapshots = root.join("snapshots");
-        std::fs::create_dir_all(&snapshots)
+        // Owner-only, as containerd's own snapshotters: below are the upper dirs of every
+        // container. Created so, and narrowed if an older version left them open.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&snapshots)
             .map_err(|e| io_err(format!("create {}", snapshots.display()), e))?;
-        let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700));
+        for dir in [root, snapshots.as_path()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| io_err(format!("chmod {}", dir.display()), e))?;
+        }
         let store = MetaStore::open(&root.join("metadata.db"))?;
         Ok(SnapshotterImpl {
             root: root.to_path_buf(),
             store,
             remote,
             mounter,
+            checks: CheckGate::new(CheckPolicy::default()),
         })
+    }
+
+    /// Replaces the default availability-check policy ([`CheckPolicy::default`]: Go's
+    /// `valid_interval`, our default bound).
+    pub fn with_check_policy(mut self, policy: CheckPolicy) -> Self {
+        self.checks = CheckGate::new(policy);
+        self
     }
 
     fn snapshots_dir(&self) -> PathBuf {
@@ -99,7 +120,10 @@ impl SnapshotterImpl {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some((name, rec)) = tasks.get(i) else { break };
                     match remote.mount(&self.fs_dir(rec.id), &rec.labels) {
-                        Ok(()) => info!(key = %name, "restored remote snapshot"),
+                        Ok(()) => {
+                            self.checks.record_ok(&self.fs_dir(rec.id));
+                            info!(key = %name, "restored remote snapshot")
+                        }
                         Err(e) => warn!(key = %name, error = %e, "failed to restore remote snapshot; it stays unavailable"),
                     }
                 });
@@ -163,8 +187,15 @@ impl SnapshotterImpl {
                 self.remove_tree(stale)?;
             }
         }
+        // Created with their mode (then chmod-ed past the umask): `<id>` is owner-only like
+        // its parents; `fs` is the overlay upper dir, whose mode is that of the container's
+        // root directory (0755, as containerd's overlay snapshotter makes it); `work` 0711
+        // as containerd's. Both are only reachable through the 0700 `<id>`.
         let mk = |p: &Path, mode: u32| -> Result<(), SnapshotError> {
-            std::fs::create_dir(p).map_err(|e| io_err(format!("create {}", p.display()), e))?;
+            std::fs::DirBuilder::new()
+                .mode(mode)
+                .create(p)
+                .map_err(|e| io_err(format!("create {}", p.display()), e))?;
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| io_err(format!("chmod {}", p.display()), e))
         };
@@ -204,6 +235,7 @@ impl SnapshotterImpl {
     /// Releases the directory of a snapshot that is no longer in the store.
     fn release_dir(&self, id: u64, was_remote: bool) {
         if let (true, Some(remote)) = (was_remote, &self.remote) {
+            self.checks.forget(&self.fs_dir(id));
             if let Err(e) = remote.unmount(&self.fs_dir(id)) {
                 warn!(id, error = %e, "failed to unmount remote layer");
             }
@@ -230,22 +262,31 @@ impl SnapshotterImpl {
         })
     }
 
-    /// Fails with Unavailable if a remote layer among `check` cannot reach its blob.
+    /// Fails with Unavailable if a remote layer among `check` cannot reach its blob, or does
+    /// not say so within the check timeout: the layers are checked concurrently through
+    /// [`CheckGate`], so this never waits on a registry longer than that bound.
     fn check_remote(&self, check: &[(String, Record)]) -> Result<(), SnapshotError> {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
-        for (name, rec) in check.iter().filter(|(_, r)| r.is_remote()) {
-            remote
-                .check(&self.fs_dir(rec.id), &rec.labels)
-                .map_err(|e| {
-                    SnapshotError::Unavailable(format!(
-                        "layer {name} (snapshot {}) is unavailable: {e}",
-                        rec.id
-                    ))
-                })?;
-        }
-        Ok(())
+        let layers: Vec<((&str, u64), PathBuf, CheckFn)> = check
+            .iter()
+            .filter(|(_, r)| r.is_remote())
+            .map(|(name, rec)| {
+                let (remote, mp, labels) =
+                    (remote.clone(), self.fs_dir(rec.id), rec.labels.clone());
+                let f: CheckFn =
+                    Box::new(move || remote.check(&mp, &labels).map_err(|e| clip(&e.to_string())));
+                ((name.as_str(), rec.id), self.fs_dir(rec.id), f)
+            })
+            .collect();
+        self.checks.check_all(layers).map_err(|((name, id), e)| {
+            warn!(key = name, id, error = %e, "remote layer is unavailable");
+            SnapshotError::Unavailable(format!(
+                "layer {} (snapshot {id}) is unavailable: {e}",
+                clip(name)
+            ))
+        })
     }
 
     /// Checks the parent chain *before* a Prepare/View creates anything, so an unreachable
@@ -295,6 +336,7 @@ impl SnapshotterImpl {
             info!(key, target, "remote-snapshot-prepared" = false, error = %e, "layer is not lazily mounted; containerd will download it");
             return Ok(false);
         }
+        self.checks.record_ok(&fs);
         let mut committed = labels.clone();
         committed.insert(REMOTE_LABEL.into(), REMOTE_LABEL_VALUE.into());
         match self.store.commit(target, key, committed, Usage::default()) {
@@ -461,6 +503,7 @@ impl Snapshotter for SnapshotterImpl {
                 }
                 if let Some(remote) = &self.remote {
                     // An orphan may still hold a remote layer; release it (errors: not mounted).
+                    self.checks.forget(&e.path().join("fs"));
                     let _ = remote.unmount(&e.path().join("fs"));
                 }
                 match self.remove_tree(&e.path()) {
@@ -504,6 +547,9 @@ mod tests {
         mounted: Mutex<Vec<PathBuf>>,
         unmounted: Mutex<Vec<PathBuf>>,
         broken: Mutex<bool>,
+        /// Checks block until this is false.
+        frozen: Mutex<bool>,
+        checks: std::sync::atomic::AtomicUsize,
         /// How many mounts had happened each time restore said it was done.
         restored: Mutex<Vec<usize>>,
     }
@@ -524,6 +570,11 @@ mod tests {
             _mp: &Path,
             _labels: &BTreeMap<String, String>,
         ) -> Result<(), super::super::LayerError> {
+            self.checks
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            while *self.frozen.lock().unwrap() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             if *self.broken.lock().unwrap() {
                 return Err("connection refused".into());
             }
@@ -546,6 +597,13 @@ mod tests {
     }
 
     fn new_sn(remote: Option<Arc<FakeRemote>>) -> (tempfile::TempDir, SnapshotterImpl) {
+        new_sn_with(remote, CheckPolicy::default())
+    }
+
+    fn new_sn_with(
+        remote: Option<Arc<FakeRemote>>,
+        policy: CheckPolicy,
+    ) -> (tempfile::TempDir, SnapshotterImpl) {
         let d = tempfile::tempdir().unwrap();
         let r = remote.map(|r| r as Arc<dyn RemoteLayers>);
         let s = SnapshotterImpl::new(
@@ -553,8 +611,14 @@ mod tests {
             r,
             Arc::new(FakeMounter::default()),
         )
-        .unwrap();
+        .unwrap()
+        .with_check_policy(policy);
         (d, s)
+    }
+
+    /// Every call asks the fake registry (`check_always`), waiting at most `timeout`.
+    fn check_always(timeout: std::time::Duration) -> CheckPolicy {
+        CheckPolicy::from_config(0, true, timeout)
     }
 
     #[test]
@@ -611,7 +675,11 @@ mod tests {
     #[test]
     fn remote_prepare_commits_and_reports_already_exists() {
         let remote = Arc::new(FakeRemote::default());
-        let (_d, s) = new_sn(Some(remote.clone()));
+        // Asks on every call, so flipping `broken` shows at once.
+        let (_d, s) = new_sn_with(
+            Some(remote.clone()),
+            check_always(std::time::Duration::from_secs(5)),
+        );
         let l = labels(&[(TARGET_SNAPSHOT_LABEL, "layer1")]);
         let e = s.prepare("extract-1", "", l).unwrap_err();
         assert!(
@@ -697,5 +765,95 @@ mod tests {
         );
         assert_eq!(s.list(&[]).unwrap().len(), 2);
         assert_eq!(s.list(&["name==L2".into()]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn checks_are_spaced_out_by_the_valid_interval() {
+        let remote = Arc::new(FakeRemote::default());
+        let (_d, s) = new_sn(Some(remote.clone()));
+        let l = labels(&[(TARGET_SNAPSHOT_LABEL, "layer1")]);
+        assert!(s.prepare("extract-1", "", l).is_err());
+        s.view("v1", "layer1", BTreeMap::new()).unwrap();
+        s.mounts("v1").unwrap();
+        s.prepare("a1", "layer1", BTreeMap::new()).unwrap();
+        assert_eq!(
+            remote.checks.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the mount just reached the registry; no check within valid_interval"
+        );
+    }
+
+    #[test]
+    fn a_frozen_registry_makes_mounts_fail_fast_not_hang() {
+        let remote = Arc::new(FakeRemote::default());
+        let timeout = std::time::Duration::from_millis(200);
+        let (_d, s) = new_sn_with(Some(remote.clone()), check_always(timeout));
+        let l = labels(&[(TARGET_SNAPSHOT_LABEL, "layer1")]);
+        assert!(s.prepare("extract-1", "", l).is_err());
+        s.view("v1", "layer1", BTreeMap::new()).unwrap();
+        let before = remote.checks.load(std::sync::atomic::Ordering::SeqCst);
+
+        *remote.frozen.lock().unwrap() = true;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let e = s.mounts("v1").unwrap_err();
+            assert!(
+                matches!(e, SnapshotError::Unavailable(ref m) if m.contains("did not answer")),
+                "{e}"
+            );
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(2),
+                "{:?}",
+                t.elapsed()
+            );
+        }
+        assert!(matches!(
+            s.view("v2", "layer1", BTreeMap::new()),
+            Err(SnapshotError::Unavailable(_))
+        ));
+        assert_eq!(
+            remote.checks.load(std::sync::atomic::Ordering::SeqCst) - before,
+            1,
+            "retries join the hung check instead of starting more"
+        );
+        // Stat answers from the metadata alone.
+        s.stat("v1").unwrap();
+
+        *remote.frozen.lock().unwrap() = false;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while s.mounts("v1").is_err() {
+            assert!(std::time::Instant::now() < deadline, "never recovered");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn snapshot_dirs_are_owner_only_and_old_ones_are_narrowed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("snapshotter");
+        let s = SnapshotterImpl::new(&root, None, Arc::new(FakeMounter::default())).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("snapshots")), 0o700);
+        assert_eq!(mode(&root.join("metadata.db")), 0o600);
+        drop(s);
+        // As an older version left them.
+        for (p, m) in [
+            (root.clone(), 0o755),
+            (root.join("snapshots"), 0o755),
+            (root.join("metadata.db"), 0o644),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        let s = SnapshotterImpl::new(&root, None, Arc::new(FakeMounter::default())).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("snapshots")), 0o700);
+        assert_eq!(mode(&root.join("metadata.db")), 0o600);
+        s.prepare("a", "", BTreeMap::new()).unwrap();
+        let id = s.store.get("a").unwrap().id;
+        assert_eq!(mode(&s.dir(id)), 0o700);
+        assert_eq!(mode(&s.fs_dir(id)), 0o755, "the container's root directory");
+        assert_eq!(mode(&s.work_dir(id)), 0o711);
     }
 }

@@ -24,11 +24,36 @@ const NEXT_ID: &str = "next_id";
 pub enum StoreError {
     #[error("metadata database: {0}")]
     Db(#[from] redb::Error),
+    /// The cause is in the message: [`SnapshotError`] keeps only the text.
+    #[error("metadata file {path}: {error}")]
+    File { path: String, error: std::io::Error },
     #[error("corrupt snapshot record {key}: {source}")]
     Corrupt {
         key: String,
         source: serde_json::Error,
     },
+}
+
+/// Creates the database file owner-only (0600, as Go's bolt file), or narrows one an older
+/// version left readable: snapshot labels name every image on the node.
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |error| StoreError::File {
+        path: path.display().to_string(),
+        error,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    if f.metadata().map_err(err)?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
+    }
+    Ok(())
 }
 
 macro_rules! impl_from_redb {
@@ -174,6 +199,7 @@ pub struct MetaStore {
 impl MetaStore {
     /// Opens (or creates) the database at `path`; redb repairs it after an unclean shutdown.
     pub fn open(path: &Path) -> Result<MetaStore, StoreError> {
+        private_file(path)?;
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
