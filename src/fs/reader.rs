@@ -420,8 +420,16 @@ impl LayerReader {
     }
 
     /// Fetches claimed chunks; the claim is released (and its waiters woken) whatever happens.
+    /// Bytes a failed chunk left in its cache file (a broken transfer, a failed digest) are
+    /// discarded before the claim goes: nothing unverified stays on disk.
     fn fetch_claimed(&self, claim: Claim<'_>) -> Result<(), FsError> {
         let res = self.fetch_span(&claim.seqs);
+        for &seq in claim.seqs.iter().filter(|&&s| !self.is_present(s)) {
+            let (ino, _) = self.table.blob_order[seq];
+            if let Err(e) = self.cache.discard(ino, self.chunk(seq).info.file_range()) {
+                tracing::warn!(layer = %self.digest, ino, error = %e, "cannot discard a failed chunk's bytes");
+            }
+        }
         if let Err(e) = &res {
             tracing::warn!(layer = %self.digest, error = %e, "chunk fetch failed");
             *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
