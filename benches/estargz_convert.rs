@@ -29,9 +29,46 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "the", "container", "layer", "snapshot", "registry", "fn", "let", "mut", "return", "import", "package", "struct",
-    "impl", "error", "config", "value", "{", "}", "(", ")", ";", "if", "else", "for", "while", "0x1f", "lib", "usr",
-    "share", "doc", "README", "license", "copyright", "GNU", "version", "main", "print", "self", "string", "buffer",
+    "the",
+    "container",
+    "layer",
+    "snapshot",
+    "registry",
+    "fn",
+    "let",
+    "mut",
+    "return",
+    "import",
+    "package",
+    "struct",
+    "impl",
+    "error",
+    "config",
+    "value",
+    "{",
+    "}",
+    "(",
+    ")",
+    ";",
+    "if",
+    "else",
+    "for",
+    "while",
+    "0x1f",
+    "lib",
+    "usr",
+    "share",
+    "doc",
+    "README",
+    "license",
+    "copyright",
+    "GNU",
+    "version",
+    "main",
+    "print",
+    "self",
+    "string",
+    "buffer",
 ];
 
 fn text_file(rng: &mut Rng, size: usize) -> Vec<u8> {
@@ -79,20 +116,26 @@ fn make_layer(total: usize) -> Vec<u8> {
             h.set_mtime(1_700_000_000);
             h.set_size(0);
             h.set_cksum();
-            b.append_data(&mut h, format!("{dir}/"), &[][..]).expect("dir");
+            b.append_data(&mut h, format!("{dir}/"), &[][..])
+                .expect("dir");
         }
         let size = match rng.next() % 10 {
             0 => (rng.next() % (8 << 20)) as usize,
             1..=3 => (rng.next() % (256 << 10)) as usize,
             _ => (rng.next() % (16 << 10)) as usize,
         };
-        let data = if rng.next() % 2 == 0 { text_file(&mut rng, size) } else { binary_file(&mut rng, size) };
+        let data = if rng.next() % 2 == 0 {
+            text_file(&mut rng, size)
+        } else {
+            binary_file(&mut rng, size)
+        };
         let mut h = tar::Header::new_ustar();
         h.set_mode(0o644);
         h.set_mtime(1_700_000_000);
         h.set_size(data.len() as u64);
         h.set_cksum();
-        b.append_data(&mut h, format!("{dir}/f{i}"), &data[..]).expect("file");
+        b.append_data(&mut h, format!("{dir}/f{i}"), &data[..])
+            .expect("file");
         written += data.len();
         i += 1;
     }
@@ -100,7 +143,10 @@ fn make_layer(total: usize) -> Vec<u8> {
 }
 
 fn main() {
-    let mb: usize = std::env::var("ESTARGZ_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(128);
+    let mb: usize = std::env::var("ESTARGZ_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
     let tar = make_layer(mb << 20);
     let tgz = gzip(&tar);
     let diff_id = sha256_digest(&tar);
@@ -114,7 +160,8 @@ fn main() {
     let t = Instant::now();
     let res = {
         let input = std::fs::File::open(&tgz_path).expect("open layer");
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&out_path).expect("create out"));
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(&out_path).expect("create out"));
         let r = estargz::build(input, &mut out, &BuildOptions::default()).expect("build");
         out.flush().expect("flush");
         r
@@ -125,18 +172,42 @@ fn main() {
     require_tool("ctr-remote");
     let reg = Registry::start();
     let ctrd = Containerd::start(ContainerdOpts::default());
-    let src = push_image(&reg, "bench/src", "v1", &[Layer::from_blob(tgz.clone(), MEDIA_TYPE_LAYER_GZIP, &diff_id)]);
+    let src = push_image(
+        &reg,
+        "bench/src",
+        "v1",
+        &[Layer::from_blob(
+            tgz.clone(),
+            MEDIA_TYPE_LAYER_GZIP,
+            &diff_id,
+        )],
+    );
     ctrd.ctr_ok(&["image", "pull", "--plain-http", &src]);
     let dst = format!("{}/bench/esgz:v1", reg.addr());
     let t = Instant::now();
     let out = Command::new("ctr-remote")
         .arg("--address")
         .arg(ctrd.socket())
-        .args(["-n", "default", "image", "convert", "--estargz", "--oci", "--estargz-compression-level", "9", &src, &dst])
+        .args([
+            "-n",
+            "default",
+            "image",
+            "convert",
+            "--estargz",
+            "--oci",
+            "--estargz-compression-level",
+            "9",
+            &src,
+            &dst,
+        ])
         .output()
         .expect("run ctr-remote");
     let go_s = t.elapsed().as_secs_f64();
-    assert!(out.status.success(), "ctr-remote convert: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ctr-remote convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let ours = input_mb / ours_s;
     let go = input_mb / go_s;

@@ -30,8 +30,8 @@ use flate2::Compression;
 use sha2::{Digest, Sha256};
 use stargz::estargz::{EntryType, Toc, TocEntry};
 use stargz::fs::{
-    mount_layer, open_layer, BackgroundFetcher, BlobResolver, FileSource, LayerOptions, LayerSource, LayerSpec,
-    Priority, RegistryResolver,
+    mount_layer, open_layer, BackgroundFetcher, BlobResolver, FileSource, LayerOptions,
+    LayerSource, LayerSpec, Priority, RegistryResolver,
 };
 use stargz::remote::{ClientConfig, HostConfig, MirrorConfig, RegistryClient, ResolverConfig};
 use testbed::SlowLink;
@@ -69,8 +69,15 @@ struct Built {
 /// Writes `data.bin` (plain) and `blob` (eStargz with one big file `big`), streaming.
 fn build(dir: &Path, size: u64) -> Result<Built> {
     let mut plain = BufWriter::new(File::create(dir.join("data.bin"))?);
-    let mut blob = CountingFile { f: BufWriter::new(File::create(dir.join("blob"))?), n: 0, hash: Sha256::new() };
-    let mut toc = Toc { version: 1, entries: Vec::new() };
+    let mut blob = CountingFile {
+        f: BufWriter::new(File::create(dir.join("blob"))?),
+        n: 0,
+        hash: Sha256::new(),
+    };
+    let mut toc = Toc {
+        version: 1,
+        entries: Vec::new(),
+    };
     let mut whole = Sha256::new();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut gz_sizes = Vec::new();
@@ -82,9 +89,19 @@ fn build(dir: &Path, size: u64) -> Result<Built> {
         plain.write_all(data)?;
         whole.update(data);
         let mut e = if off == 0 {
-            TocEntry { name: "big".into(), kind: EntryType::Reg, size: size as i64, mode: 0o644, ..Default::default() }
+            TocEntry {
+                name: "big".into(),
+                kind: EntryType::Reg,
+                size: size as i64,
+                mode: 0o644,
+                ..Default::default()
+            }
         } else {
-            TocEntry { name: "big".into(), kind: EntryType::Chunk, ..Default::default() }
+            TocEntry {
+                name: "big".into(),
+                kind: EntryType::Chunk,
+                ..Default::default()
+            }
         };
         e.offset = blob.n as i64;
         e.chunk_offset = off as i64;
@@ -113,7 +130,9 @@ fn build(dir: &Path, size: u64) -> Result<Built> {
     gz.write_all(&json)?;
     gz.write_all(&vec![0u8; (512 - json.len() % 512) % 512 + 1024])?;
     blob.write(&gz.finish()?)?;
-    let mut footer = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0];
+    let mut footer = vec![
+        0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+    ];
     footer.extend_from_slice(format!("{toc_offset:016x}STARGZ").as_bytes());
     footer.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
     blob.write(&footer)?;
@@ -176,20 +195,39 @@ fn mount(
 ) -> Result<stargz::fs::MountedLayer> {
     let mnt = dir.join(name);
     std::fs::create_dir_all(&mnt)?;
-    let spec = LayerSpec { digest: format!("sha256:{name}"), source, toc_digest: Some(toc.to_string()) };
-    let reader = open_layer(spec, &dir.join(format!("{name}-cache")), &opts.read, Arc::new(Priority::default()))?;
+    let spec = LayerSpec {
+        digest: format!("sha256:{name}"),
+        source,
+        toc_digest: Some(toc.to_string()),
+    };
+    let reader = open_layer(
+        spec,
+        &dir.join(format!("{name}-cache")),
+        &opts.read,
+        Arc::new(Priority::default()),
+    )?;
     Ok(mount_layer(reader, &mnt, opts, fetcher)?)
 }
 
 fn cached_throughput(dir: &Path, toc: &str, passthrough: bool, out: &mut String) -> Result<()> {
     let name = if passthrough { "pt" } else { "nopt" };
-    let fetcher = Arc::new(BackgroundFetcher::new(2, Arc::new(Priority::default()), 16 << 20));
-    let opts = LayerOptions { passthrough, ..Default::default() };
+    let fetcher = Arc::new(BackgroundFetcher::new(
+        2,
+        Arc::new(Priority::default()),
+        16 << 20,
+    ));
+    let opts = LayerOptions {
+        passthrough,
+        ..Default::default()
+    };
     let src: Arc<dyn LayerSource> = Arc::new(FileSource::open(&dir.join("blob"))?);
     let layer = mount(dir, name, src, toc, &opts, Some(fetcher))?;
     let start = Instant::now();
     while !layer.reader().fully_cached() {
-        ensure!(start.elapsed() < Duration::from_secs(900), "background fetch did not finish");
+        ensure!(
+            start.elapsed() < Duration::from_secs(900),
+            "background fetch did not finish"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let fill_s = start.elapsed().as_secs_f64();
@@ -230,8 +268,12 @@ fn random_offsets(size: u64) -> Vec<u64> {
 /// Compressed bytes of the distinct chunks the cold reads touch: what an ideal fetcher (one
 /// chunk per miss, nothing more) would pull from the registry, and how many chunks that is.
 fn ideal_fetch(built: &Built, size: u64) -> (u64, usize) {
-    let chunks: std::collections::BTreeSet<u64> = random_offsets(size).iter().map(|o| o / CHUNK).collect();
-    let bytes = chunks.iter().filter_map(|&c| built.gz_sizes.get(c as usize)).sum();
+    let chunks: std::collections::BTreeSet<u64> =
+        random_offsets(size).iter().map(|o| o / CHUNK).collect();
+    let bytes = chunks
+        .iter()
+        .filter_map(|&c| built.gz_sizes.get(c as usize))
+        .sum();
     (bytes, chunks.len())
 }
 
@@ -256,7 +298,11 @@ fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
 
 /// Layer options of the cold runs: nothing read ahead of the measured reads.
 fn cold_options() -> LayerOptions {
-    LayerOptions { passthrough: false, no_prefetch: true, ..Default::default() }
+    LayerOptions {
+        passthrough: false,
+        no_prefetch: true,
+        ..Default::default()
+    }
 }
 
 /// Baseline: cold reads with the blob on local disk. Returns the p50 in ms.
@@ -278,7 +324,11 @@ fn cold_random_local(dir: &Path, toc: &str, size: u64, out: &mut String) -> Resu
 /// Uploads `file` (digest `digest`) to the link's registry from inside its namespace, where the
 /// registry answers on 127.0.0.1 without delay or rate limit (monolithic upload, streamed by curl).
 fn push_blob(link: &SlowLink, file: &Path, digest: &str) -> Result<()> {
-    let port = link.addr().rsplit(':').next().context("link address has no port")?;
+    let port = link
+        .addr()
+        .rsplit(':')
+        .next()
+        .context("link address has no port")?;
     let script = r#"set -euo pipefail
 loc=$(curl -sS --fail -i -X POST "$1" | tr -d '\r' | awk 'tolower($1)=="location:"{print $2}')
 [ -n "$loc" ] || { echo "no upload location" >&2; exit 1; }
@@ -293,10 +343,22 @@ curl -sS --fail -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' 
 /// The registry client the daemon would build for a config naming `addr` as an insecure mirror
 /// of itself (`[[resolver.host."ADDR".mirrors]] host = "ADDR" insecure = true`).
 fn link_client(addr: &str) -> Result<RegistryClient> {
-    let mirror = MirrorConfig { host: addr.to_string(), insecure: true, ..Default::default() };
+    let mirror = MirrorConfig {
+        host: addr.to_string(),
+        insecure: true,
+        ..Default::default()
+    };
     let mut resolver = ResolverConfig::default();
-    resolver.host.insert(addr.to_string(), HostConfig { mirrors: vec![mirror] });
-    Ok(RegistryClient::new(ClientConfig { resolver, ..ClientConfig::default() })?)
+    resolver.host.insert(
+        addr.to_string(),
+        HostConfig {
+            mirrors: vec![mirror],
+        },
+    );
+    Ok(RegistryClient::new(ClientConfig {
+        resolver,
+        ..ClientConfig::default()
+    })?)
 }
 
 /// Bytes the registry has served through the link, read after the proxy's counters flushed.
@@ -353,13 +415,24 @@ fn cold_random_link(
 }
 
 fn main() -> Result<()> {
-    ensure!(nix::unistd::geteuid().is_root(), "fs_read bench needs root and /dev/fuse");
-    let mib: u64 = std::env::var("FS_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "fs_read bench needs root and /dev/fuse"
+    );
+    let mib: u64 = std::env::var("FS_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let size = mib << 20;
-    let tmp = tempfile::Builder::new().prefix("fs-bench").tempdir_in("/var/tmp")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("fs-bench")
+        .tempdir_in("/var/tmp")?;
     let built = build(tmp.path(), size)?;
     // The registry client and resolver run on this runtime; the fs parts call in from plain threads.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let blob_mib = std::fs::metadata(tmp.path().join("blob"))?.len() as f64 / (1 << 20) as f64;
     let mut out = format!(
         "# fs_read benchmark: one {mib} MiB file in an eStargz layer ({blob_mib:.0} MiB blob), 4 MiB chunks\n"

@@ -56,9 +56,21 @@ fn generate(path: &std::path::Path, size: u64, seed: u64) -> Result<String> {
 
 async fn push_file(base: &str, path: &std::path::Path, digest: &str) -> Result<()> {
     let http = reqwest::Client::new();
-    let resp = http.post(format!("{base}/v2/{REPO}/blobs/uploads/")).send().await?;
-    let loc = resp.headers().get("location").context("no Location")?.to_str()?.to_owned();
-    let url = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
+    let resp = http
+        .post(format!("{base}/v2/{REPO}/blobs/uploads/"))
+        .send()
+        .await?;
+    let loc = resp
+        .headers()
+        .get("location")
+        .context("no Location")?
+        .to_str()?
+        .to_owned();
+    let url = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{base}{loc}")
+    };
     let sep = if url.contains('?') { '&' } else { '?' };
     let len = std::fs::metadata(path)?.len();
     let file = tokio::fs::File::open(path).await?;
@@ -88,10 +100,16 @@ fn run_child(addr: &str, digest: &str, mode: &str, tmp: &std::path::Path) -> Res
         .arg(cache.path())
         .output()?;
     if !out.status.success() {
-        bail!("child {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "child {mode} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8(out.stdout)?;
-    let line = text.lines().find(|l| l.starts_with("RESULT")).context("no RESULT line")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .context("no RESULT line")?;
     let v: Vec<&str> = line.split_whitespace().collect();
     Ok(Run {
         bytes: v[1].parse()?,
@@ -102,7 +120,13 @@ fn run_child(addr: &str, digest: &str, mode: &str, tmp: &std::path::Path) -> Res
 
 fn curl(addr: &str, digest: &str) -> Result<f64> {
     let out = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{size_download} %{time_total}"])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+        ])
         .arg(format!("http://{addr}/v2/{REPO}/blobs/{digest}"))
         .output()?;
     let text = String::from_utf8(out.stdout)?;
@@ -114,14 +138,22 @@ fn curl(addr: &str, digest: &str) -> Result<f64> {
 
 fn orchestrate() -> Result<()> {
     remote_support::which("curl")?;
-    let tmp_root = std::env::var_os("BENCH_TMP").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let tmp_root = std::env::var_os("BENCH_TMP")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let tmp = tempfile::tempdir_in(&tmp_root)?;
     let reg = remote_support::Registry::start(None)?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut report = String::new();
     report.push_str("# remote_read: lazy blob reader (remote::Blob + DirectoryCache, chunk_size 50000) vs curl, same run\n");
     report.push_str("# each reader scenario is a fresh process with a cold cache; RSS = VmHWM of that process\n");
-    report.push_str(&format!("# machine: {} cpus, loadavg {}\n", std::thread::available_parallelism().map_or(0, |n| n.get()), std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()));
+    report.push_str(&format!(
+        "# machine: {} cpus, loadavg {}\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    ));
     report.push_str("size_mib mode        MiB/s   curl_MiB/s  ratio  peak_rss_MiB\n");
     let mut hwm = Vec::new();
     for (i, size) in [256 * MIB, 1024 * MIB].into_iter().enumerate() {
@@ -149,8 +181,14 @@ fn orchestrate() -> Result<()> {
     }
     let max = hwm.iter().map(|h| h.2).max().unwrap_or(0);
     let flat = |mode: &str| {
-        let small = hwm.iter().find(|h| h.0 == 256 * MIB && h.1 == mode).map_or(1, |h| h.2);
-        let big = hwm.iter().find(|h| h.0 == 1024 * MIB && h.1 == mode).map_or(0, |h| h.2);
+        let small = hwm
+            .iter()
+            .find(|h| h.0 == 256 * MIB && h.1 == mode)
+            .map_or(1, |h| h.2);
+        let big = hwm
+            .iter()
+            .find(|h| h.0 == 1024 * MIB && h.1 == mode)
+            .map_or(0, |h| h.2);
         big as f64 / small as f64
     };
     report.push_str(&format!(
@@ -179,15 +217,23 @@ fn vm_hwm_kib() -> u64 {
 
 /// `--child ADDR DIGEST MODE CACHE_DIR`: one measured scenario.
 fn child(args: &[String]) -> Result<()> {
-    let [addr, digest, mode, cache_dir] = args else { bail!("usage: --child ADDR DIGEST MODE CACHE_DIR") };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let [addr, digest, mode, cache_dir] = args else {
+        bail!("usage: --child ADDR DIGEST MODE CACHE_DIR")
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let (bytes, secs) = rt.block_on(async {
         let client = RegistryClient::new(ClientConfig::default())?;
         let r: Reference = format!("{addr}/{REPO}:latest").parse()?;
         // A budget below the blob size: the cache evicts while the read goes on.
         let cache = Arc::new(DirectoryCache::open(
             cache_dir,
-            DirectoryCacheConfig { max_bytes: Some(512 * MIB), sync_add: false },
+            DirectoryCacheConfig {
+                max_bytes: Some(512 * MIB),
+                sync_add: false,
+            },
         )?);
         let blob = Blob::open(&client, &r, digest, cache).await?;
         let size = blob.size();

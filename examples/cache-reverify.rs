@@ -9,11 +9,17 @@ use std::time::Instant;
 use stargz::fs::{open_layer, FileSource, LayerSource, LayerSpec, Priority};
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args().nth(1).ok_or_else(|| anyhow::anyhow!("usage: cache-reverify BLOB"))?;
+    let path = std::env::args()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("usage: cache-reverify BLOB"))?;
     let src: Arc<dyn LayerSource> = Arc::new(FileSource::open(std::path::Path::new(&path))?);
     let dir = tempfile::tempdir_in("/var/tmp")?;
     let cache = dir.path().join("cache");
-    let spec = || LayerSpec { digest: "sha256:test".into(), source: src.clone(), toc_digest: None };
+    let spec = || LayerSpec {
+        digest: "sha256:test".into(),
+        source: src.clone(),
+        toc_digest: None,
+    };
     let prio = || Arc::new(Priority::default());
 
     let t = Instant::now();
@@ -21,8 +27,18 @@ fn main() -> anyhow::Result<()> {
     first.prefetch(src.size())?;
     anyhow::ensure!(first.fully_cached(), "prefetch left chunks out");
     let chunks = first.table().blob_order.len();
-    let bytes: u64 = first.table().nodes().iter().filter(|n| n.kind == stargz::fs::inode::NodeKind::Reg).map(|n| n.size).sum();
-    println!("filled cache: {chunks} chunks, {} MB decompressed, in {:?}", bytes / 1_000_000, t.elapsed());
+    let bytes: u64 = first
+        .table()
+        .nodes()
+        .iter()
+        .filter(|n| n.kind == stargz::fs::inode::NodeKind::Reg)
+        .map(|n| n.size)
+        .sum();
+    println!(
+        "filled cache: {chunks} chunks, {} MB decompressed, in {:?}",
+        bytes / 1_000_000,
+        t.elapsed()
+    );
     drop(first);
 
     // Cold page cache as after a reboot (best effort: needs root).
@@ -34,13 +50,27 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let again = open_layer(spec(), &cache, &Default::default(), prio())?;
         let took = t.elapsed();
-        anyhow::ensure!(again.fully_cached(), "re-verification rejected cached chunks");
-        anyhow::ensure!(again.fetched_size() == src.size(), "fetched size not restored");
+        anyhow::ensure!(
+            again.fully_cached(),
+            "re-verification rejected cached chunks"
+        );
+        anyhow::ensure!(
+            again.fetched_size() == src.size(),
+            "fetched size not restored"
+        );
         println!("re-open with full re-verify ({label}): {took:?}");
     }
     let t = Instant::now();
-    let fresh = open_layer(spec(), &dir.path().join("empty"), &Default::default(), prio())?;
-    println!("open without a cache (TOC only, baseline): {:?}", t.elapsed());
+    let fresh = open_layer(
+        spec(),
+        &dir.path().join("empty"),
+        &Default::default(),
+        prio(),
+    )?;
+    println!(
+        "open without a cache (TOC only, baseline): {:?}",
+        t.elapsed()
+    );
     drop(fresh);
     Ok(())
 }

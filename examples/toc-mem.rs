@@ -34,17 +34,23 @@ static ALLOC: Counting = Counting;
 fn status(key: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let path = args.get(1).ok_or_else(|| anyhow::anyhow!("usage: toc-mem BLOB [--convert]"))?;
+    let path = args
+        .get(1)
+        .ok_or_else(|| anyhow::anyhow!("usage: toc-mem BLOB [--convert]"))?;
     let mut blob = std::path::PathBuf::from(path);
     if args.iter().any(|a| a == "--convert") {
         let out = std::env::temp_dir().join("toc-mem.estargz");
-        let input = flate2::read::GzDecoder::new(std::io::BufReader::new(std::fs::File::open(path)?));
+        let input =
+            flate2::read::GzDecoder::new(std::io::BufReader::new(std::fs::File::open(path)?));
         stargz::estargz::build(input, std::fs::File::create(&out)?, &Default::default())?;
         blob = out;
         println!("converted to {}", blob.display());
@@ -56,7 +62,11 @@ fn main() -> anyhow::Result<()> {
     PEAK.store(live0, Ordering::Relaxed);
     let src: Arc<dyn stargz::fs::LayerSource> = Arc::new(stargz::fs::FileSource::open(&blob)?);
     let dir = tempfile::tempdir()?;
-    let spec = stargz::fs::LayerSpec { digest: "sha256:test".into(), source: src, toc_digest: None };
+    let spec = stargz::fs::LayerSpec {
+        digest: "sha256:test".into(),
+        source: src,
+        toc_digest: None,
+    };
     let t = std::time::Instant::now();
     let reader = stargz::fs::open_layer(spec, dir.path(), &Default::default(), Default::default())?;
     let took = t.elapsed();
@@ -78,13 +88,20 @@ fn main() -> anyhow::Result<()> {
         rss1.saturating_sub(rss0),
         trimmed.saturating_sub(rss0)
     );
-    println!("size_of Node {} Chunk {}", std::mem::size_of::<stargz::fs::inode::Node>(), std::mem::size_of::<stargz::fs::inode::Chunk>());
+    println!(
+        "size_of Node {} Chunk {}",
+        std::mem::size_of::<stargz::fs::inode::Node>(),
+        std::mem::size_of::<stargz::fs::inode::Chunk>()
+    );
     let t = reader.table();
     let kids: usize = t.nodes().iter().map(|n| n.child_count()).sum();
     let chunks: usize = t.nodes().iter().map(|n| t.chunks(n).len()).sum();
     let xattrs: usize = t.nodes().iter().map(|n| t.xattrs(n).count()).sum();
     let links: usize = t.nodes().iter().map(|n| t.link_name(n).len()).sum();
-    println!("children {kids} chunks {chunks} xattrs {xattrs} link bytes {links}; table vectors {} KiB", t.heap_bytes() / 1024);
+    println!(
+        "children {kids} chunks {chunks} xattrs {xattrs} link bytes {links}; table vectors {} KiB",
+        t.heap_bytes() / 1024
+    );
     Ok(())
 }
 #[allow(dead_code)]

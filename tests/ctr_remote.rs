@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{assert_success as ok, push_image, require_tool, tools_layer, Containerd, ContainerdOpts, Daemon, Layer, LayerEntry, Registry};
+use common::{
+    assert_success as ok, push_image, require_tool, tools_layer, Containerd, ContainerdOpts,
+    Daemon, Layer, LayerEntry, Registry,
+};
 
 const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
 
@@ -29,7 +32,13 @@ fn ctr_remote(bin: &str, ctrd: &Containerd, ns: &str, args: &[&str]) -> Output {
 }
 
 fn ctr_ns(ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ctr").arg("--address").arg(ctrd.socket()).args(["-n", ns]).args(args).output().expect("ctr");
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(ctrd.socket())
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .expect("ctr");
     ok(out, &format!("ctr -n {ns} {args:?}"))
 }
 
@@ -46,17 +55,30 @@ fn two_layer_image(reg: &Registry, tag: &str) -> String {
 
 /// `snapshot name -> (parent, labels)` from `ctr snapshots info` of each name, following
 /// parents from `top` down.
-fn snapshot_chain(ctrd: &Containerd, ns: &str, snapshotter: &str, top: &str) -> Vec<(String, String, BTreeMap<String, String>)> {
+fn snapshot_chain(
+    ctrd: &Containerd,
+    ns: &str,
+    snapshotter: &str,
+    top: &str,
+) -> Vec<(String, String, BTreeMap<String, String>)> {
     let mut out = Vec::new();
     let mut name = top.to_string();
     while !name.is_empty() {
-        let info = ctr_ns(ctrd, ns, &["snapshots", "--snapshotter", snapshotter, "info", &name]);
+        let info = ctr_ns(
+            ctrd,
+            ns,
+            &["snapshots", "--snapshotter", snapshotter, "info", &name],
+        );
         let v: serde_json::Value = serde_json::from_str(&info).expect("snapshot info json");
         assert_eq!(v["Kind"], "Committed", "{name} should be committed: {info}");
         let parent = v["Parent"].as_str().unwrap_or_default().to_string();
         let labels: BTreeMap<String, String> = v["Labels"]
             .as_object()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
             .unwrap_or_default();
         out.push((name.clone(), parent.clone(), labels));
         name = parent;
@@ -65,15 +87,31 @@ fn snapshot_chain(ctrd: &Containerd, ns: &str, snapshotter: &str, top: &str) -> 
 }
 
 /// The image's config digest and its chain IDs, read back through `ctr`.
-fn config_of(ctrd: &Containerd, ns: &str, image: &str) -> (String, Vec<String>, BTreeMap<String, String>) {
+fn config_of(
+    ctrd: &Containerd,
+    ns: &str,
+    image: &str,
+) -> (String, Vec<String>, BTreeMap<String, String>) {
     let ls = ctr_ns(ctrd, ns, &["images", "ls"]);
-    let line = ls.lines().find(|l| l.starts_with(image)).unwrap_or_else(|| panic!("{image} not listed:\n{ls}"));
-    let manifest_digest = line.split_whitespace().nth(2).expect("digest column").to_string();
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with(image))
+        .unwrap_or_else(|| panic!("{image} not listed:\n{ls}"));
+    let manifest_digest = line
+        .split_whitespace()
+        .nth(2)
+        .expect("digest column")
+        .to_string();
     let manifest: serde_json::Value =
-        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &manifest_digest])).expect("manifest json");
-    let config_digest = manifest["config"]["digest"].as_str().expect("config digest").to_string();
+        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &manifest_digest]))
+            .expect("manifest json");
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_string();
     let config: serde_json::Value =
-        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &config_digest])).expect("config json");
+        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &config_digest]))
+            .expect("config json");
     let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
         .as_array()
         .expect("diff_ids")
@@ -88,7 +126,10 @@ fn config_of(ctrd: &Containerd, ns: &str, image: &str) -> (String, Vec<String>, 
         .and_then(|l| l.split_whitespace().last())
         .unwrap_or_default()
         .split(',')
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect();
     (config_digest, chain, cfg_labels)
 }
@@ -104,12 +145,39 @@ fn rpull_matches_go_ctr_remote_chain_and_labels() {
     let ctrd = Containerd::start(ContainerdOpts::default());
 
     let stdout = ok(
-        ctr_remote(ours(), &ctrd, "ours", &["image", "rpull", "--plain-http", "--snapshotter", "overlayfs", &image]),
+        ctr_remote(
+            ours(),
+            &ctrd,
+            "ours",
+            &[
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "overlayfs",
+                &image,
+            ],
+        ),
         "our rpull",
     );
-    assert!(stdout.contains("fetching sha256:"), "Go-style progress expected: {stdout}");
+    assert!(
+        stdout.contains("fetching sha256:"),
+        "Go-style progress expected: {stdout}"
+    );
     ok(
-        ctr_remote(GO_CTR_REMOTE, &ctrd, "go", &["image", "rpull", "--plain-http", "--snapshotter", "overlayfs", &image]),
+        ctr_remote(
+            GO_CTR_REMOTE,
+            &ctrd,
+            "go",
+            &[
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "overlayfs",
+                &image,
+            ],
+        ),
         "Go rpull",
     );
 
@@ -118,8 +186,14 @@ fn rpull_matches_go_ctr_remote_chain_and_labels() {
     assert_eq!(cfg_ours, cfg_go);
     assert_eq!(chain_ours.len(), 2);
     let top = chain_ours.last().cloned().unwrap_or_default();
-    assert_eq!(cfg_labels_ours.get("containerd.io/gc.ref.snapshot.overlayfs"), Some(&top));
-    assert_eq!(cfg_labels_ours, cfg_labels_go, "config content labels differ");
+    assert_eq!(
+        cfg_labels_ours.get("containerd.io/gc.ref.snapshot.overlayfs"),
+        Some(&top)
+    );
+    assert_eq!(
+        cfg_labels_ours, cfg_labels_go,
+        "config content labels differ"
+    );
 
     let ours_chain = snapshot_chain(&ctrd, "ours", "overlayfs", &top);
     let go = snapshot_chain(&ctrd, "go", "overlayfs", &chain_go[1]);
@@ -129,21 +203,54 @@ fn rpull_matches_go_ctr_remote_chain_and_labels() {
         assert_eq!(l1, l2, "labels of snapshot {n1} differ");
     }
     let (_, _, bottom_labels) = &ours_chain[1];
-    let layers = bottom_labels.get("containerd.io/snapshot/remote/stargz.layers").expect("layers label");
-    assert_eq!(layers.split(',').count(), 2, "bottom layer lists itself and the next: {layers}");
-    assert_eq!(bottom_labels.get("containerd.io/snapshot/remote/stargz.reference"), Some(&image));
-    assert_eq!(bottom_labels.get("containerd.io/snapshot.ref"), Some(&chain_ours[0]));
+    let layers = bottom_labels
+        .get("containerd.io/snapshot/remote/stargz.layers")
+        .expect("layers label");
+    assert_eq!(
+        layers.split(',').count(),
+        2,
+        "bottom layer lists itself and the next: {layers}"
+    );
+    assert_eq!(
+        bottom_labels.get("containerd.io/snapshot/remote/stargz.reference"),
+        Some(&image)
+    );
+    assert_eq!(
+        bottom_labels.get("containerd.io/snapshot.ref"),
+        Some(&chain_ours[0])
+    );
 
     // The pulled image runs.
     let out = ctr_ns(
         &ctrd,
         "ours",
-        &["run", "--rm", "--snapshotter", "overlayfs", &image, "ctr-remote-run-1", "/bin/cat", "/data/hello.txt"],
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "overlayfs",
+            &image,
+            "ctr-remote-run-1",
+            "/bin/cat",
+            "/data/hello.txt",
+        ],
     );
     assert_eq!(out.trim(), "hello from ctr-remote");
 
     // A second rpull finds every layer unpacked already.
-    let again = ctr_remote(ours(), &ctrd, "ours", &["image", "rpull", "--plain-http", "--snapshotter", "overlayfs", &image]);
+    let again = ctr_remote(
+        ours(),
+        &ctrd,
+        "ours",
+        &[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "overlayfs",
+            &image,
+        ],
+    );
     let stderr = String::from_utf8_lossy(&again.stderr).into_owned();
     ok(again, "second rpull");
     assert_eq!(stderr.matches("already unpacked").count(), 2, "{stderr}");
@@ -158,35 +265,85 @@ fn get_toc_digest_agrees_with_go() {
     let ctrd = Containerd::start(ContainerdOpts::default());
     ctrd.ctr_ok(&["images", "pull", "--plain-http", &image]);
     let esgz = format!("{image}-esgz");
-    ok(ctr_remote(GO_CTR_REMOTE, &ctrd, "default", &["image", "convert", "--estargz", "--oci", &image, &esgz]), "Go convert");
+    ok(
+        ctr_remote(
+            GO_CTR_REMOTE,
+            &ctrd,
+            "default",
+            &["image", "convert", "--estargz", "--oci", &image, &esgz],
+        ),
+        "Go convert",
+    );
 
     let ls = ctrd.ctr_ok(&["images", "ls"]);
-    let line = ls.lines().find(|l| l.starts_with(&esgz)).expect("converted image listed");
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with(&esgz))
+        .expect("converted image listed");
     let manifest_digest = line.split_whitespace().nth(2).expect("digest");
-    let manifest: serde_json::Value = serde_json::from_str(&ctrd.ctr_ok(&["content", "get", manifest_digest])).expect("json");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ctrd.ctr_ok(&["content", "get", manifest_digest])).expect("json");
     let layers = manifest["layers"].as_array().expect("layers");
     assert_eq!(layers.len(), 2);
     for l in layers {
         let digest = l["digest"].as_str().expect("digest");
-        let annotated = l["annotations"]["containerd.io/snapshot/stargz/toc.digest"].as_str().expect("toc annotation");
-        let go = ok(ctr_remote(GO_CTR_REMOTE, &ctrd, "default", &["image", "get-toc-digest", digest]), "Go get-toc-digest");
-        let our = ok(ctr_remote(ours(), &ctrd, "default", &["image", "get-toc-digest", digest]), "our get-toc-digest");
+        let annotated = l["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+            .as_str()
+            .expect("toc annotation");
+        let go = ok(
+            ctr_remote(
+                GO_CTR_REMOTE,
+                &ctrd,
+                "default",
+                &["image", "get-toc-digest", digest],
+            ),
+            "Go get-toc-digest",
+        );
+        let our = ok(
+            ctr_remote(
+                ours(),
+                &ctrd,
+                "default",
+                &["image", "get-toc-digest", digest],
+            ),
+            "our get-toc-digest",
+        );
         assert_eq!(our, go);
         assert_eq!(our.trim(), annotated);
-        let dump = ok(ctr_remote(ours(), &ctrd, "default", &["image", "get-toc-digest", "--dump-toc", digest]), "dump");
+        let dump = ok(
+            ctr_remote(
+                ours(),
+                &ctrd,
+                "default",
+                &["image", "get-toc-digest", "--dump-toc", digest],
+            ),
+            "dump",
+        );
         let toc: serde_json::Value = serde_json::from_str(&dump).expect("dumped TOC is JSON");
         assert_eq!(toc["version"], 1);
     }
     // A plain gzip layer has no footer: a clear error, not a digest.
     let plain: serde_json::Value = {
-        let line = ls.lines().find(|l| l.starts_with(&format!("{image} "))).expect("plain listed");
+        let line = ls
+            .lines()
+            .find(|l| l.starts_with(&format!("{image} ")))
+            .expect("plain listed");
         let d = line.split_whitespace().nth(2).expect("digest");
         serde_json::from_str(&ctrd.ctr_ok(&["content", "get", d])).expect("json")
     };
     let plain_layer = plain["layers"][1]["digest"].as_str().expect("digest");
-    let out = ctr_remote(ours(), &ctrd, "default", &["image", "get-toc-digest", plain_layer]);
+    let out = ctr_remote(
+        ours(),
+        &ctrd,
+        "default",
+        &["image", "get-toc-digest", plain_layer],
+    );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("footer"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("footer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Our `convert --estargz --oci` gives OCI eStargz layers whose `toc.digest` annotation is
@@ -200,39 +357,106 @@ fn convert_estargz_matches_go_toc_digest_and_runs() {
     ctrd.ctr_ok(&["images", "pull", "--plain-http", &image]);
     let esgz = format!("{}/test/ctr-remote:esgz", reg.addr());
     let printed = ok(
-        ctr_remote(ours(), &ctrd, "default", &["image", "convert", "--estargz", "--oci", &image, &esgz]),
+        ctr_remote(
+            ours(),
+            &ctrd,
+            "default",
+            &["image", "convert", "--estargz", "--oci", &image, &esgz],
+        ),
         "our convert",
     );
 
     let ls = ctrd.ctr_ok(&["images", "ls"]);
-    let line = ls.lines().find(|l| l.starts_with(&esgz)).expect("converted image listed");
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with(&esgz))
+        .expect("converted image listed");
     let manifest_digest = line.split_whitespace().nth(2).expect("digest");
     assert_eq!(printed.trim(), manifest_digest);
-    let manifest: serde_json::Value = serde_json::from_str(&ctrd.ctr_ok(&["content", "get", manifest_digest])).expect("json");
-    assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
-    assert_eq!(manifest["config"]["mediaType"], "application/vnd.oci.image.config.v1+json");
-    let config: serde_json::Value =
-        serde_json::from_str(&ctrd.ctr_ok(&["content", "get", manifest["config"]["digest"].as_str().expect("cfg")])).expect("json");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ctrd.ctr_ok(&["content", "get", manifest_digest])).expect("json");
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    let config: serde_json::Value = serde_json::from_str(&ctrd.ctr_ok(&[
+        "content",
+        "get",
+        manifest["config"]["digest"].as_str().expect("cfg"),
+    ]))
+    .expect("json");
     let layers = manifest["layers"].as_array().expect("layers");
     assert_eq!(layers.len(), 2);
     for (i, l) in layers.iter().enumerate() {
-        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip");
+        assert_eq!(
+            l["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        );
         let digest = l["digest"].as_str().expect("digest");
-        let annotated = l["annotations"]["containerd.io/snapshot/stargz/toc.digest"].as_str().expect("toc annotation");
-        let go = ok(ctr_remote(GO_CTR_REMOTE, &ctrd, "default", &["image", "get-toc-digest", digest]), "Go get-toc-digest");
+        let annotated = l["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+            .as_str()
+            .expect("toc annotation");
+        let go = ok(
+            ctr_remote(
+                GO_CTR_REMOTE,
+                &ctrd,
+                "default",
+                &["image", "get-toc-digest", digest],
+            ),
+            "Go get-toc-digest",
+        );
         assert_eq!(go.trim(), annotated, "layer {i}");
-        assert_eq!(l["annotations"]["containerd.io/uncompressed"], config["rootfs"]["diff_ids"][i]);
+        assert_eq!(
+            l["annotations"]["containerd.io/uncompressed"],
+            config["rootfs"]["diff_ids"][i]
+        );
     }
 
-    let out = ctrd.ctr_ok(&["run", "--rm", &esgz, "ctr-remote-conv-1", "/bin/cat", "/data/hello.txt"]);
+    let out = ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        &esgz,
+        "ctr-remote-conv-1",
+        "/bin/cat",
+        "/data/hello.txt",
+    ]);
     assert_eq!(out.trim(), "hello from ctr-remote");
 
     ctrd.ctr_ok(&["images", "push", "--plain-http", &esgz]);
     ok(
-        ctr_remote(ours(), &ctrd, "pulled", &["image", "rpull", "--plain-http", "--snapshotter", "overlayfs", &esgz]),
+        ctr_remote(
+            ours(),
+            &ctrd,
+            "pulled",
+            &[
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "overlayfs",
+                &esgz,
+            ],
+        ),
         "rpull of converted image",
     );
-    let out = ctr_ns(&ctrd, "pulled", &["run", "--rm", "--snapshotter", "overlayfs", &esgz, "ctr-remote-conv-2", "/bin/cat", "/data/hello.txt"]);
+    let out = ctr_ns(
+        &ctrd,
+        "pulled",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "overlayfs",
+            &esgz,
+            "ctr-remote-conv-2",
+            "/bin/cat",
+            "/data/hello.txt",
+        ],
+    );
     assert_eq!(out.trim(), "hello from ctr-remote");
 }
 
@@ -255,7 +479,11 @@ fn stargz_bed() -> StargzBed {
         ..Default::default()
     });
     ctrd.wait_stargz_ready(Duration::from_secs(30));
-    StargzBed { ctrd, _daemon: daemon, _dir: dir }
+    StargzBed {
+        ctrd,
+        _daemon: daemon,
+        _dir: dir,
+    }
 }
 
 /// A plain gzip image cannot be mounted lazily: rpull through `stargz` (the default
@@ -268,23 +496,52 @@ fn rpull_plain_image_with_stargz_falls_back_and_runs() {
     let bed = stargz_bed();
     let ctrd = &bed.ctrd;
 
-    let out = ctr_remote(ours(), ctrd, "ours", &["image", "rpull", "--plain-http", &image]);
+    let out = ctr_remote(
+        ours(),
+        ctrd,
+        "ours",
+        &["image", "rpull", "--plain-http", &image],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out, "our rpull");
     assert_eq!(stderr.matches("not lazy: fallback").count(), 2, "{stderr}");
     assert!(stderr.contains("done: 0/2 layers remote"), "{stderr}");
     // (Whether the daemon logs `remote-snapshot-prepared=false` is the daemon's tests' business.)
 
-    let run = ctr_ns(ctrd, "ours", &["run", "--rm", "--snapshotter", "stargz", &image, "ctr-remote-sgz-1", "/bin/cat", "/data/hello.txt"]);
+    let run = ctr_ns(
+        ctrd,
+        "ours",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stargz",
+            &image,
+            "ctr-remote-sgz-1",
+            "/bin/cat",
+            "/data/hello.txt",
+        ],
+    );
     assert_eq!(run.trim(), "hello from ctr-remote");
 
-    ok(ctr_remote(GO_CTR_REMOTE, ctrd, "go", &["image", "rpull", "--plain-http", &image]), "Go rpull");
+    ok(
+        ctr_remote(
+            GO_CTR_REMOTE,
+            ctrd,
+            "go",
+            &["image", "rpull", "--plain-http", &image],
+        ),
+        "Go rpull",
+    );
     let (_, chain_ours, labels_ours) = config_of(ctrd, "ours", &image);
     let (_, chain_go, labels_go) = config_of(ctrd, "go", &image);
     assert_eq!(chain_ours, chain_go);
     assert_eq!(labels_ours, labels_go);
     let top = chain_ours.last().cloned().unwrap_or_default();
-    assert_eq!(labels_ours.get("containerd.io/gc.ref.snapshot.stargz"), Some(&top));
+    assert_eq!(
+        labels_ours.get("containerd.io/gc.ref.snapshot.stargz"),
+        Some(&top)
+    );
     let a = snapshot_chain(ctrd, "ours", "stargz", &top);
     let b = snapshot_chain(ctrd, "go", "stargz", &top);
     assert_eq!(a, b);
@@ -300,17 +557,46 @@ fn rpull_estargz_image_with_stargz_runs() {
     let ctrd = &bed.ctrd;
     ctrd.ctr_ok(&["images", "pull", "--plain-http", &image]);
     let esgz = format!("{}/test/ctr-remote:esgz", reg.addr());
-    ok(ctr_remote(ours(), ctrd, "default", &["image", "convert", "--estargz", "--oci", &image, &esgz]), "convert");
+    ok(
+        ctr_remote(
+            ours(),
+            ctrd,
+            "default",
+            &["image", "convert", "--estargz", "--oci", &image, &esgz],
+        ),
+        "convert",
+    );
     ctrd.ctr_ok(&["images", "push", "--plain-http", &esgz]);
 
-    let out = ctr_remote(ours(), ctrd, "pulled", &["image", "rpull", "--plain-http", &esgz]);
+    let out = ctr_remote(
+        ours(),
+        ctrd,
+        "pulled",
+        &["image", "rpull", "--plain-http", &esgz],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out, "rpull");
     let remote = stderr.matches(": remote (lazy)").count();
     let fallback = stderr.matches("not lazy: fallback").count();
     assert_eq!(remote + fallback, 2, "{stderr}");
-    assert!(stderr.contains(&format!("done: {remote}/2 layers remote")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("done: {remote}/2 layers remote")),
+        "{stderr}"
+    );
 
-    let run = ctr_ns(ctrd, "pulled", &["run", "--rm", "--snapshotter", "stargz", &esgz, "ctr-remote-sgz-2", "/bin/cat", "/data/hello.txt"]);
+    let run = ctr_ns(
+        ctrd,
+        "pulled",
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stargz",
+            &esgz,
+            "ctr-remote-sgz-2",
+            "/bin/cat",
+            "/data/hello.txt",
+        ],
+    );
     assert_eq!(run.trim(), "hello from ctr-remote");
 }

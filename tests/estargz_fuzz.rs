@@ -74,7 +74,11 @@ fn valid_blob() -> Vec<u8> {
     let mut tar = Vec::new();
     {
         let mut b = tar::Builder::new(&mut tar);
-        for (name, data) in [("a/x", vec![1u8; 3000]), ("a/y", b"hello".to_vec()), ("z", Vec::new())] {
+        for (name, data) in [
+            ("a/x", vec![1u8; 3000]),
+            ("a/y", b"hello".to_vec()),
+            ("z", Vec::new()),
+        ] {
             let mut h = tar::Header::new_ustar();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
@@ -84,14 +88,27 @@ fn valid_blob() -> Vec<u8> {
         b.finish().expect("finish");
     }
     let mut blob = Vec::new();
-    estargz::build(&tar[..], &mut blob, &BuildOptions { chunk_size: 1000, threads: 1, ..Default::default() }).expect("build");
+    estargz::build(
+        &tar[..],
+        &mut blob,
+        &BuildOptions {
+            chunk_size: 1000,
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .expect("build");
     blob
 }
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut out = Vec::new();
-    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("seed corpus {}: {e}", dir.display())) {
+    for e in
+        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("seed corpus {}: {e}", dir.display()))
+    {
         out.push(std::fs::read(e.expect("entry").path()).expect("read seed"));
     }
     assert!(!out.is_empty(), "empty corpus {}", dir.display());

@@ -45,7 +45,11 @@ fn pax_block(name: &str, records: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
         data.push(b'\n');
     }
     let mut h = tar::Header::new_ustar();
-    h.set_path(format!("PaxHeaders/{}", name.rsplit('/').next().unwrap_or("x"))).expect("pax name");
+    h.set_path(format!(
+        "PaxHeaders/{}",
+        name.rsplit('/').next().unwrap_or("x")
+    ))
+    .expect("pax name");
     h.set_entry_type(tar::EntryType::XHeader);
     h.set_size(data.len() as u64);
     h.set_cksum();
@@ -63,7 +67,11 @@ fn make_tar(nodes: &[Node]) -> Vec<u8> {
             out.extend_from_slice(&pax_block(&n.path, &n.xattrs));
         }
         let mut h = tar::Header::new_ustar();
-        let name = if matches!(n.kind, Kind::Dir) { format!("{}/", n.path) } else { n.path.clone() };
+        let name = if matches!(n.kind, Kind::Dir) {
+            format!("{}/", n.path)
+        } else {
+            n.path.clone()
+        };
         h.set_path(&name).expect("path");
         h.set_mode(n.mode);
         h.set_uid(n.uid);
@@ -87,7 +95,11 @@ fn make_tar(nodes: &[Node]) -> Vec<u8> {
                 h.set_link_name(t).expect("link");
             }
             Kind::Char(a, b) | Kind::Block(a, b) => {
-                h.set_entry_type(if matches!(n.kind, Kind::Char(..)) { tar::EntryType::Char } else { tar::EntryType::Block });
+                h.set_entry_type(if matches!(n.kind, Kind::Char(..)) {
+                    tar::EntryType::Char
+                } else {
+                    tar::EntryType::Block
+                });
                 h.set_device_major(*a).expect("major");
                 h.set_device_minor(*b).expect("minor");
             }
@@ -108,7 +120,8 @@ fn content() -> impl Strategy<Value = Vec<u8>> {
         Just(Vec::new()),
         proptest::collection::vec(any::<u8>(), 1..200),
         // compressible, multi-chunk with small chunk sizes
-        (1usize..5000, any::<u8>()).prop_map(|(n, b)| (0..n).map(|i| b.wrapping_add((i % 7) as u8)).collect()),
+        (1usize..5000, any::<u8>())
+            .prop_map(|(n, b)| (0..n).map(|i| b.wrapping_add((i % 7) as u8)).collect()),
         proptest::collection::vec(any::<u8>(), 1000..3000),
     ]
 }
@@ -123,24 +136,52 @@ fn xattrs() -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {
 /// A random tree: directories first, then files and specials inside them, hardlinks last.
 fn tree() -> impl Strategy<Value = Vec<Node>> {
     let dirs = proptest::collection::vec("[a-z]{1,3}", 1..4);
-    let leaves = proptest::collection::vec((0u8..7, "[a-z]{1,8}", content(), 0u32..0o7777, 0u64..3, 0u64..3, 0u64..2_000_000_000, xattrs()), 1..25);
+    let leaves = proptest::collection::vec(
+        (
+            0u8..7,
+            "[a-z]{1,8}",
+            content(),
+            0u32..0o7777,
+            0u64..3,
+            0u64..3,
+            0u64..2_000_000_000,
+            xattrs(),
+        ),
+        1..25,
+    );
     (dirs, leaves).prop_map(|(dirs, leaves)| {
         let mut nodes = Vec::new();
         let mut dir_paths = vec![String::new()];
         for (i, d) in dirs.iter().enumerate() {
             let parent = dir_paths[i % dir_paths.len()].clone();
-            let p = if parent.is_empty() { d.clone() } else { format!("{parent}/{d}") };
+            let p = if parent.is_empty() {
+                d.clone()
+            } else {
+                format!("{parent}/{d}")
+            };
             if dir_paths.contains(&p) {
                 continue;
             }
             dir_paths.push(p.clone());
-            nodes.push(Node { path: p, kind: Kind::Dir, mode: 0o755, uid: 0, gid: 0, mtime: 1_600_000_000, xattrs: BTreeMap::new() });
+            nodes.push(Node {
+                path: p,
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 1_600_000_000,
+                xattrs: BTreeMap::new(),
+            });
         }
         let mut files: Vec<String> = Vec::new();
         let mut used: std::collections::HashSet<String> = dir_paths.iter().cloned().collect();
         for (i, (k, name, data, mode, uid, gid, mtime, xattrs)) in leaves.into_iter().enumerate() {
             let dir = &dir_paths[i % dir_paths.len()];
-            let path = if dir.is_empty() { format!("f{i}{name}") } else { format!("{dir}/f{i}{name}") };
+            let path = if dir.is_empty() {
+                format!("f{i}{name}")
+            } else {
+                format!("{dir}/f{i}{name}")
+            };
             if !used.insert(path.clone()) {
                 continue;
             }
@@ -151,13 +192,27 @@ fn tree() -> impl Strategy<Value = Vec<Node>> {
                     Some(t) => Kind::Hardlink(t.clone()),
                     None => Kind::Fifo,
                 },
-                5 => if mode % 2 == 0 { Kind::Char(mode % 256, uid as u32 + 1) } else { Kind::Block(mode % 256, gid as u32) },
+                5 => {
+                    if mode % 2 == 0 {
+                        Kind::Char(mode % 256, uid as u32 + 1)
+                    } else {
+                        Kind::Block(mode % 256, gid as u32)
+                    }
+                }
                 _ => Kind::Fifo,
             };
             if matches!(kind, Kind::File(_)) {
                 files.push(path.clone());
             }
-            nodes.push(Node { path, kind, mode, uid, gid, mtime, xattrs });
+            nodes.push(Node {
+                path,
+                kind,
+                mode,
+                uid,
+                gid,
+                mtime,
+                xattrs,
+            });
         }
         nodes
     })
@@ -172,11 +227,18 @@ fn read_all(blob: &[u8], opened: &estargz::OpenedBlob, id: u32, size: u64) -> Ve
 
 fn gunzip_all(blob: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(blob).read_to_end(&mut out).expect("gunzip blob");
+    flate2::read::MultiGzDecoder::new(blob)
+        .read_to_end(&mut out)
+        .expect("gunzip blob");
     out
 }
 
-fn check_round_trip(nodes: &[Node], chunk_size: u64, threads: usize, gzip_input: bool) -> Result<(), TestCaseError> {
+fn check_round_trip(
+    nodes: &[Node],
+    chunk_size: u64,
+    threads: usize,
+    gzip_input: bool,
+) -> Result<(), TestCaseError> {
     let tar = make_tar(nodes);
     let input = if gzip_input {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -185,7 +247,12 @@ fn check_round_trip(nodes: &[Node], chunk_size: u64, threads: usize, gzip_input:
     } else {
         tar.clone()
     };
-    let opts = BuildOptions { chunk_size, compression_level: 1, threads, ..Default::default() };
+    let opts = BuildOptions {
+        chunk_size,
+        compression_level: 1,
+        threads,
+        ..Default::default()
+    };
     let mut blob = Vec::new();
     let res = estargz::build(&input[..], &mut blob, &opts).expect("build");
     prop_assert_eq!(res.blob_size, blob.len() as u64);
@@ -193,11 +260,14 @@ fn check_round_trip(nodes: &[Node], chunk_size: u64, threads: usize, gzip_input:
     let plain = gunzip_all(&blob);
     prop_assert_eq!(&res.diff_id, &estargz::sha256_digest(&plain));
 
-    let opened = estargz::open_blob(&blob[..], blob.len() as u64, Some(&res.toc_digest)).expect("open");
+    let opened =
+        estargz::open_blob(&blob[..], blob.len() as u64, Some(&res.toc_digest)).expect("open");
     prop_assert!(opened.index.no_prefetch());
     let idx = &opened.index;
     for n in nodes {
-        let id = idx.lookup(&n.path).ok_or_else(|| TestCaseError::fail(format!("missing {}", n.path)))?;
+        let id = idx
+            .lookup(&n.path)
+            .ok_or_else(|| TestCaseError::fail(format!("missing {}", n.path)))?;
         let e = idx.entry(id).expect("entry");
         match &n.kind {
             Kind::Hardlink(t) => {
@@ -217,7 +287,11 @@ fn check_round_trip(nodes: &[Node], chunk_size: u64, threads: usize, gzip_input:
                 prop_assert_eq!(&e.link_name, t);
             }
             Kind::Char(a, b) | Kind::Block(a, b) => {
-                let want = if matches!(n.kind, Kind::Char(..)) { EntryType::Char } else { EntryType::Block };
+                let want = if matches!(n.kind, Kind::Char(..)) {
+                    EntryType::Char
+                } else {
+                    EntryType::Block
+                };
                 prop_assert_eq!(e.kind, want);
                 prop_assert_eq!((e.dev_major, e.dev_minor), (*a, *b));
             }
@@ -237,13 +311,20 @@ fn check_round_trip(nodes: &[Node], chunk_size: u64, threads: usize, gzip_input:
     let mut seen = BTreeMap::new();
     for ent in ar.entries().expect("tar") {
         let mut ent = ent.expect("tar entry");
-        let name = String::from_utf8_lossy(&ent.path_bytes()).trim_end_matches('/').to_owned();
+        let name = String::from_utf8_lossy(&ent.path_bytes())
+            .trim_end_matches('/')
+            .to_owned();
         let mut data = Vec::new();
         ent.read_to_end(&mut data).expect("tar data");
         let xattrs: BTreeMap<String, Vec<u8>> = match ent.pax_extensions().expect("pax") {
             Some(exts) => exts
                 .filter_map(|x| x.ok())
-                .filter_map(|x| Some((x.key().ok()?.strip_prefix("SCHILY.xattr.")?.to_owned(), x.value_bytes().to_vec())))
+                .filter_map(|x| {
+                    Some((
+                        x.key().ok()?.strip_prefix("SCHILY.xattr.")?.to_owned(),
+                        x.value_bytes().to_vec(),
+                    ))
+                })
                 .collect(),
             None => BTreeMap::new(),
         };
@@ -252,7 +333,9 @@ fn check_round_trip(nodes: &[Node], chunk_size: u64, threads: usize, gzip_input:
     prop_assert!(seen.contains_key("stargz.index.json"));
     prop_assert!(seen.contains_key(".no.prefetch.landmark"));
     for n in nodes {
-        let (data, xattrs) = seen.get(&n.path).ok_or_else(|| TestCaseError::fail(format!("tar lacks {}", n.path)))?;
+        let (data, xattrs) = seen
+            .get(&n.path)
+            .ok_or_else(|| TestCaseError::fail(format!("tar lacks {}", n.path)))?;
         if let Kind::File(d) = &n.kind {
             prop_assert_eq!(data, d);
         }
@@ -332,9 +415,31 @@ proptest! {
 
 #[test]
 fn prioritized_files_come_first_with_landmark() {
-    let f = |p: &str, d: &[u8]| Node { path: p.into(), kind: Kind::File(d.to_vec()), mode: 0o644, uid: 0, gid: 0, mtime: 5, xattrs: BTreeMap::new() };
-    let dir = |p: &str| Node { path: p.into(), kind: Kind::Dir, mode: 0o755, uid: 0, gid: 0, mtime: 5, xattrs: BTreeMap::new() };
-    let nodes = vec![dir("a"), f("a/x", b"xxxx"), dir("b"), f("b/y", b"yyyy"), f("b/z", b"zz")];
+    let f = |p: &str, d: &[u8]| Node {
+        path: p.into(),
+        kind: Kind::File(d.to_vec()),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 5,
+        xattrs: BTreeMap::new(),
+    };
+    let dir = |p: &str| Node {
+        path: p.into(),
+        kind: Kind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 5,
+        xattrs: BTreeMap::new(),
+    };
+    let nodes = vec![
+        dir("a"),
+        f("a/x", b"xxxx"),
+        dir("b"),
+        f("b/y", b"yyyy"),
+        f("b/z", b"zz"),
+    ];
     let opts = BuildOptions {
         prioritized_files: vec!["/b/y".into(), "nope".into()],
         allow_prioritize_not_found: true,
@@ -344,36 +449,73 @@ fn prioritized_files_come_first_with_landmark() {
     let mut blob = Vec::new();
     let res = estargz::build(&make_tar(&nodes)[..], &mut blob, &opts).expect("build");
     assert_eq!(res.missed_prioritized_files, vec!["nope".to_owned()]);
-    let opened = estargz::open_blob(&blob[..], blob.len() as u64, Some(&res.toc_digest)).expect("open");
+    let opened =
+        estargz::open_blob(&blob[..], blob.len() as u64, Some(&res.toc_digest)).expect("open");
     let names: Vec<&str> = opened.toc.entries.iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(names, vec!["b/", "b/y", ".prefetch.landmark", "a/", "a/x", "b/z"]);
+    assert_eq!(
+        names,
+        vec!["b/", "b/y", ".prefetch.landmark", "a/", "a/x", "b/z"]
+    );
     let end = opened.index.prefetch_end_offset().expect("landmark");
     let y = opened.index.lookup("b/y").expect("y");
     assert!(opened.index.chunks(y)[0].compressed_end <= end);
-    assert!(opened.index.lookup(".prefetch.landmark").is_none(), "landmarks are hidden");
+    assert!(
+        opened.index.lookup(".prefetch.landmark").is_none(),
+        "landmarks are hidden"
+    );
 
-    let strict = BuildOptions { prioritized_files: vec!["nope".into()], threads: 1, ..Default::default() };
+    let strict = BuildOptions {
+        prioritized_files: vec!["nope".into()],
+        threads: 1,
+        ..Default::default()
+    };
     assert!(estargz::build(&make_tar(&nodes)[..], &mut Vec::new(), &strict).is_err());
 }
 
 #[test]
 fn wrong_toc_digest_is_refused() {
-    let nodes = vec![Node { path: "f".into(), kind: Kind::File(b"hi".to_vec()), mode: 0o644, uid: 0, gid: 0, mtime: 1, xattrs: BTreeMap::new() }];
+    let nodes = vec![Node {
+        path: "f".into(),
+        kind: Kind::File(b"hi".to_vec()),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 1,
+        xattrs: BTreeMap::new(),
+    }];
     let mut blob = Vec::new();
     estargz::build(&make_tar(&nodes)[..], &mut blob, &BuildOptions::default()).expect("build");
     let bad = format!("sha256:{}", "0".repeat(64));
     let err = estargz::open_blob(&blob[..], blob.len() as u64, Some(&bad)).expect_err("must fail");
-    assert!(matches!(err, estargz::EstargzError::TocDigestMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, estargz::EstargzError::TocDigestMismatch { .. }),
+        "{err}"
+    );
 }
 
 #[test]
 fn build_is_deterministic_across_thread_counts() {
-    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8 ^ (i >> 9) as u8).collect();
-    let nodes = vec![Node { path: "f".into(), kind: Kind::File(data), mode: 0o644, uid: 0, gid: 0, mtime: 1, xattrs: BTreeMap::new() }];
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i % 253) as u8 ^ (i >> 9) as u8)
+        .collect();
+    let nodes = vec![Node {
+        path: "f".into(),
+        kind: Kind::File(data),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 1,
+        xattrs: BTreeMap::new(),
+    }];
     let tar = make_tar(&nodes);
     let run = |threads| {
         let mut blob = Vec::new();
-        let opts = BuildOptions { chunk_size: 10_000, compression_level: 6, threads, ..Default::default() };
+        let opts = BuildOptions {
+            chunk_size: 10_000,
+            compression_level: 6,
+            threads,
+            ..Default::default()
+        };
         let r = estargz::build(&tar[..], &mut blob, &opts).expect("build");
         (blob, r)
     };
@@ -382,5 +524,8 @@ fn build_is_deterministic_across_thread_counts() {
     assert_eq!(ra, rb);
     assert_eq!(a, b);
     let _ = a.as_slice().read_at(&mut [0u8; 1], 0);
-    assert_eq!(ra.blob_digest, format!("sha256:{}", hex::encode(sha2::Sha256::digest(&a))));
+    assert_eq!(
+        ra.blob_digest,
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&a)))
+    );
 }

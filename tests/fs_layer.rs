@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use fs_support::*;
-use stargz::fs::{mount_layer, open_layer, BackgroundFetcher, LayerOptions, LayerSpec, MountedLayer, Priority, ReadOptions};
+use stargz::fs::{
+    mount_layer, open_layer, BackgroundFetcher, LayerOptions, LayerSpec, MountedLayer, Priority,
+    ReadOptions,
+};
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -20,8 +23,14 @@ struct Fixture {
     toc_digest: String,
 }
 
-fn fixture(build: impl FnOnce(&Path) -> Result<()>, landmark_after: Option<usize>) -> Result<Fixture> {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("stargz=debug").try_init();
+fn fixture(
+    build: impl FnOnce(&Path) -> Result<()>,
+    landmark_after: Option<usize>,
+) -> Result<Fixture> {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("stargz=debug")
+        .try_init();
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("src");
     std::fs::create_dir(&src)?;
@@ -29,7 +38,12 @@ fn fixture(build: impl FnOnce(&Path) -> Result<()>, landmark_after: Option<usize
     let tar = tar_dir(&src)?;
     let mut blob = Vec::new();
     let toc_digest = estargz_from_tar(&tar, 1 << 20, landmark_after, &mut blob)?;
-    Ok(Fixture { _tmp: tmp, src, blob, toc_digest })
+    Ok(Fixture {
+        _tmp: tmp,
+        src,
+        blob,
+        toc_digest,
+    })
 }
 
 fn mount(
@@ -41,8 +55,17 @@ fn mount(
 ) -> Result<MountedLayer> {
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
-    let spec = LayerSpec { digest: "sha256:feedbeef".into(), source, toc_digest: Some(f.toc_digest.clone()) };
-    let reader = open_layer(spec, &dir.join("cache"), &opts.read, Arc::new(Priority::default()))?;
+    let spec = LayerSpec {
+        digest: "sha256:feedbeef".into(),
+        source,
+        toc_digest: Some(f.toc_digest.clone()),
+    };
+    let reader = open_layer(
+        spec,
+        &dir.join("cache"),
+        &opts.read,
+        Arc::new(Priority::default()),
+    )?;
     Ok(mount_layer(reader, &mnt, opts, fetcher)?)
 }
 
@@ -60,19 +83,32 @@ fn mounted_rootfs_matches_source() -> Result<()> {
     let f = fixture(make_rootfs, None)?;
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let layer = mount(
+        &f,
+        source.clone(),
+        work.path(),
+        &LayerOptions::default(),
+        None,
+    )?;
     let mnt = layer.mountpoint().to_path_buf();
 
     let n = compare_trees(&f.src, &mnt)?;
     assert!(n > 100, "compared only {n} paths");
     // Each compressed byte was fetched at most once although big.bin was read in 128 KiB reads.
-    assert!(source.bytes.load(Ordering::SeqCst) <= f.blob.len() as u64, "bytes refetched");
+    assert!(
+        source.bytes.load(Ordering::SeqCst) <= f.blob.len() as u64,
+        "bytes refetched"
+    );
 
     // The kernel enforces modes for other users (allow_other + default_permissions).
     let out = as_nobody(&["cat", mnt.join("secret").to_str().unwrap_or_default()])?;
     assert!(!out.status.success(), "uid 65534 read a 0600 root file");
     let out = as_nobody(&["cat", mnt.join("public").to_str().unwrap_or_default()])?;
-    assert!(out.status.success(), "uid 65534 cannot read a 0644 file: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "uid 65534 cannot read a 0644 file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, b"everyone\n");
 
     // Absent names are ENOENT, also when asked again (the kernel caches the negative entry),
@@ -80,20 +116,30 @@ fn mounted_rootfs_matches_source() -> Result<()> {
     for _ in 0..2 {
         for p in ["no-such-file", "etc/no-such-file", "public/child"] {
             let err = std::fs::symlink_metadata(mnt.join(p)).expect_err("absent name found");
-            assert!(matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)), "{p}: {err}");
+            assert!(
+                matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)),
+                "{p}: {err}"
+            );
         }
     }
 
     // Read-only.
-    let err = std::fs::OpenOptions::new().write(true).open(mnt.join("public")).expect_err("write open must fail");
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("public"))
+        .expect_err("write open must fail");
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     assert!(std::fs::create_dir(mnt.join("newdir")).is_err());
 
     // The state file is hidden from readdir but readable, with Go's fields.
-    let names: Vec<_> = std::fs::read_dir(&mnt)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&mnt)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
     assert!(!names.iter().any(|n| n == ".stargz-snapshotter"));
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(mnt.join(".stargz-snapshotter/sha256:feedbeef.json"))?)?;
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        mnt.join(".stargz-snapshotter/sha256:feedbeef.json"),
+    )?)?;
     assert_eq!(state["digest"], "sha256:feedbeef");
     assert_eq!(state["size"], f.blob.len() as u64);
     assert!(state["fetchedSize"].as_u64().unwrap_or(0) > 0);
@@ -132,25 +178,55 @@ fn overlay_of_two_layers_honours_whiteouts_and_opaque_dirs() -> Result<()> {
     let lower = fixture(lower_tree, None)?;
     let upper = fixture(upper_tree, None)?;
     let work = tempfile::tempdir()?;
-    let l = mount(&lower, FaultySource::new(lower.blob.clone()), &work.path().join("l"), &LayerOptions::default(), None)?;
-    let u = mount(&upper, FaultySource::new(upper.blob.clone()), &work.path().join("u"), &LayerOptions::default(), None)?;
+    let l = mount(
+        &lower,
+        FaultySource::new(lower.blob.clone()),
+        &work.path().join("l"),
+        &LayerOptions::default(),
+        None,
+    )?;
+    let u = mount(
+        &upper,
+        FaultySource::new(upper.blob.clone()),
+        &work.path().join("u"),
+        &LayerOptions::default(),
+        None,
+    )?;
 
     // The upper layer itself shows overlayfs conventions.
     let wh = std::fs::symlink_metadata(u.mountpoint().join("a/x"))?;
     assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wh.file_type()) && wh.rdev() == 0);
     assert!(!u.mountpoint().join("d/.wh..wh..opq").exists());
-    assert_eq!(xattrs(&u.mountpoint().join("d"))?.get("trusted.overlay.opaque").map(Vec::as_slice), Some(&b"y"[..]));
+    assert_eq!(
+        xattrs(&u.mountpoint().join("d"))?
+            .get("trusted.overlay.opaque")
+            .map(Vec::as_slice),
+        Some(&b"y"[..])
+    );
 
     let merged = work.path().join("merged");
     std::fs::create_dir(&merged)?;
-    let opts = format!("lowerdir={}:{}", u.mountpoint().display(), l.mountpoint().display());
-    let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged).status()?;
+    let opts = format!(
+        "lowerdir={}:{}",
+        u.mountpoint().display(),
+        l.mountpoint().display()
+    );
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged)
+        .status()?;
     ensure!(st.success(), "overlay mount failed");
     let _g = UmountGuard(merged.clone());
     assert!(!merged.join("a/x").exists(), "whiteout did not hide a/x");
     assert_eq!(std::fs::read(merged.join("a/y"))?, b"y from lower");
-    assert!(!merged.join("keep").exists(), "whiteout did not hide dir keep");
-    assert!(!merged.join("d/p").exists() && !merged.join("d/q").exists(), "opaque dir leaked lower entries");
+    assert!(
+        !merged.join("keep").exists(),
+        "whiteout did not hide dir keep"
+    );
+    assert!(
+        !merged.join("d/p").exists() && !merged.join("d/q").exists(),
+        "opaque dir leaked lower entries"
+    );
     assert_eq!(std::fs::read(merged.join("d/new"))?, b"new in upper");
     drop(_g);
     u.unmount()?;
@@ -161,7 +237,10 @@ fn overlay_of_two_layers_honours_whiteouts_and_opaque_dirs() -> Result<()> {
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
     let start = Instant::now();
     while !cond() {
-        ensure!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
@@ -179,17 +258,33 @@ fn fully_fetched_layer_survives_registry_going_down() -> Result<()> {
     let source = FaultySource::new(f.blob.clone());
     let priority = Arc::new(Priority::default());
     let fetcher = Arc::new(BackgroundFetcher::new(2, priority, 1 << 20));
-    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), Some(fetcher))?;
+    let layer = mount(
+        &f,
+        source.clone(),
+        work.path(),
+        &LayerOptions::default(),
+        Some(fetcher),
+    )?;
     wait_until("background fetch", || layer.reader().fully_cached())?;
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layer.mountpoint().join(".stargz-snapshotter/sha256:feedbeef.json"))?)?;
-    assert!(state["fetchedPercent"].as_f64().unwrap_or(0.0) > 99.0, "{state}");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        layer
+            .mountpoint()
+            .join(".stargz-snapshotter/sha256:feedbeef.json"),
+    )?)?;
+    assert!(
+        state["fetchedPercent"].as_f64().unwrap_or(0.0) > 99.0,
+        "{state}"
+    );
     source.set(DOWN);
     drop_page_cache()?;
     let before = layer.reader().userspace_reads();
     compare_trees(&f.src, layer.mountpoint())?;
     // Fully cached files are handed to the kernel (FUSE passthrough): no read comes to us.
-    assert_eq!(layer.reader().userspace_reads(), before, "reads of cached files went through userspace");
+    assert_eq!(
+        layer.reader().userspace_reads(),
+        before,
+        "reads of cached files went through userspace"
+    );
     layer.unmount()?;
     Ok(())
 }
@@ -200,26 +295,46 @@ fn faulty_source_gives_eio_never_wrong_bytes() -> Result<()> {
     let f = fixture(make_rootfs, None)?;
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let layer = mount(
+        &f,
+        source.clone(),
+        work.path(),
+        &LayerOptions::default(),
+        None,
+    )?;
     let mnt = layer.mountpoint();
-    let files = ["usr/lib/app/big.bin", "usr/lib/app/small.txt", "owned", "etc/passwd"];
+    let files = [
+        "usr/lib/app/big.bin",
+        "usr/lib/app/small.txt",
+        "owned",
+        "etc/passwd",
+    ];
     for mode in [CORRUPT, DOWN] {
         source.set(mode);
         for p in files {
             match std::fs::read(mnt.join(p)) {
-                Ok(got) => assert_eq!(got, std::fs::read(f.src.join(p))?, "{p}: wrong bytes in mode {mode}"),
+                Ok(got) => assert_eq!(
+                    got,
+                    std::fs::read(f.src.join(p))?,
+                    "{p}: wrong bytes in mode {mode}"
+                ),
                 Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{p}: {e}"),
             }
         }
     }
     // A corrupt source must have been caught (not served), and recovery works.
     source.set(CORRUPT);
-    let err = std::fs::read(mnt.join("usr/lib/app/mod07.py")).expect_err("corrupt bytes were served");
+    let err =
+        std::fs::read(mnt.join("usr/lib/app/mod07.py")).expect_err("corrupt bytes were served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
     source.set(HEALTHY);
     drop_page_cache()?;
     for p in files {
-        assert_eq!(std::fs::read(mnt.join(p))?, std::fs::read(f.src.join(p))?, "{p} after recovery");
+        assert_eq!(
+            std::fs::read(mnt.join(p))?,
+            std::fs::read(f.src.join(p))?,
+            "{p} after recovery"
+        );
     }
     layer.unmount()?;
     Ok(())
@@ -233,11 +348,21 @@ fn prefetch_up_to_landmark_in_one_request_and_readahead_batches_small_files() ->
     let source = FaultySource::new(f.blob.clone());
     let before = source.fetches.load(Ordering::SeqCst);
     // Read-ahead is off by default (see ReadOptions); here it is on, to check what it does.
-    let opts = LayerOptions { read: ReadOptions { readahead_bytes: 64 << 10, ..Default::default() }, ..Default::default() };
+    let opts = LayerOptions {
+        read: ReadOptions {
+            readahead_bytes: 64 << 10,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     let mut layer = mount(&f, source.clone(), work.path(), &opts, None)?;
     layer.wait_prefetch();
     // Footer, TOC, then the whole prefetch in one range request.
-    assert_eq!(source.fetches.load(Ordering::SeqCst) - before, 3, "prefetch must be one range request");
+    assert_eq!(
+        source.fetches.load(Ordering::SeqCst) - before,
+        3,
+        "prefetch must be one range request"
+    );
     assert!(!layer.mountpoint().join(".prefetch.landmark").exists());
     // Files before the landmark (tar order, sorted by name) are served with the source down.
     source.set(DOWN);
@@ -250,14 +375,20 @@ fn prefetch_up_to_landmark_in_one_request_and_readahead_batches_small_files() ->
     }
     first_etc.sort();
     let name = first_etc.first().context("no file in etc")?;
-    assert_eq!(std::fs::read(layer.mountpoint().join("etc").join(name))?, std::fs::read(f.src.join("etc").join(name))?);
+    assert_eq!(
+        std::fs::read(layer.mountpoint().join("etc").join(name))?,
+        std::fs::read(f.src.join("etc").join(name))?
+    );
     source.set(HEALTHY);
 
     // Forty small modules read one after another cost far fewer than forty requests.
     let start = source.fetches.load(Ordering::SeqCst);
     for i in 0..40 {
         let p = format!("usr/lib/app/mod{i:02}.py");
-        assert_eq!(std::fs::read(layer.mountpoint().join(&p))?, std::fs::read(f.src.join(&p))?);
+        assert_eq!(
+            std::fs::read(layer.mountpoint().join(&p))?,
+            std::fs::read(f.src.join(&p))?
+        );
     }
     let used = source.fetches.load(Ordering::SeqCst) - start;
     assert!(used <= 3, "{used} requests for 40 small files");
@@ -268,8 +399,15 @@ fn prefetch_up_to_landmark_in_one_request_and_readahead_batches_small_files() ->
 struct MapResolver(std::collections::HashMap<String, Arc<FaultySource>>);
 
 impl stargz::fs::BlobResolver for MapResolver {
-    fn resolve(&self, _reference: &str, digest: &str) -> Result<Arc<dyn stargz::fs::LayerSource>, stargz::fs::FsError> {
-        let s = self.0.get(digest).ok_or_else(|| stargz::fs::FsError::Labels(format!("unknown blob {digest}")))?;
+    fn resolve(
+        &self,
+        _reference: &str,
+        digest: &str,
+    ) -> Result<Arc<dyn stargz::fs::LayerSource>, stargz::fs::FsError> {
+        let s = self
+            .0
+            .get(digest)
+            .ok_or_else(|| stargz::fs::FsError::Labels(format!("unknown blob {digest}")))?;
         Ok(s.clone())
     }
 }
@@ -281,28 +419,46 @@ fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
     let f = fixture(lower_tree, None)?;
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let resolver = MapResolver([("sha256:11".to_string(), source.clone())].into_iter().collect());
+    let resolver = MapResolver(
+        [("sha256:11".to_string(), source.clone())]
+            .into_iter()
+            .collect(),
+    );
     let mut cfg = stargz::fs::FsConfig::new(work.path());
     cfg.max_concurrency = 1;
     let mgr = stargz::fs::LayerManager::new(cfg, Arc::new(resolver))?;
     let mnt = work.path().join("m");
     std::fs::create_dir(&mnt)?;
     let mut labels: std::collections::BTreeMap<String, String> = [
-        ("containerd.io/snapshot/remote/stargz.reference", "127.0.0.1:5000/img:v1"),
+        (
+            "containerd.io/snapshot/remote/stargz.reference",
+            "127.0.0.1:5000/img:v1",
+        ),
         ("containerd.io/snapshot/remote/stargz.digest", "sha256:11"),
         ("containerd.io/snapshot/stargz/toc.digest", "sha256:0000"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let err = mgr.mount(&mnt, &labels).expect_err("a wrong TOC digest must fail the mount");
+    let err = mgr
+        .mount(&mnt, &labels)
+        .expect_err("a wrong TOC digest must fail the mount");
     assert!(err.to_string().contains("TOC"), "{err}");
-    labels.insert("containerd.io/snapshot/stargz/toc.digest".into(), f.toc_digest.clone());
-    mgr.mount(&mnt, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+    labels.insert(
+        "containerd.io/snapshot/stargz/toc.digest".into(),
+        f.toc_digest.clone(),
+    );
+    mgr.mount(&mnt, &labels)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let guard = UmountGuard(mnt.clone());
     assert_eq!(std::fs::read(mnt.join("a/y"))?, b"y from lower");
-    mgr.check(&mnt, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let cache_dirs = || std::fs::read_dir(work.path().join("stargz/fscache")).map(|d| d.count()).unwrap_or(0);
+    mgr.check(&mnt, &labels)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cache_dirs = || {
+        std::fs::read_dir(work.path().join("stargz/fscache"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
     assert_eq!(cache_dirs(), 1);
     mgr.unmount(&mnt).map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(!mnt.join("a").exists(), "still mounted");
@@ -331,14 +487,29 @@ fn layer_from_estargz_builder_matches_source_and_prefetches_prioritized_files() 
     };
     let mut blob = Vec::new();
     let res = stargz::estargz::builder::build(tar.as_slice(), &mut blob, &opts)?;
-    let f = Fixture { _tmp: tmp, src, blob, toc_digest: res.toc_digest };
+    let f = Fixture {
+        _tmp: tmp,
+        src,
+        blob,
+        toc_digest: res.toc_digest,
+    };
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let mut layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let mut layer = mount(
+        &f,
+        source.clone(),
+        work.path(),
+        &LayerOptions::default(),
+        None,
+    )?;
     layer.wait_prefetch();
     source.set(DOWN);
     for p in ["etc/passwd", "usr/lib/app/big.bin"] {
-        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p} not prefetched");
+        assert_eq!(
+            std::fs::read(layer.mountpoint().join(p))?,
+            std::fs::read(f.src.join(p))?,
+            "{p} not prefetched"
+        );
     }
     source.set(HEALTHY);
     compare_trees(&f.src, layer.mountpoint())?;
@@ -353,7 +524,13 @@ fn stalled_registry_does_not_block_cached_reads() -> Result<()> {
     let f = fixture(make_rootfs, None)?;
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let layer = mount(
+        &f,
+        source.clone(),
+        work.path(),
+        &LayerOptions::default(),
+        None,
+    )?;
     let mnt = layer.mountpoint().to_path_buf();
     let cached = ["usr/lib/app/small.txt", "public", "etc/hostname"];
     for p in cached {
@@ -369,10 +546,18 @@ fn stalled_registry_does_not_block_cached_reads() -> Result<()> {
         assert_eq!(std::fs::read(mnt.join(p))?, std::fs::read(f.src.join(p))?);
     }
     let took = start.elapsed();
-    assert!(took < Duration::from_secs(2), "cached reads waited {took:?} behind a stalled fetch");
+    assert!(
+        took < Duration::from_secs(2),
+        "cached reads waited {took:?} behind a stalled fetch"
+    );
     source.set(HEALTHY);
-    let n = slow_reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    assert_eq!(n as u64, std::fs::metadata(f.src.join("usr/lib/app/big.bin"))?.len());
+    let n = slow_reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    assert_eq!(
+        n as u64,
+        std::fs::metadata(f.src.join("usr/lib/app/big.bin"))?.len()
+    );
     layer.unmount()?;
     Ok(())
 }
@@ -381,10 +566,24 @@ fn stalled_registry_does_not_block_cached_reads() -> Result<()> {
 /// switches the source to `mode` before the mount is served.
 fn remount(f: &Fixture, source: &Arc<FaultySource>, dir: &Path, mode: u8) -> Result<MountedLayer> {
     source.set(HEALTHY);
-    let spec = LayerSpec { digest: "sha256:feedbeef".into(), source: source.clone(), toc_digest: Some(f.toc_digest.clone()) };
-    let reader = open_layer(spec, &dir.join("cache"), &ReadOptions::default(), Arc::new(Priority::default()))?;
+    let spec = LayerSpec {
+        digest: "sha256:feedbeef".into(),
+        source: source.clone(),
+        toc_digest: Some(f.toc_digest.clone()),
+    };
+    let reader = open_layer(
+        spec,
+        &dir.join("cache"),
+        &ReadOptions::default(),
+        Arc::new(Priority::default()),
+    )?;
     source.set(mode);
-    Ok(mount_layer(reader, &dir.join("mnt"), &LayerOptions::default(), None)?)
+    Ok(mount_layer(
+        reader,
+        &dir.join("mnt"),
+        &LayerOptions::default(),
+        None,
+    )?)
 }
 
 /// A daemon restart: the cache directory a layer filled is reused by the next mount, only for
@@ -395,12 +594,27 @@ fn cache_dir_is_reused_after_remount_only_where_verified() -> Result<()> {
     let f = fixture(make_rootfs, None)?;
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
-    let read = ["usr/lib/app/big.bin", "usr/lib/app/small.txt", "etc/passwd", "owned"];
+    let layer = mount(
+        &f,
+        source.clone(),
+        work.path(),
+        &LayerOptions::default(),
+        None,
+    )?;
+    let read = [
+        "usr/lib/app/big.bin",
+        "usr/lib/app/small.txt",
+        "etc/passwd",
+        "owned",
+    ];
     let unread = ["usr/lib/app/mod05.py", "public", "secret"];
     let mut inos = std::collections::HashMap::new();
     for p in read {
-        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p}");
+        assert_eq!(
+            std::fs::read(layer.mountpoint().join(p))?,
+            std::fs::read(f.src.join(p))?,
+            "{p}"
+        );
         inos.insert(p, std::fs::metadata(layer.mountpoint().join(p))?.ino());
     }
     let fetched_before = layer.reader().fetched_size();
@@ -410,43 +624,79 @@ fn cache_dir_is_reused_after_remount_only_where_verified() -> Result<()> {
     // Registry down: only what was read before is served, from the re-verified cache.
     let fetches = source.fetches.load(Ordering::SeqCst);
     let layer = remount(&f, &source, work.path(), DOWN)?;
-    assert_eq!(source.fetches.load(Ordering::SeqCst) - fetches, 2, "remount fetched more than footer and TOC");
-    assert_eq!(layer.reader().fetched_size(), fetched_before, "fetched bytes of cached chunks not counted");
+    assert_eq!(
+        source.fetches.load(Ordering::SeqCst) - fetches,
+        2,
+        "remount fetched more than footer and TOC"
+    );
+    assert_eq!(
+        layer.reader().fetched_size(),
+        fetched_before,
+        "fetched bytes of cached chunks not counted"
+    );
     assert!(!layer.reader().fully_cached());
     for p in read {
-        assert!(layer.reader().file_cached(inos[p]), "{p} not trusted from disk");
+        assert!(
+            layer.reader().file_cached(inos[p]),
+            "{p} not trusted from disk"
+        );
     }
     drop_page_cache()?;
     for p in read {
-        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p} after remount");
+        assert_eq!(
+            std::fs::read(layer.mountpoint().join(p))?,
+            std::fs::read(f.src.join(p))?,
+            "{p} after remount"
+        );
     }
     for p in unread {
-        let err = std::fs::read(layer.mountpoint().join(p)).expect_err("unread file served with the source down");
+        let err = std::fs::read(layer.mountpoint().join(p))
+            .expect_err("unread file served with the source down");
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{p}: {err}");
     }
     layer.unmount()?;
 
     // One byte of big.bin's second chunk flipped on disk: that chunk alone is fetched again.
     let big = inos["usr/lib/app/big.bin"];
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(work.path().join("cache").join(big.to_string()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(work.path().join("cache").join(big.to_string()))?;
     let at = (1 << 20) + 4321;
     let mut b = [0u8; 1];
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, at)?;
     std::os::unix::fs::FileExt::write_all_at(&file, &[b[0] ^ 0x40], at)?;
     drop(file);
     let layer = remount(&f, &source, work.path(), HEALTHY)?;
-    assert!(!layer.reader().file_cached(big), "a corrupted chunk was trusted");
+    assert!(
+        !layer.reader().file_cached(big),
+        "a corrupted chunk was trusted"
+    );
     assert!(layer.reader().file_cached(inos["usr/lib/app/small.txt"]));
     let fetches = source.fetches.load(Ordering::SeqCst);
     let bytes = source.bytes.load(Ordering::SeqCst);
     drop_page_cache()?;
-    assert_eq!(std::fs::read(layer.mountpoint().join("usr/lib/app/big.bin"))?, std::fs::read(f.src.join("usr/lib/app/big.bin"))?);
-    assert_eq!(source.fetches.load(Ordering::SeqCst) - fetches, 1, "exactly the corrupted chunk is re-fetched");
-    assert!(source.bytes.load(Ordering::SeqCst) - bytes < 2 << 20, "more than one chunk re-fetched");
+    assert_eq!(
+        std::fs::read(layer.mountpoint().join("usr/lib/app/big.bin"))?,
+        std::fs::read(f.src.join("usr/lib/app/big.bin"))?
+    );
+    assert_eq!(
+        source.fetches.load(Ordering::SeqCst) - fetches,
+        1,
+        "exactly the corrupted chunk is re-fetched"
+    );
+    assert!(
+        source.bytes.load(Ordering::SeqCst) - bytes < 2 << 20,
+        "more than one chunk re-fetched"
+    );
     assert!(layer.reader().file_cached(big));
     source.set(DOWN);
     for p in read {
-        assert_eq!(std::fs::read(layer.mountpoint().join(p))?, std::fs::read(f.src.join(p))?, "{p} after repair");
+        assert_eq!(
+            std::fs::read(layer.mountpoint().join(p))?,
+            std::fs::read(f.src.join(p))?,
+            "{p} after repair"
+        );
     }
     layer.unmount()?;
     Ok(())
@@ -460,12 +710,25 @@ fn fully_fetched_cache_is_complete_after_remount() -> Result<()> {
     let f = fixture(make_rootfs, None)?;
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let fetcher = Arc::new(BackgroundFetcher::new(2, Arc::new(Priority::default()), 1 << 20));
-    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), Some(fetcher))?;
+    let fetcher = Arc::new(BackgroundFetcher::new(
+        2,
+        Arc::new(Priority::default()),
+        1 << 20,
+    ));
+    let layer = mount(
+        &f,
+        source.clone(),
+        work.path(),
+        &LayerOptions::default(),
+        Some(fetcher),
+    )?;
     wait_until("background fetch", || layer.reader().fully_cached())?;
     layer.unmount()?;
     let layer = remount(&f, &source, work.path(), DOWN)?;
-    assert!(layer.reader().fully_cached(), "a complete cache was not fully trusted");
+    assert!(
+        layer.reader().fully_cached(),
+        "a complete cache was not fully trusted"
+    );
     assert_eq!(layer.reader().fetched_size(), f.blob.len() as u64);
     drop_page_cache()?;
     compare_trees(&f.src, layer.mountpoint())?;
@@ -483,15 +746,25 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
     let manager = || -> Result<stargz::fs::LayerManager> {
-        let resolver = MapResolver([("sha256:11".to_string(), source.clone())].into_iter().collect());
+        let resolver = MapResolver(
+            [("sha256:11".to_string(), source.clone())]
+                .into_iter()
+                .collect(),
+        );
         let mut cfg = stargz::fs::FsConfig::new(work.path());
         cfg.no_background_fetch = true;
         Ok(stargz::fs::LayerManager::new(cfg, Arc::new(resolver))?)
     };
     let labels: std::collections::BTreeMap<String, String> = [
-        ("containerd.io/snapshot/remote/stargz.reference", "127.0.0.1:5000/img:v1"),
+        (
+            "containerd.io/snapshot/remote/stargz.reference",
+            "127.0.0.1:5000/img:v1",
+        ),
         ("containerd.io/snapshot/remote/stargz.digest", "sha256:11"),
-        ("containerd.io/snapshot/stargz/toc.digest", f.toc_digest.as_str()),
+        (
+            "containerd.io/snapshot/stargz/toc.digest",
+            f.toc_digest.as_str(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -505,7 +778,10 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
         assert_eq!(std::fs::read(m.join("a/y"))?, b"y from lower");
     }
     let (kept_cache, gone_cache) = (mgr.cache_dir_for(&kept), mgr.cache_dir_for(&gone));
-    assert_ne!(kept_cache, gone_cache, "two snapshots of one blob share a cache");
+    assert_ne!(
+        kept_cache, gone_cache,
+        "two snapshots of one blob share a cache"
+    );
     assert!(kept_cache.is_dir() && gone_cache.is_dir());
     // Leftovers of a run whose snapshot was removed while the daemon was down.
     let fscache = work.path().join("stargz/fscache");
@@ -513,14 +789,21 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
     std::fs::write(fscache.join("0123456789abcdef0123456789abcdef/7"), b"old")?;
     std::fs::write(fscache.join("stray"), b"x")?;
     assert_eq!(mgr.remove_unclaimed_caches(&[]), 2);
-    assert!(kept_cache.is_dir() && gone_cache.is_dir(), "a mounted layer's cache was removed");
+    assert!(
+        kept_cache.is_dir() && gone_cache.is_dir(),
+        "a mounted layer's cache was removed"
+    );
     assert_eq!(std::fs::read(kept.join("a/y"))?, b"y from lower");
 
     // Restart (SIGTERM keeps caches): only `kept` is restored; `gone` lost its snapshot.
     drop(mgr);
     let mgr = manager()?;
-    assert!(kept_cache.is_dir() && gone_cache.is_dir(), "start-up wiped the caches");
-    mgr.mount(&kept, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(
+        kept_cache.is_dir() && gone_cache.is_dir(),
+        "start-up wiped the caches"
+    );
+    mgr.mount(&kept, &labels)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     // A snapshot that still exists but could not be re-mounted (registry down) keeps its cache.
     let failed = work.path().join("failed/fs");
     let failed_cache = mgr.cache_dir_for(&failed);
@@ -528,11 +811,18 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
     std::fs::write(failed_cache.join("9"), b"cached")?;
     mgr.restored(&[kept.clone(), failed.clone()]);
     assert!(kept_cache.is_dir(), "restored layer's cache removed");
-    assert!(failed_cache.join("9").is_file(), "cache of a snapshot that failed to restore removed");
+    assert!(
+        failed_cache.join("9").is_file(),
+        "cache of a snapshot that failed to restore removed"
+    );
     assert!(!gone_cache.exists(), "orphan cache kept after restore");
     let fetches = source.fetches.load(Ordering::SeqCst);
     assert_eq!(std::fs::read(kept.join("a/y"))?, b"y from lower");
-    assert_eq!(source.fetches.load(Ordering::SeqCst), fetches, "a cached file was fetched again after restart");
+    assert_eq!(
+        source.fetches.load(Ordering::SeqCst),
+        fetches,
+        "a cached file was fetched again after restart"
+    );
     mgr.unmount(&kept).map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(!kept_cache.exists(), "unmount must free the layer's cache");
     Ok(())
@@ -544,7 +834,10 @@ fn many_files(n: usize) -> impl FnOnce(&Path) -> Result<()> {
     move |root: &Path| {
         std::fs::create_dir_all(root.join("data"))?;
         for i in 0..n {
-            std::fs::write(root.join(format!("data/f{i:03}")), noise(64 << 10, i as u64 + 1))?;
+            std::fs::write(
+                root.join(format!("data/f{i:03}")),
+                noise(64 << 10, i as u64 + 1),
+            )?;
         }
         std::fs::write(root.join("cached.txt"), b"already here\n")?;
         Ok(())
@@ -587,10 +880,17 @@ fn stalled_reads_beyond_the_thread_pool_leave_metadata_and_cached_reads_alone() 
     source.set(HEALTHY);
     let got: Vec<_> = readers.into_iter().map(|r| r.join()).collect();
     assert_eq!(listed, 24);
-    assert!(took < Duration::from_secs(2), "metadata and cached reads waited {took:?} behind {stalled} stalled reads");
+    assert!(
+        took < Duration::from_secs(2),
+        "metadata and cached reads waited {took:?} behind {stalled} stalled reads"
+    );
     for (i, r) in got.into_iter().enumerate() {
         let got = r.map_err(|_| anyhow::anyhow!("reader panicked"))??;
-        assert_eq!(got, std::fs::read(f.src.join(format!("data/f{i:03}")))?, "data/f{i:03}");
+        assert_eq!(
+            got,
+            std::fs::read(f.src.join(format!("data/f{i:03}")))?,
+            "data/f{i:03}"
+        );
     }
     layer.unmount()?;
     Ok(())
@@ -602,13 +902,33 @@ fn stalled_reads_beyond_the_thread_pool_leave_metadata_and_cached_reads_alone() 
 fn bytes_past_a_chunk_in_its_range_are_ignored() -> Result<()> {
     require_root();
     let content = noise(100_000, 3);
-    for (tail, garbage) in [(vec![], noise(10_000, 9)), (vec![0u8; 64 << 20], vec![]), (noise(5000, 4), vec![0xff; 333])] {
+    for (tail, garbage) in [
+        (vec![], noise(10_000, 9)),
+        (vec![0u8; 64 << 20], vec![]),
+        (noise(5000, 4), vec![0xff; 333]),
+    ] {
         let (blob, toc_digest) = hand_made_blob(&content, &tail, &garbage)?;
         let work = tempfile::tempdir()?;
-        let f = Fixture { _tmp: tempfile::tempdir()?, src: work.path().join("unused"), blob, toc_digest };
-        let layer = mount(&f, FaultySource::new(f.blob.clone()), work.path(), &LayerOptions::default(), None)?;
+        let f = Fixture {
+            _tmp: tempfile::tempdir()?,
+            src: work.path().join("unused"),
+            blob,
+            toc_digest,
+        };
+        let layer = mount(
+            &f,
+            FaultySource::new(f.blob.clone()),
+            work.path(),
+            &LayerOptions::default(),
+            None,
+        )?;
         let got = std::fs::read(layer.mountpoint().join("f"))?;
-        assert!(got == content, "tail {} B, garbage {} B: wrong bytes served", tail.len(), garbage.len());
+        assert!(
+            got == content,
+            "tail {} B, garbage {} B: wrong bytes served",
+            tail.len(),
+            garbage.len()
+        );
         layer.unmount()?;
     }
     Ok(())
@@ -622,25 +942,42 @@ fn a_panicking_fetch_wakes_its_waiters_and_the_next_read_retries() -> Result<()>
     let f = fixture(many_files(2), None)?;
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let layer = mount(&f, source.clone(), work.path(), &LayerOptions::default(), None)?;
+    let layer = mount(
+        &f,
+        source.clone(),
+        work.path(),
+        &LayerOptions::default(),
+        None,
+    )?;
     let path = layer.mountpoint().join("data/f000");
     source.set(PANIC);
     let start = Instant::now();
     let readers: Vec<_> = (0..3)
         .map(|_| {
             let path = path.clone();
-            std::thread::spawn(move || std::fs::File::open(&path).and_then(|mut fh| std::io::Read::read_to_end(&mut fh, &mut Vec::new())))
+            std::thread::spawn(move || {
+                std::fs::File::open(&path)
+                    .and_then(|mut fh| std::io::Read::read_to_end(&mut fh, &mut Vec::new()))
+            })
         })
         .collect();
     let results: Vec<_> = readers.into_iter().map(|r| r.join()).collect();
     let took = start.elapsed();
     source.set(HEALTHY);
     for r in results {
-        let err = r.map_err(|_| anyhow::anyhow!("reader panicked"))?.expect_err("a read through a panicking fetch");
+        let err = r
+            .map_err(|_| anyhow::anyhow!("reader panicked"))?
+            .expect_err("a read through a panicking fetch");
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     }
-    assert!(took < Duration::from_secs(30), "waiters of a panicked fetch waited {took:?}");
-    assert_eq!(std::fs::read(&path)?, std::fs::read(f.src.join("data/f000"))?);
+    assert!(
+        took < Duration::from_secs(30),
+        "waiters of a panicked fetch waited {took:?}"
+    );
+    assert_eq!(
+        std::fs::read(&path)?,
+        std::fs::read(f.src.join("data/f000"))?
+    );
     layer.unmount()?;
     Ok(())
 }

@@ -18,7 +18,10 @@ use stargz::snapshot::RemoteLayers;
 #[test]
 fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()> {
     require_root();
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("stargz=info").try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("stargz=info")
+        .try_init();
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("src");
     std::fs::create_dir(&src)?;
@@ -34,9 +37,13 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
     let registry = common::Registry::start();
     let reference = common::push_image(&registry, "fs/rootfs", "v1", &[layer]);
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let client = stargz::remote::RegistryClient::new(stargz::remote::ClientConfig::default())?;
-    let cache = stargz::cache::open_store("memory", &tmp.path().join("httpcache"), Default::default())?;
+    let cache =
+        stargz::cache::open_store("memory", &tmp.path().join("httpcache"), Default::default())?;
     let resolver = RegistryResolver::new(client, cache, rt.handle().clone());
     let mut cfg = FsConfig::new(&tmp.path().join("root"));
     cfg.max_concurrency = 2;
@@ -45,28 +52,48 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt)?;
     let labels: BTreeMap<String, String> = [
-        ("containerd.io/snapshot/remote/stargz.reference", reference.as_str()),
-        ("containerd.io/snapshot/remote/stargz.digest", digest.as_str()),
-        ("containerd.io/snapshot/stargz/toc.digest", toc_digest.as_str()),
+        (
+            "containerd.io/snapshot/remote/stargz.reference",
+            reference.as_str(),
+        ),
+        (
+            "containerd.io/snapshot/remote/stargz.digest",
+            digest.as_str(),
+        ),
+        (
+            "containerd.io/snapshot/stargz/toc.digest",
+            toc_digest.as_str(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    mgr.mount(&mnt, &labels).map_err(|e| anyhow!("mount: {e}"))?;
+    mgr.mount(&mnt, &labels)
+        .map_err(|e| anyhow!("mount: {e}"))?;
     let _guard = UmountGuard(mnt.clone());
     let n = compare_trees(&src, &mnt)?;
     ensure!(n > 100, "compared only {n} paths");
-    mgr.check(&mnt, &labels).map_err(|e| anyhow!("check: {e}"))?;
+    mgr.check(&mnt, &labels)
+        .map_err(|e| anyhow!("check: {e}"))?;
 
     let start = Instant::now();
-    while !mgr.with_layer(&mnt, |l| l.reader().fully_cached()).unwrap_or(false) {
-        ensure!(start.elapsed() < Duration::from_secs(120), "background fetch did not finish");
+    while !mgr
+        .with_layer(&mnt, |l| l.reader().fully_cached())
+        .unwrap_or(false)
+    {
+        ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "background fetch did not finish"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(registry);
     std::fs::write("/proc/sys/vm/drop_caches", b"1")?;
     compare_trees(&src, &mnt)?;
-    ensure!(mgr.check(&mnt, &labels).is_err(), "check must notice the registry is gone");
+    ensure!(
+        mgr.check(&mnt, &labels).is_err(),
+        "check must notice the registry is gone"
+    );
 
     mgr.unmount(&mnt).map_err(|e| anyhow!("unmount: {e}"))?;
     rt.shutdown_background();

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{gzip, layer_tar, snapshots_client, snapshots_pb, Daemon, LayerEntry, Layer, Registry};
+use common::{
+    gzip, layer_tar, snapshots_client, snapshots_pb, Daemon, Layer, LayerEntry, Registry,
+};
 use remote_support::{Action, Fault, Hostile, Proxy, ProxyRequest, Reply};
 
 /// The bound this suite holds the daemon to, whatever the layers say.
@@ -42,7 +44,10 @@ type Client = snapshots_pb::snapshots_client::SnapshotsClient<tonic::transport::
 
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
     kb.expect("VmHWM of the daemon") << 10
 }
 
@@ -94,8 +99,14 @@ fn toc_json(entries: &[serde_json::Value]) -> Vec<u8> {
 fn estargz_layer(entries: &[LayerEntry]) -> (Vec<u8>, String) {
     let tar = layer_tar(entries);
     let mut blob = Vec::new();
-    let opts = stargz::estargz::BuildOptions { chunk_size: 1 << 20, threads: 1, ..Default::default() };
-    let toc = stargz::estargz::build(tar.as_slice(), &mut blob, &opts).expect("estargz").toc_digest;
+    let opts = stargz::estargz::BuildOptions {
+        chunk_size: 1 << 20,
+        threads: 1,
+        ..Default::default()
+    };
+    let toc = stargz::estargz::build(tar.as_slice(), &mut blob, &opts)
+        .expect("estargz")
+        .toc_digest;
     (blob, toc)
 }
 
@@ -113,12 +124,24 @@ fn hostile_layers() -> Vec<Case> {
     let mut cases = Vec::new();
     // Tar extension records in the TOC member far beyond any real one.
     let long = oversized_extension_member(tar::EntryType::GNULongName, 256 << 20);
-    cases.push(Case { name: "gnu-long-name", blob: blob_with_toc_member(&long), toc_digest: stargz::estargz::sha256_digest(b"any"), refused: ("tar extension record 'L' of 268435456 bytes") });
+    cases.push(Case {
+        name: "gnu-long-name",
+        blob: blob_with_toc_member(&long),
+        toc_digest: stargz::estargz::sha256_digest(b"any"),
+        refused: ("tar extension record 'L' of 268435456 bytes"),
+    });
     let pax = oversized_extension_member(tar::EntryType::XHeader, 256 << 20);
-    cases.push(Case { name: "pax-record", blob: blob_with_toc_member(&pax), toc_digest: stargz::estargz::sha256_digest(b"any"), refused: ("tar extension record 'x' of 268435456 bytes") });
+    cases.push(Case {
+        name: "pax-record",
+        blob: blob_with_toc_member(&pax),
+        toc_digest: stargz::estargz::sha256_digest(b"any"),
+        refused: ("tar extension record 'x' of 268435456 bytes"),
+    });
     // Deep chains of implicit directories: 300 names of ~4 KB, each implying 2,000 directories
     // (4 MB of their paths): the reviewed case, a layer of a few KB that implied over 1 GB.
-    let deep: Vec<_> = (0..300).map(|i| dir(format!("x{i}/{}e", "d/".repeat(2000)))).collect();
+    let deep: Vec<_> = (0..300)
+        .map(|i| dir(format!("x{i}/{}e", "d/".repeat(2000))))
+        .collect();
     let json = toc_json(&deep);
     cases.push(Case {
         name: "deep-implicit-dirs",
@@ -128,12 +151,32 @@ fn hostile_layers() -> Vec<Case> {
     });
     // Whiteout and hardlink edge cases.
     let edge: [(&str, Vec<serde_json::Value>, &str); 4] = [
-        ("empty-whiteout", vec![reg0(".wh.")], "whiteout of an empty name"),
-        ("state-dir-whiteout", vec![reg0(".wh..stargz-snapshotter")], "shadows the daemon's state directory"),
-        ("state-dir", vec![dir(".stargz-snapshotter".into()), reg0(".stargz-snapshotter/x")], "shadows the daemon's state directory"),
+        (
+            "empty-whiteout",
+            vec![reg0(".wh.")],
+            "whiteout of an empty name",
+        ),
+        (
+            "state-dir-whiteout",
+            vec![reg0(".wh..stargz-snapshotter")],
+            "shadows the daemon's state directory",
+        ),
+        (
+            "state-dir",
+            vec![
+                dir(".stargz-snapshotter".into()),
+                reg0(".stargz-snapshotter/x"),
+            ],
+            "shadows the daemon's state directory",
+        ),
         (
             "hardlink-over-dir",
-            vec![reg0("f"), dir("d".into()), reg0("d/x"), serde_json::json!({"name": "d", "type": "hardlink", "linkName": "f"})],
+            vec![
+                reg0("f"),
+                dir("d".into()),
+                reg0("d/x"),
+                serde_json::json!({"name": "d", "type": "hardlink", "linkName": "f"}),
+            ],
             "parent \"d\" is not a directory",
         ),
     ];
@@ -153,9 +196,18 @@ fn hostile_layers() -> Vec<Case> {
 fn labels(reference: &str, digest: &str, toc: &str, target: &str) -> HashMap<String, String> {
     HashMap::from([
         ("containerd.io/snapshot.ref".into(), target.into()),
-        ("containerd.io/snapshot/remote/stargz.reference".into(), reference.into()),
-        ("containerd.io/snapshot/remote/stargz.digest".into(), digest.into()),
-        ("containerd.io/snapshot/remote/stargz.layers".into(), digest.into()),
+        (
+            "containerd.io/snapshot/remote/stargz.reference".into(),
+            reference.into(),
+        ),
+        (
+            "containerd.io/snapshot/remote/stargz.digest".into(),
+            digest.into(),
+        ),
+        (
+            "containerd.io/snapshot/remote/stargz.layers".into(),
+            digest.into(),
+        ),
         (TOC_LABEL.into(), toc.into()),
     ])
 }
@@ -163,12 +215,22 @@ fn labels(reference: &str, digest: &str, toc: &str, target: &str) -> HashMap<Str
 /// Prepare as containerd does for a layer: true when it became a remote snapshot, false when
 /// the daemon fell back to an ordinary one (the active snapshot is removed again).
 async fn prepare(c: &mut Client, key: &str, labels: HashMap<String, String>) -> bool {
-    let req = snapshots_pb::PrepareSnapshotRequest { snapshotter: String::new(), key: key.into(), parent: String::new(), labels };
-    let res = tokio::time::timeout(Duration::from_secs(120), c.prepare(req)).await.expect("Prepare answered within 120 s");
+    let req = snapshots_pb::PrepareSnapshotRequest {
+        snapshotter: String::new(),
+        key: key.into(),
+        parent: String::new(),
+        labels,
+    };
+    let res = tokio::time::timeout(Duration::from_secs(120), c.prepare(req))
+        .await
+        .expect("Prepare answered within 120 s");
     match res {
         Err(s) if s.code() == tonic::Code::AlreadyExists => true,
         Ok(_) => {
-            let rm = snapshots_pb::RemoveSnapshotRequest { snapshotter: String::new(), key: key.into() };
+            let rm = snapshots_pb::RemoveSnapshotRequest {
+                snapshotter: String::new(),
+                key: key.into(),
+            };
             c.remove(rm).await.expect("remove the fallback snapshot");
             false
         }
@@ -179,30 +241,47 @@ async fn prepare(c: &mut Client, key: &str, labels: HashMap<String, String>) -> 
 /// Where a committed remote snapshot's layer is mounted: a View of it is a bind of that dir.
 async fn layer_dir(c: &mut Client, target: &str) -> PathBuf {
     let key = format!("view-{target}");
-    let req = snapshots_pb::ViewSnapshotRequest { snapshotter: String::new(), key, parent: target.into(), labels: HashMap::new() };
+    let req = snapshots_pb::ViewSnapshotRequest {
+        snapshotter: String::new(),
+        key,
+        parent: target.into(),
+        labels: HashMap::new(),
+    };
     let mounts = c.view(req).await.expect("View").into_inner().mounts;
     assert_eq!(mounts.len(), 1, "{mounts:?}");
     PathBuf::from(&mounts[0].source)
 }
 
 fn read_all(dir: &Path, names: &[&str]) -> Vec<Vec<u8>> {
-    names.iter().map(|n| std::fs::read(dir.join(n)).unwrap_or_else(|e| panic!("read {n}: {e}"))).collect()
+    names
+        .iter()
+        .map(|n| std::fs::read(dir.join(n)).unwrap_or_else(|e| panic!("read {n}: {e}")))
+        .collect()
 }
 
 /// The reason the daemon logged for not mounting the layer of Prepare `key` lazily.
 fn fallback_error(daemon: &Daemon, key: &str) -> String {
     let log = daemon.log();
-    let event = log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| {
-        v["fields"]["remote-snapshot-prepared"] == serde_json::Value::Bool(false) && v["fields"]["key"] == key
-    });
-    let error = event.last().and_then(|v| v["fields"]["error"].as_str().map(str::to_owned));
+    let event = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["remote-snapshot-prepared"] == serde_json::Value::Bool(false)
+                && v["fields"]["key"] == key
+        });
+    let error = event
+        .last()
+        .and_then(|v| v["fields"]["error"].as_str().map(str::to_owned));
     error.unwrap_or_else(|| panic!("{key}: no fallback with a reason logged"))
 }
 
 fn assert_log_lines_bounded(daemon: &Daemon) {
     let log = daemon.log();
     let longest = log.lines().map(str::len).max().unwrap_or(0);
-    assert!(longest <= MAX_LOG_LINE, "a daemon log line has {longest} bytes");
+    assert!(
+        longest <= MAX_LOG_LINE,
+        "a daemon log line has {longest} bytes"
+    );
 }
 
 #[test]
@@ -215,21 +294,42 @@ fn hostile_layers_and_registries_cannot_take_the_daemon_down() {
     std::fs::write(&config, CONFIG).expect("config");
     let root = tmp.path().join("root");
     let socket = tmp.path().join("stargz.sock");
-    let daemon = Daemon::start(&root, &socket, &["--config", config.to_str().expect("utf8")]);
+    let daemon = Daemon::start(
+        &root,
+        &socket,
+        &["--config", config.to_str().expect("utf8")],
+    );
     let pid = daemon.pid().expect("daemon pid");
 
     // A good layer, mounted first and read again after every hostile case.
-    let good_files = [("etc/good.txt", b"good layer\n".to_vec()), ("bin/tool", fs_support::noise(300_000, 5))];
-    let entries: Vec<_> = good_files.iter().map(|(p, d)| LayerEntry::file(p, d.clone())).collect();
+    let good_files = [
+        ("etc/good.txt", b"good layer\n".to_vec()),
+        ("bin/tool", fs_support::noise(300_000, 5)),
+    ];
+    let entries: Vec<_> = good_files
+        .iter()
+        .map(|(p, d)| LayerEntry::file(p, d.clone()))
+        .collect();
     let (good_blob, good_toc) = estargz_layer(&entries);
     // A layer whose registry will stall: 24 files of one chunk each.
-    let stall_entries: Vec<_> = (0..24).map(|i| LayerEntry::file(&format!("data/f{i:02}"), fs_support::noise(64 << 10, i + 10))).collect();
+    let stall_entries: Vec<_> = (0..24)
+        .map(|i| {
+            LayerEntry::file(
+                &format!("data/f{i:02}"),
+                fs_support::noise(64 << 10, i + 10),
+            )
+        })
+        .collect();
     let (stall_blob, stall_toc) = estargz_layer(&stall_entries);
     // Hand-made: garbage after the chunk's gzip member, and a deflate stream far past the chunk.
     let content = fs_support::noise(100_000, 3);
-    let (garbage_blob, garbage_toc) = fs_support::hand_made_blob(&content, &[0u8; 32 << 20], &fs_support::noise(10_000, 4)).expect("blob");
+    let (garbage_blob, garbage_toc) =
+        fs_support::hand_made_blob(&content, &[0u8; 32 << 20], &fs_support::noise(10_000, 4))
+            .expect("blob");
     // A huge directory, served (readdir is linear in its size).
-    let huge: Vec<_> = (0..50_000).map(|i| serde_json::json!({"name": format!("big/f{i}"), "type": "reg"})).collect();
+    let huge: Vec<_> = (0..50_000)
+        .map(|i| serde_json::json!({"name": format!("big/f{i}"), "type": "reg"}))
+        .collect();
     let huge_json = toc_json(&huge);
     let huge_blob = blob_with_toc_member(&toc_member(&[], &huge_json));
 
@@ -240,7 +340,11 @@ fn hostile_layers_and_registries_cannot_take_the_daemon_down() {
         Layer::from_blob(garbage_blob, common::MEDIA_TYPE_LAYER_GZIP, "sha256:00"),
         Layer::from_blob(huge_blob, common::MEDIA_TYPE_LAYER_GZIP, "sha256:00"),
     ];
-    layers.extend(cases.iter().map(|c| Layer::from_blob(c.blob.clone(), common::MEDIA_TYPE_LAYER_GZIP, "sha256:00")));
+    layers.extend(
+        cases
+            .iter()
+            .map(|c| Layer::from_blob(c.blob.clone(), common::MEDIA_TYPE_LAYER_GZIP, "sha256:00")),
+    );
     let digests: Vec<String> = layers.iter().map(Layer::digest).collect();
     let reference = common::push_image(&registry, "hostile", "v1", &layers);
 
@@ -251,7 +355,11 @@ fn hostile_layers_and_registries_cannot_take_the_daemon_down() {
         .block_on(Proxy::start(
             registry.addr(),
             Arc::new(move |_req: &ProxyRequest| {
-                Action::Forward(if policy_frozen.load(Ordering::SeqCst) { Fault::Silent } else { Fault::None })
+                Action::Forward(if policy_frozen.load(Ordering::SeqCst) {
+                    Fault::Silent
+                } else {
+                    Fault::None
+                })
             }),
         ))
         .expect("proxy");
@@ -345,43 +453,105 @@ fn endless_token_and_error_bodies_fall_back_in_bounded_memory() {
     std::fs::write(&config, CONFIG).expect("config");
     let root = tmp.path().join("root");
     let socket = tmp.path().join("stargz.sock");
-    let daemon = Daemon::start(&root, &socket, &["--config", config.to_str().expect("utf8")]);
+    let daemon = Daemon::start(
+        &root,
+        &socket,
+        &["--config", config.to_str().expect("utf8")],
+    );
     let pid = daemon.pid().expect("daemon pid");
-    let endless = |status: u16, headers: Vec<(String, String)>| Reply::Endless { status, headers, prefix: b"{\"token\":\"".to_vec(), piece: vec![b'x'; 64 << 10], cap: 1 << 30 };
+    let endless = |status: u16, headers: Vec<(String, String)>| Reply::Endless {
+        status,
+        headers,
+        prefix: b"{\"token\":\"".to_vec(),
+        piece: vec![b'x'; 64 << 10],
+        cap: 1 << 30,
+    };
     let token_server = rt
-        .block_on(Hostile::start(Arc::new(move |_req: &ProxyRequest| endless(200, vec![("content-type".into(), "application/json".into())]))))
+        .block_on(Hostile::start(Arc::new(move |_req: &ProxyRequest| {
+            endless(
+                200,
+                vec![("content-type".into(), "application/json".into())],
+            )
+        })))
         .expect("token server");
-    let realm = format!("Bearer realm=\"http://{}/token\",service=\"hostile\"", token_server.addr);
+    let realm = format!(
+        "Bearer realm=\"http://{}/token\",service=\"hostile\"",
+        token_server.addr
+    );
     let auth_server = rt
-        .block_on(Hostile::start(Arc::new(move |_req: &ProxyRequest| Reply::Fixed {
-            status: 401,
-            headers: vec![("www-authenticate".into(), realm.clone())],
-            body: b"{}".to_vec(),
+        .block_on(Hostile::start(Arc::new(move |_req: &ProxyRequest| {
+            Reply::Fixed {
+                status: 401,
+                headers: vec![("www-authenticate".into(), realm.clone())],
+                body: b"{}".to_vec(),
+            }
         })))
         .expect("registry");
     let error_server = rt
-        .block_on(Hostile::start(Arc::new(move |req: &ProxyRequest| match req.path.as_str() {
-            "/v2/" => Reply::Fixed { status: 200, headers: vec![], body: b"{}".to_vec() },
-            _ => Reply::Endless { status: 500, headers: vec![], prefix: b"{\"errors\":[{\"message\":\"".to_vec(), piece: vec![b'e'; 64 << 10], cap: 1 << 30 },
-        })))
+        .block_on(Hostile::start(Arc::new(
+            move |req: &ProxyRequest| match req.path.as_str() {
+                "/v2/" => Reply::Fixed {
+                    status: 200,
+                    headers: vec![],
+                    body: b"{}".to_vec(),
+                },
+                _ => Reply::Endless {
+                    status: 500,
+                    headers: vec![],
+                    prefix: b"{\"errors\":[{\"message\":\"".to_vec(),
+                    piece: vec![b'e'; 64 << 10],
+                    cap: 1 << 30,
+                },
+            },
+        )))
         .expect("registry");
     let digest = format!("sha256:{}", "ab".repeat(32));
     let toc = format!("sha256:{}", "cd".repeat(32));
     rt.block_on(async {
         let mut c = snapshots_client(&socket).await.expect("connect");
-        for (name, addr, reason) in [("token", &auth_server.addr, "token"), ("error", &error_server.addr, "500")] {
+        for (name, addr, reason) in [
+            ("token", &auth_server.addr, "token"),
+            ("error", &error_server.addr, "500"),
+        ] {
             let start = Instant::now();
             let reference = format!("{addr}/hostile:{name}");
-            assert!(!prepare(&mut c, &format!("k-{name}"), labels(&reference, &digest, &toc, name)).await, "{name}: mounted");
+            assert!(
+                !prepare(
+                    &mut c,
+                    &format!("k-{name}"),
+                    labels(&reference, &digest, &toc, name)
+                )
+                .await,
+                "{name}: mounted"
+            );
             let error = fallback_error(&daemon, &format!("k-{name}"));
             eprintln!("endless {name} body: {error}");
-            assert!(error.contains(reason), "{name}: fallback reason lacks {reason:?}: {error}");
-            assert!(error.len() < 2048, "{name}: unclipped error of {} B", error.len());
+            assert!(
+                error.contains(reason),
+                "{name}: fallback reason lacks {reason:?}: {error}"
+            );
+            assert!(
+                error.len() < 2048,
+                "{name}: unclipped error of {} B",
+                error.len()
+            );
             let rss = peak_rss(pid);
-            assert!(rss < MAX_PEAK_RSS, "{name}: daemon peak RSS {} MiB", rss >> 20);
-            eprintln!("endless {name} body: fell back in {:?}, daemon peak RSS {} MiB", start.elapsed(), rss >> 20);
+            assert!(
+                rss < MAX_PEAK_RSS,
+                "{name}: daemon peak RSS {} MiB",
+                rss >> 20
+            );
+            eprintln!(
+                "endless {name} body: fell back in {:?}, daemon peak RSS {} MiB",
+                start.elapsed(),
+                rss >> 20
+            );
         }
     });
-    assert!(token_server.sent() < 256 << 20, "the daemon read {} B of an endless token", token_server.sent());
+    assert!(
+        token_server.sent() < 256 << 20,
+        "the daemon read {} B of an endless token",
+        token_server.sent()
+    );
     assert_log_lines_bounded(&daemon);
 }

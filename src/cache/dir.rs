@@ -101,7 +101,10 @@ impl State {
 impl DirectoryCache {
     /// Opens (creating if needed) a cache under `root`: deletes leftovers in `wip/` from a previous
     /// run and indexes the committed entries, oldest modification first in LRU order.
-    pub fn open(root: impl Into<PathBuf>, config: DirectoryCacheConfig) -> Result<Self, CacheError> {
+    pub fn open(
+        root: impl Into<PathBuf>,
+        config: DirectoryCacheConfig,
+    ) -> Result<Self, CacheError> {
         let root = root.into();
         let wip = root.join("wip");
         let root_key = root.display().to_string();
@@ -338,7 +341,10 @@ impl Write for DirWriter {
 impl CacheWriter for DirWriter {
     fn commit(mut self: Box<Self>) -> Result<(), CacheError> {
         let Some(file) = self.file.take() else {
-            return Err(CacheError::io(&self.key, io::Error::other("writer already finished")));
+            return Err(CacheError::io(
+                &self.key,
+                io::Error::other("writer already finished"),
+            ));
         };
         if self.inner.config.sync_add {
             file.sync_all().map_err(|e| CacheError::io(&self.key, e))?;

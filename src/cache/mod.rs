@@ -116,7 +116,10 @@ mod tests {
     #[test]
     fn keys_are_validated() {
         for bad in ["", "a", "a/b", "..", "x..y", ".hidden", "a\0b"] {
-            assert!(matches!(validate_key(bad), Err(CacheError::InvalidKey(_))), "{bad:?}");
+            assert!(
+                matches!(validate_key(bad), Err(CacheError::InvalidKey(_))),
+                "{bad:?}"
+            );
         }
         validate_key("ab").unwrap();
         validate_key("0123abcd-100-200").unwrap();

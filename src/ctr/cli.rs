@@ -7,18 +7,22 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use super::client::Containerd;
+use super::convert::{convert, ConvertOptions};
 use super::labels::DEFAULT_PREFETCH_SIZE;
 use super::registry::{RegistryOptions, RemoteFetcher};
-use crate::remote::Reference;
-use super::convert::{convert, ConvertOptions};
-use super::toc::layer_toc;
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
+use super::toc::layer_toc;
 use super::Error;
+use crate::remote::Reference;
 
 const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "ctr-remote", version, about = "containerd CLI with lazy-pulling (stargz) commands")]
+#[command(
+    name = "ctr-remote",
+    version,
+    about = "containerd CLI with lazy-pulling (stargz) commands"
+)]
 pub struct Cli {
     /// address for containerd's GRPC server (default "/run/containerd/containerd.sock") [$CONTAINERD_ADDRESS]
     #[arg(short = 'a', long, global = true)]
@@ -127,7 +131,11 @@ impl Cli {
     fn namespace(&self) -> String {
         self.namespace
             .clone()
-            .or_else(|| std::env::var("CONTAINERD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::env::var("CONTAINERD_NAMESPACE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
             .unwrap_or_else(|| "default".to_string())
     }
 }
@@ -136,9 +144,15 @@ impl Cli {
 pub async fn run(cli: Cli) -> Result<(), Error> {
     let cd = Containerd::connect(&cli.address(), &cli.namespace()).await?;
     match cli.command {
-        Command::Images { command: ImagesCommand::Rpull(args) } => run_rpull(&cd, args).await,
-        Command::Images { command: ImagesCommand::GetTocDigest(args) } => run_get_toc_digest(&cd, args).await,
-        Command::Images { command: ImagesCommand::Convert(args) } => run_convert(&cd, args).await,
+        Command::Images {
+            command: ImagesCommand::Rpull(args),
+        } => run_rpull(&cd, args).await,
+        Command::Images {
+            command: ImagesCommand::GetTocDigest(args),
+        } => run_get_toc_digest(&cd, args).await,
+        Command::Images {
+            command: ImagesCommand::Convert(args),
+        } => run_convert(&cd, args).await,
     }
 }
 
@@ -156,12 +170,20 @@ async fn run_rpull(cd: &Containerd, args: RpullArgs) -> Result<(), Error> {
     let reference: Reference = args.reference.parse()?;
     let fetcher = RemoteFetcher::new(
         reference.clone(),
-        &RegistryOptions { plain_http: args.plain_http, skip_verify: args.skip_verify, user: args.user },
+        &RegistryOptions {
+            plain_http: args.plain_http,
+            skip_verify: args.skip_verify,
+            user: args.user,
+        },
     )?;
     let snapshotter = args
         .snapshotter
         .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("CONTAINERD_SNAPSHOTTER").ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            std::env::var("CONTAINERD_SNAPSHOTTER")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| "stargz".to_string());
     let opts = RpullOptions {
         snapshotter,
@@ -172,8 +194,21 @@ async fn run_rpull(cd: &Containerd, args: RpullArgs) -> Result<(), Error> {
     let started = Instant::now();
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
-    let s = rpull(cd, &fetcher, &args.reference, &reference, &opts, &mut out, &mut err).await?;
-    let remote = s.layers.iter().filter(|(_, o)| *o == LayerOutcome::Remote).count();
+    let s = rpull(
+        cd,
+        &fetcher,
+        &args.reference,
+        &reference,
+        &opts,
+        &mut out,
+        &mut err,
+    )
+    .await?;
+    let remote = s
+        .layers
+        .iter()
+        .filter(|(_, o)| *o == LayerOutcome::Remote)
+        .count();
     let size = s.image_size().max(0) as u64;
     eprintln!(
         "done: {remote}/{} layers remote (lazy), downloaded {} of {} layer bytes ({:.1}%) in {:.2}s",
@@ -202,10 +237,14 @@ async fn run_get_toc_digest(cd: &Containerd, args: GetTocDigestArgs) -> Result<(
 
 async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
     if !args.estargz {
-        return Err(Error::Unsupported("only --estargz conversion is implemented".into()));
+        return Err(Error::Unsupported(
+            "only --estargz conversion is implemented".into(),
+        ));
     }
     if args.estargz_compression_level > 9 {
-        return Err(Error::InvalidArgument("--estargz-compression-level must be 0-9".into()));
+        return Err(Error::InvalidArgument(
+            "--estargz-compression-level must be 0-9".into(),
+        ));
     }
     let opts = ConvertOptions {
         oci: args.oci,
@@ -232,34 +271,94 @@ mod tests {
     #[test]
     fn accepts_go_ctr_remote_flag_names() {
         let cli = parse(&[
-            "-a", "/x.sock", "-n", "ns", "i", "rpull", "--plain-http", "-k", "-u", "me:pw", "--label", "a=b",
-            "--skip-content-verify", "--snapshotter", "overlayfs", "reg/img:1",
+            "-a",
+            "/x.sock",
+            "-n",
+            "ns",
+            "i",
+            "rpull",
+            "--plain-http",
+            "-k",
+            "-u",
+            "me:pw",
+            "--label",
+            "a=b",
+            "--skip-content-verify",
+            "--snapshotter",
+            "overlayfs",
+            "reg/img:1",
         ]);
         assert_eq!(cli.address(), PathBuf::from("/x.sock"));
         assert_eq!(cli.namespace(), "ns");
-        let Command::Images { command: ImagesCommand::Rpull(r) } = cli.command else { panic!("rpull") };
+        let Command::Images {
+            command: ImagesCommand::Rpull(r),
+        } = cli.command
+        else {
+            panic!("rpull")
+        };
         assert!(r.plain_http && r.skip_verify && r.skip_content_verify);
-        assert_eq!((r.user.as_deref(), r.snapshotter.as_deref()), (Some("me:pw"), Some("overlayfs")));
+        assert_eq!(
+            (r.user.as_deref(), r.snapshotter.as_deref()),
+            (Some("me:pw"), Some("overlayfs"))
+        );
         assert_eq!(parse_labels(&r.labels)["a"], "b");
 
-        let cli = parse(&["--address", "/y", "image", "get-toc-digest", "--dump-toc", "sha256:ab"]);
-        let Command::Images { command: ImagesCommand::GetTocDigest(g) } = cli.command else { panic!("toc") };
+        let cli = parse(&[
+            "--address",
+            "/y",
+            "image",
+            "get-toc-digest",
+            "--dump-toc",
+            "sha256:ab",
+        ]);
+        let Command::Images {
+            command: ImagesCommand::GetTocDigest(g),
+        } = cli.command
+        else {
+            panic!("toc")
+        };
         assert!(g.dump_toc && !g.zstdchunked);
 
         let cli = parse(&[
-            "images", "convert", "--estargz", "--oci", "--estargz-compression-level", "5",
-            "--estargz-chunk-size", "100000", "--estargz-record-in", "/r.json", "src", "dst",
+            "images",
+            "convert",
+            "--estargz",
+            "--oci",
+            "--estargz-compression-level",
+            "5",
+            "--estargz-chunk-size",
+            "100000",
+            "--estargz-record-in",
+            "/r.json",
+            "src",
+            "dst",
         ]);
-        let Command::Images { command: ImagesCommand::Convert(c) } = cli.command else { panic!("convert") };
+        let Command::Images {
+            command: ImagesCommand::Convert(c),
+        } = cli.command
+        else {
+            panic!("convert")
+        };
         assert!(c.estargz && c.oci);
-        assert_eq!((c.estargz_compression_level, c.estargz_chunk_size), (5, 100000));
+        assert_eq!(
+            (c.estargz_compression_level, c.estargz_chunk_size),
+            (5, 100000)
+        );
         assert_eq!((c.source.as_str(), c.target.as_str()), ("src", "dst"));
     }
 
     #[test]
     fn defaults_match_go() {
         let cli = parse(&["images", "convert", "--estargz", "a", "b"]);
-        let Command::Images { command: ImagesCommand::Convert(c) } = cli.command else { panic!("convert") };
-        assert_eq!((c.estargz_compression_level, c.estargz_chunk_size, c.oci), (9, 0, false));
+        let Command::Images {
+            command: ImagesCommand::Convert(c),
+        } = cli.command
+        else {
+            panic!("convert")
+        };
+        assert_eq!(
+            (c.estargz_compression_level, c.estargz_chunk_size, c.oci),
+            (9, 0, false)
+        );
     }
 }

@@ -8,9 +8,9 @@ use bytes::{Bytes, BytesMut};
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::{
     content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
-    leases_client::LeasesClient, AbortRequest, CreateImageRequest, CreateRequest,
-    DeleteRequest, GetImageRequest, Image, Info, InfoRequest, ReadContentRequest,
-    UpdateImageRequest, UpdateRequest, WriteAction, WriteContentRequest,
+    leases_client::LeasesClient, AbortRequest, CreateImageRequest, CreateRequest, DeleteRequest,
+    GetImageRequest, Image, Info, InfoRequest, ReadContentRequest, UpdateImageRequest,
+    UpdateRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::types::Descriptor as PbDescriptor;
 use futures_util::{Stream, StreamExt};
@@ -58,7 +58,8 @@ pub struct Containerd {
 }
 
 fn header_value(v: &str) -> Result<AsciiMetadataValue, Error> {
-    v.parse().map_err(|_| Error::InvalidArgument(format!("not a valid header value: {v:?}")))
+    v.parse()
+        .map_err(|_| Error::InvalidArgument(format!("not a valid header value: {v:?}")))
 }
 
 fn grpc(op: &'static str) -> impl FnOnce(Status) -> Error {
@@ -67,11 +68,19 @@ fn grpc(op: &'static str) -> impl FnOnce(Status) -> Error {
 
 impl Containerd {
     pub async fn connect(address: &Path, namespace: &str) -> Result<Self, Error> {
-        let channel = containerd_client::connect(address).await.map_err(|source| Error::Connect {
-            address: address.display().to_string(),
-            source,
-        })?;
-        Ok(Self { channel, headers: Headers { namespace: header_value(namespace)?, lease: None } })
+        let channel = containerd_client::connect(address)
+            .await
+            .map_err(|source| Error::Connect {
+                address: address.display().to_string(),
+                source,
+            })?;
+        Ok(Self {
+            channel,
+            headers: Headers {
+                namespace: header_value(namespace)?,
+                lease: None,
+            },
+        })
     }
 
     pub fn content(&self) -> ContentClient<Svc> {
@@ -97,10 +106,16 @@ impl Containerd {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let id = format!("ctr-remote-{}-{}", now.as_nanos(), std::process::id());
-        let expire = prost_types::Timestamp { seconds: now.as_secs() as i64 + 24 * 3600, nanos: 0 };
+        let expire = prost_types::Timestamp {
+            seconds: now.as_secs() as i64 + 24 * 3600,
+            nanos: 0,
+        };
         let labels = HashMap::from([("containerd.io/gc.expire".to_string(), expire.to_string())]);
         self.leases()
-            .create(CreateRequest { id: id.clone(), labels })
+            .create(CreateRequest {
+                id: id.clone(),
+                labels,
+            })
             .await
             .map_err(grpc("leases.create"))?;
         let mut leased = self.clone();
@@ -110,7 +125,10 @@ impl Containerd {
 
     pub async fn delete_lease(&self, id: &str) -> Result<(), Error> {
         self.leases()
-            .delete(DeleteRequest { id: id.to_string(), sync: false })
+            .delete(DeleteRequest {
+                id: id.to_string(),
+                sync: false,
+            })
             .await
             .map_err(grpc("leases.delete"))?;
         Ok(())
@@ -118,7 +136,13 @@ impl Containerd {
 
     /// Content info, or `None` when the blob is not in the store.
     pub async fn content_info(&self, digest: &str) -> Result<Option<Info>, Error> {
-        match self.content().info(InfoRequest { digest: digest.to_string() }).await {
+        match self
+            .content()
+            .info(InfoRequest {
+                digest: digest.to_string(),
+            })
+            .await
+        {
             Ok(r) => Ok(r.into_inner().info),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(grpc("content.info")(s)),
@@ -135,9 +159,16 @@ impl Containerd {
             return Ok(());
         }
         let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
-        let info = Info { digest: digest.to_string(), labels: labels.clone(), ..Default::default() };
+        let info = Info {
+            digest: digest.to_string(),
+            labels: labels.clone(),
+            ..Default::default()
+        };
         self.content()
-            .update(UpdateRequest { info: Some(info), update_mask: Some(prost_types::FieldMask { paths }) })
+            .update(UpdateRequest {
+                info: Some(info),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            })
             .await
             .map_err(grpc("content.update"))?;
         Ok(())
@@ -150,7 +181,8 @@ impl Containerd {
         data: Bytes,
         labels: &HashMap<String, String>,
     ) -> Result<bool, Error> {
-        self.write_stream(desc, futures_util::stream::once(async { Ok(data) }), labels).await
+        self.write_stream(desc, futures_util::stream::once(async { Ok(data) }), labels)
+            .await
     }
 
     /// Streams a blob into the content store, committing it under `desc.digest` (containerd
@@ -171,11 +203,19 @@ impl Containerd {
             return Ok(false);
         }
         let ref_ = format!("ctr-remote-{}", desc.digest);
-        let _ = self.content().abort(AbortRequest { r#ref: ref_.clone() }).await;
+        let _ = self
+            .content()
+            .abort(AbortRequest {
+                r#ref: ref_.clone(),
+            })
+            .await;
 
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
         let producer = tokio::spawn(produce_writes(ref_, desc.clone(), labels.clone(), data, tx));
-        let result = self.content().write(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let result = self
+            .content()
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
         let outcome = match result {
             Ok(resp) => {
                 let mut responses = resp.into_inner();
@@ -216,7 +256,11 @@ impl Containerd {
     ) -> Result<impl Stream<Item = Result<Bytes, Error>>, Error> {
         let resp = self
             .content()
-            .read(ReadContentRequest { digest: digest.to_string(), offset, size })
+            .read(ReadContentRequest {
+                digest: digest.to_string(),
+                offset,
+                size,
+            })
             .await
             .map_err(grpc("content.read"))?;
         Ok(resp
@@ -235,7 +279,11 @@ impl Containerd {
     }
 
     /// Spools a blob to a file, never holding it in memory.
-    pub async fn read_to_file(&self, digest: &str, file: &mut tokio::fs::File) -> Result<u64, Error> {
+    pub async fn read_to_file(
+        &self,
+        digest: &str,
+        file: &mut tokio::fs::File,
+    ) -> Result<u64, Error> {
         let mut n = 0u64;
         let mut s = std::pin::pin!(self.read_stream(digest, 0, 0).await?);
         while let Some(chunk) = s.next().await {
@@ -249,7 +297,9 @@ impl Containerd {
 
     pub async fn get_image(&self, name: &str) -> Result<Image, Error> {
         self.images()
-            .get(GetImageRequest { name: name.to_string() })
+            .get(GetImageRequest {
+                name: name.to_string(),
+            })
             .await
             .map_err(grpc("images.get"))?
             .into_inner()
@@ -272,7 +322,10 @@ impl Containerd {
         };
         match self
             .images()
-            .create(CreateImageRequest { image: Some(image.clone()), source_date_epoch: None })
+            .create(CreateImageRequest {
+                image: Some(image.clone()),
+                source_date_epoch: None,
+            })
             .await
         {
             Ok(_) => Ok(()),
@@ -280,7 +333,9 @@ impl Containerd {
                 self.images()
                     .update(UpdateImageRequest {
                         image: Some(image),
-                        update_mask: Some(prost_types::FieldMask { paths: vec!["target".into(), "labels".into()] }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["target".into(), "labels".into()],
+                        }),
                         source_date_epoch: None,
                     })
                     .await
@@ -311,9 +366,12 @@ where
         expected: desc.digest.clone(),
         ..Default::default()
     };
-    tx.send(WriteContentRequest { action: WriteAction::Stat as i32, ..base.clone() })
-        .await
-        .map_err(|_| closed())?;
+    tx.send(WriteContentRequest {
+        action: WriteAction::Stat as i32,
+        ..base.clone()
+    })
+    .await
+    .map_err(|_| closed())?;
     let mut offset = 0i64;
     let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
     let mut data = std::pin::pin!(data);
@@ -340,9 +398,14 @@ where
             break;
         }
     }
-    tx.send(WriteContentRequest { action: WriteAction::Commit as i32, offset, labels, ..base })
-        .await
-        .map_err(|_| closed())?;
+    tx.send(WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        offset,
+        labels,
+        ..base
+    })
+    .await
+    .map_err(|_| closed())?;
     Ok(())
 }
 
@@ -351,7 +414,11 @@ pub fn to_pb(d: &Descriptor) -> PbDescriptor {
         media_type: d.media_type.clone(),
         digest: d.digest.clone(),
         size: d.size,
-        annotations: d.annotations.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        annotations: d
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -361,7 +428,11 @@ pub fn from_pb(d: &PbDescriptor) -> Descriptor {
         digest: d.digest.clone(),
         size: d.size,
         urls: vec![],
-        annotations: d.annotations.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        annotations: d
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         platform: None,
     }
 }

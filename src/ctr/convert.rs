@@ -56,7 +56,10 @@ struct RecordEntry {
 fn prioritized_files(record: &[RecordEntry], manifest_digest: &str, index: usize) -> Vec<String> {
     record
         .iter()
-        .filter(|e| e.layer_index == index && (e.manifest_digest.is_empty() || e.manifest_digest == manifest_digest))
+        .filter(|e| {
+            e.layer_index == index
+                && (e.manifest_digest.is_empty() || e.manifest_digest == manifest_digest)
+        })
         .map(|e| e.path.clone())
         .collect()
 }
@@ -108,18 +111,32 @@ async fn convert_in_lease(
     progress: &mut (dyn Write + Send),
 ) -> Result<(Descriptor, Vec<ConvertedLayer>), Error> {
     let image = cd.get_image(src).await?;
-    let mut target = image.target.as_ref().map(from_pb).ok_or_else(|| Error::NotFound(format!("target of {src}")))?;
+    let mut target = image
+        .target
+        .as_ref()
+        .map(from_pb)
+        .ok_or_else(|| Error::NotFound(format!("target of {src}")))?;
     if is_index_type(&target.media_type) {
         let index: Index = serde_json::from_slice(&cd.read_all(&target.digest).await?)?;
         let want = host_platform();
         target = index
             .manifests
             .into_iter()
-            .find(|m| m.platform.as_ref().is_none_or(|p| p.os == want.os && p.architecture == want.architecture))
-            .ok_or_else(|| Error::NotFound(format!("no {}/{} manifest in {src}", want.os, want.architecture)))?;
+            .find(|m| {
+                m.platform
+                    .as_ref()
+                    .is_none_or(|p| p.os == want.os && p.architecture == want.architecture)
+            })
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no {}/{} manifest in {src}",
+                    want.os, want.architecture
+                ))
+            })?;
     }
     let manifest: Manifest = serde_json::from_slice(&cd.read_all(&target.digest).await?)?;
-    let mut config: serde_json::Value = serde_json::from_slice(&cd.read_all(&manifest.config.digest).await?)?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&cd.read_all(&manifest.config.digest).await?)?;
     let record = match &opts.record_in {
         Some(p) => read_record(p)?,
         None => Vec::new(),
@@ -129,7 +146,10 @@ async fn convert_in_lease(
     let mut diff_ids = Vec::with_capacity(manifest.layers.len());
     for (i, layer) in manifest.layers.iter().enumerate() {
         if !is_layer_type(&layer.media_type) {
-            return Err(Error::Unsupported(format!("layer {i} has media type {}", layer.media_type)));
+            return Err(Error::Unsupported(format!(
+                "layer {i} has media type {}",
+                layer.media_type
+            )));
         }
         let files = prioritized_files(&record, &target.digest, i);
         let new = convert_layer(cd, layer, files, opts).await?;
@@ -140,10 +160,21 @@ async fn convert_in_lease(
             manifest.layers.len(),
             &layer.digest,
             &new.digest,
-            new.annotations.get(ANN_TOC_DIGEST).map(String::as_str).unwrap_or("")
+            new.annotations
+                .get(ANN_TOC_DIGEST)
+                .map(String::as_str)
+                .unwrap_or("")
         )?;
-        diff_ids.push(new.annotations.get(ANN_UNCOMPRESSED).cloned().unwrap_or_default());
-        converted.push(ConvertedLayer { source: layer.clone(), target: new });
+        diff_ids.push(
+            new.annotations
+                .get(ANN_UNCOMPRESSED)
+                .cloned()
+                .unwrap_or_default(),
+        );
+        converted.push(ConvertedLayer {
+            source: layer.clone(),
+            target: new,
+        });
     }
 
     config["rootfs"]["diff_ids"] = serde_json::to_value(&diff_ids)?;
@@ -156,23 +187,39 @@ async fn convert_in_lease(
         manifest.config.media_type.as_str()
     };
     let config_desc = desc(config_mt, &config_bytes);
-    cd.write_bytes(&config_desc, config_bytes, &HashMap::new()).await?;
+    cd.write_bytes(&config_desc, config_bytes, &HashMap::new())
+        .await?;
 
     let mut new_manifest = manifest.clone();
     new_manifest.config = config_desc.clone();
     new_manifest.layers = converted.iter().map(|c| c.target.clone()).collect();
-    new_manifest.media_type = Some(if opts.oci || manifest.media_type.as_deref() == Some(MT_OCI_MANIFEST) {
-        MT_OCI_MANIFEST.to_string()
-    } else {
-        MT_DOCKER_MANIFEST.to_string()
-    });
+    new_manifest.media_type = Some(
+        if opts.oci || manifest.media_type.as_deref() == Some(MT_OCI_MANIFEST) {
+            MT_OCI_MANIFEST.to_string()
+        } else {
+            MT_DOCKER_MANIFEST.to_string()
+        },
+    );
     let manifest_bytes = Bytes::from(serde_json::to_vec(&new_manifest)?);
-    let manifest_desc = desc(new_manifest.media_type.as_deref().unwrap_or(MT_OCI_MANIFEST), &manifest_bytes);
-    let mut labels = HashMap::from([("containerd.io/gc.ref.content.config".to_string(), config_desc.digest.clone())]);
+    let manifest_desc = desc(
+        new_manifest
+            .media_type
+            .as_deref()
+            .unwrap_or(MT_OCI_MANIFEST),
+        &manifest_bytes,
+    );
+    let mut labels = HashMap::from([(
+        "containerd.io/gc.ref.content.config".to_string(),
+        config_desc.digest.clone(),
+    )]);
     for (i, l) in new_manifest.layers.iter().enumerate() {
-        labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
+        labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.clone(),
+        );
     }
-    cd.write_bytes(&manifest_desc, manifest_bytes, &labels).await?;
+    cd.write_bytes(&manifest_desc, manifest_bytes, &labels)
+        .await?;
     cd.put_image(dst, &manifest_desc, &image.labels).await?;
     Ok((manifest_desc, converted))
 }
@@ -257,10 +304,18 @@ mod tests {
         let text = r#"{"path":"usr/bin/python3","manifestDigest":"sha256:m","layerIndex":1}
 {"path":"etc/os-release","manifestDigest":"sha256:m","layerIndex":0}
 {"path":"other","manifestDigest":"sha256:x","layerIndex":1}"#;
-        let rec: Vec<RecordEntry> =
-            serde_json::Deserializer::from_str(text).into_iter().collect::<Result<_, _>>().unwrap();
-        assert_eq!(prioritized_files(&rec, "sha256:m", 1), vec!["usr/bin/python3".to_string()]);
-        assert_eq!(prioritized_files(&rec, "sha256:m", 0), vec!["etc/os-release".to_string()]);
+        let rec: Vec<RecordEntry> = serde_json::Deserializer::from_str(text)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            prioritized_files(&rec, "sha256:m", 1),
+            vec!["usr/bin/python3".to_string()]
+        );
+        assert_eq!(
+            prioritized_files(&rec, "sha256:m", 0),
+            vec!["etc/os-release".to_string()]
+        );
         assert!(prioritized_files(&rec, "sha256:m", 2).is_empty());
     }
 }

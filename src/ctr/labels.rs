@@ -28,8 +28,10 @@ pub const DEFAULT_PREFETCH_SIZE: u64 = 10 * 1024 * 1024;
 /// wrapper does: the layers label lists this layer and the ones *after* it, cut where the
 /// label would exceed containerd's size limit (only costs prefetch, never correctness).
 pub fn append_default_labels(image_ref: &str, layers: &mut [Descriptor], prefetch_size: u64) {
-    let digests: Vec<(bool, String)> =
-        layers.iter().map(|l| (is_layer_type(&l.media_type), l.digest.clone())).collect();
+    let digests: Vec<(bool, String)> = layers
+        .iter()
+        .map(|l| (is_layer_type(&l.media_type), l.digest.clone()))
+        .collect();
     for (i, layer) in layers.iter_mut().enumerate() {
         if !is_layer_type(&layer.media_type) {
             continue;
@@ -95,7 +97,10 @@ mod tests {
     fn layers_label_lists_this_and_following_layers() {
         let mut layers = vec![layer("sha256:a"), layer("sha256:b"), layer("sha256:c")];
         append_default_labels("reg/x:1", &mut layers, DEFAULT_PREFETCH_SIZE);
-        assert_eq!(layers[0].annotations[LABEL_LAYERS], "sha256:a,sha256:b,sha256:c");
+        assert_eq!(
+            layers[0].annotations[LABEL_LAYERS],
+            "sha256:a,sha256:b,sha256:c"
+        );
         assert_eq!(layers[1].annotations[LABEL_LAYERS], "sha256:b,sha256:c");
         assert_eq!(layers[2].annotations[LABEL_LAYERS], "sha256:c");
         assert_eq!(layers[1].annotations[LABEL_DIGEST], "sha256:b");
@@ -106,14 +111,18 @@ mod tests {
 
     #[test]
     fn layers_label_is_truncated_to_the_label_limit() {
-        let mut layers: Vec<Descriptor> =
-            (0..100).map(|i| layer(&format!("sha256:{:064x}", i))).collect();
+        let mut layers: Vec<Descriptor> = (0..100)
+            .map(|i| layer(&format!("sha256:{:064x}", i)))
+            .collect();
         append_default_labels("r", &mut layers, 0);
         let l = &layers[0].annotations[LABEL_LAYERS];
         assert!(LABEL_LAYERS.len() + l.len() < MAX_LABEL_SIZE);
         assert!(l.starts_with(&layers[0].digest));
         assert!(!l.ends_with(','));
-        assert_eq!(l.split(',').count(), (MAX_LABEL_SIZE - LABEL_LAYERS.len()) / 72);
+        assert_eq!(
+            l.split(',').count(),
+            (MAX_LABEL_SIZE - LABEL_LAYERS.len()) / 72
+        );
     }
 
     #[test]
@@ -121,16 +130,22 @@ mod tests {
         let mut cfg = layer("sha256:cfg");
         cfg.media_type = MT_OCI_CONFIG.into();
         let mut layers = vec![cfg, layer("sha256:a")];
-        layers[1].annotations.insert("org.opencontainers.x".into(), "no".into());
         layers[1]
             .annotations
-            .insert("containerd.io/snapshot/stargz/toc.digest".into(), "sha256:t".into());
+            .insert("org.opencontainers.x".into(), "no".into());
+        layers[1].annotations.insert(
+            "containerd.io/snapshot/stargz/toc.digest".into(),
+            "sha256:t".into(),
+        );
         append_default_labels("r", &mut layers, 0);
         assert!(layers[0].annotations.is_empty());
         let extra = HashMap::from([(LABEL_SKIP_VERIFY.to_string(), "true".to_string())]);
         let labels = snapshot_labels(&layers[1], "sha256:chain", &extra);
         assert_eq!(labels[LABEL_SNAPSHOT_REF], "sha256:chain");
-        assert_eq!(labels["containerd.io/snapshot/stargz/toc.digest"], "sha256:t");
+        assert_eq!(
+            labels["containerd.io/snapshot/stargz/toc.digest"],
+            "sha256:t"
+        );
         assert_eq!(labels[LABEL_SKIP_VERIFY], "true");
         assert!(!labels.contains_key("org.opencontainers.x"));
         assert_eq!(labels[LABEL_LAYERS], "sha256:a");

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MT_DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MT_DOCKER_MANIFEST_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const MT_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -122,7 +123,11 @@ pub fn host_platform() -> Platform {
         "powerpc64" => "ppc64le",
         other => other,
     };
-    Platform { architecture: architecture.to_string(), os: "linux".to_string(), variant: None }
+    Platform {
+        architecture: architecture.to_string(),
+        os: "linux".to_string(),
+        variant: None,
+    }
 }
 
 #[cfg(test)]
@@ -139,7 +144,10 @@ mod tests {
         let chain = chain_ids(&diffs);
         assert_eq!(chain[0], "sha256:aaaa");
         assert_eq!(chain[1], sha256_digest(b"sha256:aaaa sha256:bbbb"));
-        assert_eq!(chain[2], sha256_digest(format!("{} sha256:cccc", chain[1]).as_bytes()));
+        assert_eq!(
+            chain[2],
+            sha256_digest(format!("{} sha256:cccc", chain[1]).as_bytes())
+        );
     }
 
     #[test]

@@ -29,7 +29,10 @@ pub trait Fetcher: Send + Sync {
     fn fetch_small(&self, desc: &Descriptor) -> impl Future<Output = Result<Bytes, Error>> + Send;
     /// Streams a blob; the stream ends in an error if the bytes do not match the digest
     /// (the content store verifies again on commit).
-    fn fetch_stream(&self, desc: &Descriptor) -> impl Future<Output = Result<BlobStream, Error>> + Send;
+    fn fetch_stream(
+        &self,
+        desc: &Descriptor,
+    ) -> impl Future<Output = Result<BlobStream, Error>> + Send;
 }
 
 /// Options mirroring `ctr`'s registry flags.
@@ -46,7 +49,10 @@ impl RegistryOptions {
     /// insecure, `--skip-verify` turns TLS verification off (for all hosts, like Go's
     /// resolver), `--user` becomes that host's credentials ahead of the docker config.
     fn client_config(&self, reference: &Reference) -> ClientConfig {
-        let mut config = ClientConfig { skip_tls_verify: self.skip_verify, ..Default::default() };
+        let mut config = ClientConfig {
+            skip_tls_verify: self.skip_verify,
+            ..Default::default()
+        };
         if self.plain_http {
             config.insecure_hosts.push(reference.host.clone());
         }
@@ -54,7 +60,10 @@ impl RegistryOptions {
             let (username, secret) = user.split_once(':').unwrap_or((user.as_str(), ""));
             config.credentials.insert(
                 reference.host.clone(),
-                Credentials { username: username.to_string(), secret: Secret::new(secret) },
+                Credentials {
+                    username: username.to_string(),
+                    secret: Secret::new(secret),
+                },
             );
         }
         config
@@ -79,7 +88,10 @@ impl RemoteFetcher {
 
 fn check_size(desc: &Descriptor, len: u64) -> Result<(), Error> {
     if len as i64 != desc.size {
-        return Err(Error::Format(format!("{} is {len} bytes, descriptor says {}", desc.digest, desc.size)));
+        return Err(Error::Format(format!(
+            "{} is {len} bytes, descriptor says {}",
+            desc.digest, desc.size
+        )));
     }
     Ok(())
 }
@@ -96,9 +108,9 @@ struct ChannelWriter(std::sync::mpsc::SyncSender<Result<Bytes, Error>>);
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .send(Ok(Bytes::copy_from_slice(buf)))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "blob stream dropped"))?;
+        self.0.send(Ok(Bytes::copy_from_slice(buf))).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "blob stream dropped")
+        })?;
         Ok(buf.len())
     }
 
@@ -109,7 +121,10 @@ impl Write for ChannelWriter {
 
 impl Fetcher for RemoteFetcher {
     async fn resolve(&self) -> Result<(Descriptor, Bytes), Error> {
-        let m = self.client.fetch_manifest(&self.reference, self.reference.object()).await?;
+        let m = self
+            .client
+            .fetch_manifest(&self.reference, self.reference.object())
+            .await?;
         let desc = Descriptor {
             media_type: m.media_type,
             digest: m.digest,
@@ -123,9 +138,14 @@ impl Fetcher for RemoteFetcher {
 
     async fn fetch_small(&self, desc: &Descriptor) -> Result<Bytes, Error> {
         let raw = if is_manifest_type(&desc.media_type) {
-            self.client.fetch_manifest(&self.reference, &desc.digest).await?.raw
+            self.client
+                .fetch_manifest(&self.reference, &desc.digest)
+                .await?
+                .raw
         } else {
-            self.client.fetch_blob_bytes(&self.reference, &desc.digest).await?
+            self.client
+                .fetch_blob_bytes(&self.reference, &desc.digest)
+                .await?
         };
         check_size(desc, raw.len() as u64)?;
         Ok(Bytes::from(raw))
@@ -135,7 +155,13 @@ impl Fetcher for RemoteFetcher {
     /// bounded channel that a second blocking thread forwards to the stream. Dropping the
     /// stream stops both. The blob's cache is never used by whole-blob fetches.
     async fn fetch_stream(&self, desc: &Descriptor) -> Result<BlobStream, Error> {
-        let blob = Blob::open(&self.client, &self.reference, &desc.digest, Arc::new(MemoryCache::new())).await?;
+        let blob = Blob::open(
+            &self.client,
+            &self.reference,
+            &desc.digest,
+            Arc::new(MemoryCache::new()),
+        )
+        .await?;
         check_size(desc, blob.size())?;
         let sync = blob.sync(tokio::runtime::Handle::current());
         let (std_tx, std_rx) = std::sync::mpsc::sync_channel(STREAM_DEPTH);
@@ -166,13 +192,23 @@ mod tests {
     #[test]
     fn maps_ctr_flags_to_client_config() {
         let r: Reference = "reg.example:5000/a/b:1".parse().unwrap();
-        let opts = RegistryOptions { plain_http: true, skip_verify: true, user: Some("me:pw:x".into()) };
+        let opts = RegistryOptions {
+            plain_http: true,
+            skip_verify: true,
+            user: Some("me:pw:x".into()),
+        };
         let c = opts.client_config(&r);
         assert_eq!(c.insecure_hosts, ["reg.example:5000"]);
         assert!(c.skip_tls_verify);
         let creds = &c.credentials["reg.example:5000"];
-        assert_eq!((creds.username.as_str(), creds.secret.expose()), ("me", "pw:x"));
-        assert!(!format!("{c:?}").contains("pw:x"), "credentials must not be printable");
+        assert_eq!(
+            (creds.username.as_str(), creds.secret.expose()),
+            ("me", "pw:x")
+        );
+        assert!(
+            !format!("{c:?}").contains("pw:x"),
+            "credentials must not be printable"
+        );
 
         let c = RegistryOptions::default().client_config(&r);
         assert!(c.insecure_hosts.is_empty() && c.credentials.is_empty() && !c.skip_tls_verify);

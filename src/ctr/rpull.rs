@@ -18,8 +18,8 @@ use super::client::{to_pb, Containerd};
 use super::labels::{append_default_labels, snapshot_labels, LABEL_SKIP_VERIFY};
 use super::oci::{chain_ids, host_platform, is_index_type, Config, Descriptor, Index, Manifest};
 use super::registry::Fetcher;
-use crate::remote::Reference;
 use super::Error;
+use crate::remote::Reference;
 
 /// Options of `image rpull` beyond the registry ones.
 #[derive(Debug, Clone)]
@@ -57,7 +57,13 @@ impl PullSummary {
     pub fn downloaded(&self) -> u64 {
         self.layers
             .iter()
-            .map(|(_, o)| if let LayerOutcome::Downloaded(n) = o { *n } else { 0 })
+            .map(|(_, o)| {
+                if let LayerOutcome::Downloaded(n) = o {
+                    *n
+                } else {
+                    0
+                }
+            })
             .sum()
     }
 }
@@ -112,7 +118,10 @@ async fn pull_in_lease<F: Fetcher>(
         let index: Index = serde_json::from_slice(&top_bytes)?;
         let mut labels = source.clone();
         for (i, m) in index.manifests.iter().enumerate() {
-            labels.insert(format!("containerd.io/gc.ref.content.m.{i}"), m.digest.clone());
+            labels.insert(
+                format!("containerd.io/gc.ref.content.m.{i}"),
+                m.digest.clone(),
+            );
         }
         cd.write_bytes(&top, top_bytes.clone(), &labels).await?;
         let want = host_platform();
@@ -120,11 +129,20 @@ async fn pull_in_lease<F: Fetcher>(
             .manifests
             .iter()
             .find(|m| {
-                m.platform.as_ref().is_none_or(|p| p.os == want.os && p.architecture == want.architecture)
+                m.platform
+                    .as_ref()
+                    .is_none_or(|p| p.os == want.os && p.architecture == want.architecture)
             })
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no manifest for {}/{}", want.os, want.architecture)))?;
-        writeln!(out, "fetching {}... {}", short(&chosen.digest), chosen.media_type)?;
+            .ok_or_else(|| {
+                Error::NotFound(format!("no manifest for {}/{}", want.os, want.architecture))
+            })?;
+        writeln!(
+            out,
+            "fetching {}... {}",
+            short(&chosen.digest),
+            chosen.media_type
+        )?;
         let bytes = fetcher.fetch_small(&chosen).await?;
         (chosen, bytes)
     } else {
@@ -132,19 +150,32 @@ async fn pull_in_lease<F: Fetcher>(
     };
     let manifest: Manifest = serde_json::from_slice(&manifest_bytes)?;
 
-    writeln!(out, "fetching {}... {}", short(&manifest.config.digest), manifest.config.media_type)?;
+    writeln!(
+        out,
+        "fetching {}... {}",
+        short(&manifest.config.digest),
+        manifest.config.media_type
+    )?;
     let config_bytes = fetcher.fetch_small(&manifest.config).await?;
     let config: Config = serde_json::from_slice(&config_bytes)?;
-    cd.write_bytes(&manifest.config, config_bytes, &source).await?;
+    cd.write_bytes(&manifest.config, config_bytes, &source)
+        .await?;
 
     let mut labels = source.clone();
-    labels.insert("containerd.io/gc.ref.content.config".into(), manifest.config.digest.clone());
+    labels.insert(
+        "containerd.io/gc.ref.content.config".into(),
+        manifest.config.digest.clone(),
+    );
     for (i, l) in manifest.layers.iter().enumerate() {
-        labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
+        labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.clone(),
+        );
     }
     let mut manifest_desc = manifest_desc;
     manifest_desc.platform = None;
-    cd.write_bytes(&manifest_desc, manifest_bytes, &labels).await?;
+    cd.write_bytes(&manifest_desc, manifest_bytes, &labels)
+        .await?;
 
     let mut layers = manifest.layers.clone();
     append_default_labels(image_ref, &mut layers, opts.prefetch_size);
@@ -162,7 +193,11 @@ async fn pull_in_lease<F: Fetcher>(
     )
     .await?;
     cd.put_image(image_ref, &top, &opts.image_labels).await?;
-    Ok(PullSummary { manifest: manifest_desc, layers: outcomes, chain_ids: chains })
+    Ok(PullSummary {
+        manifest: manifest_desc,
+        layers: outcomes,
+        chain_ids: chains,
+    })
 }
 
 /// containerd 1.6 `unpacker.unpack` for one platform: chain by chain, skip what exists,
@@ -193,16 +228,33 @@ async fn unpack<F: Fetcher>(
     }
     let mut outcomes = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
-        let parent = if i == 0 { String::new() } else { chains[i - 1].clone() };
+        let parent = if i == 0 {
+            String::new()
+        } else {
+            chains[i - 1].clone()
+        };
         let labels = snapshot_labels(layer, &chains[i], &extra);
-        let step = LayerStep { cd, snapshotter: &opts.snapshotter, chain_id: &chains[i], parent, labels };
+        let step = LayerStep {
+            cd,
+            snapshotter: &opts.snapshotter,
+            chain_id: &chains[i],
+            parent,
+            labels,
+        };
         let outcome = step.run(fetcher, layer, &diff_ids[i], source).await?;
         let what = match outcome {
             LayerOutcome::AlreadyUnpacked => "already unpacked".to_string(),
             LayerOutcome::Remote => "remote (lazy)".to_string(),
             LayerOutcome::Downloaded(n) => format!("downloaded {} (not lazy: fallback)", human(n)),
         };
-        writeln!(progress, "layer {}/{} {} {}: {what}", i + 1, layers.len(), short(&layer.digest), human(layer.size.max(0) as u64))?;
+        writeln!(
+            progress,
+            "layer {}/{} {} {}: {what}",
+            i + 1,
+            layers.len(),
+            short(&layer.digest),
+            human(layer.size.max(0) as u64)
+        )?;
         outcomes.push((layer.clone(), outcome));
     }
     Ok((outcomes, chains))
@@ -230,11 +282,17 @@ fn unpack_key(chain_id: &str) -> String {
 
 impl LayerStep<'_> {
     async fn exists(&self) -> Result<bool, Error> {
-        let req = StatSnapshotRequest { snapshotter: self.snapshotter.into(), key: self.chain_id.into() };
+        let req = StatSnapshotRequest {
+            snapshotter: self.snapshotter.into(),
+            key: self.chain_id.into(),
+        };
         match self.cd.snapshots().stat(req).await {
             Ok(_) => Ok(true),
             Err(s) if s.code() == Code::NotFound => Ok(false),
-            Err(source) => Err(Error::Grpc { op: "snapshots.stat", source }),
+            Err(source) => Err(Error::Grpc {
+                op: "snapshots.stat",
+                source,
+            }),
         }
     }
 
@@ -270,14 +328,26 @@ impl LayerStep<'_> {
                     }
                     tracing::debug!(key = %key, "extraction snapshot already exists, chain id not found; retrying");
                 }
-                Err(source) => return Err(Error::Grpc { op: "snapshots.prepare", source }),
+                Err(source) => {
+                    return Err(Error::Grpc {
+                        op: "snapshots.prepare",
+                        source,
+                    })
+                }
             }
         }
-        let (key, mounts) = prepared.ok_or_else(|| Error::Incomplete(format!("prepare {}", self.chain_id)))?;
-        match self.apply(fetcher, layer, diff_id, source, &key, mounts).await {
+        let (key, mounts) =
+            prepared.ok_or_else(|| Error::Incomplete(format!("prepare {}", self.chain_id)))?;
+        match self
+            .apply(fetcher, layer, diff_id, source, &key, mounts)
+            .await
+        {
             Ok(n) => Ok(LayerOutcome::Downloaded(n)),
             Err(e) => {
-                let rm = RemoveSnapshotRequest { snapshotter: self.snapshotter.into(), key: key.clone() };
+                let rm = RemoveSnapshotRequest {
+                    snapshotter: self.snapshotter.into(),
+                    key: key.clone(),
+                };
                 if let Err(s) = self.cd.snapshots().remove(rm).await {
                     tracing::warn!(key = %key, error = %s, "failed to remove extraction snapshot");
                 }
@@ -316,14 +386,25 @@ impl LayerStep<'_> {
         let applied = self
             .cd
             .diff()
-            .apply(ApplyRequest { diff: Some(to_pb(layer)), mounts, payloads: HashMap::new(), sync_fs: false })
+            .apply(ApplyRequest {
+                diff: Some(to_pb(layer)),
+                mounts,
+                payloads: HashMap::new(),
+                sync_fs: false,
+            })
             .await
-            .map_err(|source| Error::Grpc { op: "diff.apply", source })?
+            .map_err(|source| Error::Grpc {
+                op: "diff.apply",
+                source,
+            })?
             .into_inner()
             .applied
             .ok_or_else(|| Error::Incomplete(format!("apply {}", layer.digest)))?;
         if applied.digest != diff_id {
-            return Err(Error::DigestMismatch { expected: diff_id.to_string(), got: applied.digest });
+            return Err(Error::DigestMismatch {
+                expected: diff_id.to_string(),
+                got: applied.digest,
+            });
         }
         let req = CommitSnapshotRequest {
             snapshotter: self.snapshotter.into(),
@@ -334,14 +415,22 @@ impl LayerStep<'_> {
         match self.cd.snapshots().commit(req).await {
             Ok(_) => {}
             Err(s) if s.code() == Code::AlreadyExists => {}
-            Err(source) => return Err(Error::Grpc { op: "snapshots.commit", source }),
+            Err(source) => {
+                return Err(Error::Grpc {
+                    op: "snapshots.commit",
+                    source,
+                })
+            }
         }
         Ok(counted.load(Ordering::Relaxed))
     }
 }
 
 /// On a terminal, redraws "downloading X / Y" for the layer being fetched twice a second.
-fn live_progress(layer: &Descriptor, counted: Arc<AtomicU64>) -> Option<tokio::task::JoinHandle<()>> {
+fn live_progress(
+    layer: &Descriptor,
+    counted: Arc<AtomicU64>,
+) -> Option<tokio::task::JoinHandle<()>> {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
         return None;
@@ -352,7 +441,10 @@ fn live_progress(layer: &Descriptor, counted: Arc<AtomicU64>) -> Option<tokio::t
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
         loop {
             tick.tick().await;
-            eprint!("\r\x1b[2K{digest}: downloading {} / {total}", human(counted.load(Ordering::Relaxed)));
+            eprint!(
+                "\r\x1b[2K{digest}: downloading {} / {total}",
+                human(counted.load(Ordering::Relaxed))
+            );
         }
     }))
 }
@@ -370,7 +462,11 @@ pub fn human(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]
@@ -403,10 +499,20 @@ mod tests {
 
     #[tonic::async_trait]
     impl pb::snapshots_server::Snapshots for FakeRemote {
-        async fn prepare(&self, r: Request<pb::PrepareSnapshotRequest>) -> Res<pb::PrepareSnapshotResponse> {
+        async fn prepare(
+            &self,
+            r: Request<pb::PrepareSnapshotRequest>,
+        ) -> Res<pb::PrepareSnapshotResponse> {
             let r = r.into_inner();
-            self.prepares.lock().unwrap().push((r.key.clone(), r.parent.clone(), r.labels.clone()));
-            let target = r.labels.get(LABEL_SNAPSHOT_REF).cloned().unwrap_or_default();
+            self.prepares
+                .lock()
+                .unwrap()
+                .push((r.key.clone(), r.parent.clone(), r.labels.clone()));
+            let target = r
+                .labels
+                .get(LABEL_SNAPSHOT_REF)
+                .cloned()
+                .unwrap_or_default();
             self.committed.lock().unwrap().insert(target, r.parent);
             Err(Status::already_exists("target snapshot exists"))
         }
@@ -426,12 +532,19 @@ mod tests {
             let key = r.into_inner().key;
             match self.committed.lock().unwrap().get(&key) {
                 Some(parent) => Ok(Response::new(pb::StatSnapshotResponse {
-                    info: Some(pb::Info { name: key, parent: parent.clone(), ..Default::default() }),
+                    info: Some(pb::Info {
+                        name: key,
+                        parent: parent.clone(),
+                        ..Default::default()
+                    }),
                 })),
                 None => Err(Status::not_found(key)),
             }
         }
-        async fn update(&self, _: Request<pb::UpdateSnapshotRequest>) -> Res<pb::UpdateSnapshotResponse> {
+        async fn update(
+            &self,
+            _: Request<pb::UpdateSnapshotRequest>,
+        ) -> Res<pb::UpdateSnapshotResponse> {
             Err(Status::unimplemented("update"))
         }
         type ListStream = tokio_stream::Empty<Result<pb::ListSnapshotsResponse, Status>>;
@@ -457,7 +570,10 @@ mod tests {
             Err(Error::Unsupported("fetch_small".into()))
         }
         async fn fetch_stream(&self, d: &Descriptor) -> Result<BlobStream, Error> {
-            Err(Error::Unsupported(format!("a remote layer was downloaded: {}", d.digest)))
+            Err(Error::Unsupported(format!(
+                "a remote layer was downloaded: {}",
+                d.digest
+            )))
         }
     }
 
@@ -467,7 +583,11 @@ mod tests {
             digest: format!("sha256:{:064x}", n),
             size: 100,
             urls: vec![],
-            annotations: [(crate::ctr::oci::ANN_TOC_DIGEST.to_string(), format!("sha256:{:064x}", n + 100))].into(),
+            annotations: [(
+                crate::ctr::oci::ANN_TOC_DIGEST.to_string(),
+                format!("sha256:{:064x}", n + 100),
+            )]
+            .into(),
             platform: None,
         }
     }
@@ -489,7 +609,10 @@ mod tests {
         let mut layers = vec![layer(1), layer(2), layer(3)];
         append_default_labels("reg/img:1", &mut layers, 7);
         let config = Config {
-            rootfs: RootFs { kind: "layers".into(), diff_ids: (11..14).map(|n| format!("sha256:{:064x}", n)).collect() },
+            rootfs: RootFs {
+                kind: "layers".into(),
+                diff_ids: (11..14).map(|n| format!("sha256:{:064x}", n)).collect(),
+            },
             extra: Default::default(),
         };
         let opts = RpullOptions {
@@ -499,26 +622,61 @@ mod tests {
             image_labels: HashMap::new(),
         };
         let mut progress = Vec::new();
-        let (outcomes, chains) =
-            unpack(&cd, &NoDownloads, &layers, &config, &HashMap::new(), &opts, &mut progress).await.unwrap();
-        assert!(outcomes.iter().all(|(_, o)| *o == LayerOutcome::Remote), "{outcomes:?}");
-        assert_eq!(String::from_utf8_lossy(&progress).matches("remote (lazy)").count(), 3);
+        let (outcomes, chains) = unpack(
+            &cd,
+            &NoDownloads,
+            &layers,
+            &config,
+            &HashMap::new(),
+            &opts,
+            &mut progress,
+        )
+        .await
+        .unwrap();
+        assert!(
+            outcomes.iter().all(|(_, o)| *o == LayerOutcome::Remote),
+            "{outcomes:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&progress)
+                .matches("remote (lazy)")
+                .count(),
+            3
+        );
 
         let prepares = fake.prepares.lock().unwrap().clone();
         assert_eq!(prepares.len(), 3);
         for (i, (key, parent, labels)) in prepares.iter().enumerate() {
-            assert!(key.starts_with("extract-") && key.ends_with(&format!(" {}", chains[i])), "{key}");
+            assert!(
+                key.starts_with("extract-") && key.ends_with(&format!(" {}", chains[i])),
+                "{key}"
+            );
             assert_eq!(parent, if i == 0 { "" } else { &chains[i - 1] });
             assert_eq!(labels[LABEL_SNAPSHOT_REF], chains[i]);
             assert_eq!(labels[LABEL_DIGEST], layers[i].digest);
             assert_eq!(labels[LABEL_LAYERS].split(',').count(), 3 - i);
             assert_eq!(labels[LABEL_SKIP_VERIFY], "true");
-            assert_eq!(labels[crate::ctr::oci::ANN_TOC_DIGEST], layers[i].annotations[crate::ctr::oci::ANN_TOC_DIGEST]);
+            assert_eq!(
+                labels[crate::ctr::oci::ANN_TOC_DIGEST],
+                layers[i].annotations[crate::ctr::oci::ANN_TOC_DIGEST]
+            );
         }
 
         // Pulling again finds the committed chain and prepares nothing.
-        let (again, _) = unpack(&cd, &NoDownloads, &layers, &config, &HashMap::new(), &opts, &mut Vec::new()).await.unwrap();
-        assert!(again.iter().all(|(_, o)| *o == LayerOutcome::AlreadyUnpacked));
+        let (again, _) = unpack(
+            &cd,
+            &NoDownloads,
+            &layers,
+            &config,
+            &HashMap::new(),
+            &opts,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
+        assert!(again
+            .iter()
+            .all(|(_, o)| *o == LayerOutcome::AlreadyUnpacked));
         assert_eq!(fake.prepares.lock().unwrap().len(), 3);
         server.abort();
     }

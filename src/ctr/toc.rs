@@ -14,14 +14,21 @@ pub struct LayerToc {
     pub digest: String,
 }
 
-async fn read_range(cd: &Containerd, digest: &str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+async fn read_range(
+    cd: &Containerd,
+    digest: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, Error> {
     let mut out = Vec::with_capacity(len as usize);
     let mut s = std::pin::pin!(cd.read_stream(digest, offset as i64, len as i64).await?);
     while let Some(chunk) = s.next().await {
         out.extend_from_slice(&chunk?);
     }
     if out.len() as u64 != len {
-        return Err(Error::Incomplete(format!("read {len} bytes at {offset} of {digest}")));
+        return Err(Error::Incomplete(format!(
+            "read {len} bytes at {offset} of {digest}"
+        )));
     }
     Ok(out)
 }
@@ -36,11 +43,14 @@ pub async fn layer_toc(cd: &Containerd, digest: &str) -> Result<LayerToc, Error>
     let tail_len = size.min(FOOTER_SIZE);
     let tail = read_range(cd, digest, size - tail_len, tail_len).await?;
     let loc = estargz::parse_footer(&tail).map_err(|e| Error::Format(e.to_string()))?;
-    let range = loc.toc_range(size).map_err(|e| Error::Format(e.to_string()))?;
+    let range = loc
+        .toc_range(size)
+        .map_err(|e| Error::Format(e.to_string()))?;
     if range.end - range.start > estargz::toc::MAX_TOC_COMPRESSED_SIZE {
         return Err(Error::Format(format!("TOC of {digest} is too large")));
     }
     let member = read_range(cd, digest, range.start, range.end - range.start).await?;
-    let (toc, digest) = estargz::parse_toc_member(&member).map_err(|e| Error::Format(e.to_string()))?;
+    let (toc, digest) =
+        estargz::parse_toc_member(&member).map_err(|e| Error::Format(e.to_string()))?;
     Ok(LayerToc { toc, digest })
 }

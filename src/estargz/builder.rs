@@ -73,7 +73,10 @@ pub struct BuildResult {
 /// Builds an eStargz blob from `input` (tar or gzip'd tar, detected by magic) into `out`.
 pub fn build<R: Read, W: Write>(input: R, out: W, opts: &BuildOptions) -> Result<BuildResult> {
     if opts.chunk_size == 0 || opts.chunk_size > super::index::MAX_CHUNK_SIZE {
-        return Err(EstargzError::InputTar(format!("chunk size {} out of range", opts.chunk_size)));
+        return Err(EstargzError::InputTar(format!(
+            "chunk size {} out of range",
+            opts.chunk_size
+        )));
     }
     let spool = spool_input(input, opts)?;
     let mut entries = scan_tar(&spool)?;
@@ -83,7 +86,13 @@ pub fn build<R: Read, W: Write>(input: R, out: W, opts: &BuildOptions) -> Result
     let finished = w.finish();
     let toc_digest = res?;
     let (blob_digest, blob_size, diff_id) = finished?;
-    Ok(BuildResult { toc_digest, diff_id, blob_digest, blob_size, missed_prioritized_files: missed })
+    Ok(BuildResult {
+        toc_digest,
+        diff_id,
+        blob_digest,
+        blob_size,
+        missed_prioritized_files: missed,
+    })
 }
 
 /// Decompresses (if gzip) or copies the input into an unnamed temp file, so entries can be
@@ -99,7 +108,8 @@ fn spool_input<R: Read>(input: R, opts: &BuildOptions) -> Result<File> {
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     if is_gzip {
         let mut gz = flate2::bufread::MultiGzDecoder::new(br);
-        io::copy(&mut gz, &mut w).map_err(|e| EstargzError::InputTar(format!("gunzip input: {e}")))?;
+        io::copy(&mut gz, &mut w)
+            .map_err(|e| EstargzError::InputTar(format!("gunzip input: {e}")))?;
     } else {
         io::copy(&mut br, &mut w)?;
     }
@@ -153,7 +163,9 @@ fn go_clean(name: &str) -> String {
 }
 
 fn go_parent(clean: &str) -> String {
-    clean.rfind('/').map_or(String::new(), |i| clean[..i].to_owned())
+    clean
+        .rfind('/')
+        .map_or(String::new(), |i| clean[..i].to_owned())
 }
 
 struct Entries {
@@ -166,10 +178,17 @@ struct Entries {
 
 fn scan_tar(spool: &File) -> Result<Entries> {
     let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, spool));
-    let mut out = Entries { stream: Vec::new(), index: HashMap::new(), sorted: Vec::new() };
+    let mut out = Entries {
+        stream: Vec::new(),
+        index: HashMap::new(),
+        sorted: Vec::new(),
+    };
     // Raw mode: the tar crate's own PAX parser splits records at newlines, which breaks
     // binary xattr values (e.g. security.capability); records are parsed here by length.
-    let iter = ar.entries_with_seek().map_err(|e| EstargzError::InputTar(e.to_string()))?.raw(true);
+    let iter = ar
+        .entries_with_seek()
+        .map_err(|e| EstargzError::InputTar(e.to_string()))?
+        .raw(true);
     let mut ext = Extensions::default();
     for ent in iter {
         let mut ent = ent.map_err(|e| EstargzError::InputTar(e.to_string()))?;
@@ -189,7 +208,9 @@ fn scan_tar(spool: &File) -> Result<Entries> {
             _ => {}
         }
         let ext = std::mem::take(&mut ext);
-        let Some(e) = in_entry(&mut ent, ext)? else { continue };
+        let Some(e) = in_entry(&mut ent, ext)? else {
+            continue;
+        };
         let clean = go_clean(&e.name);
         if e.name == TOC_TAR_NAME || clean == PREFETCH_LANDMARK || clean == NO_PREFETCH_LANDMARK {
             continue; // an input that was converted before: drop the old TOC and landmarks, like Go
@@ -214,10 +235,14 @@ struct Extensions {
 fn read_small<R: Read>(ent: &mut tar::Entry<'_, R>) -> Result<Vec<u8>> {
     const MAX: u64 = 16 << 20;
     if ent.size() > MAX {
-        return Err(EstargzError::InputTar(format!("extension header of {} bytes", ent.size())));
+        return Err(EstargzError::InputTar(format!(
+            "extension header of {} bytes",
+            ent.size()
+        )));
     }
     let mut v = Vec::with_capacity(ent.size() as usize);
-    ent.read_to_end(&mut v).map_err(|e| EstargzError::InputTar(format!("extension header: {e}")))?;
+    ent.read_to_end(&mut v)
+        .map_err(|e| EstargzError::InputTar(format!("extension header: {e}")))?;
     Ok(v)
 }
 
@@ -230,7 +255,8 @@ fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
 
 /// PAX records, split by length (values may hold `\n`, e.g. binary xattrs).
 fn parse_pax_records(data: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
-    super::tar_header::parse_pax_records(data).ok_or_else(|| EstargzError::InputTar("malformed PAX record".into()))
+    super::tar_header::parse_pax_records(data)
+        .ok_or_else(|| EstargzError::InputTar("malformed PAX record".into()))
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -244,21 +270,31 @@ fn in_entry<R: Read>(ent: &mut tar::Entry<'_, R>, ext: Extensions) -> Result<Opt
         b'\0' | b'7' => b'0',
         b'g' => return Ok(None), // PAX global header: metadata only
         b'0'..=b'6' => typeflag,
-        other => return Err(EstargzError::InputTar(format!("unsupported tar entry type {:?}", other as char))),
+        other => {
+            return Err(EstargzError::InputTar(format!(
+                "unsupported tar entry type {:?}",
+                other as char
+            )))
+        }
     };
     let bad = |what: &str, e: io::Error| EstargzError::InputTar(format!("{what}: {e}"));
     let name = ext.long_name.unwrap_or_else(|| h.path_bytes().into_owned());
-    let link = ext.long_link.or_else(|| h.link_name_bytes().map(|b| b.into_owned())).unwrap_or_default();
+    let link = ext
+        .long_link
+        .or_else(|| h.link_name_bytes().map(|b| b.into_owned()))
+        .unwrap_or_default();
     let mut e = InEntry {
         name: lossy(&name),
         link_name: lossy(&link),
         typeflag,
-        mode: numeric(h.mode().map(u64::from), &h.as_old().mode).map_err(|e| bad("mode", e))? as u32,
+        mode: numeric(h.mode().map(u64::from), &h.as_old().mode).map_err(|e| bad("mode", e))?
+            as u32,
         uid: numeric(h.uid(), &h.as_old().uid).map_err(|e| bad("uid", e))?,
         gid: numeric(h.gid(), &h.as_old().gid).map_err(|e| bad("gid", e))?,
         uname: h.username_bytes().map(lossy).unwrap_or_default(),
         gname: h.groupname_bytes().map(lossy).unwrap_or_default(),
-        mtime: i64::try_from(numeric(h.mtime(), &h.as_old().mtime).map_err(|e| bad("mtime", e))?).unwrap_or(0),
+        mtime: i64::try_from(numeric(h.mtime(), &h.as_old().mtime).map_err(|e| bad("mtime", e))?)
+            .unwrap_or(0),
         dev_major: h.device_major().ok().flatten().unwrap_or(0),
         dev_minor: h.device_minor().ok().flatten().unwrap_or(0),
         pax: Vec::new(),
@@ -296,7 +332,10 @@ fn apply_pax(e: &mut InEntry, key: &str, value: &[u8]) -> Result<()> {
             // The raw tar reader stepped over the header's size; a different PAX size would
             // desynchronize the archive.
             if e.typeflag == b'0' && text.parse::<u64>().ok() != Some(e.size) {
-                return Err(EstargzError::InputTar(format!("{}: PAX size {text:?} differs from the header", e.name)));
+                return Err(EstargzError::InputTar(format!(
+                    "{}: PAX size {text:?} differs from the header",
+                    e.name
+                )));
             }
             return Ok(());
         }
@@ -320,7 +359,11 @@ fn parse_pax_time(s: &str) -> Option<i64> {
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
     let secs: i64 = secs.parse().ok()?;
     let round_up = frac.as_bytes().first().is_some_and(|&d| d >= b'5');
-    Some(if round_up && secs >= 0 { secs + 1 } else { secs })
+    Some(if round_up && secs >= 0 {
+        secs + 1
+    } else {
+        secs
+    })
 }
 
 fn landmark(name: &str) -> InEntry {
@@ -352,21 +395,34 @@ fn sort_entries(entries: &mut Entries, opts: &BuildOptions) -> Result<Vec<String
     for f in &opts.prioritized_files {
         match move_rec(f, entries, &mut moved, 0) {
             Ok(()) => {}
-            Err(EstargzError::PrioritizedNotFound(_)) if opts.allow_prioritize_not_found => missed.push(f.clone()),
+            Err(EstargzError::PrioritizedNotFound(_)) if opts.allow_prioritize_not_found => {
+                missed.push(f.clone())
+            }
             Err(e) => return Err(e),
         }
     }
-    let mark = if opts.prioritized_files.is_empty() { NO_PREFETCH_LANDMARK } else { PREFETCH_LANDMARK };
+    let mark = if opts.prioritized_files.is_empty() {
+        NO_PREFETCH_LANDMARK
+    } else {
+        PREFETCH_LANDMARK
+    };
     entries.sorted.push(landmark(mark));
     let rest: Vec<InEntry> = entries.stream.drain(..).flatten().collect();
     entries.sorted.extend(rest);
     Ok(missed)
 }
 
-fn move_rec(name: &str, entries: &mut Entries, moved: &mut HashMap<String, ()>, depth: usize) -> Result<()> {
+fn move_rec(
+    name: &str,
+    entries: &mut Entries,
+    moved: &mut HashMap<String, ()>,
+    depth: usize,
+) -> Result<()> {
     let name = go_clean(name);
     if depth > 4096 {
-        return Err(EstargzError::InputTar(format!("hardlink chain too deep at {name:?}")));
+        return Err(EstargzError::InputTar(format!(
+            "hardlink chain too deep at {name:?}"
+        )));
     }
     let take = |entries: &mut Entries, moved: &mut HashMap<String, ()>, n: &str| {
         if let Some(i) = entries.index.remove(n) {
@@ -384,7 +440,12 @@ fn move_rec(name: &str, entries: &mut Entries, moved: &mut HashMap<String, ()>, 
         return Err(EstargzError::PrioritizedNotFound(name));
     }
     move_rec(&go_parent(&name), entries, moved, depth + 1)?;
-    let link = entries.index.get(&name).and_then(|&i| entries.stream[i].as_ref()).filter(|e| e.typeflag == b'1').map(|e| e.link_name.clone());
+    let link = entries
+        .index
+        .get(&name)
+        .and_then(|&i| entries.stream[i].as_ref())
+        .filter(|e| e.typeflag == b'1')
+        .map(|e| e.link_name.clone());
     if let Some(target) = link {
         move_rec(&target, entries, moved, depth + 1)?;
     }
@@ -393,7 +454,12 @@ fn move_rec(name: &str, entries: &mut Entries, moved: &mut HashMap<String, ()>, 
 }
 
 /// Writes all entries, the TOC member and the footer; returns the TOC digest.
-fn write_blob<W: Write>(spool: &File, entries: &[InEntry], w: &mut MemberWriter<W>, opts: &BuildOptions) -> Result<String> {
+fn write_blob<W: Write>(
+    spool: &File,
+    entries: &[InEntry],
+    w: &mut MemberWriter<W>,
+    opts: &BuildOptions,
+) -> Result<String> {
     let mut toc_entries: Vec<(TocEntry, Option<usize>)> = Vec::with_capacity(entries.len() + 1);
     let mut names = NameCache::default();
     let mut buf = Vec::new();
@@ -423,8 +489,12 @@ fn write_blob<W: Write>(spool: &File, entries: &[InEntry], w: &mut MemberWriter<
             ent.chunk_offset = written as i64;
             buf.resize(this as usize, 0);
             match &e.inline {
-                Some(data) => buf.copy_from_slice(&data[written as usize..(written + this) as usize]),
-                None => spool.read_exact_at(&mut buf, e.data_pos + written).map_err(|err| EstargzError::InputTar(format!("{}: payload: {err}", e.name)))?,
+                Some(data) => {
+                    buf.copy_from_slice(&data[written as usize..(written + this) as usize])
+                }
+                None => spool
+                    .read_exact_at(&mut buf, e.data_pos + written)
+                    .map_err(|err| EstargzError::InputTar(format!("{}: payload: {err}", e.name)))?,
             }
             file_hash.update(&buf);
             ent.chunk_digest = super::sha256_digest(&buf);
@@ -432,7 +502,11 @@ fn write_blob<W: Write>(spool: &File, entries: &[InEntry], w: &mut MemberWriter<
             w.append(&buf)?;
             toc_entries.push((ent, Some(member)));
             written += this;
-            ent = TocEntry { name: e.name.clone(), kind: EntryType::Chunk, ..Default::default() };
+            ent = TocEntry {
+                name: e.name.clone(),
+                kind: EntryType::Chunk,
+                ..Default::default()
+            };
         }
         toc_entries[first].0.digest = format!("sha256:{}", hex::encode(file_hash.finalize()));
         w.append(&vec![0u8; padding(e.size)])?;
@@ -503,9 +577,21 @@ fn toc_entry(e: &InEntry, names: &mut NameCache) -> TocEntry {
     TocEntry {
         name: e.name.clone(),
         kind,
-        size: if kind == EntryType::Reg { e.size as i64 } else { 0 },
-        mod_time: if e.mtime == 0 { String::new() } else { rfc3339::format(e.mtime) },
-        link_name: if matches!(kind, EntryType::Hardlink | EntryType::Symlink) { e.link_name.clone() } else { String::new() },
+        size: if kind == EntryType::Reg {
+            e.size as i64
+        } else {
+            0
+        },
+        mod_time: if e.mtime == 0 {
+            String::new()
+        } else {
+            rfc3339::format(e.mtime)
+        },
+        link_name: if matches!(kind, EntryType::Hardlink | EntryType::Symlink) {
+            e.link_name.clone()
+        } else {
+            String::new()
+        },
         mode: i64::from(e.mode),
         uid: u32::try_from(e.uid).unwrap_or(u32::MAX),
         gid: u32::try_from(e.gid).unwrap_or(u32::MAX),
@@ -523,7 +609,9 @@ fn toc_entry(e: &InEntry, names: &mut NameCache) -> TocEntry {
 fn tar_header(e: &InEntry) -> Result<Vec<u8>> {
     let mut pax: Vec<(String, Vec<u8>)> = e.pax.clone();
     let mut h = tar::Header::new_ustar();
-    let u = h.as_ustar_mut().ok_or_else(|| EstargzError::InputTar("ustar header".into()))?;
+    let u = h
+        .as_ustar_mut()
+        .ok_or_else(|| EstargzError::InputTar("ustar header".into()))?;
     let name = e.name.as_bytes();
     if name.len() <= 100 && name.is_ascii() {
         u.name[..name.len()].copy_from_slice(name);
@@ -559,8 +647,12 @@ fn tar_header(e: &InEntry) -> Result<Vec<u8>> {
         pax.push(("gname".into(), e.gname.clone().into_bytes()));
     }
     if matches!(e.typeflag, b'3' | b'4') {
-        h.set_device_major(e.dev_major).map_err(|err| EstargzError::InputTar(format!("{}: {err}", crate::untrusted::clip(&e.name))))?;
-        h.set_device_minor(e.dev_minor).map_err(|err| EstargzError::InputTar(format!("{}: {err}", crate::untrusted::clip(&e.name))))?;
+        h.set_device_major(e.dev_major).map_err(|err| {
+            EstargzError::InputTar(format!("{}: {err}", crate::untrusted::clip(&e.name)))
+        })?;
+        h.set_device_minor(e.dev_minor).map_err(|err| {
+            EstargzError::InputTar(format!("{}: {err}", crate::untrusted::clip(&e.name)))
+        })?;
     }
     h.set_cksum();
     let mut out = Vec::with_capacity(1024);
@@ -588,7 +680,8 @@ fn split_ustar(name: &[u8]) -> Option<(&[u8], &[u8])> {
     let start = name.len().saturating_sub(101);
     let i = name[start..].iter().position(|&c| c == b'/')? + start;
     let (prefix, base) = (&name[..i], &name[i + 1..]);
-    (i > 0 && prefix.len() <= 155 && !base.is_empty() && base.len() <= 100).then_some((prefix, base))
+    (i > 0 && prefix.len() <= 155 && !base.is_empty() && base.len() <= 100)
+        .then_some((prefix, base))
 }
 
 fn pax_header(name: &str, records: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
@@ -606,7 +699,9 @@ fn pax_header(name: &str, records: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
     let base = name.trim_end_matches('/').rsplit('/').next().unwrap_or("");
     let pax_name = format!("PaxHeaders.0/{}", truncate_at_char(base, 80));
     let mut h = tar::Header::new_ustar();
-    let u = h.as_ustar_mut().ok_or_else(|| EstargzError::InputTar("ustar header".into()))?;
+    let u = h
+        .as_ustar_mut()
+        .ok_or_else(|| EstargzError::InputTar("ustar header".into()))?;
     u.name[..pax_name.len()].copy_from_slice(pax_name.as_bytes());
     h.set_entry_type(tar::EntryType::XHeader);
     h.set_mode(0o644);
@@ -650,7 +745,11 @@ fn compress(data: &[u8], level: Compression) -> io::Result<Vec<u8>> {
 
 impl<W: Write> MemberWriter<W> {
     fn new(out: W, opts: &BuildOptions) -> Self {
-        let threads = if opts.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { opts.threads };
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
         let level = Compression::new(opts.compression_level.min(9));
         let pool = (threads > 1).then(|| {
             let (tx, rx) = mpsc::sync_channel::<Job>(threads * 2);
@@ -668,7 +767,10 @@ impl<W: Write> MemberWriter<W> {
                     })
                 })
                 .collect();
-            Pool { tx: Some(tx), workers }
+            Pool {
+                tx: Some(tx),
+                workers,
+            }
         });
         Self {
             out,
@@ -706,7 +808,8 @@ impl<W: Write> MemberWriter<W> {
         match &self.pool {
             Some(Pool { tx: Some(tx), .. }) => {
                 let (rtx, rrx) = mpsc::sync_channel(1);
-                tx.send((data, rtx)).map_err(|_| io::Error::other("compression worker gone"))?;
+                tx.send((data, rtx))
+                    .map_err(|_| io::Error::other("compression worker gone"))?;
                 self.inflight.push_back(rrx);
                 while self.inflight.len() > self.max_inflight {
                     self.drain_one()?;
@@ -722,7 +825,9 @@ impl<W: Write> MemberWriter<W> {
 
     fn drain_one(&mut self) -> Result<()> {
         if let Some(rx) = self.inflight.pop_front() {
-            let z = rx.recv().map_err(|_| io::Error::other("compression worker gone"))??;
+            let z = rx
+                .recv()
+                .map_err(|_| io::Error::other("compression worker gone"))??;
             self.emit(&z)?;
         }
         Ok(())

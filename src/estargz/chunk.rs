@@ -10,30 +10,66 @@ use super::index::ChunkInfo;
 use super::{EstargzError, Result};
 
 fn chunk_err(layer: &str, file: &str, c: &ChunkInfo, reason: impl Into<String>) -> EstargzError {
-    EstargzError::Chunk { layer: crate::untrusted::clip(layer), file: crate::untrusted::clip(file), chunk_offset: c.chunk_offset, reason: reason.into() }
+    EstargzError::Chunk {
+        layer: crate::untrusted::clip(layer),
+        file: crate::untrusted::clip(file),
+        chunk_offset: c.chunk_offset,
+        reason: reason.into(),
+    }
 }
 
 /// Decompresses `chunk` from `compressed` (a reader positioned at `chunk.compressed_offset`,
 /// typically over `chunk.compressed_range()`) into `buf`, which must be `chunk_size` long.
 /// On error `buf` holds unspecified bytes and must not be used.
-pub fn decode_chunk_into<R: Read>(compressed: R, chunk: &ChunkInfo, layer: &str, file: &str, buf: &mut [u8]) -> Result<()> {
+pub fn decode_chunk_into<R: Read>(
+    compressed: R,
+    chunk: &ChunkInfo,
+    layer: &str,
+    file: &str,
+    buf: &mut [u8],
+) -> Result<()> {
     if buf.len() as u64 != chunk.chunk_size {
-        return Err(chunk_err(layer, file, chunk, format!("buffer of {} bytes for a chunk of {}", buf.len(), chunk.chunk_size)));
+        return Err(chunk_err(
+            layer,
+            file,
+            chunk,
+            format!(
+                "buffer of {} bytes for a chunk of {}",
+                buf.len(),
+                chunk.chunk_size
+            ),
+        ));
     }
     let mut gz = flate2::read::MultiGzDecoder::new(compressed);
     let skipped = io::copy(&mut (&mut gz).take(chunk.inner_offset), &mut io::sink())
         .map_err(|e| chunk_err(layer, file, chunk, format!("gunzip: {e}")))?;
     if skipped != chunk.inner_offset {
-        return Err(chunk_err(layer, file, chunk, format!("member ends at {skipped}, before inner offset {}", chunk.inner_offset)));
+        return Err(chunk_err(
+            layer,
+            file,
+            chunk,
+            format!(
+                "member ends at {skipped}, before inner offset {}",
+                chunk.inner_offset
+            ),
+        ));
     }
-    gz.read_exact(buf).map_err(|e| chunk_err(layer, file, chunk, format!("gunzip: {e}")))?;
+    gz.read_exact(buf)
+        .map_err(|e| chunk_err(layer, file, chunk, format!("gunzip: {e}")))?;
     verify(chunk, layer, file, buf)
 }
 
 /// Like [`decode_chunk_into`] but writes the verified bytes to `out` (e.g. a cache writer).
 /// Nothing is written unless the whole chunk verified.
-pub fn decode_chunk<R: Read, W: Write + ?Sized>(compressed: R, chunk: &ChunkInfo, layer: &str, file: &str, out: &mut W) -> Result<()> {
-    let len = usize::try_from(chunk.chunk_size).map_err(|_| chunk_err(layer, file, chunk, "chunk too large"))?;
+pub fn decode_chunk<R: Read, W: Write + ?Sized>(
+    compressed: R,
+    chunk: &ChunkInfo,
+    layer: &str,
+    file: &str,
+    out: &mut W,
+) -> Result<()> {
+    let len = usize::try_from(chunk.chunk_size)
+        .map_err(|_| chunk_err(layer, file, chunk, "chunk too large"))?;
     let mut buf = vec![0u8; len];
     decode_chunk_into(compressed, chunk, layer, file, &mut buf)?;
     out.write_all(&buf)?;
@@ -49,7 +85,9 @@ pub fn verify(chunk: &ChunkInfo, layer: &str, file: &str, data: &[u8]) -> Result
 /// [`verify`] for callers that hash the chunk as it streams by (no whole-chunk buffer):
 /// compares the finished sha256 `got` with the chunk's digest (none: accepted).
 pub fn check_digest(chunk: &ChunkInfo, layer: &str, file: &str, got: [u8; 32]) -> Result<()> {
-    let Some(want) = chunk.digest else { return Ok(()) };
+    let Some(want) = chunk.digest else {
+        return Ok(());
+    };
     if got != want {
         return Err(EstargzError::ChunkDigestMismatch {
             layer: crate::untrusted::clip(layer),

@@ -71,19 +71,33 @@ pub fn footer_bytes(toc_offset: u64) -> [u8; FOOTER_SIZE as usize] {
 /// is fine). Tries the 51-byte eStargz layout, then the 47-byte legacy one.
 pub fn parse_footer(tail: &[u8]) -> Result<TocLocation> {
     if tail.len() < LEGACY_FOOTER_SIZE as usize {
-        return Err(EstargzError::BlobTooSmall { size: tail.len() as u64 });
+        return Err(EstargzError::BlobTooSmall {
+            size: tail.len() as u64,
+        });
     }
     let estargz_err = match tail.len().checked_sub(FOOTER_SIZE as usize) {
         Some(start) => match parse_estargz(&tail[start..]) {
-            Ok(toc_offset) => return Ok(TocLocation { toc_offset, footer_size: FOOTER_SIZE, legacy: false }),
+            Ok(toc_offset) => {
+                return Ok(TocLocation {
+                    toc_offset,
+                    footer_size: FOOTER_SIZE,
+                    legacy: false,
+                })
+            }
             Err(e) => e,
         },
         None => "shorter than 51 bytes".to_owned(),
     };
     let start = tail.len() - LEGACY_FOOTER_SIZE as usize;
     match parse_legacy(&tail[start..]) {
-        Ok(toc_offset) => Ok(TocLocation { toc_offset, footer_size: LEGACY_FOOTER_SIZE, legacy: true }),
-        Err(legacy_err) => Err(EstargzError::InvalidFooter(format!("estargz: {estargz_err}; legacy: {legacy_err}"))),
+        Ok(toc_offset) => Ok(TocLocation {
+            toc_offset,
+            footer_size: LEGACY_FOOTER_SIZE,
+            legacy: true,
+        }),
+        Err(legacy_err) => Err(EstargzError::InvalidFooter(format!(
+            "estargz: {estargz_err}; legacy: {legacy_err}"
+        ))),
     }
 }
 
@@ -100,13 +114,17 @@ fn gzip_extra(p: &[u8], want_xlen: usize) -> std::result::Result<&[u8], String> 
     if xlen != want_xlen {
         return Err(format!("extra field is {xlen} bytes, want {want_xlen}"));
     }
-    p.get(12..12 + xlen).ok_or_else(|| "extra field truncated".to_owned())
+    p.get(12..12 + xlen)
+        .ok_or_else(|| "extra field truncated".to_owned())
 }
 
 fn parse_estargz(p: &[u8]) -> std::result::Result<u64, String> {
     let extra = gzip_extra(p, 26)?;
     if extra[0] != b'S' || extra[1] != b'G' {
-        return Err(format!("subfield id {:?}, want \"SG\"", String::from_utf8_lossy(&extra[..2])));
+        return Err(format!(
+            "subfield id {:?}, want \"SG\"",
+            String::from_utf8_lossy(&extra[..2])
+        ));
     }
     let slen = u16::from_le_bytes([extra[2], extra[3]]);
     if slen != 22 {
@@ -163,9 +181,18 @@ mod tests {
         for off in [0u64, 1, 0x1234_5678_9abc, i64::MAX as u64] {
             let f = footer_bytes(off);
             let loc = parse_footer(&f).expect("parse");
-            assert_eq!(loc, TocLocation { toc_offset: off, footer_size: 51, legacy: false });
+            assert_eq!(
+                loc,
+                TocLocation {
+                    toc_offset: off,
+                    footer_size: 51,
+                    legacy: false
+                }
+            );
             let mut out = Vec::new();
-            flate2::read::GzDecoder::new(&f[..]).read_to_end(&mut out).expect("valid gzip");
+            flate2::read::GzDecoder::new(&f[..])
+                .read_to_end(&mut out)
+                .expect("valid gzip");
             assert!(out.is_empty());
         }
     }
@@ -173,7 +200,9 @@ mod tests {
     #[test]
     fn footer_matches_go_layout() {
         let f = footer_bytes(0x10);
-        let want_head = [0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0];
+        let want_head = [
+            0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+        ];
         assert_eq!(&f[..16], &want_head);
         assert_eq!(&f[16..38], b"0000000000000010STARGZ");
     }
@@ -183,16 +212,29 @@ mod tests {
         let mut blob = vec![7u8; 100];
         blob.extend_from_slice(&legacy_footer_bytes(42));
         let loc = parse_footer(&blob).expect("parse");
-        assert_eq!(loc, TocLocation { toc_offset: 42, footer_size: 47, legacy: true });
+        assert_eq!(
+            loc,
+            TocLocation {
+                toc_offset: 42,
+                footer_size: 47,
+                legacy: true
+            }
+        );
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&legacy_footer_bytes(42)[..]).read_to_end(&mut out).expect("valid gzip");
+        flate2::read::GzDecoder::new(&legacy_footer_bytes(42)[..])
+            .read_to_end(&mut out)
+            .expect("valid gzip");
         // A 47-byte tail alone also works.
         assert!(parse_footer(&legacy_footer_bytes(9)).is_ok());
     }
 
     #[test]
     fn toc_range_is_checked() {
-        let loc = TocLocation { toc_offset: 100, footer_size: 51, legacy: false };
+        let loc = TocLocation {
+            toc_offset: 100,
+            footer_size: 51,
+            legacy: false,
+        };
         assert_eq!(loc.toc_range(200).expect("in range"), 100..149);
         assert!(loc.toc_range(151).is_err());
         assert!(loc.toc_range(10).is_err());

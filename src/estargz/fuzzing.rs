@@ -57,7 +57,9 @@ pub fn fuzz_toc_member(data: &[u8]) {
 
 /// A whole blob: open it, then read every regular file through the verifying reader.
 pub fn fuzz_open_blob(data: &[u8]) {
-    let Ok(opened) = open_blob(data, data.len() as u64, None) else { return };
+    let Ok(opened) = open_blob(data, data.len() as u64, None) else {
+        return;
+    };
     let mut buf = vec![0u8; 4096];
     for (id, e) in opened.index.entries() {
         if e.kind == EntryType::Reg {

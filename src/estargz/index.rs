@@ -198,7 +198,10 @@ fn parent_of(name: &str) -> &str {
 
 /// The error for entry `name`; the name is clipped, and so must be any TOC string in `reason`.
 fn invalid(name: &str, reason: impl Into<String>) -> EstargzError {
-    EstargzError::InvalidEntry { name: clip(name), reason: reason.into() }
+    EstargzError::InvalidEntry {
+        name: clip(name),
+        reason: reason.into(),
+    }
 }
 
 fn non_negative(name: &str, field: &str, v: i64) -> Result<u64> {
@@ -215,7 +218,10 @@ struct Pending {
 impl LayerIndex {
     /// Builds and validates the index. `toc_offset` bounds every compressed range.
     pub fn build(toc: &Toc, toc_offset: u64) -> Result<Self> {
-        let mut b = IndexBuilder { toc_offset, ..Default::default() };
+        let mut b = IndexBuilder {
+            toc_offset,
+            ..Default::default()
+        };
         for e in &toc.entries {
             b.add(e)?;
         }
@@ -226,7 +232,10 @@ impl LayerIndex {
     /// ([`super::toc::parse_toc_member_with`]), so the parsed TOC is never held whole. Returns
     /// the index and the TOC digest, which the caller must check before trusting the index.
     pub fn from_toc_member(member: &[u8], toc_offset: u64) -> Result<(Self, String)> {
-        let mut b = IndexBuilder { toc_offset, ..Default::default() };
+        let mut b = IndexBuilder {
+            toc_offset,
+            ..Default::default()
+        };
         let (_, digest) = super::toc::parse_toc_member_with(member, |e| b.add(&e))?;
         Ok((b.finish()?, digest))
     }
@@ -254,7 +263,10 @@ impl LayerIndex {
     }
     /// All entries in id order.
     pub fn entries(&self) -> impl Iterator<Item = (EntryId, &Entry)> {
-        self.entries.iter().enumerate().map(|(i, e)| (i as EntryId, e))
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i as EntryId, e))
     }
     /// Id of a path (any spelling `normalize_name` accepts); hardlink names give the target's id.
     pub fn lookup(&self, path: &str) -> Option<EntryId> {
@@ -266,7 +278,9 @@ impl LayerIndex {
     }
     /// Directory children by base name, sorted; empty for non-directories.
     pub fn children(&self, dir: EntryId) -> impl Iterator<Item = (&str, EntryId)> {
-        self.entry(dir).into_iter().flat_map(|e| e.children.iter().map(|(k, v)| (k.as_str(), *v)))
+        self.entry(dir)
+            .into_iter()
+            .flat_map(|e| e.children.iter().map(|(k, v)| (k.as_str(), *v)))
     }
     pub fn parent(&self, id: EntryId) -> Option<EntryId> {
         self.entry(id).map(|e| e.parent)
@@ -359,7 +373,10 @@ impl IndexBuilder {
         }
         let entry = self.entry_from(e, name)?;
         let hardlink_to = if e.kind == EntryType::Hardlink {
-            Some(normalize_name(&e.link_name).map_err(|r| invalid(&entry.name, format!("hardlink target: {r}")))?)
+            Some(
+                normalize_name(&e.link_name)
+                    .map_err(|r| invalid(&entry.name, format!("hardlink target: {r}")))?,
+            )
         } else {
             None
         };
@@ -370,7 +387,8 @@ impl IndexBuilder {
                 i
             }
             None => {
-                self.by_name.insert(pending.entry.name.clone(), self.slots.len());
+                self.by_name
+                    .insert(pending.entry.name.clone(), self.slots.len());
                 self.slots.push(pending);
                 self.slots.len() - 1
             }
@@ -383,15 +401,27 @@ impl IndexBuilder {
 
     fn entry_from(&mut self, e: &TocEntry, name: String) -> Result<Entry> {
         let mode = non_negative(&name, "mode", e.mode)? as u32 & 0o7777;
-        let size = if e.kind == EntryType::Reg { non_negative(&name, "size", e.size)? } else { 0 };
+        let size = if e.kind == EntryType::Reg {
+            non_negative(&name, "size", e.size)?
+        } else {
+            0
+        };
         if size > MAX_FILE_SIZE {
             return Err(invalid(&name, format!("absurd size {size}")));
         }
-        let (mtime_secs, mtime_nanos) = if e.mod_time.is_empty() { (0, 0) } else { rfc3339::parse(&e.mod_time).unwrap_or((0, 0)) };
+        let (mtime_secs, mtime_nanos) = if e.mod_time.is_empty() {
+            (0, 0)
+        } else {
+            rfc3339::parse(&e.mod_time).unwrap_or((0, 0))
+        };
         // Go writes userName/groupName only when they change for an id; fill them back in.
         let user_name = fill_name(&mut self.unames, e.uid, &e.user_name);
         let group_name = fill_name(&mut self.gnames, e.gid, &e.group_name);
-        let link_name = if e.kind == EntryType::Symlink { e.link_name.clone() } else { String::new() };
+        let link_name = if e.kind == EntryType::Symlink {
+            e.link_name.clone()
+        } else {
+            String::new()
+        };
         Ok(Entry {
             name,
             kind: e.kind,
@@ -417,12 +447,24 @@ impl IndexBuilder {
 
     fn check_offset(&self, name: &str, off: u64) -> Result<()> {
         if off >= self.toc_offset {
-            return Err(invalid(name, format!("payload offset {off} is not before the TOC at {}", self.toc_offset)));
+            return Err(invalid(
+                name,
+                format!(
+                    "payload offset {off} is not before the TOC at {}",
+                    self.toc_offset
+                ),
+            ));
         }
         Ok(())
     }
 
-    fn chunk_from(&mut self, name: &str, e: &TocEntry, chunk_offset: u64, file_size: u64) -> Result<ChunkInfo> {
+    fn chunk_from(
+        &mut self,
+        name: &str,
+        e: &TocEntry,
+        chunk_offset: u64,
+        file_size: u64,
+    ) -> Result<ChunkInfo> {
         let compressed_offset = non_negative(name, "offset", e.offset)?;
         self.check_offset(name, compressed_offset)?;
         let inner_offset = non_negative(name, "innerOffset", e.inner_offset)?;
@@ -430,21 +472,43 @@ impl IndexBuilder {
             return Err(invalid(name, format!("absurd innerOffset {inner_offset}")));
         }
         let declared = non_negative(name, "chunkSize", e.chunk_size)?;
-        let chunk_size = if declared == 0 { file_size.saturating_sub(chunk_offset) } else { declared };
+        let chunk_size = if declared == 0 {
+            file_size.saturating_sub(chunk_offset)
+        } else {
+            declared
+        };
         if chunk_size == 0 || chunk_size > MAX_CHUNK_SIZE {
-            return Err(invalid(name, format!("bad chunk size {chunk_size} at file offset {chunk_offset}")));
+            return Err(invalid(
+                name,
+                format!("bad chunk size {chunk_size} at file offset {chunk_offset}"),
+            ));
         }
-        if chunk_offset.checked_add(chunk_size).is_none_or(|end| end > file_size) {
-            return Err(invalid(name, format!("chunk [{chunk_offset}, +{chunk_size}) exceeds file size {file_size}")));
+        if chunk_offset
+            .checked_add(chunk_size)
+            .is_none_or(|end| end > file_size)
+        {
+            return Err(invalid(
+                name,
+                format!("chunk [{chunk_offset}, +{chunk_size}) exceeds file size {file_size}"),
+            ));
         }
         let digest = if e.chunk_digest.is_empty() {
             self.missing_chunk_digests += 1;
             None
         } else {
-            Some(parse_sha256(&e.chunk_digest).map_err(|_| invalid(name, format!("bad chunkDigest {:?}", clip(&e.chunk_digest))))?)
+            Some(parse_sha256(&e.chunk_digest).map_err(|_| {
+                invalid(name, format!("bad chunkDigest {:?}", clip(&e.chunk_digest)))
+            })?)
         };
         self.data_offsets.push(compressed_offset);
-        Ok(ChunkInfo { chunk_offset, chunk_size, compressed_offset, compressed_end: 0, inner_offset, digest })
+        Ok(ChunkInfo {
+            chunk_offset,
+            chunk_size,
+            compressed_offset,
+            compressed_end: 0,
+            inner_offset,
+            digest,
+        })
     }
 
     fn start_reg(&mut self, slot: usize, e: &TocEntry) -> Result<()> {
@@ -463,12 +527,24 @@ impl IndexBuilder {
     }
 
     fn add_chunk(&mut self, e: &TocEntry) -> Result<()> {
-        let slot = self.last_reg.ok_or_else(|| invalid(&e.name, "chunk entry without a preceding regular file"))?;
-        let (name, size) = (self.slots[slot].entry.name.clone(), self.slots[slot].entry.size);
-        let expected = self.slots[slot].entry.chunks.last().map_or(0, |c| c.chunk_offset + c.chunk_size);
+        let slot = self
+            .last_reg
+            .ok_or_else(|| invalid(&e.name, "chunk entry without a preceding regular file"))?;
+        let (name, size) = (
+            self.slots[slot].entry.name.clone(),
+            self.slots[slot].entry.size,
+        );
+        let expected = self.slots[slot]
+            .entry
+            .chunks
+            .last()
+            .map_or(0, |c| c.chunk_offset + c.chunk_size);
         let chunk_offset = non_negative(&name, "chunkOffset", e.chunk_offset)?;
         if chunk_offset != expected {
-            return Err(invalid(&name, format!("chunk at {chunk_offset}, expected the next one at {expected}")));
+            return Err(invalid(
+                &name,
+                format!("chunk at {chunk_offset}, expected the next one at {expected}"),
+            ));
         }
         let c = self.chunk_from(&name, e, chunk_offset, size)?;
         let prev = self.slots[slot].entry.chunks.last().copied();
@@ -485,12 +561,21 @@ impl IndexBuilder {
         self.data_offsets.sort_unstable();
         self.data_offsets.dedup();
         for p in &mut self.slots {
-            let covered = p.entry.chunks.last().map_or(0, |c| c.chunk_offset + c.chunk_size);
+            let covered = p
+                .entry
+                .chunks
+                .last()
+                .map_or(0, |c| c.chunk_offset + c.chunk_size);
             if covered != p.entry.size {
-                return Err(invalid(&p.entry.name, format!("chunks cover {covered} of {} bytes", p.entry.size)));
+                return Err(invalid(
+                    &p.entry.name,
+                    format!("chunks cover {covered} of {} bytes", p.entry.size),
+                ));
             }
             for c in &mut p.entry.chunks {
-                let i = self.data_offsets.partition_point(|&o| o <= c.compressed_offset);
+                let i = self
+                    .data_offsets
+                    .partition_point(|&o| o <= c.compressed_offset);
                 c.compressed_end = self.data_offsets.get(i).copied().unwrap_or(self.toc_offset);
             }
         }
@@ -517,7 +602,9 @@ impl IndexBuilder {
     /// The implicit directory budget for the entries added so far (see the module doc).
     fn implicit_budget(&self) -> ImplicitBudget {
         let dirs = self.toc_entries.saturating_mul(IMPLICIT_DIRS_PER_ENTRY);
-        let bytes = self.toc_name_bytes.saturating_mul(IMPLICIT_NAME_BYTES_PER_BYTE);
+        let bytes = self
+            .toc_name_bytes
+            .saturating_mul(IMPLICIT_NAME_BYTES_PER_BYTE);
         ImplicitBudget {
             max_dirs: dirs.saturating_add(IMPLICIT_DIRS_SLACK),
             max_name_bytes: bytes.saturating_add(IMPLICIT_NAME_BYTES_SLACK),
@@ -579,7 +666,12 @@ struct TreeBuilder {
 impl TreeBuilder {
     fn new(slots: Vec<Pending>, implicit: ImplicitBudget) -> Result<Self> {
         let entries = Vec::with_capacity(slots.len() + 1);
-        let mut t = TreeBuilder { entries, paths: HashMap::new(), hardlinks: Vec::new(), implicit };
+        let mut t = TreeBuilder {
+            entries,
+            paths: HashMap::new(),
+            hardlinks: Vec::new(),
+            implicit,
+        };
         // The root takes id 0: the TOC's own "" / "./" entry when present. The rest keep TOC
         // order, consumed in place (no second vector of pending entries).
         let mut slots = slots;
@@ -611,7 +703,8 @@ impl TreeBuilder {
     }
 
     fn push(&mut self, e: Entry) -> Result<EntryId> {
-        let id = EntryId::try_from(self.entries.len()).map_err(|_| invalid(&e.name, "too many entries"))?;
+        let id = EntryId::try_from(self.entries.len())
+            .map_err(|_| invalid(&e.name, "too many entries"))?;
         self.paths.insert(e.name.clone(), id);
         self.entries.push(e);
         Ok(id)
@@ -619,7 +712,10 @@ impl TreeBuilder {
 
     fn link(&mut self) -> Result<()> {
         let hardlinks = std::mem::take(&mut self.hardlinks);
-        let links: HashMap<&str, &str> = hardlinks.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+        let links: HashMap<&str, &str> = hardlinks
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.as_str()))
+            .collect();
         let explicit = self.entries.len();
         for id in 1..explicit as EntryId {
             let name = self.entries[id as usize].name.clone();
@@ -642,18 +738,31 @@ impl TreeBuilder {
     }
 
     /// Follows hardlink-to-hardlink chains (bounded) to a real entry.
-    fn resolve_hardlink(&self, name: &str, target: &str, links: &HashMap<&str, &str>) -> Result<EntryId> {
+    fn resolve_hardlink(
+        &self,
+        name: &str,
+        target: &str,
+        links: &HashMap<&str, &str>,
+    ) -> Result<EntryId> {
         let mut t = target;
         for _ in 0..=links.len() {
             if let Some(&id) = self.paths.get(t) {
                 if self.entries[id as usize].kind == EntryType::Dir {
-                    return Err(invalid(name, format!("hardlink to directory {:?}", clip(t))));
+                    return Err(invalid(
+                        name,
+                        format!("hardlink to directory {:?}", clip(t)),
+                    ));
                 }
                 return Ok(id);
             }
             match links.get(t) {
                 Some(next) => t = next,
-                None => return Err(invalid(name, format!("hardlink target {:?} not found", clip(target)))),
+                None => {
+                    return Err(invalid(
+                        name,
+                        format!("hardlink target {:?} not found", clip(target)),
+                    ))
+                }
             }
         }
         Err(invalid(name, "hardlink cycle"))
@@ -723,16 +832,36 @@ mod tests {
     use super::*;
 
     fn ent(name: &str, kind: EntryType) -> TocEntry {
-        TocEntry { name: name.into(), kind, ..Default::default() }
+        TocEntry {
+            name: name.into(),
+            kind,
+            ..Default::default()
+        }
     }
     fn reg(name: &str, size: i64, offset: i64) -> TocEntry {
-        TocEntry { size, offset, chunk_digest: format!("sha256:{}", "a".repeat(64)), ..ent(name, EntryType::Reg) }
+        TocEntry {
+            size,
+            offset,
+            chunk_digest: format!("sha256:{}", "a".repeat(64)),
+            ..ent(name, EntryType::Reg)
+        }
     }
     fn chunk(offset: i64, chunk_offset: i64, chunk_size: i64) -> TocEntry {
-        TocEntry { offset, chunk_offset, chunk_size, ..ent("", EntryType::Chunk) }
+        TocEntry {
+            offset,
+            chunk_offset,
+            chunk_size,
+            ..ent("", EntryType::Chunk)
+        }
     }
     fn build(entries: Vec<TocEntry>) -> Result<LayerIndex> {
-        LayerIndex::build(&Toc { version: 1, entries }, 10_000)
+        LayerIndex::build(
+            &Toc {
+                version: 1,
+                entries,
+            },
+            10_000,
+        )
     }
 
     #[test]
@@ -743,10 +872,21 @@ mod tests {
         assert_eq!(idx.entry(b).expect("b").name, "a/b");
         assert_eq!(idx.entry(b).expect("b").mode, 0o755);
         let a = idx.lookup("a").expect("a");
-        assert_eq!(idx.entry(a).expect("a").nlink, 4, "a has two subdirectories");
-        assert_eq!(idx.children(a).map(|(n, _)| n).collect::<Vec<_>>(), vec!["b", "d"]);
+        assert_eq!(
+            idx.entry(a).expect("a").nlink,
+            4,
+            "a has two subdirectories"
+        );
+        assert_eq!(
+            idx.children(a).map(|(n, _)| n).collect::<Vec<_>>(),
+            vec!["b", "d"]
+        );
         assert_eq!(idx.parent(idx.root()), Some(0));
-        assert_eq!(idx.chunks(c)[0].compressed_end, 10_000, "last member ends at the TOC");
+        assert_eq!(
+            idx.chunks(c)[0].compressed_end,
+            10_000,
+            "last member ends at the TOC"
+        );
     }
 
     #[test]
@@ -757,44 +897,92 @@ mod tests {
         let f = idx.entry(idx.lookup("f").expect("f")).expect("entry");
         assert_eq!((f.size, f.mode), (5, 0o600));
         // But turning a directory with children into a file is refused.
-        assert!(build(vec![ent("d", EntryType::Dir), reg("d/x", 1, 100), reg("d", 1, 200)]).is_err());
+        assert!(build(vec![
+            ent("d", EntryType::Dir),
+            reg("d/x", 1, 100),
+            reg("d", 1, 200)
+        ])
+        .is_err());
     }
 
     #[test]
     fn hostile_names_and_links_are_refused() {
         assert!(build(vec![reg("../etc/passwd", 1, 100)]).is_err());
         assert!(build(vec![reg("a/../../b", 1, 100)]).is_err());
-        assert!(build(vec![TocEntry { link_name: "nope".into(), ..ent("h", EntryType::Hardlink) }]).is_err());
-        assert!(build(vec![ent("d", EntryType::Dir), TocEntry { link_name: "d".into(), ..ent("h", EntryType::Hardlink) }]).is_err());
-        assert!(build(vec![reg("f", 1, 100), reg("f/x", 1, 200)]).is_err(), "parent is a file");
+        assert!(build(vec![TocEntry {
+            link_name: "nope".into(),
+            ..ent("h", EntryType::Hardlink)
+        }])
+        .is_err());
+        assert!(build(vec![
+            ent("d", EntryType::Dir),
+            TocEntry {
+                link_name: "d".into(),
+                ..ent("h", EntryType::Hardlink)
+            }
+        ])
+        .is_err());
+        assert!(
+            build(vec![reg("f", 1, 100), reg("f/x", 1, 200)]).is_err(),
+            "parent is a file"
+        );
         assert!(build(vec![reg("", 1, 100)]).is_err(), "root must be a dir");
         // Hardlink chains resolve; cycles are refused.
-        let l1 = TocEntry { link_name: "f".into(), ..ent("l1", EntryType::Hardlink) };
-        let l2 = TocEntry { link_name: "l1".into(), ..ent("l2", EntryType::Hardlink) };
+        let l1 = TocEntry {
+            link_name: "f".into(),
+            ..ent("l1", EntryType::Hardlink)
+        };
+        let l2 = TocEntry {
+            link_name: "l1".into(),
+            ..ent("l2", EntryType::Hardlink)
+        };
         let idx = build(vec![l2, reg("f", 1, 100), l1]).expect("chain");
         assert_eq!(idx.lookup("l2"), idx.lookup("f"));
         assert_eq!(idx.entry(idx.lookup("f").expect("f")).expect("f").nlink, 3);
-        let c1 = TocEntry { link_name: "c2".into(), ..ent("c1", EntryType::Hardlink) };
-        let c2 = TocEntry { link_name: "c1".into(), ..ent("c2", EntryType::Hardlink) };
+        let c1 = TocEntry {
+            link_name: "c2".into(),
+            ..ent("c1", EntryType::Hardlink)
+        };
+        let c2 = TocEntry {
+            link_name: "c1".into(),
+            ..ent("c2", EntryType::Hardlink)
+        };
         assert!(build(vec![c1, c2]).is_err());
     }
 
     #[test]
     fn lying_sizes_and_offsets_are_refused() {
-        assert!(build(vec![reg("f", 10, 20_000)]).is_err(), "offset past the TOC");
+        assert!(
+            build(vec![reg("f", 10, 20_000)]).is_err(),
+            "offset past the TOC"
+        );
         assert!(build(vec![reg("f", -1, 100)]).is_err());
         assert!(build(vec![reg("f", 1 << 60, 100)]).is_err());
         let mut big = reg("f", 100, 100);
         big.chunk_size = 40;
-        assert!(build(vec![big.clone()]).is_err(), "chunks do not cover the file");
+        assert!(
+            build(vec![big.clone()]).is_err(),
+            "chunks do not cover the file"
+        );
         assert!(build(vec![big.clone(), chunk(200, 50, 0)]).is_err(), "gap");
-        assert!(build(vec![big.clone(), chunk(200, 40, 100)]).is_err(), "past the end");
-        assert!(build(vec![big.clone(), chunk(50, 40, 0)]).is_err(), "offsets go backwards");
+        assert!(
+            build(vec![big.clone(), chunk(200, 40, 100)]).is_err(),
+            "past the end"
+        );
+        assert!(
+            build(vec![big.clone(), chunk(50, 40, 0)]).is_err(),
+            "offsets go backwards"
+        );
         assert!(build(vec![chunk(50, 0, 0)]).is_err(), "orphan chunk");
         let idx = build(vec![big, chunk(200, 40, 40), chunk(300, 80, 0)]).expect("ok");
         let f = idx.lookup("f").expect("f");
         let cs = idx.chunks(f);
-        assert_eq!(cs.iter().map(|c| (c.chunk_offset, c.chunk_size, c.compressed_end)).collect::<Vec<_>>(), vec![(0, 40, 200), (40, 40, 300), (80, 20, 10_000)]);
+        assert_eq!(
+            cs.iter()
+                .map(|c| (c.chunk_offset, c.chunk_size, c.compressed_end))
+                .collect::<Vec<_>>(),
+            vec![(0, 40, 200), (40, 40, 300), (80, 20, 10_000)]
+        );
         assert_eq!(idx.chunks_for_range(f, 39, 2).len(), 2);
         assert_eq!(idx.chunks_for_range(f, 40, 40).len(), 1);
         assert_eq!(idx.chunks_for_range(f, 100, 5).len(), 0);
@@ -812,7 +1000,10 @@ mod tests {
         let idx = build(vec![a, b, reg("c", 1, 400)]).expect("build");
         for (n, inner) in [("a", 512), ("b", 1024)] {
             let c = idx.chunks(idx.lookup(n).expect("id"))[0];
-            assert_eq!((c.compressed_offset, c.compressed_end, c.inner_offset), (100, 400, inner));
+            assert_eq!(
+                (c.compressed_offset, c.compressed_end, c.inner_offset),
+                (100, 400, inner)
+            );
         }
     }
 
@@ -1070,10 +1261,18 @@ mod tests {
 
     #[test]
     fn landmarks_are_recorded_and_hidden() {
-        let idx = build(vec![reg("a", 1, 100), reg(".prefetch.landmark", 1, 300), reg("b", 1, 400)]).expect("build");
+        let idx = build(vec![
+            reg("a", 1, 100),
+            reg(".prefetch.landmark", 1, 300),
+            reg("b", 1, 400),
+        ])
+        .expect("build");
         assert_eq!(idx.prefetch_end_offset(), Some(300));
         assert!(idx.lookup(".prefetch.landmark").is_none());
-        assert_eq!(idx.chunks(idx.lookup("a").expect("a"))[0].compressed_end, 300);
+        assert_eq!(
+            idx.chunks(idx.lookup("a").expect("a"))[0].compressed_end,
+            300
+        );
         let idx = build(vec![reg(".no.prefetch.landmark", 1, 100)]).expect("build");
         assert!(idx.no_prefetch() && !idx.has_prefetch_landmark());
     }

@@ -23,9 +23,14 @@ pub mod toc;
 
 pub use builder::{build, BuildOptions, BuildResult};
 pub use chunk::{decode_chunk, decode_chunk_into};
-pub use footer::{footer_bytes, parse_footer, TocLocation, FOOTER_SIZE, LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE};
+pub use footer::{
+    footer_bytes, parse_footer, TocLocation, FOOTER_SIZE, LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE,
+};
 pub use index::{ChunkInfo, Entry, EntryId, LayerIndex};
-pub use reader::{open_blob, open_from_toc_member, open_index_from_toc_member, read_file_range, OpenedBlob, Section};
+pub use reader::{
+    open_blob, open_from_toc_member, open_index_from_toc_member, read_file_range, OpenedBlob,
+    Section,
+};
 pub use toc::{parse_toc_member, EntryType, Toc, TocEntry};
 
 /// Annotation (and snapshot label) holding the TOC JSON digest of a layer.
@@ -40,8 +45,14 @@ pub enum EstargzError {
     BlobTooSmall { size: u64 },
     #[error("invalid footer: {0}")]
     InvalidFooter(String),
-    #[error("TOC offset {toc_offset} is outside the blob ({blob_size} bytes, footer {footer_size})")]
-    TocOutOfRange { toc_offset: u64, blob_size: u64, footer_size: u64 },
+    #[error(
+        "TOC offset {toc_offset} is outside the blob ({blob_size} bytes, footer {footer_size})"
+    )]
+    TocOutOfRange {
+        toc_offset: u64,
+        blob_size: u64,
+        footer_size: u64,
+    },
     #[error("TOC too large: {size} bytes (limit {limit})")]
     TocTooLarge { size: u64, limit: u64 },
     #[error("malformed TOC member: {0}")]
@@ -56,15 +67,31 @@ pub enum EstargzError {
     #[error("invalid TOC entry {name:?}: {reason}")]
     InvalidEntry { name: String, reason: String },
     #[error("layer {layer}: file {file:?}: chunk at file offset {chunk_offset}: {reason}")]
-    Chunk { layer: String, file: String, chunk_offset: u64, reason: String },
+    Chunk {
+        layer: String,
+        file: String,
+        chunk_offset: u64,
+        reason: String,
+    },
     #[error("layer {layer}: file {file:?}: chunk at file offset {chunk_offset}: digest mismatch (expected {expected}, got {actual})")]
-    ChunkDigestMismatch { layer: String, file: String, chunk_offset: u64, expected: String, actual: String },
+    ChunkDigestMismatch {
+        layer: String,
+        file: String,
+        chunk_offset: u64,
+        expected: String,
+        actual: String,
+    },
     #[error("no such entry id {0}")]
     NoSuchEntry(u32),
     #[error("not a regular file: {0:?}")]
     NotRegular(String),
     #[error("read of [{offset}, +{len}) outside file {file:?} of {size} bytes")]
-    OutOfFile { file: String, offset: u64, len: u64, size: u64 },
+    OutOfFile {
+        file: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("input tar: {0}")]
     InputTar(String),
     #[error("prioritized file not found in the input: {0:?}")]
@@ -84,7 +111,12 @@ pub trait ReadAt: Send + Sync {
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
         while !buf.is_empty() {
             match self.read_at(buf, offset) {
-                Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read")),
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "short read",
+                    ))
+                }
                 Ok(n) => {
                     buf = &mut buf[n..];
                     offset += n as u64;
@@ -105,7 +137,9 @@ impl ReadAt for std::fs::File {
 
 impl ReadAt for [u8] {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(self.len());
         let n = buf.len().min(self.len() - start);
         buf[..n].copy_from_slice(&self[start..start + n]);
         Ok(n)

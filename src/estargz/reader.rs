@@ -18,7 +18,11 @@ pub struct OpenedBlob {
 /// Opens a blob of `blob_size` bytes: parses the footer, reads and parses the TOC member,
 /// checks its digest against `expected_toc_digest` when given (mismatch is an error), and
 /// builds the index.
-pub fn open_blob<R: ReadAt + ?Sized>(blob: &R, blob_size: u64, expected_toc_digest: Option<&str>) -> Result<OpenedBlob> {
+pub fn open_blob<R: ReadAt + ?Sized>(
+    blob: &R,
+    blob_size: u64,
+    expected_toc_digest: Option<&str>,
+) -> Result<OpenedBlob> {
     let tail_len = blob_size.min(FOOTER_SIZE);
     let mut tail = vec![0u8; tail_len as usize];
     blob.read_exact_at(&mut tail, blob_size - tail_len)?;
@@ -26,7 +30,10 @@ pub fn open_blob<R: ReadAt + ?Sized>(blob: &R, blob_size: u64, expected_toc_dige
     let range = location.toc_range(blob_size)?;
     let len = range.end - range.start;
     if len > MAX_TOC_COMPRESSED_SIZE {
-        return Err(EstargzError::TocTooLarge { size: len, limit: MAX_TOC_COMPRESSED_SIZE });
+        return Err(EstargzError::TocTooLarge {
+            size: len,
+            limit: MAX_TOC_COMPRESSED_SIZE,
+        });
     }
     let mut member = vec![0u8; len as usize];
     blob.read_exact_at(&mut member, range.start)?;
@@ -35,18 +42,31 @@ pub fn open_blob<R: ReadAt + ?Sized>(blob: &R, blob_size: u64, expected_toc_dige
 
 /// Second half of [`open_blob`] for callers that fetched the TOC member themselves
 /// (e.g. the registry client, with one ranged request for footer + TOC).
-pub fn open_from_toc_member(member: &[u8], location: TocLocation, expected_toc_digest: Option<&str>) -> Result<OpenedBlob> {
+pub fn open_from_toc_member(
+    member: &[u8],
+    location: TocLocation,
+    expected_toc_digest: Option<&str>,
+) -> Result<OpenedBlob> {
     let (toc, toc_digest) = parse_toc_member(member)?;
     if let Some(want) = expected_toc_digest {
         verify_toc_digest(&toc_digest, want)?;
     }
     let index = LayerIndex::build(&toc, location.toc_offset)?;
-    Ok(OpenedBlob { location, toc, toc_digest, index })
+    Ok(OpenedBlob {
+        location,
+        toc,
+        toc_digest,
+        index,
+    })
 }
 
 /// [`open_from_toc_member`] for callers that need only the index (the filesystem): the TOC is
 /// streamed into the index and never held whole. Returns the index and the TOC digest.
-pub fn open_index_from_toc_member(member: &[u8], location: TocLocation, expected_toc_digest: Option<&str>) -> Result<(LayerIndex, String)> {
+pub fn open_index_from_toc_member(
+    member: &[u8],
+    location: TocLocation,
+    expected_toc_digest: Option<&str>,
+) -> Result<(LayerIndex, String)> {
     let (index, toc_digest) = LayerIndex::from_toc_member(member, location.toc_offset)?;
     if let Some(want) = expected_toc_digest {
         verify_toc_digest(&toc_digest, want)?;
@@ -57,7 +77,13 @@ pub fn open_index_from_toc_member(member: &[u8], location: TocLocation, expected
 /// Reads `buf.len()` bytes (fewer at end of file) of file `id` at `offset`, fetching each
 /// needed compressed range from `blob` and verifying every chunk. Returns bytes read.
 /// A plain, synchronous reader: the filesystem adds caching and prefetching on top.
-pub fn read_file_range<R: ReadAt + ?Sized>(blob: &R, index: &LayerIndex, id: EntryId, offset: u64, buf: &mut [u8]) -> Result<usize> {
+pub fn read_file_range<R: ReadAt + ?Sized>(
+    blob: &R,
+    index: &LayerIndex,
+    id: EntryId,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<usize> {
     let e = index.entry(id).ok_or(EstargzError::NoSuchEntry(id))?;
     if e.kind != EntryType::Reg {
         return Err(EstargzError::NotRegular(crate::untrusted::clip(&e.name)));
@@ -70,16 +96,29 @@ pub fn read_file_range<R: ReadAt + ?Sized>(blob: &R, index: &LayerIndex, id: Ent
     let mut plain = Vec::new();
     for c in index.chunks_for_range(id, offset, want) {
         let range = c.compressed_range();
-        let section = std::io::BufReader::with_capacity(64 << 10, Section { blob, pos: range.start, end: range.end });
+        let section = std::io::BufReader::with_capacity(
+            64 << 10,
+            Section {
+                blob,
+                pos: range.start,
+                end: range.end,
+            },
+        );
         plain.resize(c.chunk_size as usize, 0);
         chunk::decode_chunk_into(section, c, index.layer_label(), &e.name, &mut plain)?;
         let from = offset + done - c.chunk_offset;
         let n = (c.chunk_size - from).min(want - done);
-        buf[done as usize..(done + n) as usize].copy_from_slice(&plain[from as usize..(from + n) as usize]);
+        buf[done as usize..(done + n) as usize]
+            .copy_from_slice(&plain[from as usize..(from + n) as usize]);
         done += n;
     }
     if done != want {
-        return Err(EstargzError::OutOfFile { file: crate::untrusted::clip(&e.name), offset, len: want, size: e.size });
+        return Err(EstargzError::OutOfFile {
+            file: crate::untrusted::clip(&e.name),
+            offset,
+            len: want,
+            size: e.size,
+        });
     }
     Ok(done as usize)
 }

@@ -21,20 +21,36 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let mp = (5 * doy + 2) / 153;
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 fn num(s: &[u8]) -> Option<u32> {
     if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    s.iter().try_fold(0u32, |acc, &c| acc.checked_mul(10)?.checked_add(u32::from(c - b'0')))
+    s.iter().try_fold(0u32, |acc, &c| {
+        acc.checked_mul(10)?.checked_add(u32::from(c - b'0'))
+    })
 }
 
 /// Parses `2006-01-02T15:04:05[.frac](Z|±hh:mm)` into Unix seconds and nanoseconds.
 pub fn parse(s: &str) -> Option<(i64, u32)> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b't') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let (y, mo, d) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
@@ -77,7 +93,8 @@ pub fn parse(s: &str) -> Option<(i64, u32)> {
         _ => return None,
     };
     let days = days_from_civil(i64::from(y), mo, d);
-    let secs = days * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(se) - offset_secs;
+    let secs =
+        days * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(se) - offset_secs;
     Some((secs, nanos))
 }
 
@@ -86,7 +103,12 @@ pub fn format(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -95,11 +117,22 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for secs in [0i64, 1, 86_399, 951_782_400, 1_700_000_000, 4_102_444_800, -1] {
+        for secs in [
+            0i64,
+            1,
+            86_399,
+            951_782_400,
+            1_700_000_000,
+            4_102_444_800,
+            -1,
+        ] {
             assert_eq!(parse(&format(secs)), Some((secs, 0)), "{}", format(secs));
         }
         assert_eq!(format(1_234_567_890), "2009-02-13T23:31:30Z");
-        assert_eq!(parse("2009-02-14T00:31:30.5+01:00"), Some((1_234_567_890, 500_000_000)));
+        assert_eq!(
+            parse("2009-02-14T00:31:30.5+01:00"),
+            Some((1_234_567_890, 500_000_000))
+        );
         assert_eq!(parse("2009-02-13T23:31:30"), None);
         assert_eq!(parse("garbage"), None);
     }

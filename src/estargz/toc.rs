@@ -64,7 +64,11 @@ pub struct TocEntry {
     pub gid: u32,
     #[serde(rename = "userName", default, skip_serializing_if = "String::is_empty")]
     pub user_name: String,
-    #[serde(rename = "groupName", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "groupName",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub group_name: String,
     #[serde(default, skip_serializing_if = "is_zero_i64")]
     pub offset: i64,
@@ -75,7 +79,11 @@ pub struct TocEntry {
     #[serde(rename = "devMinor", default, skip_serializing_if = "is_zero_u32")]
     pub dev_minor: u32,
     /// Extended attributes; values are base64 in JSON (Go's `[]byte` encoding).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", with = "xattrs_b64")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        with = "xattrs_b64"
+    )]
     pub xattrs: BTreeMap<String, Vec<u8>>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digest: String,
@@ -83,7 +91,11 @@ pub struct TocEntry {
     pub chunk_offset: i64,
     #[serde(rename = "chunkSize", default, skip_serializing_if = "is_zero_i64")]
     pub chunk_size: i64,
-    #[serde(rename = "chunkDigest", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "chunkDigest",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub chunk_digest: String,
 }
 
@@ -93,16 +105,26 @@ mod xattrs_b64 {
     use base64::{engine::general_purpose::STANDARD, Engine as _};
     use serde::{de::Error as _, Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<S: Serializer>(m: &BTreeMap<String, Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-        let enc: BTreeMap<&str, String> = m.iter().map(|(k, v)| (k.as_str(), STANDARD.encode(v))).collect();
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<String, Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let enc: BTreeMap<&str, String> = m
+            .iter()
+            .map(|(k, v)| (k.as_str(), STANDARD.encode(v)))
+            .collect();
         enc.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
         let enc = Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default();
         enc.into_iter()
             .map(|(k, v)| {
-                let bytes = STANDARD.decode(v.as_bytes()).map_err(|e| D::Error::custom(format!("xattr {:?}: {e}", crate::untrusted::clip(&k))))?;
+                let bytes = STANDARD.decode(v.as_bytes()).map_err(|e| {
+                    D::Error::custom(format!("xattr {:?}: {e}", crate::untrusted::clip(&k)))
+                })?;
                 Ok((k, bytes))
             })
             .collect()
@@ -131,9 +153,15 @@ pub fn parse_toc_member(member: &[u8]) -> Result<(Toc, String)> {
 /// as it is parsed (an error from it stops the parse), so a caller that builds its own
 /// structure never holds the JSON or the entry list. Returns the TOC version and digest; the
 /// digest is known only at the end, so the caller must check it before using what it built.
-pub fn parse_toc_member_with(member: &[u8], on_entry: impl FnMut(TocEntry) -> Result<()>) -> Result<(u32, String)> {
+pub fn parse_toc_member_with(
+    member: &[u8],
+    on_entry: impl FnMut(TocEntry) -> Result<()>,
+) -> Result<(u32, String)> {
     if member.len() as u64 > MAX_TOC_COMPRESSED_SIZE {
-        return Err(EstargzError::TocTooLarge { size: member.len() as u64, limit: MAX_TOC_COMPRESSED_SIZE });
+        return Err(EstargzError::TocTooLarge {
+            size: member.len() as u64,
+            limit: MAX_TOC_COMPRESSED_SIZE,
+        });
     }
     // One gzip member, like Go's `Multistream(false)`; its tar headers go through our bounded
     // reader, never the `tar` crate, which would read any long name or PAX record whole.
@@ -147,16 +175,30 @@ pub fn parse_toc_member_with(member: &[u8], on_entry: impl FnMut(TocEntry) -> Re
     }
     let size = header.size;
     if size > MAX_TOC_JSON_SIZE {
-        return Err(EstargzError::TocTooLarge { size, limit: MAX_TOC_JSON_SIZE });
+        return Err(EstargzError::TocTooLarge {
+            size,
+            limit: MAX_TOC_JSON_SIZE,
+        });
     }
     // The JSON is parsed as it is decompressed and hashed: a layer's TOC JSON is several times
     // its compressed size (megabytes for a rootfs), and holding it whole next to the parsed
     // entries was the daemon's peak memory at mount.
-    let mut hashed = HashingReader { inner: (&mut gz).take(size), hasher: sha2::Sha256::new(), read: 0 };
-    let mut visitor = TocVisitor { on_entry, failed: None };
+    let mut hashed = HashingReader {
+        inner: (&mut gz).take(size),
+        hasher: sha2::Sha256::new(),
+        read: 0,
+    };
+    let mut visitor = TocVisitor {
+        on_entry,
+        failed: None,
+    };
     let parsed = {
-        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(64 << 10, &mut hashed));
-        serde::Deserializer::deserialize_map(&mut de, &mut visitor).and_then(|v| de.end().map(|()| v))
+        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(
+            64 << 10,
+            &mut hashed,
+        ));
+        serde::Deserializer::deserialize_map(&mut de, &mut visitor)
+            .and_then(|v| de.end().map(|()| v))
     };
     let version = match (parsed, visitor.failed.take()) {
         (_, Some(e)) => return Err(e),
@@ -166,7 +208,10 @@ pub fn parse_toc_member_with(member: &[u8], on_entry: impl FnMut(TocEntry) -> Re
     if hashed.read < size {
         return Err(EstargzError::MalformedToc("TOC JSON truncated".into()));
     }
-    Ok((version, format!("sha256:{}", hex::encode(hashed.hasher.finalize()))))
+    Ok((
+        version,
+        format!("sha256:{}", hex::encode(hashed.hasher.finalize())),
+    ))
 }
 
 /// Visits `{"version": N, "entries": [...]}` like `Toc`'s derived `Deserialize` (version
@@ -184,7 +229,10 @@ impl<'de, F: FnMut(TocEntry) -> Result<()>> serde::de::Visitor<'de> for &mut Toc
         f.write_str("a TOC object")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<u32, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<u32, A::Error> {
         use serde::de::Error as _;
         let (mut version, mut seen_entries) = (None, false);
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
@@ -227,7 +275,10 @@ impl<'de, F: FnMut(TocEntry) -> Result<()>> serde::de::Visitor<'de> for EntriesS
         Ok(())
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<(), A::Error> {
         use serde::de::Error as _;
         while let Some(e) = seq.next_element::<TocEntry>()? {
             if let Err(err) = (self.0.on_entry)(e) {
@@ -249,7 +300,10 @@ struct HashingReader<R> {
 
 impl<R: std::io::Read> std::io::Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf).map_err(|e| std::io::Error::new(e.kind(), format!("reading TOC JSON: {e}")))?;
+        let n = self
+            .inner
+            .read(buf)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("reading TOC JSON: {e}")))?;
         self.hasher.update(&buf[..n]);
         self.read += n as u64;
         Ok(n)
@@ -261,7 +315,10 @@ pub fn verify_toc_digest(actual: &str, expected: &str) -> Result<()> {
     let want = super::parse_sha256(expected)?;
     let got = super::parse_sha256(actual)?;
     if want != got {
-        return Err(EstargzError::TocDigestMismatch { expected: expected.to_owned(), actual: actual.to_owned() });
+        return Err(EstargzError::TocDigestMismatch {
+            expected: expected.to_owned(),
+            actual: actual.to_owned(),
+        });
     }
     Ok(())
 }
@@ -306,7 +363,11 @@ impl serde_json::ser::Formatter for GoFormatter {
         end_object_value();
     }
 
-    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, w: &mut W, fragment: &str) -> std::io::Result<()> {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
         let mut start = 0;
         for (i, c) in fragment.char_indices() {
             let esc = match c {
@@ -355,12 +416,24 @@ mod tests {
     fn go_json_layout_and_escaping() {
         let toc = Toc {
             version: 1,
-            entries: vec![TocEntry { name: "a<b>&c".into(), kind: EntryType::Dir, mode: 493, ..Default::default() }],
+            entries: vec![TocEntry {
+                name: "a<b>&c".into(),
+                kind: EntryType::Dir,
+                mode: 493,
+                ..Default::default()
+            }],
         };
         let json = String::from_utf8(to_go_json(&toc).expect("json")).expect("utf8");
         let want = "{\n\t\"version\": 1,\n\t\"entries\": [\n\t\t{\n\t\t\t\"name\": \"a\\u003cb\\u003e\\u0026c\",\n\t\t\t\"type\": \"dir\",\n\t\t\t\"mode\": 493\n\t\t}\n\t]\n}";
         assert_eq!(json, want);
-        let empty = String::from_utf8(to_go_json(&Toc { version: 1, entries: vec![] }).expect("json")).expect("utf8");
+        let empty = String::from_utf8(
+            to_go_json(&Toc {
+                version: 1,
+                entries: vec![],
+            })
+            .expect("json"),
+        )
+        .expect("utf8");
         assert_eq!(empty, "{\n\t\"version\": 1,\n\t\"entries\": []\n}");
     }
 
@@ -371,7 +444,8 @@ mod tests {
         h.set_size(json.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        tar.append_data(&mut h, TOC_TAR_NAME, json.as_bytes()).expect("tar");
+        tar.append_data(&mut h, TOC_TAR_NAME, json.as_bytes())
+            .expect("tar");
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &tar.into_inner().expect("tar")).expect("gz");
         gz.finish().expect("gz")
@@ -382,9 +456,19 @@ mod tests {
         let json = r#"{"version":1,"extra":{"x":[1]},"entries":[{"name":"a","type":"dir"},{"name":"a/b","type":"reg","size":3}]}"#;
         let (toc, digest) = parse_toc_member(&member(json)).expect("parse");
         assert_eq!(toc, serde_json::from_str::<Toc>(json).expect("derived"));
-        assert_eq!(digest, format!("sha256:{}", hex::encode(sha2::Sha256::digest(json.as_bytes()))));
+        assert_eq!(
+            digest,
+            format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(json.as_bytes()))
+            )
+        );
         // Go marshals an empty entry list as null.
-        assert!(parse_toc_member(&member(r#"{"version":1,"entries":null}"#)).expect("null").0.entries.is_empty());
+        assert!(parse_toc_member(&member(r#"{"version":1,"entries":null}"#))
+            .expect("null")
+            .0
+            .entries
+            .is_empty());
         for bad in [
             r#"{"entries":[]}"#,
             r#"{"version":1,"version":1}"#,
@@ -410,7 +494,10 @@ mod tests {
         })
         .expect_err("callback error");
         assert_eq!(seen, 2);
-        assert!(matches!(err, EstargzError::MalformedToc(ref m) if m == "stop at b"), "{err}");
+        assert!(
+            matches!(err, EstargzError::MalformedToc(ref m) if m == "stop at b"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -419,6 +506,9 @@ mod tests {
         assert!(parse_toc_member(b"not gzip at all").is_err());
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &[0u8; 1024]).expect("gz");
-        assert!(parse_toc_member(&gz.finish().expect("gz")).is_err(), "empty tar");
+        assert!(
+            parse_toc_member(&gz.finish().expect("gz")).is_err(),
+            "empty tar"
+        );
     }
 }

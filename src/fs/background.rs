@@ -31,7 +31,9 @@ pub struct BackgroundFetcher {
 
 impl std::fmt::Debug for BackgroundFetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackgroundFetcher").field("workers", &self.workers.len()).finish()
+        f.debug_struct("BackgroundFetcher")
+            .field("workers", &self.workers.len())
+            .finish()
     }
 }
 
@@ -48,7 +50,10 @@ impl BackgroundFetcher {
         let workers = (0..max_concurrency.max(1))
             .filter_map(|i| {
                 let s = shared.clone();
-                std::thread::Builder::new().name(format!("stargz-bg-{i}")).spawn(move || worker(&s)).ok()
+                std::thread::Builder::new()
+                    .name(format!("stargz-bg-{i}"))
+                    .spawn(move || worker(&s))
+                    .ok()
             })
             .collect();
         BackgroundFetcher { shared, workers }
@@ -90,7 +95,11 @@ fn next_layer(s: &Shared) -> Option<Arc<LayerReader>> {
             }
             continue;
         }
-        guard = s.wake.wait_timeout(guard, Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner()).0;
+        guard = s
+            .wake
+            .wait_timeout(guard, Duration::from_secs(1))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
 }
 

@@ -8,9 +8,10 @@ use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request,
 };
 
 use super::inode::{Node, NodeKind, ROOT_INO, STATE_DIR_INO, STATE_DIR_NAME, STATE_FILE_INO};
@@ -67,16 +68,18 @@ impl MissWorkers {
         let mut spawned = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
         if *spawned < pending.min(self.max) {
             let (rx, count) = (self.rx.clone(), self.pending.clone());
-            let started = std::thread::Builder::new().name("stargz-miss".into()).spawn(move || loop {
-                let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                let Ok(job) = job else { return };
-                // A panicking read drops its reply (the kernel gets EIO) and its fetch claim
-                // (waiters get an error); the worker itself stays in service.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                    tracing::error!("a read panicked; answered EIO");
-                }
-                count.fetch_sub(1, Ordering::SeqCst);
-            });
+            let started = std::thread::Builder::new()
+                .name("stargz-miss".into())
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(job) = job else { return };
+                    // A panicking read drops its reply (the kernel gets EIO) and its fetch claim
+                    // (waiters get an error); the worker itself stays in service.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("a read panicked; answered EIO");
+                    }
+                    count.fetch_sub(1, Ordering::SeqCst);
+                });
             match started {
                 Ok(_) => *spawned += 1,
                 Err(e) if *spawned == 0 => {
@@ -108,7 +111,12 @@ struct Handles {
 
 impl LayerFs {
     /// `miss_workers` bounds the threads that serve reads waiting for the registry.
-    pub fn new(reader: Arc<LayerReader>, ttl: Duration, passthrough: bool, miss_workers: usize) -> Self {
+    pub fn new(
+        reader: Arc<LayerReader>,
+        ttl: Duration,
+        passthrough: bool,
+        miss_workers: usize,
+    ) -> Self {
         LayerFs {
             reader,
             ttl,
@@ -127,7 +135,11 @@ impl LayerFs {
     fn state_json(&self) -> Vec<u8> {
         let size = self.reader.blob_size();
         let fetched = self.reader.fetched_size();
-        let percent = if size == 0 { 100.0 } else { fetched as f64 / size as f64 * 100.0 };
+        let percent = if size == 0 {
+            100.0
+        } else {
+            fetched as f64 / size as f64 * 100.0
+        };
         let mut v = serde_json::json!({
             "digest": self.reader.digest(),
             "size": size,
@@ -145,7 +157,12 @@ impl LayerFs {
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         match ino {
             STATE_DIR_INO => Some(special_attr(ino, FileType::Directory, 0o500, 0)),
-            STATE_FILE_INO => Some(special_attr(ino, FileType::RegularFile, 0o400, self.state_json().len() as u64)),
+            STATE_FILE_INO => Some(special_attr(
+                ino,
+                FileType::RegularFile,
+                0o400,
+                self.state_json().len() as u64,
+            )),
             _ => self.reader.table.get(ino).map(node_attr),
         }
     }
@@ -164,11 +181,20 @@ impl LayerFs {
     /// `offset` on (`.` and `..` are 0 and 1) until it returns true (the reply is full). Starts
     /// at the offset without walking what came before, so listing a directory of n entries in
     /// pieces costs O(n) in all. False when `ino` is not a directory.
-    fn list_dir(&self, ino: u64, offset: u64, mut add: impl FnMut(u64, u64, FileType, &str) -> bool) -> bool {
+    fn list_dir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, FileType, &str) -> bool,
+    ) -> bool {
         let offset = usize::try_from(offset).unwrap_or(usize::MAX);
         if ino == STATE_DIR_INO {
             let file = self.state_file_name();
-            let fixed = [(STATE_DIR_INO, FileType::Directory, "."), (ROOT_INO, FileType::Directory, ".."), (STATE_FILE_INO, FileType::RegularFile, file.as_str())];
+            let fixed = [
+                (STATE_DIR_INO, FileType::Directory, "."),
+                (ROOT_INO, FileType::Directory, ".."),
+                (STATE_FILE_INO, FileType::RegularFile, file.as_str()),
+            ];
             for (i, (child, kind, name)) in fixed.into_iter().enumerate().skip(offset) {
                 if add(child, i as u64 + 1, kind, name) {
                     break;
@@ -177,15 +203,23 @@ impl LayerFs {
             return true;
         }
         let table = &self.reader.table;
-        let Some(node) = table.get(ino).filter(|n| n.kind == NodeKind::Dir) else { return false };
-        for (i, (child, name)) in [(ino, "."), (node.parent, "..")].into_iter().enumerate().skip(offset) {
+        let Some(node) = table.get(ino).filter(|n| n.kind == NodeKind::Dir) else {
+            return false;
+        };
+        for (i, (child, name)) in [(ino, "."), (node.parent, "..")]
+            .into_iter()
+            .enumerate()
+            .skip(offset)
+        {
             if add(child, i as u64 + 1, FileType::Directory, name) {
                 return true;
             }
         }
         let skip = offset.saturating_sub(2);
         for (i, (name, child)) in table.children_from(node, skip).enumerate() {
-            let kind = table.get(child).map_or(FileType::RegularFile, |n| file_type(n.kind));
+            let kind = table
+                .get(child)
+                .map_or(FileType::RegularFile, |n| file_type(n.kind));
             if add(child, (2 + skip + i + 1) as u64, kind, name) {
                 break;
             }
@@ -199,7 +233,11 @@ impl LayerFs {
         if node.opaque {
             out.push((OPAQUE_XATTR.into(), b"y".to_vec()));
         }
-        let xattrs = self.reader.table.xattrs(node).filter(|&(k, _)| k != OPAQUE_XATTR);
+        let xattrs = self
+            .reader
+            .table
+            .xattrs(node)
+            .filter(|&(k, _)| k != OPAQUE_XATTR);
         out.extend(xattrs.map(|(k, v)| (k.to_string(), v.to_vec())));
         Some(out)
     }
@@ -331,11 +369,14 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
-        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_PARALLEL_DIROPS);
         if self.passthrough.load(Ordering::Relaxed) {
             // Depth 1: our backing files sit on a plain fs, and overlayfs may still stack on us.
-            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
             if !ok {
                 tracing::warn!("kernel lacks FUSE passthrough; serving reads in userspace");
                 self.passthrough.store(false, Ordering::Relaxed);
@@ -370,7 +411,9 @@ impl Filesystem for LayerFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.reader.table.get(ino.0) {
-            Some(n) if n.kind == NodeKind::Symlink => reply.data(self.reader.table.link_name(n).as_bytes()),
+            Some(n) if n.kind == NodeKind::Symlink => {
+                reply.data(self.reader.table.link_name(n).as_bytes())
+            }
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
         }
@@ -409,7 +452,9 @@ impl Filesystem for LayerFs {
     ) {
         if ino.0 == STATE_FILE_INO {
             let json = self.state_json();
-            let start = usize::try_from(offset).unwrap_or(usize::MAX).min(json.len());
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(json.len());
             let end = start.saturating_add(size as usize).min(json.len());
             return reply.data(&json[start..end]);
         }
@@ -417,7 +462,9 @@ impl Filesystem for LayerFs {
             return serve_read(&self.reader, ino.0, offset, size, reply);
         }
         let reader = self.reader.clone();
-        self.misses.submit(Box::new(move || serve_read(&reader, ino.0, offset, size, reply)));
+        self.misses.submit(Box::new(move || {
+            serve_read(&reader, ino.0, offset, size, reply)
+        }));
     }
 
     fn release(
@@ -436,17 +483,37 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        if !self.list_dir(ino.0, offset, |child, next, kind, name| reply.add(INodeNo(child), next, kind, name)) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if !self.list_dir(ino.0, offset, |child, next, kind, name| {
+            reply.add(INodeNo(child), next, kind, name)
+        }) {
             return reply.error(Errno::ENOTDIR);
         }
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let listed = self.list_dir(ino.0, offset, |child, next, _, name| match self.attr(child) {
-            Some(attr) => reply.add(INodeNo(child), next, name, &self.ttl, &attr, Generation(0)),
-            None => false,
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let listed = self.list_dir(ino.0, offset, |child, next, _, name| {
+            match self.attr(child) {
+                Some(attr) => {
+                    reply.add(INodeNo(child), next, name, &self.ttl, &attr, Generation(0))
+                }
+                None => false,
+            }
         });
         if !listed {
             return reply.error(Errno::ENOTDIR);
@@ -504,7 +571,16 @@ impl Filesystem for LayerFs {
         reply.error(Errno::EROFS);
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -520,7 +596,14 @@ impl Filesystem for LayerFs {
         reply.error(Errno::EROFS);
     }
 
-    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &std::path::Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _t: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -556,11 +639,29 @@ impl Filesystem for LayerFs {
         reply.error(Errno::EROFS);
     }
 
-    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
         reply.error(Errno::EROFS);
     }
 
-    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::EROFS);
     }
 

@@ -195,7 +195,9 @@ impl InodeTable {
         }
         t.blob_order = blob_order(&t.nodes, &t.chunks);
         for (seq, &(ino, i)) in t.blob_order.iter().enumerate() {
-            let flat = Self::index_of(ino).and_then(|k| t.nodes.get(k)).map(|n| n.chunks.start as usize + i);
+            let flat = Self::index_of(ino)
+                .and_then(|k| t.nodes.get(k))
+                .map(|n| n.chunks.start as usize + i);
             if let Some(c) = flat.and_then(|k| t.chunks.get_mut(k)) {
                 c.seq = seq;
             }
@@ -260,13 +262,19 @@ impl InodeTable {
     /// The child `name` of directory `parent` (binary search over its sorted entries).
     pub fn lookup(&self, parent: u64, name: &str) -> Option<&Node> {
         let dirents = self.dirents.get(self.get(parent)?.children.range())?;
-        let i = dirents.binary_search_by(|d| self.name(d.name).cmp(name)).ok()?;
+        let i = dirents
+            .binary_search_by(|d| self.name(d.name).cmp(name))
+            .ok()?;
         self.get(dirents[i].ino)
     }
 
     /// A directory's visible entries `(name, ino)` in name (byte) order; empty for other nodes.
     pub fn children(&self, dir: &Node) -> impl Iterator<Item = (&str, u64)> + '_ {
-        self.dirents.get(dir.children.range()).unwrap_or_default().iter().map(|d| (self.name(d.name), d.ino))
+        self.dirents
+            .get(dir.children.range())
+            .unwrap_or_default()
+            .iter()
+            .map(|d| (self.name(d.name), d.ino))
     }
 
     /// [`Self::children`] from the `skip`-th entry on, without walking the ones before
@@ -274,7 +282,11 @@ impl InodeTable {
     pub fn children_from(&self, dir: &Node, skip: usize) -> impl Iterator<Item = (&str, u64)> + '_ {
         let range = dir.children.range();
         let start = range.start.saturating_add(skip).min(range.end);
-        self.dirents.get(start..range.end).unwrap_or_default().iter().map(|d| (self.name(d.name), d.ino))
+        self.dirents
+            .get(start..range.end)
+            .unwrap_or_default()
+            .iter()
+            .map(|d| (self.name(d.name), d.ino))
     }
 
     /// A regular file's chunks in file order; empty for other nodes.
@@ -284,7 +296,8 @@ impl InodeTable {
 
     /// Index (in [`Self::chunks`]) of the first chunk of `node` that holds `offset`.
     pub fn chunk_index(&self, node: &Node, offset: u64) -> usize {
-        self.chunks(node).partition_point(|c| c.info.chunk_offset + c.info.chunk_size <= offset)
+        self.chunks(node)
+            .partition_point(|c| c.info.chunk_offset + c.info.chunk_size <= offset)
     }
 
     /// A symlink's target, verbatim; empty for other nodes.
@@ -347,7 +360,11 @@ impl InodeTable {
         node.perm = e.mode;
         node.uid = e.uid;
         node.gid = e.gid;
-        node.size = if kind == NodeKind::Symlink { e.link_name.len() as u64 } else { e.size };
+        node.size = if kind == NodeKind::Symlink {
+            e.link_name.len() as u64
+        } else {
+            e.size
+        };
         node.mtime = mtime(e.mtime_secs, e.mtime_nanos);
         node.rdev = e.rdev() as u32;
         node.nlink = e.nlink;
@@ -382,8 +399,16 @@ impl InodeTable {
         // The index yields names sorted, so the real entries are too.
         let real = scratch.len();
         for (name, child) in index.children(dir) {
-            let Some(target) = name.strip_prefix(WHITEOUT_PREFIX).filter(|_| name != OPAQUE_MARKER) else { continue };
-            if scratch[..real].binary_search_by(|(n, _)| (*n).cmp(target)).is_err() {
+            let Some(target) = name
+                .strip_prefix(WHITEOUT_PREFIX)
+                .filter(|_| name != OPAQUE_MARKER)
+            else {
+                continue;
+            };
+            if scratch[..real]
+                .binary_search_by(|(n, _)| (*n).cmp(target))
+                .is_err()
+            {
                 scratch.push((target, child));
                 if let Some(node) = self.nodes.get_mut(child as usize) {
                     make_whiteout(node);
@@ -394,7 +419,10 @@ impl InodeTable {
         let start = self.dirents.len();
         for &(name, child) in scratch.iter() {
             let name = self.push_name(name)?;
-            self.dirents.push(Dirent { name, ino: ino_of(child) });
+            self.dirents.push(Dirent {
+                name,
+                ino: ino_of(child),
+            });
         }
         let span = Span::new(start, self.dirents.len())?;
         if let Some(node) = self.nodes.get_mut(dir as usize) {
@@ -406,18 +434,24 @@ impl InodeTable {
 
     /// Adds the chunks and xattrs of entry `id` unless it became a whiteout (which has neither).
     fn add_payload(&mut self, index: &LayerIndex, id: EntryId, e: &Entry) -> Result<(), FsError> {
-        let Some(kind) = self.nodes.get(id as usize).map(|n| n.kind) else { return Ok(()) };
+        let Some(kind) = self.nodes.get(id as usize).map(|n| n.kind) else {
+            return Ok(());
+        };
         if kind == NodeKind::Whiteout {
             return Ok(());
         }
         let start = self.chunks.len();
-        self.chunks.extend(index.chunks(id).iter().map(|&info| Chunk { info, seq: 0 }));
+        self.chunks
+            .extend(index.chunks(id).iter().map(|&info| Chunk { info, seq: 0 }));
         let chunks = Span::new(start, self.chunks.len())?;
         let xattrs = if e.xattrs.is_empty() {
             None
         } else {
             self.xattrs.push(e.xattrs.clone());
-            Some(u32::try_from(self.xattrs.len() - 1).map_err(|_| FsError::TooLarge(self.xattrs.len()))?)
+            Some(
+                u32::try_from(self.xattrs.len() - 1)
+                    .map_err(|_| FsError::TooLarge(self.xattrs.len()))?,
+            )
         };
         if let Some(node) = self.nodes.get_mut(id as usize) {
             node.chunks = chunks;
@@ -434,7 +468,10 @@ fn check_state_dir_free(index: &LayerIndex) -> Result<(), FsError> {
     for name in [STATE_DIR_NAME, whiteout.as_str()] {
         if index.lookup_child(index.root(), name).is_some() {
             let reason = "shadows the daemon's state directory in the layer root".to_owned();
-            let err = EstargzError::InvalidEntry { name: name.to_owned(), reason };
+            let err = EstargzError::InvalidEntry {
+                name: name.to_owned(),
+                reason,
+            };
             return Err(FsError::Toc(err));
         }
     }
@@ -465,7 +502,9 @@ fn mtime(secs: i64, nanos: u32) -> SystemTime {
     let t = if secs >= 0 {
         UNIX_EPOCH.checked_add(Duration::new(secs.unsigned_abs(), nanos))
     } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs())).and_then(|t| t.checked_add(Duration::from_nanos(nanos.into())))
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(secs.unsigned_abs()))
+            .and_then(|t| t.checked_add(Duration::from_nanos(nanos.into())))
     };
     t.unwrap_or(UNIX_EPOCH)
 }
@@ -476,7 +515,11 @@ fn blob_order(nodes: &[Node], chunks: &[Chunk]) -> Vec<ChunkId> {
     let mut ids: Vec<(u64, ChunkId)> = Vec::with_capacity(chunks.len());
     for n in nodes {
         let mine = chunks.get(n.chunks.range()).unwrap_or_default();
-        ids.extend(mine.iter().enumerate().map(|(i, c)| (c.info.compressed_offset, (n.ino, i))));
+        ids.extend(
+            mine.iter()
+                .enumerate()
+                .map(|(i, c)| (c.info.compressed_offset, (n.ino, i))),
+        );
     }
     ids.sort_unstable();
     ids.into_iter().map(|(_, id)| id).collect()
@@ -488,12 +531,20 @@ mod tests {
     use crate::estargz::{Toc, TocEntry};
 
     fn ent(name: &str, kind: EntryType) -> TocEntry {
-        TocEntry { name: name.into(), kind, mode: 0o644, ..Default::default() }
+        TocEntry {
+            name: name.into(),
+            kind,
+            mode: 0o644,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn table_links_whiteouts_and_chunks() {
-        let (da, db) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
+        let (da, db) = (
+            format!("sha256:{}", "a".repeat(64)),
+            format!("sha256:{}", "b".repeat(64)),
+        );
         let mut big = ent("d/big", EntryType::Reg);
         big.size = 10;
         big.offset = 100;
@@ -519,27 +570,53 @@ mod tests {
             ],
         };
         let t = InodeTable::build(&LayerIndex::build(&toc, 300).expect("index")).expect("table");
-        let big = t.lookup(ROOT_INO, "d").and_then(|d| t.lookup(d.ino, "big")).expect("big");
+        let big = t
+            .lookup(ROOT_INO, "d")
+            .and_then(|d| t.lookup(d.ino, "big"))
+            .expect("big");
         assert_eq!(big.nlink, 2);
-        assert_eq!(big.mtime.duration_since(UNIX_EPOCH).expect("after").as_secs(), 1_577_934_245);
+        assert_eq!(
+            big.mtime
+                .duration_since(UNIX_EPOCH)
+                .expect("after")
+                .as_secs(),
+            1_577_934_245
+        );
         let chunks = t.chunks(big);
         assert_eq!(chunks.len(), 2);
-        assert_eq!((chunks[0].info.compressed_end, chunks[1].info.compressed_end, chunks[1].info.chunk_size), (150, 300, 6));
+        assert_eq!(
+            (
+                chunks[0].info.compressed_end,
+                chunks[1].info.compressed_end,
+                chunks[1].info.chunk_size
+            ),
+            (150, 300, 6)
+        );
         assert_eq!(chunks[1].info.digest, Some([0xbb; 32]));
         assert_eq!(t.chunk_index(big, 3), 0);
         assert_eq!(t.chunk_index(big, 4), 1);
         let d = t.lookup(ROOT_INO, "d").expect("d");
         assert_eq!(t.lookup(d.ino, "hl").expect("hl").ino, big.ino);
-        assert_eq!(t.lookup(d.ino, "gone").expect("wh").kind, NodeKind::Whiteout);
+        assert_eq!(
+            t.lookup(d.ino, "gone").expect("wh").kind,
+            NodeKind::Whiteout
+        );
         assert!(t.lookup(d.ino, ".wh.gone").is_none());
         let e = t.lookup(ROOT_INO, "e").expect("e");
         assert!(e.opaque && t.children(e).next().is_none());
         assert!(t.lookup(ROOT_INO, ".no.prefetch.landmark").is_none());
-        assert!(t.lookup(ROOT_INO, STATE_DIR_NAME).is_none(), "the table has no state dir");
+        assert!(
+            t.lookup(ROOT_INO, STATE_DIR_NAME).is_none(),
+            "the table has no state dir"
+        );
         assert_eq!(t.landmark, Some(Landmark::NoPrefetch));
         assert_eq!(t.blob_order, vec![(big.ino, 0), (big.ino, 1)]);
         for n in t.nodes() {
-            assert_eq!(t.get(n.ino).map(|m| m.ino), Some(n.ino), "inode numbers index the table");
+            assert_eq!(
+                t.get(n.ino).map(|m| m.ino),
+                Some(n.ino),
+                "inode numbers index the table"
+            );
         }
     }
 
@@ -550,8 +627,12 @@ mod tests {
     fn lookup_and_readdir_order_in_big_directories() {
         let mut entries = vec![ent("./", EntryType::Dir)];
         let mut expected: BTreeMap<String, bool> = BTreeMap::new();
-        let odd = ["F", "Zed", "_x", "0", "a b", "~", "é", "Ä", "日本", "ab", "a", "m0", "wh.y"];
-        let names = (0..400).map(|i| format!("f{i}")).chain(odd.iter().map(|s| s.to_string()));
+        let odd = [
+            "F", "Zed", "_x", "0", "a b", "~", "é", "Ä", "日本", "ab", "a", "m0", "wh.y",
+        ];
+        let names = (0..400)
+            .map(|i| format!("f{i}"))
+            .chain(odd.iter().map(|s| s.to_string()));
         for name in names {
             entries.push(ent(&format!("many/{name}"), EntryType::Reg));
             entries.push(ent(&format!("other/o-{name}"), EntryType::Reg));
@@ -568,11 +649,24 @@ mod tests {
         let mut xa = ent("other/xa", EntryType::Reg);
         xa.xattrs.insert("user.k".into(), b"v".to_vec());
         entries.push(xa);
-        let t = InodeTable::build(&LayerIndex::build(&Toc { version: 1, entries }, 300).expect("index")).expect("table");
+        let t = InodeTable::build(
+            &LayerIndex::build(
+                &Toc {
+                    version: 1,
+                    entries,
+                },
+                300,
+            )
+            .expect("index"),
+        )
+        .expect("table");
 
         let many = t.lookup(ROOT_INO, "many").expect("many");
         let listed: Vec<(&str, u64)> = t.children(many).collect();
-        assert_eq!(listed.iter().map(|(n, _)| *n).collect::<Vec<_>>(), expected.keys().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            listed.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            expected.keys().map(String::as_str).collect::<Vec<_>>()
+        );
         assert_eq!(many.child_count(), expected.len());
         for (name, ino) in &listed {
             let node = t.lookup(many.ino, name).expect(name);
@@ -590,7 +684,10 @@ mod tests {
         assert_eq!(t.children(other).count(), 414);
         assert!(t.lookup(other.ino, "o-é").is_some() && t.lookup(other.ino, "f1").is_none());
         let xa = t.lookup(other.ino, "xa").expect("xa");
-        assert_eq!(t.xattrs(xa).collect::<Vec<_>>(), vec![("user.k", &b"v"[..])]);
+        assert_eq!(
+            t.xattrs(xa).collect::<Vec<_>>(),
+            vec![("user.k", &b"v"[..])]
+        );
         assert_eq!(t.xattrs(link).count(), 0);
         assert_eq!(t.children(xa).count(), 0, "files have no entries");
         assert!(t.heap_bytes() >= std::mem::size_of_val(t.nodes()));
@@ -652,11 +749,17 @@ mod tests {
         wh.offset = 10;
         wh.chunk_digest = format!("sha256:{}", "c".repeat(64));
         wh.xattrs.insert("user.a".into(), b"1".to_vec());
-        let toc = Toc { version: 1, entries: vec![ent("./", EntryType::Dir), wh] };
+        let toc = Toc {
+            version: 1,
+            entries: vec![ent("./", EntryType::Dir), wh],
+        };
         let t = InodeTable::build(&LayerIndex::build(&toc, 300).expect("index")).expect("table");
         let d = t.lookup(ROOT_INO, "d").expect("d");
         let x = t.lookup(d.ino, "x").expect("x");
-        assert_eq!((x.kind, x.size, x.perm, x.nlink), (NodeKind::Whiteout, 0, 0, 1));
+        assert_eq!(
+            (x.kind, x.size, x.perm, x.nlink),
+            (NodeKind::Whiteout, 0, 0, 1)
+        );
         assert!(t.chunks(x).is_empty() && t.xattrs(x).next().is_none());
         assert!(t.blob_order.is_empty() && t.payload_size() == 0);
     }
@@ -664,6 +767,11 @@ mod tests {
     #[test]
     fn pre_epoch_mtime_does_not_panic() {
         assert_eq!(mtime(-1, 500).duration_since(UNIX_EPOCH).ok(), None);
-        assert_eq!(mtime(i64::MAX, 0), UNIX_EPOCH.checked_add(Duration::from_secs(i64::MAX as u64)).unwrap_or(UNIX_EPOCH));
+        assert_eq!(
+            mtime(i64::MAX, 0),
+            UNIX_EPOCH
+                .checked_add(Duration::from_secs(i64::MAX as u64))
+                .unwrap_or(UNIX_EPOCH)
+        );
     }
 }

@@ -65,7 +65,9 @@ pub struct MountedLayer {
 
 impl std::fmt::Debug for MountedLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MountedLayer").field("mountpoint", &self.mountpoint).finish_non_exhaustive()
+        f.debug_struct("MountedLayer")
+            .field("mountpoint", &self.mountpoint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -116,7 +118,12 @@ pub fn mount_layer(
     opts: &LayerOptions,
     fetcher: Option<Arc<BackgroundFetcher>>,
 ) -> Result<MountedLayer, FsError> {
-    let fs = LayerFs::new(reader.clone(), opts.attr_timeout, opts.passthrough, opts.threads);
+    let fs = LayerFs::new(
+        reader.clone(),
+        opts.attr_timeout,
+        opts.passthrough,
+        opts.threads,
+    );
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("stargz".into()),
@@ -128,8 +135,14 @@ pub fn mount_layer(
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let mount_err = |e| FsError::Mount { path: mountpoint.to_path_buf(), source: e };
-    let session = Session::new(fs, mountpoint, &config).map_err(mount_err)?.spawn().map_err(mount_err)?;
+    let mount_err = |e| FsError::Mount {
+        path: mountpoint.to_path_buf(),
+        source: e,
+    };
+    let session = Session::new(fs, mountpoint, &config)
+        .map_err(mount_err)?
+        .spawn()
+        .map_err(mount_err)?;
     let limit = prefetch_limit(&reader, opts);
     let bg_reader = reader.clone();
     let keep = fetcher.clone();
@@ -148,7 +161,13 @@ pub fn mount_layer(
         })
         .ok();
     tracing::info!(layer = %reader.digest(), mountpoint = %mountpoint.display(), prefetch = limit, "layer mounted");
-    Ok(MountedLayer { session: Some(session), reader, mountpoint: mountpoint.to_path_buf(), prefetch, _fetcher: keep })
+    Ok(MountedLayer {
+        session: Some(session),
+        reader,
+        mountpoint: mountpoint.to_path_buf(),
+        prefetch,
+        _fetcher: keep,
+    })
 }
 
 /// Go's rule: `.no.prefetch.landmark` → none; `.prefetch.landmark` → up to it; else the size.
@@ -186,11 +205,17 @@ impl MountedLayer {
 
     fn shutdown(&mut self) -> Result<(), FsError> {
         self.reader.stop_background();
-        let Some(session) = self.session.take() else { return Ok(()) };
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
         if let Err(e) = session.umount_and_join() {
             tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed; detaching");
-            nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)
-                .map_err(|e| FsError::Mount { path: self.mountpoint.clone(), source: e.into() })?;
+            nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(
+                |e| FsError::Mount {
+                    path: self.mountpoint.clone(),
+                    source: e.into(),
+                },
+            )?;
         }
         Ok(())
     }

@@ -17,8 +17,8 @@ pub mod remote_source;
 pub mod source;
 
 pub use background::BackgroundFetcher;
-pub use manager::{BlobResolver, FsConfig, LayerManager};
 pub use layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
+pub use manager::{BlobResolver, FsConfig, LayerManager};
 pub use reader::{LayerReader, Priority, ReadOptions};
 pub use remote_source::{RegistryResolver, RemoteSource};
 pub use source::{FileSource, LayerSource};

@@ -41,7 +41,10 @@ pub struct Priority {
 impl Priority {
     /// Background work waits `quiet` after the last on-demand fetch (zero: only while one waits).
     pub fn with_quiet_period(quiet: std::time::Duration) -> Self {
-        Priority { quiet, ..Priority::default() }
+        Priority {
+            quiet,
+            ..Priority::default()
+        }
     }
 
     /// Marks an on-demand fetch (or a mount) as waiting until the guard drops.
@@ -54,7 +57,11 @@ impl Priority {
     /// background fetchers hold back.
     pub fn busy(&self) -> bool {
         self.waiting.load(Ordering::SeqCst) > 0
-            || self.last_urgent.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < self.quiet)
+            || self
+                .last_urgent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t.elapsed() < self.quiet)
     }
 }
 
@@ -66,7 +73,8 @@ impl Drop for UrgentGuard {
     fn drop(&mut self) {
         let p = &self.0;
         if !p.quiet.is_zero() {
-            *p.last_urgent.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+            *p.last_urgent.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now());
         }
         p.waiting.fetch_sub(1, Ordering::SeqCst);
     }
@@ -102,10 +110,13 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { readahead_bytes: 0, allow_unverified: false, wait_timeout: std::time::Duration::from_secs(300) }
+        ReadOptions {
+            readahead_bytes: 0,
+            allow_unverified: false,
+            wait_timeout: std::time::Duration::from_secs(300),
+        }
     }
 }
-
 
 /// One fetch in flight: its outcome, once known, for every reader waiting on it.
 #[derive(Default)]
@@ -118,12 +129,19 @@ impl Flight {
     /// Waits up to `timeout` for the outcome; a failed or abandoned fetch is an error here too.
     fn wait(&self, timeout: std::time::Duration) -> Result<(), FsError> {
         let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        let (outcome, _) =
-            self.cv.wait_timeout_while(outcome, timeout, |o| o.is_none()).unwrap_or_else(|e| e.into_inner());
+        let (outcome, _) = self
+            .cv
+            .wait_timeout_while(outcome, timeout, |o| o.is_none())
+            .unwrap_or_else(|e| e.into_inner());
         match &*outcome {
             Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(FsError::Chunk(format!("fetch by another reader failed: {e}"))),
-            None => Err(FsError::Chunk(format!("no fetch result after {} s", timeout.as_secs()))),
+            Some(Err(e)) => Err(FsError::Chunk(format!(
+                "fetch by another reader failed: {e}"
+            ))),
+            None => Err(FsError::Chunk(format!(
+                "no fetch result after {} s",
+                timeout.as_secs()
+            ))),
         }
     }
 
@@ -152,12 +170,19 @@ impl Claim<'_> {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         {
-            let mut inflight = self.reader.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inflight = self
+                .reader
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             for s in &self.seqs {
                 inflight.remove(s);
             }
         }
-        let outcome = self.outcome.take().unwrap_or_else(|| Err("fetch abandoned".into()));
+        let outcome = self
+            .outcome
+            .take()
+            .unwrap_or_else(|| Err("fetch abandoned".into()));
         self.flight.finish(outcome);
     }
 }
@@ -185,7 +210,9 @@ pub struct LayerReader {
 
 impl std::fmt::Debug for LayerReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LayerReader").field("digest", &self.digest).finish_non_exhaustive()
+        f.debug_struct("LayerReader")
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
     }
 }
 
@@ -200,7 +227,11 @@ impl LayerReader {
     ) -> Self {
         let words = table.blob_order.len().div_ceil(64);
         // The footer and TOC (everything after the last payload) were fetched to mount.
-        let payload_end = table.blob_order.last().and_then(|&id| table.chunk(id)).map_or(0, |c| c.info.compressed_end);
+        let payload_end = table
+            .blob_order
+            .last()
+            .and_then(|&id| table.chunk(id))
+            .map_or(0, |c| c.info.compressed_end);
         let fetched = source.size().saturating_sub(payload_end);
         LayerReader {
             present: (0..words).map(|_| AtomicU64::new(0)).collect(),
@@ -250,7 +281,10 @@ impl LayerReader {
     }
 
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn source(&self) -> &Arc<dyn LayerSource> {
@@ -274,7 +308,9 @@ impl LayerReader {
 
     fn chunk(&self, seq: usize) -> &Chunk {
         let (ino, i) = self.table.blob_order[seq];
-        self.table.chunk((ino, i)).expect("blob_order names only existing chunks")
+        self.table
+            .chunk((ino, i))
+            .expect("blob_order names only existing chunks")
     }
 
     /// Trusts chunks a previous mount left in the cache directory, after re-hashing them.
@@ -292,7 +328,9 @@ impl LayerReader {
             if node.kind != NodeKind::Reg || chunks.iter().all(|c| c.info.digest.is_none()) {
                 continue;
             }
-            let Ok(file) = self.cache.open_readonly(node.ino) else { continue };
+            let Ok(file) = self.cache.open_readonly(node.ino) else {
+                continue;
+            };
             if !file.metadata().is_ok_and(|m| m.len() == node.size) {
                 continue;
             }
@@ -317,7 +355,9 @@ impl LayerReader {
         let mut hasher = Sha256::new();
         let (mut pos, end) = (info.chunk_offset, info.chunk_offset + info.chunk_size);
         while pos < end {
-            let n = usize::try_from(end - pos).unwrap_or(usize::MAX).min(buf.len());
+            let n = usize::try_from(end - pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             if file.read_exact_at(&mut buf[..n], pos).is_err() {
                 return false;
             }
@@ -330,7 +370,9 @@ impl LayerReader {
 
     /// True when every chunk of `ino` is cached (its reads can be passed through).
     pub fn file_cached(&self, ino: u64) -> bool {
-        self.table.get(ino).is_some_and(|n| self.table.chunks(n).iter().all(|c| self.is_present(c.seq)))
+        self.table
+            .get(ino)
+            .is_some_and(|n| self.table.chunks(n).iter().all(|c| self.is_present(c.seq)))
     }
 
     /// Reads up to `size` bytes of file `ino` at `offset`, fetching missing chunks.
@@ -347,26 +389,39 @@ impl LayerReader {
         let first = self.table.chunk_index(node, offset);
         let last = self.table.chunk_index(node, end - 1);
         let chunks = self.table.chunks(node).get(first..=last);
-        let chunks = chunks.ok_or_else(|| FsError::Chunk(format!("no chunk holds bytes {offset}..{end} of inode {ino}")))?;
+        let chunks = chunks.ok_or_else(|| {
+            FsError::Chunk(format!(
+                "no chunk holds bytes {offset}..{end} of inode {ino}"
+            ))
+        })?;
         for c in chunks {
             self.ensure(c.seq)?;
         }
         let file = self.cache.open(ino, node.size).map_err(FsError::Cache)?;
         let mut buf = vec![0u8; (end - offset) as usize];
-        file.read_exact_at(&mut buf, offset).map_err(FsError::Cache)?;
+        file.read_exact_at(&mut buf, offset)
+            .map_err(FsError::Cache)?;
         Ok(buf)
     }
 
     /// True when every byte of `[offset, offset+size)` of `ino` is cached: the read will not
     /// wait for the registry (so the FUSE layer may serve it on its dispatch thread).
     pub fn range_cached(&self, ino: u64, offset: u64, size: u32) -> bool {
-        let Some(node) = self.table.get(ino).filter(|n| n.kind == NodeKind::Reg) else { return true };
+        let Some(node) = self.table.get(ino).filter(|n| n.kind == NodeKind::Reg) else {
+            return true;
+        };
         if offset >= node.size || size == 0 {
             return true;
         }
         let end = node.size.min(offset + u64::from(size));
-        let (first, last) = (self.table.chunk_index(node, offset), self.table.chunk_index(node, end - 1));
-        self.table.chunks(node).get(first..=last).is_some_and(|cs| cs.iter().all(|c| self.is_present(c.seq)))
+        let (first, last) = (
+            self.table.chunk_index(node, offset),
+            self.table.chunk_index(node, end - 1),
+        );
+        self.table
+            .chunks(node)
+            .get(first..=last)
+            .is_some_and(|cs| cs.iter().all(|c| self.is_present(c.seq)))
     }
 
     /// Makes chunk `seq` present: fetches it (with read-ahead), or waits, with a deadline, for
@@ -394,11 +449,18 @@ impl LayerReader {
         if self.is_present(seq) {
             return Ok(());
         }
-        Err(res.err().unwrap_or_else(|| FsError::Chunk(format!("chunk {seq} failed verification"))))
+        Err(res
+            .err()
+            .unwrap_or_else(|| FsError::Chunk(format!("chunk {seq} failed verification"))))
     }
 
     /// Claims `seq` plus following contiguous missing chunks within `budget` compressed bytes.
-    fn claim_span(&self, inflight: &mut HashMap<usize, Arc<Flight>>, seq: usize, budget: u64) -> Claim<'_> {
+    fn claim_span(
+        &self,
+        inflight: &mut HashMap<usize, Arc<Flight>>,
+        seq: usize,
+        budget: u64,
+    ) -> Claim<'_> {
         let flight = Arc::new(Flight::default());
         let mut seqs = vec![seq];
         let mut end = self.chunk(seq).info.compressed_end;
@@ -406,7 +468,11 @@ impl LayerReader {
         let mut next = seq + 1;
         while next < self.table.blob_order.len() {
             let c = self.chunk(next);
-            if c.info.compressed_offset != end || c.info.compressed_end > limit || self.is_present(next) || inflight.contains_key(&next) {
+            if c.info.compressed_offset != end
+                || c.info.compressed_end > limit
+                || self.is_present(next)
+                || inflight.contains_key(&next)
+            {
                 break;
             }
             seqs.push(next);
@@ -416,7 +482,12 @@ impl LayerReader {
         for &s in &seqs {
             inflight.insert(s, flight.clone());
         }
-        Claim { reader: self, seqs, flight, outcome: None }
+        Claim {
+            reader: self,
+            seqs,
+            flight,
+            outcome: None,
+        }
     }
 
     /// Fetches claimed chunks; the claim is released (and its waiters woken) whatever happens.
@@ -445,7 +516,14 @@ impl LayerReader {
         };
         let start = self.chunk(first).info.compressed_offset;
         let end = self.chunk(last).info.compressed_end;
-        let mut sink = SpanSink { reader: self, seqs, k: 0, pos: start, dec: None, failed: None };
+        let mut sink = SpanSink {
+            reader: self,
+            seqs,
+            k: 0,
+            pos: start,
+            dec: None,
+            failed: None,
+        };
         sink.start_chunk();
         let fetched = self.source.fetch(start, end - start, &mut sink);
         let failed = sink.failed.take();
@@ -467,7 +545,11 @@ impl LayerReader {
                 if self.is_present(seq) || inflight.contains_key(&seq) {
                     None
                 } else {
-                    Some(self.claim_span(&mut inflight, seq, limit - self.chunk(seq).info.compressed_end))
+                    Some(self.claim_span(
+                        &mut inflight,
+                        seq,
+                        limit - self.chunk(seq).info.compressed_end,
+                    ))
                 }
             };
             match claim {
@@ -503,7 +585,9 @@ impl LayerReader {
                 return BgStep::More;
             }
             let seq = cursor.0;
-            let budget = span_bytes.saturating_sub(self.chunk(seq).info.compressed_end - self.chunk(seq).info.compressed_offset);
+            let budget = span_bytes.saturating_sub(
+                self.chunk(seq).info.compressed_end - self.chunk(seq).info.compressed_offset,
+            );
             let claim = self.claim_span(&mut inflight, seq, budget);
             cursor.0 = claim.seqs.last().map_or(seq, |&s| s) + 1;
             claim
@@ -533,7 +617,10 @@ impl LayerReader {
         match res {
             Ok(()) => {
                 self.set_present(seq);
-                self.fetched.fetch_add(c.info.compressed_end - c.info.compressed_offset, Ordering::Relaxed);
+                self.fetched.fetch_add(
+                    c.info.compressed_end - c.info.compressed_offset,
+                    Ordering::Relaxed,
+                );
                 if self.fully_cached() {
                     // The only bytes left are tar headers before the first payload.
                     self.fetched.store(self.source.size(), Ordering::Relaxed);
@@ -555,7 +642,9 @@ fn has_hole(file: &std::fs::File, offset: u64, len: u64) -> bool {
     if len == 0 {
         return false;
     }
-    let Ok(off) = libc::off_t::try_from(offset) else { return false };
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return false;
+    };
     // Moves only this descriptor's position, which nothing uses (all I/O here is positional).
     nix::unistd::lseek(file, off, nix::unistd::Whence::SeekHole)
         .is_ok_and(|h| u64::try_from(h).is_ok_and(|h| h < offset.saturating_add(len)))
@@ -574,10 +663,14 @@ struct ChunkWriter {
 impl Write for ChunkWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut d = data;
-        let skip = usize::try_from(self.skip).unwrap_or(usize::MAX).min(d.len());
+        let skip = usize::try_from(self.skip)
+            .unwrap_or(usize::MAX)
+            .min(d.len());
         d = &d[skip..];
         self.skip -= skip as u64;
-        let take = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(d.len());
+        let take = usize::try_from(self.remaining)
+            .unwrap_or(usize::MAX)
+            .min(d.len());
         if take > 0 && self.io_error.is_none() {
             if let Err(e) = self.file.write_all_at(&d[..take], self.pos) {
                 self.io_error = Some(e);
@@ -607,7 +700,9 @@ struct SpanSink<'a> {
 impl SpanSink<'_> {
     fn start_chunk(&mut self) {
         self.dec = None;
-        let Some(&seq) = self.seqs.get(self.k) else { return };
+        let Some(&seq) = self.seqs.get(self.k) else {
+            return;
+        };
         let c = self.reader.chunk(seq);
         let (ino, _) = self.reader.table.blob_order[seq];
         let size = self.reader.table.get(ino).map_or(0, |n| n.size);
@@ -648,10 +743,21 @@ impl SpanSink<'_> {
     /// without it (the chunk's bytes are all out already) nothing more is decompressed.
     fn complete(&mut self, mut dec: flate2::write::GzDecoder<ChunkWriter>, flush: bool) {
         let seq = self.seqs[self.k];
-        let flushed = if flush { dec.try_finish().map_err(|e| FsError::Chunk(format!("decompress: {e}"))) } else { Ok(()) };
+        let flushed = if flush {
+            dec.try_finish()
+                .map_err(|e| FsError::Chunk(format!("decompress: {e}")))
+        } else {
+            Ok(())
+        };
         let res = flushed.and_then(|()| {
             let (ino, _) = self.reader.table.blob_order[seq];
-            verify(dec.get_mut(), self.reader.chunk(seq), &self.reader.digest, ino, self.reader.opts.allow_unverified)
+            verify(
+                dec.get_mut(),
+                self.reader.chunk(seq),
+                &self.reader.digest,
+                ino,
+                self.reader.opts.allow_unverified,
+            )
         });
         match res {
             Ok(()) => {
@@ -664,18 +770,31 @@ impl SpanSink<'_> {
 
 /// Checks a streamed chunk: the writer must have seen all of it, and its running hash must
 /// match (via [`check_digest`], the same rule `estargz` applies to buffered chunks).
-fn verify(w: &mut ChunkWriter, c: &Chunk, layer: &str, ino: u64, allow_unverified: bool) -> Result<(), FsError> {
+fn verify(
+    w: &mut ChunkWriter,
+    c: &Chunk,
+    layer: &str,
+    ino: u64,
+    allow_unverified: bool,
+) -> Result<(), FsError> {
     if let Some(e) = w.io_error.take() {
         return Err(FsError::Cache(e));
     }
     if w.remaining != 0 {
-        return Err(FsError::Chunk(format!("chunk at {} is {} bytes short", c.info.compressed_offset, w.remaining)));
+        return Err(FsError::Chunk(format!(
+            "chunk at {} is {} bytes short",
+            c.info.compressed_offset, w.remaining
+        )));
     }
     let got: [u8; 32] = std::mem::take(&mut w.hasher).finalize().into();
     if c.info.digest.is_none() && !allow_unverified {
-        return Err(FsError::Chunk(format!("chunk at {} has no digest", c.info.compressed_offset)));
+        return Err(FsError::Chunk(format!(
+            "chunk at {} has no digest",
+            c.info.compressed_offset
+        )));
     }
-    check_digest(&c.info, layer, &format!("inode {ino}"), got).map_err(|e| FsError::Chunk(e.to_string()))
+    check_digest(&c.info, layer, &format!("inode {ino}"), got)
+        .map_err(|e| FsError::Chunk(e.to_string()))
 }
 
 impl Write for SpanSink<'_> {
@@ -686,7 +805,9 @@ impl Write for SpanSink<'_> {
                 return Err(io::Error::other("source sent more bytes than asked"));
             };
             let end = self.reader.chunk(seq).info.compressed_end;
-            let n = usize::try_from(end - self.pos).unwrap_or(usize::MAX).min(data.len());
+            let n = usize::try_from(end - self.pos)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
             let mut part = &data[..n];
             while let Some(dec) = self.dec.as_mut().filter(|_| !part.is_empty()) {
                 match dec.write(part) {
@@ -723,7 +844,9 @@ mod tests {
     #[test]
     fn a_flight_wait_has_a_deadline_and_shares_the_outcome() {
         let f = Arc::new(Flight::default());
-        let err = f.wait(Duration::from_millis(50)).expect_err("no outcome yet");
+        let err = f
+            .wait(Duration::from_millis(50))
+            .expect_err("no outcome yet");
         assert!(err.to_string().contains("no fetch result"), "{err}");
         let waiter = {
             let f = f.clone();
@@ -751,6 +874,9 @@ mod tests {
 
         let none = Arc::new(Priority::default());
         drop(none.urgent());
-        assert!(!none.busy(), "no quiet period means busy only while urgent work waits");
+        assert!(
+            !none.busy(),
+            "no quiet period means busy only while urgent work waits"
+        );
     }
 }

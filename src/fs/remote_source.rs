@@ -22,14 +22,24 @@ pub struct RegistryResolver {
 }
 
 impl RegistryResolver {
-    pub fn new(client: RegistryClient, cache: Arc<dyn BlobCache>, handle: tokio::runtime::Handle) -> Self {
-        RegistryResolver { client, cache, handle }
+    pub fn new(
+        client: RegistryClient,
+        cache: Arc<dyn BlobCache>,
+        handle: tokio::runtime::Handle,
+    ) -> Self {
+        RegistryResolver {
+            client,
+            cache,
+            handle,
+        }
     }
 }
 
 impl BlobResolver for RegistryResolver {
     fn resolve(&self, reference: &str, digest: &str) -> Result<Arc<dyn LayerSource>, FsError> {
-        let r: Reference = reference.parse().map_err(|e| FsError::Labels(format!("image reference {reference:?}: {e}")))?;
+        let r: Reference = reference
+            .parse()
+            .map_err(|e| FsError::Labels(format!("image reference {reference:?}: {e}")))?;
         let blob = self
             .handle
             .block_on(Blob::open(&self.client, &r, digest, self.cache.clone()))
@@ -47,7 +57,10 @@ impl LayerSource for RemoteSource {
     }
 
     fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
-        self.0.fetch_range_into(offset..offset + len, sink).map(|_| ()).map_err(io::Error::from)
+        self.0
+            .fetch_range_into(offset..offset + len, sink)
+            .map(|_| ())
+            .map_err(io::Error::from)
     }
 
     fn check(&self) -> io::Result<()> {

@@ -39,7 +39,10 @@ pub fn fetch_vec(src: &dyn LayerSource, offset: u64, len: u64) -> io::Result<Vec
     let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(64 << 20));
     src.fetch(offset, len, &mut buf)?;
     if buf.len() as u64 != len {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("short range {offset}+{len}")));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("short range {offset}+{len}"),
+        ));
     }
     Ok(buf)
 }
@@ -65,16 +68,27 @@ impl LayerSource for FileSource {
     }
 
     fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
-        let end = offset.checked_add(len).filter(|&e| e <= self.size).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("range {offset}+{len} past blob end {}", self.size))
-        })?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("range {offset}+{len} past blob end {}", self.size),
+                )
+            })?;
         let mut buf = vec![0u8; 256 << 10];
         let mut pos = offset;
         while pos < end {
-            let want = usize::try_from(end - pos).unwrap_or(usize::MAX).min(buf.len());
+            let want = usize::try_from(end - pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             let n = self.file.read_at(&mut buf[..want], pos)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shrank"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file shrank",
+                ));
             }
             sink.write_all(&buf[..n])?;
             pos += n as u64;

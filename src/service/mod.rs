@@ -74,7 +74,10 @@ pub fn build_remote_layers(
         Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
     fs_config.layer.passthrough = config.fuse.passthrough;
     // A reader waiting for another's fetch gives up only after that fetch must have ended.
-    fs_config.layer.read.wait_timeout = config.blob.fetch_deadline().saturating_add(config.blob.stall_timeout());
+    fs_config.layer.read.wait_timeout = config
+        .blob
+        .fetch_deadline()
+        .saturating_add(config.blob.stall_timeout());
     fs_config.layer.prefetch_size = u64::try_from(config.prefetch_size).unwrap_or(0);
     fs_config.layer.no_prefetch = config.noprefetch;
     fs_config.disable_verification = config.disable_verification;

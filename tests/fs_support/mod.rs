@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
@@ -19,7 +19,12 @@ use stargz::fs::LayerSource;
 /// `landmark_after = Some(n)`, the regular files among the first `n` tar entries are
 /// prioritized, so a `.prefetch.landmark` follows them; otherwise Go's `.no.prefetch.landmark`
 /// is written. Returns the TOC JSON digest.
-pub fn estargz_from_tar(tar_bytes: &[u8], chunk_size: u64, landmark_after: Option<usize>, out: &mut Vec<u8>) -> Result<String> {
+pub fn estargz_from_tar(
+    tar_bytes: &[u8],
+    chunk_size: u64,
+    landmark_after: Option<usize>,
+    out: &mut Vec<u8>,
+) -> Result<String> {
     let mut prioritized_files = Vec::new();
     if let Some(n) = landmark_after {
         for ent in tar::Archive::new(tar_bytes).entries()?.take(n) {
@@ -29,7 +34,13 @@ pub fn estargz_from_tar(tar_bytes: &[u8], chunk_size: u64, landmark_after: Optio
             }
         }
     }
-    let opts = stargz::estargz::BuildOptions { chunk_size, compression_level: 6, prioritized_files, threads: 1, ..Default::default() };
+    let opts = stargz::estargz::BuildOptions {
+        chunk_size,
+        compression_level: 6,
+        prioritized_files,
+        threads: 1,
+        ..Default::default()
+    };
     Ok(stargz::estargz::build(tar_bytes, &mut *out, &opts)?.toc_digest)
 }
 
@@ -39,12 +50,22 @@ pub fn estargz_from_tar(tar_bytes: &[u8], chunk_size: u64, landmark_after: Optio
 pub fn tar_dir(dir: &Path) -> Result<Vec<u8>> {
     truncate_mtimes(dir)?;
     let out = Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "--sort=name", "-C"])
+        .args([
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "--sort=name",
+            "-C",
+        ])
         .arg(dir)
         .args(["-cf", "-", "."])
         .output()
         .context("running tar (GNU tar is required)")?;
-    ensure!(out.status.success(), "tar failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "tar failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(out.stdout)
 }
 
@@ -52,8 +73,21 @@ pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
     let p = CString::new(path.as_os_str().as_bytes())?;
     let n = CString::new(name)?;
     // SAFETY: valid C strings and a valid buffer for the call's duration.
-    let r = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    ensure!(r == 0, "setxattr {name} on {}: {}", path.display(), std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    ensure!(
+        r == 0,
+        "setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 
@@ -63,14 +97,34 @@ pub fn xattrs(path: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut names = vec![0u8; 64 << 10];
     // SAFETY: buffer pointer/len are valid.
     let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    ensure!(n >= 0, "listxattr {}: {}", path.display(), std::io::Error::last_os_error());
+    ensure!(
+        n >= 0,
+        "listxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     let mut out = BTreeMap::new();
-    for name in names[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+    for name in names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+    {
         let cname = CString::new(name)?;
         let mut val = vec![0u8; 64 << 10];
         // SAFETY: as above.
-        let m = unsafe { libc::lgetxattr(p.as_ptr(), cname.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
-        ensure!(m >= 0, "getxattr {}: {}", path.display(), std::io::Error::last_os_error());
+        let m = unsafe {
+            libc::lgetxattr(
+                p.as_ptr(),
+                cname.as_ptr(),
+                val.as_mut_ptr().cast(),
+                val.len(),
+            )
+        };
+        ensure!(
+            m >= 0,
+            "getxattr {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
         val.truncate(m as usize);
         out.insert(String::from_utf8_lossy(name).into_owned(), val);
     }
@@ -81,19 +135,41 @@ pub fn mknod(path: &Path, kind: libc::mode_t, major: u32, minor: u32) -> Result<
     let p = CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: valid C string.
     let r = unsafe { libc::mknod(p.as_ptr(), kind | 0o640, libc::makedev(major, minor)) };
-    ensure!(r == 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
+    ensure!(
+        r == 0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 
 pub fn lchown(path: &Path, uid: u32, gid: u32) -> Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).with_context(|| format!("lchown {}", path.display()))
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .with_context(|| format!("lchown {}", path.display()))
 }
 
 pub fn set_mtime(path: &Path, secs: i64) -> Result<()> {
     let p = CString::new(path.as_os_str().as_bytes())?;
-    let ts = [libc::timespec { tv_sec: secs, tv_nsec: 0 }, libc::timespec { tv_sec: secs, tv_nsec: 0 }];
+    let ts = [
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: 0,
+        },
+    ];
     // SAFETY: valid C string and timespec array.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     ensure!(r == 0, "utimensat {}", path.display());
     Ok(())
 }
@@ -115,7 +191,11 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// A rootfs-like tree: a copy of /etc plus every file kind, odd modes, owners, xattrs,
 /// hardlinks, a multi-chunk file and empty files.
 pub fn make_rootfs(root: &Path) -> Result<()> {
-    let st = Command::new("cp").arg("-a").arg("/etc").arg(root.join("etc")).status()?;
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg("/etc")
+        .arg(root.join("etc"))
+        .status()?;
     ensure!(st.success(), "cp -a /etc");
     let d = root.join("usr/lib/app");
     std::fs::create_dir_all(&d)?;
@@ -123,7 +203,10 @@ pub fn make_rootfs(root: &Path) -> Result<()> {
     std::fs::write(d.join("empty"), b"")?;
     std::fs::write(d.join("small.txt"), b"hello stargz\n")?;
     for i in 0..40 {
-        std::fs::write(d.join(format!("mod{i:02}.py")), format!("# module {i}\n").repeat(50 + i))?;
+        std::fs::write(
+            d.join(format!("mod{i:02}.py")),
+            format!("# module {i}\n").repeat(50 + i),
+        )?;
     }
     std::fs::hard_link(d.join("small.txt"), d.join("small-link.txt"))?;
     std::fs::hard_link(d.join("big.bin"), root.join("usr/big-hardlink"))?;
@@ -162,14 +245,20 @@ pub fn compare_trees(src: &Path, mnt: &Path) -> Result<usize> {
 }
 
 fn compare_dir(src: &Path, mnt: &Path, n: &mut usize) -> Result<()> {
-    let mut a: Vec<_> = std::fs::read_dir(src)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+    let mut a: Vec<_> = std::fs::read_dir(src)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
     let mut b: Vec<_> = std::fs::read_dir(mnt)?
         .map(|e| e.map(|e| e.file_name()))
         .collect::<Result<_, _>>()
         .with_context(|| format!("readdir {}", mnt.display()))?;
     a.sort();
     b.sort();
-    ensure!(a == b, "entries of {} differ:\n src {a:?}\n mnt {b:?}", mnt.display());
+    ensure!(
+        a == b,
+        "entries of {} differ:\n src {a:?}\n mnt {b:?}",
+        mnt.display()
+    );
     for name in a {
         let (s, m) = (src.join(&name), mnt.join(&name));
         compare_one(&s, &m).with_context(|| format!("comparing {}", m.display()))?;
@@ -184,18 +273,61 @@ fn compare_dir(src: &Path, mnt: &Path, n: &mut usize) -> Result<()> {
 fn compare_one(s: &Path, m: &Path) -> Result<()> {
     let (sm, mm) = (std::fs::symlink_metadata(s)?, std::fs::symlink_metadata(m)?);
     let ctx = || m.display().to_string();
-    ensure!(sm.mode() == mm.mode(), "{}: mode {:o} != {:o}", ctx(), mm.mode(), sm.mode());
-    ensure!((sm.uid(), sm.gid()) == (mm.uid(), mm.gid()), "{}: owner", ctx());
-    ensure!(sm.mtime() == mm.mtime(), "{}: mtime {} != {}", ctx(), mm.mtime(), sm.mtime());
-    ensure!(xattrs(s)? == xattrs(m)?, "{}: xattrs {:?} != {:?}", ctx(), xattrs(m)?, xattrs(s)?);
+    ensure!(
+        sm.mode() == mm.mode(),
+        "{}: mode {:o} != {:o}",
+        ctx(),
+        mm.mode(),
+        sm.mode()
+    );
+    ensure!(
+        (sm.uid(), sm.gid()) == (mm.uid(), mm.gid()),
+        "{}: owner",
+        ctx()
+    );
+    ensure!(
+        sm.mtime() == mm.mtime(),
+        "{}: mtime {} != {}",
+        ctx(),
+        mm.mtime(),
+        sm.mtime()
+    );
+    ensure!(
+        xattrs(s)? == xattrs(m)?,
+        "{}: xattrs {:?} != {:?}",
+        ctx(),
+        xattrs(m)?,
+        xattrs(s)?
+    );
     let ft = sm.file_type();
     if ft.is_symlink() {
-        ensure!(std::fs::read_link(s)? == std::fs::read_link(m)?, "{}: link target", ctx());
+        ensure!(
+            std::fs::read_link(s)? == std::fs::read_link(m)?,
+            "{}: link target",
+            ctx()
+        );
         ensure!(sm.size() == mm.size(), "{}: symlink size", ctx());
     } else if ft.is_file() {
-        ensure!(sm.size() == mm.size(), "{}: size {} != {}", ctx(), mm.size(), sm.size());
-        ensure!(sm.nlink() == mm.nlink(), "{}: nlink {} != {}", ctx(), mm.nlink(), sm.nlink());
-        ensure!(mm.blocks() == sm.size().div_ceil(4096) * 8, "{}: st_blocks {}", ctx(), mm.blocks());
+        ensure!(
+            sm.size() == mm.size(),
+            "{}: size {} != {}",
+            ctx(),
+            mm.size(),
+            sm.size()
+        );
+        ensure!(
+            sm.nlink() == mm.nlink(),
+            "{}: nlink {} != {}",
+            ctx(),
+            mm.nlink(),
+            sm.nlink()
+        );
+        ensure!(
+            mm.blocks() == sm.size().div_ceil(4096) * 8,
+            "{}: st_blocks {}",
+            ctx(),
+            mm.blocks()
+        );
         let (a, b) = (std::fs::read(s)?, std::fs::read(m)?);
         ensure!(a == b, "{}: content differs", ctx());
     } else if !ft.is_dir() {
@@ -223,7 +355,12 @@ pub const PANIC: u8 = 4;
 
 impl FaultySource {
     pub fn new(blob: Vec<u8>) -> Arc<Self> {
-        Arc::new(FaultySource { blob, mode: AtomicU8::new(HEALTHY), fetches: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+        Arc::new(FaultySource {
+            blob,
+            mode: AtomicU8::new(HEALTHY),
+            fetches: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
     }
     pub fn set(&self, mode: u8) {
         self.mode.store(mode, Ordering::SeqCst);
@@ -279,7 +416,10 @@ impl Drop for UmountGuard {
 }
 
 pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "this test needs root and /dev/fuse (CI runs as root)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root and /dev/fuse (CI runs as root)"
+    );
     assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
 }
 
