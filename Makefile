@@ -28,6 +28,7 @@ release:
 
 # The test command (CI runs it through .ci/run). Integration tests need root and /dev/fuse.
 test: deps
+	$(CARGO) fmt --check
 	$(CARGO) build --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --no-fail-fast; \

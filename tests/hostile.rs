@@ -262,15 +262,16 @@ fn read_all(dir: &Path, names: &[&str]) -> Vec<Vec<u8>> {
 /// The reason the daemon logged for not mounting the layer of Prepare `key` lazily.
 fn fallback_error(daemon: &Daemon, key: &str) -> String {
     let log = daemon.log();
-    let event = log
+    let mut event = log
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| {
             v["fields"]["remote-snapshot-prepared"] == serde_json::Value::Bool(false)
                 && v["fields"]["key"] == key
         });
     let error = event
-        .last()
+        .next()
         .and_then(|v| v["fields"]["error"].as_str().map(str::to_owned));
     error.unwrap_or_else(|| panic!("{key}: no fallback with a reason logged"))
 }
