@@ -276,6 +276,15 @@ fn fallback_error(daemon: &Daemon, key: &str) -> String {
     error.unwrap_or_else(|| panic!("{key}: no fallback with a reason logged"))
 }
 
+/// Our daemon under `dir` with [`CONFIG`]; returns it and its socket.
+fn start_daemon(dir: &Path) -> (Daemon, PathBuf) {
+    let config = dir.join("config.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let socket = dir.join("stargz.sock");
+    let args = ["--config", config.to_str().expect("utf8")];
+    (Daemon::start(&dir.join("root"), &socket, &args), socket)
+}
+
 fn assert_log_lines_bounded(daemon: &Daemon) {
     let log = daemon.log();
     let longest = log.lines().map(str::len).max().unwrap_or(0);
@@ -291,15 +300,7 @@ fn hostile_layers_and_registries_cannot_take_the_daemon_down() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let registry = Registry::start();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("config.toml");
-    std::fs::write(&config, CONFIG).expect("config");
-    let root = tmp.path().join("root");
-    let socket = tmp.path().join("stargz.sock");
-    let daemon = Daemon::start(
-        &root,
-        &socket,
-        &["--config", config.to_str().expect("utf8")],
-    );
+    let (daemon, socket) = start_daemon(tmp.path());
     let pid = daemon.pid().expect("daemon pid");
 
     // A good layer, mounted first and read again after every hostile case.
@@ -450,15 +451,7 @@ fn endless_token_and_error_bodies_fall_back_in_bounded_memory() {
     fs_support::require_root();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("config.toml");
-    std::fs::write(&config, CONFIG).expect("config");
-    let root = tmp.path().join("root");
-    let socket = tmp.path().join("stargz.sock");
-    let daemon = Daemon::start(
-        &root,
-        &socket,
-        &["--config", config.to_str().expect("utf8")],
-    );
+    let (daemon, socket) = start_daemon(tmp.path());
     let pid = daemon.pid().expect("daemon pid");
     let endless = |status: u16, headers: Vec<(String, String)>| Reply::Endless {
         status,
