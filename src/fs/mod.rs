@@ -6,6 +6,7 @@
 //! verify each chunk's digest before it becomes visible.
 
 pub mod background;
+mod chunks;
 pub mod fscache;
 pub mod fuse;
 pub mod inode;

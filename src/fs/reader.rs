@@ -1,25 +1,24 @@
 //! The read path of one layer: file range → chunks → `fscache` or blob range → verify → cache.
 //!
 //! Invariants:
-//! - a chunk's bit in `present` is set only after all its bytes were written to the cache file
-//!   and their sha256 matched the TOC, so a read never returns unverified bytes;
-//! - a chunk is fetched by at most one thread at a time (`inflight`); others wait for it, with a
-//!   deadline, and share its outcome: a failed fetch fails its waiters at once (the next read
-//!   tries again), and a claim dropped without an outcome (a panic) wakes them with an error;
+//! - a chunk is marked present (in its [`ChunkMap`]) only after all its bytes were written to
+//!   the cache file and their sha256 matched the TOC, so a read never returns unverified bytes;
+//! - a chunk is fetched by at most one claim at a time; other readers wait for it with a
+//!   deadline and share its outcome (see `chunks`);
 //! - compressed bytes are streamed straight into decoders, never buffered whole or cached; a
 //!   chunk's decoder stops as soon as the chunk's bytes are out (what follows in its compressed
 //!   range is tar padding or garbage, never decompressed).
 
-use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
 use crate::estargz::chunk::check_digest;
 
+use super::chunks::{ChunkMap, Claim, Found};
 use super::fscache::FileCache;
 use super::inode::{Chunk, InodeTable, NodeKind};
 use super::source::LayerSource;
@@ -102,6 +101,9 @@ pub struct ReadOptions {
     pub readahead_bytes: u64,
     /// Serve chunks whose TOC entry carries no digest (only with verification disabled).
     pub allow_unverified: bool,
+    /// How often one read fetches a chunk that arrives but fails verification before it
+    /// fails with EIO (the daemon sets it from `[blob] max_retries`).
+    pub fetch_attempts: u32,
     /// Longest a read waits for another reader's fetch of the same chunk before failing with
     /// EIO. The fetch itself is bounded by the registry client's timeouts; this bounds the wait
     /// even if a fetch never reports (the daemon sets it from `fetching_timeout_sec`).
@@ -113,77 +115,9 @@ impl Default for ReadOptions {
         ReadOptions {
             readahead_bytes: 0,
             allow_unverified: false,
+            fetch_attempts: 3,
             wait_timeout: std::time::Duration::from_secs(300),
         }
-    }
-}
-
-/// One fetch in flight: its outcome, once known, for every reader waiting on it.
-#[derive(Default)]
-struct Flight {
-    outcome: Mutex<Option<Result<(), String>>>,
-    cv: Condvar,
-}
-
-impl Flight {
-    /// Waits up to `timeout` for the outcome; a failed or abandoned fetch is an error here too.
-    fn wait(&self, timeout: std::time::Duration) -> Result<(), FsError> {
-        let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        let (outcome, _) = self
-            .cv
-            .wait_timeout_while(outcome, timeout, |o| o.is_none())
-            .unwrap_or_else(|e| e.into_inner());
-        match &*outcome {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(FsError::Chunk(format!(
-                "fetch by another reader failed: {e}"
-            ))),
-            None => Err(FsError::Chunk(format!(
-                "no fetch result after {} s",
-                timeout.as_secs()
-            ))),
-        }
-    }
-
-    fn finish(&self, res: Result<(), String>) {
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(res);
-        self.cv.notify_all();
-    }
-}
-
-/// Chunks claimed for one fetch. Dropping it releases the claims and wakes the waiters, with
-/// an error unless [`Claim::finish`] reported the outcome first: a fetch that unwinds can never
-/// leave readers waiting for it.
-struct Claim<'a> {
-    reader: &'a LayerReader,
-    seqs: Vec<usize>,
-    flight: Arc<Flight>,
-    outcome: Option<Result<(), String>>,
-}
-
-impl Claim<'_> {
-    fn finish(mut self, res: &Result<(), FsError>) {
-        self.outcome = Some(res.as_ref().map(|_| ()).map_err(ToString::to_string));
-    }
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        {
-            let mut inflight = self
-                .reader
-                .inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for s in &self.seqs {
-                inflight.remove(s);
-            }
-        }
-        let outcome = self
-            .outcome
-            .take()
-            .unwrap_or_else(|| Err("fetch abandoned".into()));
-        self.flight.finish(outcome);
     }
 }
 
@@ -194,9 +128,7 @@ pub struct LayerReader {
     cache: FileCache,
     opts: ReadOptions,
     priority: Arc<Priority>,
-    present: Vec<AtomicU64>,
-    present_count: AtomicUsize,
-    inflight: Mutex<HashMap<usize, Arc<Flight>>>,
+    chunks: ChunkMap,
     fetched: AtomicU64,
     /// Reads served through this process (passthrough reads never get here).
     userspace_reads: AtomicU64,
@@ -225,7 +157,6 @@ impl LayerReader {
         opts: ReadOptions,
         priority: Arc<Priority>,
     ) -> Self {
-        let words = table.blob_order.len().div_ceil(64);
         // The footer and TOC (everything after the last payload) were fetched to mount.
         let payload_end = table
             .blob_order
@@ -234,14 +165,12 @@ impl LayerReader {
             .map_or(0, |c| c.info.compressed_end);
         let fetched = source.size().saturating_sub(payload_end);
         LayerReader {
-            present: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            present_count: AtomicUsize::new(0),
+            chunks: ChunkMap::new(table.blob_order.len()),
             table,
             source,
             cache,
             opts,
             priority,
-            inflight: Mutex::new(HashMap::new()),
             fetched: AtomicU64::new(fetched),
             userspace_reads: AtomicU64::new(0),
             bg_cursor: Mutex::new((0, 0)),
@@ -277,7 +206,7 @@ impl LayerReader {
 
     /// True once every chunk of the layer is in the cache.
     pub fn fully_cached(&self) -> bool {
-        self.present_count.load(Ordering::SeqCst) == self.table.blob_order.len()
+        self.chunks.all_present()
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -293,17 +222,6 @@ impl LayerReader {
 
     pub fn cache(&self) -> &FileCache {
         &self.cache
-    }
-
-    fn is_present(&self, seq: usize) -> bool {
-        self.present[seq / 64].load(Ordering::Acquire) & (1 << (seq % 64)) != 0
-    }
-
-    fn set_present(&self, seq: usize) {
-        let prev = self.present[seq / 64].fetch_or(1 << (seq % 64), Ordering::AcqRel);
-        if prev & (1 << (seq % 64)) == 0 {
-            self.present_count.fetch_add(1, Ordering::SeqCst);
-        }
     }
 
     fn chunk(&self, seq: usize) -> &Chunk {
@@ -370,9 +288,12 @@ impl LayerReader {
 
     /// True when every chunk of `ino` is cached (its reads can be passed through).
     pub fn file_cached(&self, ino: u64) -> bool {
-        self.table
-            .get(ino)
-            .is_some_and(|n| self.table.chunks(n).iter().all(|c| self.is_present(c.seq)))
+        self.table.get(ino).is_some_and(|n| {
+            self.table
+                .chunks(n)
+                .iter()
+                .all(|c| self.chunks.is_present(c.seq))
+        })
     }
 
     /// Reads up to `size` bytes of file `ino` at `offset`, fetching missing chunks.
@@ -421,72 +342,60 @@ impl LayerReader {
         self.table
             .chunks(node)
             .get(first..=last)
-            .is_some_and(|cs| cs.iter().all(|c| self.is_present(c.seq)))
+            .is_some_and(|cs| cs.iter().all(|c| self.chunks.is_present(c.seq)))
     }
 
     /// Makes chunk `seq` present: fetches it (with read-ahead), or waits, with a deadline, for
-    /// the fetch already in flight and shares its outcome. Never retries a failed fetch itself:
-    /// the error goes back to the reader at once, and the next read starts a new fetch.
+    /// the fetch already in flight and shares its outcome: a waiter gets a failure at once, and
+    /// the next read starts a new fetch. A chunk this read fetched that arrived but failed its
+    /// digest (bytes flipped in transit, a broken stream) is fetched again with a fresh request,
+    /// up to `fetch_attempts` in all; registry errors were already retried by the client.
     fn ensure(&self, seq: usize) -> Result<(), FsError> {
-        if self.is_present(seq) {
-            return Ok(());
-        }
-        let claim = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if self.is_present(seq) {
+        let mut attempts = 0;
+        loop {
+            let res = match self
+                .chunks
+                .find(seq, self.span_rule(seq, self.opts.readahead_bytes))
+            {
+                Found::Present => return Ok(()),
+                Found::InFlight(flight) => {
+                    let _urgent = self.priority.urgent();
+                    flight.wait(self.opts.wait_timeout)
+                }
+                Found::Claimed(claim) => {
+                    let _urgent = self.priority.urgent();
+                    attempts += 1;
+                    self.fetch_claimed(claim)
+                }
+            };
+            if self.chunks.is_present(seq) {
                 return Ok(());
             }
-            match inflight.get(&seq) {
-                Some(f) => Err(f.clone()),
-                None => Ok(self.claim_span(&mut inflight, seq, self.opts.readahead_bytes)),
+            let err = res
+                .err()
+                .unwrap_or_else(|| FsError::Chunk(format!("chunk {seq} failed verification")));
+            if attempts == 0
+                || attempts >= self.opts.fetch_attempts
+                || matches!(err, FsError::Source(_))
+            {
+                return Err(err);
             }
-        };
-        let _urgent = self.priority.urgent();
-        let res = match claim {
-            Err(flight) => flight.wait(self.opts.wait_timeout),
-            Ok(claim) => self.fetch_claimed(claim),
-        };
-        if self.is_present(seq) {
-            return Ok(());
+            tracing::debug!(layer = %self.digest, seq, attempts, error = %err, "fetching a rejected chunk again");
         }
-        Err(res
-            .err()
-            .unwrap_or_else(|| FsError::Chunk(format!("chunk {seq} failed verification"))))
     }
 
-    /// Claims `seq` plus following contiguous missing chunks within `budget` compressed bytes.
-    fn claim_span(
-        &self,
-        inflight: &mut HashMap<usize, Arc<Flight>>,
-        seq: usize,
-        budget: u64,
-    ) -> Claim<'_> {
-        let flight = Arc::new(Flight::default());
-        let mut seqs = vec![seq];
+    /// Which chunks join a span that starts at `seq`: the following ones whose compressed
+    /// bytes continue it without a gap, up to `budget` compressed bytes past `seq`'s end.
+    fn span_rule(&self, seq: usize, budget: u64) -> impl FnMut(usize) -> bool + '_ {
         let mut end = self.chunk(seq).info.compressed_end;
         let limit = end.saturating_add(budget);
-        let mut next = seq + 1;
-        while next < self.table.blob_order.len() {
-            let c = self.chunk(next);
-            if c.info.compressed_offset != end
-                || c.info.compressed_end > limit
-                || self.is_present(next)
-                || inflight.contains_key(&next)
-            {
-                break;
+        move |next| {
+            let c = &self.chunk(next).info;
+            let joins = c.compressed_offset == end && c.compressed_end <= limit;
+            if joins {
+                end = c.compressed_end;
             }
-            seqs.push(next);
-            end = c.info.compressed_end;
-            next += 1;
-        }
-        for &s in &seqs {
-            inflight.insert(s, flight.clone());
-        }
-        Claim {
-            reader: self,
-            seqs,
-            flight,
-            outcome: None,
+            joins
         }
     }
 
@@ -494,8 +403,8 @@ impl LayerReader {
     /// Bytes a failed chunk left in its cache file (a broken transfer, a failed digest) are
     /// discarded before the claim goes: nothing unverified stays on disk.
     fn fetch_claimed(&self, claim: Claim<'_>) -> Result<(), FsError> {
-        let res = self.fetch_span(&claim.seqs);
-        for &seq in claim.seqs.iter().filter(|&&s| !self.is_present(s)) {
+        let res = self.fetch_span(claim.seqs());
+        for &seq in claim.seqs().iter().filter(|&&s| !self.chunks.is_present(s)) {
             let (ino, _) = self.table.blob_order[seq];
             if let Err(e) = self.cache.discard(ino, self.chunk(seq).info.file_range()) {
                 tracing::warn!(layer = %self.digest, ino, error = %e, "cannot discard a failed chunk's bytes");
@@ -540,21 +449,10 @@ impl LayerReader {
         let mut seq = 0;
         let n = self.table.blob_order.len();
         while seq < n && self.chunk(seq).info.compressed_end <= limit {
-            let claim = {
-                let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                if self.is_present(seq) || inflight.contains_key(&seq) {
-                    None
-                } else {
-                    Some(self.claim_span(
-                        &mut inflight,
-                        seq,
-                        limit - self.chunk(seq).info.compressed_end,
-                    ))
-                }
-            };
-            match claim {
+            let budget = limit - self.chunk(seq).info.compressed_end;
+            match self.chunks.try_claim(seq, self.span_rule(seq, budget)) {
                 Some(claim) => {
-                    seq = claim.seqs.last().map_or(seq, |&s| s) + 1;
+                    seq = claim.seqs().last().map_or(seq, |&s| s) + 1;
                     self.fetch_claimed(claim)?;
                 }
                 None => seq += 1,
@@ -571,8 +469,7 @@ impl LayerReader {
         let n = self.table.blob_order.len();
         let claim = {
             let mut cursor = self.bg_cursor.lock().unwrap_or_else(|e| e.into_inner());
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            while cursor.0 < n && (self.is_present(cursor.0) || inflight.contains_key(&cursor.0)) {
+            while cursor.0 < n && !self.chunks.is_missing(cursor.0) {
                 cursor.0 += 1;
             }
             if cursor.0 >= n {
@@ -588,8 +485,11 @@ impl LayerReader {
             let budget = span_bytes.saturating_sub(
                 self.chunk(seq).info.compressed_end - self.chunk(seq).info.compressed_offset,
             );
-            let claim = self.claim_span(&mut inflight, seq, budget);
-            cursor.0 = claim.seqs.last().map_or(seq, |&s| s) + 1;
+            let Some(claim) = self.chunks.try_claim(seq, self.span_rule(seq, budget)) else {
+                // Claimed by a reader since the scan: move on.
+                return BgStep::More;
+            };
+            cursor.0 = claim.seqs().last().map_or(seq, |&s| s) + 1;
             claim
         };
         if self.fetch_claimed(claim).is_ok() {
@@ -616,7 +516,7 @@ impl LayerReader {
         let c = self.chunk(seq);
         match res {
             Ok(()) => {
-                self.set_present(seq);
+                self.chunks.set_present(seq);
                 self.fetched.fetch_add(
                     c.info.compressed_end - c.info.compressed_offset,
                     Ordering::Relaxed,
@@ -840,26 +740,6 @@ impl Write for SpanSink<'_> {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn a_flight_wait_has_a_deadline_and_shares_the_outcome() {
-        let f = Arc::new(Flight::default());
-        let err = f
-            .wait(Duration::from_millis(50))
-            .expect_err("no outcome yet");
-        assert!(err.to_string().contains("no fetch result"), "{err}");
-        let waiter = {
-            let f = f.clone();
-            std::thread::spawn(move || f.wait(Duration::from_secs(60)))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        f.finish(Err("registry said no".into()));
-        let err = waiter.join().expect("waiter").expect_err("failed fetch");
-        assert!(err.to_string().contains("registry said no"), "{err}");
-        let ok = Flight::default();
-        ok.finish(Ok(()));
-        assert!(ok.wait(Duration::ZERO).is_ok());
-    }
 
     #[test]
     fn background_waits_for_the_quiet_period_after_urgent_work() {

@@ -73,6 +73,8 @@ pub fn build_remote_layers(
     fs_config.layer.attr_timeout =
         Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
     fs_config.layer.passthrough = config.fuse.passthrough;
+    // A chunk that arrives corrupted is fetched again as often as a failed request is retried.
+    fs_config.layer.read.fetch_attempts = config.blob.max_retries.saturating_add(1);
     // A reader waiting for another's fetch gives up only after that fetch must have ended.
     fs_config.layer.read.wait_timeout = config
         .blob

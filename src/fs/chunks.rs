@@ -1,0 +1,308 @@
+//! Chunk state of one layer: which chunks are in the cache, which are being fetched, and who
+//! waits for them. Kept apart from the reader that uses it (as nydus keeps its chunk map apart
+//! from its cache), so its rules are tested without FUSE, a registry or root.
+//!
+//! Rules:
+//! - a chunk is *present* once its bytes are in the cache file and verified; the bit never
+//!   clears while the layer is mounted;
+//! - a missing chunk is fetched by at most one claim at a time; a claim covers a run of chunks
+//!   (one range request), and readers of any of them wait on the claim's [`Flight`];
+//! - every wait has a deadline, every claim ends with an outcome that all its waiters see (a
+//!   failure fails them at once; the next read claims again), and a claim dropped without one —
+//!   a fetch that panicked — wakes its waiters with an error.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::FsError;
+
+/// Present bits and in-flight claims of a layer's chunks (numbered `0..len`, in blob order).
+pub(crate) struct ChunkMap {
+    present: Vec<AtomicU64>,
+    present_count: AtomicUsize,
+    len: usize,
+    inflight: Mutex<HashMap<usize, Arc<Flight>>>,
+}
+
+/// What a reader finds for a chunk it needs.
+pub(crate) enum Found<'a> {
+    Present,
+    /// Someone else fetches it: wait on this.
+    InFlight(Arc<Flight>),
+    /// Ours to fetch.
+    Claimed(Claim<'a>),
+}
+
+impl ChunkMap {
+    pub(crate) fn new(len: usize) -> Self {
+        ChunkMap {
+            present: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            present_count: AtomicUsize::new(0),
+            len,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn is_present(&self, seq: usize) -> bool {
+        seq < self.len
+            && self
+                .present
+                .get(seq / 64)
+                .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (seq % 64)) != 0)
+    }
+
+    /// Marks `seq` present (its bytes are cached and verified); true when it was not before.
+    pub(crate) fn set_present(&self, seq: usize) -> bool {
+        let Some(word) = self.present.get(seq / 64).filter(|_| seq < self.len) else {
+            return false;
+        };
+        let prev = word.fetch_or(1 << (seq % 64), Ordering::AcqRel);
+        let new = prev & (1 << (seq % 64)) == 0;
+        if new {
+            self.present_count.fetch_add(1, Ordering::SeqCst);
+        }
+        new
+    }
+
+    pub(crate) fn present_count(&self) -> usize {
+        self.present_count.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn all_present(&self) -> bool {
+        self.present_count() == self.len
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<usize, Arc<Flight>>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// For a reader that needs `seq`: present, someone's flight to wait on, or a new claim of
+    /// `seq` extended by [`ChunkMap::claim_run`]'s rule.
+    pub(crate) fn find(&self, seq: usize, extend: impl FnMut(usize) -> bool) -> Found<'_> {
+        let mut inflight = self.lock();
+        if self.is_present(seq) {
+            return Found::Present;
+        }
+        if let Some(f) = inflight.get(&seq) {
+            return Found::InFlight(f.clone());
+        }
+        Found::Claimed(self.claim_locked(&mut inflight, seq, extend))
+    }
+
+    /// For background work: a claim of `seq` (extended as in [`ChunkMap::find`]) unless it is
+    /// present or being fetched.
+    pub(crate) fn try_claim(
+        &self,
+        seq: usize,
+        extend: impl FnMut(usize) -> bool,
+    ) -> Option<Claim<'_>> {
+        let mut inflight = self.lock();
+        if seq >= self.len || self.is_present(seq) || inflight.contains_key(&seq) {
+            return None;
+        }
+        Some(self.claim_locked(&mut inflight, seq, extend))
+    }
+
+    /// True when `seq` is neither present nor claimed (a background scan skips the others).
+    pub(crate) fn is_missing(&self, seq: usize) -> bool {
+        !self.is_present(seq) && !self.lock().contains_key(&seq)
+    }
+
+    /// Claims `seq` and then each following chunk for which `extend(next)` says yes and that is
+    /// neither present nor claimed, stopping at the first that is not.
+    fn claim_locked(
+        &self,
+        inflight: &mut HashMap<usize, Arc<Flight>>,
+        seq: usize,
+        mut extend: impl FnMut(usize) -> bool,
+    ) -> Claim<'_> {
+        let flight = Arc::new(Flight::default());
+        let mut seqs = vec![seq];
+        let mut next = seq + 1;
+        while next < self.len
+            && !self.is_present(next)
+            && !inflight.contains_key(&next)
+            && extend(next)
+        {
+            seqs.push(next);
+            next += 1;
+        }
+        for &s in &seqs {
+            inflight.insert(s, flight.clone());
+        }
+        Claim {
+            map: self,
+            seqs,
+            flight,
+            outcome: None,
+        }
+    }
+}
+
+/// One fetch in flight: its outcome, once known, for every reader waiting on it.
+#[derive(Default)]
+pub(crate) struct Flight {
+    outcome: Mutex<Option<Result<(), String>>>,
+    cv: Condvar,
+}
+
+impl Flight {
+    /// Waits up to `timeout` for the outcome; a failed or abandoned fetch is an error here too.
+    pub(crate) fn wait(&self, timeout: Duration) -> Result<(), FsError> {
+        let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let (outcome, _) = self
+            .cv
+            .wait_timeout_while(outcome, timeout, |o| o.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        match &*outcome {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(FsError::Chunk(format!(
+                "fetch by another reader failed: {e}"
+            ))),
+            None => Err(FsError::Chunk(format!(
+                "no fetch result after {} s",
+                timeout.as_secs()
+            ))),
+        }
+    }
+
+    fn finish(&self, res: Result<(), String>) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(res);
+        self.cv.notify_all();
+    }
+}
+
+/// Chunks claimed for one fetch. Dropping it releases the claims and wakes the waiters, with
+/// an error unless [`Claim::finish`] reported the outcome first: a fetch that unwinds can never
+/// leave readers waiting for it.
+pub(crate) struct Claim<'a> {
+    map: &'a ChunkMap,
+    seqs: Vec<usize>,
+    flight: Arc<Flight>,
+    outcome: Option<Result<(), String>>,
+}
+
+impl Claim<'_> {
+    /// The claimed chunks, in blob order (contiguous numbers).
+    pub(crate) fn seqs(&self) -> &[usize] {
+        &self.seqs
+    }
+
+    /// Releases the claim with the fetch's outcome.
+    pub(crate) fn finish(mut self, res: &Result<(), FsError>) {
+        self.outcome = Some(res.as_ref().map(|_| ()).map_err(ToString::to_string));
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        {
+            let mut inflight = self.map.lock();
+            for s in &self.seqs {
+                inflight.remove(s);
+            }
+        }
+        let outcome = self
+            .outcome
+            .take()
+            .unwrap_or_else(|| Err("fetch abandoned".into()));
+        self.flight.finish(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn present_bits_count_once() {
+        let m = ChunkMap::new(130);
+        assert!(!m.is_present(129) && !m.all_present());
+        assert!(m.set_present(129));
+        assert!(!m.set_present(129), "second set is not new");
+        assert!(!m.set_present(130), "out of range is ignored");
+        assert!(m.is_present(129) && !m.is_present(128));
+        assert_eq!(m.present_count(), 1);
+        (0..129).for_each(|s| {
+            m.set_present(s);
+        });
+        assert!(m.all_present());
+    }
+
+    #[test]
+    fn claims_extend_over_missing_chunks_only_and_are_exclusive() {
+        let m = ChunkMap::new(10);
+        m.set_present(4);
+        let Found::Claimed(a) = m.find(1, |_| true) else {
+            panic!("claim")
+        };
+        assert_eq!(a.seqs(), &[1, 2, 3], "stops at the present chunk 4");
+        let Found::InFlight(_) = m.find(2, |_| true) else {
+            panic!("2 is in flight")
+        };
+        assert!(
+            m.try_claim(3, |_| true).is_none(),
+            "background skips claimed chunks"
+        );
+        assert!(!m.is_missing(3) && !m.is_missing(4) && m.is_missing(5));
+        let Found::Present = m.find(4, |_| true) else {
+            panic!("4 is present")
+        };
+        let b = m.try_claim(5, |next| next < 7).expect("5 is free");
+        assert_eq!(b.seqs(), &[5, 6], "the caller's rule stops the run");
+        let c = m.try_claim(0, |_| true).expect("0 is free");
+        assert_eq!(c.seqs(), &[0], "stops at the claimed chunk 1");
+        drop((a, b, c));
+        assert!(
+            m.is_missing(1) && m.is_missing(5),
+            "claims are released on drop"
+        );
+    }
+
+    #[test]
+    fn waiters_share_the_outcome_and_an_abandoned_claim_fails_them() {
+        let m = ChunkMap::new(4);
+        // A failed fetch fails its waiters with its reason.
+        let Found::Claimed(claim) = m.find(0, |_| true) else {
+            panic!("claim")
+        };
+        let Found::InFlight(flight) = m.find(0, |_| true) else {
+            panic!("in flight")
+        };
+        let waiter = std::thread::spawn(move || flight.wait(Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(20));
+        claim.finish(&Err(FsError::Chunk("registry said no".into())));
+        let err = waiter.join().expect("join").expect_err("failed fetch");
+        assert!(err.to_string().contains("registry said no"), "{err}");
+        // A claim that unwinds (dropped without an outcome) wakes its waiters with an error.
+        let Found::Claimed(claim) = m.find(1, |_| false) else {
+            panic!("claim")
+        };
+        let Found::InFlight(flight) = m.find(1, |_| false) else {
+            panic!("in flight")
+        };
+        std::thread::scope(|s| {
+            let fetch = s.spawn(move || {
+                let _claim = claim;
+                panic!("fetch bug");
+            });
+            assert!(fetch.join().is_err());
+        });
+        let err = flight.wait(Duration::from_secs(60)).expect_err("abandoned");
+        assert!(err.to_string().contains("abandoned"), "{err}");
+        assert!(m.is_missing(1), "the next read may claim it again");
+        // A wait has a deadline.
+        let Found::Claimed(_held) = m.find(2, |_| false) else {
+            panic!("claim")
+        };
+        let Found::InFlight(flight) = m.find(2, |_| false) else {
+            panic!("in flight")
+        };
+        let err = flight
+            .wait(Duration::from_millis(30))
+            .expect_err("no outcome yet");
+        assert!(err.to_string().contains("no fetch result"), "{err}");
+    }
+}
