@@ -33,9 +33,6 @@ pub use reader::{
 };
 pub use toc::{parse_toc_member, EntryType, Toc, TocEntry};
 
-/// Annotation (and snapshot label) holding the TOC JSON digest of a layer.
-pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
-
 /// Every way the format can be wrong. One enum for the module (see STYLE.md).
 #[derive(Debug, thiserror::Error)]
 pub enum EstargzError {
@@ -164,11 +161,8 @@ impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
     }
 }
 
-/// `sha256:<hex>` of `data`, the OCI digest spelling used throughout the TOC.
-pub fn sha256_digest(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
-}
+/// The TOC's digests are OCI digests; the one helper lives in [`crate::oci`].
+pub use crate::oci::sha256_digest;
 
 /// Parses `sha256:<64 lowercase-or-uppercase hex>` into raw bytes.
 pub fn parse_sha256(s: &str) -> Result<[u8; 32]> {
