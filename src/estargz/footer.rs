@@ -298,14 +298,10 @@ mod tests {
         assert!(loc.toc_range(10).is_err());
     }
 
-    /// A blob whose bytes are `blob`'s, read through [`read_toc_member`]; returns the result and
-    /// the ranges asked for.
-    fn read_member(
-        blob: &[u8],
-    ) -> (
-        std::result::Result<(TocLocation, Vec<u8>), EstargzError>,
-        Vec<(u64, u64)>,
-    ) {
+    /// What [`read_toc_member`] returned for a blob, and the ranges it asked for.
+    type Outcome = (Result<(TocLocation, Vec<u8>)>, Vec<(u64, u64)>);
+
+    fn read_member(blob: &[u8]) -> Outcome {
         let mut asked = Vec::new();
         let r = read_toc_member(blob.len() as u64, |off, len| {
             asked.push((off, len));
