@@ -1,18 +1,25 @@
 //! A lazy-pulling eStargz remote snapshotter for containerd.
 //!
-//! The crate is split along the domain (see `shared/STYLE.md`):
+//! The crate is split along the domain:
 //! - [`estargz`]: the on-registry format only (footer, TOC, chunk index, builder, verification);
+//! - [`oci`]: the image model (descriptors, manifests, media types, digests) and
+//!   [`labels`]: the label and annotation names, both shared by the daemon and `ctr-remote`;
 //! - [`remote`]: the registry client and the lazy blob reader;
 //! - [`cache`]: the blob cache (`add -> Writer{commit, abort}`, `get -> Reader`);
 //! - [`fs`]: one mounted layer served through FUSE;
 //! - [`snapshot`]: the snapshotter (metadata store, overlay mounts, remote snapshots);
-//! - [`service`]: gRPC adapter, config, daemon wiring and signals.
+//! - [`service`]: gRPC adapter, config, daemon wiring and signals;
+//! - [`ctr`]: `ctr-remote`'s commands over containerd's client API;
+//! - [`untrusted`]: bounding registry-supplied strings before they reach errors and logs;
+//! - [`alloc`]: the daemon's glibc allocator tuning.
 
 pub mod alloc;
 pub mod cache;
 pub mod ctr;
 pub mod estargz;
 pub mod fs;
+pub mod labels;
+pub mod oci;
 pub mod remote;
 pub mod service;
 pub mod snapshot;

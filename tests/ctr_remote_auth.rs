@@ -9,9 +9,9 @@ use futures_util::StreamExt;
 use remote_support::{
     pseudo_random, write_docker_config, write_htpasswd, Action, Fault, Proxy, Pusher, Registry,
 };
-use stargz::ctr::oci::{Descriptor, Index, Manifest};
 use stargz::ctr::registry::{Fetcher, RegistryOptions, RemoteFetcher};
 use stargz::ctr::Error;
+use stargz::oci::{Descriptor, Index, Manifest};
 use stargz::remote::Reference;
 
 const USER: &str = "dave";

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use stargz::estargz::{self, BuildOptions, EntryType, TOC_DIGEST_ANNOTATION};
+use stargz::estargz::{self, BuildOptions, EntryType};
+use stargz::labels::TOC_DIGEST as TOC_DIGEST_ANNOTATION;
 
 #[derive(Debug, Clone)]
 enum Kind {

@@ -21,8 +21,8 @@ use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use super::oci::Descriptor;
 use super::Error;
+use crate::oci::Descriptor;
 
 /// gRPC metadata keys containerd reads (`namespaces.GRPCHeader`, `leases.GRPCHeader`).
 const NAMESPACE_HEADER: &str = "containerd-namespace";

@@ -13,13 +13,14 @@ use futures_util::Stream;
 use tokio::io::AsyncReadExt;
 
 use super::client::{from_pb, Containerd};
-use super::oci::{
-    host_platform, is_index_type, is_layer_type, sha256_digest, Descriptor, Index, Manifest,
-    ANN_TOC_DIGEST, ANN_UNCOMPRESSED, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP, MT_DOCKER_MANIFEST,
-    MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST,
-};
 use super::Error;
 use crate::estargz::{self, BuildOptions};
+use crate::labels::{TOC_DIGEST, UNCOMPRESSED};
+use crate::oci::{
+    host_platform, is_index_type, is_layer_type, sha256_digest, Descriptor, Index, Manifest,
+    MEDIA_DOCKER_CONFIG, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_CONFIG,
+    MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_MANIFEST,
+};
 
 /// Options of `image convert`.
 #[derive(Debug, Clone)]
@@ -161,13 +162,13 @@ async fn convert_in_lease(
             &layer.digest,
             &new.digest,
             new.annotations
-                .get(ANN_TOC_DIGEST)
+                .get(TOC_DIGEST)
                 .map(String::as_str)
                 .unwrap_or("")
         )?;
         diff_ids.push(
             new.annotations
-                .get(ANN_UNCOMPRESSED)
+                .get(UNCOMPRESSED)
                 .cloned()
                 .unwrap_or_default(),
         );
@@ -180,9 +181,9 @@ async fn convert_in_lease(
     config["rootfs"]["diff_ids"] = serde_json::to_value(&diff_ids)?;
     let config_bytes = Bytes::from(serde_json::to_vec(&config)?);
     let config_mt = if opts.oci {
-        MT_OCI_CONFIG
-    } else if manifest.config.media_type == MT_DOCKER_CONFIG {
-        MT_DOCKER_CONFIG
+        MEDIA_OCI_CONFIG
+    } else if manifest.config.media_type == MEDIA_DOCKER_CONFIG {
+        MEDIA_DOCKER_CONFIG
     } else {
         manifest.config.media_type.as_str()
     };
@@ -194,10 +195,10 @@ async fn convert_in_lease(
     new_manifest.config = config_desc.clone();
     new_manifest.layers = converted.iter().map(|c| c.target.clone()).collect();
     new_manifest.media_type = Some(
-        if opts.oci || manifest.media_type.as_deref() == Some(MT_OCI_MANIFEST) {
-            MT_OCI_MANIFEST.to_string()
+        if opts.oci || manifest.media_type.as_deref() == Some(MEDIA_OCI_MANIFEST) {
+            MEDIA_OCI_MANIFEST.to_string()
         } else {
-            MT_DOCKER_MANIFEST.to_string()
+            MEDIA_DOCKER_MANIFEST.to_string()
         },
     );
     let manifest_bytes = Bytes::from(serde_json::to_vec(&new_manifest)?);
@@ -205,7 +206,7 @@ async fn convert_in_lease(
         new_manifest
             .media_type
             .as_deref()
-            .unwrap_or(MT_OCI_MANIFEST),
+            .unwrap_or(MEDIA_OCI_MANIFEST),
         &manifest_bytes,
     );
     let mut labels = HashMap::from([(
@@ -270,13 +271,13 @@ async fn convert_layer(
     .map_err(|e| Error::Incomplete(format!("estargz build task: {e}")))??;
 
     let media_type = if opts.oci || layer.media_type.starts_with("application/vnd.oci.") {
-        MT_OCI_LAYER_GZIP
+        MEDIA_OCI_LAYER_GZIP
     } else {
-        MT_DOCKER_LAYER_GZIP
+        MEDIA_DOCKER_LAYER_GZIP
     };
     let mut annotations = layer.annotations.clone();
-    annotations.insert(ANN_TOC_DIGEST.to_string(), result.toc_digest.clone());
-    annotations.insert(ANN_UNCOMPRESSED.to_string(), result.diff_id.clone());
+    annotations.insert(TOC_DIGEST.to_string(), result.toc_digest.clone());
+    annotations.insert(UNCOMPRESSED.to_string(), result.diff_id.clone());
     let new = Descriptor {
         media_type: media_type.to_string(),
         digest: result.blob_digest.clone(),
@@ -290,7 +291,7 @@ async fn convert_layer(
         use tokio::io::AsyncSeekExt;
         file.seek(std::io::SeekFrom::Start(0)).await?;
     }
-    let labels = HashMap::from([(ANN_UNCOMPRESSED.to_string(), result.diff_id.clone())]);
+    let labels = HashMap::from([(UNCOMPRESSED.to_string(), result.diff_id.clone())]);
     cd.write_stream(&new, file_stream(file), &labels).await?;
     Ok(new)
 }

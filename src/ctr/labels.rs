@@ -1,22 +1,14 @@
 //! Snapshot labels `rpull` hands to the `stargz` snapshotter, as Go's
 //! `source.AppendDefaultLabelsHandlerWrapper` and containerd's unpacker compute them.
+//! The names themselves are [`crate::labels`]'.
 
 use std::collections::HashMap;
 
-use super::oci::{is_layer_type, Descriptor};
-
-pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
-pub const LABEL_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
-pub const LABEL_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
-pub const LABEL_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
-pub const LABEL_PREFETCH: &str = "containerd.io/snapshot/remote/stargz.prefetch";
-pub const LABEL_SKIP_VERIFY: &str = "containerd.io/snapshot/remote/stargz.skipverify";
-pub const LABEL_URLS: &str = "containerd.io/snapshot/remote/urls";
-/// containerd passes layer annotations with this prefix to the snapshotter as labels
-/// (`snapshots.FilterInheritedLabels`).
-const INHERITED_PREFIX: &str = "containerd.io/snapshot/";
-const UID_MAPPING: &str = "containerd.io/snapshot/uidmapping";
-const GID_MAPPING: &str = "containerd.io/snapshot/gidmapping";
+use crate::labels::{
+    GID_MAPPING, INHERITED_PREFIX, REMOTE_URLS, SNAPSHOT_REF, STARGZ_DIGEST, STARGZ_LAYERS,
+    STARGZ_PREFETCH, STARGZ_REFERENCE, UID_MAPPING,
+};
+use crate::oci::{is_layer_type, Descriptor};
 
 /// containerd's `labels.Validate`: key plus value at most 4096 bytes.
 const MAX_LABEL_SIZE: usize = 4096;
@@ -42,19 +34,19 @@ pub fn append_default_labels(image_ref: &str, layers: &mut [Descriptor], prefetc
                 continue;
             }
             let item = format!("{d},");
-            if LABEL_LAYERS.len() + list.len() + item.len() > MAX_LABEL_SIZE {
+            if STARGZ_LAYERS.len() + list.len() + item.len() > MAX_LABEL_SIZE {
                 break;
             }
             list.push_str(&item);
         }
         let list = list.trim_end_matches(',').to_string();
         let ann = &mut layer.annotations;
-        ann.insert(LABEL_REFERENCE.to_string(), image_ref.to_string());
-        ann.insert(LABEL_DIGEST.to_string(), layer.digest.clone());
-        ann.insert(LABEL_LAYERS.to_string(), list);
-        ann.insert(LABEL_PREFETCH.to_string(), prefetch_size.to_string());
+        ann.insert(STARGZ_REFERENCE.to_string(), image_ref.to_string());
+        ann.insert(STARGZ_DIGEST.to_string(), layer.digest.clone());
+        ann.insert(STARGZ_LAYERS.to_string(), list);
+        ann.insert(STARGZ_PREFETCH.to_string(), prefetch_size.to_string());
         if !layer.urls.is_empty() {
-            ann.insert(LABEL_URLS.to_string(), layer.urls.join(","));
+            ann.insert(REMOTE_URLS.to_string(), layer.urls.join(","));
         }
     }
 }
@@ -73,18 +65,19 @@ pub fn snapshot_labels(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-    labels.insert(LABEL_SNAPSHOT_REF.to_string(), chain_id.to_string());
+    labels.insert(SNAPSHOT_REF.to_string(), chain_id.to_string());
     labels
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::oci::{MT_OCI_CONFIG, MT_OCI_LAYER_GZIP};
     use super::*;
+    use crate::labels::STARGZ_SKIP_VERIFY;
+    use crate::oci::{MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER_GZIP};
 
     fn layer(d: &str) -> Descriptor {
         Descriptor {
-            media_type: MT_OCI_LAYER_GZIP.into(),
+            media_type: MEDIA_OCI_LAYER_GZIP.into(),
             digest: d.into(),
             size: 1,
             urls: vec![],
@@ -98,15 +91,15 @@ mod tests {
         let mut layers = vec![layer("sha256:a"), layer("sha256:b"), layer("sha256:c")];
         append_default_labels("reg/x:1", &mut layers, DEFAULT_PREFETCH_SIZE);
         assert_eq!(
-            layers[0].annotations[LABEL_LAYERS],
+            layers[0].annotations[STARGZ_LAYERS],
             "sha256:a,sha256:b,sha256:c"
         );
-        assert_eq!(layers[1].annotations[LABEL_LAYERS], "sha256:b,sha256:c");
-        assert_eq!(layers[2].annotations[LABEL_LAYERS], "sha256:c");
-        assert_eq!(layers[1].annotations[LABEL_DIGEST], "sha256:b");
-        assert_eq!(layers[1].annotations[LABEL_REFERENCE], "reg/x:1");
-        assert_eq!(layers[1].annotations[LABEL_PREFETCH], "10485760");
-        assert!(!layers[1].annotations.contains_key(LABEL_URLS));
+        assert_eq!(layers[1].annotations[STARGZ_LAYERS], "sha256:b,sha256:c");
+        assert_eq!(layers[2].annotations[STARGZ_LAYERS], "sha256:c");
+        assert_eq!(layers[1].annotations[STARGZ_DIGEST], "sha256:b");
+        assert_eq!(layers[1].annotations[STARGZ_REFERENCE], "reg/x:1");
+        assert_eq!(layers[1].annotations[STARGZ_PREFETCH], "10485760");
+        assert!(!layers[1].annotations.contains_key(REMOTE_URLS));
     }
 
     #[test]
@@ -115,20 +108,20 @@ mod tests {
             .map(|i| layer(&format!("sha256:{:064x}", i)))
             .collect();
         append_default_labels("r", &mut layers, 0);
-        let l = &layers[0].annotations[LABEL_LAYERS];
-        assert!(LABEL_LAYERS.len() + l.len() < MAX_LABEL_SIZE);
+        let l = &layers[0].annotations[STARGZ_LAYERS];
+        assert!(STARGZ_LAYERS.len() + l.len() < MAX_LABEL_SIZE);
         assert!(l.starts_with(&layers[0].digest));
         assert!(!l.ends_with(','));
         assert_eq!(
             l.split(',').count(),
-            (MAX_LABEL_SIZE - LABEL_LAYERS.len()) / 72
+            (MAX_LABEL_SIZE - STARGZ_LAYERS.len()) / 72
         );
     }
 
     #[test]
     fn non_layers_are_left_alone_and_labels_filtered() {
         let mut cfg = layer("sha256:cfg");
-        cfg.media_type = MT_OCI_CONFIG.into();
+        cfg.media_type = MEDIA_OCI_CONFIG.into();
         let mut layers = vec![cfg, layer("sha256:a")];
         layers[1]
             .annotations
@@ -139,15 +132,15 @@ mod tests {
         );
         append_default_labels("r", &mut layers, 0);
         assert!(layers[0].annotations.is_empty());
-        let extra = HashMap::from([(LABEL_SKIP_VERIFY.to_string(), "true".to_string())]);
+        let extra = HashMap::from([(STARGZ_SKIP_VERIFY.to_string(), "true".to_string())]);
         let labels = snapshot_labels(&layers[1], "sha256:chain", &extra);
-        assert_eq!(labels[LABEL_SNAPSHOT_REF], "sha256:chain");
+        assert_eq!(labels[SNAPSHOT_REF], "sha256:chain");
         assert_eq!(
             labels["containerd.io/snapshot/stargz/toc.digest"],
             "sha256:t"
         );
-        assert_eq!(labels[LABEL_SKIP_VERIFY], "true");
+        assert_eq!(labels[STARGZ_SKIP_VERIFY], "true");
         assert!(!labels.contains_key("org.opencontainers.x"));
-        assert_eq!(labels[LABEL_LAYERS], "sha256:a");
+        assert_eq!(labels[STARGZ_LAYERS], "sha256:a");
     }
 }

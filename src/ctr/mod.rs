@@ -10,7 +10,6 @@ pub mod cli;
 pub mod client;
 pub mod convert;
 pub mod labels;
-pub mod oci;
 pub mod registry;
 pub mod rpull;
 pub mod toc;

@@ -14,9 +14,9 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::mpsc;
 
-use super::oci::{is_index_type, Descriptor, MT_DOCKER_MANIFEST, MT_OCI_MANIFEST};
 use super::Error;
 use crate::cache::MemoryCache;
+use crate::oci::{is_index_type, Descriptor, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST};
 use crate::remote::{Blob, ClientConfig, Credentials, Reference, RegistryClient, Secret};
 
 pub type BlobStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
@@ -97,7 +97,7 @@ fn check_size(desc: &Descriptor, len: u64) -> Result<(), Error> {
 }
 
 fn is_manifest_type(mt: &str) -> bool {
-    is_index_type(mt) || matches!(mt, MT_OCI_MANIFEST | MT_DOCKER_MANIFEST)
+    is_index_type(mt) || matches!(mt, MEDIA_OCI_MANIFEST | MEDIA_DOCKER_MANIFEST)
 }
 
 /// The `Write` end of a blob download: a bounded std channel, so a slow content store blocks

@@ -15,10 +15,11 @@ use futures_util::StreamExt;
 use tonic::Code;
 
 use super::client::{to_pb, Containerd};
-use super::labels::{append_default_labels, snapshot_labels, LABEL_SKIP_VERIFY};
-use super::oci::{chain_ids, host_platform, is_index_type, Config, Descriptor, Index, Manifest};
+use super::labels::{append_default_labels, snapshot_labels};
 use super::registry::Fetcher;
 use super::Error;
+use crate::labels::STARGZ_SKIP_VERIFY;
+use crate::oci::{chain_ids, host_platform, is_index_type, Config, Descriptor, Index, Manifest};
 use crate::remote::Reference;
 
 /// Options of `image rpull` beyond the registry ones.
@@ -224,7 +225,7 @@ async fn unpack<F: Fetcher>(
     let mut extra = HashMap::new();
     if opts.skip_content_verify {
         tracing::warn!("content verification disabled");
-        extra.insert(LABEL_SKIP_VERIFY.to_string(), "true".to_string());
+        extra.insert(STARGZ_SKIP_VERIFY.to_string(), "true".to_string());
     }
     let mut outcomes = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
@@ -481,9 +482,9 @@ mod tests {
     use tonic::{Request, Response, Status};
 
     use super::*;
-    use crate::ctr::labels::{LABEL_DIGEST, LABEL_LAYERS, LABEL_SNAPSHOT_REF};
-    use crate::ctr::oci::{RootFs, MT_OCI_LAYER_GZIP};
     use crate::ctr::registry::BlobStream;
+    use crate::labels::{SNAPSHOT_REF, STARGZ_DIGEST, STARGZ_LAYERS, TOC_DIGEST};
+    use crate::oci::{RootFs, MEDIA_OCI_LAYER_GZIP};
     use crate::proto::containerd::services::snapshots::v1 as pb;
 
     /// Commits the target itself and answers AlreadyExists, like a remote snapshotter.
@@ -508,11 +509,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((r.key.clone(), r.parent.clone(), r.labels.clone()));
-            let target = r
-                .labels
-                .get(LABEL_SNAPSHOT_REF)
-                .cloned()
-                .unwrap_or_default();
+            let target = r.labels.get(SNAPSHOT_REF).cloned().unwrap_or_default();
             self.committed.lock().unwrap().insert(target, r.parent);
             Err(Status::already_exists("target snapshot exists"))
         }
@@ -579,15 +576,11 @@ mod tests {
 
     fn layer(n: u8) -> Descriptor {
         Descriptor {
-            media_type: MT_OCI_LAYER_GZIP.into(),
+            media_type: MEDIA_OCI_LAYER_GZIP.into(),
             digest: format!("sha256:{:064x}", n),
             size: 100,
             urls: vec![],
-            annotations: [(
-                crate::ctr::oci::ANN_TOC_DIGEST.to_string(),
-                format!("sha256:{:064x}", n + 100),
-            )]
-            .into(),
+            annotations: [(TOC_DIGEST.to_string(), format!("sha256:{:064x}", n + 100))].into(),
             platform: None,
         }
     }
@@ -652,14 +645,11 @@ mod tests {
                 "{key}"
             );
             assert_eq!(parent, if i == 0 { "" } else { &chains[i - 1] });
-            assert_eq!(labels[LABEL_SNAPSHOT_REF], chains[i]);
-            assert_eq!(labels[LABEL_DIGEST], layers[i].digest);
-            assert_eq!(labels[LABEL_LAYERS].split(',').count(), 3 - i);
-            assert_eq!(labels[LABEL_SKIP_VERIFY], "true");
-            assert_eq!(
-                labels[crate::ctr::oci::ANN_TOC_DIGEST],
-                layers[i].annotations[crate::ctr::oci::ANN_TOC_DIGEST]
-            );
+            assert_eq!(labels[SNAPSHOT_REF], chains[i]);
+            assert_eq!(labels[STARGZ_DIGEST], layers[i].digest);
+            assert_eq!(labels[STARGZ_LAYERS].split(',').count(), 3 - i);
+            assert_eq!(labels[STARGZ_SKIP_VERIFY], "true");
+            assert_eq!(labels[TOC_DIGEST], layers[i].annotations[TOC_DIGEST]);
         }
 
         // Pulling again finds the committed chain and prepares nothing.

@@ -5,7 +5,7 @@ use futures_util::StreamExt;
 
 use super::client::Containerd;
 use super::Error;
-use crate::estargz::{self, FOOTER_SIZE};
+use crate::estargz::{self, EstargzError, TocLocator};
 
 /// What get-toc-digest found.
 pub struct LayerToc {
@@ -40,15 +40,14 @@ pub async fn layer_toc(cd: &Containerd, digest: &str) -> Result<LayerToc, Error>
         .await?
         .ok_or_else(|| Error::NotFound(format!("content {digest}")))?;
     let size = u64::try_from(info.size).unwrap_or(0);
-    let tail_len = size.min(FOOTER_SIZE);
-    let tail = read_range(cd, digest, size - tail_len, tail_len).await?;
-    let loc = estargz::parse_footer(&tail).map_err(|e| Error::Format(e.to_string()))?;
-    let range = loc
-        .toc_range(size)
-        .map_err(|e| Error::Format(e.to_string()))?;
-    if range.end - range.start > estargz::toc::MAX_TOC_COMPRESSED_SIZE {
-        return Err(Error::Format(format!("TOC of {digest} is too large")));
-    }
+    // containerd's content API is async, so this drives the locator itself.
+    let locator = TocLocator::new(size);
+    let tail = locator.footer_range();
+    let tail = read_range(cd, digest, tail.start, tail.end - tail.start).await?;
+    let (_, range) = locator.locate(&tail).map_err(|e| match e {
+        EstargzError::TocTooLarge { .. } => Error::Format(format!("TOC of {digest} is too large")),
+        e => Error::Format(e.to_string()),
+    })?;
     let member = read_range(cd, digest, range.start, range.end - range.start).await?;
     let (toc, digest) =
         estargz::parse_toc_member(&member).map_err(|e| Error::Format(e.to_string()))?;

@@ -3,9 +3,13 @@
 //! eStargz (51 bytes): XLEN=26, subfield `S`,`G`, LEN=22, data `%016x` + `STARGZ`.
 //! Legacy stargz (47 bytes): XLEN=22, the 22 bytes `%016xSTARGZ` directly.
 //! Readers try eStargz first, then legacy, like Go's `parseFooter`.
+//!
+//! [`TocLocator`] is the one footer → TOC locator: every reader of a blob (the filesystem,
+//! `ctr-remote`, [`super::reader::open_blob`]) finds and bounds the TOC member through it.
 
 use std::ops::Range;
 
+use super::toc::MAX_TOC_COMPRESSED_SIZE;
 use super::{EstargzError, Result};
 
 /// Size of the eStargz footer.
@@ -46,6 +50,60 @@ impl TocLocation {
             }),
         }
     }
+}
+
+/// Finds the TOC member of a blob of known size: which tail to fetch, then, from that tail,
+/// where the member is. It does no I/O itself, so each caller keeps its own (a positional
+/// reader, a layer source, containerd's async content API); [`read_toc_member`] drives it
+/// for synchronous readers. The member's size is checked against
+/// [`MAX_TOC_COMPRESSED_SIZE`] before anyone fetches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TocLocator {
+    blob_size: u64,
+}
+
+impl TocLocator {
+    pub fn new(blob_size: u64) -> Self {
+        TocLocator { blob_size }
+    }
+
+    /// The tail that holds either footer: the last [`MAX_FOOTER_SIZE`] bytes, or the whole
+    /// blob when it is smaller (then [`TocLocator::locate`] reports it as too small).
+    pub fn footer_range(&self) -> Range<u64> {
+        self.blob_size - MAX_FOOTER_SIZE.min(self.blob_size)..self.blob_size
+    }
+
+    /// Parses the footer in `tail` (the bytes of [`TocLocator::footer_range`]) and returns it
+    /// with the blob range of the TOC member, refusing a member over
+    /// [`MAX_TOC_COMPRESSED_SIZE`].
+    pub fn locate(&self, tail: &[u8]) -> Result<(TocLocation, Range<u64>)> {
+        let location = parse_footer(tail)?;
+        let range = location.toc_range(self.blob_size)?;
+        let size = range.end - range.start;
+        if size > MAX_TOC_COMPRESSED_SIZE {
+            return Err(EstargzError::TocTooLarge {
+                size,
+                limit: MAX_TOC_COMPRESSED_SIZE,
+            });
+        }
+        Ok((location, range))
+    }
+}
+
+/// Fetches the TOC member of a blob of `blob_size` bytes with two calls to
+/// `read(offset, len)`, which must return exactly `len` bytes or fail: the tail, then the
+/// member [`TocLocator`] found there. `read`'s errors are returned as they are; the format's
+/// are converted into the caller's error type.
+pub fn read_toc_member<E: From<EstargzError>>(
+    blob_size: u64,
+    mut read: impl FnMut(u64, u64) -> std::result::Result<Vec<u8>, E>,
+) -> std::result::Result<(TocLocation, Vec<u8>), E> {
+    let locator = TocLocator::new(blob_size);
+    let tail = locator.footer_range();
+    let tail = read(tail.start, tail.end - tail.start)?;
+    let (location, range) = locator.locate(&tail)?;
+    let member = read(range.start, range.end - range.start)?;
+    Ok((location, member))
 }
 
 /// The 51-byte eStargz footer pointing at `toc_offset`, byte-identical to Go's `footerBytes`
@@ -238,6 +296,104 @@ mod tests {
         assert_eq!(loc.toc_range(200).expect("in range"), 100..149);
         assert!(loc.toc_range(151).is_err());
         assert!(loc.toc_range(10).is_err());
+    }
+
+    /// What [`read_toc_member`] returned for a blob, and the ranges it asked for.
+    type Outcome = (Result<(TocLocation, Vec<u8>)>, Vec<(u64, u64)>);
+
+    fn read_member(blob: &[u8]) -> Outcome {
+        let mut asked = Vec::new();
+        let r = read_toc_member(blob.len() as u64, |off, len| {
+            asked.push((off, len));
+            Ok(blob[off as usize..(off + len) as usize].to_vec())
+        });
+        (r, asked)
+    }
+
+    #[test]
+    fn locator_reads_the_tail_then_exactly_the_member() {
+        let mut blob = b"payload-".to_vec();
+        let toc_offset = blob.len() as u64;
+        blob.extend_from_slice(b"TOC MEMBER");
+        blob.extend_from_slice(&footer_bytes(toc_offset));
+        let (r, asked) = read_member(&blob);
+        let (loc, member) = r.expect("located");
+        assert_eq!(member, b"TOC MEMBER");
+        assert!(!loc.legacy);
+        let size = blob.len() as u64;
+        assert_eq!(asked, [(size - 51, 51), (toc_offset, 10)]);
+
+        let mut legacy = b"TOC".to_vec();
+        legacy.extend_from_slice(&legacy_footer_bytes(0));
+        let (r, asked) = read_member(&legacy);
+        let (loc, member) = r.expect("legacy located");
+        assert_eq!((loc.footer_size, member.as_slice()), (47, &b"TOC"[..]));
+        assert_eq!(asked, [(0, 50), (0, 3)]);
+    }
+
+    #[test]
+    fn locator_on_a_tiny_blob_reads_it_whole_and_fails() {
+        assert_eq!(TocLocator::new(10).footer_range(), 0..10);
+        assert_eq!(TocLocator::new(1000).footer_range(), 949..1000);
+        let (r, asked) = read_member(&[0u8; 10]);
+        assert!(matches!(r, Err(EstargzError::BlobTooSmall { size: 10 })));
+        assert_eq!(asked, [(0, 10)]);
+    }
+
+    /// A footer that points far back names a member over the limit: refused before it is
+    /// fetched, with the format's error.
+    #[test]
+    fn locator_refuses_a_huge_member_before_fetching_it() {
+        let blob_size = MAX_TOC_COMPRESSED_SIZE + 1000;
+        let mut calls = 0;
+        let r = read_toc_member(blob_size, |_, len| {
+            calls += 1;
+            assert_eq!(len, MAX_FOOTER_SIZE);
+            Ok::<_, EstargzError>(footer_bytes(0).to_vec())
+        });
+        assert!(matches!(
+            r,
+            Err(EstargzError::TocTooLarge { size, limit })
+                if size == blob_size - FOOTER_SIZE && limit == MAX_TOC_COMPRESSED_SIZE
+        ));
+        assert_eq!(calls, 1);
+        let exactly = MAX_TOC_COMPRESSED_SIZE + FOOTER_SIZE;
+        let (_, range) = TocLocator::new(exactly)
+            .locate(&footer_bytes(0))
+            .expect("at the limit");
+        assert_eq!(range, 0..MAX_TOC_COMPRESSED_SIZE);
+    }
+
+    #[test]
+    fn locator_passes_read_errors_through() {
+        #[derive(Debug)]
+        enum Caller {
+            Read,
+            Format(EstargzError),
+        }
+        impl From<EstargzError> for Caller {
+            fn from(e: EstargzError) -> Self {
+                Caller::Format(e)
+            }
+        }
+        let r = read_toc_member(100, |_, _| Err(Caller::Read));
+        assert!(matches!(r, Err(Caller::Read)));
+        let r = read_toc_member(100, |_, len| Ok(vec![0u8; len as usize]));
+        assert!(matches!(
+            r,
+            Err(Caller::Format(EstargzError::InvalidFooter(_)))
+        ));
+        let r = read_toc_member(60, |off, _| {
+            if off == 9 {
+                Ok(footer_bytes(100).to_vec())
+            } else {
+                Err(Caller::Read)
+            }
+        });
+        assert!(matches!(
+            r,
+            Err(Caller::Format(EstargzError::TocOutOfRange { .. }))
+        ));
     }
 
     #[test]

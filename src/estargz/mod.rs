@@ -1,13 +1,19 @@
 //! The eStargz format: footer, TOC, chunk index, builder and verification.
-//! Nothing here knows about networks or FUSE: reads go through [`ReadAt`].
+//! Nothing here knows about networks or FUSE: callers bring their own reads.
 //!
-//! Typical read path (what `fs`/`remote` do):
-//! 1. fetch the blob tail, [`footer::parse_footer`] → [`footer::TocLocation`];
-//! 2. fetch `toc_range`, [`toc::parse_toc_member`] → `(Toc, digest)`; check the digest;
-//! 3. [`index::LayerIndex::build`] once; then per read, [`index::LayerIndex::chunks_for_range`]
-//!    gives the compressed ranges, and [`chunk::decode_chunk`] checks and hands out the bytes.
+//! Reading a blob:
+//! 1. [`footer::TocLocator`] names the tail to fetch and, from it, the TOC member's range
+//!    (bounded); [`footer::read_toc_member`] does both fetches through a caller's range reader
+//!    (`fs` and [`reader::open_blob`]; `ctr-remote` drives the locator over async reads);
+//! 2. `fs` streams the member into a [`index::LayerIndex`] with
+//!    [`reader::open_index_from_toc_member`] (digest checked, the TOC never held whole);
+//!    `ctr-remote` parses it whole with [`toc::parse_toc_member`];
+//! 3. per read, [`index::LayerIndex::chunks_for_range`] gives the compressed ranges; each chunk
+//!    is decompressed and its digest checked ([`chunk::decode_chunk`], or
+//!    [`chunk::check_digest`] for a caller that decompresses as it streams, like `fs`).
 //!
-//! [`reader::open_blob`] does 1–3 from any [`ReadAt`]; [`builder::build`] writes a blob.
+//! [`reader::open_blob`] does 1–2 from any [`ReadAt`] and [`reader::read_file_range`] does 3;
+//! [`builder::build`] writes a blob.
 
 pub mod builder;
 pub mod chunk;
@@ -24,7 +30,8 @@ pub mod toc;
 pub use builder::{build, BuildOptions, BuildResult};
 pub use chunk::{decode_chunk, decode_chunk_into};
 pub use footer::{
-    footer_bytes, parse_footer, TocLocation, FOOTER_SIZE, LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE,
+    footer_bytes, parse_footer, read_toc_member, TocLocation, TocLocator, FOOTER_SIZE,
+    LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE,
 };
 pub use index::{ChunkInfo, Entry, EntryId, LayerIndex};
 pub use reader::{
@@ -32,9 +39,6 @@ pub use reader::{
     Section,
 };
 pub use toc::{parse_toc_member, EntryType, Toc, TocEntry};
-
-/// Annotation (and snapshot label) holding the TOC JSON digest of a layer.
-pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 
 /// Every way the format can be wrong. One enum for the module (see STYLE.md).
 #[derive(Debug, thiserror::Error)]
@@ -164,11 +168,8 @@ impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
     }
 }
 
-/// `sha256:<hex>` of `data`, the OCI digest spelling used throughout the TOC.
-pub fn sha256_digest(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
-}
+/// The TOC's digests are OCI digests; the one helper lives in [`crate::oci`].
+pub use crate::oci::sha256_digest;
 
 /// Parses `sha256:<64 lowercase-or-uppercase hex>` into raw bytes.
 pub fn parse_sha256(s: &str) -> Result<[u8; 32]> {

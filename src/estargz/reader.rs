@@ -1,8 +1,8 @@
 //! Opening a blob from any [`ReadAt`]: footer → TOC → verified index; and reading file ranges.
 
-use super::footer::{parse_footer, TocLocation, FOOTER_SIZE};
+use super::footer::{read_toc_member, TocLocation};
 use super::index::{EntryId, LayerIndex};
-use super::toc::{parse_toc_member, verify_toc_digest, EntryType, Toc, MAX_TOC_COMPRESSED_SIZE};
+use super::toc::{parse_toc_member, verify_toc_digest, EntryType, Toc};
 use super::{chunk, EstargzError, ReadAt, Result};
 
 /// Everything learned from a blob's tail.
@@ -15,33 +15,24 @@ pub struct OpenedBlob {
     pub index: LayerIndex,
 }
 
-/// Opens a blob of `blob_size` bytes: parses the footer, reads and parses the TOC member,
-/// checks its digest against `expected_toc_digest` when given (mismatch is an error), and
-/// builds the index.
+/// Opens a blob of `blob_size` bytes: finds and reads the TOC member
+/// ([`read_toc_member`]), parses it, checks its digest against `expected_toc_digest` when
+/// given (mismatch is an error), and builds the index.
 pub fn open_blob<R: ReadAt + ?Sized>(
     blob: &R,
     blob_size: u64,
     expected_toc_digest: Option<&str>,
 ) -> Result<OpenedBlob> {
-    let tail_len = blob_size.min(FOOTER_SIZE);
-    let mut tail = vec![0u8; tail_len as usize];
-    blob.read_exact_at(&mut tail, blob_size - tail_len)?;
-    let location = parse_footer(&tail)?;
-    let range = location.toc_range(blob_size)?;
-    let len = range.end - range.start;
-    if len > MAX_TOC_COMPRESSED_SIZE {
-        return Err(EstargzError::TocTooLarge {
-            size: len,
-            limit: MAX_TOC_COMPRESSED_SIZE,
-        });
-    }
-    let mut member = vec![0u8; len as usize];
-    blob.read_exact_at(&mut member, range.start)?;
+    let (location, member) = read_toc_member(blob_size, |offset, len| {
+        // `len` is the footer's or a TOC member bounded by `MAX_TOC_COMPRESSED_SIZE`.
+        let mut buf = vec![0u8; len as usize];
+        blob.read_exact_at(&mut buf, offset)?;
+        Ok::<_, EstargzError>(buf)
+    })?;
     open_from_toc_member(&member, location, expected_toc_digest)
 }
 
-/// Second half of [`open_blob`] for callers that fetched the TOC member themselves
-/// (e.g. the registry client, with one ranged request for footer + TOC).
+/// Second half of [`open_blob`] for callers that fetched the TOC member themselves.
 pub fn open_from_toc_member(
     member: &[u8],
     location: TocLocation,

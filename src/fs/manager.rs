@@ -1,7 +1,7 @@
 //! [`LayerManager`]: the snapshotter's [`RemoteLayers`], mounting layers named by labels.
 //!
 //! Labels (CRI first, then the default set), the TOC verification policy and the prefetch
-//! label follow Go's `fs/fs.go`; the blob itself comes from a [`BlobResolver`] (the registry
+//! label follow Go's `fs` package; the blob itself comes from a [`BlobResolver`] (the registry
 //! in the daemon, a local file in tests).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
+use crate::labels::{
+    CRI_IMAGE_REF, CRI_LAYER_DIGEST, STARGZ_DIGEST, STARGZ_PREFETCH, STARGZ_REFERENCE,
+    STARGZ_SKIP_VERIFY, TOC_DIGEST,
+};
 use crate::snapshot::{LayerError, RemoteLayers};
 
 use super::background::{BackgroundFetcher, DEFAULT_SPAN_BYTES};
@@ -18,14 +22,6 @@ use super::layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLaye
 use super::reader::Priority;
 use super::source::LayerSource;
 use super::FsError;
-
-pub const LABEL_CRI_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_CRI_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-pub const LABEL_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
-pub const LABEL_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
-pub const LABEL_PREFETCH: &str = "containerd.io/snapshot/remote/stargz.prefetch";
-pub const LABEL_SKIP_VERIFY: &str = "containerd.io/snapshot/remote/stargz.skipverify";
-pub const LABEL_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 
 /// Finds a layer blob from its image reference and digest.
 pub trait BlobResolver: Send + Sync {
@@ -86,21 +82,21 @@ pub fn parse_labels(
             .filter(|v| !v.is_empty())
             .cloned()
     };
-    let reference = get(LABEL_CRI_REF, LABEL_REF)
+    let reference = get(CRI_IMAGE_REF, STARGZ_REFERENCE)
         .ok_or_else(|| FsError::Labels("no image reference label".into()))?;
-    let digest = get(LABEL_CRI_DIGEST, LABEL_DIGEST)
+    let digest = get(CRI_LAYER_DIGEST, STARGZ_DIGEST)
         .ok_or_else(|| FsError::Labels("no layer digest label".into()))?;
     let toc_digest = if cfg.disable_verification {
         None
-    } else if let Some(d) = labels.get(LABEL_TOC_DIGEST).filter(|v| !v.is_empty()) {
+    } else if let Some(d) = labels.get(TOC_DIGEST).filter(|v| !v.is_empty()) {
         Some(d.clone())
-    } else if labels.contains_key(LABEL_SKIP_VERIFY) && cfg.allow_no_verification {
+    } else if labels.contains_key(STARGZ_SKIP_VERIFY) && cfg.allow_no_verification {
         tracing::warn!(layer = %digest, "mounting without TOC verification (skipverify)");
         None
     } else {
         return Err(FsError::Labels("digest of TOC JSON must be passed".into()));
     };
-    let prefetch_size = labels.get(LABEL_PREFETCH).and_then(|v| v.parse().ok());
+    let prefetch_size = labels.get(STARGZ_PREFETCH).and_then(|v| v.parse().ok());
     Ok(LayerLabels {
         reference,
         digest,
@@ -419,11 +415,11 @@ mod tests {
     fn cri_labels_win_and_verification_policy() {
         let cfg = FsConfig::new(Path::new("/nonexistent"));
         let l = labels(&[
-            (LABEL_CRI_REF, "cri/ref"),
-            (LABEL_REF, "default/ref"),
-            (LABEL_DIGEST, "sha256:aa"),
-            (LABEL_TOC_DIGEST, "sha256:toc"),
-            (LABEL_PREFETCH, "1000"),
+            (CRI_IMAGE_REF, "cri/ref"),
+            (STARGZ_REFERENCE, "default/ref"),
+            (STARGZ_DIGEST, "sha256:aa"),
+            (TOC_DIGEST, "sha256:toc"),
+            (STARGZ_PREFETCH, "1000"),
         ]);
         let p = parse_labels(&l, &cfg).expect("parse");
         assert_eq!(p.reference, "cri/ref");
@@ -432,9 +428,9 @@ mod tests {
         assert_eq!(p.prefetch_size, Some(1000));
 
         let l = labels(&[
-            (LABEL_REF, "r"),
-            (LABEL_DIGEST, "sha256:aa"),
-            (LABEL_SKIP_VERIFY, ""),
+            (STARGZ_REFERENCE, "r"),
+            (STARGZ_DIGEST, "sha256:aa"),
+            (STARGZ_SKIP_VERIFY, ""),
         ]);
         assert!(
             parse_labels(&l, &cfg).is_err(),
@@ -446,11 +442,11 @@ mod tests {
         let mut cfg3 = cfg.clone();
         cfg3.disable_verification = true;
         let l = labels(&[
-            (LABEL_REF, "r"),
-            (LABEL_DIGEST, "sha256:aa"),
-            (LABEL_TOC_DIGEST, "sha256:t"),
+            (STARGZ_REFERENCE, "r"),
+            (STARGZ_DIGEST, "sha256:aa"),
+            (TOC_DIGEST, "sha256:t"),
         ]);
         assert_eq!(parse_labels(&l, &cfg3).expect("disabled").toc_digest, None);
-        assert!(parse_labels(&labels(&[(LABEL_REF, "r")]), &cfg).is_err());
+        assert!(parse_labels(&labels(&[(STARGZ_REFERENCE, "r")]), &cfg).is_err());
     }
 }

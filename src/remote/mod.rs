@@ -62,10 +62,7 @@ pub use auth::{Credentials, DockerConfig, Secret};
 pub use blob::{Blob, SyncBlob};
 pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, Platform, ResolverConfig};
 pub use reference::Reference;
-pub use registry::{
-    Descriptor, Manifest, PlatformSpec, RawManifest, RegistryClient, Resolved, MEDIA_DOCKER_LIST,
-    MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
-};
+pub use registry::{RawManifest, RegistryClient, Resolved};
 
 use crate::cache::CacheError;
 

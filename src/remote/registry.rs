@@ -11,7 +11,6 @@ use reqwest::header::{
 };
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
 
 use super::auth::{parse_challenge, redact_url, Challenge, Credentials, DockerConfig, Secret};
 use super::body::{self, MAX_CONFIG, MAX_MANIFEST, MAX_TOKEN};
@@ -19,11 +18,10 @@ use super::config::{ClientConfig, Platform};
 use super::multipart::parse_content_range;
 use super::reference::Reference;
 use super::RemoteError;
-
-pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use crate::oci::{
+    is_index_type, sha256_digest, Descriptor, Index, Manifest, MEDIA_DOCKER_LIST,
+    MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
+};
 
 /// Redirects followed per request (Go's and reqwest's default).
 const MAX_REDIRECTS: usize = 10;
@@ -74,53 +72,6 @@ fn same_origin(a: &Url, b: &Url) -> bool {
     a.scheme() == b.scheme()
         && a.host_str() == b.host_str()
         && a.port_or_known_default() == b.port_or_known_default()
-}
-
-/// An OCI descriptor.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    #[serde(default)]
-    pub media_type: String,
-    pub digest: String,
-    #[serde(default)]
-    pub size: u64,
-    #[serde(default)]
-    pub annotations: HashMap<String, String>,
-    #[serde(default)]
-    pub urls: Vec<String>,
-    #[serde(default)]
-    pub platform: Option<PlatformSpec>,
-}
-
-/// `platform` of an index entry.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct PlatformSpec {
-    #[serde(default)]
-    pub os: String,
-    #[serde(default)]
-    pub architecture: String,
-    #[serde(default)]
-    pub variant: Option<String>,
-}
-
-/// An image manifest (OCI or Docker schema 2).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Manifest {
-    #[serde(default)]
-    pub media_type: Option<String>,
-    pub config: Descriptor,
-    #[serde(default)]
-    pub layers: Vec<Descriptor>,
-    #[serde(default)]
-    pub annotations: HashMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct Index {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
 }
 
 /// A reference resolved to one platform's image manifest.
@@ -183,10 +134,6 @@ fn is_loopback(host: &str) -> bool {
 
 fn retryable_status(s: StatusCode) -> bool {
     s == StatusCode::TOO_MANY_REQUESTS || (s.is_server_error() && s != StatusCode::NOT_IMPLEMENTED)
-}
-
-pub(crate) fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
 impl RegistryClient {
@@ -667,7 +614,7 @@ impl RegistryClient {
             let digest = sha256_digest(&raw);
             check_pinned(reference.digest.as_deref(), &digest)?;
             let media = media_type(&raw, ct.as_deref());
-            if media == MEDIA_OCI_INDEX || media == MEDIA_DOCKER_LIST {
+            if is_index_type(&media) {
                 let index: Index = serde_json::from_slice(&raw).map_err(manifest_error)?;
                 let chosen = pick_platform(&index.manifests, &self.inner.config.platform)?;
                 let (raw, ct) = self
@@ -946,13 +893,12 @@ mod tests {
             media_type: MEDIA_OCI_MANIFEST.into(),
             digest: format!("sha256:{os}{arch}"),
             size: 1,
-            annotations: HashMap::new(),
-            urls: vec![],
-            platform: Some(PlatformSpec {
+            platform: Some(crate::oci::Platform {
                 os: os.into(),
                 architecture: arch.into(),
                 variant: None,
             }),
+            ..Default::default()
         };
         let list = vec![
             d("linux", "arm64"),

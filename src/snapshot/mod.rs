@@ -17,12 +17,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-/// Label whose value names the committed snapshot a Prepare is for (containerd's unpacker sets it).
-pub const TARGET_SNAPSHOT_LABEL: &str = "containerd.io/snapshot.ref";
-/// Label the snapshotter puts on snapshots backed by a remote (FUSE) layer.
-pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
-/// Value of [`REMOTE_LABEL`], as the Go snapshotter writes it.
-pub const REMOTE_LABEL_VALUE: &str = "remote snapshot";
+/// The label names this module reads and writes, defined in [`crate::labels`] and kept here
+/// under the names the snapshotter's code and tests use.
+pub use crate::labels::{
+    REMOTE as REMOTE_LABEL, REMOTE_VALUE as REMOTE_LABEL_VALUE,
+    SNAPSHOT_REF as TARGET_SNAPSHOT_LABEL,
+};
 
 /// The kind of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
