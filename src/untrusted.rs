@@ -126,6 +126,46 @@ mod tests {
         assert!(s.ends_with("more bytes)"), "{s}");
     }
 
+    /// Every variant of ours that wraps a cause leaves it to the chain: it shows up once.
+    #[test]
+    fn each_wrapping_error_of_the_crate_prints_its_cause_once() {
+        use crate::{cache, ctr, estargz, fs, remote, service, snapshot};
+        let io = || std::io::Error::other("CAUSE");
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(fs::FsError::Source(io())),
+            Box::new(fs::FsError::Cache(io())),
+            Box::new(fs::FsError::Toc(estargz::EstargzError::Io(io()))),
+            Box::new(fs::FsError::Mount {
+                path: "/mnt".into(),
+                source: io(),
+            }),
+            Box::new(remote::RemoteError::Sink(io())),
+            Box::new(remote::RemoteError::Cache(cache::CacheError::Io {
+                key: "k".into(),
+                source: io(),
+            })),
+            Box::new(service::ServiceError::Layers(fs::FsError::Source(
+                remote::RemoteError::Sink(io()).into(),
+            ))),
+            Box::new(ctr::Error::Estargz(estargz::EstargzError::InputIo {
+                what: "entry".into(),
+                source: io(),
+            })),
+            Box::new(ctr::Error::Io(io())),
+            Box::new(snapshot::SnapshotError::from(
+                snapshot::store::StoreError::File {
+                    path: "/db".into(),
+                    source: io(),
+                },
+            )),
+        ];
+        for e in errors {
+            let text = chain(&*e).to_string();
+            assert_eq!(text.matches("CAUSE").count(), 1, "{text}");
+            assert!(!e.to_string().contains("CAUSE"), "{e} prints its source");
+        }
+    }
+
     #[test]
     fn chain_ends_on_a_cause_that_never_ends() {
         assert_eq!(chain(&Looping).to_string(), "again");

@@ -42,15 +42,12 @@ pub async fn layer_toc(cd: &Containerd, digest: &str) -> Result<LayerToc, Error>
     let size = u64::try_from(info.size).unwrap_or(0);
     let tail_len = size.min(FOOTER_SIZE);
     let tail = read_range(cd, digest, size - tail_len, tail_len).await?;
-    let loc = estargz::parse_footer(&tail).map_err(|e| Error::Format(e.to_string()))?;
-    let range = loc
-        .toc_range(size)
-        .map_err(|e| Error::Format(e.to_string()))?;
+    let loc = estargz::parse_footer(&tail).map_err(Error::Estargz)?;
+    let range = loc.toc_range(size).map_err(Error::Estargz)?;
     if range.end - range.start > estargz::toc::MAX_TOC_COMPRESSED_SIZE {
         return Err(Error::Format(format!("TOC of {digest} is too large")));
     }
     let member = read_range(cd, digest, range.start, range.end - range.start).await?;
-    let (toc, digest) =
-        estargz::parse_toc_member(&member).map_err(|e| Error::Format(e.to_string()))?;
+    let (toc, digest) = estargz::parse_toc_member(&member).map_err(Error::Estargz)?;
     Ok(LayerToc { toc, digest })
 }

@@ -74,6 +74,14 @@ pub enum SnapshotError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// Internal too, with its cause (disk, database, mount table) kept for the chain: the gRPC
+    /// message prints it with [`crate::untrusted::chain`].
+    #[error("{what}")]
+    System {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The snapshotter, with containerd's semantics. Calls may block (disk, mounts, a remote
