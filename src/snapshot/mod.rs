@@ -117,7 +117,7 @@ pub trait Snapshotter: Send + Sync + 'static {
     fn cleanup(&self) -> Result<(), SnapshotError>;
 }
 
-/// Error type of the remote-layer seam: the message is shown to the user as-is.
+/// Error type of the remote-layer seam: shown to the user with its causes (`untrusted::chain`).
 pub type LayerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Mounts remote layers (eStargz through FUSE) for the snapshotter. Implemented by `fs`;
