@@ -64,7 +64,7 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
 fn notify(state: sd_notify::NotifyState) {
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         if let Err(e) = sd_notify::notify(false, &[state]) {
-            warn!(error = %e, "sd_notify failed");
+            warn!(error = %stargz::untrusted::chain(&e), "sd_notify failed");
         }
     }
 }
@@ -125,7 +125,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     );
     snapshotter.restore()?;
     if let Err(e) = snapshotter.cleanup() {
-        warn!(error = %e, "start-up cleanup failed");
+        warn!(error = %stargz::untrusted::chain(&e), "start-up cleanup failed");
     }
 
     let stop = rt.block_on(async {

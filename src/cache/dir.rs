@@ -212,7 +212,7 @@ impl Inner {
         for key in victims {
             if let Err(e) = fs::remove_file(self.entry_path(&key)) {
                 if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(key = %key, error = %e, "cannot evict cache entry");
+                    tracing::warn!(key = %key, error = %crate::untrusted::chain(&e), "cannot evict cache entry");
                     continue;
                 }
             }
@@ -374,7 +374,7 @@ impl Drop for DirWriter {
         self.file.take();
         if let Err(e) = fs::remove_file(&self.tmp) {
             if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(key = %self.key, error = %e, "cannot delete aborted cache entry");
+                tracing::warn!(key = %self.key, error = %crate::untrusted::chain(&e), "cannot delete aborted cache entry");
             }
         }
     }

@@ -28,7 +28,7 @@ pub enum CacheError {
     NotFound(String),
     #[error("invalid cache key {0:?}")]
     InvalidKey(String),
-    #[error("cache I/O on {key:?}: {source}")]
+    #[error("cache I/O on {key:?}")]
     Io {
         key: String,
         #[source]

@@ -63,7 +63,7 @@ fn header_value(v: &str) -> Result<AsciiMetadataValue, Error> {
 }
 
 fn grpc(op: &'static str) -> impl FnOnce(Status) -> Error {
-    move |source| Error::Grpc { op, source }
+    move |status| Error::Grpc { op, status }
 }
 
 impl Containerd {

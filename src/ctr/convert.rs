@@ -99,7 +99,7 @@ pub async fn convert(
     let (leased, lease) = cd.with_new_lease().await?;
     let result = convert_in_lease(&leased, src, dst, opts, progress).await;
     if let Err(e) = cd.delete_lease(&lease).await {
-        tracing::warn!(lease = %lease, error = %e, "failed to delete lease");
+        tracing::warn!(lease = %lease, error = %crate::untrusted::chain(&e), "failed to delete lease");
     }
     result
 }
@@ -265,7 +265,7 @@ async fn convert_layer(
         let mut input = input;
         input.rewind()?;
         let out = std::io::BufWriter::with_capacity(1 << 20, build_out);
-        estargz::build(input, out, &build_opts).map_err(|e| Error::Format(e.to_string()))
+        estargz::build(input, out, &build_opts).map_err(Error::Estargz)
     })
     .await
     .map_err(|e| Error::Incomplete(format!("estargz build task: {e}")))??;

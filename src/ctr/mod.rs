@@ -17,17 +17,18 @@ pub mod toc;
 /// Errors of the `ctr-remote` commands.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connecting to containerd at {address}: {source}")]
+    #[error("connecting to containerd at {address}")]
     Connect {
         address: String,
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("containerd {op}: {}: {}", .source.code(), .source.message())]
+    /// Printed in the message, not as a source: a `Status` prints itself with its own source
+    /// (as `Debug`), so a chain through it would say the cause twice.
+    #[error("containerd {op}: {}: {}", .status.code(), .status.message())]
     Grpc {
         op: &'static str,
-        #[source]
-        source: tonic::Status,
+        status: tonic::Status,
     },
     #[error(transparent)]
     Remote(#[from] crate::remote::RemoteError),
@@ -43,8 +44,10 @@ pub enum Error {
     Unsupported(String),
     #[error("layer format: {0}")]
     Format(String),
-    #[error("json: {0}")]
+    #[error("layer format")]
+    Estargz(#[from] crate::estargz::EstargzError),
+    #[error("json")]
     Json(#[from] serde_json::Error),
-    #[error("i/o: {0}")]
+    #[error("i/o")]
     Io(#[from] std::io::Error),
 }

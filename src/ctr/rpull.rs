@@ -97,7 +97,7 @@ pub async fn rpull<F: Fetcher>(
     let result = pull_in_lease(&leased, fetcher, image_ref, reference, opts, out, progress).await;
     // The image record now holds everything through GC references; the lease can go.
     if let Err(e) = cd.delete_lease(&lease).await {
-        tracing::warn!(lease = %lease, error = %e, "failed to delete lease");
+        tracing::warn!(lease = %lease, error = %crate::untrusted::chain(&e), "failed to delete lease");
     }
     result
 }
@@ -292,7 +292,7 @@ impl LayerStep<'_> {
             Err(s) if s.code() == Code::NotFound => Ok(false),
             Err(source) => Err(Error::Grpc {
                 op: "snapshots.stat",
-                source,
+                status: source,
             }),
         }
     }
@@ -332,7 +332,7 @@ impl LayerStep<'_> {
                 Err(source) => {
                     return Err(Error::Grpc {
                         op: "snapshots.prepare",
-                        source,
+                        status: source,
                     })
                 }
             }
@@ -350,6 +350,7 @@ impl LayerStep<'_> {
                     key: key.clone(),
                 };
                 if let Err(s) = self.cd.snapshots().remove(rm).await {
+                    // Plain `%s`: a `Status` prints its own source.
                     tracing::warn!(key = %key, error = %s, "failed to remove extraction snapshot");
                 }
                 Err(e)
@@ -396,7 +397,7 @@ impl LayerStep<'_> {
             .await
             .map_err(|source| Error::Grpc {
                 op: "diff.apply",
-                source,
+                status: source,
             })?
             .into_inner()
             .applied
@@ -419,7 +420,7 @@ impl LayerStep<'_> {
             Err(source) => {
                 return Err(Error::Grpc {
                     op: "snapshots.commit",
-                    source,
+                    status: source,
                 })
             }
         }

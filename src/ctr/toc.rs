@@ -46,10 +46,9 @@ pub async fn layer_toc(cd: &Containerd, digest: &str) -> Result<LayerToc, Error>
     let tail = read_range(cd, digest, tail.start, tail.end - tail.start).await?;
     let (_, range) = locator.locate(&tail).map_err(|e| match e {
         EstargzError::TocTooLarge { .. } => Error::Format(format!("TOC of {digest} is too large")),
-        e => Error::Format(e.to_string()),
+        e => Error::Estargz(e),
     })?;
     let member = read_range(cd, digest, range.start, range.end - range.start).await?;
-    let (toc, digest) =
-        estargz::parse_toc_member(&member).map_err(|e| Error::Format(e.to_string()))?;
+    let (toc, digest) = estargz::parse_toc_member(&member).map_err(Error::Estargz)?;
     Ok(LayerToc { toc, digest })
 }

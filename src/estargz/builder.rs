@@ -108,8 +108,7 @@ fn spool_input<R: Read>(input: R, opts: &BuildOptions) -> Result<File> {
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     if is_gzip {
         let mut gz = flate2::bufread::MultiGzDecoder::new(br);
-        io::copy(&mut gz, &mut w)
-            .map_err(|e| EstargzError::InputTar(format!("gunzip input: {e}")))?;
+        io::copy(&mut gz, &mut w).map_err(|e| input_io("gunzip input", e))?;
     } else {
         io::copy(&mut br, &mut w)?;
     }
@@ -117,6 +116,13 @@ fn spool_input<R: Read>(input: R, opts: &BuildOptions) -> Result<File> {
     drop(w);
     io::Seek::seek(&mut &file, io::SeekFrom::Start(0))?;
     Ok(file)
+}
+
+fn input_io(what: &str, source: io::Error) -> EstargzError {
+    EstargzError::InputIo {
+        what: what.to_owned(),
+        source,
+    }
 }
 
 fn fill_peek<R: Read>(br: &mut BufReader<R>) -> io::Result<&[u8]> {
@@ -187,11 +193,11 @@ fn scan_tar(spool: &File) -> Result<Entries> {
     // binary xattr values (e.g. security.capability); records are parsed here by length.
     let iter = ar
         .entries_with_seek()
-        .map_err(|e| EstargzError::InputTar(e.to_string()))?
+        .map_err(|e| input_io("entries", e))?
         .raw(true);
     let mut ext = Extensions::default();
     for ent in iter {
-        let mut ent = ent.map_err(|e| EstargzError::InputTar(e.to_string()))?;
+        let mut ent = ent.map_err(|e| input_io("entry", e))?;
         match ent.header().entry_type().as_byte() {
             b'x' => {
                 ext.pax = Some(parse_pax_records(&read_small(&mut ent)?)?);
@@ -242,7 +248,7 @@ fn read_small<R: Read>(ent: &mut tar::Entry<'_, R>) -> Result<Vec<u8>> {
     }
     let mut v = Vec::with_capacity(ent.size() as usize);
     ent.read_to_end(&mut v)
-        .map_err(|e| EstargzError::InputTar(format!("extension header: {e}")))?;
+        .map_err(|e| input_io("extension header", e))?;
     Ok(v)
 }
 
@@ -277,7 +283,6 @@ fn in_entry<R: Read>(ent: &mut tar::Entry<'_, R>, ext: Extensions) -> Result<Opt
             )))
         }
     };
-    let bad = |what: &str, e: io::Error| EstargzError::InputTar(format!("{what}: {e}"));
     let name = ext.long_name.unwrap_or_else(|| h.path_bytes().into_owned());
     let link = ext
         .long_link
@@ -287,14 +292,16 @@ fn in_entry<R: Read>(ent: &mut tar::Entry<'_, R>, ext: Extensions) -> Result<Opt
         name: lossy(&name),
         link_name: lossy(&link),
         typeflag,
-        mode: numeric(h.mode().map(u64::from), &h.as_old().mode).map_err(|e| bad("mode", e))?
+        mode: numeric(h.mode().map(u64::from), &h.as_old().mode).map_err(|e| input_io("mode", e))?
             as u32,
-        uid: numeric(h.uid(), &h.as_old().uid).map_err(|e| bad("uid", e))?,
-        gid: numeric(h.gid(), &h.as_old().gid).map_err(|e| bad("gid", e))?,
+        uid: numeric(h.uid(), &h.as_old().uid).map_err(|e| input_io("uid", e))?,
+        gid: numeric(h.gid(), &h.as_old().gid).map_err(|e| input_io("gid", e))?,
         uname: h.username_bytes().map(lossy).unwrap_or_default(),
         gname: h.groupname_bytes().map(lossy).unwrap_or_default(),
-        mtime: i64::try_from(numeric(h.mtime(), &h.as_old().mtime).map_err(|e| bad("mtime", e))?)
-            .unwrap_or(0),
+        mtime: i64::try_from(
+            numeric(h.mtime(), &h.as_old().mtime).map_err(|e| input_io("mtime", e))?,
+        )
+        .unwrap_or(0),
         dev_major: h.device_major().ok().flatten().unwrap_or(0),
         dev_minor: h.device_minor().ok().flatten().unwrap_or(0),
         pax: Vec::new(),
@@ -494,7 +501,7 @@ fn write_blob<W: Write>(
                 }
                 None => spool
                     .read_exact_at(&mut buf, e.data_pos + written)
-                    .map_err(|err| EstargzError::InputTar(format!("{}: payload: {err}", e.name)))?,
+                    .map_err(|err| input_io(&format!("{}: payload", e.name), err))?,
             }
             file_hash.update(&buf);
             ent.chunk_digest = super::sha256_digest(&buf);

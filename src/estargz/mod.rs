@@ -43,7 +43,7 @@ pub use toc::{parse_toc_member, EntryType, Toc, TocEntry};
 /// Every way the format can be wrong. One enum for the module (see STYLE.md).
 #[derive(Debug, thiserror::Error)]
 pub enum EstargzError {
-    #[error("i/o: {0}")]
+    #[error("i/o")]
     Io(#[from] std::io::Error),
     #[error("blob of {size} bytes is too small to hold a footer")]
     BlobTooSmall { size: u64 },
@@ -61,8 +61,9 @@ pub enum EstargzError {
     TocTooLarge { size: u64, limit: u64 },
     #[error("malformed TOC member: {0}")]
     MalformedToc(String),
-    /// serde quotes what it could not parse (an unknown `type`, a key), so the message is clipped.
-    #[error("TOC JSON: {}", crate::untrusted::clip(&.0.to_string()))]
+    /// serde quotes what it could not parse (an unknown `type`, a key): the cause is printed
+    /// only through [`crate::untrusted::chain`], which clips it.
+    #[error("TOC JSON")]
     TocJson(#[from] serde_json::Error),
     #[error("TOC digest mismatch: computed {actual}, expected {expected}")]
     TocDigestMismatch { expected: String, actual: String },
@@ -98,6 +99,14 @@ pub enum EstargzError {
     },
     #[error("input tar: {0}")]
     InputTar(String),
+    /// Reading the input failed; the cause is kept typed (the tar crate's errors wrap the
+    /// i/o error that caused them).
+    #[error("input tar: {what}")]
+    InputIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("prioritized file not found in the input: {0:?}")]
     PrioritizedNotFound(String),
 }

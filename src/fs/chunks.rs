@@ -192,7 +192,11 @@ impl Claim<'_> {
 
     /// Releases the claim with the fetch's outcome.
     pub(crate) fn finish(mut self, res: &Result<(), FsError>) {
-        self.outcome = Some(res.as_ref().map(|_| ()).map_err(ToString::to_string));
+        self.outcome = Some(
+            res.as_ref()
+                .map(|_| ())
+                .map_err(|e| crate::untrusted::chain(e).to_string()),
+        );
     }
 }
 

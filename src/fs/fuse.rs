@@ -351,7 +351,7 @@ fn serve_read(reader: &LayerReader, ino: u64, offset: u64, size: u32, reply: Rep
     match reader.read(ino, offset, size) {
         Ok(data) => reply.data(&data),
         Err(e) => {
-            tracing::warn!(layer = %reader.digest(), ino, offset, error = %e, "read failed");
+            tracing::warn!(layer = %reader.digest(), ino, offset, error = %crate::untrusted::chain(&e), "read failed");
             reply.error(errno(&e));
         }
     }

@@ -709,7 +709,8 @@ mod tests {
                     entries: vec![ent("./", EntryType::Dir), ent(name, kind)],
                 };
                 let index = LayerIndex::build(&toc, 300).expect("the format allows the name");
-                let err = InodeTable::build(&index).expect_err(name).to_string();
+                let err = InodeTable::build(&index).expect_err(name);
+                let err = crate::untrusted::chain(&err).to_string();
                 assert!(
                     err.contains("state directory") && err.len() < 300,
                     "{name}: {err}"

@@ -151,7 +151,7 @@ pub fn mount_layer(
         .spawn(move || {
             if limit > 0 {
                 if let Err(e) = bg_reader.prefetch(limit) {
-                    tracing::warn!(layer = %bg_reader.digest(), error = %e, "prefetch failed");
+                    tracing::warn!(layer = %bg_reader.digest(), error = %crate::untrusted::chain(&e), "prefetch failed");
                 }
             }
             match fetcher {
@@ -209,7 +209,7 @@ impl MountedLayer {
             return Ok(());
         };
         if let Err(e) = session.umount_and_join() {
-            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed; detaching");
+            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %crate::untrusted::chain(&e), "unmount failed; detaching");
             nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(
                 |e| FsError::Mount {
                     path: self.mountpoint.clone(),
@@ -224,7 +224,7 @@ impl MountedLayer {
 impl Drop for MountedLayer {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
-            tracing::warn!(error = %e, "unmount on drop failed");
+            tracing::warn!(error = %crate::untrusted::chain(&e), "unmount on drop failed");
         }
     }
 }

@@ -178,7 +178,7 @@ impl LayerManager {
             .remove(mountpoint);
         if let Some(old) = old {
             if let Err(e) = old.unmount() {
-                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of the previous layer failed");
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::untrusted::chain(&e), "unmount of the previous layer failed");
             }
         }
         let cache_dir = self.cache_dir_for(mountpoint);
@@ -222,7 +222,7 @@ impl LayerManager {
         if let Some(old) = old {
             // A concurrent mount at the same path won the race; both used this cache dir.
             if let Err(e) = old.unmount() {
-                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of the replaced layer failed");
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::untrusted::chain(&e), "unmount of the replaced layer failed");
             }
         }
         Ok(())
@@ -241,7 +241,7 @@ impl LayerManager {
         let entries = match std::fs::read_dir(&self.config.fscache_dir) {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(dir = %self.config.fscache_dir.display(), error = %e, "cannot list the cache directory");
+                tracing::warn!(dir = %self.config.fscache_dir.display(), error = %crate::untrusted::chain(&e), "cannot list the cache directory");
                 return 0;
             }
         };
@@ -258,7 +258,7 @@ impl LayerManager {
             match res {
                 Ok(()) => removed += 1,
                 Err(err) => {
-                    tracing::warn!(dir = %path.display(), error = %err, "cannot remove unclaimed cache")
+                    tracing::warn!(dir = %path.display(), error = %crate::untrusted::chain(&err), "cannot remove unclaimed cache")
                 }
             }
         }
@@ -273,7 +273,7 @@ impl LayerManager {
         let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = std::fs::remove_dir_all(dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove layer cache");
+                tracing::warn!(dir = %dir.display(), error = %crate::untrusted::chain(&e), "cannot remove layer cache");
             }
         }
         claimed.remove(dir);
@@ -283,7 +283,7 @@ impl LayerManager {
     fn release(&self, m: MountedLayer) {
         let cache = m.reader().cache().dir().to_path_buf();
         if let Err(e) = m.unmount() {
-            tracing::warn!(error = %e, "unmount failed");
+            tracing::warn!(error = %crate::untrusted::chain(&e), "unmount failed");
         }
         self.free_cache(&cache);
     }

@@ -28,11 +28,11 @@ pub use source::{FileSource, LayerSource};
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     /// The blob's footer, TOC or index is not valid eStargz, or the TOC digest does not match.
-    #[error("opening the layer's TOC: {0}")]
+    #[error("opening the layer's TOC")]
     Toc(#[from] crate::estargz::EstargzError),
-    #[error("fetching from the blob: {0}")]
+    #[error("fetching from the blob")]
     Source(#[source] std::io::Error),
-    #[error("fscache: {0}")]
+    #[error("fscache")]
     Cache(#[source] std::io::Error),
     #[error("chunk: {0}")]
     Chunk(String),
@@ -41,7 +41,7 @@ pub enum FsError {
     /// The layer has more names, entries or chunks than the inode table indexes (4 Gi).
     #[error("layer too large for the inode table ({0} items)")]
     TooLarge(usize),
-    #[error("mount at {path}: {source}")]
+    #[error("mount at {path}")]
     Mount {
         path: std::path::PathBuf,
         #[source]

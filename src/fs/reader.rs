@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest as _, Sha256};
 
 use crate::estargz::chunk::check_digest;
+use crate::untrusted::chain;
 
 use super::chunks::{ChunkMap, Claim, Found};
 use super::fscache::FileCache;
@@ -380,7 +381,7 @@ impl LayerReader {
             {
                 return Err(err);
             }
-            tracing::debug!(layer = %self.digest, seq, attempts, error = %err, "fetching a rejected chunk again");
+            tracing::debug!(layer = %self.digest, seq, attempts, error = %chain(&err), "fetching a rejected chunk again");
         }
     }
 
@@ -411,8 +412,8 @@ impl LayerReader {
             }
         }
         if let Err(e) = &res {
-            tracing::warn!(layer = %self.digest, error = %e, "chunk fetch failed");
-            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+            tracing::warn!(layer = %self.digest, error = %chain(e), "chunk fetch failed");
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(chain(e).to_string());
         }
         claim.finish(&res);
         res
@@ -528,7 +529,7 @@ impl LayerReader {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(layer = %self.digest, offset = c.info.compressed_offset, error = %e, "chunk rejected");
+                tracing::warn!(layer = %self.digest, offset = c.info.compressed_offset, error = %chain(&e), "chunk rejected");
                 Err(e)
             }
         }
@@ -694,7 +695,7 @@ fn verify(
         )));
     }
     check_digest(&c.info, layer, &format!("inode {ino}"), got)
-        .map_err(|e| FsError::Chunk(e.to_string()))
+        .map_err(|e| FsError::Chunk(chain(&e).to_string()))
 }
 
 impl Write for SpanSink<'_> {

@@ -296,7 +296,7 @@ impl Inner {
             Ok(r) => r,
             Err(CacheError::NotFound(_)) => return false,
             Err(e) => {
-                tracing::warn!(key = %key, error = %e, "cache read failed, refetching");
+                tracing::warn!(key = %key, error = %crate::untrusted::chain(&e), "cache read failed, refetching");
                 return false;
             }
         };
@@ -315,7 +315,7 @@ impl Inner {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "cache read failed, refetching");
+                    tracing::warn!(key = %key, error = %crate::untrusted::chain(&e), "cache read failed, refetching");
                     return false;
                 }
             }
@@ -440,16 +440,16 @@ impl Inner {
                     // again in order and go on with whichever answers.
                     relocated = true;
                     if self.relocate().await.is_ok() {
-                        tracing::info!(digest = %self.digest, error = %err, "blob source failing, re-resolved endpoint");
+                        tracing::info!(digest = %self.digest, error = %crate::untrusted::chain(&err), "blob source failing, re-resolved endpoint");
                         attempt = 0;
                         continue;
                     }
                 }
-                tracing::warn!(digest = %self.digest, attempt, error = %err, "blob fetch failed");
+                tracing::warn!(digest = %self.digest, attempt, error = %crate::untrusted::chain(&err), "blob fetch failed");
                 return Err(err);
             }
             let wait = self.config.backoff(attempt);
-            tracing::debug!(digest = %self.digest, attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying blob fetch");
+            tracing::debug!(digest = %self.digest, attempt, wait_ms = wait.as_millis() as u64, error = %crate::untrusted::chain(&err), "retrying blob fetch");
             attempt += 1;
             tokio::time::sleep(wait).await;
         }
@@ -684,14 +684,14 @@ impl Inner {
             p.writer = match self.cache.add(&key) {
                 Ok(w) => WriterState::Open(w),
                 Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "cannot cache chunk");
+                    tracing::warn!(key = %key, error = %crate::untrusted::chain(&e), "cannot cache chunk");
                     WriterState::Disabled
                 }
             };
         }
         if let WriterState::Open(w) = &mut p.writer {
             if let Err(e) = w.write_all(bytes) {
-                tracing::warn!(digest = %self.digest, offset = p.chunk.off, error = %e, "cache write failed, chunk not cached");
+                tracing::warn!(digest = %self.digest, offset = p.chunk.off, error = %crate::untrusted::chain(&e), "cache write failed, chunk not cached");
                 p.writer = WriterState::Disabled;
             }
         }
@@ -700,7 +700,7 @@ impl Inner {
             p.done = true;
             if let WriterState::Open(w) = std::mem::replace(&mut p.writer, WriterState::Disabled) {
                 if let Err(e) = w.commit() {
-                    tracing::warn!(digest = %self.digest, offset = p.chunk.off, error = %e, "cache commit failed");
+                    tracing::warn!(digest = %self.digest, offset = p.chunk.off, error = %crate::untrusted::chain(&e), "cache commit failed");
                 }
             }
             // Wake readers waiting for this chunk now, not when the whole request ends.
@@ -785,7 +785,7 @@ impl Inner {
                 return Err(err);
             }
             let wait = self.config.backoff(attempt);
-            tracing::debug!(digest = %self.digest, attempt, delivered, error = %err, "resuming range fetch");
+            tracing::debug!(digest = %self.digest, attempt, delivered, error = %crate::untrusted::chain(&err), "resuming range fetch");
             attempt += 1;
             tokio::time::sleep(wait).await;
         }

@@ -71,7 +71,7 @@ use crate::cache::CacheError;
 pub enum RemoteError {
     #[error("invalid image reference {0:?}")]
     InvalidReference(String),
-    #[error("request to {url} failed: {source}")]
+    #[error("request to {url} failed")]
     Http {
         /// Redacted (no query, no user-info).
         url: String,
@@ -116,7 +116,7 @@ pub enum RemoteError {
     OutOfRange { start: u64, end: u64, size: u64 },
     #[error("blob {digest} changed size from {was} to {now}")]
     BlobChanged { digest: String, was: u64, now: u64 },
-    #[error("writing fetched bytes: {0}")]
+    #[error("writing fetched bytes")]
     Sink(#[source] std::io::Error),
     #[error(transparent)]
     Cache(#[from] CacheError),
@@ -132,15 +132,11 @@ impl RemoteError {
 
     /// A body that broke while streaming (reset, closed before its length): says why.
     pub(crate) fn body(url: &str, e: reqwest::Error) -> Self {
-        let mut why = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            why = format!("{why}: {s}");
-            src = s.source();
-        }
+        // Text, not a source: `Truncated` is also what a short body without any error is.
         RemoteError::Truncated(format!(
-            "body from {} broke off: {why}",
-            auth::redact_url(url)
+            "body from {} broke off: {}",
+            auth::redact_url(url),
+            crate::untrusted::chain(&e)
         ))
     }
 

@@ -583,7 +583,7 @@ impl RegistryClient {
             match result {
                 Ok(v) => return Ok(v),
                 Err(e) => {
-                    tracing::debug!(endpoint = %ep.base, mirror = ep.mirror, error = %e, "endpoint failed, trying next");
+                    tracing::debug!(endpoint = %ep.base, mirror = ep.mirror, error = %crate::untrusted::chain(&e), "endpoint failed, trying next");
                     last = Some(e);
                 }
             }
@@ -728,7 +728,7 @@ impl RegistryClient {
             match result {
                 Ok(loc) => return Ok(loc),
                 Err(e) => {
-                    tracing::debug!(endpoint = %ep.base, mirror = ep.mirror, digest = %digest, error = %e, "blob not reachable here");
+                    tracing::debug!(endpoint = %ep.base, mirror = ep.mirror, digest = %digest, error = %crate::untrusted::chain(&e), "blob not reachable here");
                     last = Some(e);
                 }
             }

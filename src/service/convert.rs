@@ -7,16 +7,17 @@ use crate::proto::containerd::services::snapshots::v1 as pb;
 use crate::proto::containerd::types as pbt;
 use crate::snapshot::{Info, Kind, Mount, SnapshotError};
 
-/// Maps a domain error to the gRPC code containerd turns back into its `errdefs`.
+/// Maps a domain error to the gRPC code containerd turns back into its `errdefs`; the message
+/// is the whole chain, as containerd shows it to the user.
 pub fn status(e: SnapshotError) -> tonic::Status {
-    let msg = e.to_string();
+    let msg = crate::untrusted::chain(&e).to_string();
     match e {
         SnapshotError::NotFound(_) => tonic::Status::not_found(msg),
         SnapshotError::AlreadyExists(_) => tonic::Status::already_exists(msg),
         SnapshotError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
         SnapshotError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
         SnapshotError::Unavailable(_) => tonic::Status::unavailable(msg),
-        SnapshotError::Internal(_) => tonic::Status::internal(msg),
+        SnapshotError::Internal(_) | SnapshotError::System { .. } => tonic::Status::internal(msg),
     }
 }
 
@@ -120,6 +121,16 @@ mod tests {
         assert_eq!(
             status(SnapshotError::NotFound("abc".into())).message(),
             "snapshot abc not found"
+        );
+        let disk = SnapshotError::System {
+            what: "creating snapshot directory".into(),
+            source: Box::new(std::io::Error::other("No space left on device")),
+        };
+        let s = status(disk);
+        assert_eq!(s.code(), Code::Internal);
+        assert_eq!(
+            s.message(),
+            "creating snapshot directory: No space left on device"
         );
     }
 

@@ -24,20 +24,20 @@ use crate::{cache, fs, remote};
 /// Errors of the service layer.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("socket {path}: {source}")]
+    #[error("socket {path}")]
     Socket {
         path: String,
         source: std::io::Error,
     },
     #[error("another daemon is already serving on {0}")]
     SocketInUse(String),
-    #[error("gRPC server: {0}")]
+    #[error("gRPC server")]
     Serve(#[from] tonic::transport::Error),
-    #[error("registry client: {0}")]
+    #[error("registry client")]
     Remote(#[from] remote::RemoteError),
-    #[error("http cache: {0}")]
+    #[error("http cache")]
     Cache(#[from] cache::CacheError),
-    #[error("remote layers: {0}")]
+    #[error("remote layers")]
     Layers(#[from] fs::FsError),
 }
 

@@ -74,6 +74,14 @@ pub enum SnapshotError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// Internal too, with its cause (disk, database, mount table) kept for the chain: the gRPC
+    /// message prints it with [`crate::untrusted::chain`].
+    #[error("{what}")]
+    System {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The snapshotter, with containerd's semantics. Calls may block (disk, mounts, a remote
@@ -109,7 +117,7 @@ pub trait Snapshotter: Send + Sync + 'static {
     fn cleanup(&self) -> Result<(), SnapshotError>;
 }
 
-/// Error type of the remote-layer seam: the message is shown to the user as-is.
+/// Error type of the remote-layer seam: shown to the user with its causes (`untrusted::chain`).
 pub type LayerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Mounts remote layers (eStargz through FUSE) for the snapshotter. Implemented by `fs`;

@@ -23,7 +23,10 @@ use super::{
 const RESTORE_PARALLELISM: usize = 8;
 
 fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> SnapshotError {
-    SnapshotError::Internal(format!("{what}: {e}"))
+    SnapshotError::System {
+        what: what.to_string(),
+        source: Box::new(e),
+    }
 }
 
 /// The snapshotter. `root` is its own directory (the daemon passes `<--root>/snapshotter`):
@@ -124,7 +127,7 @@ impl SnapshotterImpl {
                             self.checks.record_ok(&self.fs_dir(rec.id));
                             info!(key = %name, "restored remote snapshot")
                         }
-                        Err(e) => warn!(key = %name, error = %e, "failed to restore remote snapshot; it stays unavailable"),
+                        Err(e) => warn!(key = %name, error = %crate::untrusted::chain(&*e), "failed to restore remote snapshot; it stays unavailable"),
                     }
                 });
             }
@@ -145,7 +148,7 @@ impl SnapshotterImpl {
             .filter(|(_, r)| r.is_remote())
         {
             if let Err(e) = remote.unmount(&self.fs_dir(rec.id)) {
-                warn!(key = %name, error = %e, "failed to unmount remote snapshot");
+                warn!(key = %name, error = %crate::untrusted::chain(&*e), "failed to unmount remote snapshot");
             }
         }
         Ok(())
@@ -156,14 +159,14 @@ impl SnapshotterImpl {
         let mounts = match self.mounter.mounts_under(dir) {
             Ok(m) => m,
             Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "cannot read the mount table");
+                warn!(dir = %dir.display(), error = %crate::untrusted::chain(&e), "cannot read the mount table");
                 return false;
             }
         };
         let mut ok = true;
         for m in mounts {
             if let Err(e) = self.mounter.unmount(&m) {
-                warn!(mountpoint = %m.display(), error = %e, "unmount failed");
+                warn!(mountpoint = %m.display(), error = %crate::untrusted::chain(&e), "unmount failed");
                 ok = false;
             }
         }
@@ -237,11 +240,11 @@ impl SnapshotterImpl {
         if let (true, Some(remote)) = (was_remote, &self.remote) {
             self.checks.forget(&self.fs_dir(id));
             if let Err(e) = remote.unmount(&self.fs_dir(id)) {
-                warn!(id, error = %e, "failed to unmount remote layer");
+                warn!(id, error = %crate::untrusted::chain(&*e), "failed to unmount remote layer");
             }
         }
         if let Err(e) = self.remove_tree(&self.dir(id)) {
-            warn!(id, error = %e, "failed to remove snapshot directory; Cleanup will retry");
+            warn!(id, error = %crate::untrusted::chain(&e), "failed to remove snapshot directory; Cleanup will retry");
         }
     }
 
@@ -275,13 +278,16 @@ impl SnapshotterImpl {
             .map(|(name, rec)| {
                 let (remote, mp, labels) =
                     (remote.clone(), self.fs_dir(rec.id), rec.labels.clone());
-                let f: CheckFn =
-                    Box::new(move || remote.check(&mp, &labels).map_err(|e| clip(&e.to_string())));
+                let f: CheckFn = Box::new(move || {
+                    remote
+                        .check(&mp, &labels)
+                        .map_err(|e| clip(&crate::untrusted::chain(&*e).to_string()))
+                });
                 ((name.as_str(), rec.id), self.fs_dir(rec.id), f)
             })
             .collect();
         self.checks.check_all(layers).map_err(|((name, id), e)| {
-            warn!(key = name, id, error = %e, "remote layer is unavailable");
+            warn!(key = name, id, error = %crate::untrusted::chain(&e), "remote layer is unavailable");
             SnapshotError::Unavailable(format!(
                 "layer {} (snapshot {id}) is unavailable: {e}",
                 clip(name)
@@ -333,7 +339,7 @@ impl SnapshotterImpl {
     ) -> Result<bool, SnapshotError> {
         let fs = self.fs_dir(chain.record.id);
         if let Err(e) = remote.mount(&fs, labels) {
-            info!(key, target, "remote-snapshot-prepared" = false, error = %e, "layer is not lazily mounted; containerd will download it");
+            info!(key, target, "remote-snapshot-prepared" = false, error = %crate::untrusted::chain(&*e), "layer is not lazily mounted; containerd will download it");
             return Ok(false);
         }
         self.checks.record_ok(&fs);
@@ -363,7 +369,7 @@ impl SnapshotterImpl {
                 Ok(true)
             }
             Err(e) => {
-                warn!(key, target, "remote-snapshot-prepared" = false, error = %e, "failed to commit remote snapshot");
+                warn!(key, target, "remote-snapshot-prepared" = false, error = %crate::untrusted::chain(&e), "failed to commit remote snapshot");
                 Err(e)
             }
         }
@@ -508,7 +514,7 @@ impl Snapshotter for SnapshotterImpl {
                 }
                 match self.remove_tree(&e.path()) {
                     Ok(()) => removed += 1,
-                    Err(err) => warn!(dir = %e.path().display(), error = %err, "cannot remove orphan directory"),
+                    Err(err) => warn!(dir = %e.path().display(), error = %crate::untrusted::chain(&err), "cannot remove orphan directory"),
                 }
             }
             Ok(removed)

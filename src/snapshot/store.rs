@@ -22,12 +22,14 @@ const NEXT_ID: &str = "next_id";
 /// Errors of the store itself (disk, database); domain errors are [`SnapshotError`]s.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("metadata database: {0}")]
+    #[error("metadata database")]
     Db(#[from] redb::Error),
-    /// The cause is in the message: [`SnapshotError`] keeps only the text.
-    #[error("metadata file {path}: {error}")]
-    File { path: String, error: std::io::Error },
-    #[error("corrupt snapshot record {key}: {source}")]
+    #[error("metadata file {path}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("corrupt snapshot record {key}")]
     Corrupt {
         key: String,
         source: serde_json::Error,
@@ -38,9 +40,9 @@ pub enum StoreError {
 /// version left readable: snapshot labels name every image on the node.
 fn private_file(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let err = |error| StoreError::File {
+    let err = |source| StoreError::File {
         path: path.display().to_string(),
-        error,
+        source,
     };
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -76,7 +78,10 @@ impl_from_redb!(
 
 impl From<StoreError> for SnapshotError {
     fn from(e: StoreError) -> Self {
-        SnapshotError::Internal(e.to_string())
+        SnapshotError::System {
+            what: "snapshot metadata".into(),
+            source: Box::new(e),
+        }
     }
 }
 
