@@ -3,8 +3,8 @@
 //! from its cache), so its rules are tested without FUSE, a registry or root.
 //!
 //! Rules:
-//! - a chunk is *present* once its bytes are in the cache file and verified; the bit never
-//!   clears while the layer is mounted;
+//! - a chunk is *present* once its bytes are in the cache file and verified; the bit clears
+//!   only when the chunk is evicted ([`ChunkMap::evict`]), never while it is being fetched;
 //! - a missing chunk is fetched by at most one claim at a time; a claim covers a run of chunks
 //!   (one range request), and readers of any of them wait on the claim's [`Flight`];
 //! - every wait has a deadline, every claim ends with an outcome that all its waiters see (a
@@ -64,6 +64,33 @@ impl ChunkMap {
             self.present_count.fetch_add(1, Ordering::SeqCst);
         }
         new
+    }
+
+    /// Evicts the present chunks among `seqs` that are not being fetched: clears each one's bit
+    /// and runs `drop_bytes(seq)` (which removes its bytes from the cache) while no claim can
+    /// start. Returns the chunks evicted. Readers must be kept off these chunks by the caller
+    /// (a reader that checked a bit before it cleared would read the dropped bytes).
+    pub(crate) fn evict(&self, seqs: &[usize], mut drop_bytes: impl FnMut(usize)) -> Vec<usize> {
+        let inflight = self.lock();
+        let mut evicted = Vec::new();
+        for &seq in seqs {
+            if !inflight.contains_key(&seq) && self.clear_present(seq) {
+                drop_bytes(seq);
+                evicted.push(seq);
+            }
+        }
+        evicted
+    }
+
+    fn clear_present(&self, seq: usize) -> bool {
+        let Some(word) = self.present.get(seq / 64).filter(|_| seq < self.len) else {
+            return false;
+        };
+        let was = word.fetch_and(!(1 << (seq % 64)), Ordering::AcqRel) & (1 << (seq % 64)) != 0;
+        if was {
+            self.present_count.fetch_sub(1, Ordering::SeqCst);
+        }
+        was
     }
 
     pub(crate) fn present_count(&self) -> usize {
@@ -263,6 +290,27 @@ mod tests {
             m.is_missing(1) && m.is_missing(5),
             "claims are released on drop"
         );
+    }
+
+    #[test]
+    fn eviction_clears_present_chunks_but_not_those_in_flight() {
+        let m = ChunkMap::new(8);
+        for s in [0, 1, 3] {
+            m.set_present(s);
+        }
+        let Found::Claimed(claim) = m.find(2, |_| false) else {
+            panic!("claim")
+        };
+        let mut dropped = Vec::new();
+        assert_eq!(m.evict(&[1, 2, 3], |s| dropped.push(s)), vec![1, 3]);
+        assert_eq!(dropped, vec![1, 3], "2 is being fetched: not evicted");
+        assert!(!m.is_present(1) && !m.is_present(3) && m.is_present(0));
+        assert_eq!(m.present_count(), 1);
+        drop(claim);
+        let Found::Claimed(again) = m.find(1, |_| false) else {
+            panic!("evicted chunks are fetched again")
+        };
+        assert_eq!(again.seqs(), &[1]);
     }
 
     #[test]

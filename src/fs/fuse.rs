@@ -146,6 +146,10 @@ impl LayerFs {
             "fetchedSize": fetched,
             "fetchedPercent": percent,
         });
+        // Our extension: on-disk bytes of verified data in the cache, and evicted so far.
+        let (cached, evicted) = self.reader.cache_usage();
+        v["cachedSize"] = cached.into();
+        v["evictedSize"] = evicted.into();
         if let Some(e) = self.reader.last_error() {
             v["error"] = serde_json::Value::String(e);
         }
@@ -247,6 +251,9 @@ impl LayerFs {
     fn open_file(&self, ino: u64, reply: &ReplyOpen) -> (u64, Option<Arc<BackingId>>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        // Pinned before the check: a file the kernel reads directly must not be evicted from
+        // the cache between the check and the open, nor while it stays open.
+        self.reader.pin_open(ino);
         let live = h.backing.get(&ino).and_then(Weak::upgrade);
         let can_pass = live.is_some()
             || (self.passthrough.load(Ordering::Relaxed)
@@ -259,6 +266,7 @@ impl LayerFs {
                 return (fh, Some(id));
             }
         }
+        self.reader.unpin(ino);
         *h.cached_opens.entry(ino).or_default() += 1;
         h.by_fh.insert(fh, Err(ino));
         (fh, None)
@@ -276,15 +284,19 @@ impl LayerFs {
         }
     }
 
-    fn release_file(&self, fh: u64) {
+    fn release_file(&self, ino: u64, fh: u64) {
         let mut h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Err(ino)) = h.by_fh.remove(&fh) {
-            if let Some(n) = h.cached_opens.get_mut(&ino) {
-                *n -= 1;
-                if *n == 0 {
-                    h.cached_opens.remove(&ino);
+        match h.by_fh.remove(&fh) {
+            Some(Err(ino)) => {
+                if let Some(n) = h.cached_opens.get_mut(&ino) {
+                    *n -= 1;
+                    if *n == 0 {
+                        h.cached_opens.remove(&ino);
+                    }
                 }
             }
+            Some(Ok(_)) => self.reader.unpin(ino),
+            None => {}
         }
     }
 }
@@ -470,7 +482,7 @@ impl Filesystem for LayerFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -478,7 +490,7 @@ impl Filesystem for LayerFs {
         reply: ReplyEmpty,
     ) {
         if fh.0 != 0 {
-            self.release_file(fh.0);
+            self.release_file(ino.0, fh.0);
         }
         reply.ok();
     }

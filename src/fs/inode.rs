@@ -251,6 +251,11 @@ impl InodeTable {
         }
     }
 
+    /// Position of `ino` in [`Self::nodes`].
+    pub(crate) fn index(&self, ino: u64) -> Option<usize> {
+        Self::index_of(ino).filter(|&i| i < self.nodes.len())
+    }
+
     pub fn get(&self, ino: u64) -> Option<&Node> {
         self.nodes.get(Self::index_of(ino)?)
     }

@@ -95,6 +95,7 @@ pub fn open_layer(
         // Without a trusted TOC the chunk digests prove nothing either; accept entries without one.
         opts.allow_unverified = true;
     }
+    let budget = opts.budget.clone();
     let reader = LayerReader::new(spec.digest, table, spec.source, cache, opts, priority);
     if reused {
         let started = std::time::Instant::now();
@@ -107,7 +108,11 @@ pub fn open_layer(
             "reused verified chunks of an earlier mount"
         );
     }
-    Ok(Arc::new(reader))
+    let reader = Arc::new(reader);
+    if let Some(budget) = budget {
+        budget.register(&reader);
+    }
+    Ok(reader)
 }
 
 /// Mounts `reader` at `mountpoint` (allow_other, default_permissions, read-only), then starts

@@ -18,6 +18,7 @@ use crate::labels::{
 use crate::snapshot::{LayerError, RemoteLayers};
 
 use super::background::{BackgroundFetcher, DEFAULT_SPAN_BYTES};
+use super::budget::CacheBudget;
 use super::layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
 use super::reader::Priority;
 use super::source::LayerSource;
@@ -43,6 +44,9 @@ pub struct FsConfig {
     /// Background fetch starts only this long after the last on-demand fetch (see
     /// [`Priority`]); Go's daemon likewise holds background work back behind on-demand reads.
     pub background_quiet: std::time::Duration,
+    /// Byte budget of the on-disk cache, all layers together (`[directory_cache] max_bytes`);
+    /// None: half the size of the file system holding `fscache_dir`.
+    pub cache_max_bytes: Option<u64>,
 }
 
 impl FsConfig {
@@ -56,6 +60,7 @@ impl FsConfig {
             no_background_fetch: false,
             max_concurrency: 2,
             background_quiet: std::time::Duration::from_secs(2),
+            cache_max_bytes: None,
         }
     }
 }
@@ -105,6 +110,14 @@ pub fn parse_labels(
     })
 }
 
+/// Half the size of the file system holding `dir`: the cache shares its disk with containerd's
+/// content and snapshots, and evicted data is only fetched again.
+fn default_budget(dir: &Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    let bytes = st.blocks().saturating_mul(st.fragment_size());
+    Ok(bytes / 2)
+}
+
 /// Mounts and tracks remote layers for the snapshotter.
 pub struct LayerManager {
     resolver: Arc<dyn BlobResolver>,
@@ -132,6 +145,13 @@ impl LayerManager {
     /// deletes the rest once restore is done.
     pub fn new(config: FsConfig, resolver: Arc<dyn BlobResolver>) -> Result<Self, FsError> {
         super::fscache::private_dir(&config.fscache_dir).map_err(FsError::Cache)?;
+        let mut config = config;
+        let max = match config.cache_max_bytes {
+            Some(max) => max,
+            None => default_budget(&config.fscache_dir).map_err(FsError::Cache)?,
+        };
+        tracing::info!(budget = max, dir = %config.fscache_dir.display(), "cache byte budget");
+        config.layer.read.budget = Some(CacheBudget::new(max));
         let priority = Arc::new(Priority::with_quiet_period(config.background_quiet));
         let fetcher = (!config.no_background_fetch).then(|| {
             Arc::new(BackgroundFetcher::new(

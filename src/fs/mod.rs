@@ -6,6 +6,7 @@
 //! verify each chunk's digest before it becomes visible.
 
 pub mod background;
+pub mod budget;
 mod chunks;
 pub mod fscache;
 pub mod fuse;
@@ -18,6 +19,7 @@ pub mod remote_source;
 pub mod source;
 
 pub use background::BackgroundFetcher;
+pub use budget::CacheBudget;
 pub use layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
 pub use manager::{BlobResolver, FsConfig, LayerManager};
 pub use reader::{LayerReader, Priority, ReadOptions};

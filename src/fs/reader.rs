@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 use crate::estargz::chunk::check_digest;
 use crate::untrusted::chain;
 
+use super::budget::{disk_bytes, CacheBudget};
 use super::chunks::{ChunkMap, Claim, Found};
 use super::fscache::FileCache;
 use super::inode::{Chunk, InodeTable, NodeKind};
@@ -109,6 +110,8 @@ pub struct ReadOptions {
     /// EIO. The fetch itself is bounded by the registry client's timeouts; this bounds the wait
     /// even if a fetch never reports (the daemon sets it from `fetching_timeout_sec`).
     pub wait_timeout: std::time::Duration,
+    /// The cache's byte budget, shared by every layer of the daemon (None: unbounded).
+    pub budget: Option<Arc<CacheBudget>>,
 }
 
 impl Default for ReadOptions {
@@ -118,6 +121,7 @@ impl Default for ReadOptions {
             allow_unverified: false,
             fetch_attempts: 3,
             wait_timeout: std::time::Duration::from_secs(300),
+            budget: None,
         }
     }
 }
@@ -139,6 +143,28 @@ pub struct LayerReader {
     bg_failures: AtomicU32,
     last_error: Mutex<Option<String>>,
     digest: String,
+    /// Per chunk (blob order): reads in progress on it plus passthrough opens of its file, and
+    /// the [`EVICTING`] bit while it is being evicted. See [`Self::pin`].
+    pins: Vec<AtomicU32>,
+    /// Per node: when it was last read or opened ([`CacheBudget::now`]), for eviction order.
+    last_read: Vec<AtomicU32>,
+    /// On-disk bytes of this layer's verified chunks, as the budget counts them.
+    cached_bytes: AtomicU64,
+    evicted_bytes: AtomicU64,
+}
+
+/// Set in a chunk's pin word while it is evicted: new pins wait for it to clear.
+const EVICTING: u32 = 1 << 31;
+
+/// Chunks a read is in progress on: they are not evicted until this drops.
+pub(crate) struct Pins<'a>(Vec<&'a AtomicU32>);
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            p.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl std::fmt::Debug for LayerReader {
@@ -165,8 +191,9 @@ impl LayerReader {
             .and_then(|&id| table.chunk(id))
             .map_or(0, |c| c.info.compressed_end);
         let fetched = source.size().saturating_sub(payload_end);
+        let (nodes, chunks) = (table.nodes().len(), table.blob_order.len());
         LayerReader {
-            chunks: ChunkMap::new(table.blob_order.len()),
+            chunks: ChunkMap::new(chunks),
             table,
             source,
             cache,
@@ -179,6 +206,10 @@ impl LayerReader {
             bg_failures: AtomicU32::new(0),
             last_error: Mutex::new(None),
             digest,
+            pins: (0..chunks).map(|_| AtomicU32::new(0)).collect(),
+            last_read: (0..nodes).map(|_| AtomicU32::new(0)).collect(),
+            cached_bytes: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
         }
     }
 
@@ -307,6 +338,7 @@ impl LayerReader {
         if offset >= node.size || size == 0 {
             return Ok(Vec::new());
         }
+        self.touch(ino);
         let end = node.size.min(offset + u64::from(size));
         let first = self.table.chunk_index(node, offset);
         let last = self.table.chunk_index(node, end - 1);
@@ -316,6 +348,7 @@ impl LayerReader {
                 "no chunk holds bytes {offset}..{end} of inode {ino}"
             ))
         })?;
+        let _pins = self.pin(chunks);
         for c in chunks {
             self.ensure(c.seq)?;
         }
@@ -513,11 +546,129 @@ impl LayerReader {
         self.bg_done.load(Ordering::SeqCst)
     }
 
+    /// Keeps `chunks` from eviction while the returned pins live (a read in progress on
+    /// them); waits out an eviction already running on one (it is then fetched again). A pin
+    /// and [`Self::evict_file`] share one atomic word per chunk, so a reader and the evictor
+    /// never both proceed.
+    fn pin<'a>(&'a self, chunks: &[Chunk]) -> Pins<'a> {
+        let mut pins = Pins(Vec::with_capacity(chunks.len()));
+        for c in chunks {
+            let Some(word) = self.pins.get(c.seq) else {
+                continue;
+            };
+            while word.fetch_add(1, Ordering::SeqCst) & EVICTING != 0 {
+                word.fetch_sub(1, Ordering::SeqCst);
+                std::thread::yield_now();
+            }
+            pins.0.push(word);
+        }
+        pins
+    }
+
+    /// Pins every chunk of `ino` for as long as it is open through FUSE passthrough (the
+    /// kernel reads the cache file itself), until [`Self::unpin`].
+    pub(crate) fn pin_open(&self, ino: u64) {
+        if let Some(node) = self.table.get(ino) {
+            std::mem::forget(self.pin(self.table.chunks(node)));
+        }
+        self.touch(ino);
+    }
+
+    pub(crate) fn unpin(&self, ino: u64) {
+        if let Some(node) = self.table.get(ino) {
+            drop(Pins(
+                self.table
+                    .chunks(node)
+                    .iter()
+                    .filter_map(|c| self.pins.get(c.seq))
+                    .collect(),
+            ));
+        }
+    }
+
+    fn touch(&self, ino: u64) {
+        if let (Some(b), Some(t)) = (
+            &self.opts.budget,
+            self.table.index(ino).and_then(|i| self.last_read.get(i)),
+        ) {
+            t.store(b.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// On-disk bytes of verified data this layer holds, and how much it had evicted.
+    pub fn cache_usage(&self) -> (u64, u64) {
+        (
+            self.cached_bytes.load(Ordering::SeqCst),
+            self.evicted_bytes.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Hands `f(last read, node index)` every regular file with cached chunks not in use.
+    pub(crate) fn eviction_candidates(&self, mut f: impl FnMut(u32, usize)) {
+        for (i, node) in self.table.nodes().iter().enumerate() {
+            let evictable = |c: &Chunk| {
+                self.chunks.is_present(c.seq)
+                    && self
+                        .pins
+                        .get(c.seq)
+                        .is_some_and(|p| p.load(Ordering::SeqCst) == 0)
+            };
+            if node.kind == NodeKind::Reg && self.table.chunks(node).iter().any(evictable) {
+                f(self.last_read[i].load(Ordering::Relaxed), i);
+            }
+        }
+    }
+
+    /// Evicts the cached chunks of node `i` (punches their bytes out of its cache file) that no
+    /// read or open pins and that are not being fetched. Returns the bytes it freed.
+    pub(crate) fn evict_file(&self, i: usize) -> u64 {
+        let Some(node) = self.table.nodes().get(i) else {
+            return 0;
+        };
+        let mut held = Vec::new();
+        for c in self.table.chunks(node) {
+            let word = &self.pins[c.seq];
+            if self.chunks.is_present(c.seq)
+                && word
+                    .compare_exchange(0, EVICTING, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                held.push(c.seq);
+            }
+        }
+        let evicted = self.chunks.evict(&held, |seq| {
+            let range = self.chunk(seq).info.file_range();
+            if let Err(e) = self.cache.discard(node.ino, range) {
+                tracing::warn!(layer = %self.digest, ino = node.ino, error = %e, "evicting a chunk failed");
+            }
+        });
+        for &seq in &held {
+            self.pins[seq].fetch_and(!EVICTING, Ordering::SeqCst);
+        }
+        let bytes: u64 = evicted
+            .iter()
+            .map(|&s| disk_bytes(self.chunk(s).info.chunk_size))
+            .sum();
+        let _ = self
+            .cached_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b.saturating_sub(bytes))
+            });
+        self.evicted_bytes.fetch_add(bytes, Ordering::SeqCst);
+        bytes
+    }
+
     fn chunk_done(&self, seq: usize, res: Result<(), FsError>) -> Result<(), FsError> {
         let c = self.chunk(seq);
         match res {
             Ok(()) => {
-                self.chunks.set_present(seq);
+                if self.chunks.set_present(seq) {
+                    let bytes = disk_bytes(c.info.chunk_size);
+                    self.cached_bytes.fetch_add(bytes, Ordering::SeqCst);
+                    if let Some(b) = &self.opts.budget {
+                        b.charge(bytes);
+                    }
+                }
                 self.fetched.fetch_add(
                     c.info.compressed_end - c.info.compressed_offset,
                     Ordering::Relaxed,
@@ -532,6 +683,16 @@ impl LayerReader {
                 tracing::warn!(layer = %self.digest, offset = c.info.compressed_offset, error = %chain(&e), "chunk rejected");
                 Err(e)
             }
+        }
+    }
+}
+
+impl Drop for LayerReader {
+    /// A layer that goes away (unmounted; its cache removed or re-verified by the next mount)
+    /// no longer counts against the budget.
+    fn drop(&mut self) {
+        if let Some(b) = &self.opts.budget {
+            b.refund(self.cached_bytes.load(Ordering::SeqCst));
         }
     }
 }
