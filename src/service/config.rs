@@ -323,6 +323,16 @@ mod tests {
         assert!(Config::load(&p, false).is_err());
     }
 
+    /// The shipped `config.toml` sets only keys that take effect, each to its default.
+    #[test]
+    fn shipped_config_is_all_known_keys_at_their_defaults() {
+        let text = include_str!("../../config/config.toml");
+        let (c, unknown, unsupported) = Config::parse_keys(text, "config.toml").unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert!(unsupported.is_empty(), "{unsupported:?}");
+        assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
+    }
+
     #[test]
     fn directory_cache_keys() {
         let text = "[directory_cache]\nmax_cache_fds = 3\nmax_bytes = 10737418240\n";
