@@ -401,6 +401,40 @@ async fn range_response_from_elsewhere_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// A 200 (the whole blob instead of the range) of another size than the probe found is not
+/// this blob: refused before any byte reaches the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_body_of_another_size_is_refused() -> Result<()> {
+    let srv = Hostile::start(Arc::new(|r: &ProxyRequest| {
+        if is_probe(r) {
+            return probe_reply();
+        }
+        Reply::Fixed {
+            status: 200,
+            headers: vec![],
+            body: vec![b'w'; 2000],
+        }
+    }))
+    .await?;
+    let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+    let blob = Blob::open(&client_with(blob_config()), &r, LAYER).await?;
+    let mut sink = Vec::new();
+    let err = blob.fetch_range_into(0..100, &mut sink).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RemoteError::BlobChanged {
+                was: 1000,
+                now: 2000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(sink.is_empty());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_to_another_origin_carry_no_credentials_or_mirror_headers() -> Result<()> {
     let storage = Hostile::start(Arc::new(|_: &ProxyRequest| probe_reply())).await?;

@@ -302,7 +302,13 @@ impl Inner {
                 }
                 s
             }
-            StatusCode::OK => 0,
+            StatusCode::OK => {
+                // The whole blob from offset 0 (skipped up to `start`): it must be this blob's size.
+                if let Some(l) = resp.content_length() {
+                    self.check_total(Some(l))?;
+                }
+                0
+            }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if loc.redirected => {
                 return Err(FetchError::Relocate)
             }
