@@ -381,8 +381,7 @@ fn cold_random_link(
     let push_start = Instant::now();
     push_blob(&link, &dir.join("blob"), &built.blob)?;
     let push_s = push_start.elapsed().as_secs_f64();
-    let cache = stargz::cache::open_store("memory", &dir.join("httpcache"), Default::default())?;
-    let resolver = RegistryResolver::new(link_client(link.addr())?, cache, rt.handle().clone());
+    let resolver = RegistryResolver::new(link_client(link.addr())?, rt.handle().clone());
     let reference = format!("{}/{REPO}:latest", link.addr());
     let mount_start = Instant::now();
     let src = resolver.resolve(&reference, &built.blob)?;

@@ -1,23 +1,23 @@
-//! Benchmark (not a test): read a large blob from a local `docker-registry` through
-//! `remote::Blob` with the directory cache, sequentially and at random, for a 256 MiB and a
-//! 1 GiB blob in the same run. Each scenario runs in a fresh child process (this binary with
+//! Benchmark (not a test): stream a large blob from a local `docker-registry` through
+//! `remote::Blob::fetch_range_into` (the daemon's read path, nothing cached): in one range, in
+//! sequential 1 MiB ranges and in random 64 KiB ranges, for a 256 MiB and a 1 GiB blob in the
+//! same run. Each scenario runs in a fresh child process (this binary with
 //! `--child`) so its peak RSS (VmHWM) is its own. Baseline: `curl` fetching the same blob.
 //! Writes `bench-results/remote_read.txt`.
 //!
 //! Run: `cargo bench --bench remote_read` (or `scripts/bench-remote.sh`). Needs docker-registry
-//! and curl, ~3.5 GiB of free space under `$BENCH_TMP` (default: the system temp dir).
+//! and curl, ~1 GiB of free space under `$BENCH_TMP` (default: the system temp dir) for the
+//! generated blob before it is pushed.
 
 #[path = "../tests/remote_support/mod.rs"]
 mod remote_support;
 
 use std::io::Write;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use stargz::cache::{DirectoryCache, DirectoryCacheConfig};
 use stargz::remote::{Blob, ClientConfig, Reference, RegistryClient};
 
 const MIB: u64 = 1 << 20;
@@ -93,11 +93,9 @@ struct Run {
     hwm_kib: u64,
 }
 
-fn run_child(addr: &str, digest: &str, mode: &str, tmp: &std::path::Path) -> Result<Run> {
-    let cache = tempfile::tempdir_in(tmp)?;
+fn run_child(addr: &str, digest: &str, mode: &str) -> Result<Run> {
     let out = Command::new(std::env::current_exe()?)
         .args(["--child", addr, digest, mode])
-        .arg(cache.path())
         .output()?;
     if !out.status.success() {
         bail!(
@@ -145,8 +143,8 @@ fn orchestrate() -> Result<()> {
     let reg = remote_support::Registry::start(None)?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut report = String::new();
-    report.push_str("# remote_read: lazy blob reader (remote::Blob + DirectoryCache, chunk_size 50000) vs curl, same run\n");
-    report.push_str("# each reader scenario is a fresh process with a cold cache; RSS = VmHWM of that process\n");
+    report.push_str("# remote_read: streamed blob reader (remote::Blob::fetch_range_into, nothing cached) vs curl, same run\n");
+    report.push_str("# each reader scenario is a fresh process; RSS = VmHWM of that process\n");
     report.push_str(&format!(
         "# machine: {} cpus, loadavg {}\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -162,8 +160,8 @@ fn orchestrate() -> Result<()> {
         rt.block_on(push_file(&reg.base(), &file, &digest))?;
         std::fs::remove_file(&file)?;
         let curl_speed = curl(&reg.addr, &digest)?;
-        for mode in ["sequential", "random"] {
-            let r = run_child(&reg.addr, &digest, mode, tmp.path())?;
+        for mode in ["whole", "sequential", "random"] {
+            let r = run_child(&reg.addr, &digest, mode)?;
             let speed = r.bytes as f64 / r.secs / MIB as f64;
             let line = format!(
                 "{:>8} {:<10} {:>8.1} {:>11.1} {:>6.2} {:>13.1}\n",
@@ -192,7 +190,8 @@ fn orchestrate() -> Result<()> {
         big as f64 / small as f64
     };
     report.push_str(&format!(
-        "peak RSS 1GiB/256MiB: sequential {:.2}x, random {:.2}x (flat = ~1.0)\nmax peak RSS {:.1} MiB (< 64 MiB: {})\n",
+        "peak RSS 1GiB/256MiB: whole {:.2}x, sequential {:.2}x, random {:.2}x (flat = ~1.0)\nmax peak RSS {:.1} MiB (< 64 MiB: {})\n",
+        flat("whole"),
         flat("sequential"),
         flat("random"),
         max as f64 / 1024.0,
@@ -215,10 +214,25 @@ fn vm_hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// `--child ADDR DIGEST MODE CACHE_DIR`: one measured scenario.
+/// Counts the bytes it is given and keeps none, as the daemon's cache writer keeps none in
+/// memory.
+struct Discard(u64);
+
+impl Write for Discard {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `--child ADDR DIGEST MODE`: one measured scenario.
 fn child(args: &[String]) -> Result<()> {
-    let [addr, digest, mode, cache_dir] = args else {
-        bail!("usage: --child ADDR DIGEST MODE CACHE_DIR")
+    let [addr, digest, mode] = args else {
+        bail!("usage: --child ADDR DIGEST MODE")
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -227,45 +241,39 @@ fn child(args: &[String]) -> Result<()> {
     let (bytes, secs) = rt.block_on(async {
         let client = RegistryClient::new(ClientConfig::default())?;
         let r: Reference = format!("{addr}/{REPO}:latest").parse()?;
-        // A budget below the blob size: the cache evicts while the read goes on.
-        let cache = Arc::new(DirectoryCache::open(
-            cache_dir,
-            DirectoryCacheConfig {
-                max_bytes: Some(512 * MIB),
-                sync_add: false,
-            },
-        )?);
-        let blob = Blob::open(&client, &r, digest, cache).await?;
+        let blob = Blob::open(&client, &r, digest).await?;
         let size = blob.size();
         let started = Instant::now();
-        let mut total = 0u64;
+        let mut sink = Discard(0);
         match mode.as_str() {
+            "whole" => {
+                blob.fetch_range_into(0..size, &mut sink).await?;
+            }
             "sequential" => {
-                let mut buf = vec![0u8; MIB as usize];
                 let mut off = 0;
                 while off < size {
-                    let n = blob.read_at(&mut buf, off).await?;
-                    if n == 0 {
-                        bail!("short read at {off}");
-                    }
-                    off += n as u64;
-                    total += n as u64;
+                    let end = (off + MIB).min(size);
+                    blob.fetch_range_into(off..end, &mut sink).await?;
+                    off = end;
                 }
             }
             _ => {
-                // 64 KiB reads at random offsets; as many bytes as a quarter of the blob.
-                let mut buf = vec![0u8; 64 * 1024];
+                // 64 KiB ranges at random offsets; as many bytes as a quarter of the blob.
+                let len = 64 * 1024;
                 let mut x = 0x2545f4914f6cdd1du64;
-                while total < size / 4 {
+                while sink.0 < size / 4 {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    let off = x % (size - buf.len() as u64);
-                    total += blob.read_at(&mut buf, off).await? as u64;
+                    let off = x % (size - len);
+                    blob.fetch_range_into(off..off + len, &mut sink).await?;
                 }
             }
         }
-        anyhow::Ok((total, started.elapsed().as_secs_f64()))
+        if mode == "whole" || mode == "sequential" {
+            anyhow::ensure!(sink.0 == size, "{mode}: got {} of {size} bytes", sink.0);
+        }
+        anyhow::Ok((sink.0, started.elapsed().as_secs_f64()))
     })?;
     println!("RESULT {bytes} {secs} {}", vm_hwm_kib());
     Ok(())

@@ -129,7 +129,7 @@ mod tests {
     /// Every variant of ours that wraps a cause leaves it to the chain: it shows up once.
     #[test]
     fn each_wrapping_error_of_the_crate_prints_its_cause_once() {
-        use crate::{cache, ctr, estargz, fs, remote, service, snapshot};
+        use crate::{ctr, estargz, fs, remote, service, snapshot};
         let io = || std::io::Error::other("CAUSE");
         let errors: Vec<Box<dyn std::error::Error>> = vec![
             Box::new(fs::FsError::Source(io())),
@@ -140,10 +140,6 @@ mod tests {
                 source: io(),
             }),
             Box::new(remote::RemoteError::Sink(io())),
-            Box::new(remote::RemoteError::Cache(cache::CacheError::Io {
-                key: "k".into(),
-                source: io(),
-            })),
             Box::new(service::ServiceError::Layers(fs::FsError::Source(
                 remote::RemoteError::Sink(io()).into(),
             ))),

@@ -111,9 +111,7 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
         },
         ..Default::default()
     })?;
-    let cache =
-        stargz::cache::open_store("memory", &tmp.path().join("httpcache"), Default::default())?;
-    let resolver = RegistryResolver::new(client, cache, rt.handle().clone());
+    let resolver = RegistryResolver::new(client, rt.handle().clone());
     let mut cfg = FsConfig::new(&tmp.path().join("root"));
     cfg.no_background_fetch = true;
     cfg.layer.read.fetch_attempts = 10;

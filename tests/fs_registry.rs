@@ -42,9 +42,7 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
         .enable_all()
         .build()?;
     let client = stargz::remote::RegistryClient::new(stargz::remote::ClientConfig::default())?;
-    let cache =
-        stargz::cache::open_store("memory", &tmp.path().join("httpcache"), Default::default())?;
-    let resolver = RegistryResolver::new(client, cache, rt.handle().clone());
+    let resolver = RegistryResolver::new(client, rt.handle().clone());
     let mut cfg = FsConfig::new(&tmp.path().join("root"));
     cfg.max_concurrency = 2;
     let mgr = LayerManager::new(cfg, Arc::new(resolver))?;

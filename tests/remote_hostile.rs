@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use remote_support::{Hostile, ProxyRequest, Reply};
-use stargz::cache::MemoryCache;
 use stargz::remote::{
     Blob, BlobConfig, ClientConfig, Credentials, HostConfig, MirrorConfig, Reference,
     RegistryClient, RemoteError, Secret,
@@ -25,7 +24,6 @@ const MAX_BUFFERED: u64 = 64 << 20;
 
 fn blob_config() -> BlobConfig {
     BlobConfig {
-        chunk_size: 100,
         max_retries: 2,
         min_wait_msec: 5,
         max_wait_msec: 20,
@@ -202,10 +200,7 @@ async fn silent_registry_fails_within_the_deadline() -> Result<()> {
     // No headers ever: each attempt waits one stall timeout, 3 attempts, tiny backoffs.
     let bound = cfg.retry_budget(cfg.stall_timeout());
     let t = Instant::now();
-    let err = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new()))
-        .await
-        .err()
-        .unwrap();
+    let err = Blob::open(&client, &r, LAYER).await.err().unwrap();
     assert!(matches!(err, RemoteError::Stalled(_)), "{err}");
     assert!(
         t.elapsed() < bound + Duration::from_secs(1),
@@ -245,31 +240,33 @@ async fn reads_and_checks_of_a_silent_blob_end_within_their_deadlines() -> Resul
         ..blob_config()
     };
     let client = client_with(cfg.clone());
-    let blob = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new())).await?;
+    let blob = Blob::open(&client, &r, LAYER).await?;
     assert_eq!(blob.size(), 1000);
 
     let deadline = cfg.fetch_deadline();
     let t = Instant::now();
-    let mut buf = [0u8; 100];
-    let err = blob.read_at(&mut buf, 0).await.unwrap_err();
+    let mut sink = Vec::new();
+    let err = blob.fetch_range_into(0..100, &mut sink).await.unwrap_err();
     let took = t.elapsed();
     assert!(matches!(err, RemoteError::TimedOut { .. }), "{err}");
     assert!(
         took >= deadline && took < deadline + Duration::from_secs(1),
         "took {took:?}, deadline {deadline:?}"
     );
+    assert!(sink.is_empty());
     let io = std::io::Error::from(err);
     assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
 
-    let t = Instant::now();
-    let mut sink = Vec::new();
-    let err = blob.fetch_range_into(0..100, &mut sink).await.unwrap_err();
-    assert!(matches!(err, RemoteError::TimedOut { .. }), "{err}");
-    assert!(
-        t.elapsed() < deadline + Duration::from_secs(1),
-        "took {:?}",
+    // The same bound through the blocking adapter the daemon's FUSE threads use.
+    let sync = blob.sync(tokio::runtime::Handle::current());
+    let t = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let err = sync.fetch_range_into(0..100, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, RemoteError::TimedOut { .. }), "{err}");
         t.elapsed()
-    );
+    })
+    .await?;
+    assert!(t < deadline + Duration::from_secs(1), "took {t:?}");
 
     Ok(())
 }
@@ -298,7 +295,7 @@ async fn check_of_a_blob_whose_registry_went_silent_is_bounded() -> Result<()> {
         request_timeout: Duration::from_secs(2),
         ..Default::default()
     })?;
-    let blob = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new())).await?;
+    let blob = Blob::open(&client, &r, LAYER).await?;
     let t = Instant::now();
     let err = blob.check().await.unwrap_err();
     assert!(
@@ -313,93 +310,128 @@ async fn check_of_a_blob_whose_registry_went_silent_is_bounded() -> Result<()> {
     Ok(())
 }
 
+/// A server that answers a range with an endless body: exactly the asked bytes are read and
+/// the connection is dropped, whatever it declares (206 from the right offset, or 200 with the
+/// whole blob, skipped up to the start).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_response_longer_than_asked_is_cut_off() -> Result<()> {
-    // Asked for 500..600, the server claims to start at 550 and never stops.
+    for (status, headers) in [
+        (206, vec![h("content-range", "bytes 500-999/1000")]),
+        (200, vec![]),
+    ] {
+        let srv = Hostile::start(Arc::new(move |r: &ProxyRequest| {
+            if is_probe(r) {
+                return probe_reply();
+            }
+            Reply::Endless {
+                status,
+                headers: headers.clone(),
+                prefix: Vec::new(),
+                piece: vec![b'x'; 64 << 10],
+                cap: 1 << 30,
+            }
+        }))
+        .await?;
+        let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+        let blob = Blob::open(&client_with(blob_config()), &r, LAYER).await?;
+        let t = Instant::now();
+        let mut sink = Vec::new();
+        assert_eq!(blob.fetch_range_into(500..600, &mut sink).await?, 100);
+        assert_eq!(sink, [b'x'; 100]);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+        let sent = settled(&srv).await;
+        assert!(sent < MAX_BUFFERED, "{status}: server wrote {sent} bytes");
+    }
+    Ok(())
+}
+
+/// 206 answers that do not say they start where asked (another offset, another blob size, a
+/// multipart body, no Content-Range) are refused, each attempt, with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_response_from_elsewhere_is_refused() -> Result<()> {
+    for (headers, want) in [
+        (
+            vec![h("content-range", "bytes 550-999/1000")],
+            "asked for offset 500, got 550",
+        ),
+        (
+            vec![h("content-range", "bytes 500-999/2000")],
+            "changed size from 1000 to 2000",
+        ),
+        (
+            vec![h("content-type", "multipart/byteranges; boundary=B")],
+            "206 without a valid Content-Range",
+        ),
+    ] {
+        let srv = Hostile::start(Arc::new(move |r: &ProxyRequest| {
+            if is_probe(r) {
+                return probe_reply();
+            }
+            Reply::Endless {
+                status: 206,
+                headers: headers.clone(),
+                prefix: Vec::new(),
+                piece: vec![b'y'; 64 << 10],
+                cap: 1 << 30,
+            }
+        }))
+        .await?;
+        let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
+        let blob = Blob::open(&client_with(blob_config()), &r, LAYER).await?;
+        let t = Instant::now();
+        let mut sink = Vec::new();
+        let err = blob
+            .fetch_range_into(500..600, &mut sink)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+        assert!(sink.is_empty(), "no byte of a refused answer is passed on");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+        let sent = settled(&srv).await;
+        assert!(sent < MAX_BUFFERED, "server wrote {sent} bytes");
+    }
+    Ok(())
+}
+
+/// A 200 (the whole blob instead of the range) of another size than the probe found is not
+/// this blob: refused before any byte reaches the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_body_of_another_size_is_refused() -> Result<()> {
     let srv = Hostile::start(Arc::new(|r: &ProxyRequest| {
         if is_probe(r) {
             return probe_reply();
         }
-        Reply::Endless {
-            status: 206,
-            headers: vec![h("content-range", "bytes 550-999/1000")],
-            prefix: Vec::new(),
-            piece: vec![b'x'; 64 << 10],
-            cap: 1 << 30,
+        Reply::Fixed {
+            status: 200,
+            headers: vec![],
+            body: vec![b'w'; 2000],
         }
     }))
     .await?;
     let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
-    let blob = Blob::open(
-        &client_with(blob_config()),
-        &r,
-        LAYER,
-        Arc::new(MemoryCache::new()),
-    )
-    .await?;
-    let t = Instant::now();
-    let mut buf = [0u8; 100];
-    let err = blob.read_at(&mut buf, 500).await.unwrap_err();
+    let blob = Blob::open(&client_with(blob_config()), &r, LAYER).await?;
+    let mut sink = Vec::new();
+    let err = blob.fetch_range_into(0..100, &mut sink).await.unwrap_err();
     assert!(
-        matches!(&err, RemoteError::BodyTooLarge { limit: 50, .. }),
+        matches!(
+            err,
+            RemoteError::BlobChanged {
+                was: 1000,
+                now: 2000,
+                ..
+            }
+        ),
         "{err}"
     );
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t.elapsed()
-    );
-    let sent = settled(&srv).await;
-    assert!(sent < MAX_BUFFERED, "server wrote {sent} bytes");
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multipart_with_more_parts_than_asked_is_refused() -> Result<()> {
-    let mut part = b"--B\r\nContent-Range: bytes 0-99/1000\r\n\r\n".to_vec();
-    part.extend_from_slice(&[b'y'; 100]);
-    part.extend_from_slice(b"\r\n");
-    let srv = Hostile::start(Arc::new(move |r: &ProxyRequest| {
-        if is_probe(r) {
-            return probe_reply();
-        }
-        Reply::Endless {
-            status: 206,
-            headers: vec![h("content-type", "multipart/byteranges; boundary=B")],
-            prefix: Vec::new(),
-            piece: part.clone(),
-            cap: 1 << 30,
-        }
-    }))
-    .await?;
-    let r: Reference = format!("{}/a/b:t", srv.addr).parse()?;
-    let blob = Blob::open(
-        &client_with(blob_config()),
-        &r,
-        LAYER,
-        Arc::new(MemoryCache::new()),
-    )
-    .await?;
-    let t = Instant::now();
-    let err = blob.prefetch(&[0..100, 300..400]).await.unwrap_err();
-    // The retries ask for the one chunk still missing, and get too many parts again.
-    assert!(
-        err.to_string().contains("more than the 1 part(s) asked"),
-        "{err}"
-    );
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t.elapsed()
-    );
-    let data: Vec<_> = srv
-        .requests()
-        .into_iter()
-        .filter(|r| !is_probe(r))
-        .collect();
-    assert_eq!(data[0].header("range"), Some("bytes=0-99,300-399"));
-    let sent = settled(&srv).await;
-    assert!(sent < MAX_BUFFERED, "server wrote {sent} bytes");
+    assert!(sink.is_empty());
     Ok(())
 }
 
@@ -454,7 +486,7 @@ async fn redirects_to_another_origin_carry_no_credentials_or_mirror_headers() ->
         ..Default::default()
     })?;
     let r: Reference = "registry.invalid/a/b:t".parse()?;
-    let blob = Blob::open(&client, &r, LAYER, Arc::new(MemoryCache::new())).await?;
+    let blob = Blob::open(&client, &r, LAYER).await?;
     assert_eq!(blob.size(), 1000);
 
     let seen = mirror.requests();

@@ -1,14 +1,12 @@
-//! The registry client and blob reader against a real `docker-registry` on loopback.
+//! The registry client and the streamed blob reader against a real `docker-registry` on
+//! loopback.
 
 mod remote_support;
 
 use std::sync::Arc;
 
 use anyhow::Result;
-use remote_support::{
-    pseudo_random, verify_cache_dir, write_docker_config, write_htpasswd, Pusher, Registry,
-};
-use stargz::cache::{BlobCache, DirectoryCache, MemoryCache};
+use remote_support::{fetch, pseudo_random, write_docker_config, write_htpasswd, Pusher, Registry};
 use stargz::remote::{
     Blob, BlobConfig, ClientConfig, HostConfig, MirrorConfig, Reference, RegistryClient,
     RemoteError,
@@ -23,9 +21,8 @@ fn client(blob: BlobConfig) -> RegistryClient {
     RegistryClient::new(cfg).unwrap()
 }
 
-fn small_chunks() -> BlobConfig {
+fn quick_retries() -> BlobConfig {
     BlobConfig {
-        chunk_size: 1000,
         min_wait_msec: 1,
         max_wait_msec: 20,
         ..Default::default()
@@ -33,13 +30,13 @@ fn small_chunks() -> BlobConfig {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resolves_index_and_reads_ranges_through_dir_cache() -> Result<()> {
+async fn resolves_index_and_streams_ranges() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(123_457, 1);
     let (layer, mdigest) = Pusher::new(&reg.base())
         .image("test/app", "v1", data.clone())
         .await?;
-    let c = client(small_chunks());
+    let c = client(quick_retries());
     let r: Reference = format!("{}/test/app:v1", reg.addr).parse()?;
     let resolved = c.resolve(&r).await?;
     assert_eq!(
@@ -52,107 +49,75 @@ async fn resolves_index_and_reads_ranges_through_dir_cache() -> Result<()> {
         .await?;
     assert!(config.starts_with(b"{\"architecture\""));
 
-    let dir = tempfile::tempdir()?;
-    let cache = Arc::new(DirectoryCache::open(dir.path(), Default::default())?);
-    let blob = Blob::open(&c, &resolved.reference, &layer, cache.clone()).await?;
+    let blob = Blob::open(&c, &resolved.reference, &layer).await?;
     assert_eq!(blob.size(), data.len() as u64);
-    // Leave holes so the next read needs several separate ranges (a multi-range request).
-    let mut buf = vec![0u8; 10];
+    assert_eq!(blob.digest(), layer);
     for off in [0u64, 2500, 5200, 9999] {
-        assert_eq!(blob.read_at(&mut buf, off).await?, 10);
-        assert_eq!(buf, data[off as usize..off as usize + 10]);
+        assert_eq!(
+            fetch(&blob, off..off + 10).await?,
+            data[off as usize..off as usize + 10]
+        );
     }
-    let mut big = vec![0u8; 12_345];
-    assert_eq!(blob.read_at(&mut big, 700).await?, big.len());
-    assert_eq!(big, data[700..700 + big.len()]);
-    // Tail and past-the-end reads.
-    let mut tail = vec![0u8; 100];
-    assert_eq!(blob.read_at(&mut tail, data.len() as u64 - 7).await?, 7);
-    assert_eq!(&tail[..7], &data[data.len() - 7..]);
-    assert_eq!(blob.read_at(&mut tail, data.len() as u64).await?, 0);
-    // Random reads.
+    assert_eq!(fetch(&blob, 700..13_045).await?, data[700..13_045]);
+    // The tail, an empty range (no request needed) and the whole blob.
+    let len = data.len() as u64;
+    assert_eq!(fetch(&blob, len - 7..len).await?, data[data.len() - 7..]);
+    assert!(fetch(&blob, len..len).await?.is_empty());
+    assert!(fetch(&blob, 0..len).await? == data);
+    // Random ranges.
     let mut x = 7u64;
     for _ in 0..200 {
         x = x
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let off = (x >> 20) % data.len() as u64;
-        let len = ((x >> 8) % 5000) as usize + 1;
-        let mut b = vec![0u8; len];
-        let n = blob.read_at(&mut b, off).await?;
-        let want = &data[off as usize..(off as usize + len).min(data.len())];
-        assert_eq!(&b[..n], want);
+        let off = (x >> 20) % len;
+        let end = (off + ((x >> 8) % 5000) + 1).min(len);
+        assert_eq!(
+            fetch(&blob, off..end).await?,
+            data[off as usize..end as usize]
+        );
     }
-    let hex = layer.trim_start_matches("sha256:");
-    let entries = verify_cache_dir(dir.path(), &data, hex)?;
-    assert!(entries > 0);
-    assert_eq!(
-        cache.usage(),
-        entries as u64 * 1000
-            - (1000 - data.len() as u64 % 1000)
-                * u64::from(blob.is_cached(data.len() as u64 - 1..data.len() as u64))
-    );
-    assert!(blob.free_cache()? > 0);
-    assert_eq!(cache.usage(), 0);
+    // Past the end, and backwards: refused before any request.
+    for bad in [0..len + 1, len + 1..len + 2] {
+        assert!(matches!(
+            fetch(&blob, bad).await,
+            Err(RemoteError::OutOfRange { .. })
+        ));
+    }
+    #[allow(clippy::reversed_empty_ranges)]
+    let backwards = 10..5;
+    assert!(matches!(
+        fetch(&blob, backwards).await,
+        Err(RemoteError::OutOfRange { .. })
+    ));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefetch_fetch_range_into_and_single_range_mode() -> Result<()> {
+async fn fetch_verified_into_streams_the_whole_blob() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(300_001, 2);
     let (layer, _) = Pusher::new(&reg.base())
         .image("x/y", "t", data.clone())
         .await?;
     let r: Reference = format!("{}/x/y:t", reg.addr).parse()?;
-    for single in [false, true] {
-        let c = client(BlobConfig {
-            force_single_range_mode: single,
-            ..small_chunks()
-        });
-        let cache = Arc::new(MemoryCache::new());
-        let blob = Blob::open(&c, &r, &layer, cache.clone()).await?;
-        blob.prefetch(&[0..5000, 10_000..10_001, 250_000..300_001])
-            .await?;
-        assert!(
-            blob.is_cached(0..5000)
-                && blob.is_cached(10_000..10_001)
-                && blob.is_cached(250_000..300_001)
-        );
-        assert!(!blob.is_cached(5000..6000));
-        assert_eq!(cache.usage(), 5000 + 1000 + 50_001);
-        let mut sink = Vec::new();
-        let n = blob.fetch_range_into(123..200_123, &mut sink).await?;
-        assert_eq!(n, 200_000);
-        assert_eq!(sink, data[123..200_123]);
-        assert_eq!(
-            cache.usage(),
-            5000 + 1000 + 50_001,
-            "fetch_range_into does not cache"
-        );
-        assert!(matches!(
-            blob.fetch_range_into(0..300_002, &mut sink).await,
-            Err(RemoteError::OutOfRange { .. })
-        ));
-    }
+    let c = client(quick_retries());
+    let blob = Blob::open(&c, &r, &layer).await?;
+    let mut sink = Vec::new();
+    assert_eq!(blob.fetch_verified_into(&mut sink).await?, 300_001);
+    assert!(sink == data);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_adapter_reads_from_plain_threads() -> Result<()> {
+async fn sync_adapter_streams_from_plain_threads() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(50_000, 3);
     let (layer, _) = Pusher::new(&reg.base())
         .image("s/a", "t", data.clone())
         .await?;
     let r: Reference = format!("{}/s/a:t", reg.addr).parse()?;
-    let blob = Blob::open(
-        &client(small_chunks()),
-        &r,
-        &layer,
-        Arc::new(MemoryCache::new()),
-    )
-    .await?;
+    let blob = Blob::open(&client(quick_retries()), &r, &layer).await?;
     let sync = blob.sync(tokio::runtime::Handle::current());
     let data = Arc::new(data);
     let threads: Vec<_> = (0..4)
@@ -162,10 +127,12 @@ async fn sync_adapter_reads_from_plain_threads() -> Result<()> {
             std::thread::spawn(move || {
                 for i in 0..50u64 {
                     let off = (i * 977 + t * 3001) % 49_000;
-                    let mut b = [0u8; 900];
-                    let n = stargz::estargz::ReadAt::read_at(&sync, &mut b, off).unwrap();
-                    assert_eq!(&b[..n], &data[off as usize..off as usize + n]);
+                    let mut b = Vec::new();
+                    let n = sync.fetch_range_into(off..off + 900, &mut b).unwrap();
+                    assert_eq!(n, 900);
+                    assert_eq!(b, data[off as usize..off as usize + 900]);
                 }
+                sync.check().unwrap();
             })
         })
         .collect();
@@ -189,7 +156,7 @@ async fn mirrors_are_tried_before_the_origin() -> Result<()> {
     let dead = remote_support::free_port()?;
     let origin = format!("127.0.0.1:{}", remote_support::free_port()?);
     let mut cfg = ClientConfig {
-        blob: small_chunks(),
+        blob: quick_retries(),
         docker_config_dir: Some("/nonexistent".into()),
         ..Default::default()
     };
@@ -216,10 +183,8 @@ async fn mirrors_are_tried_before_the_origin() -> Result<()> {
     let r: Reference = format!("{origin}/m/i:t").parse()?;
     let resolved = c.resolve(&r).await?;
     assert_eq!(resolved.manifest.layers[0].digest, layer);
-    let blob = Blob::open(&c, &r, &layer, Arc::new(MemoryCache::new())).await?;
-    let mut b = vec![0; 4000];
-    assert_eq!(blob.read_at(&mut b, 0).await?, 4000);
-    assert_eq!(b, data);
+    let blob = Blob::open(&c, &r, &layer).await?;
+    assert_eq!(fetch(&blob, 0..4000).await?, data);
     Ok(())
 }
 
@@ -236,29 +201,21 @@ async fn basic_auth_with_docker_config() -> Result<()> {
     let r: Reference = format!("{}/private/img:v1", reg.addr).parse()?;
 
     // Without credentials: a clear authorization error.
-    let err = client(small_chunks()).resolve(&r).await.unwrap_err();
+    let err = client(quick_retries()).resolve(&r).await.unwrap_err();
     assert!(matches!(err, RemoteError::Unauthorized { .. }), "{err}");
 
     let docker_dir = tmp.path().join("docker");
     std::fs::create_dir(&docker_dir)?;
     write_docker_config(&docker_dir, &reg.addr, "alice", password)?;
     let c = RegistryClient::new(ClientConfig {
-        blob: small_chunks(),
+        blob: quick_retries(),
         docker_config_dir: Some(docker_dir.clone()),
         ..Default::default()
     })?;
     let resolved = c.resolve(&r).await?;
-    let blob = Blob::open(
-        &c,
-        &r,
-        &resolved.manifest.layers[0].digest,
-        Arc::new(MemoryCache::new()),
-    )
-    .await?;
+    let blob = Blob::open(&c, &r, &resolved.manifest.layers[0].digest).await?;
     assert_eq!(blob.digest(), layer);
-    let mut b = vec![0; 20_000];
-    assert_eq!(blob.read_at(&mut b, 0).await?, 20_000);
-    assert_eq!(b, data);
+    assert_eq!(fetch(&blob, 0..20_000).await?, data);
 
     // Wrong password: the error says so without echoing it.
     write_docker_config(&docker_dir, &reg.addr, "alice", "wrong-Secret-77")?;
@@ -290,7 +247,7 @@ async fn a_mirror_that_dies_mid_use_falls_back_to_the_origin() -> Result<()> {
     let mut cfg = ClientConfig {
         blob: BlobConfig {
             max_retries: 1,
-            ..small_chunks()
+            ..quick_retries()
         },
         docker_config_dir: Some("/nonexistent".into()),
         ..Default::default()
@@ -307,11 +264,9 @@ async fn a_mirror_that_dies_mid_use_falls_back_to_the_origin() -> Result<()> {
     );
     let c = RegistryClient::new(cfg)?;
     let r: Reference = format!("{}/m/d:t", reg.addr).parse()?;
-    let blob = Blob::open(&c, &r, &layer, Arc::new(MemoryCache::new())).await?;
-    let mut b = vec![0u8; 10_000];
-    assert_eq!(blob.read_at(&mut b, 0).await?, 10_000);
+    let blob = Blob::open(&c, &r, &layer).await?;
+    assert_eq!(fetch(&blob, 0..10_000).await?, data[..10_000]);
     drop(mirror);
-    assert_eq!(blob.read_at(&mut b, 30_000).await?, 10_000);
-    assert_eq!(b, data[30_000..40_000]);
+    assert_eq!(fetch(&blob, 30_000..40_000).await?, data[30_000..40_000]);
     Ok(())
 }

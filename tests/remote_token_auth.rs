@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::Result;
 use base64::Engine;
 use remote_support::{
-    pseudo_random, Action, Fault, LogCapture, Proxy, ProxyRequest, Pusher, Registry,
+    fetch, pseudo_random, Action, Fault, LogCapture, Proxy, ProxyRequest, Pusher, Registry,
 };
-use stargz::cache::MemoryCache;
 use stargz::remote::{
     Blob, BlobConfig, ClientConfig, DockerConfig, Reference, RegistryClient, RemoteError,
 };
@@ -120,7 +119,6 @@ async fn bearer_token_flow_refresh_and_no_secret_in_logs() -> Result<()> {
     let docker = DockerConfig::in_dir(tmp.path()).with_helper_path(tmp.path());
     let cfg = ClientConfig {
         blob: BlobConfig {
-            chunk_size: 5000,
             min_wait_msec: 1,
             max_wait_msec: 10,
             ..Default::default()
@@ -131,18 +129,14 @@ async fn bearer_token_flow_refresh_and_no_secret_in_logs() -> Result<()> {
     let r: Reference = format!("{}/tok/img:v1", front.addr).parse()?;
     let resolved = client.resolve(&r).await?;
     assert_eq!(resolved.manifest.layers[0].digest, layer);
-    let blob = Blob::open(&client, &r, &layer, Arc::new(MemoryCache::new())).await?;
-    let mut b = vec![0u8; 12_000];
-    assert_eq!(blob.read_at(&mut b, 1000).await?, 12_000);
-    assert_eq!(b, data[1000..13_000]);
+    let blob = Blob::open(&client, &r, &layer).await?;
+    assert_eq!(fetch(&blob, 1000..13_000).await?, data[1000..13_000]);
     let first_tokens = state.lock().unwrap().token_requests;
     assert_eq!(first_tokens, 1, "the token is cached across requests");
 
     // The registry revokes every token: the next 401 makes the client fetch a new one.
     state.lock().unwrap().valid.clear();
-    let mut b = vec![0u8; 5000];
-    assert_eq!(blob.read_at(&mut b, 20_000).await?, 5000);
-    assert_eq!(b, data[20_000..25_000]);
+    assert_eq!(fetch(&blob, 20_000..25_000).await?, data[20_000..25_000]);
     assert_eq!(state.lock().unwrap().token_requests, 2);
 
     // Wrong credentials: a clear error that names neither the password nor a token.

@@ -8,14 +8,12 @@
 use std::future::Future;
 use std::io::Write;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::mpsc;
 
 use super::Error;
-use crate::cache::MemoryCache;
 use crate::oci::{is_index_type, Descriptor, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST};
 use crate::remote::{Blob, ClientConfig, Credentials, Reference, RegistryClient, Secret};
 
@@ -153,15 +151,9 @@ impl Fetcher for RemoteFetcher {
 
     /// The download runs on a blocking thread ([`crate::remote::SyncBlob`]) writing into a
     /// bounded channel that a second blocking thread forwards to the stream. Dropping the
-    /// stream stops both. The blob's cache is never used by whole-blob fetches.
+    /// stream stops both.
     async fn fetch_stream(&self, desc: &Descriptor) -> Result<BlobStream, Error> {
-        let blob = Blob::open(
-            &self.client,
-            &self.reference,
-            &desc.digest,
-            Arc::new(MemoryCache::new()),
-        )
-        .await?;
+        let blob = Blob::open(&self.client, &self.reference, &desc.digest).await?;
         check_size(desc, blob.size())?;
         let sync = blob.sync(tokio::runtime::Handle::current());
         let (std_tx, std_rx) = std::sync::mpsc::sync_channel(STREAM_DEPTH);

@@ -1,12 +1,11 @@
 //! The real [`LayerSource`]: a registry blob through `remote`, for the daemon.
 //!
-//! Ranges are streamed with `fetch_range_into` (never put in the http cache): the decompressed
-//! bytes land in `fscache`, so no second, compressed copy of the same data is kept.
+//! Ranges are streamed with `fetch_range_into` (nothing is cached in `remote`): the
+//! decompressed bytes land in `fscache`, so no second, compressed copy of the same data is kept.
 
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use crate::cache::BlobCache;
 use crate::remote::{Blob, Reference, RegistryClient, SyncBlob};
 
 use super::manager::BlobResolver;
@@ -17,21 +16,12 @@ use super::FsError;
 /// run on blocking threads (the snapshotter's calls already do).
 pub struct RegistryResolver {
     client: RegistryClient,
-    cache: Arc<dyn BlobCache>,
     handle: tokio::runtime::Handle,
 }
 
 impl RegistryResolver {
-    pub fn new(
-        client: RegistryClient,
-        cache: Arc<dyn BlobCache>,
-        handle: tokio::runtime::Handle,
-    ) -> Self {
-        RegistryResolver {
-            client,
-            cache,
-            handle,
-        }
+    pub fn new(client: RegistryClient, handle: tokio::runtime::Handle) -> Self {
+        RegistryResolver { client, handle }
     }
 }
 
@@ -42,7 +32,7 @@ impl BlobResolver for RegistryResolver {
             .map_err(|e| FsError::Labels(format!("image reference {reference:?}: {e}")))?;
         let blob = self
             .handle
-            .block_on(Blob::open(&self.client, &r, digest, self.cache.clone()))
+            .block_on(Blob::open(&self.client, &r, digest))
             .map_err(|e| FsError::Source(e.into()))?;
         Ok(Arc::new(RemoteSource(blob.sync(self.handle.clone()))))
     }

@@ -49,6 +49,23 @@ impl ByteBudget {
     }
 }
 
+/// Parses a `Content-Range` value, `bytes a-b/total` (`total` may be `*`), into
+/// `(a, b + 1, total)`; `None` for anything else, including `b < a`.
+pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    if b < a {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((a, b.checked_add(1)?, total))
+}
+
 /// Reads the whole body of `resp` into memory: [`RemoteError::BodyTooLarge`] as soon as it
 /// passes `limit` bytes (or declares more), [`RemoteError::Stalled`] when no piece arrives
 /// within `stall`. `what` names the object in the error ("manifest", "token response").
@@ -146,6 +163,16 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use tonic::codegen::http;
+
+    #[test]
+    fn parses_content_range() {
+        assert_eq!(parse_content_range("bytes 0-1/2"), Some((0, 2, Some(2))));
+        assert_eq!(parse_content_range(" bytes 5-9/*"), Some((5, 10, None)));
+        assert_eq!(parse_content_range("bytes 9-5/10"), None);
+        assert_eq!(parse_content_range("bytes 0-18446744073709551615/1"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes 0-1"), None);
+    }
 
     /// A response whose body is `piece` repeated forever; `sent` counts the bytes handed out.
     fn endless(piece: &'static [u8], sent: Arc<AtomicU64>, status: u16) -> Response {

@@ -15,13 +15,9 @@ use super::auth::Credentials;
 pub struct BlobConfig {
     pub valid_interval: u64,
     pub check_always: bool,
-    /// Fetch granularity: reads are aligned to this many bytes, one cache entry per chunk.
-    pub chunk_size: u64,
     /// Upper bound on one HTTP request for blob data, body included. One fetch call, all its
     /// retries and waits included, is bounded by [`BlobConfig::fetch_deadline`].
     pub fetching_timeout_sec: u64,
-    /// Never send multi-range requests (some registries/CDNs mishandle them).
-    pub force_single_range_mode: bool,
     pub max_retries: u32,
     pub min_wait_msec: u64,
     pub max_wait_msec: u64,
@@ -35,9 +31,7 @@ impl Default for BlobConfig {
         BlobConfig {
             valid_interval: 60,
             check_always: false,
-            chunk_size: 50_000,
             fetching_timeout_sec: 300,
-            force_single_range_mode: false,
             max_retries: 5,
             min_wait_msec: 30,
             max_wait_msec: 300_000,
@@ -77,7 +71,7 @@ impl BlobConfig {
         total.saturating_add(self.backoff(64).saturating_mul(capped))
     }
 
-    /// Bound on one blob fetch call (a read, a prefetch, a streamed range), all attempts,
+    /// Bound on one blob fetch call (a streamed range, a whole-blob download), all attempts,
     /// waits and re-resolves included: [`BlobConfig::retry_budget`] of `fetching_timeout_sec`.
     pub fn fetch_deadline(&self) -> Duration {
         self.retry_budget(Duration::from_secs(self.fetching_timeout_sec.max(1)))
@@ -181,8 +175,7 @@ mod tests {
         let t: Top = toml::from_str(
             r#"
             [blob]
-            chunk_size = 1000
-            force_single_range_mode = true
+            max_retries = 2
             [[resolver.host."docker.io".mirrors]]
             host = "mirror.local:5000"
             insecure = true
@@ -191,9 +184,11 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(t.blob.chunk_size, 1000);
-        assert_eq!(t.blob.max_retries, 5);
-        assert!(t.blob.force_single_range_mode);
+        assert_eq!(t.blob.max_retries, 2);
+        assert_eq!(
+            t.blob.fetching_timeout_sec, 300,
+            "unset keys keep Go's defaults"
+        );
         let m = &t.resolver.host["docker.io"].mirrors[0];
         assert_eq!(
             (m.host.as_str(), m.insecure, m.request_timeout_sec),

@@ -1,45 +1,40 @@
-//! Registry client (resolve, auth, ranges, retries) and the lazy blob reader.
+//! Registry client (resolve, auth, ranges, retries) and the streamed blob reader.
 //!
-//! # Using it (for `fs`, `snapshot`, `service`)
+//! # Using it (for `fs`, `snapshot`, `service`, `ctr`)
 //!
 //! ```text
 //! let client = RegistryClient::new(ClientConfig { blob, resolver, .. })?;   // one per daemon
 //! let reference: Reference = "127.0.0.1:5000/app:v1".parse()?;
 //! let resolved = client.resolve(&reference).await?;          // manifest (platform picked)
 //! let config = client.fetch_blob_bytes(&reference, &resolved.manifest.config.digest).await?;
-//! let blob = Blob::open(&client, &reference, layer_digest, cache).await?;  // probes size + URL
 //! let index = client.fetch_manifest(&reference, reference.object()).await?; // raw bytes, no platform pick
-//! blob.read_at(&mut buf, offset).await?;                     // cached, chunk-aligned reads
-//! blob.prefetch(&[a..b]).await?;                             // fill the cache, no caller buffer
-//! blob.fetch_range_into(a..b, &mut sink).await?;             // stream bytes, NOT cached
-//! blob.fetch_verified_into(&mut sink).await?;               // whole blob, digest-checked, NOT cached
+//! let blob = Blob::open(&client, &reference, layer_digest).await?;  // probes size + URL
+//! blob.fetch_range_into(a..b, &mut sink).await?;             // stream bytes, nothing cached
+//! blob.fetch_verified_into(&mut sink).await?;               // whole blob, digest-checked
 //! let sync = blob.sync(tokio::runtime::Handle::current());   // for FUSE threads
-//! estargz::ReadAt::read_at(&sync, &mut buf, offset)?;        // blocks on the runtime
-//! blob.free_cache()?;                                        // drop this blob's cache entries
+//! sync.fetch_range_into(a..b, &mut sink)?;                   // blocks on the runtime
 //! ```
 //!
 //! ## Guarantees of [`Blob`]
-//! - Reads are aligned to `[blob] chunk_size`; each chunk is one cache entry keyed
-//!   `"<digest hex>-<chunk offset>-<chunk len>"` (so `free_cache` is a prefix removal).
-//! - Missing chunks of one call go out in ONE HTTP request (multi-range, adjacent chunks merged;
-//!   single range after a 400 or with `force_single_range_mode`; a 200 full body is handled by
-//!   skipping). The response is streamed: each chunk's bytes go straight into its cache writer
-//!   and only the bytes of the requested span into the caller's buffer; no buffer ever holds a
-//!   whole chunk or response. A chunk is committed only once all of its bytes have arrived at the
-//!   offsets the server declared (Content-Range / multipart part headers); any error aborts it.
-//! - Concurrent reads of the same chunk share one fetch; waiters read the committed entry.
+//! - Nothing is cached here: each call is one single-range request (more after a failure),
+//!   streamed into the caller's sink as it arrives; no buffer ever holds a whole range. The
+//!   fs layer keeps the decompressed bytes.
+//! - A response that breaks (reset, truncation, stall) is resumed with a `Range` from the first
+//!   byte the sink has not seen, so the sink sees every byte once, in order. A 206 must start
+//!   where asked and name this blob's size; a 200 (whole blob) is skipped up to the start; no
+//!   byte past the asked end is read.
 //! - What is NOT verified here: the registry has no per-range digest, so a byte corrupted in
-//!   flight with a correct length is returned and cached. The eStargz layer above verifies each
-//!   chunk's `chunkDigest` before serving it (and must drop the cache on mismatch, with
-//!   [`Blob::free_cache`] or `BlobCache::remove`). Length, offsets and totals ARE verified.
+//!   flight with a correct length is passed on. The eStargz layer above verifies each chunk's
+//!   `chunkDigest` before serving it. [`Blob::fetch_verified_into`] checks the blob's digest.
 //! - Transient failures (connection reset, truncation, stall, 5xx, 429) are retried with
-//!   exponential backoff (`max_retries`, `min_wait_msec`, `max_wait_msec`); then a clear error.
+//!   exponential backoff (`max_retries`, `min_wait_msec`, `max_wait_msec`); an endpoint (a
+//!   mirror) that still fails is left for the next one that answers; then a clear error.
 //! - Every wait has a deadline: response headers and each body piece within `stall_timeout_msec`;
 //!   one fetch call, retries and re-resolves included, within [`BlobConfig::fetch_deadline`];
 //!   `Blob::open`/`check` within the request timeout per endpoint tried.
 //! - Every body is streamed against a byte limit, never trusting Content-Length: small objects
-//!   (manifests, configs, tokens) have fixed caps, range responses may not exceed what was
-//!   asked, and only a short prefix of an error body is read, clipped, for the message.
+//!   (manifests, configs, tokens) have fixed caps, range responses are read only up to the
+//!   asked end, and only a short prefix of an error body is read, clipped, for the message.
 //! - Redirects are followed by hand: registry credentials and mirror `header`s go only to the
 //!   origin (scheme, host, port) a request was first sent to, never to a redirect target.
 //! - A 401/403 from a redirected storage URL re-resolves the URL; a 401 from the registry
@@ -54,7 +49,6 @@ pub mod auth;
 mod blob;
 mod body;
 pub mod config;
-pub mod multipart;
 pub mod reference;
 mod registry;
 
@@ -63,8 +57,6 @@ pub use blob::{Blob, SyncBlob};
 pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, Platform, ResolverConfig};
 pub use reference::Reference;
 pub use registry::{RawManifest, RegistryClient, Resolved};
-
-use crate::cache::CacheError;
 
 /// Errors of the registry client and the blob reader. None of them carries a credential.
 #[derive(Debug, thiserror::Error)]
@@ -118,8 +110,6 @@ pub enum RemoteError {
     BlobChanged { digest: String, was: u64, now: u64 },
     #[error("writing fetched bytes")]
     Sink(#[source] std::io::Error),
-    #[error(transparent)]
-    Cache(#[from] CacheError),
 }
 
 impl RemoteError {

@@ -13,9 +13,8 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::Deserialize;
 
 use super::auth::{parse_challenge, redact_url, Challenge, Credentials, DockerConfig, Secret};
-use super::body::{self, MAX_CONFIG, MAX_MANIFEST, MAX_TOKEN};
+use super::body::{self, parse_content_range, MAX_CONFIG, MAX_MANIFEST, MAX_TOKEN};
 use super::config::{ClientConfig, Platform};
-use super::multipart::parse_content_range;
 use super::reference::Reference;
 use super::RemoteError;
 use crate::oci::{

@@ -1,5 +1,6 @@
-//! `config.toml` with the Go daemon's key names and defaults. Unknown keys are reported (so
-//! a typo is visible in the log) but never fatal, so a Go config file works unchanged.
+//! `config.toml` with the Go daemon's key names and defaults. Unknown keys, and Go keys this
+//! daemon does not support ([`UNSUPPORTED`]), are reported (so a typo or a setting that takes
+//! no effect is visible in the log) but never fatal, so a Go config file works unchanged.
 
 use std::path::Path;
 
@@ -26,12 +27,48 @@ pub enum ConfigError {
     },
 }
 
+/// Go keys that are read but have no effect here, with why. Each is warned about when set.
+pub const UNSUPPORTED: &[(&str, &str)] = &[
+    (
+        "http_cache_type",
+        "there is no cache of compressed blob data; decompressed file data is cached as \
+         `filesystem_cache_type` says",
+    ),
+    (
+        "blob.chunk_size",
+        "blobs are fetched by the chunks of their TOC, not at a fixed granularity",
+    ),
+    (
+        "blob.force_single_range_mode",
+        "every blob request is a single range already",
+    ),
+    (
+        "directory_cache.max_lru_cache_entry",
+        "there is no in-memory cache in front of the on-disk cache",
+    ),
+    (
+        "directory_cache.sync_add",
+        "fetched data is written straight to the cache file, there is no write buffer to wait for",
+    ),
+    (
+        "directory_cache.direct",
+        "there is no in-memory cache in front of the on-disk cache to bypass",
+    ),
+];
+
+/// A key of [`UNSUPPORTED`] that a config file set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    pub key: String,
+    pub reason: &'static str,
+}
+
 /// The whole daemon configuration (Go: `service.Config` + `config.Config`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Config {
-    /// "" (directory) or "memory".
-    pub http_cache_type: String,
+    /// Where decompressed file data is cached: `""`/`"directory"` (on disk, the default) or
+    /// `"memory"`.
     pub filesystem_cache_type: String,
     pub resolve_result_entry_ttl_sec: i64,
     pub prefetch_size: i64,
@@ -56,7 +93,6 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            http_cache_type: String::new(),
             filesystem_cache_type: String::new(),
             resolve_result_entry_ttl_sec: 120,
             prefetch_size: 0,
@@ -79,24 +115,24 @@ impl Default for Config {
     }
 }
 
-/// `[directory_cache]`.
+/// `[directory_cache]`: the on-disk cache of decompressed file data.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DirectoryCacheConfig {
-    pub max_lru_cache_entry: i64,
+    /// The most cache files a layer keeps open.
     pub max_cache_fds: i64,
-    pub sync_add: bool,
-    pub direct: bool,
+    /// Not a Go key: byte budget of the cache, all layers together; least recently read files
+    /// no container has open are evicted past it (and fetched again when read). 0 = half the
+    /// size of the file system holding the root.
+    pub max_bytes: u64,
     pub fadv_dontneed: bool,
 }
 
 impl Default for DirectoryCacheConfig {
     fn default() -> Self {
         DirectoryCacheConfig {
-            max_lru_cache_entry: 10,
             max_cache_fds: 10,
-            sync_add: false,
-            direct: false,
+            max_bytes: 0,
             fadv_dontneed: false,
         }
     }
@@ -144,20 +180,41 @@ impl Default for SnapshotterConfig {
 
 impl Config {
     /// Parses TOML text; returns the config and the dotted paths of keys it does not know.
+    /// Keys of [`UNSUPPORTED`] are not among them: each is logged here, with why it is ignored.
     pub fn parse(text: &str, path: &str) -> Result<(Config, Vec<String>), ConfigError> {
-        let mut unknown = Vec::new();
+        let (cfg, unknown, unsupported) = Config::parse_keys(text, path)?;
+        for u in unsupported {
+            tracing::warn!(key = %u.key, reason = u.reason, config = path, "unsupported configuration key ignored");
+        }
+        Ok((cfg, unknown))
+    }
+
+    /// [`Config::parse`] without logging: the config, unknown keys and unsupported keys set.
+    fn parse_keys(
+        text: &str,
+        path: &str,
+    ) -> Result<(Config, Vec<String>, Vec<Unsupported>), ConfigError> {
+        let mut ignored = Vec::new();
         let de = toml::Deserializer::parse(text).map_err(|source| ConfigError::Parse {
             path: path.into(),
             source,
         })?;
         let cfg =
-            serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).map_err(|source| {
+            serde_ignored::deserialize(de, |p| ignored.push(p.to_string())).map_err(|source| {
                 ConfigError::Parse {
                     path: path.into(),
                     source,
                 }
             })?;
-        Ok((cfg, unknown))
+        let mut unknown = Vec::new();
+        let mut unsupported = Vec::new();
+        for key in ignored {
+            match UNSUPPORTED.iter().find(|(k, _)| *k == key) {
+                Some((_, reason)) => unsupported.push(Unsupported { key, reason }),
+                None => unknown.push(key),
+            }
+        }
+        Ok((cfg, unknown, unsupported))
     }
 
     /// When and how long the snapshotter checks mounted layers: `[blob] valid_interval` and
@@ -197,7 +254,7 @@ mod tests {
             metadata_store = "db"
             no_such_key = 1
             [blob]
-            chunk_size = 100000
+            max_retries = 2
             [fuse]
             attr_timeout = 5
             [snapshotter]
@@ -216,8 +273,11 @@ mod tests {
         assert_eq!(c.prefetch_size, 1024);
         assert!(c.noprefetch);
         assert_eq!(c.metadata_store, "db");
-        assert_eq!(c.blob.chunk_size, 100000);
-        assert_eq!(c.blob.max_retries, 5, "unset keys keep Go's defaults");
+        assert_eq!(c.blob.max_retries, 2);
+        assert_eq!(
+            c.blob.fetching_timeout_sec, 300,
+            "unset keys keep Go's defaults"
+        );
         assert_eq!(c.fuse.attr_timeout, 5);
         assert_eq!(c.fuse.entry_timeout, 1);
         assert!(c.snapshotter.allow_invalid_mounts_on_restart);
@@ -259,7 +319,62 @@ mod tests {
         let (c, unknown) = Config::load(&p, true).unwrap();
         assert!(unknown.is_empty());
         assert_eq!(c.max_concurrency, Config::default().max_concurrency);
-        assert_eq!(c.blob.chunk_size, 50_000);
+        assert_eq!(c.directory_cache.max_bytes, 0);
         assert!(Config::load(&p, false).is_err());
+    }
+
+    /// The shipped `config.toml` sets only keys that take effect, each to its default.
+    #[test]
+    fn shipped_config_is_all_known_keys_at_their_defaults() {
+        let text = include_str!("../../config/config.toml");
+        let (c, unknown, unsupported) = Config::parse_keys(text, "config.toml").unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert!(unsupported.is_empty(), "{unsupported:?}");
+        assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn directory_cache_keys() {
+        let text = "[directory_cache]\nmax_cache_fds = 3\nmax_bytes = 10737418240\n";
+        let (c, unknown) = Config::parse(text, "t").unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(c.directory_cache.max_cache_fds, 3);
+        assert_eq!(c.directory_cache.max_bytes, 10 << 30);
+        assert_eq!(Config::default().directory_cache.max_bytes, 0);
+        assert!(Config::parse("[directory_cache]\nmax_bytes = -1\n", "t").is_err());
+    }
+
+    /// A Go config setting keys we do not support still loads; each such key is reported as
+    /// unsupported (with a reason), not as unknown, and takes no effect.
+    #[test]
+    fn unsupported_go_keys_are_reported_not_fatal() {
+        let text = r#"
+            http_cache_type = "memory"
+            filesystem_cache_type = "memory"
+            [blob]
+            chunk_size = 100000
+            force_single_range_mode = true
+            max_retries = 3
+            [directory_cache]
+            max_lru_cache_entry = 5
+            sync_add = true
+            direct = true
+            max_cache_fds = 4
+            typo = 1
+        "#;
+        let (c, unknown, unsupported) = Config::parse_keys(text, "t").unwrap();
+        assert_eq!(unknown, ["directory_cache.typo"]);
+        let mut keys: Vec<&str> = unsupported.iter().map(|u| u.key.as_str()).collect();
+        keys.sort();
+        let mut all: Vec<&str> = UNSUPPORTED.iter().map(|(k, _)| *k).collect();
+        all.sort();
+        assert_eq!(keys, all, "every unsupported key is recognised");
+        assert!(unsupported.iter().all(|u| !u.reason.is_empty()));
+        assert_eq!(c.filesystem_cache_type, "memory");
+        assert_eq!(c.blob.max_retries, 3);
+        assert_eq!(c.directory_cache.max_cache_fds, 4);
+        // `parse` logs the unsupported keys and returns only the unknown ones.
+        let (_, unknown) = Config::parse(text, "t").unwrap();
+        assert_eq!(unknown, ["directory_cache.typo"]);
     }
 }

@@ -19,7 +19,7 @@ use tracing::info;
 
 use crate::proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
 use crate::snapshot::{RemoteLayers, Snapshotter};
-use crate::{cache, fs, remote};
+use crate::{fs, remote};
 
 /// Errors of the service layer.
 #[derive(Debug, thiserror::Error)]
@@ -35,15 +35,13 @@ pub enum ServiceError {
     Serve(#[from] tonic::transport::Error),
     #[error("registry client")]
     Remote(#[from] remote::RemoteError),
-    #[error("http cache")]
-    Cache(#[from] cache::CacheError),
     #[error("remote layers")]
     Layers(#[from] fs::FsError),
 }
 
 /// The single wiring point for lazy remote layers: the FUSE-backed [`fs::LayerManager`] over a
-/// registry client and the HTTP cache under `<root>/stargz`. Its calls block on `handle`, so the
-/// snapshotter must call it from blocking threads (the gRPC adapter does).
+/// registry client, caching decompressed file data under `<root>/stargz`. Its calls block on
+/// `handle`, so the snapshotter must call it from blocking threads (the gRPC adapter does).
 pub fn build_remote_layers(
     config: &config::Config,
     root: &Path,
@@ -55,20 +53,11 @@ pub fn build_remote_layers(
         ..remote::ClientConfig::default()
     })?;
     // Everything under `<root>/stargz` is image content: owner-only, created so (and narrowed
-    // if an older version left it open) before the caches put anything there.
-    let http_dir = root.join("stargz").join("httpcache");
-    for dir in [root, &root.join("stargz"), &http_dir] {
+    // if an older version left it open) before the cache puts anything there.
+    for dir in [root, &root.join("stargz")] {
         fs::fscache::private_dir(dir).map_err(fs::FsError::Cache)?;
     }
-    let http_cache = cache::open_store(
-        &config.http_cache_type,
-        &http_dir,
-        cache::DirectoryCacheConfig {
-            max_bytes: None,
-            sync_add: config.directory_cache.sync_add,
-        },
-    )?;
-    let resolver = fs::RegistryResolver::new(client, http_cache, handle);
+    let resolver = fs::RegistryResolver::new(client, handle);
     let mut fs_config = fs::FsConfig::new(root);
     fs_config.layer.attr_timeout =
         Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));

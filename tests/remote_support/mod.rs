@@ -301,34 +301,16 @@ impl Write for LogCapture {
     }
 }
 
-/// Re-reads every committed cache file and checks it against the blob (key = hex-off-len).
-pub fn verify_cache_dir(dir: &Path, blob: &[u8], hex: &str) -> Result<usize> {
-    let mut n = 0;
-    for bucket in std::fs::read_dir(dir)? {
-        let bucket = bucket?;
-        if bucket.file_name() == "wip" {
-            let left = std::fs::read_dir(bucket.path())?.count();
-            if left != 0 {
-                bail!("{left} files left in wip/");
-            }
-            continue;
-        }
-        for f in std::fs::read_dir(bucket.path())? {
-            let f = f?;
-            let name = f.file_name().to_string_lossy().into_owned();
-            let rest = name
-                .strip_prefix(&format!("{hex}-"))
-                .context("foreign key")?;
-            let (off, len) = rest.split_once('-').context("bad key")?;
-            let (off, len): (usize, usize) = (off.parse()?, len.parse()?);
-            let data = std::fs::read(f.path())?;
-            if data.len() != len || data[..] != blob[off..off + len] {
-                bail!("cache entry {name} does not match the blob");
-            }
-            n += 1;
-        }
-    }
-    Ok(n)
+/// `blob`'s bytes of `range`, streamed through `fetch_range_into` (the daemon's read path);
+/// checks the byte count it returns against what the sink saw.
+pub async fn fetch(
+    blob: &stargz::remote::Blob,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>, stargz::remote::RemoteError> {
+    let mut out = Vec::new();
+    let n = blob.fetch_range_into(range, &mut out).await?;
+    assert_eq!(n, out.len() as u64, "returned count is what the sink saw");
+    Ok(out)
 }
 
 /// One request as the proxy saw it.
