@@ -4,8 +4,9 @@
 //! - [`estargz`]: the on-registry format only (footer, TOC, chunk index, builder, verification);
 //! - [`oci`]: the image model (descriptors, manifests, media types, digests) and
 //!   [`labels`]: the label and annotation names, both shared by the daemon and `ctr-remote`;
-//! - [`remote`]: the registry client and the lazy blob reader;
-//! - [`cache`]: the blob cache (`add -> Writer{commit, abort}`, `get -> Reader`);
+//! - [`remote`]: the registry client and the streamed blob reader;
+//! - [`cache`]: a layer's cache of verified file data (`add -> Writer{write, commit, abort}`,
+//!   `read_at`), on disk (sparse per-file) or in memory;
 //! - [`fs`]: one mounted layer served through FUSE;
 //! - [`snapshot`]: the snapshotter (metadata store, overlay mounts, remote snapshots);
 //! - [`service`]: gRPC adapter, config, daemon wiring and signals;

@@ -981,3 +981,31 @@ fn a_panicking_fetch_wakes_its_waiters_and_the_next_read_retries() -> Result<()>
     layer.unmount()?;
     Ok(())
 }
+
+/// `filesystem_cache_type = "memory"`: the same tree, served from chunks kept in memory (no
+/// cache files, so no passthrough), and nothing written to the cache directory.
+#[test]
+fn memory_cache_serves_the_same_tree_and_writes_no_files() -> Result<()> {
+    require_root();
+    let f = fixture(make_rootfs, None)?;
+    let work = tempfile::tempdir()?;
+    let source = FaultySource::new(f.blob.clone());
+    let read = ReadOptions {
+        cache_kind: stargz::cache::CacheKind::Memory,
+        ..Default::default()
+    };
+    let opts = LayerOptions {
+        read,
+        ..Default::default()
+    };
+    let layer = mount(&f, source, work.path(), &opts, None)?;
+    for _ in 0..2 {
+        let n = compare_trees(&f.src, layer.mountpoint())?;
+        assert!(n > 100, "compared only {n} paths");
+        drop_page_cache()?;
+    }
+    let files = std::fs::read_dir(work.path().join("cache")).map_or(0, |d| d.count());
+    assert_eq!(files, 0, "the memory cache wrote files");
+    layer.unmount()?;
+    Ok(())
+}

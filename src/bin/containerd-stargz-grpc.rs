@@ -104,7 +104,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     // those that are 0600 in the image), so the default is owner-only; the few directories
     // that need other modes (overlay upper/work dirs, the socket) set them explicitly.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    stargz::fs::fscache::private_dir(&args.root)
+    stargz::cache::private_dir(&args.root)
         .with_context(|| format!("create root {}", args.root.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

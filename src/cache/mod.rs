@@ -1,127 +1,186 @@
-//! The blob cache: `add(key) -> Writer {write, commit, abort}`, `get(key) -> Reader {read_at}`.
+//! The cache of a layer's decompressed, verified file data: `add(key) -> Writer {write,
+//! commit, abort}` to fill it, `read_at` to serve it.
 //!
-//! Invariant shared by every store: an entry becomes visible to `get` only through
-//! [`CacheWriter::commit`]; an aborted or dropped writer leaves nothing behind, so a partial or
-//! failed chunk is never served.
+//! The key is one chunk of one file ([`ChunkKey`]): the read path decompresses a chunk
+//! straight into a [`Writer`] as its compressed bytes arrive, checks the chunk's digest, and
+//! only then calls [`Writer::commit`]. Commit hands back a [`Committed`] proof, which is the
+//! only way to mark a chunk present in the layer's chunk map (`fs::chunks`): so no byte is
+//! served before it was verified. [`Writer::abort`] — or dropping the writer, as any early
+//! return does — removes whatever was written, so nothing unverified stays behind.
 //!
-//! Keys are opaque strings chosen by the caller. They must be non-empty, at most 200 bytes, and
-//! contain no `/`, no NUL and no `..` (they become file names). Callers namespace keys with a
-//! prefix (the remote reader uses `"<blob digest hex>-<offset>-<len>"`), so
-//! [`BlobCache::remove_prefix`] frees everything one layer put in the cache.
-//!
-//! Two stores: [`DirectoryCache`] (files under a directory, a byte budget with LRU eviction,
-//! survives restarts) and [`MemoryCache`] (a map of byte vectors, for `http_cache_type = "memory"`
-//! and tests).
+//! The API is shaped for the store the daemon needs, not for a key→blob store: a file's chunks
+//! live at their file offsets in one sparse cache file ([`disk::DiskCache`]), so a fully cached
+//! file *is* the file's content — handed to the kernel for FUSE passthrough
+//! ([`LayerCache::backing_file`]) — and every byte is on disk once. The memory store
+//! ([`memory::MemoryCache`], `filesystem_cache_type = "memory"`) keeps chunks in memory and
+//! has no backing files (reads go through the daemon) and nothing that survives a restart.
 
-mod dir;
-mod memory;
+pub mod disk;
+pub mod memory;
 
-pub use dir::{DirectoryCache, DirectoryCacheConfig};
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+
+pub use disk::{private_dir, DiskCache};
 pub use memory::MemoryCache;
 
-use std::sync::Arc;
-
-/// Errors of the cache stores.
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("cache entry {0:?} not found")]
-    NotFound(String),
-    #[error("invalid cache key {0:?}")]
-    InvalidKey(String),
-    #[error("cache I/O on {key:?}")]
-    Io {
-        key: String,
-        #[source]
-        source: std::io::Error,
-    },
+/// One chunk of one file of a layer: bytes `range` of inode `ino`, a file of `size` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkKey {
+    pub ino: u64,
+    pub size: u64,
+    pub range: Range<u64>,
 }
 
-impl CacheError {
-    fn io(key: &str, source: std::io::Error) -> Self {
-        CacheError::Io {
-            key: key.to_owned(),
-            source,
+/// Proof that a chunk's bytes were committed after verification; see the module doc.
+#[derive(Debug)]
+pub struct Committed(());
+
+impl Committed {
+    /// A proof out of thin air, for unit tests of what consumes proofs.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Committed(())
+    }
+}
+
+/// Where a layer's file data is kept.
+pub trait LayerCache: Send + Sync + std::fmt::Debug {
+    /// Starts writing chunk `key`; its bytes become readable only through [`Writer::commit`].
+    fn add(&self, key: &ChunkKey) -> io::Result<Writer>;
+    /// Reads `buf.len()` committed bytes of file `ino` (of `size` bytes) at `offset`.
+    fn read_at(&self, ino: u64, size: u64, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Bytes an earlier run left for chunk `key` (a daemon restart) become readable again if
+    /// `verify`, reading them, says they are right. None when the store has no whole copy.
+    fn reuse(
+        &self,
+        key: &ChunkKey,
+        verify: &mut dyn FnMut(&mut dyn io::Read) -> bool,
+    ) -> Option<Committed>;
+    /// A read-only handle on the file's cache file, for FUSE passthrough (None: not on disk).
+    fn backing_file(&self, ino: u64) -> Option<std::fs::File>;
+    /// Drops the bytes of `range` of file `ino` (eviction of verified chunks).
+    fn discard(&self, ino: u64, range: Range<u64>) -> io::Result<()>;
+    /// Deletes everything (the layer's snapshot is gone).
+    fn remove(&self) -> io::Result<()>;
+    /// Where the layer's files live on disk (None for memory).
+    fn dir(&self) -> Option<&Path>;
+}
+
+/// Which store `filesystem_cache_type` names: `""`/`"directory"` (default) or `"memory"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheKind {
+    #[default]
+    Disk,
+    Memory,
+}
+
+impl CacheKind {
+    /// Go's key values; anything else is an error (the daemon says which values exist).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "directory" => Ok(CacheKind::Disk),
+            "memory" => Ok(CacheKind::Memory),
+            other => Err(format!(
+                "unknown cache type {:?} (known: \"directory\", \"memory\")",
+                crate::untrusted::clip(other)
+            )),
         }
     }
-}
 
-/// A store of immutable blobs keyed by string (a hex digest of what they hold).
-pub trait BlobCache: Send + Sync {
-    /// Starts writing a new entry. Nothing is visible until the writer commits.
-    fn add(&self, key: &str) -> Result<Box<dyn CacheWriter>, CacheError>;
-    /// Opens a committed entry; [`CacheError::NotFound`] on a miss. An open reader keeps its
-    /// entry from being evicted.
-    fn get(&self, key: &str) -> Result<Arc<dyn CacheReader>, CacheError>;
-    /// Whether a committed entry exists (does not count as an access for LRU).
-    fn contains(&self, key: &str) -> bool;
-    /// Deletes one entry (no error when missing). Open readers keep reading their data.
-    fn remove(&self, key: &str) -> Result<(), CacheError>;
-    /// Deletes every entry whose key starts with `prefix` (e.g. one layer's blob digest);
-    /// returns how many bytes were freed.
-    fn remove_prefix(&self, prefix: &str) -> Result<u64, CacheError>;
-    /// Bytes held by committed entries.
-    fn usage(&self) -> u64;
-}
-
-/// A pending cache entry. Dropping it without `commit` is the same as `abort`.
-pub trait CacheWriter: std::io::Write + Send {
-    /// Makes the written bytes visible under the key, atomically.
-    fn commit(self: Box<Self>) -> Result<(), CacheError>;
-    /// Discards everything written.
-    fn abort(self: Box<Self>);
-}
-
-/// A committed cache entry.
-pub trait CacheReader: Send + Sync {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
-    fn size(&self) -> u64;
-    /// The backing file, when the store has one (FUSE passthrough opens it).
-    fn file(&self) -> Option<&std::fs::File> {
-        None
+    /// The cache of one layer, in `dir` for the disk store, keeping at most `max_open_files`
+    /// cache files open.
+    pub fn open(self, dir: &Path, max_open_files: usize) -> io::Result<Box<dyn LayerCache>> {
+        Ok(match self {
+            CacheKind::Disk => Box::new(DiskCache::new(dir, max_open_files)?),
+            CacheKind::Memory => Box::new(MemoryCache::default()),
+        })
     }
 }
 
-/// Opens the store `http_cache_type` names: `"memory"` → [`MemoryCache`], anything else
-/// (Go's default `""`/`"directory"`) → [`DirectoryCache`] under `dir`.
-pub fn open_store(
-    kind: &str,
-    dir: &std::path::Path,
-    config: DirectoryCacheConfig,
-) -> Result<Arc<dyn BlobCache>, CacheError> {
-    Ok(match kind {
-        "memory" => Arc::new(MemoryCache::new()),
-        _ => Arc::new(DirectoryCache::open(dir, config)?),
-    })
+/// The store side of a [`Writer`].
+pub(crate) trait ChunkSink: Send {
+    /// Writes `data` at file offset `offset` (within the chunk's range).
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes the written bytes readable.
+    fn commit(&mut self) -> io::Result<()>;
+    /// Removes the written bytes.
+    fn abort(&mut self);
 }
 
-/// Rejects keys that could escape the cache directory or collide with its layout.
-pub(crate) fn validate_key(key: &str) -> Result<(), CacheError> {
-    let bad = key.is_empty()
-        || key.len() > 200
-        || key.contains('/')
-        || key.contains('\0')
-        || key.contains("..")
-        || key.starts_with('.')
-        || key.len() < 2;
-    if bad {
-        return Err(CacheError::InvalidKey(key.to_owned()));
-    }
-    Ok(())
+/// Fills one chunk, in order; see the module doc. Writing past the chunk's end is an error.
+pub struct Writer {
+    sink: Box<dyn ChunkSink>,
+    range: Range<u64>,
+    written: u64,
+    done: bool,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_validated() {
-        for bad in ["", "a", "a/b", "..", "x..y", ".hidden", "a\0b"] {
-            assert!(
-                matches!(validate_key(bad), Err(CacheError::InvalidKey(_))),
-                "{bad:?}"
-            );
+impl Writer {
+    pub(crate) fn new(sink: Box<dyn ChunkSink>, range: Range<u64>) -> Self {
+        Writer {
+            sink,
+            range,
+            written: 0,
+            done: false,
         }
-        validate_key("ab").unwrap();
-        validate_key("0123abcd-100-200").unwrap();
+    }
+
+    /// Bytes still missing from the chunk.
+    pub fn remaining(&self) -> u64 {
+        self.range.end - self.range.start - self.written
+    }
+
+    /// Makes the chunk readable; call only after its bytes were verified. A chunk not written
+    /// whole is aborted instead.
+    pub fn commit(mut self) -> io::Result<Committed> {
+        self.done = true;
+        if self.remaining() != 0 {
+            self.sink.abort();
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("chunk is {} bytes short", self.remaining()),
+            ));
+        }
+        match self.sink.commit() {
+            Ok(()) => Ok(Committed(())),
+            Err(e) => {
+                self.sink.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes what was written.
+    pub fn abort(mut self) {
+        self.done = true;
+        self.sink.abort();
+    }
+}
+
+impl io::Write for Writer {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.len() as u64 > self.remaining() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write past the end of the chunk",
+            ));
+        }
+        self.sink.write_at(data, self.range.start + self.written)?;
+        self.written += data.len() as u64;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.done {
+            self.sink.abort();
+        }
     }
 }

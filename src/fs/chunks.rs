@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::FsError;
+use crate::cache::Committed;
 
 /// Present bits and in-flight claims of a layer's chunks (numbered `0..len`, in blob order).
 pub(crate) struct ChunkMap {
@@ -53,8 +54,9 @@ impl ChunkMap {
                 .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (seq % 64)) != 0)
     }
 
-    /// Marks `seq` present (its bytes are cached and verified); true when it was not before.
-    pub(crate) fn set_present(&self, seq: usize) -> bool {
+    /// Marks `seq` present; true when it was not before. The proof that its bytes were
+    /// verified and committed to the cache is the only way in.
+    pub(crate) fn set_present(&self, seq: usize, _proof: Committed) -> bool {
         let Some(word) = self.present.get(seq / 64).filter(|_| seq < self.len) else {
             return false;
         };
@@ -251,13 +253,19 @@ mod tests {
     fn present_bits_count_once() {
         let m = ChunkMap::new(130);
         assert!(!m.is_present(129) && !m.all_present());
-        assert!(m.set_present(129));
-        assert!(!m.set_present(129), "second set is not new");
-        assert!(!m.set_present(130), "out of range is ignored");
+        assert!(m.set_present(129, Committed::for_tests()));
+        assert!(
+            !m.set_present(129, Committed::for_tests()),
+            "second set is not new"
+        );
+        assert!(
+            !m.set_present(130, Committed::for_tests()),
+            "out of range is ignored"
+        );
         assert!(m.is_present(129) && !m.is_present(128));
         assert_eq!(m.present_count(), 1);
         (0..129).for_each(|s| {
-            m.set_present(s);
+            m.set_present(s, Committed::for_tests());
         });
         assert!(m.all_present());
     }
@@ -265,7 +273,7 @@ mod tests {
     #[test]
     fn claims_extend_over_missing_chunks_only_and_are_exclusive() {
         let m = ChunkMap::new(10);
-        m.set_present(4);
+        m.set_present(4, Committed::for_tests());
         let Found::Claimed(a) = m.find(1, |_| true) else {
             panic!("claim")
         };
@@ -296,7 +304,7 @@ mod tests {
     fn eviction_clears_present_chunks_but_not_those_in_flight() {
         let m = ChunkMap::new(8);
         for s in [0, 1, 3] {
-            m.set_present(s);
+            m.set_present(s, Committed::for_tests());
         }
         let Found::Claimed(claim) = m.find(2, |_| false) else {
             panic!("claim")

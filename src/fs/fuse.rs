@@ -273,7 +273,7 @@ impl LayerFs {
     }
 
     fn new_backing(&self, ino: u64, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
-        let file = self.reader.cache().open_readonly(ino).ok()?;
+        let file = self.reader.cache().backing_file(ino)?;
         match reply.open_backing(&file) {
             Ok(id) => Some(Arc::new(id)),
             Err(e) => {

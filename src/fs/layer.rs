@@ -8,13 +8,13 @@ use std::time::Duration;
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 
 use super::background::BackgroundFetcher;
-use super::fscache::FileCache;
 use super::fuse::LayerFs;
 use super::inode::{InodeTable, Landmark};
 use super::open::open_toc;
 use super::reader::{LayerReader, Priority, ReadOptions};
 use super::source::LayerSource;
 use super::FsError;
+use crate::cache::CacheKind;
 
 /// How a layer is mounted and read.
 #[derive(Debug, Clone)]
@@ -88,8 +88,12 @@ pub fn open_layer(
     crate::alloc::trim();
     // A cache directory with files was left by an earlier mount of this snapshot (a daemon
     // restart): its chunks are re-hashed below before anything is served from it.
-    let reused = std::fs::read_dir(cache_dir).is_ok_and(|mut d| d.next().is_some());
-    let cache = FileCache::new(cache_dir).map_err(FsError::Cache)?;
+    let reused = opts.cache_kind == CacheKind::Disk
+        && std::fs::read_dir(cache_dir).is_ok_and(|mut d| d.next().is_some());
+    let cache = opts
+        .cache_kind
+        .open(cache_dir, opts.max_open_files)
+        .map_err(FsError::Cache)?;
     let mut opts = opts.clone();
     if spec.toc_digest.is_none() {
         // Without a trusted TOC the chunk digests prove nothing either; accept entries without one.

@@ -144,7 +144,7 @@ impl LayerManager {
     /// restored mounts re-verify and reuse them, and [`LayerManager::remove_unclaimed_caches`]
     /// deletes the rest once restore is done.
     pub fn new(config: FsConfig, resolver: Arc<dyn BlobResolver>) -> Result<Self, FsError> {
-        super::fscache::private_dir(&config.fscache_dir).map_err(FsError::Cache)?;
+        crate::cache::private_dir(&config.fscache_dir).map_err(FsError::Cache)?;
         let mut config = config;
         let max = match config.cache_max_bytes {
             Some(max) => max,
@@ -301,11 +301,14 @@ impl LayerManager {
 
     /// Unmounts a layer and frees its cache (the snapshot is gone or the daemon cleans up).
     fn release(&self, m: MountedLayer) {
-        let cache = m.reader().cache().dir().to_path_buf();
+        // A memory cache goes with its reader; a disk cache's directory is deleted here.
+        let dir = m.reader().cache().dir().map(Path::to_path_buf);
         if let Err(e) = m.unmount() {
             tracing::warn!(error = %crate::untrusted::chain(&e), "unmount failed");
         }
-        self.free_cache(&cache);
+        if let Some(dir) = dir {
+            self.free_cache(&dir);
+        }
     }
 
     /// The mounted layer at `mountpoint`, for inspection (tests, metrics).

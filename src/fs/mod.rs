@@ -1,14 +1,13 @@
 //! One mounted eStargz layer served through FUSE: inode table, reads, prefetch, background fetch.
 //!
 //! A read goes: FUSE [`fuse::LayerFs`] → [`reader::LayerReader`] (file range → chunks via the
-//! [`inode::InodeTable`]) → [`fscache::FileCache`] on a hit, or one range request to the
+//! [`inode::InodeTable`]) → the layer's [`crate::cache::LayerCache`] on a hit, or one range request to the
 //! [`source::LayerSource`] (the seam to `remote`) streamed through per-chunk decoders that
 //! verify each chunk's digest before it becomes visible.
 
 pub mod background;
 pub mod budget;
 mod chunks;
-pub mod fscache;
 pub mod fuse;
 pub mod inode;
 pub mod layer;

@@ -10,7 +10,6 @@
 //!   range is tar padding or garbage, never decompressed).
 
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -21,10 +20,10 @@ use crate::untrusted::chain;
 
 use super::budget::{disk_bytes, CacheBudget};
 use super::chunks::{ChunkMap, Claim, Found};
-use super::fscache::FileCache;
 use super::inode::{Chunk, InodeTable, NodeKind};
 use super::source::LayerSource;
 use super::FsError;
+use crate::cache::{CacheKind, ChunkKey, Committed, LayerCache, Writer};
 
 /// Shared between all layers of a daemon: lets background work yield to on-demand reads.
 ///
@@ -112,6 +111,10 @@ pub struct ReadOptions {
     pub wait_timeout: std::time::Duration,
     /// The cache's byte budget, shared by every layer of the daemon (None: unbounded).
     pub budget: Option<Arc<CacheBudget>>,
+    /// Where file data is kept (`filesystem_cache_type`).
+    pub cache_kind: CacheKind,
+    /// The most cache files a layer keeps open (`[directory_cache] max_cache_fds`).
+    pub max_open_files: usize,
 }
 
 impl Default for ReadOptions {
@@ -122,6 +125,8 @@ impl Default for ReadOptions {
             fetch_attempts: 3,
             wait_timeout: std::time::Duration::from_secs(300),
             budget: None,
+            cache_kind: CacheKind::Disk,
+            max_open_files: 256,
         }
     }
 }
@@ -130,7 +135,7 @@ impl Default for ReadOptions {
 pub struct LayerReader {
     pub(crate) table: InodeTable,
     source: Arc<dyn LayerSource>,
-    cache: FileCache,
+    cache: Box<dyn LayerCache>,
     opts: ReadOptions,
     priority: Arc<Priority>,
     chunks: ChunkMap,
@@ -180,7 +185,7 @@ impl LayerReader {
         digest: String,
         table: InodeTable,
         source: Arc<dyn LayerSource>,
-        cache: FileCache,
+        cache: Box<dyn LayerCache>,
         opts: ReadOptions,
         priority: Arc<Priority>,
     ) -> Self {
@@ -252,8 +257,8 @@ impl LayerReader {
         &self.source
     }
 
-    pub fn cache(&self) -> &FileCache {
-        &self.cache
+    pub fn cache(&self) -> &dyn LayerCache {
+        self.cache.as_ref()
     }
 
     fn chunk(&self, seq: usize) -> &Chunk {
@@ -271,22 +276,28 @@ impl LayerReader {
     /// mid-write or a corrupted file only costs a re-fetch. Call before the layer is served:
     /// it takes no in-flight claims. Returns how many chunks were trusted.
     pub fn revalidate_cache(&self) -> usize {
-        let mut buf = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
         let mut trusted = 0;
-        for node in self.table.nodes() {
-            let chunks = self.table.chunks(node);
-            if node.kind != NodeKind::Reg || chunks.iter().all(|c| c.info.digest.is_none()) {
-                continue;
-            }
-            let Ok(file) = self.cache.open_readonly(node.ino) else {
-                continue;
-            };
-            if !file.metadata().is_ok_and(|m| m.len() == node.size) {
-                continue;
-            }
-            for c in chunks {
-                if self.chunk_on_disk(&file, c, &mut buf) {
-                    let _ = self.chunk_done(c.seq, Ok(()));
+        for node in self
+            .table
+            .nodes()
+            .iter()
+            .filter(|n| n.kind == NodeKind::Reg)
+        {
+            for c in self
+                .table
+                .chunks(node)
+                .iter()
+                .filter(|c| c.info.digest.is_some())
+            {
+                let key = ChunkKey {
+                    ino: node.ino,
+                    size: node.size,
+                    range: c.info.file_range(),
+                };
+                let mut verify = |bytes: &mut dyn io::Read| self.rehash(c, bytes, &mut buf);
+                if let Some(proof) = self.cache.reuse(&key, &mut verify) {
+                    let _ = self.chunk_done(c.seq, Ok(proof));
                     trusted += 1;
                 }
             }
@@ -294,28 +305,21 @@ impl LayerReader {
         trusted
     }
 
-    /// True when `c`'s bytes in `file` are whole and match its digest. Hashed in 64 KiB
-    /// pieces: a chunk (up to 4 MiB and more) is never held in memory whole.
-    fn chunk_on_disk(&self, file: &std::fs::File, c: &Chunk, buf: &mut Vec<u8>) -> bool {
-        let info = &c.info;
-        if info.digest.is_none() || has_hole(file, info.chunk_offset, info.chunk_size) {
-            return false;
-        }
-        buf.resize(64 << 10, 0);
+    /// True when `bytes` are exactly `c`'s and match its digest. Hashed in pieces of `buf`: a
+    /// chunk (up to 4 MiB and more) is never held in memory whole.
+    fn rehash(&self, c: &Chunk, bytes: &mut dyn io::Read, buf: &mut [u8]) -> bool {
         let mut hasher = Sha256::new();
-        let (mut pos, end) = (info.chunk_offset, info.chunk_offset + info.chunk_size);
-        while pos < end {
-            let n = usize::try_from(end - pos)
-                .unwrap_or(usize::MAX)
-                .min(buf.len());
-            if file.read_exact_at(&mut buf[..n], pos).is_err() {
+        let mut left = c.info.chunk_size;
+        while left > 0 {
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            if bytes.read_exact(&mut buf[..n]).is_err() {
                 return false;
             }
             hasher.update(&buf[..n]);
-            pos += n as u64;
+            left -= n as u64;
         }
         let got: [u8; 32] = hasher.finalize().into();
-        check_digest(info, &self.digest, "cache", got).is_ok()
+        check_digest(&c.info, &self.digest, "cache", got).is_ok()
     }
 
     /// True when every chunk of `ino` is cached (its reads can be passed through).
@@ -352,9 +356,9 @@ impl LayerReader {
         for c in chunks {
             self.ensure(c.seq)?;
         }
-        let file = self.cache.open(ino, node.size).map_err(FsError::Cache)?;
         let mut buf = vec![0u8; (end - offset) as usize];
-        file.read_exact_at(&mut buf, offset)
+        self.cache
+            .read_at(ino, node.size, &mut buf, offset)
             .map_err(FsError::Cache)?;
         Ok(buf)
     }
@@ -434,16 +438,10 @@ impl LayerReader {
     }
 
     /// Fetches claimed chunks; the claim is released (and its waiters woken) whatever happens.
-    /// Bytes a failed chunk left in its cache file (a broken transfer, a failed digest) are
-    /// discarded before the claim goes: nothing unverified stays on disk.
+    /// A chunk that fails (a broken transfer, a failed digest) has its cache writer aborted
+    /// before the claim goes: nothing unverified stays behind.
     fn fetch_claimed(&self, claim: Claim<'_>) -> Result<(), FsError> {
         let res = self.fetch_span(claim.seqs());
-        for &seq in claim.seqs().iter().filter(|&&s| !self.chunks.is_present(s)) {
-            let (ino, _) = self.table.blob_order[seq];
-            if let Err(e) = self.cache.discard(ino, self.chunk(seq).info.file_range()) {
-                tracing::warn!(layer = %self.digest, ino, error = %e, "cannot discard a failed chunk's bytes");
-            }
-        }
         if let Err(e) = &res {
             tracing::warn!(layer = %self.digest, error = %chain(e), "chunk fetch failed");
             *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(chain(e).to_string());
@@ -658,11 +656,11 @@ impl LayerReader {
         bytes
     }
 
-    fn chunk_done(&self, seq: usize, res: Result<(), FsError>) -> Result<(), FsError> {
+    fn chunk_done(&self, seq: usize, res: Result<Committed, FsError>) -> Result<(), FsError> {
         let c = self.chunk(seq);
         match res {
-            Ok(()) => {
-                if self.chunks.set_present(seq) {
+            Ok(proof) => {
+                if self.chunks.set_present(seq, proof) {
                     let bytes = disk_bytes(c.info.chunk_size);
                     self.cached_bytes.fetch_add(bytes, Ordering::SeqCst);
                     if let Some(b) = &self.opts.budget {
@@ -697,25 +695,10 @@ impl Drop for LayerReader {
     }
 }
 
-/// True when `len` bytes at `offset` of `file` contain a hole: bytes never written, so the
-/// chunk cannot be whole (a written chunk, even all zeros, is data). Spares hashing the zeros
-/// of sparse files. When the filesystem can't tell, says no and lets the hash decide.
-fn has_hole(file: &std::fs::File, offset: u64, len: u64) -> bool {
-    if len == 0 {
-        return false;
-    }
-    let Ok(off) = libc::off_t::try_from(offset) else {
-        return false;
-    };
-    // Moves only this descriptor's position, which nothing uses (all I/O here is positional).
-    nix::unistd::lseek(file, off, nix::unistd::Whence::SeekHole)
-        .is_ok_and(|h| u64::try_from(h).is_ok_and(|h| h < offset.saturating_add(len)))
-}
-
-/// Decompresses one chunk into its cache file while hashing it.
+/// Decompressed bytes of one chunk on their way into its cache [`Writer`], hashed as they go.
 struct ChunkWriter {
-    file: Arc<std::fs::File>,
-    pos: u64,
+    /// The cache writer; taken when the chunk is committed (or dropped, which aborts it).
+    out: Option<Writer>,
     skip: u64,
     remaining: u64,
     hasher: Sha256,
@@ -733,15 +716,16 @@ impl Write for ChunkWriter {
         let take = usize::try_from(self.remaining)
             .unwrap_or(usize::MAX)
             .min(d.len());
-        if take > 0 && self.io_error.is_none() {
-            if let Err(e) = self.file.write_all_at(&d[..take], self.pos) {
-                self.io_error = Some(e);
+        if take > 0 {
+            if let (Some(out), None) = (self.out.as_mut(), &self.io_error) {
+                if let Err(e) = out.write_all(&d[..take]) {
+                    self.io_error = Some(e);
+                }
             }
             self.hasher.update(&d[..take]);
-            self.pos += take as u64;
             self.remaining -= take as u64;
         }
-        // Bytes past the chunk (tar padding, the next headers) are decompressed and dropped.
+        // Bytes past the chunk (tar padding, the next headers) are not the chunk's.
         Ok(data.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -768,11 +752,15 @@ impl SpanSink<'_> {
         let c = self.reader.chunk(seq);
         let (ino, _) = self.reader.table.blob_order[seq];
         let size = self.reader.table.get(ino).map_or(0, |n| n.size);
-        match self.reader.cache.open(ino, size) {
-            Ok(file) => {
+        let key = ChunkKey {
+            ino,
+            size,
+            range: c.info.file_range(),
+        };
+        match self.reader.cache.add(&key) {
+            Ok(out) => {
                 let w = ChunkWriter {
-                    file,
-                    pos: c.info.chunk_offset,
+                    out: Some(out),
                     skip: c.info.inner_offset,
                     remaining: c.info.chunk_size,
                     hasher: Sha256::new(),
@@ -801,8 +789,9 @@ impl SpanSink<'_> {
         self.start_chunk();
     }
 
-    /// Verifies the current chunk and records the result. `flush` drains the decoder first;
-    /// without it (the chunk's bytes are all out already) nothing more is decompressed.
+    /// Verifies the current chunk and commits it to the cache, or aborts it. `flush` drains the
+    /// decoder first; without it (the chunk's bytes are all out already) nothing more is
+    /// decompressed.
     fn complete(&mut self, mut dec: flate2::write::GzDecoder<ChunkWriter>, flush: bool) {
         let seq = self.seqs[self.k];
         let flushed = if flush {
@@ -813,18 +802,26 @@ impl SpanSink<'_> {
         };
         let res = flushed.and_then(|()| {
             let (ino, _) = self.reader.table.blob_order[seq];
+            let w = dec.get_mut();
             verify(
-                dec.get_mut(),
+                w,
                 self.reader.chunk(seq),
                 &self.reader.digest,
                 ino,
                 self.reader.opts.allow_unverified,
-            )
+            )?;
+            // Verified: only now may the bytes become visible.
+            let out = w
+                .out
+                .take()
+                .ok_or_else(|| FsError::Chunk("chunk written twice".into()))?;
+            out.commit().map_err(FsError::Cache)
         });
         match res {
-            Ok(()) => {
-                let _ = self.reader.chunk_done(seq, Ok(()));
+            Ok(proof) => {
+                let _ = self.reader.chunk_done(seq, Ok(proof));
             }
+            // Dropping the decoder drops its cache writer, which aborts it.
             Err(e) => self.fail(seq, e),
         }
     }

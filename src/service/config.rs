@@ -54,6 +54,36 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "directory_cache.direct",
         "there is no in-memory cache in front of the on-disk cache to bypass",
     ),
+    (
+        "directory_cache.fadv_dontneed",
+        "cache files are read by the kernel directly (passthrough) or once per read",
+    ),
+    (
+        "resolve_result_entry_ttl_sec",
+        "each mount resolves its blob; there is no cache of resolved blobs",
+    ),
+    (
+        "prefetch_timeout_sec",
+        "prefetch runs in the background and never holds up a mount",
+    ),
+    (
+        "prefetch_async_size",
+        "prefetch runs in the background and never holds up a mount",
+    ),
+    ("no_prometheus", "metrics are not served yet"),
+    ("metrics_address", "metrics are not served yet"),
+    (
+        "metadata_store",
+        "a layer's metadata is an in-memory inode table built from its TOC",
+    ),
+    (
+        "fuse.entry_timeout",
+        "attr_timeout covers directory entries and attributes alike",
+    ),
+    (
+        "snapshotter.allow_invalid_mounts_on_restart",
+        "a layer that cannot be re-mounted on restart is always logged and skipped",
+    ),
 ];
 
 /// A key of [`UNSUPPORTED`] that a config file set.
@@ -70,19 +100,12 @@ pub struct Config {
     /// Where decompressed file data is cached: `""`/`"directory"` (on disk, the default) or
     /// `"memory"`.
     pub filesystem_cache_type: String,
-    pub resolve_result_entry_ttl_sec: i64,
     pub prefetch_size: i64,
-    pub prefetch_timeout_sec: i64,
-    pub prefetch_async_size: i64,
     pub noprefetch: bool,
     pub no_background_fetch: bool,
     pub allow_no_verification: bool,
     pub disable_verification: bool,
     pub max_concurrency: i64,
-    pub no_prometheus: bool,
-    pub metrics_address: String,
-    /// "memory" or "db".
-    pub metadata_store: String,
     pub blob: BlobConfig,
     pub directory_cache: DirectoryCacheConfig,
     pub fuse: FuseConfig,
@@ -94,18 +117,12 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             filesystem_cache_type: String::new(),
-            resolve_result_entry_ttl_sec: 120,
             prefetch_size: 0,
-            prefetch_timeout_sec: 10,
-            prefetch_async_size: 0,
             noprefetch: false,
             no_background_fetch: false,
             allow_no_verification: false,
             disable_verification: false,
             max_concurrency: 2,
-            no_prometheus: false,
-            metrics_address: String::new(),
-            metadata_store: "memory".into(),
             blob: BlobConfig::default(),
             directory_cache: DirectoryCacheConfig::default(),
             fuse: FuseConfig::default(),
@@ -125,7 +142,6 @@ pub struct DirectoryCacheConfig {
     /// no container has open are evicted past it (and fetched again when read). 0 = half the
     /// size of the file system holding the root.
     pub max_bytes: u64,
-    pub fadv_dontneed: bool,
 }
 
 impl Default for DirectoryCacheConfig {
@@ -133,7 +149,6 @@ impl Default for DirectoryCacheConfig {
         DirectoryCacheConfig {
             max_cache_fds: 10,
             max_bytes: 0,
-            fadv_dontneed: false,
         }
     }
 }
@@ -143,7 +158,6 @@ impl Default for DirectoryCacheConfig {
 #[serde(default)]
 pub struct FuseConfig {
     pub attr_timeout: i64,
-    pub entry_timeout: i64,
     pub passthrough: bool,
 }
 
@@ -151,7 +165,6 @@ impl Default for FuseConfig {
     fn default() -> Self {
         FuseConfig {
             attr_timeout: 1,
-            entry_timeout: 1,
             // Go's default is false; ours is on because it falls back to normal reads by itself
             // where the kernel lacks FUSE passthrough, and cached reads then skip the daemon.
             passthrough: true,
@@ -163,7 +176,6 @@ impl Default for FuseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct SnapshotterConfig {
-    pub allow_invalid_mounts_on_restart: bool,
     /// Not a Go key: how long (seconds) Prepare/View/Mounts wait for the registry to confirm
     /// a mounted layer is reachable before answering Unavailable; 0 = the default.
     pub check_timeout_sec: u64,
@@ -172,7 +184,6 @@ pub struct SnapshotterConfig {
 impl Default for SnapshotterConfig {
     fn default() -> Self {
         SnapshotterConfig {
-            allow_invalid_mounts_on_restart: false,
             check_timeout_sec: DEFAULT_CHECK_TIMEOUT.as_secs(),
         }
     }
@@ -251,14 +262,11 @@ mod tests {
         let text = r#"
             prefetch_size = 1024
             noprefetch = true
-            metadata_store = "db"
             no_such_key = 1
             [blob]
             max_retries = 2
             [fuse]
             attr_timeout = 5
-            [snapshotter]
-            allow_invalid_mounts_on_restart = true
             [resolver.host."docker.io".mirrors]
             [[resolver.host."exam.ple".mirrors]]
             host = "mirror.local"
@@ -272,15 +280,12 @@ mod tests {
         unknown.sort();
         assert_eq!(c.prefetch_size, 1024);
         assert!(c.noprefetch);
-        assert_eq!(c.metadata_store, "db");
         assert_eq!(c.blob.max_retries, 2);
         assert_eq!(
             c.blob.fetching_timeout_sec, 300,
             "unset keys keep Go's defaults"
         );
         assert_eq!(c.fuse.attr_timeout, 5);
-        assert_eq!(c.fuse.entry_timeout, 1);
-        assert!(c.snapshotter.allow_invalid_mounts_on_restart);
         assert_eq!(c.resolver.host["exam.ple"].mirrors[0].host, "mirror.local");
         assert!(c.resolver.host["exam.ple"].mirrors[0].insecure);
         assert_eq!(
@@ -351,6 +356,12 @@ mod tests {
         let text = r#"
             http_cache_type = "memory"
             filesystem_cache_type = "memory"
+            resolve_result_entry_ttl_sec = 30
+            prefetch_timeout_sec = 5
+            prefetch_async_size = 1
+            no_prometheus = true
+            metrics_address = "127.0.0.1:8234"
+            metadata_store = "db"
             [blob]
             chunk_size = 100000
             force_single_range_mode = true
@@ -359,8 +370,13 @@ mod tests {
             max_lru_cache_entry = 5
             sync_add = true
             direct = true
+            fadv_dontneed = true
             max_cache_fds = 4
             typo = 1
+            [fuse]
+            entry_timeout = 3
+            [snapshotter]
+            allow_invalid_mounts_on_restart = true
         "#;
         let (c, unknown, unsupported) = Config::parse_keys(text, "t").unwrap();
         assert_eq!(unknown, ["directory_cache.typo"]);

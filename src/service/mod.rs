@@ -55,7 +55,7 @@ pub fn build_remote_layers(
     // Everything under `<root>/stargz` is image content: owner-only, created so (and narrowed
     // if an older version left it open) before the cache puts anything there.
     for dir in [root, &root.join("stargz")] {
-        fs::fscache::private_dir(dir).map_err(fs::FsError::Cache)?;
+        crate::cache::private_dir(dir).map_err(fs::FsError::Cache)?;
     }
     let resolver = fs::RegistryResolver::new(client, handle);
     let mut fs_config = fs::FsConfig::new(root);
@@ -75,6 +75,20 @@ pub fn build_remote_layers(
     fs_config.allow_no_verification = config.allow_no_verification;
     fs_config.no_background_fetch = config.no_background_fetch;
     fs_config.max_concurrency = usize::try_from(config.max_concurrency).unwrap_or(1).max(1);
+    fs_config.layer.read.cache_kind =
+        match crate::cache::CacheKind::parse(&config.filesystem_cache_type) {
+            Ok(kind) => kind,
+            Err(e) => {
+                // Go's daemon falls back to the directory cache for any other value; so do we, loudly.
+                tracing::warn!(error = %e, "filesystem_cache_type: using the directory cache");
+                crate::cache::CacheKind::Disk
+            }
+        };
+    fs_config.layer.read.max_open_files = usize::try_from(config.directory_cache.max_cache_fds)
+        .unwrap_or(0)
+        .max(1);
+    fs_config.cache_max_bytes =
+        (config.directory_cache.max_bytes > 0).then_some(config.directory_cache.max_bytes);
     Ok(Arc::new(fs::LayerManager::new(
         fs_config,
         Arc::new(resolver),

@@ -1,10 +1,12 @@
-//! `fscache`: one sparse cache file per regular file of a layer, holding its decompressed bytes
-//! at their file offsets, filled chunk by chunk.
+//! The disk store: one sparse cache file per regular file of a layer, holding its decompressed
+//! bytes at their file offsets, filled chunk by chunk.
 //!
-//! Which chunks are valid is tracked by the reader (a bitmap set only after verification), so a
-//! crash mid-write leaves bytes that are simply never served. The directory outlives the daemon
-//! (it is named after the snapshot's mountpoint); the next mount re-hashes what it finds. A fully filled file is exactly the
-//! file's content, which is what FUSE passthrough hands to the kernel.
+//! Which chunks are readable is tracked by the layer's chunk map (set only with a
+//! [`Committed`](super::Committed) proof), so a crash mid-write leaves bytes that are simply
+//! never served; an aborted chunk's bytes are punched out. The directory outlives the daemon (it
+//! is named after the snapshot's mountpoint); the next mount re-hashes what it finds
+//! ([`LayerCache::reuse`]). A fully filled file is exactly the file's content, which is what
+//! FUSE passthrough hands to the kernel.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -14,8 +16,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Open cache files kept around; past this the table is emptied (fds are cheap to reopen).
-const MAX_OPEN_FILES: usize = 256;
+use super::{ChunkKey, ChunkSink, Committed, LayerCache, Writer};
 
 /// Mode of every cache directory: the decompressed files of every image (including files
 /// that are 0600 inside the image) must not be readable by other local users.
@@ -46,15 +47,18 @@ fn tighten(path: &Path, mode: u32) -> io::Result<()> {
 
 /// The cache directory of one layer.
 #[derive(Debug)]
-pub struct FileCache {
+pub struct DiskCache {
     dir: PathBuf,
+    /// Open cache files kept around; past `max_open` the table is emptied (fds are cheap to
+    /// reopen).
     open: Mutex<HashMap<u64, Arc<File>>>,
+    max_open: usize,
 }
 
-impl FileCache {
-    /// Uses (and creates) `dir`; the layer owns it and [`FileCache::remove`] deletes it. A
+impl DiskCache {
+    /// Uses (and creates) `dir`; the layer owns it and [`LayerCache::remove`] deletes it. A
     /// directory reused from an earlier run is made private, its files too.
-    pub fn new(dir: &Path) -> io::Result<Self> {
+    pub fn new(dir: &Path, max_open: usize) -> io::Result<Self> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(DIR_MODE)
@@ -70,22 +74,19 @@ impl FileCache {
             }
             tighten(dir, DIR_MODE)?;
         }
-        Ok(FileCache {
+        Ok(DiskCache {
             dir: dir.to_path_buf(),
             open: Mutex::new(HashMap::new()),
+            max_open: max_open.max(1),
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn path(&self, ino: u64) -> PathBuf {
+    fn path(&self, ino: u64) -> PathBuf {
         self.dir.join(ino.to_string())
     }
 
     /// The cache file of inode `ino`, created sparse with the file's `size` on first use.
-    pub fn open(&self, ino: u64, size: u64) -> io::Result<Arc<File>> {
+    fn open(&self, ino: u64, size: u64) -> io::Result<Arc<File>> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = open.get(&ino) {
             return Ok(f.clone());
@@ -105,23 +106,83 @@ impl FileCache {
             file.set_len(size)?;
         }
         let file = Arc::new(file);
-        if open.len() >= MAX_OPEN_FILES {
+        if open.len() >= self.max_open {
             open.clear();
         }
         open.insert(ino, file.clone());
         Ok(file)
     }
+}
 
-    /// A read-only handle for passthrough (the kernel reads it directly).
-    pub fn open_readonly(&self, ino: u64) -> io::Result<File> {
-        File::open(self.path(ino))
+/// The store side of one chunk's [`Writer`]: positional writes into the cache file; an aborted
+/// chunk's bytes are punched out again.
+struct DiskSink {
+    file: Arc<File>,
+    range: Range<u64>,
+    written: bool,
+}
+
+impl ChunkSink for DiskSink {
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.written = true;
+        self.file.write_all_at(data, offset)
+    }
+
+    fn commit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        if self.written {
+            if let Err(e) = punch(&self.file, self.range.clone()) {
+                tracing::warn!(error = %e, "cannot discard an aborted chunk's bytes");
+            }
+        }
+    }
+}
+
+impl LayerCache for DiskCache {
+    fn add(&self, key: &ChunkKey) -> io::Result<Writer> {
+        let file = self.open(key.ino, key.size)?;
+        let sink = DiskSink {
+            file,
+            range: key.range.clone(),
+            written: false,
+        };
+        Ok(Writer::new(Box::new(sink), key.range.clone()))
+    }
+
+    fn read_at(&self, ino: u64, size: u64, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.open(ino, size)?.read_exact_at(buf, offset)
+    }
+
+    fn reuse(
+        &self,
+        key: &ChunkKey,
+        verify: &mut dyn FnMut(&mut dyn io::Read) -> bool,
+    ) -> Option<Committed> {
+        let file = File::open(self.path(key.ino)).ok()?;
+        if !file.metadata().is_ok_and(|m| m.len() == key.size) || has_hole(&file, key.range.clone())
+        {
+            return None;
+        }
+        let mut bytes = RangeReader {
+            file: &file,
+            pos: key.range.start,
+            end: key.range.end,
+        };
+        verify(&mut bytes).then_some(Committed(()))
+    }
+
+    fn backing_file(&self, ino: u64) -> Option<File> {
+        File::open(self.path(ino)).ok()
     }
 
     /// Drops the bytes of `range` in the cache file of `ino` (a chunk that failed
     /// verification), so they neither stay on disk nor can be served later: the range is
     /// punched out, or overwritten with zeros where the filesystem cannot punch holes. The
     /// file keeps its size; a file that does not exist has nothing to drop.
-    pub fn discard(&self, ino: u64, range: Range<u64>) -> io::Result<()> {
+    fn discard(&self, ino: u64, range: Range<u64>) -> io::Result<()> {
         if range.is_empty() {
             return Ok(());
         }
@@ -139,36 +200,79 @@ impl FileCache {
                 Err(e) => return Err(e),
             },
         };
-        let too_big = || {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("range {range:?} out of bounds"),
-            )
-        };
-        let off = i64::try_from(range.start).map_err(|_| too_big())?;
-        let len = i64::try_from(range.end - range.start).map_err(|_| too_big())?;
-        use nix::fcntl::{fallocate, FallocateFlags};
-        match fallocate(
-            &*file,
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            off,
-            len,
-        ) {
-            Ok(()) => Ok(()),
-            Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOSYS) => {
-                zero_fill(&file, range)
-            }
-            Err(e) => Err(e.into()),
-        }
+        punch(&file, range)
     }
 
     /// Deletes the layer's cache (unmount frees its disk space).
-    pub fn remove(&self) -> io::Result<()> {
+    fn remove(&self) -> io::Result<()> {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
         match std::fs::remove_dir_all(&self.dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+
+    fn dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+}
+
+/// Reads `[pos, end)` of a file.
+struct RangeReader<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl io::Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.end - self.pos)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// True when `range` of `file` contains a hole: bytes never written, so the chunk cannot be
+/// whole (a written chunk, even all zeros, is data). Spares hashing the zeros of sparse files.
+/// When the filesystem can't tell, says no and lets the hash decide.
+fn has_hole(file: &File, range: Range<u64>) -> bool {
+    if range.is_empty() {
+        return false;
+    }
+    let Ok(off) = libc::off_t::try_from(range.start) else {
+        return false;
+    };
+    // Moves only this descriptor's position, which nothing uses (all I/O here is positional).
+    nix::unistd::lseek(file, off, nix::unistd::Whence::SeekHole)
+        .is_ok_and(|h| u64::try_from(h).is_ok_and(|h| h < range.end))
+}
+
+/// Punches `range` out of `file` (it reads as zeros and takes no disk), or overwrites it with
+/// zeros where the file system cannot punch holes. The file keeps its size.
+fn punch(file: &File, range: Range<u64>) -> io::Result<()> {
+    let too_big = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {range:?} out of bounds"),
+        )
+    };
+    let off = i64::try_from(range.start).map_err(|_| too_big())?;
+    let len = i64::try_from(range.end - range.start).map_err(|_| too_big())?;
+    use nix::fcntl::{fallocate, FallocateFlags};
+    match fallocate(
+        file,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    ) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOSYS) => {
+            zero_fill(file, range)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -200,11 +304,11 @@ mod tests {
     fn new_dirs_and_files_are_private_from_the_start() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("fscache").join("layer");
-        let c = FileCache::new(&dir).unwrap();
+        let c = DiskCache::new(&dir, 8).unwrap();
         assert_eq!(mode(&d.path().join("fscache")), DIR_MODE);
         assert_eq!(mode(&dir), DIR_MODE);
         c.open(7, 10).unwrap();
-        assert_eq!(mode(&c.path(7)), FILE_MODE);
+        assert_eq!(mode(&dir.join("7")), FILE_MODE);
     }
 
     #[test]
@@ -218,7 +322,7 @@ mod tests {
             std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o644))
                 .unwrap();
         }
-        let c = FileCache::new(&dir).unwrap();
+        let c = DiskCache::new(&dir, 8).unwrap();
         assert_eq!(mode(&dir), DIR_MODE);
         assert_eq!(mode(&dir.join("1")), FILE_MODE);
         assert_eq!(mode(&dir.join("2")), FILE_MODE);
@@ -246,7 +350,7 @@ mod tests {
     #[test]
     fn discard_punches_a_hole_that_reads_as_zeros() {
         let d = tempfile::tempdir().unwrap();
-        let c = FileCache::new(&d.path().join("layer")).unwrap();
+        let c = DiskCache::new(&d.path().join("layer"), 8).unwrap();
         const SIZE: u64 = 1 << 20;
         let f = c.open(3, SIZE).unwrap();
         f.write_all_at(&vec![0xAB; SIZE as usize], 0).unwrap();
