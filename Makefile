@@ -29,6 +29,7 @@ release:
 # The test command (CI runs it through .ci/run). Integration tests need root and /dev/fuse.
 test: deps
 	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) build --bins
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --no-fail-fast; \
