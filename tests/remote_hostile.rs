@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use remote_support::{Hostile, ProxyRequest, Reply};
-use stargz::remote::{
+use stargz::{
     Blob, BlobConfig, ClientConfig, Credentials, HostConfig, MirrorConfig, Reference,
     RegistryClient, RemoteError, Secret,
 };
@@ -460,7 +460,7 @@ async fn redirects_to_another_origin_carry_no_credentials_or_mirror_headers() ->
         }
     }))
     .await?;
-    let mut resolver = stargz::remote::ResolverConfig::default();
+    let mut resolver = stargz::ResolverConfig::default();
     resolver.host.insert(
         "registry.invalid".into(),
         HostConfig {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use remote_support::{fetch, pseudo_random, write_docker_config, write_htpasswd, Pusher, Registry};
-use stargz::remote::{
+use stargz::{
     Blob, BlobConfig, ClientConfig, HostConfig, MirrorConfig, Reference, RegistryClient,
     RemoteError,
 };

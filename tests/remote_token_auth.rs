@@ -13,7 +13,7 @@ use base64::Engine;
 use remote_support::{
     fetch, pseudo_random, Action, Fault, LogCapture, Proxy, ProxyRequest, Pusher, Registry,
 };
-use stargz::remote::{
+use stargz::{
     Blob, BlobConfig, ClientConfig, DockerConfig, Reference, RegistryClient, RemoteError,
 };
 

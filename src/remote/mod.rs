@@ -54,9 +54,9 @@ mod registry;
 
 pub use auth::{Credentials, DockerConfig, Secret};
 pub use blob::{Blob, SyncBlob};
-pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, Platform, ResolverConfig};
+pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, ResolverConfig};
 pub use reference::Reference;
-pub use registry::{RawManifest, RegistryClient, Resolved};
+pub use registry::RegistryClient;
 
 /// Errors of the registry client and the blob reader. None of them carries a credential.
 #[derive(Debug, thiserror::Error)]

@@ -304,9 +304,9 @@ impl Write for LogCapture {
 /// `blob`'s bytes of `range`, streamed through `fetch_range_into` (the daemon's read path);
 /// checks the byte count it returns against what the sink saw.
 pub async fn fetch(
-    blob: &stargz::remote::Blob,
+    blob: &stargz::Blob,
     range: std::ops::Range<u64>,
-) -> Result<Vec<u8>, stargz::remote::RemoteError> {
+) -> Result<Vec<u8>, stargz::RemoteError> {
     let mut out = Vec::new();
     let n = blob.fetch_range_into(range, &mut out).await?;
     assert_eq!(n, out.len() as u64, "returned count is what the sink saw");
