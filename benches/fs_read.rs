@@ -29,11 +29,11 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use sha2::{Digest, Sha256};
 use stargz::estargz::{EntryType, Toc, TocEntry};
-use stargz::fs::{
+use stargz::{
     mount_layer, open_layer, BackgroundFetcher, BlobResolver, FileSource, LayerOptions,
     LayerSource, LayerSpec, Priority, RegistryResolver,
 };
-use stargz::remote::{ClientConfig, HostConfig, MirrorConfig, RegistryClient, ResolverConfig};
+use stargz::{ClientConfig, HostConfig, MirrorConfig, RegistryClient, ResolverConfig};
 use testbed::SlowLink;
 
 const CHUNK: u64 = 4 << 20;
@@ -192,7 +192,7 @@ fn mount(
     toc: &str,
     opts: &LayerOptions,
     fetcher: Option<Arc<BackgroundFetcher>>,
-) -> Result<stargz::fs::MountedLayer> {
+) -> Result<stargz::MountedLayer> {
     let mnt = dir.join(name);
     std::fs::create_dir_all(&mnt)?;
     let spec = LayerSpec {

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use stargz::remote::{Blob, ClientConfig, Reference, RegistryClient};
+use stargz::{Blob, ClientConfig, Reference, RegistryClient};
 
 const MIB: u64 = 1 << 20;
 const REPO: &str = "bench/blob";

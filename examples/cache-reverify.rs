@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use stargz::fs::{open_layer, FileSource, LayerSource, LayerSpec, Priority};
+use stargz::{open_layer, FileSource, LayerSource, LayerSpec, Priority};
 
 fn main() -> anyhow::Result<()> {
     let path = std::env::args()
@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         .table()
         .nodes()
         .iter()
-        .filter(|n| n.kind == stargz::fs::inode::NodeKind::Reg)
+        .filter(|n| n.kind == stargz::NodeKind::Reg)
         .map(|n| n.size)
         .sum();
     println!(

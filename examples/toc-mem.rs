@@ -60,15 +60,15 @@ fn main() -> anyhow::Result<()> {
     let (hwm0, rss0) = (status("VmHWM:"), status("VmRSS:"));
     let live0 = LIVE.load(Ordering::Relaxed);
     PEAK.store(live0, Ordering::Relaxed);
-    let src: Arc<dyn stargz::fs::LayerSource> = Arc::new(stargz::fs::FileSource::open(&blob)?);
+    let src: Arc<dyn stargz::LayerSource> = Arc::new(stargz::FileSource::open(&blob)?);
     let dir = tempfile::tempdir()?;
-    let spec = stargz::fs::LayerSpec {
+    let spec = stargz::LayerSpec {
         digest: "sha256:test".into(),
         source: src,
         toc_digest: None,
     };
     let t = std::time::Instant::now();
-    let reader = stargz::fs::open_layer(spec, dir.path(), &Default::default(), Default::default())?;
+    let reader = stargz::open_layer(spec, dir.path(), &Default::default(), Default::default())?;
     let took = t.elapsed();
     let (hwm1, rss1) = (status("VmHWM:"), status("VmRSS:"));
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
@@ -90,8 +90,8 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "size_of Node {} Chunk {}",
-        std::mem::size_of::<stargz::fs::inode::Node>(),
-        std::mem::size_of::<stargz::fs::inode::Chunk>()
+        std::mem::size_of::<stargz::Node>(),
+        std::mem::size_of::<stargz::Chunk>()
     );
     let t = reader.table();
     let kids: usize = t.nodes().iter().map(|n| n.child_count()).sum();

@@ -14,17 +14,52 @@
 //! - [`untrusted`]: bounding registry-supplied strings before they reach errors and logs;
 //! - [`alloc`]: the daemon's glibc allocator tuning.
 
-pub mod alloc;
-pub mod cache;
-pub mod ctr;
+// Modules are private: the names the binaries, tests, benches and examples need are
+// re-exported below, so the compiler's dead-code lint sees everything else.
+mod alloc;
+mod cache;
+mod ctr;
 pub mod estargz;
-pub mod fs;
-pub mod labels;
-pub mod oci;
-pub mod remote;
-pub mod service;
-pub mod snapshot;
-pub mod untrusted;
+mod fs;
+mod labels;
+mod oci;
+mod remote;
+mod service;
+mod snapshot;
+mod untrusted;
+
+// The daemon (`containerd-stargz-grpc`).
+pub use alloc::tune as tune_allocator;
+pub use cache::{private_dir, CacheKind};
+pub use service::{bind_socket, build_remote_layers, config::Config, run};
+pub use snapshot::{
+    CheckPolicy, LayerError, RemoteLayers, Snapshotter, SnapshotterImpl, SysMounter, REMOTE_LABEL,
+};
+pub use untrusted::chain as error_chain;
+
+// `ctr-remote`.
+pub use ctr::cli::{run as run_ctr_remote, Cli as CtrRemoteCli};
+pub use ctr::registry::{Fetcher, RegistryOptions, RemoteFetcher};
+pub use ctr::Error as CtrError;
+
+// The image model and label names shared by both.
+pub use labels::TOC_DIGEST;
+pub use oci::{chain_ids, Descriptor, Index, Manifest};
+
+// The registry client.
+pub use remote::auth::redact_url;
+pub use remote::{
+    Blob, BlobConfig, ClientConfig, Credentials, DockerConfig, HostConfig, MirrorConfig, Reference,
+    RegistryClient, RemoteError, ResolverConfig, Secret,
+};
+
+// One mounted layer.
+pub use fs::inode::{Chunk, Node, NodeKind};
+pub use fs::{
+    mount_layer, open_layer, BackgroundFetcher, BlobResolver, CacheBudget, FileSource, FsConfig,
+    FsError, LayerManager, LayerOptions, LayerSource, LayerSpec, MountedLayer, Priority,
+    ReadOptions, RegistryResolver,
+};
 
 /// Code generated from `proto/` (containerd's snapshots v1 API) by `build.rs`.
 pub mod proto {

@@ -118,7 +118,7 @@ fn config_of(
         .iter()
         .map(|d| d.as_str().unwrap_or_default().to_string())
         .collect();
-    let chain = stargz::oci::chain_ids(&diff_ids);
+    let chain = stargz::chain_ids(&diff_ids);
     let labels_line = ctr_ns(ctrd, ns, &["content", "ls"]);
     let cfg_labels: BTreeMap<String, String> = labels_line
         .lines()

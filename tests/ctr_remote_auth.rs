@@ -9,10 +9,10 @@ use futures_util::StreamExt;
 use remote_support::{
     pseudo_random, write_docker_config, write_htpasswd, Action, Fault, Proxy, Pusher, Registry,
 };
-use stargz::ctr::registry::{Fetcher, RegistryOptions, RemoteFetcher};
-use stargz::ctr::Error;
-use stargz::oci::{Descriptor, Index, Manifest};
-use stargz::remote::Reference;
+use stargz::CtrError as Error;
+use stargz::Reference;
+use stargz::{Descriptor, Index, Manifest};
+use stargz::{Fetcher, RegistryOptions, RemoteFetcher};
 
 const USER: &str = "dave";
 const PASSWORD: &str = "ctr-Basic-Pa55-77f1";
@@ -116,7 +116,7 @@ async fn corrupted_layer_stream_ends_in_digest_error() -> Result<()> {
     let reference = format!("{}/bad/img:v1", front.addr).parse()?;
     let fetcher = RemoteFetcher::new(reference, &RegistryOptions::default())?;
     match pull_layer(&fetcher).await {
-        Err(Error::Remote(stargz::remote::RemoteError::DigestMismatch { expected, .. })) => {
+        Err(Error::Remote(stargz::RemoteError::DigestMismatch { expected, .. })) => {
             ensure!(expected == layer_digest, "mismatch reported for {expected}");
         }
         other => anyhow::bail!("expected a digest mismatch, got {other:?}"),

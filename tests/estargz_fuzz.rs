@@ -430,7 +430,7 @@ proptest! {
     fn mutated_toc_json(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
         let blob = valid_blob();
         let opened = estargz::open_blob(&blob[..], blob.len() as u64, None).expect("open");
-        let mut json = estargz::toc::to_go_json(&opened.toc).expect("json");
+        let mut json = estargz::to_go_json(&opened.toc).expect("json");
         for (i, v) in edits {
             let i = i.index(json.len());
             json[i] = v;

@@ -17,7 +17,7 @@ use std::process::Command;
 
 use common::*;
 use stargz::estargz::{self, BuildOptions, EntryType};
-use stargz::labels::TOC_DIGEST as TOC_DIGEST_ANNOTATION;
+use stargz::TOC_DIGEST as TOC_DIGEST_ANNOTATION;
 
 #[derive(Debug, Clone)]
 enum Kind {
@@ -366,7 +366,7 @@ fn estargz_interop_with_go_ctr_remote() {
         .require_chunk_digests()
         .expect("Go writes chunk digests");
     // Our TOC JSON serialization of Go's TOC reproduces Go's bytes (same digest).
-    let json = stargz::estargz::toc::to_go_json(&opened.toc).expect("json");
+    let json = stargz::estargz::to_go_json(&opened.toc).expect("json");
     assert_eq!(
         estargz::sha256_digest(&json),
         go_toc,

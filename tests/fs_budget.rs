@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use fs_support::*;
-use stargz::fs::{
+use stargz::{
     mount_layer, open_layer, CacheBudget, LayerOptions, LayerSpec, Priority, ReadOptions,
 };
 

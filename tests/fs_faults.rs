@@ -19,9 +19,9 @@ use anyhow::{anyhow, ensure, Result};
 use fs_support::*;
 use remote_support::{Action, Fault, Proxy, ProxyRequest};
 use sha2::{Digest, Sha256};
-use stargz::fs::{FsConfig, LayerManager, RegistryResolver};
-use stargz::remote::{BlobConfig, ClientConfig, RegistryClient};
-use stargz::snapshot::RemoteLayers;
+use stargz::RemoteLayers;
+use stargz::{BlobConfig, ClientConfig, RegistryClient};
+use stargz::{FsConfig, LayerManager, RegistryResolver};
 
 /// Responses larger than this always break somewhere.
 const LARGE: u64 = 256 << 10;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use fs_support::*;
-use stargz::fs::{
+use stargz::{
     mount_layer, open_layer, BackgroundFetcher, LayerOptions, LayerSpec, MountedLayer, Priority,
     ReadOptions,
 };
@@ -398,23 +398,23 @@ fn prefetch_up_to_landmark_in_one_request_and_readahead_batches_small_files() ->
 
 struct MapResolver(std::collections::HashMap<String, Arc<FaultySource>>);
 
-impl stargz::fs::BlobResolver for MapResolver {
+impl stargz::BlobResolver for MapResolver {
     fn resolve(
         &self,
         _reference: &str,
         digest: &str,
-    ) -> Result<Arc<dyn stargz::fs::LayerSource>, stargz::fs::FsError> {
+    ) -> Result<Arc<dyn stargz::LayerSource>, stargz::FsError> {
         let s = self
             .0
             .get(digest)
-            .ok_or_else(|| stargz::fs::FsError::Labels(format!("unknown blob {digest}")))?;
+            .ok_or_else(|| stargz::FsError::Labels(format!("unknown blob {digest}")))?;
         Ok(s.clone())
     }
 }
 
 #[test]
 fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
-    use stargz::snapshot::RemoteLayers;
+    use stargz::RemoteLayers;
     require_root();
     let f = fixture(lower_tree, None)?;
     let work = tempfile::tempdir()?;
@@ -424,9 +424,9 @@ fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
             .into_iter()
             .collect(),
     );
-    let mut cfg = stargz::fs::FsConfig::new(work.path());
+    let mut cfg = stargz::FsConfig::new(work.path());
     cfg.max_concurrency = 1;
-    let mgr = stargz::fs::LayerManager::new(cfg, Arc::new(resolver))?;
+    let mgr = stargz::LayerManager::new(cfg, Arc::new(resolver))?;
     let mnt = work.path().join("m");
     std::fs::create_dir(&mnt)?;
     let mut labels: std::collections::BTreeMap<String, String> = [
@@ -479,14 +479,14 @@ fn layer_from_estargz_builder_matches_source_and_prefetches_prioritized_files() 
     // The builder rounds sub-second mtimes to the second, as Go does; compare whole seconds.
     truncate_mtimes(&src)?;
     let tar = tar_dir(&src)?;
-    let opts = stargz::estargz::builder::BuildOptions {
+    let opts = stargz::estargz::BuildOptions {
         chunk_size: 1 << 20,
         compression_level: 1,
         prioritized_files: vec!["etc/passwd".into(), "usr/lib/app/big.bin".into()],
         ..Default::default()
     };
     let mut blob = Vec::new();
-    let res = stargz::estargz::builder::build(tar.as_slice(), &mut blob, &opts)?;
+    let res = stargz::estargz::build(tar.as_slice(), &mut blob, &opts)?;
     let f = Fixture {
         _tmp: tmp,
         src,
@@ -740,20 +740,20 @@ fn fully_fetched_cache_is_complete_after_remount() -> Result<()> {
 /// manager over the same root), and deletes caches no mounted layer claims.
 #[test]
 fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
-    use stargz::snapshot::RemoteLayers;
+    use stargz::RemoteLayers;
     require_root();
     let f = fixture(lower_tree, None)?;
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
-    let manager = || -> Result<stargz::fs::LayerManager> {
+    let manager = || -> Result<stargz::LayerManager> {
         let resolver = MapResolver(
             [("sha256:11".to_string(), source.clone())]
                 .into_iter()
                 .collect(),
         );
-        let mut cfg = stargz::fs::FsConfig::new(work.path());
+        let mut cfg = stargz::FsConfig::new(work.path());
         cfg.no_background_fetch = true;
-        Ok(stargz::fs::LayerManager::new(cfg, Arc::new(resolver))?)
+        Ok(stargz::LayerManager::new(cfg, Arc::new(resolver))?)
     };
     let labels: std::collections::BTreeMap<String, String> = [
         (
@@ -991,7 +991,7 @@ fn memory_cache_serves_the_same_tree_and_writes_no_files() -> Result<()> {
     let work = tempfile::tempdir()?;
     let source = FaultySource::new(f.blob.clone());
     let read = ReadOptions {
-        cache_kind: stargz::cache::CacheKind::Memory,
+        cache_kind: stargz::CacheKind::Memory,
         ..Default::default()
     };
     let opts = LayerOptions {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Result};
 use fs_support::*;
 use sha2::{Digest, Sha256};
-use stargz::fs::{FsConfig, LayerManager, RegistryResolver};
-use stargz::snapshot::RemoteLayers;
+use stargz::RemoteLayers;
+use stargz::{FsConfig, LayerManager, RegistryResolver};
 
 #[test]
 fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()> {
@@ -41,7 +41,7 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let client = stargz::remote::RegistryClient::new(stargz::remote::ClientConfig::default())?;
+    let client = stargz::RegistryClient::new(stargz::ClientConfig::default())?;
     let resolver = RegistryResolver::new(client, rt.handle().clone());
     let mut cfg = FsConfig::new(&tmp.path().join("root"));
     cfg.max_concurrency = 2;

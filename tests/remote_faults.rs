@@ -16,7 +16,7 @@ use anyhow::Result;
 use remote_support::{
     fetch, pseudo_random, Action, Fault, Hostile, Proxy, ProxyRequest, Pusher, Registry, Reply,
 };
-use stargz::remote::{Blob, BlobConfig, ClientConfig, Reference, RegistryClient, RemoteError};
+use stargz::{Blob, BlobConfig, ClientConfig, Reference, RegistryClient, RemoteError};
 
 /// The memory test reads this process's peak RSS: no other test may run beside it.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -366,7 +366,7 @@ async fn redirect_to_storage_and_reresolve_on_403() -> Result<()> {
     assert!(refused.load(Ordering::SeqCst) >= 2);
     // Errors from storage URLs never show the presigned signature.
     let err = RemoteError::Status {
-        url: stargz::remote::auth::redact_url(&format!("http://{}/x?sig=SECRETSIG", storage.addr)),
+        url: stargz::redact_url(&format!("http://{}/x?sig=SECRETSIG", storage.addr)),
         status: 403,
         detail: String::new(),
     };

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use remote_support::{Hostile, ProxyRequest, Reply};
-use stargz::remote::{
+use remote_support::{resolve, Hostile, ProxyRequest, Reply};
+use stargz::{
     Blob, BlobConfig, ClientConfig, Credentials, HostConfig, MirrorConfig, Reference,
     RegistryClient, RemoteError, Secret,
 };
@@ -95,7 +95,7 @@ async fn endless_token_body_is_refused_promptly() -> Result<()> {
     .await?;
     let r: Reference = format!("{}/a/b:t", reg.addr).parse()?;
     let t = Instant::now();
-    let err = client_with(blob_config()).resolve(&r).await.unwrap_err();
+    let err = resolve(&client_with(blob_config()), &r).await.unwrap_err();
     assert!(
         matches!(&err, RemoteError::BodyTooLarge { limit, .. } if *limit == 1 << 20),
         "{err}"
@@ -210,7 +210,7 @@ async fn silent_registry_fails_within_the_deadline() -> Result<()> {
     assert_eq!(srv.requests().len(), 3);
 
     let t = Instant::now();
-    let err = client.resolve(&r).await.unwrap_err();
+    let err = resolve(&client, &r).await.unwrap_err();
     assert!(matches!(err, RemoteError::Stalled(_)), "{err}");
     assert!(
         t.elapsed() < bound + Duration::from_secs(1),
@@ -460,7 +460,7 @@ async fn redirects_to_another_origin_carry_no_credentials_or_mirror_headers() ->
         }
     }))
     .await?;
-    let mut resolver = stargz::remote::ResolverConfig::default();
+    let mut resolver = stargz::ResolverConfig::default();
     resolver.host.insert(
         "registry.invalid".into(),
         HostConfig {

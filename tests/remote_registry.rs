@@ -6,8 +6,10 @@ mod remote_support;
 use std::sync::Arc;
 
 use anyhow::Result;
-use remote_support::{fetch, pseudo_random, write_docker_config, write_htpasswd, Pusher, Registry};
-use stargz::remote::{
+use remote_support::{
+    fetch, pseudo_random, resolve, write_docker_config, write_htpasswd, Pusher, Registry,
+};
+use stargz::{
     Blob, BlobConfig, ClientConfig, HostConfig, MirrorConfig, Reference, RegistryClient,
     RemoteError,
 };
@@ -38,7 +40,7 @@ async fn resolves_index_and_streams_ranges() -> Result<()> {
         .await?;
     let c = client(quick_retries());
     let r: Reference = format!("{}/test/app:v1", reg.addr).parse()?;
-    let resolved = c.resolve(&r).await?;
+    let resolved = resolve(&c, &r).await?;
     assert_eq!(
         resolved.digest, mdigest,
         "linux/amd64 picked from the index"
@@ -49,7 +51,7 @@ async fn resolves_index_and_streams_ranges() -> Result<()> {
         .await?;
     assert!(config.starts_with(b"{\"architecture\""));
 
-    let blob = Blob::open(&c, &resolved.reference, &layer).await?;
+    let blob = Blob::open(&c, &r, &layer).await?;
     assert_eq!(blob.size(), data.len() as u64);
     assert_eq!(blob.digest(), layer);
     for off in [0u64, 2500, 5200, 9999] {
@@ -181,7 +183,7 @@ async fn mirrors_are_tried_before_the_origin() -> Result<()> {
     );
     let c = RegistryClient::new(cfg)?;
     let r: Reference = format!("{origin}/m/i:t").parse()?;
-    let resolved = c.resolve(&r).await?;
+    let resolved = resolve(&c, &r).await?;
     assert_eq!(resolved.manifest.layers[0].digest, layer);
     let blob = Blob::open(&c, &r, &layer).await?;
     assert_eq!(fetch(&blob, 0..4000).await?, data);
@@ -201,7 +203,7 @@ async fn basic_auth_with_docker_config() -> Result<()> {
     let r: Reference = format!("{}/private/img:v1", reg.addr).parse()?;
 
     // Without credentials: a clear authorization error.
-    let err = client(quick_retries()).resolve(&r).await.unwrap_err();
+    let err = resolve(&client(quick_retries()), &r).await.unwrap_err();
     assert!(matches!(err, RemoteError::Unauthorized { .. }), "{err}");
 
     let docker_dir = tmp.path().join("docker");
@@ -212,7 +214,7 @@ async fn basic_auth_with_docker_config() -> Result<()> {
         docker_config_dir: Some(docker_dir.clone()),
         ..Default::default()
     })?;
-    let resolved = c.resolve(&r).await?;
+    let resolved = resolve(&c, &r).await?;
     let blob = Blob::open(&c, &r, &resolved.manifest.layers[0].digest).await?;
     assert_eq!(blob.digest(), layer);
     assert_eq!(fetch(&blob, 0..20_000).await?, data);
@@ -223,7 +225,7 @@ async fn basic_auth_with_docker_config() -> Result<()> {
         docker_config_dir: Some(docker_dir),
         ..Default::default()
     })?;
-    let err = c.resolve(&r).await.unwrap_err().to_string();
+    let err = resolve(&c, &r).await.unwrap_err().to_string();
     assert!(
         !err.contains("wrong-Secret-77") && !err.contains(password),
         "{err}"

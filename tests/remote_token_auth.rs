@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::Result;
 use base64::Engine;
 use remote_support::{
-    fetch, pseudo_random, Action, Fault, LogCapture, Proxy, ProxyRequest, Pusher, Registry,
+    fetch, pseudo_random, resolve, Action, Fault, LogCapture, Proxy, ProxyRequest, Pusher, Registry,
 };
-use stargz::remote::{
+use stargz::{
     Blob, BlobConfig, ClientConfig, DockerConfig, Reference, RegistryClient, RemoteError,
 };
 
@@ -127,7 +127,7 @@ async fn bearer_token_flow_refresh_and_no_secret_in_logs() -> Result<()> {
     };
     let client = RegistryClient::with_docker_config(cfg.clone(), docker)?;
     let r: Reference = format!("{}/tok/img:v1", front.addr).parse()?;
-    let resolved = client.resolve(&r).await?;
+    let resolved = resolve(&client, &r).await?;
     assert_eq!(resolved.manifest.layers[0].digest, layer);
     let blob = Blob::open(&client, &r, &layer).await?;
     assert_eq!(fetch(&blob, 1000..13_000).await?, data[1000..13_000]);
@@ -144,13 +144,13 @@ async fn bearer_token_flow_refresh_and_no_secret_in_logs() -> Result<()> {
     remote_support::write_docker_config(bad_dir.path(), &front.addr, USER, "wrong-Pw-31337")?;
     let bad =
         RegistryClient::with_docker_config(cfg.clone(), DockerConfig::in_dir(bad_dir.path()))?;
-    let err = bad.resolve(&r).await.unwrap_err();
+    let err = resolve(&bad, &r).await.unwrap_err();
     assert!(matches!(err, RemoteError::Unauthorized { .. }), "{err}");
     let err_text = format!("{err} / {err:?}");
     // No credentials at all: also a clear error.
     let none =
         RegistryClient::with_docker_config(cfg, DockerConfig::in_dir(tmp.path().join("none")))?;
-    let err2 = none.resolve(&r).await.unwrap_err();
+    let err2 = resolve(&none, &r).await.unwrap_err();
     assert!(matches!(err2, RemoteError::Unauthorized { .. }), "{err2}");
 
     let text = format!("{}\n{err_text}\n{err2} / {err2:?}", logs.text());

@@ -1,4 +1,4 @@
-//! The Snapshots API over a real unix socket: the server runs in-process (`service::run`)
+//! The Snapshots API over a real unix socket: the server runs in-process (`stargz::run`)
 //! and a tonic client sends good and bad requests. Also checks the daemon binary's socket
 //! permissions, sd_notify messages and signal handling. Needs root only for the binary part
 //! (default-free temp paths are used throughout).
@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use common::snapshots_pb as pb;
 use common::*;
-use stargz::service;
-use stargz::snapshot::{SnapshotterImpl, SysMounter};
+use stargz::{SnapshotterImpl, SysMounter};
 use tonic::Code;
 
 struct Server {
@@ -33,10 +32,10 @@ async fn server() -> Server {
         )
         .expect("snapshotter"),
     );
-    let listener = service::bind_socket(&sock).expect("bind");
+    let listener = stargz::bind_socket(&sock).expect("bind");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        service::run(listener, sn, async {
+        stargz::run(listener, sn, async {
             let _ = rx.await;
         })
         .await

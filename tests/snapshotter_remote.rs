@@ -13,10 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use stargz::service;
-use stargz::snapshot::{
-    CheckPolicy, LayerError, RemoteLayers, SnapshotterImpl, SysMounter, REMOTE_LABEL,
-};
+use stargz::{CheckPolicy, LayerError, RemoteLayers, SnapshotterImpl, SysMounter, REMOTE_LABEL};
 
 const DIGEST_LABEL: &str = "containerd.io/snapshot/remote/stargz.digest";
 
@@ -113,9 +110,9 @@ impl InProcess {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let listener = service::bind_socket(&sock).expect("bind");
+                let listener = stargz::bind_socket(&sock).expect("bind");
                 let _ = ready_tx.send(());
-                service::run(listener, sn, async {
+                stargz::run(listener, sn, async {
                     let _ = rx.await;
                 })
                 .await

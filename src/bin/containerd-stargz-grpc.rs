@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use stargz::service::{self, config::Config};
-use stargz::snapshot::{Snapshotter, SnapshotterImpl, SysMounter};
+use stargz::Config;
+use stargz::{Snapshotter, SnapshotterImpl, SysMounter};
 use tracing::{error, info, warn};
 
 const DEFAULT_ADDRESS: &str = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock";
@@ -64,7 +64,7 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
 fn notify(state: sd_notify::NotifyState) {
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         if let Err(e) = sd_notify::notify(false, &[state]) {
-            warn!(error = %stargz::untrusted::chain(&e), "sd_notify failed");
+            warn!(error = %stargz::error_chain(&e), "sd_notify failed");
         }
     }
 }
@@ -84,7 +84,7 @@ fn signals() -> anyhow::Result<impl std::future::Future<Output = Stop>> {
 }
 
 fn main() -> anyhow::Result<()> {
-    stargz::alloc::tune();
+    stargz::tune_allocator();
     let args = Args::parse();
     init_logging(&args.log_level)?;
     if let Err(e) = real_main(args) {
@@ -104,7 +104,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     // those that are 0600 in the image), so the default is owner-only; the few directories
     // that need other modes (overlay upper/work dirs, the socket) set them explicitly.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    stargz::cache::private_dir(&args.root)
+    stargz::private_dir(&args.root)
         .with_context(|| format!("create root {}", args.root.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,7 +114,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         let _guard = rt.enter();
         signals()?
     };
-    let remote = service::build_remote_layers(&config, &args.root, rt.handle().clone())?;
+    let remote = stargz::build_remote_layers(&config, &args.root, rt.handle().clone())?;
     let snapshotter = Arc::new(
         SnapshotterImpl::new(
             &args.root.join("snapshotter"),
@@ -125,11 +125,11 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     );
     snapshotter.restore()?;
     if let Err(e) = snapshotter.cleanup() {
-        warn!(error = %stargz::untrusted::chain(&e), "start-up cleanup failed");
+        warn!(error = %stargz::error_chain(&e), "start-up cleanup failed");
     }
 
     let stop = rt.block_on(async {
-        let listener = service::bind_socket(&args.address)?;
+        let listener = stargz::bind_socket(&args.address)?;
         info!(address = %args.address.display(), root = %args.root.display(), "containerd-stargz-grpc started");
         let (sig_tx, sig_rx) = tokio::sync::watch::channel(None::<Stop>);
         tokio::spawn(async move {
@@ -141,7 +141,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| s.is_some()).await;
         };
         notify(sd_notify::NotifyState::Ready);
-        let serve = service::run(listener, snapshotter.clone(), signalled(sig_rx.clone()));
+        let serve = stargz::run(listener, snapshotter.clone(), signalled(sig_rx.clone()));
         tokio::select! {
             r = serve => r?,
             _ = async { signalled(sig_rx.clone()).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {

@@ -3,7 +3,7 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    let cli = stargz::ctr::cli::Cli::parse();
+    let cli = stargz::CtrRemoteCli::parse();
     let level = if cli.debug { "debug" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
@@ -13,6 +13,6 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(stargz::ctr::cli::run(cli))?;
+    rt.block_on(stargz::run_ctr_remote(cli))?;
     Ok(())
 }

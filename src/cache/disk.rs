@@ -56,7 +56,7 @@ pub struct DiskCache {
 }
 
 impl DiskCache {
-    /// Uses (and creates) `dir`; the layer owns it and [`LayerCache::remove`] deletes it. A
+    /// Uses (and creates) `dir`; the layer manager deletes it when the snapshot goes. A
     /// directory reused from an earlier run is made private, its files too.
     pub fn new(dir: &Path, max_open: usize) -> io::Result<Self> {
         std::fs::DirBuilder::new()
@@ -204,14 +204,6 @@ impl LayerCache for DiskCache {
     }
 
     /// Deletes the layer's cache (unmount frees its disk space).
-    fn remove(&self) -> io::Result<()> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        match std::fs::remove_dir_all(&self.dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
     fn dir(&self) -> Option<&Path> {
         Some(&self.dir)
     }

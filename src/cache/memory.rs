@@ -103,11 +103,6 @@ impl LayerCache for MemoryCache {
         Ok(())
     }
 
-    fn remove(&self) -> io::Result<()> {
-        lock(&self.files).clear();
-        Ok(())
-    }
-
     fn dir(&self) -> Option<&Path> {
         None
     }

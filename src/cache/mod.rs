@@ -1,12 +1,12 @@
 //! The cache of a layer's decompressed, verified file data: `add(key) -> Writer {write,
-//! commit, abort}` to fill it, `read_at` to serve it.
+//! commit}` to fill it (dropping an uncommitted writer aborts), `read_at` to serve it.
 //!
 //! The key is one chunk of one file ([`ChunkKey`]): the read path decompresses a chunk
 //! straight into a [`Writer`] as its compressed bytes arrive, checks the chunk's digest, and
 //! only then calls [`Writer::commit`]. Commit hands back a [`Committed`] proof, which is the
 //! only way to mark a chunk present in the layer's chunk map (`fs::chunks`): so no byte is
-//! served before it was verified. [`Writer::abort`] — or dropping the writer, as any early
-//! return does — removes whatever was written, so nothing unverified stays behind.
+//! served before it was verified. Dropping an uncommitted writer, as any early return does,
+//! removes whatever was written, so nothing unverified stays behind.
 //!
 //! The API is shaped for the store the daemon needs, not for a key→blob store: a file's chunks
 //! live at their file offsets in one sparse cache file ([`disk::DiskCache`]), so a fully cached
@@ -62,8 +62,6 @@ pub trait LayerCache: Send + Sync + std::fmt::Debug {
     fn backing_file(&self, ino: u64) -> Option<std::fs::File>;
     /// Drops the bytes of `range` of file `ino` (eviction of verified chunks).
     fn discard(&self, ino: u64, range: Range<u64>) -> io::Result<()>;
-    /// Deletes everything (the layer's snapshot is gone).
-    fn remove(&self) -> io::Result<()>;
     /// Where the layer's files live on disk (None for memory).
     fn dir(&self) -> Option<&Path>;
 }
@@ -150,12 +148,6 @@ impl Writer {
                 Err(e)
             }
         }
-    }
-
-    /// Removes what was written.
-    pub fn abort(mut self) {
-        self.done = true;
-        self.sink.abort();
     }
 }
 

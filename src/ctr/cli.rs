@@ -254,7 +254,7 @@ async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
         tmp_dir: None,
     };
     let mut err = std::io::stderr();
-    let (manifest, _) = convert(cd, &args.source, &args.target, &opts, &mut err).await?;
+    let manifest = convert(cd, &args.source, &args.target, &opts, &mut err).await?;
     // Go prints the new image's manifest digest.
     println!("{}", manifest.digest);
     Ok(())

@@ -36,13 +36,6 @@ pub struct ConvertOptions {
     pub tmp_dir: Option<PathBuf>,
 }
 
-/// One converted layer.
-#[derive(Debug, Clone)]
-pub struct ConvertedLayer {
-    pub source: Descriptor,
-    pub target: Descriptor,
-}
-
 /// An entry of a `--record-out` file (Go `recorder.Entry`).
 #[derive(Debug, serde::Deserialize)]
 struct RecordEntry {
@@ -95,7 +88,7 @@ pub async fn convert(
     dst: &str,
     opts: &ConvertOptions,
     progress: &mut (dyn Write + Send),
-) -> Result<(Descriptor, Vec<ConvertedLayer>), Error> {
+) -> Result<Descriptor, Error> {
     let (leased, lease) = cd.with_new_lease().await?;
     let result = convert_in_lease(&leased, src, dst, opts, progress).await;
     if let Err(e) = cd.delete_lease(&lease).await {
@@ -110,7 +103,7 @@ async fn convert_in_lease(
     dst: &str,
     opts: &ConvertOptions,
     progress: &mut (dyn Write + Send),
-) -> Result<(Descriptor, Vec<ConvertedLayer>), Error> {
+) -> Result<Descriptor, Error> {
     let image = cd.get_image(src).await?;
     let mut target = image
         .target
@@ -172,10 +165,7 @@ async fn convert_in_lease(
                 .cloned()
                 .unwrap_or_default(),
         );
-        converted.push(ConvertedLayer {
-            source: layer.clone(),
-            target: new,
-        });
+        converted.push(new);
     }
 
     config["rootfs"]["diff_ids"] = serde_json::to_value(&diff_ids)?;
@@ -193,7 +183,7 @@ async fn convert_in_lease(
 
     let mut new_manifest = manifest.clone();
     new_manifest.config = config_desc.clone();
-    new_manifest.layers = converted.iter().map(|c| c.target.clone()).collect();
+    new_manifest.layers = converted;
     new_manifest.media_type = Some(
         if opts.oci || manifest.media_type.as_deref() == Some(MEDIA_OCI_MANIFEST) {
             MEDIA_OCI_MANIFEST.to_string()
@@ -222,7 +212,7 @@ async fn convert_in_lease(
     cd.write_bytes(&manifest_desc, manifest_bytes, &labels)
         .await?;
     cd.put_image(dst, &manifest_desc, &image.labels).await?;
-    Ok((manifest_desc, converted))
+    Ok(manifest_desc)
 }
 
 fn desc(media_type: &str, data: &[u8]) -> Descriptor {

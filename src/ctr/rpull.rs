@@ -46,9 +46,7 @@ pub enum LayerOutcome {
 /// Result of a pull, for the summary line and tests.
 #[derive(Debug, Clone)]
 pub struct PullSummary {
-    pub manifest: Descriptor,
     pub layers: Vec<(Descriptor, LayerOutcome)>,
-    pub chain_ids: Vec<String>,
 }
 
 impl PullSummary {
@@ -194,11 +192,7 @@ async fn pull_in_lease<F: Fetcher>(
     )
     .await?;
     cd.put_image(image_ref, &top, &opts.image_labels).await?;
-    Ok(PullSummary {
-        manifest: manifest_desc,
-        layers: outcomes,
-        chain_ids: chains,
-    })
+    Ok(PullSummary { layers: outcomes })
 }
 
 /// containerd 1.6 `unpacker.unpack` for one platform: chain by chain, skip what exists,

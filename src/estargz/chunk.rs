@@ -2,7 +2,7 @@
 //! check them against `chunkDigest`, and only then hand them out. Corrupt input is an error,
 //! never a panic and never wrong bytes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use sha2::{Digest as _, Sha256};
 
@@ -57,23 +57,6 @@ pub fn decode_chunk_into<R: Read>(
     gz.read_exact(buf)
         .map_err(|e| chunk_err(layer, file, chunk, format!("gunzip: {e}")))?;
     verify(chunk, layer, file, buf)
-}
-
-/// Like [`decode_chunk_into`] but writes the verified bytes to `out` (e.g. a cache writer).
-/// Nothing is written unless the whole chunk verified.
-pub fn decode_chunk<R: Read, W: Write + ?Sized>(
-    compressed: R,
-    chunk: &ChunkInfo,
-    layer: &str,
-    file: &str,
-    out: &mut W,
-) -> Result<()> {
-    let len = usize::try_from(chunk.chunk_size)
-        .map_err(|_| chunk_err(layer, file, chunk, "chunk too large"))?;
-    let mut buf = vec![0u8; len];
-    decode_chunk_into(compressed, chunk, layer, file, &mut buf)?;
-    out.write_all(&buf)?;
-    Ok(())
 }
 
 /// Checks `data` against the chunk's digest (no digest: accepted, see

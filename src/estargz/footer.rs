@@ -214,25 +214,25 @@ fn parse_offset_magic(b: &[u8]) -> std::result::Result<u64, String> {
     Ok(off)
 }
 
-/// The 47-byte legacy stargz footer (only for tests and old-format interop).
-pub fn legacy_footer_bytes(toc_offset: u64) -> [u8; LEGACY_FOOTER_SIZE as usize] {
-    let mut out = [0u8; LEGACY_FOOTER_SIZE as usize];
-    out[..3].copy_from_slice(&GZIP_ID);
-    out[3] = FEXTRA;
-    out[9] = 0xff;
-    out[10..12].copy_from_slice(&22u16.to_le_bytes());
-    let hexoff = format!("{toc_offset:016x}");
-    out[12..28].copy_from_slice(&hexoff.as_bytes()[..16]);
-    out[28..34].copy_from_slice(MAGIC);
-    out[34..].copy_from_slice(&EMPTY_BODY);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Read as _;
 
     use super::*;
+
+    /// The 47-byte legacy stargz footer, as old stargz tools wrote it.
+    fn legacy_footer_bytes(toc_offset: u64) -> [u8; LEGACY_FOOTER_SIZE as usize] {
+        let mut out = [0u8; LEGACY_FOOTER_SIZE as usize];
+        out[..3].copy_from_slice(&GZIP_ID);
+        out[3] = FEXTRA;
+        out[9] = 0xff;
+        out[10..12].copy_from_slice(&22u16.to_le_bytes());
+        let hexoff = format!("{toc_offset:016x}");
+        out[12..28].copy_from_slice(&hexoff.as_bytes()[..16]);
+        out[28..34].copy_from_slice(MAGIC);
+        out[34..].copy_from_slice(&EMPTY_BODY);
+        out
+    }
 
     #[test]
     fn estargz_footer_round_trips_and_is_an_empty_gzip_member() {

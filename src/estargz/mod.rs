@@ -9,36 +9,35 @@
 //!    [`reader::open_index_from_toc_member`] (digest checked, the TOC never held whole);
 //!    `ctr-remote` parses it whole with [`toc::parse_toc_member`];
 //! 3. per read, [`index::LayerIndex::chunks_for_range`] gives the compressed ranges; each chunk
-//!    is decompressed and its digest checked ([`chunk::decode_chunk`], or
+//!    is decompressed and its digest checked ([`chunk::decode_chunk_into`], or
 //!    [`chunk::check_digest`] for a caller that decompresses as it streams, like `fs`).
 //!
 //! [`reader::open_blob`] does 1–2 from any [`ReadAt`] and [`reader::read_file_range`] does 3;
 //! [`builder::build`] writes a blob.
 
-pub mod builder;
-pub mod chunk;
-pub mod footer;
+pub(crate) mod builder;
+pub(crate) mod chunk;
+pub(crate) mod footer;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod index;
-pub mod landmark;
-pub mod reader;
+pub(crate) mod index;
+pub(crate) mod landmark;
+pub(crate) mod reader;
 mod rfc3339;
 mod tar_header;
-pub mod toc;
+pub(crate) mod toc;
 
+// The format's public API: what `ctr-remote`-like tools, the fuzz targets, tests and benches
+// build and parse blobs with.
 pub use builder::{build, BuildOptions, BuildResult};
-pub use chunk::{decode_chunk, decode_chunk_into};
-pub use footer::{
-    footer_bytes, parse_footer, read_toc_member, TocLocation, TocLocator, FOOTER_SIZE,
-    LEGACY_FOOTER_SIZE, MAX_FOOTER_SIZE,
-};
-pub use index::{ChunkInfo, Entry, EntryId, LayerIndex};
-pub use reader::{
-    open_blob, open_from_toc_member, open_index_from_toc_member, read_file_range, OpenedBlob,
-    Section,
-};
-pub use toc::{parse_toc_member, EntryType, Toc, TocEntry};
+pub use footer::{footer_bytes, parse_footer, TocLocation};
+pub use index::LayerIndex;
+pub use reader::{open_blob, read_file_range, OpenedBlob};
+pub use toc::{parse_toc_member, to_go_json, EntryType, Toc, TocEntry};
+// Used only inside the crate (`fs`, `ctr`).
+pub(crate) use footer::{read_toc_member, TocLocator};
+pub(crate) use index::{ChunkInfo, Entry, EntryId};
+pub(crate) use reader::open_index_from_toc_member;
 
 /// Every way the format can be wrong. One enum for the module (see STYLE.md).
 #[derive(Debug, thiserror::Error)]

@@ -273,17 +273,9 @@ impl InodeTable {
         self.get(dirents[i].ino)
     }
 
-    /// A directory's visible entries `(name, ino)` in name (byte) order; empty for other nodes.
-    pub fn children(&self, dir: &Node) -> impl Iterator<Item = (&str, u64)> + '_ {
-        self.dirents
-            .get(dir.children.range())
-            .unwrap_or_default()
-            .iter()
-            .map(|d| (self.name(d.name), d.ino))
-    }
-
-    /// [`Self::children`] from the `skip`-th entry on, without walking the ones before
-    /// (readdir resumes at an offset, so listing a directory stays linear in its size).
+    /// A directory's visible entries `(name, ino)` in name (byte) order from the `skip`-th on,
+    /// without walking the ones before (readdir resumes at an offset, so listing a directory
+    /// stays linear in its size); empty for other nodes.
     pub fn children_from(&self, dir: &Node, skip: usize) -> impl Iterator<Item = (&str, u64)> + '_ {
         let range = dir.children.range();
         let start = range.start.saturating_add(skip).min(range.end);
@@ -321,11 +313,6 @@ impl InodeTable {
     /// Every inode, the root first.
     pub fn nodes(&self) -> &[Node] {
         &self.nodes
-    }
-
-    /// Total decompressed payload bytes.
-    pub fn payload_size(&self) -> u64 {
-        self.chunks.iter().map(|c| c.info.chunk_size).sum()
     }
 
     /// Bytes held by the table's vectors (their capacity), for memory accounting.
@@ -608,7 +595,7 @@ mod tests {
         );
         assert!(t.lookup(d.ino, ".wh.gone").is_none());
         let e = t.lookup(ROOT_INO, "e").expect("e");
-        assert!(e.opaque && t.children(e).next().is_none());
+        assert!(e.opaque && t.children_from(e, 0).next().is_none());
         assert!(t.lookup(ROOT_INO, ".no.prefetch.landmark").is_none());
         assert!(
             t.lookup(ROOT_INO, STATE_DIR_NAME).is_none(),
@@ -667,7 +654,7 @@ mod tests {
         .expect("table");
 
         let many = t.lookup(ROOT_INO, "many").expect("many");
-        let listed: Vec<(&str, u64)> = t.children(many).collect();
+        let listed: Vec<(&str, u64)> = t.children_from(many, 0).collect();
         assert_eq!(
             listed.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
             expected.keys().map(String::as_str).collect::<Vec<_>>()
@@ -686,7 +673,7 @@ mod tests {
         assert_eq!(t.link_name(many), "");
 
         let other = t.lookup(ROOT_INO, "other").expect("other");
-        assert_eq!(t.children(other).count(), 414);
+        assert_eq!(t.children_from(other, 0).count(), 414);
         assert!(t.lookup(other.ino, "o-é").is_some() && t.lookup(other.ino, "f1").is_none());
         let xa = t.lookup(other.ino, "xa").expect("xa");
         assert_eq!(
@@ -694,7 +681,7 @@ mod tests {
             vec![("user.k", &b"v"[..])]
         );
         assert_eq!(t.xattrs(link).count(), 0);
-        assert_eq!(t.children(xa).count(), 0, "files have no entries");
+        assert_eq!(t.children_from(xa, 0).count(), 0, "files have no entries");
         assert!(t.heap_bytes() >= std::mem::size_of_val(t.nodes()));
     }
 
@@ -767,7 +754,9 @@ mod tests {
             (NodeKind::Whiteout, 0, 0, 1)
         );
         assert!(t.chunks(x).is_empty() && t.xattrs(x).next().is_none());
-        assert!(t.blob_order.is_empty() && t.payload_size() == 0);
+        assert!(
+            t.blob_order.is_empty() && t.chunks.iter().map(|c| c.info.chunk_size).sum::<u64>() == 0
+        );
     }
 
     #[test]

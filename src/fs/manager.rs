@@ -323,18 +323,6 @@ impl LayerManager {
             .get(mountpoint)
             .map(f)
     }
-
-    /// Unmounts everything (daemon shutdown with cleanup).
-    pub fn unmount_all(&self) {
-        let all: Vec<_> = self
-            .mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .map(|(_, m)| m)
-            .collect();
-        all.into_iter().for_each(|m| self.release(m));
-    }
 }
 
 impl RemoteLayers for LayerManager {

@@ -21,8 +21,8 @@ pub use background::BackgroundFetcher;
 pub use budget::CacheBudget;
 pub use layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
 pub use manager::{BlobResolver, FsConfig, LayerManager};
-pub use reader::{LayerReader, Priority, ReadOptions};
-pub use remote_source::{RegistryResolver, RemoteSource};
+pub use reader::{Priority, ReadOptions};
+pub use remote_source::RegistryResolver;
 pub use source::{FileSource, LayerSource};
 
 /// Errors of the `fs` module; the FUSE boundary maps them to errno in `fuse.rs`.

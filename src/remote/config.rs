@@ -107,24 +107,6 @@ pub struct MirrorConfig {
     pub header: HashMap<String, String>,
 }
 
-/// The platform picked from an image index.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    pub variant: Option<String>,
-}
-
-impl Default for Platform {
-    fn default() -> Self {
-        Platform {
-            os: "linux".into(),
-            architecture: "amd64".into(),
-            variant: None,
-        }
-    }
-}
-
 /// Everything [`super::RegistryClient`] needs.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -137,7 +119,6 @@ pub struct ClientConfig {
     /// Timeout of small requests (manifests, configs, token, size probe).
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
-    pub platform: Platform,
     /// Accept any TLS certificate, for every host (`ctr --skip-verify`, as Go's resolver does).
     pub skip_tls_verify: bool,
     /// Credentials given on the command line (`ctr --user`), keyed by registry host as written
@@ -154,7 +135,6 @@ impl Default for ClientConfig {
             docker_config_dir: None,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
-            platform: Platform::default(),
             skip_tls_verify: false,
             credentials: HashMap::new(),
         }

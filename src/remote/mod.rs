@@ -1,13 +1,12 @@
-//! Registry client (resolve, auth, ranges, retries) and the streamed blob reader.
+//! Registry client (manifests, auth, ranges, retries) and the streamed blob reader.
 //!
 //! # Using it (for `fs`, `snapshot`, `service`, `ctr`)
 //!
 //! ```text
 //! let client = RegistryClient::new(ClientConfig { blob, resolver, .. })?;   // one per daemon
 //! let reference: Reference = "127.0.0.1:5000/app:v1".parse()?;
-//! let resolved = client.resolve(&reference).await?;          // manifest (platform picked)
-//! let config = client.fetch_blob_bytes(&reference, &resolved.manifest.config.digest).await?;
-//! let index = client.fetch_manifest(&reference, reference.object()).await?; // raw bytes, no platform pick
+//! let top = client.fetch_manifest(&reference, reference.object()).await?; // raw bytes; callers pick the platform
+//! let config = client.fetch_blob_bytes(&reference, config_digest).await?;
 //! let blob = Blob::open(&client, &reference, layer_digest).await?;  // probes size + URL
 //! blob.fetch_range_into(a..b, &mut sink).await?;             // stream bytes, nothing cached
 //! blob.fetch_verified_into(&mut sink).await?;               // whole blob, digest-checked
@@ -54,9 +53,9 @@ mod registry;
 
 pub use auth::{Credentials, DockerConfig, Secret};
 pub use blob::{Blob, SyncBlob};
-pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, Platform, ResolverConfig};
+pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, ResolverConfig};
 pub use reference::Reference;
-pub use registry::{RawManifest, RegistryClient, Resolved};
+pub use registry::RegistryClient;
 
 /// Errors of the registry client and the blob reader. None of them carries a credential.
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +97,6 @@ pub enum RemoteError {
     },
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: String, actual: String },
-    #[error("invalid manifest: {0}")]
-    Manifest(String),
-    #[error("no manifest for platform {0}")]
-    NoMatchingPlatform(String),
     #[error("credentials: {0}")]
     Credentials(String),
     #[error("range {start}..{end} outside blob of {size} bytes")]

@@ -37,14 +37,6 @@ impl Reference {
             .or(self.tag.as_deref())
             .unwrap_or("latest")
     }
-
-    /// The same repository pinned to `digest` (used after resolving a tag).
-    pub fn with_digest(&self, digest: &str) -> Reference {
-        Reference {
-            digest: Some(digest.to_owned()),
-            ..self.clone()
-        }
-    }
 }
 
 fn looks_like_host(s: &str) -> bool {

@@ -14,12 +14,11 @@ use serde::Deserialize;
 
 use super::auth::{parse_challenge, redact_url, Challenge, Credentials, DockerConfig, Secret};
 use super::body::{self, parse_content_range, MAX_CONFIG, MAX_MANIFEST, MAX_TOKEN};
-use super::config::{ClientConfig, Platform};
+use super::config::ClientConfig;
 use super::reference::Reference;
 use super::RemoteError;
 use crate::oci::{
-    is_index_type, sha256_digest, Descriptor, Index, Manifest, MEDIA_DOCKER_LIST,
-    MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
+    sha256_digest, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
 };
 
 /// Redirects followed per request (Go's and reqwest's default).
@@ -71,19 +70,6 @@ fn same_origin(a: &Url, b: &Url) -> bool {
     a.scheme() == b.scheme()
         && a.host_str() == b.host_str()
         && a.port_or_known_default() == b.port_or_known_default()
-}
-
-/// A reference resolved to one platform's image manifest.
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    /// The input reference pinned to [`Resolved::digest`].
-    pub reference: Reference,
-    /// Digest of the image manifest (not of the index it was picked from).
-    pub digest: String,
-    pub media_type: String,
-    pub manifest: Manifest,
-    /// The manifest bytes as served.
-    pub raw: Vec<u8>,
 }
 
 /// A manifest or index exactly as the registry served it (see [`RegistryClient::fetch_manifest`]).
@@ -590,59 +576,6 @@ impl RegistryClient {
         Err(last.unwrap_or_else(|| RemoteError::NotFound(reference.to_string())))
     }
 
-    /// Resolves a reference to one image manifest, picking `platform` (default linux/amd64)
-    /// from an OCI index or Docker manifest list.
-    pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, RemoteError> {
-        let accept = [
-            MEDIA_OCI_INDEX,
-            MEDIA_DOCKER_LIST,
-            MEDIA_OCI_MANIFEST,
-            MEDIA_DOCKER_MANIFEST,
-        ]
-        .join(", ");
-        let (raw, ct) = self
-            .get_small(
-                reference,
-                &format!("manifests/{}", reference.object()),
-                Some(&accept),
-                MAX_MANIFEST,
-                "manifest",
-            )
-            .await?;
-        let (raw, ct, digest) = {
-            let digest = sha256_digest(&raw);
-            check_pinned(reference.digest.as_deref(), &digest)?;
-            let media = media_type(&raw, ct.as_deref());
-            if is_index_type(&media) {
-                let index: Index = serde_json::from_slice(&raw).map_err(manifest_error)?;
-                let chosen = pick_platform(&index.manifests, &self.inner.config.platform)?;
-                let (raw, ct) = self
-                    .get_small(
-                        reference,
-                        &format!("manifests/{}", chosen.digest),
-                        Some(&accept),
-                        MAX_MANIFEST,
-                        "manifest",
-                    )
-                    .await?;
-                let digest = sha256_digest(&raw);
-                check_pinned(Some(&chosen.digest), &digest)?;
-                (raw, ct, digest)
-            } else {
-                (raw, ct, digest)
-            }
-        };
-        let media_type = media_type(&raw, ct.as_deref());
-        let manifest: Manifest = serde_json::from_slice(&raw).map_err(manifest_error)?;
-        Ok(Resolved {
-            reference: reference.with_digest(&digest),
-            digest,
-            media_type,
-            manifest,
-            raw,
-        })
-    }
-
     /// Fetches one manifest or index as served, without picking a platform: `object` is a tag
     /// or digest. Clients that store content (`ctr-remote rpull`) need the exact bytes of
     /// every level. A digest `object` (or a pinned reference) is verified.
@@ -809,27 +742,6 @@ fn media_type(raw: &[u8], content_type: Option<&str>) -> String {
         .unwrap_or_else(|| MEDIA_OCI_MANIFEST.to_owned())
 }
 
-fn pick_platform<'a>(
-    manifests: &'a [Descriptor],
-    want: &Platform,
-) -> Result<&'a Descriptor, RemoteError> {
-    let matches = |d: &&Descriptor| {
-        d.platform.as_ref().is_some_and(|p| {
-            p.os == want.os
-                && p.architecture == want.architecture
-                && (want.variant.is_none() || p.variant == want.variant)
-        })
-    };
-    manifests.iter().find(matches).ok_or_else(|| {
-        RemoteError::NoMatchingPlatform(format!("{}/{}", want.os, want.architecture))
-    })
-}
-
-/// A manifest that does not parse; serde quotes offending values, so the message is clipped.
-fn manifest_error(e: serde_json::Error) -> RemoteError {
-    RemoteError::Manifest(crate::untrusted::clip(&e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -884,34 +796,5 @@ mod tests {
         assert!(!same_origin(&u("https://h/a"), &u("http://h/a")));
         assert!(!same_origin(&u("http://h:5000/a"), &u("http://h:5001/a")));
         assert!(!same_origin(&u("http://h/a"), &u("http://h.evil/a")));
-    }
-
-    #[test]
-    fn picks_platform() {
-        let d = |os: &str, arch: &str| Descriptor {
-            media_type: MEDIA_OCI_MANIFEST.into(),
-            digest: format!("sha256:{os}{arch}"),
-            size: 1,
-            platform: Some(crate::oci::Platform {
-                os: os.into(),
-                architecture: arch.into(),
-                variant: None,
-            }),
-            ..Default::default()
-        };
-        let list = vec![
-            d("linux", "arm64"),
-            d("linux", "amd64"),
-            d("windows", "amd64"),
-        ];
-        assert_eq!(
-            pick_platform(&list, &Platform::default()).unwrap().digest,
-            "sha256:linuxamd64"
-        );
-        let riscv = Platform {
-            architecture: "riscv64".into(),
-            ..Default::default()
-        };
-        assert!(pick_platform(&list, &riscv).is_err());
     }
 }

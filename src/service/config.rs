@@ -10,7 +10,7 @@ use crate::snapshot::check::{CheckPolicy, DEFAULT_CHECK_TIMEOUT};
 
 /// `[blob]` and `[resolver.host."HOST".mirrors]` belong to the registry client; the daemon
 /// config reads them straight into its types so there is one definition of each key.
-pub use crate::remote::config::{BlobConfig, HostConfig, MirrorConfig, ResolverConfig};
+pub use crate::remote::config::{BlobConfig, ResolverConfig};
 
 /// Errors reading the config file.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ pub mod snapshotter;
 pub mod store;
 
 pub use check::CheckPolicy;
-pub use mounts::{Mounter, SysMounter};
+pub use mounts::SysMounter;
 pub use snapshotter::SnapshotterImpl;
 
 use std::collections::BTreeMap;

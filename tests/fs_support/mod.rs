@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
-use stargz::fs::LayerSource;
+use stargz::LayerSource;
 
 /// Writes an eStargz blob from a tar stream with the crate's builder (Go's layout). With
 /// `landmark_after = Some(n)`, the regular files among the first `n` tar entries are

@@ -304,13 +304,50 @@ impl Write for LogCapture {
 /// `blob`'s bytes of `range`, streamed through `fetch_range_into` (the daemon's read path);
 /// checks the byte count it returns against what the sink saw.
 pub async fn fetch(
-    blob: &stargz::remote::Blob,
+    blob: &stargz::Blob,
     range: std::ops::Range<u64>,
-) -> Result<Vec<u8>, stargz::remote::RemoteError> {
+) -> Result<Vec<u8>, stargz::RemoteError> {
     let mut out = Vec::new();
     let n = blob.fetch_range_into(range, &mut out).await?;
     assert_eq!(n, out.len() as u64, "returned count is what the sink saw");
     Ok(out)
+}
+
+/// The image manifest `r` names, as a client pulling for linux/amd64 finds it: the tag's
+/// manifest, or the linux/amd64 entry's when the tag is an index. The registry client leaves
+/// picking a platform to its callers (`ctr-remote`), so the tests do it here.
+#[derive(Debug)]
+pub struct Resolved {
+    /// Digest of the image manifest (not of the index it was picked from).
+    pub digest: String,
+    pub manifest: stargz::Manifest,
+}
+
+pub async fn resolve(
+    c: &stargz::RegistryClient,
+    r: &stargz::Reference,
+) -> Result<Resolved, stargz::RemoteError> {
+    let top = c.fetch_manifest(r, r.object()).await?;
+    let mut digest = top.digest;
+    let mut raw = top.raw;
+    if let Ok(index) = serde_json::from_slice::<stargz::Index>(&raw) {
+        if !index.manifests.is_empty() {
+            let chosen = index
+                .manifests
+                .iter()
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                })
+                .expect("a linux/amd64 manifest in the index");
+            let m = c.fetch_manifest(r, &chosen.digest).await?;
+            digest = m.digest;
+            raw = m.raw;
+        }
+    }
+    let manifest = serde_json::from_slice(&raw).expect("an image manifest");
+    Ok(Resolved { digest, manifest })
 }
 
 /// One request as the proxy saw it.
