@@ -49,5 +49,17 @@ demo: deps release
 bench: deps release
 	bash scripts/bench.sh
 
+# Fuzzing: the stable driver (seed corpus plus generated and mutated inputs) always; with a nightly
+# toolchain and cargo-fuzz installed, also 60 s of libFuzzer on each target in fuzz/.
+fuzz:
+	$(CARGO) test --test estargz_fuzz
+	@if $(CARGO) +nightly fuzz --version >/dev/null 2>&1; then \
+		cd fuzz && for t in footer toc toc_member open_blob; do \
+			$(CARGO) +nightly fuzz run $$t -- -max_total_time=60 || exit 1; \
+		done; \
+	else \
+		echo "fuzz: no nightly toolchain with cargo-fuzz: ran only the stable driver (tests/estargz_fuzz.rs)"; \
+	fi
+
 clean:
 	$(CARGO) clean
