@@ -10,7 +10,6 @@ mod fs_support;
 mod remote_support;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +17,6 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Result};
 use fs_support::*;
 use remote_support::{Action, Fault, Proxy, ProxyRequest};
-use sha2::{Digest, Sha256};
 use stargz::RemoteLayers;
 use stargz::{BlobConfig, ClientConfig, RegistryClient};
 use stargz::{FsConfig, LayerManager, RegistryResolver};
@@ -45,15 +43,8 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
         .with_env_filter("stargz=info")
         .try_init();
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("src");
-    std::fs::create_dir(&src)?;
-    make_rootfs(&src)?;
     // Big chunks: a 4 MiB chunk never arrives in one response.
-    let mut blob = Vec::new();
-    let toc_digest = estargz_from_tar(&tar_dir(&src)?, 4 << 20, None, &mut blob)?;
-    let mut diff = Vec::new();
-    flate2::read::MultiGzDecoder::new(blob.as_slice()).read_to_end(&mut diff)?;
-    let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&diff)));
+    let (src, blob, toc_digest, diff_id) = rootfs_estargz(tmp.path(), 4 << 20)?;
     let layer = common::Layer::from_blob(blob, common::MEDIA_TYPE_LAYER_GZIP, &diff_id);
     let digest = layer.digest();
     let registry = common::Registry::start();

@@ -5,13 +5,11 @@ mod common;
 mod fs_support;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
 use fs_support::*;
-use sha2::{Digest, Sha256};
 use stargz::RemoteLayers;
 use stargz::{FsConfig, LayerManager, RegistryResolver};
 
@@ -23,14 +21,7 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
         .with_env_filter("stargz=info")
         .try_init();
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("src");
-    std::fs::create_dir(&src)?;
-    make_rootfs(&src)?;
-    let mut blob = Vec::new();
-    let toc_digest = estargz_from_tar(&tar_dir(&src)?, 1 << 20, None, &mut blob)?;
-    let mut diff = Vec::new();
-    flate2::read::MultiGzDecoder::new(blob.as_slice()).read_to_end(&mut diff)?;
-    let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&diff)));
+    let (src, blob, toc_digest, diff_id) = rootfs_estargz(tmp.path(), 1 << 20)?;
     let layer = common::Layer::from_blob(blob, common::MEDIA_TYPE_LAYER_GZIP, &diff_id);
     let digest = layer.digest();
 

@@ -464,3 +464,19 @@ pub fn hand_made_blob(content: &[u8], tail: &[u8], garbage: &[u8]) -> Result<(Ve
     blob.extend_from_slice(&stargz::estargz::footer_bytes(toc_offset));
     Ok((blob, stargz::estargz::sha256_digest(&json)))
 }
+
+/// [`make_rootfs`] under `dir/src` as an eStargz blob with `chunk_size` chunks: returns the
+/// source tree, the blob, its TOC digest and its diff id (sha256 of the uncompressed tar).
+pub fn rootfs_estargz(dir: &Path, chunk_size: u64) -> Result<(PathBuf, Vec<u8>, String, String)> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let src = dir.join("src");
+    std::fs::create_dir(&src)?;
+    make_rootfs(&src)?;
+    let mut blob = Vec::new();
+    let toc_digest = estargz_from_tar(&tar_dir(&src)?, chunk_size, None, &mut blob)?;
+    let mut diff = Vec::new();
+    flate2::read::MultiGzDecoder::new(blob.as_slice()).read_to_end(&mut diff)?;
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&diff)));
+    Ok((src, blob, toc_digest, diff_id))
+}
