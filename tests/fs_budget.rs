@@ -52,10 +52,6 @@ fn files(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn drop_page_cache() -> Result<()> {
-    std::fs::write("/proc/sys/vm/drop_caches", b"1").context("drop_caches")
-}
-
 #[test]
 fn a_budget_smaller_than_the_layer_holds_and_every_read_stays_right() -> Result<()> {
     require_root();

@@ -9,7 +9,6 @@ mod common;
 mod fs_support;
 mod remote_support;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,23 +108,7 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
     let mgr = LayerManager::new(cfg, Arc::new(resolver))?;
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt)?;
-    let labels: BTreeMap<String, String> = [
-        (
-            "containerd.io/snapshot/remote/stargz.reference",
-            reference.as_str(),
-        ),
-        (
-            "containerd.io/snapshot/remote/stargz.digest",
-            digest.as_str(),
-        ),
-        (
-            "containerd.io/snapshot/stargz/toc.digest",
-            toc_digest.as_str(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let labels = stargz_labels(&reference, &digest, &toc_digest);
     mgr.mount(&mnt, &labels)
         .map_err(|e| anyhow!("mount: {e}"))?;
     let _guard = UmountGuard(mnt.clone());

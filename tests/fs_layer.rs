@@ -246,10 +246,6 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
     Ok(())
 }
 
-fn drop_page_cache() -> Result<()> {
-    std::fs::write("/proc/sys/vm/drop_caches", b"1").context("drop_caches")
-}
-
 #[test]
 fn fully_fetched_layer_survives_registry_going_down() -> Result<()> {
     require_root();
@@ -429,17 +425,7 @@ fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
     let mgr = stargz::LayerManager::new(cfg, Arc::new(resolver))?;
     let mnt = work.path().join("m");
     std::fs::create_dir(&mnt)?;
-    let mut labels: std::collections::BTreeMap<String, String> = [
-        (
-            "containerd.io/snapshot/remote/stargz.reference",
-            "127.0.0.1:5000/img:v1",
-        ),
-        ("containerd.io/snapshot/remote/stargz.digest", "sha256:11"),
-        ("containerd.io/snapshot/stargz/toc.digest", "sha256:0000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let mut labels = stargz_labels("127.0.0.1:5000/img:v1", "sha256:11", "sha256:0000");
     let err = mgr
         .mount(&mnt, &labels)
         .expect_err("a wrong TOC digest must fail the mount");
@@ -755,20 +741,7 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
         cfg.no_background_fetch = true;
         Ok(stargz::LayerManager::new(cfg, Arc::new(resolver))?)
     };
-    let labels: std::collections::BTreeMap<String, String> = [
-        (
-            "containerd.io/snapshot/remote/stargz.reference",
-            "127.0.0.1:5000/img:v1",
-        ),
-        ("containerd.io/snapshot/remote/stargz.digest", "sha256:11"),
-        (
-            "containerd.io/snapshot/stargz/toc.digest",
-            f.toc_digest.as_str(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let labels = stargz_labels("127.0.0.1:5000/img:v1", "sha256:11", &f.toc_digest);
     let (kept, gone) = (work.path().join("kept"), work.path().join("gone"));
     let _guards = [UmountGuard(kept.clone()), UmountGuard(gone.clone())];
     let mgr = manager()?;

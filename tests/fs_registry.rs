@@ -4,7 +4,6 @@
 mod common;
 mod fs_support;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,23 +39,7 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
 
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt)?;
-    let labels: BTreeMap<String, String> = [
-        (
-            "containerd.io/snapshot/remote/stargz.reference",
-            reference.as_str(),
-        ),
-        (
-            "containerd.io/snapshot/remote/stargz.digest",
-            digest.as_str(),
-        ),
-        (
-            "containerd.io/snapshot/stargz/toc.digest",
-            toc_digest.as_str(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let labels = stargz_labels(&reference, &digest, &toc_digest);
     mgr.mount(&mnt, &labels)
         .map_err(|e| anyhow!("mount: {e}"))?;
     let _guard = UmountGuard(mnt.clone());

@@ -480,3 +480,24 @@ pub fn rootfs_estargz(dir: &Path, chunk_size: u64) -> Result<(PathBuf, Vec<u8>, 
     let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&diff)));
     Ok((src, blob, toc_digest, diff_id))
 }
+
+/// Drops the kernel's page cache, so the next reads reach the FUSE daemon.
+pub fn drop_page_cache() -> Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", b"1").context("drop_caches")
+}
+
+/// The labels the snapshotter hands `LayerManager::mount` for a stargz layer.
+pub fn stargz_labels(
+    reference: &str,
+    digest: &str,
+    toc_digest: &str,
+) -> std::collections::BTreeMap<String, String> {
+    [
+        ("containerd.io/snapshot/remote/stargz.reference", reference),
+        ("containerd.io/snapshot/remote/stargz.digest", digest),
+        ("containerd.io/snapshot/stargz/toc.digest", toc_digest),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
