@@ -20,7 +20,7 @@ use crate::untrusted::chain;
 
 use super::budget::{disk_bytes, CacheBudget};
 use super::chunks::{ChunkMap, Claim, Found};
-use super::inode::{Chunk, InodeTable, NodeKind};
+use super::inode::{Chunk, InodeTable, Node, NodeKind};
 use super::source::LayerSource;
 use super::FsError;
 use crate::cache::{CacheKind, ChunkKey, Committed, LayerCache, Writer};
@@ -343,13 +343,9 @@ impl LayerReader {
             return Ok(Vec::new());
         }
         self.touch(ino);
-        let end = node.size.min(offset + u64::from(size));
-        let first = self.table.chunk_index(node, offset);
-        let last = self.table.chunk_index(node, end - 1);
-        let chunks = self.table.chunks(node).get(first..=last);
-        let chunks = chunks.ok_or_else(|| {
+        let (chunks, end) = self.chunks_holding(node, offset, size).ok_or_else(|| {
             FsError::Chunk(format!(
-                "no chunk holds bytes {offset}..{end} of inode {ino}"
+                "no chunk holds bytes {offset}..+{size} of inode {ino}"
             ))
         })?;
         let _pins = self.pin(chunks);
@@ -372,15 +368,17 @@ impl LayerReader {
         if offset >= node.size || size == 0 {
             return true;
         }
+        self.chunks_holding(node, offset, size)
+            .is_some_and(|(cs, _)| cs.iter().all(|c| self.chunks.is_present(c.seq)))
+    }
+
+    /// The chunks of file `node` holding bytes `[offset, offset+size)` clipped to the file,
+    /// and the clipped end. `offset` must be inside the file and `size` not 0.
+    fn chunks_holding(&self, node: &Node, offset: u64, size: u32) -> Option<(&[Chunk], u64)> {
         let end = node.size.min(offset + u64::from(size));
-        let (first, last) = (
-            self.table.chunk_index(node, offset),
-            self.table.chunk_index(node, end - 1),
-        );
-        self.table
-            .chunks(node)
-            .get(first..=last)
-            .is_some_and(|cs| cs.iter().all(|c| self.chunks.is_present(c.seq)))
+        let first = self.table.chunk_index(node, offset);
+        let last = self.table.chunk_index(node, end - 1);
+        Some((self.table.chunks(node).get(first..=last)?, end))
     }
 
     /// Makes chunk `seq` present: fetches it (with read-ahead), or waits, with a deadline, for
