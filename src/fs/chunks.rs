@@ -6,7 +6,8 @@
 //! - a chunk is *present* once its bytes are in the cache file and verified; the bit clears
 //!   only when the chunk is evicted ([`ChunkMap::evict`]), never while it is being fetched;
 //! - a missing chunk is fetched by at most one claim at a time; a claim covers a run of chunks
-//!   (one range request), and readers of any of them wait on the claim's [`Flight`];
+//!   (one range request), and a reader of any of them waits on the claim's [`Flight`] only until
+//!   its own chunk is present (a claim reports each chunk as it lands), not for the whole run;
 //! - every wait has a deadline, every claim ends with an outcome that all its waiters see (a
 //!   failure fails them at once; the next read claims again), and a claim dropped without one —
 //!   a fetch that panicked — wakes its waiters with an error.
@@ -28,12 +29,12 @@ pub(crate) struct ChunkMap {
 }
 
 /// What a reader finds for a chunk it needs.
-pub(crate) enum Found<'a> {
+pub(crate) enum Found {
     Present,
     /// Someone else fetches it: wait on this.
     InFlight(Arc<Flight>),
     /// Ours to fetch.
-    Claimed(Claim<'a>),
+    Claimed(Claim),
 }
 
 impl ChunkMap {
@@ -109,7 +110,7 @@ impl ChunkMap {
 
     /// For a reader that needs `seq`: present, someone's flight to wait on, or a new claim of
     /// `seq` extended by [`ChunkMap::claim_run`]'s rule.
-    pub(crate) fn find(&self, seq: usize, extend: impl FnMut(usize) -> bool) -> Found<'_> {
+    pub(crate) fn find(self: &Arc<Self>, seq: usize, extend: impl FnMut(usize) -> bool) -> Found {
         let mut inflight = self.lock();
         if self.is_present(seq) {
             return Found::Present;
@@ -123,10 +124,10 @@ impl ChunkMap {
     /// For background work: a claim of `seq` (extended as in [`ChunkMap::find`]) unless it is
     /// present or being fetched.
     pub(crate) fn try_claim(
-        &self,
+        self: &Arc<Self>,
         seq: usize,
         extend: impl FnMut(usize) -> bool,
-    ) -> Option<Claim<'_>> {
+    ) -> Option<Claim> {
         let mut inflight = self.lock();
         if seq >= self.len || self.is_present(seq) || inflight.contains_key(&seq) {
             return None;
@@ -142,11 +143,11 @@ impl ChunkMap {
     /// Claims `seq` and then each following chunk for which `extend(next)` says yes and that is
     /// neither present nor claimed, stopping at the first that is not.
     fn claim_locked(
-        &self,
+        self: &Arc<Self>,
         inflight: &mut HashMap<usize, Arc<Flight>>,
         seq: usize,
         mut extend: impl FnMut(usize) -> bool,
-    ) -> Claim<'_> {
+    ) -> Claim {
         let flight = Arc::new(Flight::default());
         let mut seqs = vec![seq];
         let mut next = seq + 1;
@@ -162,7 +163,7 @@ impl ChunkMap {
             inflight.insert(s, flight.clone());
         }
         Claim {
-            map: self,
+            map: self.clone(),
             seqs,
             flight,
             outcome: None,
@@ -178,13 +179,21 @@ pub(crate) struct Flight {
 }
 
 impl Flight {
-    /// Waits up to `timeout` for the outcome; a failed or abandoned fetch is an error here too.
-    pub(crate) fn wait(&self, timeout: Duration) -> Result<(), FsError> {
+    /// Waits up to `timeout` until `ready()` holds (checked again each time the fetch reports a
+    /// chunk) or the fetch ends; a failed or abandoned fetch is an error here unless `ready()`.
+    pub(crate) fn wait_for(
+        &self,
+        ready: impl Fn() -> bool,
+        timeout: Duration,
+    ) -> Result<(), FsError> {
         let outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         let (outcome, _) = self
             .cv
-            .wait_timeout_while(outcome, timeout, |o| o.is_none())
+            .wait_timeout_while(outcome, timeout, |o| o.is_none() && !ready())
             .unwrap_or_else(|e| e.into_inner());
+        if ready() {
+            return Ok(());
+        }
         match &*outcome {
             Some(Ok(())) => Ok(()),
             Some(Err(e)) => Err(FsError::Chunk(format!(
@@ -197,6 +206,13 @@ impl Flight {
         }
     }
 
+    /// Wakes the waiters to look again: a chunk of the fetch is present. (Taking the lock
+    /// orders this after a waiter's check, so a wake-up is never lost.)
+    pub(crate) fn progress(&self) {
+        drop(self.outcome.lock().unwrap_or_else(|e| e.into_inner()));
+        self.cv.notify_all();
+    }
+
     fn finish(&self, res: Result<(), String>) {
         *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(res);
         self.cv.notify_all();
@@ -206,17 +222,22 @@ impl Flight {
 /// Chunks claimed for one fetch. Dropping it releases the claims and wakes the waiters, with
 /// an error unless [`Claim::finish`] reported the outcome first: a fetch that unwinds can never
 /// leave readers waiting for it.
-pub(crate) struct Claim<'a> {
-    map: &'a ChunkMap,
+pub(crate) struct Claim {
+    map: Arc<ChunkMap>,
     seqs: Vec<usize>,
     flight: Arc<Flight>,
     outcome: Option<Result<(), String>>,
 }
 
-impl Claim<'_> {
+impl Claim {
     /// The claimed chunks, in blob order (contiguous numbers).
     pub(crate) fn seqs(&self) -> &[usize] {
         &self.seqs
+    }
+
+    /// What readers of the claimed chunks wait on.
+    pub(crate) fn flight(&self) -> &Arc<Flight> {
+        &self.flight
     }
 
     /// Releases the claim with the fetch's outcome.
@@ -229,7 +250,7 @@ impl Claim<'_> {
     }
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         {
             let mut inflight = self.map.lock();
@@ -251,7 +272,7 @@ mod tests {
 
     #[test]
     fn present_bits_count_once() {
-        let m = ChunkMap::new(130);
+        let m = Arc::new(ChunkMap::new(130));
         assert!(!m.is_present(129) && !m.all_present());
         assert!(m.set_present(129, Committed::for_tests()));
         assert!(
@@ -272,7 +293,7 @@ mod tests {
 
     #[test]
     fn claims_extend_over_missing_chunks_only_and_are_exclusive() {
-        let m = ChunkMap::new(10);
+        let m = Arc::new(ChunkMap::new(10));
         m.set_present(4, Committed::for_tests());
         let Found::Claimed(a) = m.find(1, |_| true) else {
             panic!("claim")
@@ -302,7 +323,7 @@ mod tests {
 
     #[test]
     fn eviction_clears_present_chunks_but_not_those_in_flight() {
-        let m = ChunkMap::new(8);
+        let m = Arc::new(ChunkMap::new(8));
         for s in [0, 1, 3] {
             m.set_present(s, Committed::for_tests());
         }
@@ -323,7 +344,7 @@ mod tests {
 
     #[test]
     fn waiters_share_the_outcome_and_an_abandoned_claim_fails_them() {
-        let m = ChunkMap::new(4);
+        let m = Arc::new(ChunkMap::new(4));
         // A failed fetch fails its waiters with its reason.
         let Found::Claimed(claim) = m.find(0, |_| true) else {
             panic!("claim")
@@ -331,7 +352,7 @@ mod tests {
         let Found::InFlight(flight) = m.find(0, |_| true) else {
             panic!("in flight")
         };
-        let waiter = std::thread::spawn(move || flight.wait(Duration::from_secs(60)));
+        let waiter = std::thread::spawn(move || flight.wait_for(|| false, Duration::from_secs(60)));
         std::thread::sleep(Duration::from_millis(20));
         claim.finish(&Err(FsError::Chunk("registry said no".into())));
         let err = waiter.join().expect("join").expect_err("failed fetch");
@@ -350,7 +371,9 @@ mod tests {
             });
             assert!(fetch.join().is_err());
         });
-        let err = flight.wait(Duration::from_secs(60)).expect_err("abandoned");
+        let err = flight
+            .wait_for(|| false, Duration::from_secs(60))
+            .expect_err("abandoned");
         assert!(err.to_string().contains("abandoned"), "{err}");
         assert!(m.is_missing(1), "the next read may claim it again");
         // A wait has a deadline.
@@ -361,8 +384,31 @@ mod tests {
             panic!("in flight")
         };
         let err = flight
-            .wait(Duration::from_millis(30))
+            .wait_for(|| false, Duration::from_millis(30))
             .expect_err("no outcome yet");
         assert!(err.to_string().contains("no fetch result"), "{err}");
+    }
+
+    #[test]
+    fn a_waiter_returns_once_its_chunk_lands_not_when_the_run_ends() {
+        let m = Arc::new(ChunkMap::new(4));
+        let Found::Claimed(claim) = m.find(0, |_| true) else {
+            panic!("claim")
+        };
+        assert_eq!(claim.seqs(), &[0, 1, 2, 3]);
+        let Found::InFlight(flight) = m.find(1, |_| true) else {
+            panic!("in flight")
+        };
+        let waiter = {
+            let m = m.clone();
+            std::thread::spawn(move || flight.wait_for(|| m.is_present(1), Duration::from_secs(60)))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        m.set_present(0, Committed::for_tests());
+        m.set_present(1, Committed::for_tests());
+        claim.flight().progress();
+        waiter.join().expect("join").expect("chunk 1 landed");
+        assert!(!m.is_missing(3), "the rest of the run is still claimed");
+        drop(claim);
     }
 }

@@ -359,7 +359,7 @@ fn errno(e: &FsError) -> Errno {
     }
 }
 
-fn serve_read(reader: &LayerReader, ino: u64, offset: u64, size: u32, reply: ReplyData) {
+fn serve_read(reader: &Arc<LayerReader>, ino: u64, offset: u64, size: u32, reply: ReplyData) {
     match reader.read(ino, offset, size) {
         Ok(data) => reply.data(&data),
         Err(e) => {
@@ -443,6 +443,7 @@ impl Filesystem for LayerFs {
             Some(_) => return reply.error(Errno::EINVAL),
             None => return reply.error(Errno::ENOENT),
         }
+        self.reader.opened(ino.0);
         match self.open_file(ino.0, &reply) {
             // The kernel accepts no caching flags with passthrough.
             (fh, Some(id)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),

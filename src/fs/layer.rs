@@ -10,6 +10,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use super::background::BackgroundFetcher;
 use super::fuse::LayerFs;
 use super::inode::{InodeTable, Landmark};
+use super::link::Measured;
 use super::open::open_toc;
 use super::reader::{LayerReader, Priority, ReadOptions};
 use super::source::LayerSource;
@@ -79,9 +80,14 @@ pub fn open_layer(
     opts: &ReadOptions,
     priority: Arc<Priority>,
 ) -> Result<Arc<LayerReader>, FsError> {
+    // Every fetch of the layer, from its TOC on, teaches the daemon its link (read-ahead).
+    let source: Arc<dyn LayerSource> = Arc::new(Measured {
+        inner: spec.source,
+        link: opts.link.clone(),
+    });
     let index = {
         let _urgent = priority.urgent();
-        open_toc(spec.source.as_ref(), spec.toc_digest.as_deref())?
+        open_toc(source.as_ref(), spec.toc_digest.as_deref())?
     };
     let table = InodeTable::build(&index)?;
     drop(index);
@@ -100,7 +106,7 @@ pub fn open_layer(
         opts.allow_unverified = true;
     }
     let budget = opts.budget.clone();
-    let reader = LayerReader::new(spec.digest, table, spec.source, cache, opts, priority);
+    let reader = LayerReader::new(spec.digest, table, source, cache, opts, priority);
     if reused {
         let started = std::time::Instant::now();
         let trusted = reader.revalidate_cache();

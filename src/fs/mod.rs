@@ -11,6 +11,7 @@ mod chunks;
 pub mod fuse;
 pub mod inode;
 pub mod layer;
+mod link;
 pub mod manager;
 pub mod open;
 pub mod reader;

@@ -19,8 +19,9 @@ use crate::estargz::chunk::check_digest;
 use crate::untrusted::chain;
 
 use super::budget::{disk_bytes, CacheBudget};
-use super::chunks::{ChunkMap, Claim, Found};
+use super::chunks::{ChunkMap, Claim, Flight, Found};
 use super::inode::{Chunk, InodeTable, Node, NodeKind};
+use super::link::{LinkEstimate, MAX_READAHEAD};
 use super::source::LayerSource;
 use super::FsError;
 use crate::cache::{CacheKind, ChunkKey, Committed, LayerCache, Writer};
@@ -95,11 +96,11 @@ pub enum BgStep {
 #[derive(Debug, Clone)]
 pub struct ReadOptions {
     /// On a miss, also fetch the chunks that follow in blob order up to this many compressed
-    /// bytes. Off by default: measured with scripts/bench-pull.sh (python start-up, 20 ms /
-    /// 100 Mbit), 1 MiB of read-ahead made each miss ~80 ms slower and fetched 37 MB instead of
-    /// 5 MB; 64 KiB fetched 11% more than none and was no faster. Neighbours in blob order are
-    /// rarely what a program reads next; the chunk itself (up to 4 MiB) is the read-ahead.
-    pub readahead_bytes: u64,
+    /// bytes; None (the default): one round trip's worth of the link as measured by `link`
+    /// (see [`super::link`]). The read waits only for its own chunks; the rest lands behind it.
+    pub readahead_bytes: Option<u64>,
+    /// The registry link as the daemon's transfers measured it, shared by its layers.
+    pub link: Arc<LinkEstimate>,
     /// Serve chunks whose TOC entry carries no digest (only with verification disabled).
     pub allow_unverified: bool,
     /// How often one read fetches a chunk that arrives but fails verification before it
@@ -120,7 +121,8 @@ pub struct ReadOptions {
 impl Default for ReadOptions {
     fn default() -> Self {
         ReadOptions {
-            readahead_bytes: 0,
+            readahead_bytes: None,
+            link: Arc::new(LinkEstimate::new()),
             allow_unverified: false,
             fetch_attempts: 3,
             wait_timeout: std::time::Duration::from_secs(300),
@@ -138,7 +140,15 @@ pub struct LayerReader {
     cache: Box<dyn LayerCache>,
     opts: ReadOptions,
     priority: Arc<Priority>,
-    chunks: ChunkMap,
+    chunks: Arc<ChunkMap>,
+    /// Fetches running behind the reads that started them (read-ahead), at most [`MAX_BEHIND`].
+    behind: AtomicUsize,
+    /// Per chunk (bit per chunk): fetched or being fetched as read-ahead and not read since.
+    ahead: Vec<AtomicU64>,
+    /// The read-ahead window in round trips' worth of the link, 1..=[`MAX_WINDOW`]: doubled each
+    /// time a read finds its chunk already brought by read-ahead, halved on each miss that was
+    /// not (see [`Self::ensure`]).
+    window: AtomicU32,
     fetched: AtomicU64,
     /// Reads served through this process (passthrough reads never get here).
     userspace_reads: AtomicU64,
@@ -157,6 +167,15 @@ pub struct LayerReader {
     cached_bytes: AtomicU64,
     evicted_bytes: AtomicU64,
 }
+
+/// Read-ahead fetches of one layer that may run behind their reads at a time; a miss past that
+/// fetches only what it needs, so the threads and connections one layer takes stay bounded.
+const MAX_BEHIND: usize = 4;
+
+/// The most round trips' worth of the link one miss fetches in a layer whose reads keep landing
+/// in what read-ahead brought (the stdlib of an import-heavy program): a reader that needs the
+/// last chunk of such a span waits at most this many round trips of transfer for it.
+const MAX_WINDOW: u32 = 8;
 
 /// Set in a chunk's pin word while it is evicted: new pins wait for it to clear.
 const EVICTING: u32 = 1 << 31;
@@ -198,7 +217,12 @@ impl LayerReader {
         let fetched = source.size().saturating_sub(payload_end);
         let (nodes, chunks) = (table.nodes().len(), table.blob_order.len());
         LayerReader {
-            chunks: ChunkMap::new(chunks),
+            chunks: Arc::new(ChunkMap::new(chunks)),
+            behind: AtomicUsize::new(0),
+            ahead: (0..chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            window: AtomicU32::new(1),
             table,
             source,
             cache,
@@ -333,7 +357,7 @@ impl LayerReader {
     }
 
     /// Reads up to `size` bytes of file `ino` at `offset`, fetching missing chunks.
-    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    pub fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         self.userspace_reads.fetch_add(1, Ordering::Relaxed);
         let node = self.table.get(ino).ok_or(FsError::NotFound(ino))?;
         if node.kind != NodeKind::Reg {
@@ -349,8 +373,9 @@ impl LayerReader {
             ))
         })?;
         let _pins = self.pin(chunks);
+        let last = chunks.last().map_or(0, |c| c.seq);
         for c in chunks {
-            self.ensure(c.seq)?;
+            self.ensure(c.seq, last)?;
         }
         let mut buf = vec![0u8; (end - offset) as usize];
         self.cache
@@ -383,25 +408,53 @@ impl LayerReader {
 
     /// Makes chunk `seq` present: fetches it (with read-ahead), or waits, with a deadline, for
     /// the fetch already in flight and shares its outcome: a waiter gets a failure at once, and
-    /// the next read starts a new fetch. A chunk this read fetched that arrived but failed its
-    /// digest (bytes flipped in transit, a broken stream) is fetched again with a fresh request,
-    /// up to `fetch_attempts` in all; registry errors were already retried by the client.
-    fn ensure(&self, seq: usize) -> Result<(), FsError> {
+    /// the next read starts a new fetch. Either way the wait ends as soon as `seq` itself is
+    /// present: read-ahead and the rest of another reader's run land behind it. A chunk this
+    /// read fetched that arrived but failed its digest (bytes flipped in transit, a broken
+    /// stream) is fetched again with a fresh request, up to `fetch_attempts` in all; registry
+    /// errors were already retried by the client.
+    ///
+    /// The read-ahead follows the layer's reads: a read that finds its chunk brought by
+    /// read-ahead widens the window (programs that read many neighbouring files, like Python
+    /// importing its stdlib, soon fetch a layer in a few long spans), and a miss narrows it.
+    /// `last` is the last chunk the read needs (no read-ahead for the read's own chunks).
+    fn ensure(self: &Arc<Self>, seq: usize, last: usize) -> Result<(), FsError> {
+        let hit = self.take_ahead(seq);
+        if hit {
+            self.widen();
+        }
         let mut attempts = 0;
         loop {
-            let res = match self
-                .chunks
-                .find(seq, self.span_rule(seq, self.opts.readahead_bytes))
-            {
+            let slot = BehindSlot::take(self);
+            let budget = match &slot {
+                Some(_) => self.readahead_budget(),
+                None => 0,
+            };
+            let res = match self.chunks.find(seq, self.span_rule(seq, budget)) {
                 Found::Present => return Ok(()),
                 Found::InFlight(flight) => {
                     let _urgent = self.priority.urgent();
-                    flight.wait(self.opts.wait_timeout)
+                    self.wait_for(&flight, seq)
                 }
                 Found::Claimed(claim) => {
                     let _urgent = self.priority.urgent();
+                    if attempts == 0 && !hit {
+                        let _ = self
+                            .window
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                                Some((w / 2).max(1))
+                            });
+                    }
                     attempts += 1;
-                    self.fetch_claimed(claim)
+                    for &s in claim.seqs().iter().filter(|&&s| s > last) {
+                        if let Some(w) = self.ahead.get(s / 64) {
+                            w.fetch_or(1 << (s % 64), Ordering::SeqCst);
+                        }
+                    }
+                    match slot.filter(|_| claim.seqs().len() > 1) {
+                        Some(slot) => self.fetch_behind(claim, slot, seq),
+                        None => self.fetch_claimed(claim),
+                    }
                 }
             };
             if self.chunks.is_present(seq) {
@@ -417,6 +470,80 @@ impl LayerReader {
                 return Err(err);
             }
             tracing::debug!(layer = %self.digest, seq, attempts, error = %chain(&err), "fetching a rejected chunk again");
+        }
+    }
+
+    /// Compressed bytes a miss may fetch past its chunk: the fixed amount if configured, else
+    /// the window's round trips of the measured link.
+    fn readahead_budget(&self) -> u64 {
+        self.opts.readahead_bytes.unwrap_or_else(|| {
+            let one = self.opts.link.get().readahead();
+            one.saturating_mul(u64::from(self.window.load(Ordering::SeqCst)))
+                .min(MAX_READAHEAD)
+        })
+    }
+
+    /// Notes that `ino` was opened: if read-ahead brought its chunks (a passthrough open then
+    /// never reads through here), that is a read-ahead hit.
+    pub(crate) fn opened(&self, ino: u64) {
+        if let Some(node) = self.table.get(ino) {
+            let mut hit = false;
+            for c in self.table.chunks(node) {
+                hit |= self.take_ahead(c.seq);
+            }
+            if hit {
+                self.widen();
+            }
+        }
+    }
+
+    fn widen(&self) {
+        let _ = self
+            .window
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                Some(w.saturating_mul(2).min(MAX_WINDOW))
+            });
+    }
+
+    /// True (once) when `seq` was brought by read-ahead and no read asked for it since.
+    fn take_ahead(&self, seq: usize) -> bool {
+        self.ahead.get(seq / 64).is_some_and(|w| {
+            w.fetch_and(!(1 << (seq % 64)), Ordering::SeqCst) & (1 << (seq % 64)) != 0
+        })
+    }
+
+    fn wait_for(&self, flight: &Flight, seq: usize) -> Result<(), FsError> {
+        flight.wait_for(|| self.chunks.is_present(seq), self.opts.wait_timeout)
+    }
+
+    /// Runs `claim` (a miss and its read-ahead) on a thread of its own and waits only for chunk
+    /// `seq`; the read-ahead lands behind the read. Without a thread, fetches it here.
+    fn fetch_behind(
+        self: &Arc<Self>,
+        claim: Claim,
+        slot: BehindSlot,
+        seq: usize,
+    ) -> Result<(), FsError> {
+        let flight = claim.flight().clone();
+        let me = self.clone();
+        let started = std::thread::Builder::new()
+            .name("stargz-fetch".into())
+            .spawn(move || {
+                let _slot = slot;
+                let _ = me.fetch_claimed(claim);
+            });
+        match started {
+            Ok(_) => self.wait_for(&flight, seq),
+            Err(e) => {
+                // The closure (and the claim in it) is gone with the failed spawn: its waiters
+                // were told; fetch again without read-ahead.
+                tracing::warn!(error = %e, "cannot start a fetch thread; fetching inline");
+                match self.chunks.find(seq, |_| false) {
+                    Found::Present => Ok(()),
+                    Found::InFlight(f) => self.wait_for(&f, seq),
+                    Found::Claimed(claim) => self.fetch_claimed(claim),
+                }
+            }
         }
     }
 
@@ -438,8 +565,8 @@ impl LayerReader {
     /// Fetches claimed chunks; the claim is released (and its waiters woken) whatever happens.
     /// A chunk that fails (a broken transfer, a failed digest) has its cache writer aborted
     /// before the claim goes: nothing unverified stays behind.
-    fn fetch_claimed(&self, claim: Claim<'_>) -> Result<(), FsError> {
-        let res = self.fetch_span(claim.seqs());
+    fn fetch_claimed(&self, claim: Claim) -> Result<(), FsError> {
+        let res = self.fetch_span(claim.seqs(), claim.flight());
         if let Err(e) = &res {
             tracing::warn!(layer = %self.digest, error = %chain(e), "chunk fetch failed");
             *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(chain(e).to_string());
@@ -449,7 +576,7 @@ impl LayerReader {
     }
 
     /// One range request for contiguous chunks, demultiplexed into their decoders.
-    fn fetch_span(&self, seqs: &[usize]) -> Result<(), FsError> {
+    fn fetch_span(&self, seqs: &[usize], flight: &Flight) -> Result<(), FsError> {
         let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
             return Ok(());
         };
@@ -457,6 +584,7 @@ impl LayerReader {
         let end = self.chunk(last).info.compressed_end;
         let mut sink = SpanSink {
             reader: self,
+            flight,
             seqs,
             k: 0,
             pos: start,
@@ -464,7 +592,18 @@ impl LayerReader {
             failed: None,
         };
         sink.start_chunk();
+        let started = std::time::Instant::now();
         let fetched = self.source.fetch(start, end - start, &mut sink);
+        tracing::debug!(
+            layer = %self.digest,
+            offset = start,
+            len = end - start,
+            chunks = seqs.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            window = self.window.load(Ordering::Relaxed),
+            ok = fetched.is_ok(),
+            "range fetched"
+        );
         let failed = sink.failed.take();
         drop(sink);
         fetched.map_err(FsError::Source)?;
@@ -683,6 +822,26 @@ impl LayerReader {
     }
 }
 
+/// One of a layer's [`MAX_BEHIND`] read-ahead fetches; given back on drop.
+struct BehindSlot(Arc<LayerReader>);
+
+impl BehindSlot {
+    fn take(reader: &Arc<LayerReader>) -> Option<Self> {
+        if reader.behind.fetch_add(1, Ordering::SeqCst) < MAX_BEHIND {
+            Some(BehindSlot(reader.clone()))
+        } else {
+            reader.behind.fetch_sub(1, Ordering::SeqCst);
+            None
+        }
+    }
+}
+
+impl Drop for BehindSlot {
+    fn drop(&mut self) {
+        self.0.behind.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Drop for LayerReader {
     /// A layer that goes away (unmounted; its cache removed or re-verified by the next mount)
     /// no longer counts against the budget.
@@ -734,6 +893,8 @@ impl Write for ChunkWriter {
 /// Routes a contiguous compressed span to one decoder per chunk, in blob order.
 struct SpanSink<'a> {
     reader: &'a LayerReader,
+    /// Told of each chunk that lands, so its readers go on before the span ends.
+    flight: &'a Flight,
     seqs: &'a [usize],
     k: usize,
     pos: u64,
@@ -818,6 +979,7 @@ impl SpanSink<'_> {
         match res {
             Ok(proof) => {
                 let _ = self.reader.chunk_done(seq, Ok(proof));
+                self.flight.progress();
             }
             // Dropping the decoder drops its cache writer, which aborts it.
             Err(e) => self.fail(seq, e),
