@@ -81,13 +81,21 @@ pub fn open_layer(
     priority: Arc<Priority>,
 ) -> Result<Arc<LayerReader>, FsError> {
     // Every fetch of the layer, from its TOC on, teaches the daemon its link (read-ahead).
+    let toc_source = Measured {
+        inner: spec.source.clone(),
+        link: opts.link.clone(),
+        bandwidth: false,
+    };
     let source: Arc<dyn LayerSource> = Arc::new(Measured {
         inner: spec.source,
         link: opts.link.clone(),
+        bandwidth: true,
     });
     let index = {
         let _urgent = priority.urgent();
-        open_toc(source.as_ref(), spec.toc_digest.as_deref())?
+        // One round trip's worth of the link past the footer: the TOC is often within.
+        let guess = opts.link.get().readahead(1);
+        open_toc(&toc_source, spec.toc_digest.as_deref(), guess)?
     };
     let table = InodeTable::build(&index)?;
     drop(index);

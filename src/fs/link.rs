@@ -8,8 +8,11 @@
 //! second request would cost: on 100 Mbit / 20 ms that is ~250 KB, ~6 MB on 1 Gbit / 50 ms, and on
 //! a thin link (20 Mbit / 10 ms: 25 KB) too little to be worth anything. Both figures are measured
 //! from the daemon's own range requests (no config number to get wrong): the round trip as the
-//! time to a response's first byte, the bandwidth from the rest of responses large enough for
-//! it to show (small ones fit in the link's burst).
+//! time to a response's first byte, the bandwidth from the rest of chunk responses large enough
+//! for it to show (small ones fit in the link's burst). Chunk responses only: their bytes are
+//! decompressed, hashed and written to the cache as they arrive, which on a fast link is the
+//! slower part — a TOC read into memory would make a local registry look many times faster than
+//! read-ahead can go.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
@@ -42,18 +45,24 @@ pub struct Estimate {
 }
 
 impl Estimate {
-    /// Compressed bytes worth fetching past a miss: one round trip's worth of bandwidth, none
-    /// until both are known or when that is below [`MIN_READAHEAD`], at most [`MAX_READAHEAD`].
-    pub fn readahead(&self) -> u64 {
-        let (Some(rtt), Some(bw)) = (self.rtt, self.bandwidth) else {
+    /// Compressed bytes worth fetching past a miss: `window` round trips' worth of bandwidth
+    /// (the reader widens it while its reads land in read-ahead), none when one round trip's
+    /// worth is below [`MIN_READAHEAD`], at most [`MAX_READAHEAD`]. While only the round trip
+    /// is known (small TOCs, small files: no response was long enough to time the bandwidth),
+    /// a probe whatever the window: enough read-ahead for the next response to measure it.
+    pub fn readahead(&self, window: u32) -> u64 {
+        let (Some(rtt), bw) = (self.rtt, self.bandwidth) else {
             return 0;
+        };
+        let Some(bw) = bw else {
+            return 2 * MIN_BANDWIDTH_SAMPLE;
         };
         let bdp = bw * rtt.as_secs_f64();
         if !bdp.is_finite() || bdp < MIN_READAHEAD as f64 {
             return 0;
         }
-        // Saturating: a huge estimate is clamped, not wrapped.
-        (bdp as u64).min(MAX_READAHEAD)
+        // Saturating casts: a huge estimate is clamped, not wrapped.
+        ((bdp * f64::from(window.max(1))) as u64).min(MAX_READAHEAD)
     }
 }
 
@@ -91,6 +100,8 @@ impl LinkEstimate {
 pub(crate) struct Measured {
     pub(crate) inner: Arc<dyn LayerSource>,
     pub(crate) link: Arc<LinkEstimate>,
+    /// Whether responses also time the bandwidth (chunk data), or only the round trip (TOC).
+    pub(crate) bandwidth: bool,
 }
 
 impl LayerSource for Measured {
@@ -107,11 +118,12 @@ impl LayerSource for Measured {
         };
         self.inner.fetch(offset, len, &mut timed)?;
         if let Some((first_at, first_len)) = timed.first {
-            self.link.observe(
-                first_at.duration_since(timed.started),
-                timed.bytes - first_len,
-                first_at.elapsed(),
-            );
+            let (bytes, streaming) = match self.bandwidth {
+                true => (timed.bytes - first_len, first_at.elapsed()),
+                false => (0, Duration::ZERO),
+            };
+            self.link
+                .observe(first_at.duration_since(timed.started), bytes, streaming);
         }
         Ok(())
     }
@@ -157,16 +169,28 @@ mod tests {
 
     #[test]
     fn readahead_is_one_round_trip_of_bandwidth() {
-        assert_eq!(est(20, 100.0).readahead(), 250_000, "100 Mbit / 20 ms");
-        assert_eq!(est(50, 1000.0).readahead(), 6_250_000, "1 Gbit / 50 ms");
-        assert_eq!(est(10, 20.0).readahead(), 0, "a thin link gets none");
-        assert_eq!(est(500, 10_000.0).readahead(), MAX_READAHEAD, "clamped");
-        assert_eq!(Estimate::default().readahead(), 0, "unknown link: none");
+        assert_eq!(est(20, 100.0).readahead(1), 250_000, "100 Mbit / 20 ms");
+        assert_eq!(est(50, 1000.0).readahead(1), 6_250_000, "1 Gbit / 50 ms");
+        assert_eq!(est(10, 20.0).readahead(1), 0, "a thin link gets none");
+        assert_eq!(est(500, 10_000.0).readahead(1), MAX_READAHEAD, "clamped");
+        assert_eq!(
+            est(20, 100.0).readahead(4),
+            1_000_000,
+            "a window of 4 round trips"
+        );
+        assert_eq!(est(10, 20.0).readahead(8), 0, "a thin link stays at none");
+        assert_eq!(Estimate::default().readahead(1), 0, "unknown link: none");
         let half = Estimate {
             rtt: Some(Duration::from_millis(20)),
             bandwidth: None,
         };
-        assert_eq!(half.readahead(), 0, "bandwidth unknown: none");
+        for window in [1, 8] {
+            assert_eq!(
+                half.readahead(window),
+                2 * MIN_BANDWIDTH_SAMPLE,
+                "bandwidth unknown: enough to measure it"
+            );
+        }
     }
 
     #[test]
@@ -185,7 +209,7 @@ mod tests {
         );
         let e = link.get();
         assert!((e.bandwidth.unwrap_or(0.0) - 12.5e6).abs() < 1.0, "{e:?}");
-        assert_eq!(e.readahead(), 250_000);
+        assert_eq!(e.readahead(1), 250_000);
         // A slower round trip moves the estimate by a quarter of the difference.
         link.observe(Duration::from_millis(60), 0, Duration::ZERO);
         assert_eq!(link.get().rtt, Some(Duration::from_millis(30)));
@@ -212,12 +236,13 @@ mod tests {
             }
         }
         let link = Arc::new(LinkEstimate::new());
-        let src = Measured {
+        let toc = Measured {
             inner: Arc::new(Slow),
             link: link.clone(),
+            bandwidth: false,
         };
         let mut out = Vec::new();
-        src.fetch(0, 512 << 10, &mut out)?;
+        toc.fetch(0, 512 << 10, &mut out)?;
         assert_eq!(out.len(), 512 << 10);
         let e = link.get();
         let rtt = e.rtt.unwrap_or_default();
@@ -225,6 +250,17 @@ mod tests {
             rtt >= Duration::from_millis(30) && rtt < Duration::from_secs(2),
             "{e:?}"
         );
+        assert!(
+            e.bandwidth.is_none(),
+            "a TOC read times the round trip only: {e:?}"
+        );
+        let chunks = Measured {
+            bandwidth: true,
+            ..toc
+        };
+        out.clear();
+        chunks.fetch(0, 512 << 10, &mut out)?;
+        let e = link.get();
         assert!(
             e.bandwidth.is_some(),
             "448 KiB after the first block: {e:?}"

@@ -21,7 +21,7 @@ use crate::untrusted::chain;
 use super::budget::{disk_bytes, CacheBudget};
 use super::chunks::{ChunkMap, Claim, Flight, Found};
 use super::inode::{Chunk, InodeTable, Node, NodeKind};
-use super::link::{LinkEstimate, MAX_READAHEAD};
+use super::link::LinkEstimate;
 use super::source::LayerSource;
 use super::FsError;
 use crate::cache::{CacheKind, ChunkKey, Committed, LayerCache, Writer};
@@ -149,6 +149,12 @@ pub struct LayerReader {
     /// time a read finds its chunk already brought by read-ahead, halved on each miss that was
     /// not (see [`Self::ensure`]).
     window: AtomicU32,
+    /// Compressed bytes fetched as read-ahead, and reads that found a chunk it brought: the
+    /// layer's evidence that read-ahead pays (see [`Self::readahead_budget`]).
+    ahead_bytes: AtomicU64,
+    ahead_hits: AtomicU64,
+    /// Misses without read-ahead since the last one that had some.
+    held_back: AtomicU32,
     fetched: AtomicU64,
     /// Reads served through this process (passthrough reads never get here).
     userspace_reads: AtomicU64,
@@ -176,6 +182,11 @@ const MAX_BEHIND: usize = 4;
 /// in what read-ahead brought (the stdlib of an import-heavy program): a reader that needs the
 /// last chunk of such a span waits at most this many round trips of transfer for it.
 const MAX_WINDOW: u32 = 8;
+
+/// Round trips' worth of read-ahead a layer gets before its hits must pay for more.
+const PROBATION: u64 = 2;
+/// A layer whose read-ahead did not pay gets another try after this many misses.
+const RETRY_AFTER: u32 = 16;
 
 /// Set in a chunk's pin word while it is evicted: new pins wait for it to clear.
 const EVICTING: u32 = 1 << 31;
@@ -223,6 +234,9 @@ impl LayerReader {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             window: AtomicU32::new(1),
+            ahead_bytes: AtomicU64::new(0),
+            ahead_hits: AtomicU64::new(0),
+            held_back: AtomicU32::new(0),
             table,
             source,
             cache,
@@ -450,6 +464,9 @@ impl LayerReader {
                         if let Some(w) = self.ahead.get(s / 64) {
                             w.fetch_or(1 << (s % 64), Ordering::SeqCst);
                         }
+                        let c = &self.chunk(s).info;
+                        self.ahead_bytes
+                            .fetch_add(c.compressed_end - c.compressed_offset, Ordering::SeqCst);
                     }
                     match slot.filter(|_| claim.seqs().len() > 1) {
                         Some(slot) => self.fetch_behind(claim, slot, seq),
@@ -475,12 +492,34 @@ impl LayerReader {
 
     /// Compressed bytes a miss may fetch past its chunk: the fixed amount if configured, else
     /// the window's round trips of the measured link.
+    ///
+    /// Read-ahead must earn its keep in each layer: each read that finds a chunk it brought
+    /// saves a round trip, each byte of it costs link time and a core to decompress. Once a
+    /// layer has had [`PROBATION`] round trips' worth of read-ahead, it gets more only while
+    /// its hits are worth at least half the bytes (hits × one round trip's bytes × 2 ≥ bytes):
+    /// a program that reads a few scattered libraries (`python3 -c 'print(1)'`) stops paying
+    /// for neighbours it never reads, one that imports a whole package keeps going. A layer held
+    /// back tries again every [`RETRY_AFTER`] misses, in case its readers changed.
     fn readahead_budget(&self) -> u64 {
-        self.opts.readahead_bytes.unwrap_or_else(|| {
-            let one = self.opts.link.get().readahead();
-            one.saturating_mul(u64::from(self.window.load(Ordering::SeqCst)))
-                .min(MAX_READAHEAD)
-        })
+        if let Some(fixed) = self.opts.readahead_bytes {
+            return fixed;
+        }
+        let link = self.opts.link.get();
+        let one = link.readahead(1);
+        let spent = self.ahead_bytes.load(Ordering::SeqCst);
+        let earned = self
+            .ahead_hits
+            .load(Ordering::SeqCst)
+            .saturating_mul(one)
+            .saturating_mul(2);
+        if spent > PROBATION * one
+            && earned < spent
+            && self.held_back.fetch_add(1, Ordering::SeqCst) + 1 < RETRY_AFTER
+        {
+            return 0;
+        }
+        self.held_back.store(0, Ordering::SeqCst);
+        link.readahead(self.window.load(Ordering::SeqCst))
     }
 
     /// Notes that `ino` was opened: if read-ahead brought its chunks (a passthrough open then
@@ -507,9 +546,13 @@ impl LayerReader {
 
     /// True (once) when `seq` was brought by read-ahead and no read asked for it since.
     fn take_ahead(&self, seq: usize) -> bool {
-        self.ahead.get(seq / 64).is_some_and(|w| {
+        let hit = self.ahead.get(seq / 64).is_some_and(|w| {
             w.fetch_and(!(1 << (seq % 64)), Ordering::SeqCst) & (1 << (seq % 64)) != 0
-        })
+        });
+        if hit {
+            self.ahead_hits.fetch_add(1, Ordering::SeqCst);
+        }
+        hit
     }
 
     fn wait_for(&self, flight: &Flight, seq: usize) -> Result<(), FsError> {
@@ -601,6 +644,7 @@ impl LayerReader {
             chunks = seqs.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             window = self.window.load(Ordering::Relaxed),
+            link = ?self.opts.link.get(),
             ok = fetched.is_ok(),
             "range fetched"
         );
@@ -1060,6 +1104,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    use crate::cache::CacheKind;
+
     #[test]
     fn background_waits_for_the_quiet_period_after_urgent_work() {
         let p = Arc::new(Priority::with_quiet_period(Duration::from_millis(200)));
@@ -1076,6 +1122,131 @@ mod tests {
         assert!(
             !none.busy(),
             "no quiet period means busy only while urgent work waits"
+        );
+    }
+
+    /// A registry behind a link: each fetch waits a round trip, then streams at the link's rate.
+    struct SimLink {
+        blob: Vec<u8>,
+        rtt: Duration,
+        bytes_per_sec: f64,
+        fetches: std::sync::atomic::AtomicU64,
+    }
+
+    impl LayerSource for SimLink {
+        fn size(&self) -> u64 {
+            self.blob.len() as u64
+        }
+        fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.rtt);
+            let (start, end) = (offset as usize, (offset + len) as usize);
+            for piece in self.blob[start..end].chunks(1500) {
+                std::thread::sleep(Duration::from_secs_f64(
+                    piece.len() as f64 / self.bytes_per_sec,
+                ));
+                sink.write_all(piece)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// An eStargz layer of `n` small, barely compressible "modules" in one directory.
+    fn modules_layer(n: usize) -> (Vec<u8>, String) {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for i in 0..n {
+            let data: Vec<u8> = (0..3000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    b'a' + (x % 26) as u8
+                })
+                .collect();
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, format!("lib/mod{i:03}.pyc"), &data[..])
+                .expect("tar entry");
+        }
+        let input = tar.into_inner().expect("tar");
+        let mut blob = Vec::new();
+        let built = crate::estargz::build(&input[..], &mut blob, &Default::default())
+            .expect("eStargz build");
+        (blob, built.toc_digest)
+    }
+
+    /// Mounts the modules layer behind `link` (no FUSE: the reader only) and reads every
+    /// module in name order; returns how many range requests the reads had made after each.
+    fn import_all(n: usize, rtt_ms: u64, mbit: f64) -> (Vec<u64>, Arc<LayerReader>) {
+        let (blob, toc_digest) = modules_layer(n);
+        let link = Arc::new(SimLink {
+            blob,
+            rtt: Duration::from_millis(rtt_ms),
+            bytes_per_sec: mbit * 1e6 / 8.0,
+            fetches: Default::default(),
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = ReadOptions {
+            cache_kind: CacheKind::Memory,
+            ..ReadOptions::default()
+        };
+        let spec = super::super::layer::LayerSpec {
+            digest: "sha256:modules".into(),
+            source: link.clone(),
+            toc_digest: Some(toc_digest),
+        };
+        let reader = super::super::layer::open_layer(spec, dir.path(), &opts, Arc::default())
+            .expect("open layer");
+        let before = link.fetches.load(Ordering::SeqCst);
+        let mut made = Vec::with_capacity(n);
+        let table = reader.table();
+        let lib = table
+            .lookup(super::super::inode::ROOT_INO, "lib")
+            .expect("lib")
+            .ino;
+        for i in 0..n {
+            let ino = table
+                .lookup(lib, &format!("mod{i:03}.pyc"))
+                .expect("module")
+                .ino;
+            let data = reader.read(ino, 0, 1 << 20).expect("read");
+            assert_eq!(data.len(), 3000);
+            made.push(link.fetches.load(Ordering::SeqCst) - before);
+        }
+        (made, reader)
+    }
+
+    #[test]
+    fn misses_read_ahead_a_round_trip_of_the_link_and_widen_as_reads_land_in_it() {
+        // 100 Mbit / 20 ms: ~250 KB per round trip, ~80 modules' worth.
+        let (made, reader) = import_all(200, 20, 100.0);
+        let requests = made.last().copied().unwrap_or(0);
+        assert!(
+            requests <= 200 / 8,
+            "{requests} requests for 200 modules on 100 Mbit / 20 ms"
+        );
+        assert!(
+            reader.window.load(Ordering::SeqCst) > 1,
+            "reads landing in read-ahead widen the window"
+        );
+    }
+
+    #[test]
+    fn a_thin_link_gets_no_read_ahead_once_measured() {
+        // 20 Mbit / 10 ms: 25 KB per round trip, below what read-ahead is worth.
+        let (made, reader) = import_all(300, 10, 20.0);
+        let link = reader.opts.link.get();
+        assert_eq!(link.readahead(8), 0, "{link:?}");
+        // Probes that measured the bandwidth read ahead (at most ~150 modules' worth); from
+        // then on each module is a request of its own.
+        let last = &made[199..];
+        assert_eq!(
+            last[last.len() - 1] - last[0],
+            100,
+            "requests for the last 100 modules on 20 Mbit / 10 ms: {made:?}"
         );
     }
 }
