@@ -76,6 +76,13 @@ pub fn delay_proxy() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Whether a line of docker-registry's log records an answered GET of a blob.
+pub fn is_blob_get(line: &str) -> bool {
+    line.contains("msg=\"response completed")
+        && line.contains("http.request.method=GET ")
+        && line.contains("/blobs/sha256:")
+}
+
 /// A link that `netlink.sh down` removes when dropped (also on panic).
 pub struct SlowLink {
     name: String,
@@ -142,6 +149,27 @@ impl SlowLink {
             .arg(netlink_script())
             .args(["exec", &self.name])
             .args(args))
+    }
+
+    /// What `netlink.sh` keeps for this link: pids, `registry.log`, `stats.json`.
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new("/run/stargz-testbed/netlink").join(&self.name)
+    }
+
+    /// The registry's log so far: docker-registry writes one `response completed` line per
+    /// request it answered (method, URI, status), through the link or from inside the namespace.
+    pub fn registry_log(&self) -> Result<String> {
+        let path = self.state_dir().join("registry.log");
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+    }
+
+    /// Blob GETs (range requests included) the registry has answered so far, failed ones too.
+    pub fn blob_gets(&self) -> Result<usize> {
+        Ok(self
+            .registry_log()?
+            .lines()
+            .filter(|l| is_blob_get(l))
+            .count())
     }
 
     /// Bytes the registry has sent through the proxy so far (counters flushed every 100 ms).
