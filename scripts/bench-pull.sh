@@ -1,50 +1,141 @@
 #!/usr/bin/env bash
-# Benchmark of issue 6: time from pull start to the end of `python3 -c 'print(1)'` in a container,
-# with the registry behind a slow link (scripts/netlink.sh: default 100mbit, 20 ms RTT), all in one
-# run so the ratios compare like with like:
-#   (b)  full pull, containerd's overlayfs snapshotter: `ctr image pull` + `ctr run`, of the original
-#        gzip image (the baseline of the ratios) and of its eStargz conversion;
-#   (a)  lazy pull with our daemon: target/release/containerd-stargz-grpc + `ctr-remote image rpull`
-#        + `ctr run --snapshotter stargz`; also its peak RSS (VmHWM) through rpull, run and the
-#        background fetch of the whole image, the cache's disk use (`du -sb <root>/stargz`) and the
-#        bytes the registry served (delay-proxy counters), then the same for an image about twice as
-#        big (flat-RSS check);
-#   (c)  the same with Go's containerd-stargz-grpc (the reference), built by scripts/go-daemon.sh
-#        from Debian's Go library (Debian's stargz-snapshotter ships only ctr-remote), with Go's
-#        ctr-remote rpull.
-# The image is the cached bookworm python3 rootfs of scripts/rootfs.sh (3 layers), converted to
-# eStargz without optimization by Go's `ctr-remote image convert --estargz --oci`.
-# Parts whose binaries cannot do the job yet are reported as "not available: <why>", never guessed.
+# Cold-start benchmark matrix (issue 11; issue 6's lazy-pull benchmark is one of its cells): the
+# time from the start of a pull to the end of a workload in a container, for every
+#   workload × link × system, all in one run, each cell the median of RUNS fresh pulls.
 #
-#   scripts/bench-pull.sh                      writes bench-results/pull.txt
-# Environment: RATE (100mbit), DELAY_MS (10, one way), BIG (1: also the twice-as-big image),
-# OUT (bench-results/pull.txt), DAEMON / CTR_REMOTE (default target/release/...), GO_DAEMON (a
-# binary; default: built by scripts/go-daemon.sh; empty: skip (c)),
-# RUNS (1: times are the median of RUNS fresh pulls; other figures come from the last run),
-# SETTLE_TIMEOUT (180 s to wait for the background fetch), KEEP=1 (keep the work dir for debugging),
-# RUN_CMD (default "python3 -c print(1)"; e.g. "python3 /app/main.py" imports a wider spread of the
-# stdlib) with EXPECT (last output line required, default 1; empty: only the exit status counts).
+# Image: the bookworm minbase + python3 rootfs of scripts/rootfs.sh with its data layer
+# (`rootfs.sh oci --data`: 4 layers, base / python stdlib / app / data), pushed as gzip, and its
+# eStargz conversion by Go's `ctr-remote image convert --estargz --oci` WITHOUT optimization (no
+# prefetch landmark). The conversion is cached in $STARGZ_TESTBED_CACHE keyed by the gzip manifest
+# digest and Go's ctr-remote binary.
+#
+# Workloads (the files are in scripts/testbed-app/, the app layer of the image):
+#   imports  python3 /app/imports.py: imports 273 stdlib modules across packages (json, http.client,
+#            email.*, xml.*, asyncio, unittest, sqlite3, decimal, ...); many small files
+#   tools    sh /app/tools.sh: 52 steps running coreutils, util-linux, grep/sed/mawk, perl with
+#            modules, debconf, dpkg/apt-cache, tar/gzip, find/xargs, diff, pydoc; binaries + libraries
+#   print    python3 -c print(1): few files (issue 6's headline)
+#   large    sha256sum -c /data/large.sha256: reads one 64 MiB file (~29 MB as eStargz); bytes,
+#            not latency, dominate
+# Links (scripts/netlink.sh; registry in a network namespace, RATE/DELAY_MS with the delay one way):
+#   100mbit/10 (20 ms RTT), 1gbit/25 (50 ms RTT), 20mbit/5 (10 ms RTT), loopback (no tbf, no delay:
+#   the same veth + delay-proxy path with nothing emulated)
+# Systems:
+#   ours  our containerd-stargz-grpc + our `ctr-remote image rpull` + `ctr run --snapshotter stargz`
+#   go    Go's containerd-stargz-grpc (scripts/go-daemon.sh) + Go's /usr/bin/ctr-remote rpull
+#   full  containerd's overlayfs: `ctr image pull` of the gzip image + `ctr run`. To keep the run
+#         short the image is pulled ONCE per run and link, then each workload runs on it; a full
+#         cell's time is that pull's time + the workload's own `ctr run` time.
+# Every timed step starts with a dropped page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`),
+# each lazy run with a fresh daemon, containerd and cache, each full run with a fresh containerd.
+#
+# What a cell reports (pull.txt keys WORKLOAD_LINK_SYSTEM_*; the table has one row per
+# workload × link):
+#   seconds        median of the runs (and the runs); a failed cell says "failed: <reason>" and the
+#                  matrix goes on (its later runs are skipped)
+#   ratios         to Go's cell and to the full pull's cell on the same link
+#   blob_requests  blob requests the registry answered during pull + run (GET and HEAD of
+#                  /v2/*/blobs/*, counted in the registry's access log inside the namespace). Our
+#                  daemon holds its background fetch back while the container reads, so these are
+#                  the requests the start-up waited for; Go's daemon fetches in the background from
+#                  the start, so its count includes background requests
+#   fetched_bytes  bytes the registry sent through the link during pull + run (delay-proxy counter)
+#   limit          the physical limit of a lazy start: compressed bytes of the files the workload
+#                  really reads ÷ the link's rate + RTTS round trips (4: connection, manifest,
+#                  config and TOCs in parallel, file data in parallel) + the workload's `ctr run`
+#                  time on the fully local image (the full system's run time on that link; without
+#                  `full` in SYSTEMS, the one measured while tracing). The files read are traced
+#                  once per workload on the gzip image unpacked by containerd's `native`
+#                  snapshotter (overlayfs opens lower files O_NOATIME): every file of the
+#                  container's rootfs gets atime 0, the workload runs, and the files whose atime
+#                  moved (relatime) are looked up in the eStargz TOCs (a file's compressed size =
+#                  the distance from its first chunk's gzip member to the next file's member,
+#                  summed over its chunks; files the workload wrote itself are not in a TOC and
+#                  are reported as *_read_files_not_in_toc)
+# Memory and disk (issue 6's flat-RSS check) come from one cell: `imports` on 100mbit/10, last
+# run, after the background fetch has settled (no new bytes for SETTLE_QUIET s): each daemon's
+# peak RSS (VmHWM) and its cache's disk use (`du -sb <root>/stargz`), with BIG=1 also for an
+# image about twice as big (`rootfs.sh oci --data --big`, one run).
+#
+#   scripts/bench-pull.sh        writes bench-results/pull.txt (key = value lines, then the
+#                                markdown table) and bench-results/pull.md (the table alone)
+# Environment:
+#   WORKLOADS ("imports tools print large"), LINKS ("100mbit/10 1gbit/25 20mbit/5 loopback"),
+#   SYSTEMS ("ours go full"), RUNS (3), BIG (1: also the twice-as-big image's RSS check; 0: not),
+#   DAEMON / CTR_REMOTE (ours; default target/release/...), GO_DAEMON (a binary; default built by
+#   scripts/go-daemon.sh; empty: no `go` cells), GO_CTR_REMOTE (/usr/bin/ctr-remote),
+#   DELAY_PROXY (binary; default built with cargo), RTTS (4), SETTLE_TIMEOUT (180 s),
+#   SETTLE_QUIET (5 s), STEP_TIMEOUT (300 s for one pull or one run), OUT
+#   (bench-results/pull.txt), TABLE (OUT with .md), KEEP=1 (keep the work dir for debugging).
+# Every process and mount started here is removed on exit, Ctrl-C included. The default matrix
+# took 20.5 min on the 2-core test machine with the conversions cached (the very first run also
+# debootstraps, ~2 min, and converts both images, ~100 s).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RATE=${RATE:-100mbit}
-DELAY_MS=${DELAY_MS:-10}
+read -r -a WORKLOADS <<<"${WORKLOADS:-imports tools print large}"
+read -r -a LINKS <<<"${LINKS:-100mbit/10 1gbit/25 20mbit/5 loopback}"
+read -r -a SYSTEMS <<<"${SYSTEMS:-ours go full}"
+RUNS=${RUNS:-3}
 BIG=${BIG:-1}
 OUT=${OUT:-$REPO/bench-results/pull.txt}
+TABLE=${TABLE:-${OUT%.txt}.md}
 DAEMON=${DAEMON:-$REPO/target/release/containerd-stargz-grpc}
 CTR_REMOTE=${CTR_REMOTE:-$REPO/target/release/ctr-remote}
 GO_CTR_REMOTE=${GO_CTR_REMOTE:-/usr/bin/ctr-remote}
 SETTLE_TIMEOUT=${SETTLE_TIMEOUT:-180}
-RUNS=${RUNS:-1}
-read -r -a RUN_CMD <<<"${RUN_CMD:-python3 -c print(1)}"
-EXPECT=${EXPECT-1}
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+RTTS=${RTTS:-4}
+CACHE=${STARGZ_TESTBED_CACHE:-/var/cache/stargz-testbed}
 LINK=bench$$
 NETLINK=$REPO/scripts/netlink.sh
+RSS_CELL="imports 100mbit/10"
+START=$(date +%s)
 
-log() { echo "bench-pull: $*" >&2; }
+log() { echo "bench-pull [+$(( $(date +%s) - START ))s]: $*" >&2; }
 die() { log "$*"; exit 1; }
+has() { local x=$1; shift; local y; for y in "$@"; do [ "$x" = "$y" ] && return 0; done; return 1; }
 
-for t in containerd ctr runc docker-registry skopeo tc ip curl jq; do
+# Command and the regex its last output line must match, of each workload.
+declare -A WCMD=(
+  [imports]="python3 /app/imports.py"
+  [tools]="sh /app/tools.sh"
+  [print]="python3 -c print(1)"
+  [large]="sha256sum -c /data/large.sha256"
+)
+declare -A WEXPECT=(
+  [imports]='^imported [0-9]+ modules$'
+  [tools]='^tools: [0-9]+ steps$'
+  [print]='^1$'
+  [large]='^/data/large.bin: OK$'
+)
+for w in "${WORKLOADS[@]}"; do [ -n "${WCMD[$w]:-}" ] || die "unknown workload '$w' (imports tools print large)"; done
+for s in "${SYSTEMS[@]}"; do has "$s" ours go full || die "unknown system '$s' (ours go full)"; done
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "bad RUNS '$RUNS'"
+
+# "100mbit/10" → rate and one-way delay; "loopback" → none/0. LKEY is the link's name in keys.
+parse_link() {
+  case "$1" in
+    loopback) LRATE=none; LDELAY=0; LKEY=loopback ;;
+    */*) LRATE=${1%/*}; LDELAY=${1#*/}; LKEY=${LRATE}_${LDELAY}
+         [[ $LDELAY =~ ^[0-9]+$ ]] || die "bad link '$1' (RATE/DELAY_MS or loopback)" ;;
+    *) die "bad link '$1' (RATE/DELAY_MS or loopback)" ;;
+  esac
+}
+for l in "${LINKS[@]}"; do parse_link "$l"; done
+
+# Bytes per second of a tc rate (100mbit, 1gbit, 500kbit); 0 for none.
+rate_bytes() {
+  local r=${1,,}
+  [ "$r" = none ] && { echo 0; return; }
+  [[ $r =~ ^([0-9]+)(bit|kbit|mbit|gbit)$ ]] || die "bad rate '$1' (e.g. 100mbit)"
+  case "${BASH_REMATCH[2]}" in
+    bit) echo $((BASH_REMATCH[1] / 8)) ;; kbit) echo $((BASH_REMATCH[1] * 1000 / 8)) ;;
+    mbit) echo $((BASH_REMATCH[1] * 1000000 / 8)) ;; gbit) echo $((BASH_REMATCH[1] * 1000000000 / 8)) ;;
+  esac
+}
+
+for t in containerd ctr runc docker-registry skopeo tc ip curl jq python3; do
   command -v "$t" >/dev/null || die "$t missing: run 'make deps'"
 done
 [ -x "$GO_CTR_REMOTE" ] || die "Go ctr-remote ($GO_CTR_REMOTE) is needed to convert to eStargz: apt-get install stargz-snapshotter"
@@ -52,8 +143,9 @@ done
 # The link's delay proxy, optimised (netlink.sh would otherwise take whichever build exists).
 if [ -z "${DELAY_PROXY:-}" ]; then
   (cd "$REPO" && cargo build --quiet --release --example delay-proxy) || die "cannot build the delay proxy"
-  export DELAY_PROXY=$REPO/target/release/examples/delay-proxy
+  DELAY_PROXY=$REPO/target/release/examples/delay-proxy
 fi
+export DELAY_PROXY
 
 WORK=$(mktemp -d /var/tmp/bench-pull.XXXXXX)
 PIDS=()      # containerd and daemons we started, stopped in reverse order
@@ -67,22 +159,25 @@ stop_pid() {
   kill -9 "$pid" 2>/dev/null || true
 }
 
+# Kills and removes the tasks and containers of the containerd at SOCK (if it still runs).
+clear_containers() {
+  local cpid=$1 s=$2 t c
+  kill -0 "$cpid" 2>/dev/null || return 0
+  # ctr waits forever for a containerd that is gone: only ask live ones, with a time limit.
+  for t in $(timeout 20 ctr --address "$s" tasks ls -q 2>/dev/null); do
+    timeout 20 ctr --address "$s" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; sleep 0.2
+    timeout 20 ctr --address "$s" tasks rm -f "$t" >/dev/null 2>&1
+  done
+  for c in $(timeout 20 ctr --address "$s" containers ls -q 2>/dev/null); do
+    timeout 20 ctr --address "$s" containers rm "$c" >/dev/null 2>&1
+  done
+  return 0
+}
+
 cleanup() {
   set +e
-  local s i pid m
-  local entry cpid
-  for entry in "${SOCKS[@]}"; do
-    cpid=${entry%% *}; s=${entry#* }
-    # ctr waits forever for a containerd that is gone: only ask live ones, with a time limit.
-    kill -0 "$cpid" 2>/dev/null || continue
-    for t in $(timeout 20 ctr --address "$s" tasks ls -q 2>/dev/null); do
-      timeout 20 ctr --address "$s" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; sleep 0.2
-      timeout 20 ctr --address "$s" tasks rm -f "$t" >/dev/null 2>&1
-    done
-    for c in $(timeout 20 ctr --address "$s" containers ls -q 2>/dev/null); do
-      timeout 20 ctr --address "$s" containers rm "$c" >/dev/null 2>&1
-    done
-  done
+  local i pid m entry
+  for entry in "${SOCKS[@]}"; do clear_containers "${entry%% *}" "${entry#* }"; done
   for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}" INT; done
   # Shims of our containerds carry our work dir in their command line.
   for pid in $(grep -l -s -F "$WORK" /proc/[0-9]*/cmdline | cut -d/ -f3); do
@@ -96,10 +191,23 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 now() { date +%s.%N; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { printf "%.2f", (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
+add() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a + b }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+mb() { awk -v a="$1" 'BEGIN { if (a == "") print "n/a"; else printf "%.1f", a / 1e6 }'; }
 served() { "$NETLINK" stats "$LINK" | jq -r .upstream_to_client; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# The registry's access log (combined format, one line per answered request) of the current link;
+# req_mark prints its size, req_since MARK counts the blob requests (and ALL=1 every request) after it.
+reglog() { echo "/run/stargz-testbed/netlink/$LINK/registry.log"; }
+req_mark() { stat -c %s "$(reglog)" 2>/dev/null || echo 0; }
+req_since() {
+  local pat='^[0-9a-f.:]+ - - \[[^]]*\] "(GET|HEAD) /v2/[^ ]+/blobs/'
+  [ "${ALL:-0}" = 1 ] && pat='^[0-9a-f.:]+ - - \[[^]]*\] "[A-Z]+ /v2/'
+  tail -c +$(($1 + 1)) "$(reglog)" 2>/dev/null | grep -cE "$pat" || true
+}
 
 # Starts containerd NAME (root/state/socket under $WORK/NAME), extra TOML in $2; sets CTRD_SOCK and
 # CTRD_PID (globals, not output: PIDS and SOCKS must be updated in this shell, not a subshell).
@@ -129,28 +237,21 @@ TOML
   done
   tail -n 20 "$dir/containerd.log" >&2; die "containerd $name did not start"
 }
+stop_containerd() { clear_containers "$CTRD_PID" "$CTRD_SOCK"; stop_pid "$CTRD_PID"; }
 
-# Seconds from the start of PULL_CMD... to the end of RUN_CMD in a container of
-# REF with SNAPSHOTTER. Sets T (seconds) and FETCHED (bytes served by the registry meanwhile);
-# returns non-zero (with the reason in $WORK/why) if a step failed.
-timed_run() {
-  local sock=$1 ref=$2 snapshotter=$3; shift 3
-  local before t0 t1 out
-  before=$(served)
-  t0=$(now)
-  if ! timeout 900 "$@" >"$WORK/pull.out" 2>&1; then
-    { echo "pull failed: $*"; tail -n 5 "$WORK/pull.out"; } >"$WORK/why"; return 1
+# Runs workload W in a fresh container of REF with SNAPSHOTTER on containerd SOCK; sets OUTPUT.
+# Non-zero with the reason in $WORK/why if it failed or printed something else than expected.
+run_workload() {
+  local sock=$1 ref=$2 snapshotter=$3 w=$4 cmd last
+  read -r -a cmd <<<"${WCMD[$w]}"
+  if ! OUTPUT=$(timeout "$STEP_TIMEOUT" ctr --address "$sock" run --rm --snapshotter "$snapshotter" "$ref" \
+        "run$RANDOM" "${cmd[@]}" 2>&1); then
+    { echo "ctr run failed:"; echo "$OUTPUT" | tail -n 3; } | tr '\n' ' ' >"$WORK/why"; return 1
   fi
-  if ! out=$(timeout 600 ctr --address "$sock" run --rm --snapshotter "$snapshotter" "$ref" "run$RANDOM" \
-        "${RUN_CMD[@]}" 2>&1); then
-    { echo "ctr run failed:"; echo "$out" | tail -n 5; } >"$WORK/why"; return 1
+  last=$(echo "$OUTPUT" | tr -d '\r' | tail -n1)
+  if ! [[ $last =~ ${WEXPECT[$w]} ]]; then
+    echo "${WCMD[$w]} printed: $(echo "$OUTPUT" | tail -n 3 | tr '\n' ' ')" >"$WORK/why"; return 1
   fi
-  t1=$(now)
-  if [ -n "$EXPECT" ] && [ "$(echo "$out" | tr -d '\r' | tail -n1)" != "$EXPECT" ]; then
-    { echo "${RUN_CMD[*]} printed: $out"; } >"$WORK/why"; return 1
-  fi
-  T=$(elapsed "$t0" "$t1")
-  FETCHED=$(( $(served) - before ))
 }
 
 # Waits until the registry has served nothing new for SETTLE_QUIET (5) s: the background fetch is
@@ -164,6 +265,14 @@ settle() {
   done
 }
 
+# Manifest of IMAGE:TAG in the registry, asked inside the namespace (no delay).
+manifest() {
+  "$NETLINK" exec "$LINK" curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' "http://127.0.0.1:5000/v2/bench/$1/manifests/$2"
+}
+# Path of blob DIGEST in the registry's storage.
+blob_path() { local h=${1#sha256:}; echo "$WORK/registry/docker/registry/v2/blobs/sha256/${h:0:2}/$h/data"; }
+
 # Uncompressed size of the regular files of an image's layers in an OCI layout.
 file_bytes() {
   local dir=$1 m total=0 d n
@@ -174,83 +283,195 @@ file_bytes() {
   done
   echo "$total"
 }
-compressed_bytes() {
-  local dir=$1 m
-  m=$(jq -r '.manifests[0].digest' "$dir/index.json" | cut -d: -f2)
-  jq '[.layers[].size] | add' "$dir/blobs/sha256/$m"
-}
 
 RESULTS=()
 result() { RESULTS+=("$1 = $2"); log "$1 = $2"; }
 
-# ---- link and images ----
-ADDR=$("$NETLINK" up "$LINK" "$RATE" "$DELAY_MS")
-log "registry behind $RATE / $((2 * DELAY_MS)) ms RTT at $ADDR"
-rtt=$(curl -s -o /dev/null -o /dev/null -w '%{time_starttransfer}\n' "http://$ADDR/v2/" "http://$ADDR/v2/" | tail -n1)
+# ---- images: gzip and eStargz in one registry storage that every link's registry serves ----
+link_up() {
+  parse_link "$1"
+  ADDR=$(REGISTRY_DIR=$WORK/registry "$NETLINK" up "$LINK" "$LRATE" "$LDELAY")
+}
+mkdir -p "$WORK/registry"
+link_up loopback
 
-variants=(python)
-[ "$BIG" = 1 ] && variants+=(python-big)
-# Pushes the gzip image VARIANT and its eStargz conversion to the registry (once).
+# Pushes VARIANT (python-data or python-data-big) as bench/VARIANT:gzip and its eStargz conversion
+# as :esgz; the conversion comes from the cache when this gzip image and Go's ctr-remote were seen.
 prepare_image() {
-  local v=$1 flag=""
-  [ -f "$WORK/oci-$v/.pushed" ] && return 0
-  [ "$v" = python-big ] && flag=--big
-  "$REPO/scripts/rootfs.sh" oci "$WORK/oci-$v" $flag >/dev/null
+  local v=$1 flags=(--data) gz_digest key cached
+  [ "$v" = python-data-big ] && flags+=(--big)
+  "$REPO/scripts/rootfs.sh" oci "$WORK/oci-$v" "${flags[@]}" >/dev/null
   "$NETLINK" exec "$LINK" skopeo copy --quiet --dest-tls-verify=false "oci:$WORK/oci-$v:latest" \
     "docker://127.0.0.1:5000/bench/$v:gzip"
-  # Set-up, not measured: this containerd is on the host, so the conversion crosses the link.
+  gz_digest=$(jq -r '.manifests[0].digest' "$WORK/oci-$v/index.json")
+  key=$( { echo "$gz_digest"; sha256sum <"$GO_CTR_REMOTE"; } | sha256sum | cut -c1-16)
+  cached=$CACHE/esgz-$v-$key
+  if [ -s "$cached/index.json" ]; then
+    "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --dest-tls-verify=false \
+      "oci:$cached:latest" "docker://127.0.0.1:5000/bench/$v:esgz"
+    log "image bench/$v:esgz from the cache $cached"
+    return 0
+  fi
+  # Set-up, not measured: this containerd is on the host, so the conversion crosses the (unlimited) link.
+  local t0; t0=$(now)
   start_containerd "conv-$v"
   ctr --address "$CTRD_SOCK" image pull --plain-http "$ADDR/bench/$v:gzip" >/dev/null
   "$GO_CTR_REMOTE" --address "$CTRD_SOCK" image convert --estargz --oci \
     "$ADDR/bench/$v:gzip" "$ADDR/bench/$v:esgz" >/dev/null
   ctr --address "$CTRD_SOCK" image push --plain-http "$ADDR/bench/$v:esgz" >/dev/null
-  stop_pid "$CTRD_PID"
+  stop_containerd
   rm -rf "$WORK/conv-$v"
-  touch "$WORK/oci-$v/.pushed"
-  log "images $ADDR/bench/$v:{gzip,esgz} ready"
+  mkdir -p "$CACHE"; rm -rf "$cached.tmp"
+  "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --src-tls-verify=false \
+    "docker://127.0.0.1:5000/bench/$v:esgz" "oci:$cached.tmp:latest"
+  rm -rf "$cached"; mv "$cached.tmp" "$cached"
+  log "converted bench/$v to eStargz in $(elapsed "$t0" "$(now)") s (cached in $cached)"
 }
-prepare_image python
+prepare_image python-data
+[ "$BIG" = 1 ] && prepare_image python-data-big
 
-result link "$RATE, one-way delay ${DELAY_MS} ms; measured /v2/ round trip on an open connection ${rtt}s"
-result image_compressed_bytes "$(compressed_bytes "$WORK/oci-python")"
-UNCOMPRESSED=$(file_bytes "$WORK/oci-python")
+result host_load_at_start "$(cut -d' ' -f1-3 /proc/loadavg) (other work on this machine makes every number noisier)"
+GZ_MANIFEST=$(manifest python-data gzip)
+ESGZ_MANIFEST=$(manifest python-data esgz)
+result image "bookworm minbase + python3 + app + data layer (rootfs.sh oci --data), $(jq '.layers | length' <<<"$GZ_MANIFEST") layers"
+result image_compressed_bytes "$(jq '[.layers[].size] | add' <<<"$GZ_MANIFEST")"
+UNCOMPRESSED=$(file_bytes "$WORK/oci-python-data")
 result image_file_bytes "$UNCOMPRESSED"
-ESGZ_BYTES=$("$NETLINK" exec "$LINK" curl -s -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
-  http://127.0.0.1:5000/v2/bench/python/manifests/esgz | jq '[.layers[].size] | add')
+ESGZ_BYTES=$(jq '[.layers[].size] | add' <<<"$ESGZ_MANIFEST")
 result image_estargz_compressed_bytes "$ESGZ_BYTES"
+ESGZ_BLOBS=()
+for d in $(jq -r '.layers[].digest' <<<"$ESGZ_MANIFEST"); do ESGZ_BLOBS+=("$(blob_path "$d")"); done
 
-# ---- (b) full pulls with overlayfs ----
-for tag in gzip esgz; do
-  ref=$ADDR/bench/python:$tag
-  times=()
-  for r in $(seq 1 "$RUNS"); do
-    start_containerd "full-$tag-$r"; sock=$CTRD_SOCK
-    if ! timed_run "$sock" "$ref" overlayfs ctr --address "$sock" image pull --plain-http "$ref"; then
-      stop_pid "$CTRD_PID"; times=(); break
+# `toc_sizes LIST BLOB...` reads the TOCs of the eStargz blobs (bottom layer first) and, for the
+# paths in the file LIST (relative, one a line), prints "FILES FILE_BYTES COMPRESSED_BYTES MISSING":
+# a path counts in the topmost layer whose TOC has it; its compressed bytes run from its first
+# chunk's gzip member to the next member of another file (or the TOC), over all its chunks.
+# `toc_sizes --toc-bytes BLOB...` prints the compressed size of the TOCs.
+toc_sizes() {
+  python3 - "$@" <<'PY'
+import gzip, io, json, sys, tarfile
+args = sys.argv[1:]
+toc_only = args[0] == "--toc-bytes"
+blobs = args[1:]
+layers, toc_total = [], 0
+for path in blobs:
+    with open(path, "rb") as f:
+        f.seek(-51, 2)
+        footer = f.read(51)
+        toc_off = int(footer[16:32], 16)  # gzip header (10) + XLEN (2) + SI1 SI2 LEN (4)
+        assert footer[32:38] == b"STARGZ", path
+        f.seek(toc_off)
+        member = f.read()[:-51]
+        size = f.tell()
+    toc_total += size - toc_off
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(member))) as t:
+        toc = json.load(t.extractfile("stargz.index.json"))
+    entries = [e for e in toc["entries"]]
+    def has_data(e):
+        return e.get("type") in ("reg", "chunk") and e.get("size", 0) > 0 and "offset" in e
+    offsets = sorted({e["offset"] for e in entries if has_data(e)})
+    nxt = {o: (offsets[i + 1] if i + 1 < len(offsets) else toc_off) for i, o in enumerate(offsets)}
+    def norm(n):
+        return (n[2:] if n.startswith("./") else n).lstrip("/")
+    files, links, cur = {}, {}, None
+    for e in entries:
+        name, kind = norm(e["name"]), e.get("type")
+        cost = nxt[e["offset"]] - e["offset"] if has_data(e) else 0
+        if kind == "reg":
+            files[name] = [e.get("size", 0), cost]
+            cur = name
+        elif kind == "chunk" and cur is not None:
+            files[cur][1] += cost
+        elif kind == "hardlink":
+            links[name] = norm(e["linkName"])
+    layers.append((files, links))
+if toc_only:
+    print(toc_total)
+    sys.exit(0)
+n = fb = cb = missing = 0
+for p in sorted({l.strip() for l in open(args[0]) if l.strip()}):
+    for files, links in reversed(layers):
+        q = links.get(p, p)
+        if q in files:
+            n += 1; fb += files[q][0]; cb += files[q][1]
+            break
+    else:
+        missing += 1
+print(n, fb, cb, missing)
+PY
+}
+result image_estargz_toc_bytes "$(toc_sizes --toc-bytes "${ESGZ_BLOBS[@]}")"
+
+# ---- which files each workload reads (atime trace on the unpacked gzip image) ----
+# Overlayfs opens the lower files with O_NOATIME, so the trace uses containerd's `native`
+# snapshotter instead: a container's rootfs is a plain directory (a copy of the layers), whose
+# files get atime 0 before the workload starts; relatime then stamps every file it opens, execs
+# or maps.
+declare -A READ_CBYTES TRACE_RUN
+trace_reads() {
+  local ref=$ADDR/bench/python-data:gzip w t0 t1 id snap cmd out
+  start_containerd trace
+  ctr --address "$CTRD_SOCK" image pull --snapshotter native --plain-http "$ref" >/dev/null
+  for w in "${WORKLOADS[@]}"; do
+    id=trace-$w
+    read -r -a cmd <<<"${WCMD[$w]}"
+    ctr --address "$CTRD_SOCK" container create --snapshotter native "$ref" "$id" -- "${cmd[@]}" >/dev/null
+    # `mounts` prints the bind mount of the container's snapshot: its source is the directory.
+    snap=$(ctr --address "$CTRD_SOCK" snapshots --snapshotter native mounts /mnt "$id" | awk '{ print $4 }')
+    [ -d "$snap" ] || die "no native snapshot directory for $id ($snap)"
+    find "$snap" -type f -exec touch -a -d @0 {} +
+    drop_caches
+    t0=$(now)
+    if ! out=$(timeout "$STEP_TIMEOUT" ctr --address "$CTRD_SOCK" task start "$id" 2>&1) \
+        || ! [[ $(echo "$out" | tr -d '\r' | tail -n1) =~ ${WEXPECT[$w]} ]]; then
+      log "trace of $w failed: $(echo "$out" | tail -n 3)"
+      ctr --address "$CTRD_SOCK" container rm "$id" >/dev/null 2>&1 || true
+      continue
     fi
-    times+=("$T")
-    disk=$(du -sb "$WORK/full-$tag-$r/root" 2>/dev/null | cut -f1)
-    stop_pid "$CTRD_PID"
-    rm -rf "$WORK/full-$tag-$r"
+    t1=$(now)
+    TRACE_RUN[$w]=$(elapsed "$t0" "$t1")
+    find "$snap" -type f -printf '%A@\t%P\n' | awk -F'\t' '$1 + 0 > 0 { print $2 }' >"$WORK/read-$w.txt"
+    ctr --address "$CTRD_SOCK" task rm "$id" >/dev/null 2>&1 || true
+    ctr --address "$CTRD_SOCK" container rm "$id" >/dev/null
+    local n fb cb missing
+    read -r n fb cb missing < <(toc_sizes "$WORK/read-$w.txt" "${ESGZ_BLOBS[@]}")
+    READ_CBYTES[$w]=$cb
+    result "${w}_command" "${WCMD[$w]}"
+    result "${w}_read_files" "$n"
+    result "${w}_read_file_bytes" "$fb"
+    result "${w}_read_compressed_bytes" "$cb"
+    [ "$missing" = 0 ] || result "${w}_read_files_not_in_toc" "$missing"
+    result "${w}_local_run_seconds_traced" "${TRACE_RUN[$w]}"
   done
-  if [ ${#times[@]} -gt 0 ]; then
-    T=$(median "${times[@]}")
-    result "full_${tag}_overlayfs_seconds" "$T"
-    [ "$RUNS" -gt 1 ] && result "full_${tag}_overlayfs_seconds_runs" "${times[*]}"
-    result "full_${tag}_overlayfs_fetched_bytes" "$FETCHED"
-    result "full_${tag}_overlayfs_disk_bytes" "$disk"
-    declare "FULL_$tag=$T"
-  else
-    result "full_${tag}_overlayfs_seconds" "failed: $(tr '\n' ' ' <"$WORK/why")"
-  fi
-done
-[ -n "${FULL_gzip:-}" ] || die "the baseline full pull failed; see above"
+  stop_containerd
+  rm -rf "$WORK/trace"
+}
+trace_reads
 
-# ---- (a)/(c) lazy pulls through a stargz daemon ----
-# lazy NAME DAEMON_BIN RPULL_BIN VARIANT RUN: measures one lazy pull with a fresh daemon and containerd.
-lazy() {
-  local name=$1 daemon=$2 rpull=$3 v=$4 dir=$WORK/$1-$4-$5 sock dsock pid i ready=0 out
-  mkdir -p "$dir"
+# ---- the matrix ----
+OURS_OK=0; GO_OK=0
+if has ours "${SYSTEMS[@]}"; then
+  if [ -x "$DAEMON" ] && [ -x "$CTR_REMOTE" ]; then OURS_OK=1; result ours_binaries "$DAEMON $CTR_REMOTE"
+  else result ours_lazy_seconds "not available: $DAEMON or $CTR_REMOTE not built (make release)"; fi
+fi
+if has go "${SYSTEMS[@]}"; then
+  if [ -z "${GO_DAEMON+set}" ]; then
+    GO_DAEMON=$("$REPO/scripts/go-daemon.sh" 2>"$WORK/go-daemon.log") || GO_DAEMON=""
+  fi
+  if [ -n "$GO_DAEMON" ] && [ -x "$GO_DAEMON" ]; then GO_OK=1; result go_binaries "$GO_DAEMON $GO_CTR_REMOTE"
+  else result go_lazy_seconds "not available: no Go containerd-stargz-grpc (scripts/go-daemon.sh: $(tail -n 2 "$WORK/go-daemon.log" 2>/dev/null | tr '\n' ' '))"; fi
+fi
+
+# Per cell "W|LKEY|S": run times, failure, and the last run's requests and bytes.
+declare -A TIMES FAIL REQS REQS_ALL FETCHED REMOTE LOCALRUN PULLT
+cell_failed() { [ -n "${FAIL[$1]:-}" ]; }
+
+# One lazy run of workload W with system S (ours|go) and variant V: fresh daemon, containerd and
+# cache. Sets T, and REQ/REQ_ALL/BYTES_RUN of pull + run; with settle=1 also RSS/CACHE_DISK/TOTAL.
+lazy_run() {
+  local s=$1 w=$2 v=$3 do_settle=$4 daemon rpull dir sock dsock pid i ready=0 mark before t0 t1
+  if [ "$s" = ours ]; then daemon=$DAEMON; rpull=$CTR_REMOTE; else daemon=$GO_DAEMON; rpull=$GO_CTR_REMOTE; fi
+  dir=$WORK/lazy-$s; rm -rf "$dir" "$WORK/lazy-$s-ctrd"; mkdir -p "$dir"
   dsock=$dir/stargz.sock
   cat >"$dir/stargz.toml" <<TOML
 [[resolver.host."$ADDR".mirrors]]
@@ -260,7 +481,7 @@ TOML
   "$daemon" --address "$dsock" --root "$dir/root" --config "$dir/stargz.toml" --log-level info \
     >"$dir/daemon.log" 2>&1 </dev/null &
   pid=$!; PIDS+=("$pid")
-  start_containerd "$name-$v-$5-ctrd" "[proxy_plugins.stargz]
+  start_containerd "lazy-$s-ctrd" "[proxy_plugins.stargz]
   type = \"snapshot\"
   address = \"$dsock\"
 [proxy_plugins.stargz.exports]
@@ -273,83 +494,221 @@ TOML
     fi
     sleep 0.1
   done
+  local rc=0
   if [ "$ready" != 1 ]; then
-    echo "daemon did not serve: $(tail -n 3 "$dir/daemon.log" | tr '\n' ' ')" >"$WORK/why"; return 1
+    echo "daemon did not serve: $(tail -n 3 "$dir/daemon.log" | tr '\n' ' ')" >"$WORK/why"; rc=1
+  else
+    local ref=$ADDR/bench/$v:esgz
+    drop_caches
+    mark=$(req_mark); before=$(served)
+    t0=$(now)
+    if ! timeout "$STEP_TIMEOUT" "$rpull" --address "$sock" image rpull --plain-http "$ref" >"$dir/pull.out" 2>&1; then
+      { echo "rpull failed: "; tail -n 3 "$dir/pull.out"; } | tr '\n' ' ' >"$WORK/why"; rc=1
+    elif ! run_workload "$sock" "$ref" stargz "$w"; then
+      rc=1
+    else
+      t1=$(now)
+      T=$(elapsed "$t0" "$t1")
+      BYTES_RUN=$(( $(served) - before ))
+      REQ=$(req_since "$mark"); REQ_ALL=$(ALL=1 req_since "$mark")
+      # Layers served lazily (Go logs remote-snapshot-prepared only at debug level).
+      NREMOTE=$(grep -F "$dir/root" /proc/self/mountinfo | grep -c ' - fuse' || true)
+      if [ "$do_settle" = 1 ]; then
+        settle
+        TOTAL=$(( $(served) - before ))
+        RSS=$(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo "n/a")
+        CACHE_DISK=$(du -sb "$dir/root/stargz" 2>/dev/null | cut -f1 || echo 0)
+      fi
+      if ! kill -0 "$pid" 2>/dev/null; then echo "daemon exited during the run" >"$WORK/why"; rc=1; fi
+    fi
   fi
-  local ref=$ADDR/bench/$v:esgz
-  timed_run "$sock" "$ref" stargz "$rpull" --address "$sock" image rpull --plain-http "$ref" || return 1
-  LAZY_T=$T; LAZY_FETCHED=$FETCHED
-  LAZY_REMOTE=$(grep -c 'remote-snapshot-prepared.\{0,4\}true' "$dir/daemon.log" || true)
-  LAZY_FUSE=$(grep -F "$dir/root" /proc/self/mountinfo | grep -c fuse || true)
-  settle
-  LAZY_TOTAL=$(served)
-  LAZY_RSS=$(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo "n/a")
-  LAZY_CACHE=$(du -sb "$dir/root/stargz" 2>/dev/null | cut -f1 || echo 0)
-  kill -0 "$pid" 2>/dev/null || { echo "daemon exited during the run" >"$WORK/why"; return 1; }
+  [ "$rc" = 0 ] || echo " (daemon log: $(grep -v -i '"level":"\(debug\|info\)"\|level=info' "$dir/daemon.log" | tail -n 2 | cut -c1-300 | tr '\n' ' '))" >>"$WORK/why"
   # Done with this pair: SIGINT makes the daemon unmount everything.
-  stop_pid "$CTRD_PID"; stop_pid "$pid" INT
-  # The caches are measured; free the disk unless something is still mounted there.
-  grep -qF "$dir/" /proc/self/mountinfo || rm -rf "$dir/root" "$WORK/$name-$v-$5-ctrd/root"
+  stop_containerd; stop_pid "$pid" INT
+  for i in $(seq 1 50); do grep -qF "$dir/" /proc/self/mountinfo || break; sleep 0.1; done
+  grep -qF "$dir/" /proc/self/mountinfo || rm -rf "$dir" "$WORK/lazy-$s-ctrd"
+  return "$rc"
 }
 
-report_lazy() {
-  local name=$1 daemon=$2 rpull=$3 v
-  for v in "${variants[@]}"; do
-    local key=${name}_lazy; [ "$v" = python-big ] && key=${name}_lazy_big
-    prepare_image "$v"
-    local before r runs=1 times=() ok=1
-    [ "$v" = python ] && runs=$RUNS
-    for r in $(seq 1 "$runs"); do
-      before=$(served)
-      lazy "$name" "$daemon" "$rpull" "$v" "$r" || { ok=0; break; }
-      times+=("$LAZY_T")
+# One run of the full system on the current link: pull once, then every workload. Fills TIMES etc.
+full_run() {
+  local ref=$ADDR/bench/python-data:gzip mark before t0 t1 p w c reason=""
+  start_containerd full
+  drop_caches
+  mark=$(req_mark); before=$(served)
+  t0=$(now)
+  if ! timeout "$STEP_TIMEOUT" ctr --address "$CTRD_SOCK" image pull --plain-http "$ref" >"$WORK/full.out" 2>&1; then
+    reason="pull failed: $(tail -n 3 "$WORK/full.out" | tr '\n' ' ')"
+  else
+    t1=$(now); p=$(elapsed "$t0" "$t1")
+    local req req_all bytes
+    bytes=$(( $(served) - before )); req=$(req_since "$mark"); req_all=$(ALL=1 req_since "$mark")
+  fi
+  for w in "${WORKLOADS[@]}"; do
+    c="$w|$LKEY|full"
+    cell_failed "$c" && continue
+    if [ -n "$reason" ]; then FAIL[$c]=$reason; continue; fi
+    drop_caches
+    t0=$(now)
+    if ! run_workload "$CTRD_SOCK" "$ref" overlayfs "$w"; then FAIL[$c]=$(cat "$WORK/why"); continue; fi
+    t1=$(now)
+    TIMES[$c]="${TIMES[$c]:-} $(add "$p" "$(elapsed "$t0" "$t1")")"
+    LOCALRUN[$c]="${LOCALRUN[$c]:-} $(elapsed "$t0" "$t1")"
+    PULLT[$c]="${PULLT[$c]:-} $p"
+    REQS[$c]=$req; REQS_ALL[$c]=$req_all; FETCHED[$c]=$bytes
+  done
+  stop_containerd
+  rm -rf "$WORK/full"
+}
+
+declare -A RSSV CACHEV TOTALV
+for l in "${LINKS[@]}"; do
+  link_up "$l"
+  rtt=$(curl -s -o /dev/null -o /dev/null -w '%{time_starttransfer}\n' "http://$ADDR/v2/" "http://$ADDR/v2/" | tail -n1)
+  result "link_${LKEY}" "rate $LRATE, one-way delay ${LDELAY} ms; measured /v2/ round trip on an open connection ${rtt}s"
+  for r in $(seq 1 "$RUNS"); do
+    log "link $l, run $r of $RUNS"
+    has full "${SYSTEMS[@]}" && full_run
+    for w in "${WORKLOADS[@]}"; do
+      for s in ours go; do
+        has "$s" "${SYSTEMS[@]}" || continue
+        [ "$s" = ours ] && [ "$OURS_OK" = 0 ] && continue
+        [ "$s" = go ] && [ "$GO_OK" = 0 ] && continue
+        c="$w|$LKEY|$s"
+        cell_failed "$c" && continue
+        st=0; [ "$w $l" = "$RSS_CELL" ] && [ "$r" = "$RUNS" ] && st=1
+        if lazy_run "$s" "$w" python-data "$st"; then
+          TIMES[$c]="${TIMES[$c]:-} $T"
+          REQS[$c]=$REQ; REQS_ALL[$c]=$REQ_ALL; FETCHED[$c]=$BYTES_RUN; REMOTE[$c]=$NREMOTE
+          if [ "$st" = 1 ]; then RSSV[$s]=$RSS; CACHEV[$s]=$CACHE_DISK; TOTALV[$s]=$TOTAL; fi
+          log "$w $l $s run $r: ${T}s, $REQ blob requests, $BYTES_RUN bytes"
+        else
+          FAIL[$c]=$(cat "$WORK/why")
+          log "$w $l $s run $r failed: ${FAIL[$c]}"
+        fi
+      done
     done
-    if [ "$ok" = 1 ]; then
-      LAZY_T=$(median "${times[@]}")
-      result "${key}_seconds" "$LAZY_T"
-      [ "$runs" -gt 1 ] && result "${key}_seconds_runs" "${times[*]}"
-      [ "$v" = python ] && result "${key}_over_full_gzip" "$(ratio "$LAZY_T" "$FULL_gzip")"
-      [ "$v" = python ] && [ -n "${FULL_esgz:-}" ] && result "${key}_over_full_esgz" "$(ratio "$LAZY_T" "$FULL_esgz")"
-      result "${key}_fetched_bytes_until_python_exit" "$LAZY_FETCHED"
-      result "${key}_fetched_bytes_after_background_fetch" "$((LAZY_TOTAL - before))"
-      [ "$v" = python ] && result "${key}_fetched_after_background_over_estargz_bytes" "$(ratio "$((LAZY_TOTAL - before))" "$ESGZ_BYTES")"
-      [ "$v" = python ] && result "${key}_fetched_until_python_exit_over_estargz_bytes" "$(ratio "$LAZY_FETCHED" "$ESGZ_BYTES")"
-      result "${key}_remote_snapshots_logged" "$LAZY_REMOTE"
-      result "${key}_fuse_mounts" "$LAZY_FUSE"
-      result "${key}_peak_rss_kib" "$LAZY_RSS"
-      result "${key}_cache_disk_bytes" "$LAZY_CACHE"
-      [ "$v" = python ] && result "${key}_cache_over_image_file_bytes" "$(ratio "$LAZY_CACHE" "$UNCOMPRESSED")"
-      declare -g "RSS_${name}_${v//-/_}=$LAZY_RSS"
-    else
-      result "${key}_seconds" "not available: $(tr '\n' ' ' <"$WORK/why")"
-      return 0
+  done
+  # The big image's memory check (BIG=1): one run per daemon on the RSS cell's link.
+  if [ "$BIG" = 1 ] && [ "$l" = "${RSS_CELL#* }" ]; then
+    for s in ours go; do
+      has "$s" "${SYSTEMS[@]}" || continue
+      [ "$s" = ours ] && [ "$OURS_OK" = 0 ] && continue
+      [ "$s" = go ] && [ "$GO_OK" = 0 ] && continue
+      if lazy_run "$s" "${RSS_CELL%% *}" python-data-big 1; then
+        RSSV[$s-big]=$RSS; CACHEV[$s-big]=$CACHE_DISK; TOTALV[$s-big]=$TOTAL
+        result "${s}_lazy_big_seconds" "$T"
+      else
+        result "${s}_lazy_big_seconds" "failed: $(cat "$WORK/why")"
+      fi
+    done
+  fi
+  "$NETLINK" down "$LINK" >/dev/null 2>&1 || true
+done
+
+# ---- results ----
+declare -A MED
+for l in "${LINKS[@]}"; do
+  parse_link "$l"
+  for w in "${WORKLOADS[@]}"; do
+    for s in ours go full; do
+      c="$w|$LKEY|$s"; k="${w}_${LKEY}_${s}"
+      has "$s" "${SYSTEMS[@]}" || continue
+      if cell_failed "$c"; then result "${k}_seconds" "failed: ${FAIL[$c]}"; continue; fi
+      [ -n "${TIMES[$c]:-}" ] || continue
+      read -r -a ts <<<"${TIMES[$c]}"
+      MED[$c]=$(median "${ts[@]}")
+      result "${k}_seconds" "${MED[$c]}"
+      result "${k}_seconds_runs" "${ts[*]}"
+      if [ "$s" = full ]; then
+        read -r -a ps <<<"${PULLT[$c]}"; read -r -a rs <<<"${LOCALRUN[$c]}"
+        result "${k}_pull_seconds" "$(median "${ps[@]}")"
+        result "${k}_run_seconds" "$(median "${rs[@]}")"
+      else
+        result "${k}_fuse_mounts" "${REMOTE[$c]}"
+      fi
+      result "${k}_blob_requests" "${REQS[$c]}"
+      result "${k}_all_requests" "${REQS_ALL[$c]}"
+      result "${k}_fetched_bytes" "${FETCHED[$c]}"
+    done
+    for s in ours go; do
+      [ -n "${MED[$w|$LKEY|$s]:-}" ] || continue
+      [ -n "${MED[$w|$LKEY|go]:-}" ] && [ "$s" = ours ] && result "${w}_${LKEY}_ours_over_go" "$(ratio "${MED[$w|$LKEY|ours]}" "${MED[$w|$LKEY|go]}")"
+      [ -n "${MED[$w|$LKEY|full]:-}" ] && result "${w}_${LKEY}_${s}_over_full" "$(ratio "${MED[$w|$LKEY|$s]}" "${MED[$w|$LKEY|full]}")"
+    done
+    # The physical limit of a lazy start on this link.
+    local_run=""
+    if [ -n "${LOCALRUN[$w|$LKEY|full]:-}" ]; then read -r -a rs <<<"${LOCALRUN[$w|$LKEY|full]}"; local_run=$(median "${rs[@]}")
+    else local_run=${TRACE_RUN[$w]:-}; fi
+    if [ -n "$local_run" ] && [ -n "${READ_CBYTES[$w]:-}" ]; then
+      MED[$w|$LKEY|limit]=$(awk -v b="${READ_CBYTES[$w]}" -v bw="$(rate_bytes "$LRATE")" -v n="$RTTS" \
+        -v d="$LDELAY" -v run="$local_run" 'BEGIN { printf "%.2f", (bw > 0 ? b / bw : 0) + n * 2 * d / 1000 + run }')
+      result "${w}_${LKEY}_limit_seconds" "${MED[$w|$LKEY|limit]}"
+      [ -n "${MED[$w|$LKEY|ours]:-}" ] && result "${w}_${LKEY}_ours_over_limit" "$(ratio "${MED[$w|$LKEY|ours]}" "${MED[$w|$LKEY|limit]}")"
     fi
   done
-  local a="RSS_${name}_python" b="RSS_${name}_python_big"
-  if [ -n "${!a:-}" ] && [ -n "${!b:-}" ]; then result "${name}_peak_rss_big_over_normal" "$(ratio "${!b}" "${!a}")"; fi
-}
+done
 
-if [ -x "$DAEMON" ] && [ -x "$CTR_REMOTE" ]; then
-  report_lazy ours "$DAEMON" "$CTR_REMOTE"
-else
-  result ours_lazy_seconds "not available: $DAEMON or $CTR_REMOTE not built (make release)"
-fi
-if [ -z "${GO_DAEMON+set}" ]; then
-  GO_DAEMON=$("$REPO/scripts/go-daemon.sh" 2>"$WORK/go-daemon.log") || GO_DAEMON=""
-fi
-if [ -n "$GO_DAEMON" ] && [ -x "$GO_DAEMON" ]; then
-  report_lazy go "$GO_DAEMON" "$GO_CTR_REMOTE"
-else
-  result go_lazy_seconds "not available: no Go containerd-stargz-grpc (scripts/go-daemon.sh: $(tail -n 2 "$WORK/go-daemon.log" 2>/dev/null | tr '\n' ' '))"
-fi
+# issue 6's keys, from the cells that measure the same things now.
+for s in ours go; do
+  c="print|100mbit_10|$s"
+  [ -n "${MED[$c]:-}" ] || continue
+  result "${s}_lazy_seconds" "${MED[$c]}"
+  [ -n "${MED[print|100mbit_10|full]:-}" ] && result "${s}_lazy_over_full_gzip" "$(ratio "${MED[$c]}" "${MED[print|100mbit_10|full]}")"
+  result "${s}_lazy_fetched_bytes_until_python_exit" "${FETCHED[$c]}"
+done
+[ -n "${MED[print|100mbit_10|full]:-}" ] && result full_gzip_overlayfs_seconds "${MED[print|100mbit_10|full]}"
+for s in ours go; do
+  [ -n "${RSSV[$s]:-}" ] || continue
+  result "${s}_lazy_peak_rss_kib" "${RSSV[$s]}"
+  result "${s}_lazy_cache_disk_bytes" "${CACHEV[$s]}"
+  result "${s}_lazy_cache_over_image_file_bytes" "$(ratio "${CACHEV[$s]}" "$UNCOMPRESSED")"
+  result "${s}_lazy_fetched_bytes_after_background_fetch" "${TOTALV[$s]}"
+  result "${s}_lazy_fetched_after_background_over_estargz_bytes" "$(ratio "${TOTALV[$s]}" "$ESGZ_BYTES")"
+  if [ -n "${RSSV[$s-big]:-}" ]; then
+    result "${s}_lazy_big_peak_rss_kib" "${RSSV[$s-big]}"
+    result "${s}_lazy_big_cache_disk_bytes" "${CACHEV[$s-big]}"
+    result "${s}_peak_rss_big_over_normal" "$(ratio "${RSSV[$s-big]}" "${RSSV[$s]}")"
+  fi
+done
+WALL=$(( $(date +%s) - START ))
+result host_load_at_end "$(cut -d' ' -f1-3 /proc/loadavg)"
+result matrix_wall_seconds "$WALL"
+
+# The markdown table: one row per workload × link.
+cellv() { if [ -n "${MED[$1]:-}" ]; then echo "${MED[$1]}"; elif cell_failed "$1"; then echo failed; else echo "–"; fi; }
+rat() { if [ -n "${MED[$1]:-}" ] && [ -n "${MED[$2]:-}" ]; then ratio "${MED[$1]}" "${MED[$2]}"; else echo "–"; fi; }
+num() { if [ -n "${MED[$1]:-}" ]; then echo "${2:-–}"; else echo "–"; fi; }
+{
+  echo "| workload | link | ours s | Go s | full s | ours/Go | ours/full | Go/full | ours req | Go req | ours MB | Go MB | read MB | limit s | ours/limit |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  for w in "${WORKLOADS[@]}"; do
+    for l in "${LINKS[@]}"; do
+      parse_link "$l"; b="$w|$LKEY"
+      echo "| $w | $l | $(cellv "$b|ours") | $(cellv "$b|go") | $(cellv "$b|full") | $(rat "$b|ours" "$b|go") | $(rat "$b|ours" "$b|full") | $(rat "$b|go" "$b|full") | $(num "$b|ours" "${REQS[$b|ours]:-}") | $(num "$b|go" "${REQS[$b|go]:-}") | $(num "$b|ours" "$(mb "${FETCHED[$b|ours]:-}")") | $(num "$b|go" "$(mb "${FETCHED[$b|go]:-}")") | $(mb "${READ_CBYTES[$w]:-}") | $(cellv "$b|limit") | $(rat "$b|ours" "$b|limit") |"
+    done
+  done
+  echo
+  echo "Medians of $RUNS fresh pulls each, seconds from pull start to the workload's exit; the whole matrix took $((WALL / 60)) min $((WALL % 60)) s."
+  echo "full = one \`ctr image pull\` of the gzip image per run and link + the workload's own \`ctr run\`."
+  echo "req = blob requests (GET/HEAD) the registry answered during pull + run; MB = bytes it sent (Go's daemon fetches in the background meanwhile)."
+  echo "read MB = compressed bytes of the files the workload reads; limit = read MB ÷ rate + $RTTS RTT + the \`ctr run\` time on the local image."
+  for c in "${!FAIL[@]}"; do echo "- failed ${c//|/ }: ${FAIL[$c]}"; done | sort
+} >"$WORK/table.md"
 
 mkdir -p "$(dirname "$OUT")"
 {
-  echo "# bench-pull $(date -u +%FT%TZ): pull start -> end of \`${RUN_CMD[*]}\` in a container"
-  echo "# registry in a netns behind tbf $RATE + delay-proxy ${DELAY_MS} ms each way; image: bookworm"
-  echo "# minbase + python3, 3 layers (scripts/rootfs.sh); eStargz by Go ctr-remote convert (no optimization)."
+  echo "# bench-pull $(date -u +%FT%TZ): cold-start matrix, pull start -> end of the workload in a container"
+  echo "# workloads: ${WORKLOADS[*]}; links: ${LINKS[*]}; systems: ${SYSTEMS[*]}; RUNS=$RUNS"
+  echo "# registry in a netns behind tbf RATE + delay-proxy DELAY_MS each way (scripts/netlink.sh); image:"
+  echo "# bookworm minbase + python3 + app + data layers (scripts/rootfs.sh oci --data); eStargz by Go"
+  echo "# ctr-remote convert (no optimization). See the header of scripts/bench-pull.sh for every key."
   echo "# Goals (issue 6): ours_lazy_over_full_gzip <= 0.25, peak RSS < 24 MiB and flat (big/normal ~1),"
   echo "# cache disk <= 1.1x the uncompressed bytes fetched."
   printf '%s\n' "${RESULTS[@]}"
+  echo
+  cat "$WORK/table.md"
 } >"$OUT"
-log "wrote $OUT"
+cp "$WORK/table.md" "$TABLE"
+cat "$WORK/table.md" >&2
+log "wrote $OUT and $TABLE"

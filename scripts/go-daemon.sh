@@ -26,6 +26,6 @@ cp "$REPO/tools/go-stargz-grpc/main.go" "$src/"
 cp "$LIB/service/config.go" "$LIB/service/service.go" "$LIB/service/cri.go" "$src/svc/"
 cp "$LIB/service/resolver/registry.go" "$src/svc/resolver/"
 sed -i 's#github.com/containerd/stargz-snapshotter/service/resolver#gostargzgrpc/svc/resolver#' "$src"/svc/*.go
-(cd "$src" && GOPATH=$OUT/gopath:/usr/share/gocode GO111MODULE=off GOCACHE=$OUT/cache GOFLAGS= \
+(cd "$src" && GOPATH=$OUT/gopath:/usr/share/gocode GO111MODULE=off GOCACHE=$OUT/cache GOFLAGS="" \
   go build -o "$BIN" .) >&2
 echo "$BIN"

@@ -6,7 +6,9 @@
 # (10 → 20 ms round trip; a new connection pays one extra round trip, like a TCP handshake).
 # This kernel has no netem (nor fq/sfq), hence the userspace delay; see shared/REFERENCE.md.
 #
-#   scripts/netlink.sh up NAME RATE DELAY_MS   e.g. `up bench 100mbit 10`; prints HOST:PORT to use
+#   scripts/netlink.sh up NAME RATE DELAY_MS   e.g. `up bench 100mbit 10`; prints HOST:PORT to use;
+#                                              RATE `none` puts no tbf on the veth (with DELAY_MS 0:
+#                                              the same path and byte counters, no emulated limit)
 #   scripts/netlink.sh down NAME               remove everything `up` made (no-op if absent)
 #   scripts/netlink.sh addr NAME               print HOST:PORT again
 #   scripts/netlink.sh stats NAME              proxy byte counters as JSON; `upstream_to_client`
@@ -85,12 +87,12 @@ rate_bytes() {
 }
 
 kill_pidfile() {
-  local f=$1 pid i
+  local f=$1 pid
   [ -f "$f" ] || return 0
   pid=$(cat "$f")
   if kill -0 "$pid" 2>/dev/null; then
     kill "$pid" 2>/dev/null || true
-    for i in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$f"
@@ -114,8 +116,8 @@ down() {
 }
 
 wait_ready() {
-  local addr=$1 upstream_mode=$2 i
-  for i in $(seq 1 100); do
+  local addr=$1 upstream_mode=$2
+  for _ in $(seq 1 100); do
     if [ "$upstream_mode" = 1 ]; then
       (exec 3<>"/dev/tcp/${addr%:*}/${addr##*:}") 2>/dev/null && return 0
     else
@@ -132,7 +134,8 @@ up() {
   ns=$(ns_of "$name"); dir=$STATE_ROOT/$name
   mkdir -p "$STATE_ROOT"
   down "$name"
-  local rb; rb=$(rate_bytes "$rate")
+  local rb=0 limited=1
+  if [ "$rate" = none ]; then limited=0; else rb=$(rate_bytes "$rate"); fi
   proxy=$(delay_proxy_bin); [ -x "$proxy" ] || die "delay proxy $proxy missing"
   command -v tc >/dev/null || die "tc missing (apt-get install iproute2)"
   exec 9>"$STATE_ROOT/.lock"; flock 9
@@ -153,8 +156,10 @@ up() {
   ip netns exec "$ns" ip link set lo up
   ip netns exec "$ns" ip addr add "10.203.$IDX.2/30" dev "$nsv"
   ip netns exec "$ns" ip link set "$nsv" up
-  tc qdisc add dev "$host" root tbf rate "$rate" burst "$burst" latency 50ms
-  ip netns exec "$ns" tc qdisc add dev "$nsv" root tbf rate "$rate" burst "$burst" latency 50ms
+  if [ "$limited" = 1 ]; then
+    tc qdisc add dev "$host" root tbf rate "$rate" burst "$burst" latency 50ms
+    ip netns exec "$ns" tc qdisc add dev "$nsv" root tbf rate "$rate" burst "$burst" latency 50ms
+  fi
   if [ -n "${UPSTREAM:-}" ]; then
     upstream=$UPSTREAM; upstream_mode=1
     [[ $upstream == host:* ]] && upstream=10.203.$IDX.1:${upstream#host:}
@@ -202,5 +207,5 @@ case "$cmd" in
   exec) [ $# -ge 2 ] || die "usage: netlink.sh exec NAME CMD..."; valid_name "$1"; n=$1; shift
         exec ip netns exec "$(ns_of "$n")" "$@" ;;
   list) ls "$STATE_ROOT" 2>/dev/null || true ;;
-  *) sed -n '2,29p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,32p' "$0" >&2; exit 2 ;;
 esac

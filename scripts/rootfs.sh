@@ -4,12 +4,20 @@
 #   scripts/rootfs.sh tar [OUT.tar]       build (once) and print the path of the cached rootfs tar;
 #                                         with OUT.tar, also copy it there
 #   scripts/rootfs.sh dir DIR             extract the rootfs into DIR
-#   scripts/rootfs.sh layers DIR [--big]  write the image's layer tars into DIR:
+#   scripts/rootfs.sh layers DIR [--data] [--big]
+#                                         write the image's layer tars into DIR:
 #                                         1-base.tar (system without the python stdlib),
-#                                         2-python.tar (usr/lib/python3.*), 3-app.tar (/app/main.py);
-#                                         --big adds 4-bulk.tar (a copy of /usr under /opt/bulk), which
+#                                         2-python.tar (usr/lib/python3.*), 3-app.tar (/app: main.py and
+#                                         the benchmark workloads of scripts/testbed-app/, imports.py
+#                                         and tools.sh);
+#                                         --data adds 4-data.tar: /data/large.bin, 64 MiB of the
+#                                         rootfs's own binaries and libraries concatenated (compresses
+#                                         like real content, to ~26 MB), and /data/large.sha256 for
+#                                         `sha256sum -c` (the "large" workload of bench-pull.sh);
+#                                         --big adds 5-bulk.tar (a copy of /usr under /opt/bulk), which
 #                                         makes the image about twice as big (issue 6's flat-RSS check)
-#   scripts/rootfs.sh oci DIR [--big]     an OCI image layout (gzip layers, tag "latest") in DIR
+#   scripts/rootfs.sh oci DIR [--data] [--big]
+#                                         an OCI image layout (gzip layers, tag "latest") in DIR
 #   scripts/rootfs.sh image DIR TAR...    an OCI image layout in DIR from any layer tars (in that
 #                                         order, gzip-compressed; config runs python3 /app/main.py)
 #   scripts/rootfs.sh push OCIDIR HOST:PORT/REPO:TAG
@@ -20,12 +28,18 @@
 # entries of what it contains (Go's `ctr-remote image optimize` rejects layers without them), uses
 # numeric owners and no "./" prefix, like the layers docker produces. Cached artefacts live in
 # $STARGZ_TESTBED_CACHE (default /var/cache/stargz-testbed); concurrent callers serialise on a lock,
-# so parallel tests build the cache once. Delete the directory to rebuild.
+# so parallel tests build the cache once. Delete the directory to rebuild. Cached OCI layouts are
+# named after a hash of scripts/testbed-app/ and of the layer recipe's revision, so editing a
+# workload rebuilds them.
 set -euo pipefail
 
 CACHE=${STARGZ_TESTBED_CACHE:-/var/cache/stargz-testbed}
 ROOTFS_TAR=$CACHE/rootfs-bookworm-python.tar
 SUITE=bookworm
+APP_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/testbed-app
+# Bump when build_layers makes different layers from the same inputs.
+LAYERS_REV=2
+LARGE_BYTES=$((64 << 20))
 
 die() { echo "rootfs.sh: $*" >&2; exit 1; }
 log() { echo "rootfs.sh: $*" >&2; }
@@ -88,9 +102,9 @@ build_rootfs_tar() {
 
 ensure_rootfs() { with_lock build_rootfs_tar; }
 
-# The layer tars of the image (see header) in OUT; big=1 adds the bulk layer.
+# The layer tars of the image (see header) in OUT; data=1 adds the data layer, big=1 the bulk one.
 build_layers() {
-  local out=$1 big=$2 work py
+  local out=$1 data=$2 big=$3 work py
   mkdir -p "$out"
   work=$(mktemp -d); TMPS+=("$work")
   mkdir "$work/root"
@@ -108,11 +122,24 @@ build_layers() {
 import json, http.client, email.parser, urllib.request, logging, argparse, sqlite3, decimal
 print(json.dumps({"ok": True, "modules": 8}))
 PY
+  install -m 0644 "$APP_SRC/imports.py" "$work/app/app/imports.py"
+  install -m 0755 "$APP_SRC/tools.sh" "$work/app/app/tools.sh"
   tar_with_parents "$work/app" "$out/3-app.tar" app
+  if [ "$data" = 1 ]; then
+    # Real binaries and libraries in a fixed order (not random bytes): deterministic for a given
+    # rootfs, and it compresses like the content of real images.
+    mkdir -p "$work/data/data"
+    (cd "$work/root" && find usr/lib/x86_64-linux-gnu usr/bin -type f -print0 | LC_ALL=C sort -z \
+      | xargs -0 cat) >"$work/data/data/large.bin"
+    [ "$(stat -c %s "$work/data/data/large.bin")" -ge "$LARGE_BYTES" ] || die "rootfs too small for large.bin"
+    truncate -s "$LARGE_BYTES" "$work/data/data/large.bin"
+    (cd "$work/data" && sha256sum data/large.bin | sed 's#  data/#  /data/#') >"$work/data/data/large.sha256"
+    tar_with_parents "$work/data" "$out/4-data.tar" data
+  fi
   if [ "$big" = 1 ]; then
     mkdir -p "$work/bulk/opt/bulk"
     cp -a "$work/root/usr" "$work/bulk/opt/bulk/"
-    tar_with_parents "$work/bulk" "$out/4-bulk.tar" opt/bulk
+    tar_with_parents "$work/bulk" "$out/5-bulk.tar" opt/bulk
   fi
 }
 
@@ -153,19 +180,41 @@ build_oci() {
      annotations:{"org.opencontainers.image.ref.name":"latest"}}]}' >"$out/index.json"
 }
 
-# Cached OCI layout of a variant ("python" or "python-big").
+# Version of the layer recipe: LAYERS_REV and the workload files, hashed.
+recipe_id() {
+  { echo "$LAYERS_REV"; cat "$APP_SRC/imports.py" "$APP_SRC/tools.sh"; } | sha256sum | cut -c1-12
+}
+
+# Path of the cached OCI layout of a variant ("python", "python-data", "python-big", "python-data-big").
+cached_oci_dir() { echo "$CACHE/oci-$1-$(recipe_id)"; }
+
 build_cached_oci() {
-  local variant=$1 big=$2 dir=$CACHE/oci-$1
+  local variant=$1 data=$2 big=$3 dir
+  dir=$(cached_oci_dir "$variant")
   [ -s "$dir/index.json" ] && return 0
   local work
   work=$(mktemp -d "$CACHE/oci.XXXXXX"); TMPS+=("$work")
   log "building OCI layout $dir"
-  build_layers "$work/layers" "$big"
+  build_layers "$work/layers" "$data" "$big"
   build_oci "$work/layers" "$work/oci"
   rm -rf "$dir"; mv "$work/oci" "$dir"
 }
 
-big_flag() { [ "${1:-}" = "--big" ] && echo 1 || echo 0; }
+# Parses [--data] [--big] into DATA and BIG (0/1) and VARIANT (the cache name).
+parse_flags() {
+  DATA=0; BIG=0
+  local f
+  for f in "$@"; do
+    case "$f" in
+      --data) DATA=1 ;;
+      --big) BIG=1 ;;
+      *) die "unknown flag '$f' (--data, --big)" ;;
+    esac
+  done
+  VARIANT=python
+  if [ "$DATA" = 1 ]; then VARIANT=$VARIANT-data; fi
+  if [ "$BIG" = 1 ]; then VARIANT=$VARIANT-big; fi
+}
 
 cmd=${1:-}; shift || true
 case "$cmd" in
@@ -179,15 +228,16 @@ case "$cmd" in
     tar -C "$1" --numeric-owner --xattrs --xattrs-include='*' -xf "$ROOTFS_TAR"
     echo "$1" ;;
   layers)
-    [ -n "${1:-}" ] || die "usage: rootfs.sh layers DIR [--big]"
-    ensure_rootfs; build_layers "$1" "$(big_flag "${2:-}")"; ls "$1"/*.tar ;;
+    [ -n "${1:-}" ] || die "usage: rootfs.sh layers DIR [--data] [--big]"
+    out=$1; shift; parse_flags "$@"
+    ensure_rootfs; build_layers "$out" "$DATA" "$BIG"; ls "$out"/*.tar ;;
   oci)
-    [ -n "${1:-}" ] || die "usage: rootfs.sh oci DIR [--big]"
+    [ -n "${1:-}" ] || die "usage: rootfs.sh oci DIR [--data] [--big]"
+    out=$1; shift; parse_flags "$@"
     ensure_rootfs
-    if [ "$(big_flag "${2:-}")" = 1 ]; then v=python-big; else v=python; fi
-    with_lock build_cached_oci "$v" "$(big_flag "${2:-}")"
-    rm -rf "$1"; mkdir -p "$(dirname "$1")"; cp -a "$CACHE/oci-$v" "$1"
-    echo "$1" ;;
+    with_lock build_cached_oci "$VARIANT" "$DATA" "$BIG"
+    rm -rf "$out"; mkdir -p "$(dirname "$out")"; cp -a "$(cached_oci_dir "$VARIANT")" "$out"
+    echo "$out" ;;
   image)
     [ $# -ge 2 ] || die "usage: rootfs.sh image DIR TAR..."
     out=$1; shift
@@ -203,5 +253,5 @@ case "$cmd" in
     [ -n "${1:-}" ] && [ -n "${2:-}" ] || die "usage: rootfs.sh push OCIDIR HOST:PORT/REPO:TAG"
     skopeo copy --quiet --dest-tls-verify=false "oci:$1:latest" "docker://$2" ;;
   *)
-    sed -n '2,23p' "$0" >&2; exit 2 ;;
+    sed -n '2,33p' "$0" >&2; exit 2 ;;
 esac

@@ -105,6 +105,10 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
     let mut cfg = FsConfig::new(&tmp.path().join("root"));
     cfg.no_background_fetch = true;
     cfg.layer.read.fetch_attempts = 10;
+    // A small fixed read-ahead: spans of several small files, and still many small requests, so
+    // every kind of fault meets both (the measured read-ahead of a local registry would fetch the
+    // tree in a few large spans, which only ever get the first three kinds).
+    cfg.layer.read.readahead_bytes = Some(64 << 10);
     let mgr = LayerManager::new(cfg, Arc::new(resolver))?;
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt)?;

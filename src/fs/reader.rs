@@ -439,6 +439,9 @@ impl LayerReader {
         }
         let mut attempts = 0;
         loop {
+            if self.chunks.is_present(seq) {
+                return Ok(());
+            }
             let slot = BehindSlot::take(self);
             let budget = match &slot {
                 Some(_) => self.readahead_budget(),
