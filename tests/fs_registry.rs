@@ -71,3 +71,51 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
     rt.shutdown_background();
     Ok(())
 }
+
+#[test]
+fn once_the_link_is_known_a_layer_mounts_with_one_request() -> Result<()> {
+    require_root();
+    let tmp = tempfile::tempdir()?;
+    let (src, blob, toc_digest, diff_id) = rootfs_estargz(tmp.path(), 1 << 20)?;
+    let layer = common::Layer::from_blob(blob, common::MEDIA_TYPE_LAYER_GZIP, &diff_id);
+    let digest = layer.digest();
+    let registry = common::Registry::start();
+    let reference = common::push_image(&registry, "fs/tail", "v1", &[layer]);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = stargz::RegistryClient::new(stargz::ClientConfig::default())?;
+    let mut cfg = FsConfig::new(&tmp.path().join("root"));
+    cfg.no_background_fetch = true;
+    let resolver =
+        RegistryResolver::new(client, rt.handle().clone()).with_link(cfg.layer.read.link.clone());
+    let mgr = LayerManager::new(cfg, Arc::new(resolver))?;
+    let labels = stargz_labels(&reference, &digest, &toc_digest);
+
+    // The first mount knows nothing of the link: size, footer, TOC.
+    let (first, second) = (tmp.path().join("mnt1"), tmp.path().join("mnt2"));
+    std::fs::create_dir(&first)?;
+    std::fs::create_dir(&second)?;
+    let before = registry.blob_gets();
+    mgr.mount(&first, &labels)
+        .map_err(|e| anyhow!("mount: {e}"))?;
+    let _g1 = UmountGuard(first.clone());
+    let cold = registry.blob_gets() - before;
+    // The second asks for the blob's tail with its size: footer and TOC come with it.
+    let before = registry.blob_gets();
+    mgr.mount(&second, &labels)
+        .map_err(|e| anyhow!("mount: {e}"))?;
+    let _g2 = UmountGuard(second.clone());
+    let warm = registry.blob_gets() - before;
+    ensure!(
+        cold == 3 && warm == 1,
+        "blob requests to mount: {cold} cold, {warm} once the link was measured"
+    );
+    let n = compare_trees(&src, &second)?;
+    ensure!(n > 100, "compared only {n} paths");
+    mgr.unmount(&first).map_err(|e| anyhow!("unmount: {e}"))?;
+    mgr.unmount(&second).map_err(|e| anyhow!("unmount: {e}"))?;
+    Ok(())
+}

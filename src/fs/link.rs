@@ -131,6 +131,10 @@ impl LayerSource for Measured {
     fn check(&self) -> io::Result<()> {
         self.inner.check()
     }
+
+    fn take_tail(&self) -> Option<(u64, Vec<u8>)> {
+        self.inner.take_tail()
+    }
 }
 
 /// Notes when the first bytes of a response arrive and how many follow.

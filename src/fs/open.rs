@@ -13,17 +13,19 @@ const MAX_TAIL_GUESS: u64 = 1 << 20;
 /// layer's index with [`estargz::open_index_from_toc_member`] (streamed: the TOC is never
 /// held whole). `expected_digest`, when given, must match the TOC JSON.
 ///
-/// With `tail_guess` > 0 the first request asks for that many bytes from the blob's end
-/// instead of the footer alone (at most [`MAX_TAIL_GUESS`]): when the TOC member lies within,
-/// the layer opens in one round trip instead of two. The caller sizes it to what one round
-/// trip of its link carries, so a wrong guess costs no more than the request it hoped to save.
+/// The source's [`LayerSource::take_tail`] is used first. Without one, a non-zero `tail_guess`
+/// makes the first request ask for that many bytes from the blob's end instead of the footer
+/// alone (at most [`MAX_TAIL_GUESS`]): when the TOC member lies within, the layer opens in one
+/// round trip instead of two. The caller sizes it to what one round trip of its link carries,
+/// so a wrong guess costs no more than the request it hoped to save.
 pub fn open_toc(
     src: &dyn LayerSource,
     expected_digest: Option<&str>,
     tail_guess: u64,
 ) -> Result<LayerIndex, FsError> {
     let size = src.size();
-    let mut tail: Option<(u64, Vec<u8>)> = None;
+    // The tail that came with locating the blob, if any: often footer and TOC both.
+    let mut tail: Option<(u64, Vec<u8>)> = src.take_tail();
     let (location, member) = estargz::read_toc_member(size, |offset, len| {
         if let Some(bytes) = tail
             .as_ref()

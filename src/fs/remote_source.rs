@@ -4,10 +4,11 @@
 //! decompressed bytes land in `fscache`, so no second, compressed copy of the same data is kept.
 
 use std::io::{self, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::remote::{Blob, Reference, RegistryClient, SyncBlob};
 
+use super::link::LinkEstimate;
 use super::manager::BlobResolver;
 use super::source::LayerSource;
 use super::FsError;
@@ -17,11 +18,23 @@ use super::FsError;
 pub struct RegistryResolver {
     client: RegistryClient,
     handle: tokio::runtime::Handle,
+    link: Option<Arc<LinkEstimate>>,
 }
 
 impl RegistryResolver {
     pub fn new(client: RegistryClient, handle: tokio::runtime::Handle) -> Self {
-        RegistryResolver { client, handle }
+        RegistryResolver {
+            client,
+            handle,
+            link: None,
+        }
+    }
+
+    /// Locating a blob also brings its last round trip's worth of bytes, as `link` measures
+    /// it (footer and TOC, most of the time): see [`LayerSource::take_tail`].
+    pub fn with_link(mut self, link: Arc<LinkEstimate>) -> Self {
+        self.link = Some(link);
+        self
     }
 }
 
@@ -30,30 +43,42 @@ impl BlobResolver for RegistryResolver {
         let r: Reference = reference
             .parse()
             .map_err(|e| FsError::Labels(format!("image reference {reference:?}: {e}")))?;
-        let blob = self
+        let tail = self.link.as_ref().map_or(0, |l| l.get().readahead(1));
+        let (blob, tail) = self
             .handle
-            .block_on(Blob::open(&self.client, &r, digest))
+            .block_on(Blob::open_with_tail(&self.client, &r, digest, tail))
             .map_err(|e| FsError::Source(e.into()))?;
-        Ok(Arc::new(RemoteSource(blob.sync(self.handle.clone()))))
+        Ok(Arc::new(RemoteSource {
+            blob: blob.sync(self.handle.clone()),
+            tail: Mutex::new(tail.map(|t| (t.offset, t.bytes))),
+        }))
     }
 }
 
 /// A registry blob as a [`LayerSource`].
-pub struct RemoteSource(pub SyncBlob);
+pub struct RemoteSource {
+    blob: SyncBlob,
+    /// The blob's last bytes, brought by the probe that located it, until the TOC is read.
+    tail: Mutex<Option<(u64, Vec<u8>)>>,
+}
 
 impl LayerSource for RemoteSource {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.blob.size()
     }
 
     fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
-        self.0
+        self.blob
             .fetch_range_into(offset..offset + len, sink)
             .map(|_| ())
             .map_err(io::Error::from)
     }
 
     fn check(&self) -> io::Result<()> {
-        self.0.check().map_err(io::Error::from)
+        self.blob.check().map_err(io::Error::from)
+    }
+
+    fn take_tail(&self) -> Option<(u64, Vec<u8>)> {
+        self.tail.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }

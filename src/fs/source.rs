@@ -20,6 +20,10 @@ pub trait LayerSource: Send + Sync {
     fn check(&self) -> io::Result<()> {
         Ok(())
     }
+    /// The blob's last bytes if they came with locating it (offset, bytes); handed out once.
+    fn take_tail(&self) -> Option<(u64, Vec<u8>)> {
+        None
+    }
 }
 
 impl<T: LayerSource + ?Sized> LayerSource for Arc<T> {
@@ -31,6 +35,9 @@ impl<T: LayerSource + ?Sized> LayerSource for Arc<T> {
     }
     fn check(&self) -> io::Result<()> {
         (**self).check()
+    }
+    fn take_tail(&self) -> Option<(u64, Vec<u8>)> {
+        (**self).take_tail()
     }
 }
 

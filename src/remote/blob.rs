@@ -13,7 +13,7 @@ use sha2::{Digest as _, Sha256};
 use super::body::{self, parse_content_range};
 use super::config::BlobConfig;
 use super::reference::Reference;
-use super::registry::{BlobLocation, RegistryClient};
+use super::registry::{BlobLocation, BlobTail, RegistryClient};
 use super::RemoteError;
 
 /// A registry blob whose size and URL (after redirects) are known. Cheap to clone; clones share
@@ -40,9 +40,24 @@ impl Blob {
         reference: &Reference,
         digest: &str,
     ) -> Result<Blob, RemoteError> {
-        let location = client.locate_blob(reference, digest).await?;
-        tracing::debug!(digest = %digest, size = location.size, redirected = location.redirected, "blob opened");
-        Ok(Blob {
+        Self::open_with_tail(client, reference, digest, 0)
+            .await
+            .map(|(blob, _)| blob)
+    }
+
+    /// [`Blob::open`], bringing back the blob's last `tail` bytes with the probe when the
+    /// registry serves suffix ranges (see [`RegistryClient::locate_blob_with_tail`]).
+    pub(crate) async fn open_with_tail(
+        client: &RegistryClient,
+        reference: &Reference,
+        digest: &str,
+        tail: u64,
+    ) -> Result<(Blob, Option<BlobTail>), RemoteError> {
+        let (location, tail) = client
+            .locate_blob_with_tail(reference, digest, tail)
+            .await?;
+        tracing::debug!(digest = %digest, size = location.size, redirected = location.redirected, tail = tail.as_ref().map_or(0, |t| t.bytes.len()), "blob opened");
+        let blob = Blob {
             inner: Arc::new(Inner {
                 client: client.clone(),
                 reference: reference.clone(),
@@ -51,7 +66,8 @@ impl Blob {
                 config: client.config().blob.clone(),
                 location: Mutex::new(Arc::new(location)),
             }),
-        })
+        };
+        Ok((blob, tail))
     }
 
     pub fn size(&self) -> u64 {

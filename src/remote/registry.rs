@@ -92,6 +92,18 @@ pub(crate) struct BlobLocation {
     pub size: u64,
 }
 
+/// The last bytes of a blob, fetched by the probe that located it
+/// ([`RegistryClient::locate_blob_with_tail`]).
+#[derive(Debug)]
+pub(crate) struct BlobTail {
+    /// Where `bytes` start in the blob.
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// The most bytes a probe brings back with the blob's location.
+pub(crate) const MAX_TAIL: u64 = 1 << 20;
+
 /// A registry client shared by every blob of every layer (cheap to clone).
 #[derive(Clone)]
 pub struct RegistryClient {
@@ -642,14 +654,54 @@ impl RegistryClient {
         reference: &Reference,
         digest: &str,
     ) -> Result<BlobLocation, RemoteError> {
+        self.locate_blob_with_tail(reference, digest, 0)
+            .await
+            .map(|(loc, _)| loc)
+    }
+
+    /// Locates the blob (its size and final URL, mirrors first) with one small ranged GET. With
+    /// `tail` > 0 (at most [`MAX_TAIL`]) the probe asks for the blob's last `tail` bytes
+    /// (`Range: bytes=-N`), which tell the size just as well and usually hold an eStargz
+    /// layer's footer and TOC: the layer then mounts in one round trip instead of three. A
+    /// registry that does not answer a suffix range with exactly that gets the plain
+    /// two-byte probe.
+    pub(crate) async fn locate_blob_with_tail(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        tail: u64,
+    ) -> Result<(BlobLocation, Option<BlobTail>), RemoteError> {
+        let tail = tail.min(MAX_TAIL);
+        if tail > 0 {
+            match self.locate_once(reference, digest, tail).await {
+                Ok(found) => return Ok(found),
+                Err(e) => {
+                    tracing::debug!(digest = %digest, error = %crate::untrusted::chain(&e), "suffix-range probe failed; probing plainly");
+                }
+            }
+        }
+        self.locate_once(reference, digest, 0).await
+    }
+
+    async fn locate_once(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        tail: u64,
+    ) -> Result<(BlobLocation, Option<BlobTail>), RemoteError> {
         let mut headers = HeaderMap::new();
-        headers.insert(RANGE, HeaderValue::from_static("bytes=0-1"));
+        let range = match tail {
+            0 => HeaderValue::from_static("bytes=0-1"),
+            n => HeaderValue::from_str(&format!("bytes=-{n}"))
+                .map_err(|_| RemoteError::Protocol("bad range".into()))?,
+        };
+        headers.insert(RANGE, range);
         let mut last = None;
         for ep in self.endpoints(reference) {
             let url = format!("{}/v2/{}/blobs/{digest}", ep.base, reference.repository);
             let probe = tokio::time::timeout(
                 ep.timeout,
-                self.probe(&ep, &reference.repository, &url, &headers),
+                self.probe(&ep, &reference.repository, &url, &headers, tail),
             );
             let result = probe.await.unwrap_or_else(|_| {
                 Err(RemoteError::TimedOut {
@@ -668,29 +720,50 @@ impl RegistryClient {
         Err(last.unwrap_or_else(|| RemoteError::NotFound(digest.to_owned())))
     }
 
+    /// One probe at one endpoint; with `tail` > 0 the request is a suffix range and its body,
+    /// when it is exactly the blob's last bytes and at most `tail` of them, comes back too.
     async fn probe(
         &self,
         ep: &Endpoint,
         repo: &str,
         url: &str,
         headers: &HeaderMap,
-    ) -> Result<BlobLocation, RemoteError> {
+        tail: u64,
+    ) -> Result<(BlobLocation, Option<BlobTail>), RemoteError> {
         let resp = self
             .send(Some(ep), repo, Method::GET, url, headers, ep.timeout)
             .await?;
+        let mut tail_range = None;
         let size = match resp.status() {
-            StatusCode::PARTIAL_CONTENT => resp
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_content_range)
-                .and_then(|(_, _, total)| total)
-                .ok_or_else(|| {
-                    RemoteError::Protocol("206 without a total in Content-Range".into())
-                })?,
-            StatusCode::OK => resp
+            StatusCode::PARTIAL_CONTENT => {
+                let (start, end, total) = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range)
+                    .and_then(|(a, b, t)| Some((a, b, t?)))
+                    .ok_or_else(|| {
+                        RemoteError::Protocol("206 without a total in Content-Range".into())
+                    })?;
+                if tail > 0 {
+                    if end != total || end - start > tail {
+                        return Err(RemoteError::Protocol(format!(
+                            "asked for the last {tail} bytes, got {start}-{end} of {total}"
+                        )));
+                    }
+                    tail_range = Some(start);
+                }
+                total
+            }
+            // The whole blob is on its way: take its size, not its bytes.
+            StatusCode::OK if tail == 0 => resp
                 .content_length()
                 .ok_or_else(|| RemoteError::Protocol("200 without Content-Length".into()))?,
+            StatusCode::OK => {
+                return Err(RemoteError::Protocol(
+                    "a suffix range was answered with the whole blob".into(),
+                ))
+            }
             _ => {
                 return Err(
                     body::status_error(resp, url, self.inner.config.blob.stall_timeout()).await,
@@ -702,14 +775,36 @@ impl RegistryClient {
         let redirected = final_url.host_str() != orig.host_str()
             || final_url.port_or_known_default() != orig.port_or_known_default()
             || final_url.scheme() != orig.scheme();
-        // Dropping the response closes the connection if the server sent more than asked.
-        drop(resp);
-        Ok(BlobLocation {
+        let tail = match tail_range {
+            Some(offset) => {
+                let bytes = body::read_limited(
+                    resp,
+                    tail,
+                    "blob tail",
+                    self.inner.config.blob.stall_timeout(),
+                )
+                .await?;
+                if offset + bytes.len() as u64 != size {
+                    return Err(RemoteError::Protocol(format!(
+                        "blob tail: {} bytes from {offset} of {size}",
+                        bytes.len()
+                    )));
+                }
+                Some(BlobTail { offset, bytes })
+            }
+            None => {
+                // Dropping the response closes the connection if the server sent more than asked.
+                drop(resp);
+                None
+            }
+        };
+        let location = BlobLocation {
             endpoint: ep.clone(),
             url: final_url.to_string(),
             redirected,
             size,
-        })
+        };
+        Ok((location, tail))
     }
 }
 

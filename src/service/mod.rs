@@ -57,8 +57,9 @@ pub fn build_remote_layers(
     for dir in [root, &root.join("stargz")] {
         crate::cache::private_dir(dir).map_err(fs::FsError::Cache)?;
     }
-    let resolver = fs::RegistryResolver::new(client, handle);
     let mut fs_config = fs::FsConfig::new(root);
+    let resolver =
+        fs::RegistryResolver::new(client, handle).with_link(fs_config.layer.read.link.clone());
     fs_config.layer.attr_timeout =
         Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
     fs_config.layer.passthrough = config.fuse.passthrough;

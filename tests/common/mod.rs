@@ -130,7 +130,7 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
                 dir.path().join("data").display()
             ),
         )
@@ -154,6 +154,18 @@ impl Registry {
             );
         }
         reg
+    }
+
+    /// Blob GETs the registry has answered so far (from its access log).
+    pub fn blob_gets(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| {
+                l.contains("msg=\"response completed")
+                    && l.contains("http.request.method=GET ")
+                    && l.contains("/blobs/sha256:")
+            })
+            .count()
     }
 
     fn v2_ok(&self) -> bool {
