@@ -133,3 +133,62 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
     mgr.unmount(&mnt).map_err(|e| anyhow!("unmount: {e}"))?;
     Ok(())
 }
+
+/// Once the daemon knows its link it locates a blob with a suffix range (`bytes=-N`) that also
+/// brings the footer and TOC. A registry (or proxy) that ignores the range and sends the whole
+/// blob, or refuses it with 416, still gets its layers mounted: the plain probe follows.
+#[test]
+fn registries_that_ignore_or_refuse_suffix_ranges_still_mount() -> Result<()> {
+    require_root();
+    let tmp = tempfile::tempdir()?;
+    let (src, blob, toc_digest, diff_id) = rootfs_estargz(tmp.path(), 1 << 20)?;
+    let layer = common::Layer::from_blob(blob, common::MEDIA_TYPE_LAYER_GZIP, &diff_id);
+    let digest = layer.digest();
+    let registry = common::Registry::start();
+    let reference = common::push_image(&registry, "fs/suffix", "v1", &[layer]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    for (name, fault) in [("whole-blob", Fault::FullBody), ("416", Fault::Status(416))] {
+        let suffixes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = suffixes.clone();
+        let policy = move |req: &ProxyRequest| {
+            if req
+                .header("range")
+                .is_some_and(|r| r.starts_with("bytes=-"))
+            {
+                seen.fetch_add(1, Ordering::SeqCst);
+                return Action::Forward(fault);
+            }
+            Action::Forward(Fault::None)
+        };
+        let proxy = rt.block_on(Proxy::start(registry.addr(), Arc::new(policy)))?;
+        let reference = reference.replacen(registry.addr(), &proxy.addr, 1);
+        let client = RegistryClient::new(ClientConfig::default())?;
+        let mut cfg = FsConfig::new(&tmp.path().join(format!("root-{name}")));
+        cfg.no_background_fetch = true;
+        let resolver = RegistryResolver::new(client, rt.handle().clone())
+            .with_link(cfg.layer.read.link.clone());
+        let mgr = LayerManager::new(cfg, Arc::new(resolver))?;
+        let labels = stargz_labels(&reference, &digest, &toc_digest);
+        let mut guards = Vec::new();
+        for i in 0..2 {
+            let mnt = tmp.path().join(format!("mnt-{name}-{i}"));
+            std::fs::create_dir(&mnt)?;
+            mgr.mount(&mnt, &labels)
+                .map_err(|e| anyhow!("{name}: mount {i}: {e}"))?;
+            guards.push(UmountGuard(mnt.clone()));
+            let n = compare_trees(&src, &mnt)?;
+            ensure!(n > 100, "{name}: compared only {n} paths");
+        }
+        ensure!(
+            suffixes.load(Ordering::SeqCst) >= 1,
+            "{name}: the second mount did not try a suffix range"
+        );
+        for g in &guards {
+            mgr.unmount(&g.0).map_err(|e| anyhow!("unmount: {e}"))?;
+        }
+    }
+    Ok(())
+}

@@ -663,8 +663,9 @@ impl RegistryClient {
     /// `tail` > 0 (at most [`MAX_TAIL`]) the probe asks for the blob's last `tail` bytes
     /// (`Range: bytes=-N`), which tell the size just as well and usually hold an eStargz
     /// layer's footer and TOC: the layer then mounts in one round trip instead of three. A
-    /// registry that does not answer a suffix range with exactly that gets the plain
-    /// two-byte probe.
+    /// registry that does not answer a suffix range with exactly that (or refuses it with 416)
+    /// gets the plain two-byte probe; any other failure is the answer (a registry that is down
+    /// or stalled is not asked twice).
     pub(crate) async fn locate_blob_with_tail(
         &self,
         reference: &Reference,
@@ -674,10 +675,10 @@ impl RegistryClient {
         let tail = tail.min(MAX_TAIL);
         if tail > 0 {
             match self.locate_once(reference, digest, tail).await {
-                Ok(found) => return Ok(found),
-                Err(e) => {
-                    tracing::debug!(digest = %digest, error = %crate::untrusted::chain(&e), "suffix-range probe failed; probing plainly");
+                Err(e @ (RemoteError::Protocol(_) | RemoteError::Status { status: 416, .. })) => {
+                    tracing::debug!(digest = %digest, error = %crate::untrusted::chain(&e), "suffix-range probe not understood; probing plainly");
                 }
+                found => return found,
             }
         }
         self.locate_once(reference, digest, 0).await
