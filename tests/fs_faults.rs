@@ -44,10 +44,7 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     // Big chunks: a 4 MiB chunk never arrives in one response.
     let (src, blob, toc_digest, diff_id) = rootfs_estargz(tmp.path(), 4 << 20)?;
-    let layer = common::Layer::from_blob(blob, common::MEDIA_TYPE_LAYER_GZIP, &diff_id);
-    let digest = layer.digest();
-    let registry = common::Registry::start();
-    let reference = common::push_image(&registry, "fs/faults", "v1", &[layer]);
+    let (registry, reference, digest) = common::serve_layer(blob, &diff_id, "fs/faults");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,10 +139,7 @@ fn registries_that_ignore_or_refuse_suffix_ranges_still_mount() -> Result<()> {
     require_root();
     let tmp = tempfile::tempdir()?;
     let (src, blob, toc_digest, diff_id) = rootfs_estargz(tmp.path(), 1 << 20)?;
-    let layer = common::Layer::from_blob(blob, common::MEDIA_TYPE_LAYER_GZIP, &diff_id);
-    let digest = layer.digest();
-    let registry = common::Registry::start();
-    let reference = common::push_image(&registry, "fs/suffix", "v1", &[layer]);
+    let (registry, reference, digest) = common::serve_layer(blob, &diff_id, "fs/suffix");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

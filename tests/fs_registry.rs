@@ -21,11 +21,7 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
         .try_init();
     let tmp = tempfile::tempdir()?;
     let (src, blob, toc_digest, diff_id) = rootfs_estargz(tmp.path(), 1 << 20)?;
-    let layer = common::Layer::from_blob(blob, common::MEDIA_TYPE_LAYER_GZIP, &diff_id);
-    let digest = layer.digest();
-
-    let registry = common::Registry::start();
-    let reference = common::push_image(&registry, "fs/rootfs", "v1", &[layer]);
+    let (registry, reference, digest) = common::serve_layer(blob, &diff_id, "fs/rootfs");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -77,10 +73,7 @@ fn once_the_link_is_known_a_layer_mounts_with_one_request() -> Result<()> {
     require_root();
     let tmp = tempfile::tempdir()?;
     let (src, blob, toc_digest, diff_id) = rootfs_estargz(tmp.path(), 1 << 20)?;
-    let layer = common::Layer::from_blob(blob, common::MEDIA_TYPE_LAYER_GZIP, &diff_id);
-    let digest = layer.digest();
-    let registry = common::Registry::start();
-    let reference = common::push_image(&registry, "fs/tail", "v1", &[layer]);
+    let (registry, reference, digest) = common::serve_layer(blob, &diff_id, "fs/tail");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -891,6 +891,16 @@ pub fn write_oci_layout(dir: &Path, tag: &str, layers: &[Layer]) -> String {
     manifest_digest
 }
 
+/// A fresh registry serving `blob` (gzip, with `diff_id`) as the only layer of `name:v1`.
+/// Returns the registry, the image reference and the layer digest.
+pub fn serve_layer(blob: Vec<u8>, diff_id: &str, name: &str) -> (Registry, String, String) {
+    let layer = Layer::from_blob(blob, MEDIA_TYPE_LAYER_GZIP, diff_id);
+    let digest = layer.digest();
+    let registry = Registry::start();
+    let reference = push_image(&registry, name, "v1", &[layer]);
+    (registry, reference, digest)
+}
+
 /// Builds an OCI image from `layers` and pushes it to `registry` as `name:tag` with skopeo
 /// (digests preserved). Returns the reference "127.0.0.1:PORT/name:tag".
 pub fn push_image(registry: &Registry, name: &str, tag: &str, layers: &[Layer]) -> String {
