@@ -226,6 +226,8 @@ fn cold_python_start_needs_far_fewer_requests_than_files() {
         "cold start: {modules} modules, {files} loaded from files; {requests} blob requests, \
          {served} bytes served during `ctr run` ({run_time:?}); image ready after {built:?}"
     );
+    let fetches = range_fetches(&daemon.log());
+    eprintln!("{fetches}");
     assert!(
         modules > 120 && files > 120,
         "the imports should load well over 120 modules from files: {modules} modules, {files} from files"
@@ -238,7 +240,7 @@ fn cold_python_start_needs_far_fewer_requests_than_files() {
     assert!(
         requests * 4 <= files,
         "{requests} blocking blob requests for {files} files read ({modules} modules): \
-         read-ahead should make that far fewer than one per file"
+         read-ahead should make that far fewer than one per file; the daemon's fetches:\n{fetches}"
     );
 
     drop(ctrd);
@@ -249,4 +251,24 @@ fn cold_python_start_needs_far_fewer_requests_than_files() {
         "mounts left below the daemon root: {left:?}"
     );
     eprintln!("whole test {:?}", started.elapsed());
+}
+
+/// The daemon's "range fetched" debug events, one line each (bytes, chunks, time, window, link
+/// estimate): tells from a failure whether the link estimate or the read-ahead window kept the
+/// requests small.
+fn range_fetches(log: &str) -> String {
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "range fetched")
+        .collect();
+    let mut out = format!("{} ranges fetched by the daemon:\n", events.len());
+    for v in events {
+        let f = &v["fields"];
+        out += &format!(
+            "  {:>9} B {:>4} chunks {:>4} ms window {} {}\n",
+            f["len"], f["chunks"], f["elapsed_ms"], f["window"], f["link"]
+        );
+    }
+    out
 }
