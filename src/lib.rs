@@ -9,6 +9,7 @@
 //!   `read_at`), on disk (sparse per-file) or in memory;
 //! - [`fs`]: one mounted layer served through FUSE;
 //! - [`snapshot`]: the snapshotter (metadata store, overlay mounts, remote snapshots);
+//! - [`metrics`]: the Prometheus metrics and their endpoint;
 //! - [`service`]: gRPC adapter, config, daemon wiring and signals;
 //! - [`ctr`]: `ctr-remote`'s commands over containerd's client API;
 //! - [`untrusted`]: bounding registry-supplied strings before they reach errors and logs;
@@ -22,6 +23,7 @@ mod ctr;
 pub mod estargz;
 mod fs;
 mod labels;
+mod metrics;
 mod oci;
 mod remote;
 mod service;
@@ -31,6 +33,7 @@ mod untrusted;
 // The daemon (`containerd-stargz-grpc`).
 pub use alloc::tune as tune_allocator;
 pub use cache::{private_dir, CacheKind};
+pub use metrics::{serve as serve_metrics, Metrics, MetricsServer};
 pub use service::{bind_socket, build_remote_layers, config::Config, run};
 pub use snapshot::{
     CheckPolicy, LayerError, RemoteLayers, Snapshotter, SnapshotterImpl, SysMounter, REMOTE_LABEL,

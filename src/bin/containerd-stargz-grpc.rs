@@ -137,14 +137,30 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         let _guard = rt.enter();
         signals()?
     };
-    let remote = stargz::build_remote_layers(&config, &args.root, rt.handle().clone())?;
+    let metrics = (!config.no_prometheus).then(|| Arc::new(stargz::Metrics::new()));
+    // Listening before restore: a scrape during a long restore sees its progress, and a
+    // metrics_address that cannot be bound fails the start at once (as Go's daemon does).
+    let _metrics_server = match (&metrics, config.metrics_address.as_str()) {
+        (_, "") => None,
+        (None, address) => {
+            warn!(
+                address,
+                "no_prometheus = true: metrics_address is not served"
+            );
+            None
+        }
+        (Some(m), address) => Some(rt.block_on(stargz::serve_metrics(address, m.clone()))?),
+    };
+    let remote =
+        stargz::build_remote_layers(&config, &args.root, rt.handle().clone(), metrics.clone())?;
     let snapshotter = Arc::new(
         SnapshotterImpl::new(
             &args.root.join("snapshotter"),
             Some(remote),
             Arc::new(SysMounter),
         )?
-        .with_check_policy(config.check_policy()),
+        .with_check_policy(config.check_policy())
+        .with_metrics(metrics),
     );
     snapshotter.restore()?;
     if let Err(e) = snapshotter.cleanup() {

@@ -46,6 +46,11 @@ impl CacheBudget {
         })
     }
 
+    /// The budget itself.
+    pub fn max_bytes(&self) -> u64 {
+        self.max
+    }
+
     /// Bytes of verified data in the cache now.
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::SeqCst)

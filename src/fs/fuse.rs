@@ -131,6 +131,13 @@ impl LayerFs {
         format!("{}.json", self.reader.digest())
     }
 
+    /// Go's `node_readdir` latency.
+    fn readdir_done(&self, started: std::time::Instant) {
+        if let Some(m) = self.reader.metrics() {
+            m.readdir(started.elapsed());
+        }
+    }
+
     /// The state file's JSON, with Go's field names.
     fn state_json(&self) -> Vec<u8> {
         let size = self.reader.blob_size();
@@ -504,9 +511,12 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if !self.list_dir(ino.0, offset, |child, next, kind, name| {
+        let started = std::time::Instant::now();
+        let listed = self.list_dir(ino.0, offset, |child, next, kind, name| {
             reply.add(INodeNo(child), next, kind, name)
-        }) {
+        });
+        self.readdir_done(started);
+        if !listed {
             return reply.error(Errno::ENOTDIR);
         }
         reply.ok();
@@ -520,6 +530,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let started = std::time::Instant::now();
         let listed = self.list_dir(ino.0, offset, |child, next, _, name| {
             match self.attr(child) {
                 Some(attr) => {
@@ -528,6 +539,7 @@ impl Filesystem for LayerFs {
                 None => false,
             }
         });
+        self.readdir_done(started);
         if !listed {
             return reply.error(Errno::ENOTDIR);
         }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use sha2::{Digest as _, Sha256};
 
@@ -15,6 +16,7 @@ use crate::labels::{
     CRI_IMAGE_REF, CRI_LAYER_DIGEST, STARGZ_DIGEST, STARGZ_PREFETCH, STARGZ_REFERENCE,
     STARGZ_SKIP_VERIFY, TOC_DIGEST,
 };
+use crate::metrics::{op, LayerStatsSource};
 use crate::snapshot::{LayerError, RemoteLayers};
 
 use super::background::{BackgroundFetcher, DEFAULT_SPAN_BYTES};
@@ -151,7 +153,11 @@ impl LayerManager {
             None => default_budget(&config.fscache_dir).map_err(FsError::Cache)?,
         };
         tracing::info!(budget = max, dir = %config.fscache_dir.display(), "cache byte budget");
-        config.layer.read.budget = Some(CacheBudget::new(max));
+        let budget = CacheBudget::new(max);
+        if let Some(m) = &config.layer.read.metrics {
+            m.set_budget(budget.clone());
+        }
+        config.layer.read.budget = Some(budget);
         let priority = Arc::new(Priority::with_quiet_period(config.background_quiet));
         let fetcher = (!config.no_background_fetch).then(|| {
             Arc::new(BackgroundFetcher::new(
@@ -184,10 +190,20 @@ impl LayerManager {
         mountpoint: &Path,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), FsError> {
+        let started = Instant::now();
         let parsed = parse_labels(labels, &self.config)?;
+        let metrics = self.config.layer.read.metrics.clone();
+        let observe = |operation, since: Instant| {
+            if let Some(m) = &metrics {
+                m.observe_ms(operation, &parsed.digest, since.elapsed());
+            }
+        };
         let source = {
             let _urgent = self.priority.urgent();
-            self.resolver.resolve(&parsed.reference, &parsed.digest)?
+            let resolving = Instant::now();
+            let source = self.resolver.resolve(&parsed.reference, &parsed.digest)?;
+            observe(op::STARGZ_HEADER_GET, resolving);
+            source
         };
         // A layer already at this mountpoint goes first: it shares the cache directory, whose
         // chunks the new mount re-verifies (they may belong to another blob; digests decide).
@@ -218,8 +234,12 @@ impl LayerManager {
         if let Some(p) = parsed.prefetch_size {
             opts.prefetch_size = p;
         }
-        let mounted = open_layer(spec, &cache_dir, &opts.read, self.priority.clone())
-            .and_then(|reader| mount_layer(reader, mountpoint, &opts, self.fetcher.clone()));
+        let opening = Instant::now();
+        let mounted =
+            open_layer(spec, &cache_dir, &opts.read, self.priority.clone()).and_then(|reader| {
+                observe(op::STARGZ_TOC_GET, opening);
+                mount_layer(reader, mountpoint, &opts, self.fetcher.clone())
+            });
         let mounted = match mounted {
             Ok(m) => m,
             Err(e) => {
@@ -234,6 +254,11 @@ impl LayerManager {
                 return Err(e);
             }
         };
+        if let Some(m) = &metrics {
+            let stats: Arc<dyn LayerStatsSource> = mounted.reader().clone();
+            m.mounted(mountpoint, &parsed.digest, Arc::downgrade(&stats));
+        }
+        observe(op::MOUNT, started);
         let old = self
             .mounts
             .lock()
@@ -301,6 +326,9 @@ impl LayerManager {
 
     /// Unmounts a layer and frees its cache (the snapshot is gone or the daemon cleans up).
     fn release(&self, m: MountedLayer) {
+        if let Some(metrics) = &self.config.layer.read.metrics {
+            metrics.unmounted(m.mountpoint());
+        }
         // A memory cache goes with its reader; a disk cache's directory is deleted here.
         let dir = m.reader().cache().dir().map(Path::to_path_buf);
         if let Err(e) = m.unmount() {

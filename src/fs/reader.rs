@@ -12,10 +12,12 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use sha2::{Digest as _, Sha256};
 
 use crate::estargz::chunk::check_digest;
+use crate::metrics::{LayerMetrics, LayerStats, LayerStatsSource, Metrics, Purpose};
 use crate::untrusted::chain;
 
 use super::budget::{disk_bytes, CacheBudget};
@@ -92,6 +94,17 @@ pub enum BgStep {
     Done,
 }
 
+/// Why a span is fetched (for the metrics).
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// A read waits for it; `ahead` compressed bytes of it are read-ahead past the read.
+    OnDemand {
+        ahead: u64,
+    },
+    Prefetch,
+    Background,
+}
+
 /// Tuning of the read path.
 #[derive(Debug, Clone)]
 pub struct ReadOptions {
@@ -116,6 +129,8 @@ pub struct ReadOptions {
     pub cache_kind: CacheKind,
     /// The most cache files a layer keeps open (`[directory_cache] max_cache_fds`).
     pub max_open_files: usize,
+    /// The daemon's metrics (None: `no_prometheus`, or a test that does not look).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for ReadOptions {
@@ -129,6 +144,7 @@ impl Default for ReadOptions {
             budget: None,
             cache_kind: CacheKind::Disk,
             max_open_files: 256,
+            metrics: None,
         }
     }
 }
@@ -172,6 +188,8 @@ pub struct LayerReader {
     /// On-disk bytes of this layer's verified chunks, as the budget counts them.
     cached_bytes: AtomicU64,
     evicted_bytes: AtomicU64,
+    /// This layer's handles into the daemon's metrics.
+    metrics: Option<LayerMetrics>,
 }
 
 /// Read-ahead fetches of one layer that may run behind their reads at a time; a miss past that
@@ -227,6 +245,7 @@ impl LayerReader {
             .map_or(0, |c| c.info.compressed_end);
         let fetched = source.size().saturating_sub(payload_end);
         let (nodes, chunks) = (table.nodes().len(), table.blob_order.len());
+        let metrics = opts.metrics.as_ref().map(|m| m.layer(&digest));
         LayerReader {
             chunks: Arc::new(ChunkMap::new(chunks)),
             behind: AtomicUsize::new(0),
@@ -253,7 +272,13 @@ impl LayerReader {
             last_read: (0..nodes).map(|_| AtomicU32::new(0)).collect(),
             cached_bytes: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
+            metrics,
         }
+    }
+
+    /// This layer's metrics handles, if the daemon keeps metrics.
+    pub(crate) fn metrics(&self) -> Option<&LayerMetrics> {
+        self.metrics.as_ref()
     }
 
     pub fn digest(&self) -> &str {
@@ -386,15 +411,23 @@ impl LayerReader {
                 "no chunk holds bytes {offset}..+{size} of inode {ino}"
             ))
         })?;
+        let started = Instant::now();
         let _pins = self.pin(chunks);
         let last = chunks.last().map_or(0, |c| c.seq);
+        let hit = chunks.iter().all(|c| self.chunks.is_present(c.seq));
         for c in chunks {
             self.ensure(c.seq, last)?;
+        }
+        if let Some(m) = self.metrics.as_ref().filter(|_| !hit) {
+            m.waited(started.elapsed());
         }
         let mut buf = vec![0u8; (end - offset) as usize];
         self.cache
             .read_at(ino, node.size, &mut buf, offset)
             .map_err(FsError::Cache)?;
+        if let Some(m) = &self.metrics {
+            m.read(buf.len(), started.elapsed(), hit);
+        }
         Ok(buf)
     }
 
@@ -463,17 +496,19 @@ impl LayerReader {
                             });
                     }
                     attempts += 1;
+                    let mut ahead = 0;
                     for &s in claim.seqs().iter().filter(|&&s| s > last) {
                         if let Some(w) = self.ahead.get(s / 64) {
                             w.fetch_or(1 << (s % 64), Ordering::SeqCst);
                         }
                         let c = &self.chunk(s).info;
-                        self.ahead_bytes
-                            .fetch_add(c.compressed_end - c.compressed_offset, Ordering::SeqCst);
+                        ahead += c.compressed_end - c.compressed_offset;
                     }
+                    self.ahead_bytes.fetch_add(ahead, Ordering::SeqCst);
+                    let why = Why::OnDemand { ahead };
                     match slot.filter(|_| claim.seqs().len() > 1) {
-                        Some(slot) => self.fetch_behind(claim, slot, seq),
-                        None => self.fetch_claimed(claim),
+                        Some(slot) => self.fetch_behind(claim, slot, seq, why),
+                        None => self.fetch_claimed(claim, why),
                     }
                 }
             };
@@ -569,6 +604,7 @@ impl LayerReader {
         claim: Claim,
         slot: BehindSlot,
         seq: usize,
+        why: Why,
     ) -> Result<(), FsError> {
         let flight = claim.flight().clone();
         let me = self.clone();
@@ -576,7 +612,7 @@ impl LayerReader {
             .name("stargz-fetch".into())
             .spawn(move || {
                 let _slot = slot;
-                let _ = me.fetch_claimed(claim);
+                let _ = me.fetch_claimed(claim, why);
             });
         match started {
             Ok(_) => self.wait_for(&flight, seq),
@@ -587,7 +623,7 @@ impl LayerReader {
                 match self.chunks.find(seq, |_| false) {
                     Found::Present => Ok(()),
                     Found::InFlight(f) => self.wait_for(&f, seq),
-                    Found::Claimed(claim) => self.fetch_claimed(claim),
+                    Found::Claimed(claim) => self.fetch_claimed(claim, Why::OnDemand { ahead: 0 }),
                 }
             }
         }
@@ -611,8 +647,8 @@ impl LayerReader {
     /// Fetches claimed chunks; the claim is released (and its waiters woken) whatever happens.
     /// A chunk that fails (a broken transfer, a failed digest) has its cache writer aborted
     /// before the claim goes: nothing unverified stays behind.
-    fn fetch_claimed(&self, claim: Claim) -> Result<(), FsError> {
-        let res = self.fetch_span(claim.seqs(), claim.flight());
+    fn fetch_claimed(&self, claim: Claim, why: Why) -> Result<(), FsError> {
+        let res = self.fetch_span(claim.seqs(), claim.flight(), why);
         if let Err(e) = &res {
             tracing::warn!(layer = %self.digest, error = %chain(e), "chunk fetch failed");
             *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(chain(e).to_string());
@@ -622,7 +658,7 @@ impl LayerReader {
     }
 
     /// One range request for contiguous chunks, demultiplexed into their decoders.
-    fn fetch_span(&self, seqs: &[usize], flight: &Flight) -> Result<(), FsError> {
+    fn fetch_span(&self, seqs: &[usize], flight: &Flight, why: Why) -> Result<(), FsError> {
         let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
             return Ok(());
         };
@@ -651,6 +687,20 @@ impl LayerReader {
             ok = fetched.is_ok(),
             "range fetched"
         );
+        if let (Some(m), true) = (&self.metrics, fetched.is_ok()) {
+            let (purpose, ahead) = match why {
+                Why::OnDemand { ahead } => (Purpose::OnDemand, ahead),
+                Why::Prefetch => (Purpose::Prefetch, 0),
+                Why::Background => (Purpose::Background, 0),
+            };
+            let len = end - start;
+            m.fetched(
+                purpose,
+                len.saturating_sub(ahead),
+                ahead.min(len),
+                started.elapsed(),
+            );
+        }
         let failed = sink.failed.take();
         drop(sink);
         fetched.map_err(FsError::Source)?;
@@ -669,7 +719,7 @@ impl LayerReader {
             match self.chunks.try_claim(seq, self.span_rule(seq, budget)) {
                 Some(claim) => {
                     seq = claim.seqs().last().map_or(seq, |&s| s) + 1;
-                    self.fetch_claimed(claim)?;
+                    self.fetch_claimed(claim, Why::Prefetch)?;
                 }
                 None => seq += 1,
             }
@@ -682,6 +732,9 @@ impl LayerReader {
         if self.bg_done.load(Ordering::SeqCst) {
             return BgStep::Done;
         }
+        if let Some(m) = &self.metrics {
+            m.background(false);
+        }
         let n = self.table.blob_order.len();
         let claim = {
             let mut cursor = self.bg_cursor.lock().unwrap_or_else(|e| e.into_inner());
@@ -691,6 +744,9 @@ impl LayerReader {
             if cursor.0 >= n {
                 if self.fully_cached() || cursor.1 >= 3 {
                     self.bg_done.store(true, Ordering::SeqCst);
+                    if let Some(m) = &self.metrics {
+                        m.background(true);
+                    }
                     return BgStep::Done;
                 }
                 // Chunks in flight elsewhere or failed: look again from the start.
@@ -708,7 +764,7 @@ impl LayerReader {
             cursor.0 = claim.seqs().last().map_or(seq, |&s| s) + 1;
             claim
         };
-        if self.fetch_claimed(claim).is_ok() {
+        if self.fetch_claimed(claim, Why::Background).is_ok() {
             return BgStep::More;
         }
         if self.bg_failures.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_BG_FAILURES {
@@ -1099,6 +1155,21 @@ impl Write for SpanSink<'_> {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// What the metrics endpoint reports of a mounted layer at scrape time.
+impl LayerStatsSource for LayerReader {
+    fn layer_stats(&self) -> LayerStats {
+        let (cached, evicted) = self.cache_usage();
+        LayerStats {
+            size: self.blob_size(),
+            fetched: self.fetched_size(),
+            prefetched: self.metrics.as_ref().map_or(0, LayerMetrics::prefetched),
+            cached,
+            evicted,
+            background_done: self.background_finished(),
+        }
     }
 }
 

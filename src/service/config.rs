@@ -70,8 +70,10 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "prefetch_async_size",
         "prefetch runs in the background and never holds up a mount",
     ),
-    ("no_prometheus", "metrics are not served yet"),
-    ("metrics_address", "metrics are not served yet"),
+    (
+        "debug_address",
+        "Go's pprof and expvar endpoints have no equivalent here; metrics are on metrics_address",
+    ),
     (
         "metadata_store",
         "a layer's metadata is an in-memory inode table built from its TOC",
@@ -106,6 +108,10 @@ pub struct Config {
     pub allow_no_verification: bool,
     pub disable_verification: bool,
     pub max_concurrency: i64,
+    /// Keep no metrics at all (Go: nothing is registered).
+    pub no_prometheus: bool,
+    /// `host:port` to serve Prometheus metrics on (`/metrics`); "" = not served.
+    pub metrics_address: String,
     pub blob: BlobConfig,
     pub directory_cache: DirectoryCacheConfig,
     pub fuse: FuseConfig,
@@ -123,6 +129,8 @@ impl Default for Config {
             allow_no_verification: false,
             disable_verification: false,
             max_concurrency: 2,
+            no_prometheus: false,
+            metrics_address: String::new(),
             blob: BlobConfig::default(),
             directory_cache: DirectoryCacheConfig::default(),
             fuse: FuseConfig::default(),
@@ -359,8 +367,7 @@ mod tests {
             resolve_result_entry_ttl_sec = 30
             prefetch_timeout_sec = 5
             prefetch_async_size = 1
-            no_prometheus = true
-            metrics_address = "127.0.0.1:8234"
+            debug_address = "127.0.0.1:8235"
             metadata_store = "db"
             [blob]
             chunk_size = 100000

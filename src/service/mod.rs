@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tracing::info;
 
+use crate::metrics::Metrics;
 use crate::proto::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
 use crate::snapshot::{RemoteLayers, Snapshotter};
 use crate::{fs, remote};
@@ -42,10 +43,12 @@ pub enum ServiceError {
 /// The single wiring point for lazy remote layers: the FUSE-backed [`fs::LayerManager`] over a
 /// registry client, caching decompressed file data under `<root>/stargz`. Its calls block on
 /// `handle`, so the snapshotter must call it from blocking threads (the gRPC adapter does).
+/// Its layers report into `metrics`, if given.
 pub fn build_remote_layers(
     config: &config::Config,
     root: &Path,
     handle: tokio::runtime::Handle,
+    metrics: Option<Arc<Metrics>>,
 ) -> Result<Arc<dyn RemoteLayers>, ServiceError> {
     let client = remote::RegistryClient::new(remote::ClientConfig {
         resolver: config.resolver.clone(),
@@ -88,6 +91,7 @@ pub fn build_remote_layers(
     fs_config.layer.read.max_open_files = usize::try_from(config.directory_cache.max_cache_fds)
         .unwrap_or(0)
         .max(1);
+    fs_config.layer.read.metrics = metrics;
     fs_config.cache_max_bytes =
         (config.directory_cache.max_bytes > 0).then_some(config.directory_cache.max_bytes);
     Ok(Arc::new(fs::LayerManager::new(

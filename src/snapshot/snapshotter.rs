@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
+use crate::metrics::Metrics;
 use crate::untrusted::clip;
 
 use super::check::{CheckFn, CheckGate, CheckPolicy};
@@ -38,6 +39,8 @@ pub struct SnapshotterImpl {
     mounter: Arc<dyn Mounter>,
     /// Bounds and spaces out the availability checks of mounted remote layers.
     checks: CheckGate,
+    /// Counts remote vs fallback Prepares and restore outcomes (None: metrics off).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl SnapshotterImpl {
@@ -68,6 +71,7 @@ impl SnapshotterImpl {
             remote,
             mounter,
             checks: CheckGate::new(CheckPolicy::default()),
+            metrics: None,
         })
     }
 
@@ -75,6 +79,12 @@ impl SnapshotterImpl {
     /// `valid_interval`, our default bound).
     pub fn with_check_policy(mut self, policy: CheckPolicy) -> Self {
         self.checks = CheckGate::new(policy);
+        self
+    }
+
+    /// Counts Prepares (remote or fallback, and why) and restores into `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -122,7 +132,11 @@ impl SnapshotterImpl {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some((name, rec)) = tasks.get(i) else { break };
-                    match remote.mount(&self.fs_dir(rec.id), &rec.labels) {
+                    let mounted = remote.mount(&self.fs_dir(rec.id), &rec.labels);
+                    if let Some(m) = &self.metrics {
+                        m.restored(mounted.is_ok());
+                    }
+                    match mounted {
                         Ok(()) => {
                             self.checks.record_ok(&self.fs_dir(rec.id));
                             info!(key = %name, "restored remote snapshot")
@@ -340,7 +354,13 @@ impl SnapshotterImpl {
         let fs = self.fs_dir(chain.record.id);
         if let Err(e) = remote.mount(&fs, labels) {
             info!(key, target, "remote-snapshot-prepared" = false, error = %crate::untrusted::chain(&*e), "layer is not lazily mounted; containerd will download it");
+            if let Some(m) = &self.metrics {
+                m.prepared_fallback(crate::metrics::fallback_reason(&*e));
+            }
             return Ok(false);
+        }
+        if let Some(m) = &self.metrics {
+            m.prepared_remote();
         }
         self.checks.record_ok(&fs);
         let mut committed = labels.clone();

@@ -435,8 +435,9 @@ pub fn daemon_bin() -> PathBuf {
 }
 
 impl Daemon {
-    /// Starts `containerd-stargz-grpc --root ROOT --address SOCKET --log-level debug EXTRA...`
-    /// and waits for the socket to accept connections.
+    /// Starts `containerd-stargz-grpc -root ROOT -address SOCKET -log-level debug EXTRA...`
+    /// (Go's single-dash spelling, as units written for Go's daemon use it) and waits for the
+    /// socket to accept connections.
     pub fn start(root: &Path, socket: &Path, extra_args: &[&str]) -> Daemon {
         Daemon::start_with_env(root, socket, extra_args, &[])
     }
@@ -473,18 +474,17 @@ impl Daemon {
             .open(&self.log)
             .expect("daemon log");
         let mut cmd = Command::new(daemon_bin());
-        cmd.arg("--root")
+        cmd.arg("-root")
             .arg(&self.root)
-            .arg("--address")
+            .arg("-address")
             .arg(&self.socket)
-            .arg("--log-level")
+            .arg("-log-level")
             .arg("debug");
         // Use an empty config unless the test passes its own `--config`.
-        if !self
-            .args
-            .iter()
-            .any(|a| a == "--config" || a.starts_with("--config="))
-        {
+        if !self.args.iter().any(|a| {
+            let a = a.trim_start_matches('-');
+            a == "config" || a.starts_with("config=")
+        }) {
             let cfg = self.log.with_file_name("config.toml");
             if !cfg.exists() {
                 std::fs::write(&cfg, "").expect("write empty daemon config");
