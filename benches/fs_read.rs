@@ -10,6 +10,10 @@
 //!    the daemon's own path (`fs::RegistryResolver` over `remote::RegistryClient`, the registry
 //!    configured as an insecure mirror), with the bytes the registry served through the link.
 //!
+//! 3. The cost of metrics on the hot path: the cached layer without passthrough (every read
+//!    goes through the daemon) with and without the daemon's metrics, alternating, as ratios
+//!    (metrics on ÷ off) of a sequential pass and of random 4 KiB reads, medians of 6 pairs.
+//!
 //! Writes `bench-results/fs_read.txt`. Size can be lowered with `FS_BENCH_MIB` (default 1024).
 //! Needs root, /dev/fuse, `ip`, `tc`, `curl` and `docker-registry`. Mounts and the link are
 //! removed by Drop guards, also when a step fails.
@@ -31,7 +35,7 @@ use sha2::{Digest, Sha256};
 use stargz::estargz::{EntryType, Toc, TocEntry};
 use stargz::{
     mount_layer, open_layer, BackgroundFetcher, BlobResolver, FileSource, LayerOptions,
-    LayerSource, LayerSpec, Priority, RegistryResolver,
+    LayerSource, LayerSpec, Metrics, Priority, RegistryResolver,
 };
 use stargz::{ClientConfig, HostConfig, MirrorConfig, RegistryClient, ResolverConfig};
 use testbed::SlowLink;
@@ -251,6 +255,92 @@ fn cached_throughput(dir: &Path, toc: &str, passthrough: bool, out: &mut String)
     Ok(())
 }
 
+/// 4 KiB reads per second at `n` pseudo-random offsets of `path`, page cache dropped first:
+/// with readahead mostly defeated, each is about one FUSE read, so per-read overheads show.
+fn random_small_reads(path: &Path, size: u64, n: usize) -> Result<f64> {
+    drop_caches()?;
+    let f = File::open(path)?;
+    let mut buf = [0u8; 4096];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let start = Instant::now();
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % (size / 4096)) * 4096;
+        f.read_exact_at(&mut buf, off)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Item 3: the same cached layer mounted twice without passthrough, one with metrics, read in
+/// alternation so both see the same machine.
+fn metrics_cost(dir: &Path, toc: &str, size: u64, out: &mut String) -> Result<()> {
+    let mut layers = Vec::new();
+    for (name, metrics) in [("m-off", None), ("m-on", Some(Arc::new(Metrics::new())))] {
+        let mut opts = LayerOptions {
+            passthrough: false,
+            ..Default::default()
+        };
+        opts.read.metrics = metrics;
+        let fetcher = Arc::new(BackgroundFetcher::new(
+            2,
+            Arc::new(Priority::default()),
+            16 << 20,
+        ));
+        let src: Arc<dyn LayerSource> = Arc::new(FileSource::open(&dir.join("blob"))?);
+        let layer = mount(dir, name, src, toc, &opts, Some(fetcher))?;
+        let start = Instant::now();
+        while !layer.reader().fully_cached() {
+            ensure!(
+                start.elapsed() < Duration::from_secs(900),
+                "background fetch did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        layers.push(layer);
+    }
+    let (off, on) = (
+        layers[0].mountpoint().join("big"),
+        layers[1].mountpoint().join("big"),
+    );
+    let (mut seq, mut small) = (Vec::new(), Vec::new());
+    // Which side goes first alternates, so a trend over the run (another process, the disk's
+    // own caches) does not favour one side.
+    for round in 0..6 {
+        let (a, b) = if round % 2 == 0 {
+            let a = seq_read(&off)?;
+            (a, seq_read(&on)?)
+        } else {
+            let b = seq_read(&on)?;
+            (seq_read(&off)?, b)
+        };
+        seq.push((b / a, b, a));
+        let (a, b) = if round % 2 == 0 {
+            let a = random_small_reads(&off, size, 20_000)?;
+            (a, random_small_reads(&on, size, 20_000)?)
+        } else {
+            let b = random_small_reads(&on, size, 20_000)?;
+            (random_small_reads(&off, size, 20_000)?, b)
+        };
+        small.push((b / a, b, a));
+    }
+    for v in [&mut seq, &mut small] {
+        v.sort_by(|x, y| x.0.total_cmp(&y.0));
+    }
+    let line = format!(
+        "metrics_cost passthrough=false: sequential {:.0} MiB/s with metrics vs {:.0} without, ratio {:.3}; random 4 KiB {:.0} reads/s vs {:.0}, ratio {:.3} (medians of 6 pairs, each side first in turn)\n",
+        seq[3].1, seq[3].2, seq[3].0, small[3].1, small[3].2, small[3].0
+    );
+    print!("{line}");
+    out.push_str(&line);
+    for (layer, name) in layers.into_iter().zip(["m-off", "m-on"]) {
+        layer.unmount()?;
+        std::fs::remove_dir_all(dir.join(format!("{name}-cache")))?;
+    }
+    Ok(())
+}
+
 /// The 100 pseudo-random 4 KiB-aligned offsets below `size` of the cold runs (the same in every
 /// call, so the local and link runs read the same chunks).
 fn random_offsets(size: u64) -> Vec<u64> {
@@ -438,6 +528,7 @@ fn main() -> Result<()> {
     );
     cached_throughput(tmp.path(), &built.toc, true, &mut out)?;
     cached_throughput(tmp.path(), &built.toc, false, &mut out)?;
+    metrics_cost(tmp.path(), &built.toc, size, &mut out)?;
     let local_p50 = cold_random_local(tmp.path(), &built.toc, size, &mut out)?;
     cold_random_link(tmp.path(), &built, size, local_p50, &rt, &mut out)?;
     rt.shutdown_background();

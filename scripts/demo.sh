@@ -230,7 +230,10 @@ say "what was fetched"
 FETCHED=$(tail -n +"$((LOG_MARK + 1))" "$WORK/registry.log" \
 	| grep -E '"GET /v2/[^"]*/blobs/' | awk '{for (i = 1; i < NF; i++) if ($i ~ /HTTP\/1\.[01]"$/) { s += $(i + 2); break } } END { print s + 0 }')
 awk -v a="$T0" -v b="$T1" -v c="$T2" 'BEGIN { printf "rpull took %.2fs, run took %.2fs\n", b - a, c - b }'
-echo "eStargz image layers: $ESGZ_SIZE bytes; blob bytes served by the registry during rpull+run: $FETCHED bytes ($(( FETCHED * 100 / (ESGZ_SIZE > 0 ? ESGZ_SIZE : 1) ))%)"
+echo "eStargz image layers: $ESGZ_SIZE bytes; blob bytes the registry served during rpull+run: $FETCHED bytes ($(( FETCHED * 100 / (ESGZ_SIZE > 0 ? ESGZ_SIZE : 1) ))%)"
+echo "  (what the snapshotter fetched for the lazy layers: their TOCs at rpull, then the files the"
+echo "   container read, their read-ahead and any prefetch; rpull's own line above counts only"
+echo "   layers it downloaded in full)"
 if [ "$SNAPSHOTTER" = stargz ]; then
 	remote=$(grep -c 'remote-snapshot-prepared.*true' "$WORK/stargz.log" || true)
 	echo "layers mounted lazily by our daemon (remote-snapshot-prepared=true): $remote"

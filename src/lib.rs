@@ -12,6 +12,7 @@
 //! - [`metrics`]: the Prometheus metrics and their endpoint;
 //! - [`service`]: gRPC adapter, config, daemon wiring and signals;
 //! - [`ctr`]: `ctr-remote`'s commands over containerd's client API;
+//! - [`goflags`]: Go's single-dash long flags, for both binaries;
 //! - [`untrusted`]: bounding registry-supplied strings before they reach errors and logs;
 //! - [`alloc`]: the daemon's glibc allocator tuning.
 
@@ -22,6 +23,7 @@ mod cache;
 mod ctr;
 pub mod estargz;
 mod fs;
+mod goflags;
 mod labels;
 mod metrics;
 mod oci;
@@ -33,6 +35,7 @@ mod untrusted;
 // The daemon (`containerd-stargz-grpc`).
 pub use alloc::tune as tune_allocator;
 pub use cache::{private_dir, CacheKind};
+pub use goflags::go_style_args;
 pub use metrics::{serve as serve_metrics, Metrics, MetricsServer};
 pub use service::{bind_socket, build_remote_layers, config::Config, run};
 pub use snapshot::{

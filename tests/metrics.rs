@@ -157,7 +157,8 @@ fn prometheus_scrapes_go_and_our_series_during_a_lazy_pull_and_run() {
     let prom = Prometheus::start(tmp.path(), &metrics_addr);
 
     // A plain gzip image through the stargz snapshotter: both layers fall back.
-    let out = ctr_remote(&ctrd, "plain", &["image", "rpull", "--plain-http", &plain]);
+    // (Go's flag syntax again: urfave/cli takes `-plain-http` as well.)
+    let out = ctr_remote(&ctrd, "plain", &["image", "rpull", "-plain-http", &plain]);
     assert_success(out, "rpull of the plain image");
     // The same image converted to eStargz: both layers mount lazily, then a container reads
     // a file of each (`cat` from the tools layer, hello.txt from the data layer).

@@ -83,32 +83,9 @@ fn signals() -> anyhow::Result<impl std::future::Future<Output = Stop>> {
     })
 }
 
-/// Go's `flag` package, which the Go daemon uses, takes long flags with one dash as well
-/// (`-log-level debug`, `-address=/run/x.sock`); units and scripts written for it do so. Such an
-/// argument becomes its two-dash spelling; one-letter flags (`-h`, `-V`), values after a flag and
-/// everything after `--` are left alone.
-fn go_style_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    let mut out = Vec::new();
-    let mut rest_verbatim = false;
-    for (i, arg) in args.into_iter().enumerate() {
-        let text = arg.to_str().unwrap_or("");
-        let single_dash_long = text.len() > 2
-            && text.starts_with('-')
-            && !text.starts_with("--")
-            && text[1..].starts_with(|c: char| c.is_ascii_alphabetic());
-        if i > 0 && !rest_verbatim && single_dash_long {
-            out.push(format!("-{text}").into());
-        } else {
-            rest_verbatim |= i > 0 && text == "--";
-            out.push(arg);
-        }
-    }
-    out
-}
-
 fn main() -> anyhow::Result<()> {
     stargz::tune_allocator();
-    let args = Args::parse_from(go_style_args(std::env::args_os()));
+    let args = Args::parse_from(stargz::go_style_args(std::env::args_os()));
     init_logging(&args.log_level)?;
     if let Err(e) = real_main(args) {
         error!(error = format!("{e:#}"), "daemon failed");
@@ -204,41 +181,10 @@ fn real_main(args: Args) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn args(line: &[&str]) -> Vec<String> {
-        let os = line.iter().map(std::ffi::OsString::from);
-        go_style_args(os)
-            .into_iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
-    }
-
     #[test]
     fn go_single_dash_long_flags_are_accepted() {
-        assert_eq!(
-            args(&[
-                "d",
-                "-log-level",
-                "debug",
-                "-address=/x.sock",
-                "--root",
-                "/r",
-                "-h",
-                "-V"
-            ]),
-            [
-                "d",
-                "--log-level",
-                "debug",
-                "--address=/x.sock",
-                "--root",
-                "/r",
-                "-h",
-                "-V"
-            ]
-        );
-        assert_eq!(args(&["d", "--", "-log-level"]), ["d", "--", "-log-level"]);
-        let parsed =
-            Args::try_parse_from(args(&["d", "-log-level", "debug", "-root=/r"])).expect("parse");
+        let line = ["d", "-log-level", "debug", "-root=/r"].map(std::ffi::OsString::from);
+        let parsed = Args::try_parse_from(stargz::go_style_args(line)).expect("parse");
         assert_eq!(
             (parsed.log_level.as_str(), parsed.root),
             ("debug", PathBuf::from("/r"))

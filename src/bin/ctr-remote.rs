@@ -3,7 +3,7 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    let cli = stargz::CtrRemoteCli::parse();
+    let cli = stargz::CtrRemoteCli::parse_from(stargz::go_style_args(std::env::args_os()));
     let level = if cli.debug { "debug" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))

@@ -49,11 +49,11 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ImagesCommand {
-    /// pull an image from a registry levaraging stargz snapshotter
+    /// pull an image from a registry leveraging stargz snapshotter (eStargz layers are mounted lazily; other layers are downloaded)
     Rpull(RpullArgs),
     /// get the digest of TOC of a layer
     GetTocDigest(GetTocDigestArgs),
-    /// convert an image
+    /// convert an image (to eStargz: --estargz is required)
     Convert(ConvertArgs),
 }
 
@@ -84,7 +84,7 @@ pub struct ConvertArgs {
 
 #[derive(Debug, Args)]
 pub struct GetTocDigestArgs {
-    /// parse layer as zstd:chunked
+    /// parse layer as zstd:chunked (not supported by this version: the command fails)
     #[arg(long)]
     pub zstdchunked: bool,
     /// dump TOC instead of digest. Note that the dumped TOC might be formatted with indents so may have different digest against the original in the layer
@@ -112,7 +112,7 @@ pub struct RpullArgs {
     /// Skip content verification for layers contained in this image.
     #[arg(long)]
     pub skip_content_verify: bool,
-    /// snapshotter name. Empty value stands for the default value. [$CONTAINERD_SNAPSHOTTER]
+    /// snapshotter name (default "stargz", the lazy-pulling one; empty = the default) [$CONTAINERD_SNAPSHOTTER]
     #[arg(long)]
     pub snapshotter: Option<String>,
     /// image reference
@@ -210,12 +210,21 @@ async fn run_rpull(cd: &Containerd, args: RpullArgs) -> Result<(), Error> {
         .filter(|(_, o)| *o == LayerOutcome::Remote)
         .count();
     let size = s.image_size().max(0) as u64;
+    // Two different byte counts meet here: what rpull itself downloaded (layers that could not
+    // be lazy, in full) and what the snapshotter fetches later for lazy layers (their TOCs now,
+    // files as they are read). The line says which one it counts.
     eprintln!(
-        "done: {remote}/{} layers remote (lazy), downloaded {} of {} layer bytes ({:.1}%) in {:.2}s",
+        "done: {remote}/{} layers remote (lazy: the snapshotter fetches their files from the \
+         registry as containers read them); rpull downloaded {} of the image's {} of layers \
+         ({:.1}%: the layers that are not remote, in full) in {:.2}s",
         s.layers.len(),
         human(s.downloaded()),
         human(size),
-        if size == 0 { 0.0 } else { 100.0 * s.downloaded() as f64 / size as f64 },
+        if size == 0 {
+            0.0
+        } else {
+            100.0 * s.downloaded() as f64 / size as f64
+        },
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -250,15 +250,21 @@ async fn convert_layer(
     if opts.chunk_size > 0 {
         build_opts.chunk_size = opts.chunk_size;
     }
+    let bar = super::progress::bytes(
+        format!("{}: converting", super::rpull::short(&layer.digest)),
+        input.metadata()?.len(),
+    );
+    let reading = bar.clone();
     let result = tokio::task::spawn_blocking(move || {
         use std::io::Seek;
         let mut input = input;
         input.rewind()?;
         let out = std::io::BufWriter::with_capacity(1 << 20, build_out);
-        estargz::build(input, out, &build_opts).map_err(Error::Estargz)
+        estargz::build(reading.wrap_read(input), out, &build_opts).map_err(Error::Estargz)
     })
     .await
     .map_err(|e| Error::Incomplete(format!("estargz build task: {e}")))??;
+    bar.finish_and_clear();
 
     let media_type = if opts.oci || layer.media_type.starts_with("application/vnd.oci.") {
         MEDIA_OCI_LAYER_GZIP

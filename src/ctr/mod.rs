@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod convert;
 pub mod labels;
+mod progress;
 pub mod registry;
 pub mod rpull;
 pub mod toc;

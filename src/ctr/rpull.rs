@@ -366,17 +366,19 @@ impl LayerStep<'_> {
         let counted = Arc::new(AtomicU64::new(0));
         if self.cd.content_info(&layer.digest).await?.is_none() {
             let c = counted.clone();
+            let bar = super::progress::bytes(
+                format!("{}: downloading", short(&layer.digest)),
+                layer.size.max(0) as u64,
+            );
+            let b = bar.clone();
             let stream = fetcher.fetch_stream(layer).await?.inspect(move |r| {
-                if let Ok(b) = r {
-                    c.fetch_add(b.len() as u64, Ordering::Relaxed);
+                if let Ok(chunk) = r {
+                    c.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    b.inc(chunk.len() as u64);
                 }
             });
-            let ticker = live_progress(layer, counted.clone());
             let written = self.cd.write_stream(layer, stream, source).await;
-            if let Some(t) = ticker {
-                t.abort();
-                eprint!("\r\x1b[2K");
-            }
+            bar.finish_and_clear();
             written?;
         }
         let applied = self
@@ -420,29 +422,6 @@ impl LayerStep<'_> {
         }
         Ok(counted.load(Ordering::Relaxed))
     }
-}
-
-/// On a terminal, redraws "downloading X / Y" for the layer being fetched twice a second.
-fn live_progress(
-    layer: &Descriptor,
-    counted: Arc<AtomicU64>,
-) -> Option<tokio::task::JoinHandle<()>> {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let digest = short(&layer.digest).to_string();
-    let total = human(layer.size.max(0) as u64);
-    Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-        loop {
-            tick.tick().await;
-            eprint!(
-                "\r\x1b[2K{digest}: downloading {} / {total}",
-                human(counted.load(Ordering::Relaxed))
-            );
-        }
-    }))
 }
 
 /// `sha256:0123456` — the 15-character prefix Go's rpull prints.
