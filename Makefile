@@ -4,14 +4,14 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 APT_PACKAGES := containerd docker-registry fuse3 skopeo stargz-snapshotter runc debootstrap \
-	iproute2 curl jq golang-github-containerd-containerd-dev
+	iproute2 curl jq golang-github-containerd-containerd-dev prometheus
 
 .PHONY: all build release deps test test-unit clippy demo bench fuzz clean
 
 all: build
 
 # Installs the real parts the tests and the demo use (containerd 1.6, registry, runc, Go's
-# ctr-remote as an interop peer). Idempotent: does nothing when everything is there.
+# ctr-remote as an interop peer, Prometheus for the metrics test). Idempotent: does nothing when everything is there.
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
