@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use super::client::Containerd;
 use super::convert::{convert, ConvertOptions};
 use super::labels::DEFAULT_PREFETCH_SIZE;
+use super::optimize::{optimize, parse_json_args, OptimizeError, OptimizeOptions};
 use super::registry::{RegistryOptions, RemoteFetcher};
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
 use super::toc::layer_toc;
@@ -55,6 +56,51 @@ pub enum ImagesCommand {
     GetTocDigest(GetTocDigestArgs),
     /// convert an image
     Convert(ConvertArgs),
+    /// optimize an image with user-specified workload
+    Optimize(OptimizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OptimizeArgs {
+    /// record the monitor log to the specified file
+    #[arg(long)]
+    pub record_out: Option<PathBuf>,
+    /// convert Docker media types to OCI media types
+    #[arg(long)]
+    pub oci: bool,
+    /// eStargz compression level
+    #[arg(long, default_value_t = 9)]
+    pub estargz_compression_level: u32,
+    /// eStargz chunk size (0 = 4 MiB)
+    #[arg(long, default_value_t = 0)]
+    pub estargz_chunk_size: u64,
+    /// time period to monitor access log (seconds; 0 = the default, as Go)
+    #[arg(long, default_value_t = 10)]
+    pub period: u64,
+    /// user/group name to override image's default config(user[:group])
+    #[arg(long)]
+    pub user: Option<String>,
+    /// working dir to override image's default config
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// command arguments to override image's default config(in JSON array)
+    #[arg(long)]
+    pub args: Option<String>,
+    /// entrypoint to override image's default config(in JSON array)
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// environment valulable to add or override to the image's default config
+    #[arg(long)]
+    pub env: Vec<String>,
+    /// allow connections using plain HTTP when the source must be pulled first
+    #[arg(long)]
+    pub plain_http: bool,
+    /// source image reference
+    #[arg(value_name = "source_ref")]
+    pub source: String,
+    /// target image reference
+    #[arg(value_name = "target_ref")]
+    pub target: String,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +199,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Images {
             command: ImagesCommand::Convert(args),
         } => run_convert(&cd, args).await,
+        Command::Images {
+            command: ImagesCommand::Optimize(args),
+        } => run_optimize(&cd, args).await,
     }
 }
 
@@ -256,6 +305,43 @@ async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
     let mut err = std::io::stderr();
     let manifest = convert(cd, &args.source, &args.target, &opts, &mut err).await?;
     // Go prints the new image's manifest digest.
+    println!("{}", manifest.digest);
+    Ok(())
+}
+
+async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> {
+    if args.estargz_compression_level > 9 {
+        return Err(Error::InvalidArgument(
+            "--estargz-compression-level must be 0-9".into(),
+        ));
+    }
+    let opts = OptimizeOptions {
+        oci: args.oci,
+        period: std::time::Duration::from_secs(args.period),
+        entrypoint: parse_json_args("--entrypoint", args.entrypoint.as_deref())?,
+        args: parse_json_args("--args", args.args.as_deref())?,
+        env: args.env,
+        cwd: args.cwd,
+        user: args.user,
+        record_out: args.record_out,
+        compression_level: args.estargz_compression_level,
+        chunk_size: args.estargz_chunk_size,
+        registry: RegistryOptions {
+            plain_http: args.plain_http,
+            ..Default::default()
+        },
+    };
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut err = std::io::stderr();
+    // A signal drops the optimize future: its guards delete the container, unmount and
+    // remove the temp dir before we return.
+    let manifest = tokio::select! {
+        r = optimize(cd, &args.source, &args.target, &opts, &mut err) => r?,
+        _ = int.recv() => return Err(OptimizeError::Interrupted("SIGINT").into()),
+        _ = term.recv() => return Err(OptimizeError::Interrupted("SIGTERM").into()),
+    };
     println!("{}", manifest.digest);
     Ok(())
 }

@@ -15,7 +15,7 @@ use tokio::io::AsyncReadExt;
 use super::client::{from_pb, Containerd};
 use super::Error;
 use crate::estargz::{self, BuildOptions};
-use crate::labels::{TOC_DIGEST, UNCOMPRESSED};
+use crate::labels::{TOC_DIGEST, UNCOMPRESSED, UNCOMPRESSED_SIZE};
 use crate::oci::{
     host_platform, is_index_type, is_layer_type, sha256_digest, Descriptor, Index, Manifest,
     MEDIA_DOCKER_CONFIG, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_CONFIG,
@@ -268,6 +268,10 @@ async fn convert_layer(
     let mut annotations = layer.annotations.clone();
     annotations.insert(TOC_DIGEST.to_string(), result.toc_digest.clone());
     annotations.insert(UNCOMPRESSED.to_string(), result.diff_id.clone());
+    annotations.insert(
+        UNCOMPRESSED_SIZE.to_string(),
+        result.uncompressed_size.to_string(),
+    );
     let new = Descriptor {
         media_type: media_type.to_string(),
         digest: result.blob_digest.clone(),

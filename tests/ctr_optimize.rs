@@ -1,0 +1,647 @@
+//! `ctr-remote image optimize` against a real containerd 1.6, runc and a local registry (needs
+//! root and overlayfs, like CI).
+//!
+//! Go's `ctr-remote` 0.12 (`/usr/bin/ctr-remote`) is the reference: for the same workload both
+//! must record the same files per layer, and an image optimized by either must be prefetched by
+//! the other's daemon.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    assert_success as ok, push_image, require_tool, sha256_digest, tools_layer, wait_until,
+    Containerd, ContainerdOpts, Layer, LayerEntry, Registry,
+};
+
+const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
+
+fn ours() -> &'static str {
+    env!("CARGO_BIN_EXE_ctr-remote")
+}
+
+/// A `ctr-remote` command against `ctrd` in namespace `ns`, with its temp files under `tmp`
+/// (so a test can see that nothing is left there).
+fn ctr_remote_cmd(bin: &str, ctrd: &Containerd, ns: &str, tmp: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
+    c.arg("--address")
+        .arg(ctrd.socket())
+        .args(["--namespace", ns])
+        .args(args)
+        .env("TMPDIR", tmp)
+        .stdin(Stdio::null());
+    c
+}
+
+fn ctr_remote(bin: &str, ctrd: &Containerd, ns: &str, tmp: &Path, args: &[&str]) -> Output {
+    ctr_remote_cmd(bin, ctrd, ns, tmp, args)
+        .output()
+        .expect("run ctr-remote")
+}
+
+fn ctr_ns(ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(ctrd.socket())
+        .args(["-n", ns])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ctr");
+    ok(out, &format!("ctr -n {ns} {args:?}"))
+}
+
+/// Record lines as `layer index -> paths in first-access order` (Go's file repeats paths).
+fn read_record(path: &Path) -> BTreeMap<usize, Vec<String>> {
+    let text = std::fs::read_to_string(path).expect("record file");
+    let mut out: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("record line is JSON");
+        let layer = v["layerIndex"].as_u64().expect("layerIndex") as usize;
+        let p = v["path"].as_str().expect("path").to_string();
+        assert!(
+            v["manifestDigest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sha256:")),
+            "{line}"
+        );
+        let files = out.entry(layer).or_default();
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    out
+}
+
+fn as_sets(r: &BTreeMap<usize, Vec<String>>) -> BTreeMap<usize, BTreeSet<String>> {
+    r.iter()
+        .map(|(k, v)| (*k, v.iter().cloned().collect()))
+        .collect()
+}
+
+/// Asserts `tmp` is empty and nothing is mounted below it: the optimize run left nothing.
+fn assert_nothing_left(tmp: &Path) {
+    let left: Vec<_> = std::fs::read_dir(tmp)
+        .expect("read tmp")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let tmp_s = tmp.display().to_string();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&tmp_s)),
+        "mount left under {tmp_s}"
+    );
+}
+
+/// `(manifest, config)` of image `name` in namespace `ns`.
+fn manifest_of(ctrd: &Containerd, ns: &str, name: &str) -> (serde_json::Value, serde_json::Value) {
+    let ls = ctr_ns(ctrd, ns, &["images", "ls"]);
+    let line = ls
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("{name} not listed in {ns}: {ls}"));
+    let digest = line.split_whitespace().nth(2).expect("digest column");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", digest])).expect("manifest");
+    let config: serde_json::Value = serde_json::from_str(&ctr_ns(
+        ctrd,
+        ns,
+        &[
+            "content",
+            "get",
+            manifest["config"]["digest"]
+                .as_str()
+                .expect("config digest"),
+        ],
+    ))
+    .expect("config");
+    (manifest, config)
+}
+
+/// Decompressed length of blob `digest` in namespace `ns`.
+fn uncompressed_len(ctrd: &Containerd, ns: &str, digest: &str) -> u64 {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(ctrd.socket())
+        .args(["-n", ns, "content", "get", digest])
+        .output()
+        .expect("ctr content get");
+    assert!(out.status.success());
+    let mut d = flate2::read::MultiGzDecoder::new(&out.stdout[..]);
+    std::io::copy(&mut d, &mut std::io::sink()).expect("gunzip")
+}
+
+/// Names of the TOC entries of `layer` (our `get-toc-digest --dump-toc`), in blob order.
+fn toc_names(ctrd: &Containerd, ns: &str, layer: &str) -> Vec<(String, String)> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = ok(
+        ctr_remote(
+            ours(),
+            ctrd,
+            ns,
+            tmp.path(),
+            &["image", "get-toc-digest", "--dump-toc", layer],
+        ),
+        "dump toc",
+    );
+    let toc: serde_json::Value = serde_json::from_str(&out).expect("toc json");
+    toc["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or("").to_string(),
+                e["type"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Checks every layer of the optimized image `name`: Go's `get-toc-digest` agrees with the
+/// `toc.digest` annotation, the `uncompressed` annotation is the config's diff ID, and the
+/// landmark follows exactly the layer's recorded files (regular files in record order, with
+/// their parent directories), or is `.no.prefetch.landmark` when nothing was recorded.
+fn check_optimized_layers(
+    ctrd: &Containerd,
+    ns: &str,
+    name: &str,
+    record: &BTreeMap<usize, Vec<String>>,
+) {
+    let (manifest, config) = manifest_of(ctrd, ns, name);
+    let layers = manifest["layers"].as_array().expect("layers");
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (i, l) in layers.iter().enumerate() {
+        let digest = l["digest"].as_str().expect("digest");
+        let go = ok(
+            ctr_remote(
+                GO_CTR_REMOTE,
+                ctrd,
+                ns,
+                tmp.path(),
+                &["image", "get-toc-digest", digest],
+            ),
+            "Go get-toc-digest",
+        );
+        assert_eq!(
+            Some(go.trim()),
+            l["annotations"]["containerd.io/snapshot/stargz/toc.digest"].as_str(),
+            "layer {i} toc digest"
+        );
+        // Go's converter writes only the size; ours the diff ID as well.
+        if let Some(d) = l["annotations"]["containerd.io/uncompressed"].as_str() {
+            assert_eq!(
+                Some(d),
+                config["rootfs"]["diff_ids"][i].as_str(),
+                "layer {i}"
+            );
+        }
+        let size: u64 = l["annotations"]["io.containers.estargz.uncompressed-size"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("layer {i}: no uncompressed-size annotation: {l}"));
+        assert_eq!(size, uncompressed_len(ctrd, ns, digest), "layer {i} size");
+        let names = toc_names(ctrd, ns, digest);
+        let recorded = record.get(&i).cloned().unwrap_or_default();
+        let landmark = names
+            .iter()
+            .position(|(n, _)| n == ".prefetch.landmark" || n == ".no.prefetch.landmark")
+            .unwrap_or_else(|| panic!("layer {i} has no landmark"));
+        if recorded.is_empty() {
+            assert_eq!(names[landmark].0, ".no.prefetch.landmark", "layer {i}");
+            continue;
+        }
+        assert_eq!(names[landmark].0, ".prefetch.landmark", "layer {i}");
+        let before: Vec<&str> = names[..landmark]
+            .iter()
+            .filter(|(_, t)| t == "reg")
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let want: Vec<&str> = recorded
+            .iter()
+            .map(String::as_str)
+            .filter(|p| names.iter().any(|(n, t)| n == p && t == "reg"))
+            .collect();
+        assert_eq!(before, want, "layer {i}: files before the landmark");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small image built here
+// ---------------------------------------------------------------------------------------------
+
+/// Four layers: host tools; data files; an upper layer that shadows `data/a.txt`, deletes
+/// `data/gone.txt` and adds the symlink `data/link -> a.txt`; and a layer nothing reads.
+fn small_layers() -> Vec<Layer> {
+    vec![
+        Layer::from_entries(&tools_layer(&["/bin/sh", "/bin/cat", "/bin/sleep"])),
+        Layer::from_entries(&[
+            LayerEntry::file("data/a.txt", "lower a\n"),
+            LayerEntry::file("data/b.txt", "lower b\n"),
+            LayerEntry::file("data/gone.txt", "deleted above\n"),
+        ]),
+        Layer::from_entries(&[
+            LayerEntry::file("data/a.txt", "upper a\n"),
+            LayerEntry::whiteout("data/gone.txt"),
+            LayerEntry::symlink("data/link", "a.txt"),
+        ]),
+        Layer::from_entries(&[LayerEntry::file("extra/unused.txt", "never read\n")]),
+    ]
+}
+
+/// Pushes an image whose config names `arch` and runs `cmd` (none when `None`).
+fn push_custom(reg: &Registry, name: &str, arch: &str, cmd: Option<&[&str]>) -> String {
+    require_tool("skopeo");
+    let layers = small_layers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = dir.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    let put = |data: &[u8]| -> String {
+        let d = sha256_digest(data);
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), data).expect("blob");
+        d
+    };
+    let mut cfg = serde_json::json!({"Env": ["PATH=/usr/bin:/bin"]});
+    if let Some(cmd) = cmd {
+        cfg["Cmd"] = serde_json::json!(cmd);
+    }
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch, "os": "linux", "config": cfg,
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>()},
+    }))
+    .expect("config");
+    let config_digest = put(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": layers.iter().map(|l| serde_json::json!({"mediaType": l.media_type, "digest": put(&l.blob), "size": l.blob.len()})).collect::<Vec<_>>(),
+    }))
+    .expect("manifest");
+    let md = put(&manifest);
+    std::fs::write(
+        dir.path().join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+        .expect("index"),
+    )
+    .expect("write index");
+    std::fs::write(
+        dir.path().join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("layout");
+    let reference = format!("{}/{name}:v1", reg.addr());
+    let out = Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:v1", dir.path().display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo");
+    ok(out, "skopeo copy");
+    reference
+}
+
+const SMALL_WORKLOAD_ENTRYPOINT: &str = r#"["/bin/sh","-c"]"#;
+const SMALL_WORKLOAD_ARGS: &str =
+    r#"["cat /data/link /data/b.txt; cat /data/gone.txt 2>/dev/null; true"]"#;
+
+/// Ours attributes each opened file to the layer it comes from (shadowed, deleted, behind a
+/// symlink) exactly as Go's tool does, converts with those files first, and leaves nothing.
+/// Ours pulls the source itself; Go needs it pulled first.
+#[test]
+fn optimize_small_image_records_layers_like_go() {
+    let reg = Registry::start();
+    let image = push_image(&reg, "opt/small", "v1", &small_layers());
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+
+    let dst_ours = format!("{}/opt/small:ours", reg.addr());
+    let rec_ours = work.path().join("ours.json");
+    let rec_ours_s = rec_ours.display().to_string();
+    let out = ctr_remote(
+        ours(),
+        &ctrd,
+        "ours",
+        &tmp,
+        &[
+            "image",
+            "optimize",
+            "--plain-http",
+            "--oci",
+            "--entrypoint",
+            SMALL_WORKLOAD_ENTRYPOINT,
+            "--args",
+            SMALL_WORKLOAD_ARGS,
+            "--record-out",
+            &rec_ours_s,
+            &image,
+            &dst_ours,
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let printed = ok(out, "our optimize");
+    assert!(stderr.contains("pulling"), "{stderr}");
+    assert!(stderr.contains("exited with code 0"), "{stderr}");
+    assert!(
+        stderr.contains("upper a") && stderr.contains("lower b"),
+        "{stderr}"
+    );
+    assert_nothing_left(&tmp);
+
+    let rec = read_record(&rec_ours);
+    let layer_of = |p: &str| {
+        rec.iter()
+            .find(|(_, v)| v.iter().any(|x| x == p))
+            .map(|(k, _)| *k)
+    };
+    assert_eq!(layer_of("bin/cat"), Some(0), "{rec:?}");
+    assert_eq!(layer_of("data/a.txt"), Some(2), "{rec:?}");
+    assert_eq!(layer_of("data/b.txt"), Some(1), "{rec:?}");
+    assert_eq!(layer_of("data/gone.txt"), None, "{rec:?}");
+    assert_eq!(layer_of("data/link"), None, "{rec:?}");
+    assert!(!rec.contains_key(&3), "{rec:?}");
+    // the binary first: exec comes before anything it opens
+    assert_eq!(rec[&0][0], "bin/sh", "{rec:?}");
+
+    let (manifest, _) = manifest_of(&ctrd, "ours", &dst_ours);
+    assert!(printed.trim().starts_with("sha256:"), "{printed}");
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    check_optimized_layers(&ctrd, "ours", &dst_ours, &rec);
+
+    // Go's tool on the same image and workload.
+    ctr_ns(&ctrd, "go", &["images", "pull", "--plain-http", &image]);
+    let rec_go = work.path().join("go.json");
+    let rec_go_s = rec_go.display().to_string();
+    let dst_go = format!("{}/opt/small:go", reg.addr());
+    let out = ctr_remote(
+        GO_CTR_REMOTE,
+        &ctrd,
+        "go",
+        &tmp,
+        &[
+            "image",
+            "optimize",
+            "--oci",
+            "--entrypoint",
+            SMALL_WORKLOAD_ENTRYPOINT,
+            "--args",
+            SMALL_WORKLOAD_ARGS,
+            "--record-out",
+            &rec_go_s,
+            &image,
+            &dst_go,
+        ],
+    );
+    ok(out, "Go optimize");
+    let go = read_record(&rec_go);
+    assert_eq!(as_sets(&rec), as_sets(&go), "ours {rec:?}\nGo {go:?}");
+
+    // Go's record read by our convert gives the same prioritisation as Go's own conversion.
+    let dst_conv = format!("{}/opt/small:conv", reg.addr());
+    ok(
+        ctr_remote(
+            ours(),
+            &ctrd,
+            "go",
+            &tmp,
+            &[
+                "image",
+                "convert",
+                "--estargz",
+                "--oci",
+                "--estargz-record-in",
+                &rec_go_s,
+                &image,
+                &dst_conv,
+            ],
+        ),
+        "our convert with Go's record",
+    );
+    check_optimized_layers(&ctrd, "go", &dst_conv, &go);
+    check_optimized_layers(&ctrd, "go", &dst_go, &go);
+
+    // The optimized image runs.
+    let out = ctr_ns(
+        &ctrd,
+        "ours",
+        &[
+            "run",
+            "--rm",
+            &dst_ours,
+            "opt-small-run",
+            "/bin/cat",
+            "/data/link",
+        ],
+    );
+    assert_eq!(out.trim(), "upper a");
+}
+
+/// Bad input gives a clear error (or a well-defined result) and leaves no temp dir, mount or
+/// container behind.
+#[test]
+fn optimize_bad_input_is_clear_and_leaves_nothing() {
+    let reg = Registry::start();
+    let image = push_image(&reg, "opt/bad", "v1", &small_layers());
+    let arm = push_custom(&reg, "opt/arm", "arm64", Some(&["/bin/sh"]));
+    let nocmd = push_custom(&reg, "opt/nocmd", "amd64", None);
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let dst = format!("{}/opt/bad:out", reg.addr());
+    let run = |args: &[&str]| -> (bool, String) {
+        let mut all = vec!["image", "optimize", "--plain-http"];
+        all.extend_from_slice(args);
+        let out = ctr_remote(ours(), &ctrd, "default", &tmp, &all);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_nothing_left(&tmp);
+        (out.status.success(), stderr)
+    };
+
+    // missing image
+    let missing = format!("{}/opt/none:v1", reg.addr());
+    let (okk, err) = run(&[&missing, &dst]);
+    assert!(!okk);
+    assert!(err.to_lowercase().contains("not found"), "{err}");
+
+    // another platform
+    let (okk, err) = run(&[&arm, &dst]);
+    assert!(!okk);
+    assert!(
+        err.contains("linux/arm64") && err.contains("linux/amd64"),
+        "{err}"
+    );
+
+    // nothing to run
+    let (okk, err) = run(&[&nocmd, &dst]);
+    assert!(!okk);
+    assert!(err.contains("no entrypoint or cmd"), "{err}");
+
+    // --args that is not a JSON array
+    let (okk, err) = run(&["--args", "cat /data/b.txt", &image, &dst]);
+    assert!(!okk);
+    assert!(err.contains("invalid --args"), "{err}");
+
+    // an entrypoint that is not in the image
+    let (okk, err) = run(&["--entrypoint", r#"["/nope"]"#, &image, &dst]);
+    assert!(!okk);
+    assert!(err.contains("runc"), "{err}");
+
+    // a workload that fails: converted with what it opened, the exit code said
+    let (okk, err) = run(&[
+        "--entrypoint",
+        SMALL_WORKLOAD_ENTRYPOINT,
+        "--args",
+        r#"["cat /data/b.txt; exit 3"]"#,
+        &image,
+        &dst,
+    ]);
+    assert!(okk, "{err}");
+    assert!(err.contains("exited with code 3"), "{err}");
+
+    // a workload that opens nothing of the image but its own binary and libraries: the other
+    // layers get the no-prefetch landmark
+    let rec = work.path().join("rec.json");
+    let rec_s = rec.display().to_string();
+    let (okk, err) = run(&[
+        "--entrypoint",
+        r#"["/bin/sleep"]"#,
+        "--args",
+        r#"["0"]"#,
+        "--record-out",
+        &rec_s,
+        &image,
+        &dst,
+    ]);
+    assert!(okk, "{err}");
+    let r = read_record(&rec);
+    assert_eq!(r.keys().copied().collect::<Vec<_>>(), vec![0], "{r:?}");
+    assert_eq!(r[&0][0], "bin/sleep", "{r:?}");
+    check_optimized_layers(&ctrd, "default", &dst, &r);
+
+    // --period 1: a workload that would run for a minute is killed after a second
+    let started = Instant::now();
+    let (okk, err) = run(&[
+        "--period",
+        "1",
+        "--entrypoint",
+        r#"["/bin/sleep"]"#,
+        "--args",
+        r#"["60"]"#,
+        &image,
+        &dst,
+    ]);
+    assert!(okk, "{err}");
+    assert!(err.contains("period of 1s over"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // --period 0 means Go's default of 10 s
+    let started = Instant::now();
+    let (okk, err) = run(&[
+        "--period",
+        "0",
+        "--entrypoint",
+        r#"["/bin/sleep"]"#,
+        "--args",
+        r#"["60"]"#,
+        &image,
+        &dst,
+    ]);
+    assert!(okk, "{err}");
+    assert!(err.contains("period of 10s over"), "{err}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(40),
+        "{took:?}"
+    );
+}
+
+/// SIGINT and SIGTERM while the workload runs: the command fails saying so, the workload is
+/// killed, and no container, mount or temp dir is left.
+#[test]
+fn optimize_interrupted_cleans_up() {
+    let reg = Registry::start();
+    let image = push_image(&reg, "opt/int", "v1", &small_layers());
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    ctr_ns(
+        &ctrd,
+        "default",
+        &["images", "pull", "--plain-http", &image],
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let dst = format!("{}/opt/int:out", reg.addr());
+    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        let child = ctr_remote_cmd(
+            ours(),
+            &ctrd,
+            "default",
+            &tmp,
+            &[
+                "image",
+                "optimize",
+                "--period",
+                "120",
+                "--entrypoint",
+                r#"["/bin/sleep"]"#,
+                "--args",
+                r#"["117"]"#,
+                &image,
+                &dst,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+        // Wait until the workload runs: a `sleep 117` process exists.
+        let running = wait_until(Duration::from_secs(60), || !sleepers().is_empty());
+        assert!(running, "workload never started");
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("interrupted by {name}")),
+            "{stderr}"
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || sleepers().is_empty()),
+            "workload still running"
+        );
+        assert_nothing_left(&tmp);
+    }
+}
+
+/// Pids of `sleep 117` processes (the interrupted workload).
+fn sleepers() -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if cmd == b"/bin/sleep\0117\0" {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
