@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -638,10 +638,378 @@ fn sleepers() -> Vec<i32> {
             continue;
         };
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            if cmd == b"/bin/sleep\0117\0" {
+            if cmd == b"/bin/sleep\x00117\x00" {
                 pids.push(pid);
             }
         }
     }
     pids
+}
+
+// ---------------------------------------------------------------------------------------------
+// The python image, against Go's tool and Go's daemon
+// ---------------------------------------------------------------------------------------------
+
+/// Pushes the cached 3-layer python image (gzip layers; `python3 /app/main.py`) as `repo:tag`.
+fn push_python_image(reg: &Registry, repo: &str, tag: &str) -> String {
+    require_tool("debootstrap");
+    require_tool("skopeo");
+    require_tool("jq");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rootfs.sh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let oci = dir.path().join("oci");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("oci")
+        .arg(&oci)
+        .output()
+        .expect("rootfs.sh");
+    ok(out, "rootfs.sh oci");
+    let reference = format!("{}/{repo}:{tag}", reg.addr());
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("push")
+        .arg(&oci)
+        .arg(&reference)
+        .output()
+        .expect("rootfs.sh");
+    ok(out, "rootfs.sh push");
+    reference
+}
+
+/// How far a prefetch of layer `digest` must reach to hold every prioritized file: past the
+/// start of the last data chunk before `.prefetch.landmark`, and to within one compressed tar
+/// header (< 1 KiB) of the landmark's offset. (Go's daemon fetches up to the landmark itself,
+/// rounded up to its 50 kB chunks; ours stops where the last prioritized file's data ends, which
+/// is before the landmark's own header member.)
+fn prefetch_need(ctrd: &Containerd, ns: &str, digest: &str) -> Option<u64> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = ok(
+        ctr_remote(
+            ours(),
+            ctrd,
+            ns,
+            tmp.path(),
+            &["image", "get-toc-digest", "--dump-toc", digest],
+        ),
+        "dump toc",
+    );
+    let toc: serde_json::Value = serde_json::from_str(&out).expect("toc json");
+    let entries = toc["entries"].as_array()?;
+    let at = entries
+        .iter()
+        .position(|e| e["name"] == ".prefetch.landmark")?;
+    let landmark = entries[at]["offset"].as_u64()?;
+    let last_data = entries[..at]
+        .iter()
+        .filter(|e| (e["type"] == "reg" || e["type"] == "chunk") && e["size"].as_u64() > Some(0))
+        .filter_map(|e| e["offset"].as_u64())
+        .max()
+        .unwrap_or(0);
+    Some((last_data + 1).max(landmark.saturating_sub(1024)))
+}
+
+/// Bytes of each blob GET the registry answered (from its log), per digest, from log line
+/// `from` on.
+fn blob_gets(reg: &Registry, from: usize) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for l in reg.log().lines().skip(from) {
+        if !(l.contains("msg=\"response completed\"") && l.contains("http.request.method=GET ")) {
+            continue;
+        }
+        let field = |k: &str| {
+            l.split(k)
+                .nth(1)
+                .map(|r| r.trim_start_matches('"'))
+                .and_then(|r| r.split(['"', ' ']).next())
+                .map(str::to_string)
+        };
+        let (Some(uri), Some(written)) =
+            (field("http.request.uri="), field("http.response.written="))
+        else {
+            continue;
+        };
+        if let Some(d) = uri.split("/blobs/").nth(1) {
+            out.entry(d.to_string())
+                .or_default()
+                .push(written.parse().unwrap_or(0));
+        }
+    }
+    out
+}
+
+/// Go's `containerd-stargz-grpc`, built by `scripts/go-daemon.sh`; stopped with SIGINT (which
+/// unmounts) on drop.
+struct GoDaemon {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl GoDaemon {
+    fn start(config: &str) -> GoDaemon {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/go-daemon.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("go-daemon.sh");
+        let bin = ok(out, "scripts/go-daemon.sh").trim().to_string();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("config.toml"), config).expect("config");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
+        let child = Command::new(&bin)
+            .arg("--address")
+            .arg(dir.path().join("stargz.sock"))
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .arg("--log-level")
+            .arg("debug")
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn Go daemon");
+        let sock = dir.path().join("stargz.sock");
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            }),
+            "Go daemon did not start"
+        );
+        GoDaemon { child, dir }
+    }
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("stargz.sock")
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+impl Drop for GoDaemon {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        common::unmount_all_under(self.dir.path());
+    }
+}
+
+/// `rpull`s `image` (with `bin`) through the `stargz` proxy of `ctrd` and waits until every
+/// layer was prefetched: one blob GET reaching what [`prefetch_need`] says.
+/// Returns the layers' `(need, largest GET)`.
+fn assert_prefetched(
+    bin: &str,
+    ctrd: &Containerd,
+    reg: &Registry,
+    image: &str,
+    landmarks: &BTreeMap<String, u64>,
+) -> Vec<(u64, u64)> {
+    let mark = reg.log().lines().count();
+    let tmp = tempfile::tempdir().expect("tmp");
+    ok(
+        ctr_remote(
+            bin,
+            ctrd,
+            "default",
+            tmp.path(),
+            &["image", "rpull", "--plain-http", image],
+        ),
+        "rpull",
+    );
+    let mut got = Vec::new();
+    let done = wait_until(Duration::from_secs(60), || {
+        let gets = blob_gets(reg, mark);
+        got = landmarks
+            .iter()
+            .map(|(d, off)| {
+                (
+                    *off,
+                    gets.get(d)
+                        .and_then(|v| v.iter().max().copied())
+                        .unwrap_or(0),
+                )
+            })
+            .collect();
+        got.iter().all(|(off, max)| max >= off)
+    });
+    assert!(
+        done,
+        "not prefetched: (need, largest GET) per layer {got:?}"
+    );
+    got
+}
+
+/// The python image optimized by ours and by Go's tool for the same workload (the image's own
+/// `python3 /app/main.py`): the records list the same files per layer, each image's layers put
+/// them before `.prefetch.landmark` with annotations Go's `get-toc-digest` agrees with, and each
+/// image is prefetched at mount by the other implementation's daemon.
+#[test]
+fn optimize_python_image_matches_go_and_prefetches_across_daemons() {
+    assert!(
+        Path::new(GO_CTR_REMOTE).is_file(),
+        "Go's ctr-remote missing"
+    );
+    let reg = Registry::start();
+    let image = push_python_image(&reg, "opt/python", "gzip");
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let dst_ours = format!("{}/opt/python:ours", reg.addr());
+    let dst_go = format!("{}/opt/python:go", reg.addr());
+    let rec_ours = work.path().join("ours.json");
+    let rec_go = work.path().join("go.json");
+    let mut landmarks: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+    {
+        let ctrd = Containerd::start(ContainerdOpts::default());
+        let t = Instant::now();
+        let out = ctr_remote(
+            ours(),
+            &ctrd,
+            "ours",
+            &tmp,
+            &[
+                "image",
+                "optimize",
+                "--plain-http",
+                "--oci",
+                "--period",
+                "60",
+                "--record-out",
+                rec_ours.to_str().expect("utf-8"),
+                &image,
+                &dst_ours,
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        ok(out, "our optimize");
+        eprintln!("our optimize took {:?}:\n{stderr}", t.elapsed());
+        assert!(
+            stderr.contains("{\"ok\": true, \"modules\": 8}"),
+            "{stderr}"
+        );
+        assert_nothing_left(&tmp);
+
+        ctr_ns(&ctrd, "go", &["images", "pull", "--plain-http", &image]);
+        let t = Instant::now();
+        ok(
+            ctr_remote(
+                GO_CTR_REMOTE,
+                &ctrd,
+                "go",
+                &tmp,
+                &[
+                    "image",
+                    "optimize",
+                    "--oci",
+                    "--period",
+                    "60",
+                    "--record-out",
+                    rec_go.to_str().expect("utf-8"),
+                    &image,
+                    &dst_go,
+                ],
+            ),
+            "Go optimize",
+        );
+        eprintln!("Go's optimize took {:?}", t.elapsed());
+
+        let ours_rec = read_record(&rec_ours);
+        let go_rec = read_record(&rec_go);
+        for (i, files) in &ours_rec {
+            eprintln!(
+                "layer {i}: ours {} files, Go {}",
+                files.len(),
+                go_rec.get(i).map_or(0, Vec::len)
+            );
+        }
+        assert_eq!(as_sets(&ours_rec), as_sets(&go_rec));
+        let in_layer = |i: usize, f: &dyn Fn(&str) -> bool| {
+            ours_rec.get(&i).is_some_and(|v| v.iter().any(|p| f(p)))
+        };
+        assert!(in_layer(0, &|p| p == "usr/bin/python3.11"), "{ours_rec:?}");
+        assert!(
+            in_layer(1, &|p| p.starts_with("usr/lib/python3.11/json/")),
+            "{ours_rec:?}"
+        );
+        assert!(in_layer(2, &|p| p == "app/main.py"), "{ours_rec:?}");
+
+        check_optimized_layers(&ctrd, "ours", &dst_ours, &ours_rec);
+        check_optimized_layers(&ctrd, "go", &dst_go, &go_rec);
+        for (ns, name) in [("ours", &dst_ours), ("go", &dst_go)] {
+            let (manifest, _) = manifest_of(&ctrd, ns, name);
+            let mut m = BTreeMap::new();
+            for l in manifest["layers"].as_array().expect("layers") {
+                let d = l["digest"].as_str().expect("digest").to_string();
+                let off = prefetch_need(&ctrd, ns, &d).expect("every layer was accessed");
+                m.insert(d, off);
+            }
+            landmarks.insert(ns, m);
+            ctr_ns(&ctrd, ns, &["images", "push", "--plain-http", name]);
+        }
+    }
+
+    // Ours optimized, Go's daemon pulls lazily and prefetches the recorded files.
+    let plain = format!(
+        "no_background_fetch = true\n[[resolver.host.\"{a}\".mirrors]]\nhost = \"{a}\"\ninsecure = true\n",
+        a = reg.addr()
+    );
+    {
+        let go = GoDaemon::start(&plain);
+        let ctrd = Containerd::start(ContainerdOpts {
+            stargz_socket: Some(go.socket()),
+            stargz_root: Some(go.root()),
+            ..Default::default()
+        });
+        ctrd.wait_stargz_ready(Duration::from_secs(30));
+        let got = assert_prefetched(GO_CTR_REMOTE, &ctrd, &reg, &dst_ours, &landmarks["ours"]);
+        eprintln!("Go's daemon on our image: (need, largest GET) {got:?}");
+        let out = ctrd.ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stargz",
+            &dst_ours,
+            "opt-py-go",
+            "python3",
+            "/app/main.py",
+        ]);
+        assert!(out.contains("\"ok\": true"), "{out}");
+    }
+    // Go's optimized, our daemon.
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(&cfg, &plain).expect("config");
+        let root = dir.path().join("root");
+        let sock = dir.path().join("stargz.sock");
+        let _daemon =
+            common::Daemon::start(&root, &sock, &["--config", cfg.to_str().expect("utf-8")]);
+        let ctrd = Containerd::start(ContainerdOpts {
+            stargz_socket: Some(sock.clone()),
+            stargz_root: Some(root.clone()),
+            ..Default::default()
+        });
+        ctrd.wait_stargz_ready(Duration::from_secs(30));
+        let got = assert_prefetched(ours(), &ctrd, &reg, &dst_go, &landmarks["go"]);
+        eprintln!("our daemon on Go's image: (need, largest GET) {got:?}");
+        let out = ctrd.ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "stargz",
+            &dst_go,
+            "opt-py-ours",
+            "python3",
+            "/app/main.py",
+        ]);
+        assert!(out.contains("\"ok\": true"), "{out}");
+    }
 }
