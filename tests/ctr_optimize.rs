@@ -234,16 +234,57 @@ fn check_optimized_layers(
 // A small image built here
 // ---------------------------------------------------------------------------------------------
 
-/// Four layers: host tools; data files; an upper layer that shadows `data/a.txt`, deletes
+/// `data/a.txt`, `data/b.txt`, `data/gone.txt` and `data/hard`, a hardlink to `data/b.txt`.
+fn data_layer_with_hardlink() -> Layer {
+    let mut b = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_mtime(1_600_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    };
+    b.append_data(
+        &mut header(tar::EntryType::Directory, 0o755, 0),
+        "data/",
+        std::io::empty(),
+    )
+    .expect("dir");
+    for (name, body) in [
+        ("data/a.txt", "lower a\n"),
+        ("data/b.txt", "lower b\n"),
+        ("data/gone.txt", "deleted above\n"),
+    ] {
+        b.append_data(
+            &mut header(tar::EntryType::Regular, 0o644, body.len() as u64),
+            name,
+            body.as_bytes(),
+        )
+        .expect("file");
+    }
+    b.append_link(
+        &mut header(tar::EntryType::Link, 0o644, 0),
+        "data/hard",
+        "data/b.txt",
+    )
+    .expect("link");
+    let tar = b.into_inner().expect("tar");
+    Layer::from_blob(
+        common::gzip(&tar),
+        common::MEDIA_TYPE_LAYER_GZIP,
+        &sha256_digest(&tar),
+    )
+}
+
+/// Four layers: host tools; data files (one a hardlink); an upper layer that shadows `data/a.txt`, deletes
 /// `data/gone.txt` and adds the symlink `data/link -> a.txt`; and a layer nothing reads.
 fn small_layers() -> Vec<Layer> {
     vec![
         Layer::from_entries(&tools_layer(&["/bin/sh", "/bin/cat", "/bin/sleep"])),
-        Layer::from_entries(&[
-            LayerEntry::file("data/a.txt", "lower a\n"),
-            LayerEntry::file("data/b.txt", "lower b\n"),
-            LayerEntry::file("data/gone.txt", "deleted above\n"),
-        ]),
+        data_layer_with_hardlink(),
         Layer::from_entries(&[
             LayerEntry::file("data/a.txt", "upper a\n"),
             LayerEntry::whiteout("data/gone.txt"),
@@ -314,10 +355,10 @@ fn push_custom(reg: &Registry, name: &str, arch: &str, cmd: Option<&[&str]>) -> 
 
 const SMALL_WORKLOAD_ENTRYPOINT: &str = r#"["/bin/sh","-c"]"#;
 const SMALL_WORKLOAD_ARGS: &str =
-    r#"["cat /data/link /data/b.txt; cat /data/gone.txt 2>/dev/null; true"]"#;
+    r#"["cat /data/link /data/b.txt /data/hard; cat /data/gone.txt 2>/dev/null; true"]"#;
 
 /// Ours attributes each opened file to the layer it comes from (shadowed, deleted, behind a
-/// symlink) exactly as Go's tool does, converts with those files first, and leaves nothing.
+/// symlink, a hardlink) exactly as Go's tool does, converts with those files first, and leaves nothing.
 /// Ours pulls the source itself; Go needs it pulled first.
 #[test]
 fn optimize_small_image_records_layers_like_go() {
@@ -370,6 +411,8 @@ fn optimize_small_image_records_layers_like_go() {
     assert_eq!(layer_of("bin/cat"), Some(0), "{rec:?}");
     assert_eq!(layer_of("data/a.txt"), Some(2), "{rec:?}");
     assert_eq!(layer_of("data/b.txt"), Some(1), "{rec:?}");
+    // a hardlink is recorded under the name it was opened by, as by Go
+    assert_eq!(layer_of("data/hard"), Some(1), "{rec:?}");
     assert_eq!(layer_of("data/gone.txt"), None, "{rec:?}");
     assert_eq!(layer_of("data/link"), None, "{rec:?}");
     assert!(!rec.contains_key(&3), "{rec:?}");

@@ -148,7 +148,15 @@ pub async fn optimize(
         .tempdir()?;
     let index = unpack_layers(cd, &manifest.layers, work.path(), progress).await?;
     let recorder = ImageRecorder::new(&manifest_desc.digest, index);
-    let recorder = run_and_record(work.path(), &process, recorder, opts, progress).await?;
+    let recorder = run_and_record(
+        work.path(),
+        manifest.layers.len(),
+        &process,
+        recorder,
+        opts,
+        progress,
+    )
+    .await?;
 
     let record_path = work.path().join("record.json");
     {
@@ -674,12 +682,12 @@ enum Ended {
 /// it opens, and returns the recorder; the container and the mount are gone when it returns.
 async fn run_and_record(
     work: &Path,
+    layers: usize,
     process: &Process,
     recorder: ImageRecorder,
     opts: &OptimizeOptions,
     progress: &mut (dyn Write + Send),
 ) -> Result<ImageRecorder, Error> {
-    let layers = std::fs::read_dir(work.join("l"))?.count();
     let mount = OverlayMount::mount(work, layers)?;
     let (uid, gid) = resolve_user(&mount.target, &process.user)?;
     let bundle = work.join("bundle");
@@ -723,9 +731,9 @@ async fn run_and_record(
         })?;
 
     let fan = Fanotify::mark(&mount.target)?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let reader = {
-        let stop = stop.clone();
+        let stop = stop.0.clone();
         let rootfs = mount.target.clone();
         std::thread::spawn(move || fan.read_until(stop, recorder, &rootfs))
     };
@@ -761,7 +769,7 @@ async fn run_and_record(
     };
     // Container gone first, then the last events are drained, then the mount goes.
     drop(container);
-    stop.store(true, Ordering::SeqCst);
+    drop(stop);
     let recorder = reader
         .join()
         .map_err(|_| Error::Incomplete("fanotify reader panicked".into()))?;
@@ -785,6 +793,15 @@ async fn run_and_record(
         )?,
     }
     Ok(recorder)
+}
+
+/// Tells the fanotify reader to drain and end, also when the future is dropped on a signal.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 fn wait_pid(pid: i32) -> Result<Ended, Error> {
