@@ -1056,3 +1056,114 @@ fn optimize_python_image_matches_go_and_prefetches_across_daemons() {
         assert!(out.contains("\"ok\": true"), "{out}");
     }
 }
+
+/// Go's container flags shape the workload's container: `--env`/`--env-file`, `--user`,
+/// `--add-hosts`/`--dns-nameservers`, `--mount`; the default network namespace has only `lo`
+/// and `--net-host` has the host's; files from a bind mount or the generated `/etc` files are not
+/// the image's and are not recorded; `--no-optimize` converts with no prefetch.
+#[test]
+fn optimize_container_flags_as_go() {
+    let reg = Registry::start();
+    let image = push_image(&reg, "opt/flags", "v1", &small_layers());
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    ctr_ns(
+        &ctrd,
+        "default",
+        &["images", "pull", "--plain-http", &image],
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let host_dir = work.path().join("shared");
+    std::fs::create_dir(&host_dir).expect("mkdir");
+    std::fs::write(host_dir.join("hello"), "from the host\n").expect("write");
+    let env_file = work.path().join("env");
+    std::fs::write(&env_file, "B=2\n").expect("write");
+    let rec = work.path().join("rec.json");
+    let dst = format!("{}/opt/flags:out", reg.addr());
+    let script = "echo A=$A B=$B; \
+        while read k v rest; do case $k in Uid:|Gid:) echo $k$v;; esac; done < /proc/self/status; \
+        echo nets: /sys/class/net/*; cat /etc/hosts /etc/resolv.conf /mnt/x/hello /data/b.txt";
+    let args = serde_json::to_string(&["-c", script]).expect("json");
+    let mount = format!(
+        "type=bind,src={},dst=/mnt/x,options=rbind:ro",
+        host_dir.display()
+    );
+    let run = |extra: &[&str]| -> String {
+        let mut all = vec![
+            "image",
+            "optimize",
+            "--entrypoint",
+            r#"["/bin/sh"]"#,
+            "--args",
+            &args,
+            "--record-out",
+            rec.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(extra);
+        all.extend_from_slice(&[&image, &dst]);
+        let out = ctr_remote(ours(), &ctrd, "default", &tmp, &all);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert_nothing_left(&tmp);
+        stderr
+    };
+
+    let env_file_s = env_file.display().to_string();
+    let err = run(&[
+        "--env",
+        "A=1",
+        "--env-file",
+        &env_file_s,
+        "--user",
+        "1000:1001",
+        "--add-hosts",
+        "registry.test:10.1.2.3",
+        "--dns-nameservers",
+        "1.1.1.1,9.9.9.9",
+        "--mount",
+        &mount,
+    ]);
+    for want in [
+        "A=1 B=2",
+        "Uid:1000",
+        "Gid:1001",
+        "nets: /sys/class/net/lo\n",
+        "10.1.2.3\tregistry.test",
+        "nameserver 1.1.1.1\nnameserver 9.9.9.9",
+        "from the host",
+        "lower b",
+    ] {
+        assert!(err.contains(want), "{want:?} not in:\n{err}");
+    }
+    let r = read_record(&rec);
+    let all: Vec<&String> = r.values().flatten().collect();
+    assert!(all.iter().any(|p| *p == "data/b.txt"), "{r:?}");
+    assert!(
+        !all.iter()
+            .any(|p| p.starts_with("etc/") || p.starts_with("mnt/")),
+        "{r:?}"
+    );
+
+    // --net-host: the host's interfaces (more than `lo`)
+    let err = run(&["--net-host"]);
+    let nets = err
+        .lines()
+        .find(|l| l.starts_with("nets: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(nets.split_whitespace().count() > 2, "{nets}");
+
+    // --no-optimize: nothing runs, every layer gets the no-prefetch landmark
+    let out = ctr_remote(
+        ours(),
+        &ctrd,
+        "default",
+        &tmp,
+        &["image", "optimize", "--no-optimize", "--oci", &image, &dst],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("running"), "{err}");
+    check_optimized_layers(&ctrd, "default", &dst, &BTreeMap::new());
+    assert_nothing_left(&tmp);
+}

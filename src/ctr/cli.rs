@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use super::client::Containerd;
 use super::convert::{convert, ConvertOptions};
 use super::labels::DEFAULT_PREFETCH_SIZE;
-use super::optimize::{optimize, parse_json_args, OptimizeError, OptimizeOptions};
+use super::optimize::{
+    optimize, parse_json_args, parse_mount_flag, NetOptions, OptimizeError, OptimizeOptions,
+};
 use super::registry::{RegistryOptions, RemoteFetcher};
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
 use super::toc::layer_toc;
@@ -57,7 +59,7 @@ pub enum ImagesCommand {
     /// convert an image
     Convert(ConvertArgs),
     /// optimize an image with user-specified workload
-    Optimize(OptimizeArgs),
+    Optimize(Box<OptimizeArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +94,30 @@ pub struct OptimizeArgs {
     /// environment valulable to add or override to the image's default config
     #[arg(long)]
     pub env: Vec<String>,
+    /// specify additional container environment variables in a file(i.e. FOO=bar, one per line)
+    #[arg(long)]
+    pub env_file: Option<PathBuf>,
+    /// additional mounts for the container (e.g. type=foo,source=/path,destination=/target,options=bind)
+    #[arg(long)]
+    pub mount: Vec<String>,
+    /// comma-separated nameservers added to the container's /etc/resolv.conf
+    #[arg(long, default_value = "8.8.8.8")]
+    pub dns_nameservers: String,
+    /// comma-separated search domains added to the container's /etc/resolv.conf
+    #[arg(long)]
+    pub dns_search_domains: Option<String>,
+    /// comma-separated options added to the container's /etc/resolv.conf
+    #[arg(long)]
+    pub dns_options: Option<String>,
+    /// comma-separated hosts configuration (host:IP) added to container's /etc/hosts
+    #[arg(long)]
+    pub add_hosts: Option<String>,
+    /// enable host networking in the container
+    #[arg(long)]
+    pub net_host: bool,
+    /// convert image without optimization
+    #[arg(long)]
+    pub no_optimize: bool,
     /// allow connections using plain HTTP when the source must be pulled first
     #[arg(long)]
     pub plain_http: bool,
@@ -201,7 +227,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         } => run_convert(&cd, args).await,
         Command::Images {
             command: ImagesCommand::Optimize(args),
-        } => run_optimize(&cd, args).await,
+        } => run_optimize(&cd, *args).await,
     }
 }
 
@@ -315,12 +341,31 @@ async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> 
             "--estargz-compression-level must be 0-9".into(),
         ));
     }
+    let csv = |v: Option<&str>| -> Vec<String> {
+        v.map(|s| {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let mut env = args.env;
+    if let Some(f) = &args.env_file {
+        // containerd's WithEnvFile: every line, after --env.
+        env.extend(std::fs::read_to_string(f)?.lines().map(str::to_string));
+    }
+    let mounts = args
+        .mount
+        .iter()
+        .map(|m| parse_mount_flag(m))
+        .collect::<Result<Vec<_>, _>>()?;
     let opts = OptimizeOptions {
         oci: args.oci,
         period: std::time::Duration::from_secs(args.period),
         entrypoint: parse_json_args("--entrypoint", args.entrypoint.as_deref())?,
         args: parse_json_args("--args", args.args.as_deref())?,
-        env: args.env,
+        env,
         cwd: args.cwd,
         user: args.user,
         record_out: args.record_out,
@@ -330,6 +375,15 @@ async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> 
             plain_http: args.plain_http,
             ..Default::default()
         },
+        no_optimize: args.no_optimize,
+        net: NetOptions {
+            host: args.net_host,
+            nameservers: csv(Some(&args.dns_nameservers)),
+            search: csv(args.dns_search_domains.as_deref()),
+            options: csv(args.dns_options.as_deref()),
+            extra_hosts: csv(args.add_hosts.as_deref()),
+        },
+        mounts,
     };
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
@@ -445,6 +499,66 @@ mod tests {
         assert_eq!(
             (c.estargz_compression_level, c.estargz_chunk_size, c.oci),
             (9, 0, false)
+        );
+    }
+
+    #[test]
+    fn optimize_takes_go_flags_and_defaults() {
+        let cli = parse(&["i", "optimize", "a", "b"]);
+        let Command::Images {
+            command: ImagesCommand::Optimize(o),
+        } = cli.command
+        else {
+            panic!("optimize")
+        };
+        assert_eq!(
+            (
+                o.period,
+                o.estargz_compression_level,
+                o.dns_nameservers.as_str()
+            ),
+            (10, 9, "8.8.8.8")
+        );
+        assert!(!o.oci && !o.net_host && !o.no_optimize && o.record_out.is_none());
+
+        let cli = parse(&[
+            "image",
+            "optimize",
+            "--oci",
+            "--period",
+            "3",
+            "--entrypoint",
+            r#"["sh"]"#,
+            "--args",
+            r#"["-c","true"]"#,
+            "--env",
+            "A=1",
+            "--env",
+            "B=2",
+            "--record-out",
+            "/r.json",
+            "--user",
+            "1:2",
+            "--cwd",
+            "/w",
+            "--mount",
+            "type=bind,src=/a,dst=/b",
+            "--net-host",
+            "src",
+            "dst",
+        ]);
+        let Command::Images {
+            command: ImagesCommand::Optimize(o),
+        } = cli.command
+        else {
+            panic!("optimize")
+        };
+        assert!(o.oci && o.net_host);
+        assert_eq!(o.period, 3);
+        assert_eq!(o.env, ["A=1", "B=2"]);
+        assert_eq!(
+            (o.user.as_deref(), o.cwd.as_deref(), o.source.as_str()),
+            (Some("1:2"), Some("/w"), "src")
         );
     }
 }

@@ -125,6 +125,22 @@ pub struct OptimizeOptions {
     pub chunk_size: u64,
     /// For pulling the source when it is not in containerd yet.
     pub registry: RegistryOptions,
+    /// `--no-optimize`: convert without running anything.
+    pub no_optimize: bool,
+    pub net: NetOptions,
+    /// `--mount` (Go's `type=…,source=…,destination=…,options=a:b`), already parsed.
+    pub mounts: Vec<serde_json::Value>,
+}
+
+/// The container's network: its own namespace with only `lo` (Go's default) or the host's.
+#[derive(Debug, Clone, Default)]
+pub struct NetOptions {
+    pub host: bool,
+    pub nameservers: Vec<String>,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
+    /// `host:IP`
+    pub extra_hosts: Vec<String>,
 }
 
 /// Optimizes image `src` into `dst`; returns the new manifest descriptor.
@@ -137,6 +153,21 @@ pub async fn optimize(
 ) -> Result<Descriptor, Error> {
     ensure_image(cd, src, opts, progress).await?;
     let (manifest_desc, manifest, config) = resolve(cd, src).await?;
+    if opts.no_optimize {
+        writeln!(
+            progress,
+            "converting {} layers to eStargz without optimization",
+            manifest.layers.len()
+        )?;
+        let copts = ConvertOptions {
+            oci: opts.oci,
+            compression_level: opts.compression_level,
+            chunk_size: opts.chunk_size,
+            record_in: None,
+            tmp_dir: None,
+        };
+        return convert(cd, src, dst, &copts, progress).await;
+    }
     let process = Process::from_config(src, &config, opts)?;
     if manifest.layers.len() > MAX_LAYERS {
         return Err(OptimizeError::TooManyLayers(manifest.layers.len()).into());
@@ -692,8 +723,8 @@ async fn run_and_record(
     let (uid, gid) = resolve_user(&mount.target, &process.user)?;
     let bundle = work.join("bundle");
     std::fs::create_dir_all(&bundle)?;
-    write_etc_files(&bundle)?;
-    let spec = runtime_spec(&mount.target, &bundle, process, uid, gid);
+    write_etc_files(&bundle, &opts.net)?;
+    let spec = runtime_spec(&mount.target, &bundle, process, uid, gid, opts);
     std::fs::write(
         bundle.join("config.json"),
         serde_json::to_vec_pretty(&spec)?,
@@ -953,13 +984,58 @@ fn container_path(link: &Path, rootfs: &Path) -> Option<String> {
     }
 }
 
-/// `/etc/resolv.conf` and `/etc/hosts` for the container, as Go's optimize writes them.
-fn write_etc_files(bundle: &Path) -> std::io::Result<()> {
-    std::fs::write(bundle.join("resolv.conf"), "nameserver 8.8.8.8\n")?;
-    std::fs::write(
-        bundle.join("hosts"),
+/// `/etc/resolv.conf` and `/etc/hosts` for the container, as Go's optimize writes them
+/// (`--net-host` binds the host's instead).
+fn write_etc_files(bundle: &Path, net: &NetOptions) -> Result<(), Error> {
+    let mut resolv = String::new();
+    for n in &net.nameservers {
+        resolv.push_str(&format!("nameserver {n}\n"));
+    }
+    if !net.search.is_empty() {
+        resolv.push_str(&format!("search {}\n", net.search.join(" ")));
+    }
+    if !net.options.is_empty() {
+        resolv.push_str(&format!("options {}\n", net.options.join(" ")));
+    }
+    std::fs::write(bundle.join("resolv.conf"), resolv)?;
+    let mut hosts = String::from(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
-    )
+    );
+    for h in &net.extra_hosts {
+        let (host, ip) = h.split_once(':').ok_or_else(|| OptimizeError::Flag {
+            flag: "--add-hosts",
+            reason: format!("{} is not host:IP", clip(h)),
+        })?;
+        hosts.push_str(&format!("{ip}\t{host}\n"));
+    }
+    std::fs::write(bundle.join("hosts"), hosts)?;
+    Ok(())
+}
+
+/// Go's `parseMountFlag`: `type=foo,source=/path,destination=/target,options=rbind:rw`.
+pub(crate) fn parse_mount_flag(m: &str) -> Result<serde_json::Value, OptimizeError> {
+    let bad = |reason: String| OptimizeError::Flag {
+        flag: "--mount",
+        reason,
+    };
+    let mut mount = serde_json::json!({});
+    for field in m.split(',') {
+        let (k, v) = field
+            .split_once('=')
+            .filter(|(_, v)| !v.contains('='))
+            .ok_or_else(|| bad(format!("{}: expected key=val", clip(field))))?;
+        match k {
+            "type" => mount["type"] = v.into(),
+            "source" | "src" => mount["source"] = v.into(),
+            "destination" | "dst" => mount["destination"] = v.into(),
+            "options" => mount["options"] = v.split(':').collect::<Vec<_>>().into(),
+            _ => return Err(bad(format!("mount option {} not supported", clip(k)))),
+        }
+    }
+    if mount["destination"].as_str().is_none_or(str::is_empty) {
+        return Err(bad(format!("{}: no destination", clip(m))));
+    }
+    Ok(mount)
 }
 
 /// containerd's default Linux spec (`oci.WithDefaultSpec`) with the image's process.
@@ -969,6 +1045,7 @@ fn runtime_spec(
     p: &Process,
     uid: u32,
     gid: u32,
+    opts: &OptimizeOptions,
 ) -> serde_json::Value {
     let caps = [
         "CAP_CHOWN",
@@ -986,6 +1063,37 @@ fn runtime_spec(
         "CAP_KILL",
         "CAP_AUDIT_WRITE",
     ];
+    let (resolv, hosts) = if opts.net.host {
+        (
+            PathBuf::from("/etc/resolv.conf"),
+            PathBuf::from("/etc/hosts"),
+        )
+    } else {
+        (bundle.join("resolv.conf"), bundle.join("hosts"))
+    };
+    let mut mounts = serde_json::json!([
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": resolv, "options": ["bind"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["bind"]}
+    ]);
+    if let Some(m) = mounts.as_array_mut() {
+        m.extend(opts.mounts.iter().cloned());
+    }
+    let mut namespaces = vec![
+        serde_json::json!({"type": "pid"}),
+        serde_json::json!({"type": "ipc"}),
+        serde_json::json!({"type": "uts"}),
+        serde_json::json!({"type": "mount"}),
+    ];
+    if !opts.net.host {
+        namespaces.push(serde_json::json!({"type": "network"}));
+    }
     serde_json::json!({
         "ociVersion": "1.0.2-dev",
         "process": {
@@ -1000,22 +1108,10 @@ fn runtime_spec(
         },
         "root": {"path": rootfs, "readonly": false},
         "hostname": "optimize",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/etc/resolv.conf", "type": "bind", "source": bundle.join("resolv.conf"), "options": ["rbind", "ro"]},
-            {"destination": "/etc/hosts", "type": "bind", "source": bundle.join("hosts"), "options": ["rbind", "ro"]}
-        ],
+        "mounts": mounts,
         "linux": {
             "resources": {"devices": [{"allow": false, "access": "rwm"}]},
-            "namespaces": [
-                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
-            ],
+            "namespaces": namespaces,
             "maskedPaths": [
                 "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
                 "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"
@@ -1112,7 +1208,22 @@ mod tests {
             compression_level: 9,
             chunk_size: 0,
             registry: RegistryOptions::default(),
+            no_optimize: false,
+            net: NetOptions::default(),
+            mounts: vec![],
         }
+    }
+
+    #[test]
+    fn mount_flags_as_go_parses_them() {
+        let m = parse_mount_flag("type=bind,src=/a,dst=/b,options=rbind:ro").unwrap();
+        assert_eq!(
+            m,
+            serde_json::json!({"type": "bind", "source": "/a", "destination": "/b", "options": ["rbind", "ro"]})
+        );
+        assert!(parse_mount_flag("type=bind,source=/a").is_err());
+        assert!(parse_mount_flag("type=bind,foo=1,destination=/b").is_err());
+        assert!(parse_mount_flag("destination").is_err());
     }
 
     #[test]
