@@ -76,6 +76,19 @@ fn read_record(path: &Path) -> BTreeMap<usize, Vec<String>> {
     out
 }
 
+/// Every path of a record file, first-seen order (what Go's `convert` reads of it).
+fn record_paths(path: &Path) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in std::fs::read_to_string(path).expect("record").lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        let p = v["path"].as_str().expect("path").to_string();
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn as_sets(r: &BTreeMap<usize, Vec<String>>) -> BTreeMap<usize, BTreeSet<String>> {
     r.iter()
         .map(|(k, v)| (*k, v.iter().cloned().collect()))
@@ -478,6 +491,74 @@ fn optimize_small_image_records_layers_like_go() {
     );
     check_optimized_layers(&ctrd, "go", &dst_conv, &go);
     check_optimized_layers(&ctrd, "go", &dst_go, &go);
+
+    // And our record read by Go's convert.
+    let dst_go_conv = format!("{}/opt/small:goconv", reg.addr());
+    ok(
+        ctr_remote(
+            GO_CTR_REMOTE,
+            &ctrd,
+            "ours",
+            &tmp,
+            &[
+                "image",
+                "convert",
+                "--estargz",
+                "--oci",
+                "--estargz-record-in",
+                &rec_ours_s,
+                &image,
+                &dst_go_conv,
+            ],
+        ),
+        "Go's convert with our record",
+    );
+    // Go's convert puts every recorded path first in every layer that has it.
+    let everywhere = |n: usize| -> BTreeMap<usize, Vec<String>> {
+        let paths = record_paths(&rec_ours);
+        (0..n).map(|i| (i, paths.clone())).collect()
+    };
+    let n = small_layers().len();
+    check_optimized_layers(&ctrd, "ours", &dst_go_conv, &everywhere(n));
+
+    // A record of another image: ours applies it as Go's convert does.
+    let foreign = work.path().join("foreign.json");
+    let text = std::fs::read_to_string(&rec_ours).expect("record");
+    let m = text
+        .split("\"manifestDigest\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("manifest digest in the record")
+        .to_string();
+    std::fs::write(
+        &foreign,
+        text.replace(
+            &m,
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+    )
+    .expect("write");
+    let dst_foreign = format!("{}/opt/small:foreign", reg.addr());
+    ok(
+        ctr_remote(
+            ours(),
+            &ctrd,
+            "ours",
+            &tmp,
+            &[
+                "image",
+                "convert",
+                "--estargz",
+                "--oci",
+                "--estargz-record-in",
+                foreign.to_str().expect("utf-8"),
+                &image,
+                &dst_foreign,
+            ],
+        ),
+        "our convert with another image's record",
+    );
+    check_optimized_layers(&ctrd, "ours", &dst_foreign, &everywhere(n));
 
     // The optimized image runs.
     let out = ctr_ns(
@@ -971,6 +1052,12 @@ fn optimize_python_image_matches_go_and_prefetches_across_daemons() {
                 "layer {i}: ours {} files, Go {}",
                 files.len(),
                 go_rec.get(i).map_or(0, Vec::len)
+            );
+        }
+        for (i, files) in &ours_rec {
+            eprintln!(
+                "layer {i}: same first-access order as Go: {}",
+                go_rec.get(i) == Some(files)
             );
         }
         assert_eq!(as_sets(&ours_rec), as_sets(&go_rec));
