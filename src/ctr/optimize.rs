@@ -110,7 +110,7 @@ pub enum OptimizeError {
 
 /// Options of `image optimize` (Go's flag names).
 #[derive(Debug, Clone)]
-pub struct OptimizeOptions {
+pub(crate) struct OptimizeOptions {
     pub oci: bool,
     /// How long the workload may run before it is killed and the record closed.
     pub period: Duration,
@@ -134,7 +134,7 @@ pub struct OptimizeOptions {
 
 /// The container's network: its own namespace with only `lo` (Go's default) or the host's.
 #[derive(Debug, Clone, Default)]
-pub struct NetOptions {
+pub(crate) struct NetOptions {
     pub host: bool,
     pub nameservers: Vec<String>,
     pub search: Vec<String>,
@@ -144,7 +144,7 @@ pub struct NetOptions {
 }
 
 /// Optimizes image `src` into `dst`; returns the new manifest descriptor.
-pub async fn optimize(
+pub(crate) async fn optimize(
     cd: &Containerd,
     src: &str,
     dst: &str,
@@ -188,6 +188,13 @@ pub async fn optimize(
         progress,
     )
     .await?;
+    // The unpacked layers are not needed for the conversion (it reads the blobs): free the
+    // disk now rather than when the temp dir goes.
+    for d in ["l", "upper", "work", "rootfs"] {
+        if let Err(e) = std::fs::remove_dir_all(work.path().join(d)) {
+            tracing::debug!(dir = d, error = %e, "removing unpacked layers");
+        }
+    }
 
     let record_path = work.path().join("record.json");
     {
@@ -775,9 +782,19 @@ async fn run_and_record(
     };
     writeln!(
         progress,
-        "running {} for up to {}s (no network), recording opened files",
+        "running {} for up to {}s{} ({}), recording opened files",
         clip(&format!("{:?}", process.args)),
-        period.as_secs_f64()
+        period.as_secs_f64(),
+        if opts.period.is_zero() {
+            " (--period 0: Go's default)"
+        } else {
+            ""
+        },
+        if opts.net.host {
+            "host network"
+        } else {
+            "no network"
+        }
     )?;
     let started = Instant::now();
     let ended: Result<Ended, Error> = match runc_step(&runc_root, &log, "start", &["start", &id])
