@@ -696,6 +696,65 @@ fn optimize_bad_input_is_clear_and_leaves_nothing() {
     );
 }
 
+/// A layer whose symlink points out of the image, with a whiteout and a file below it: the
+/// optimize fails, and nothing outside its temp dir is touched.
+#[test]
+fn optimize_hostile_layer_stays_inside() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("victim"), "keep me").expect("write");
+    let layer_of = |second: &str| {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        b.append_link(&mut h, "esc", outside.path())
+            .expect("symlink");
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        b.append_data(&mut h, second, std::io::empty())
+            .expect("entry");
+        let tar = b.into_inner().expect("tar");
+        Layer::from_blob(
+            common::gzip(&tar),
+            common::MEDIA_TYPE_LAYER_GZIP,
+            &sha256_digest(&tar),
+        )
+    };
+    let reg = Registry::start();
+    let tools = Layer::from_entries(&tools_layer(&["/bin/sh"]));
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    for (tag, second) in [("wh", "esc/.wh.victim"), ("file", "esc/planted")] {
+        let image = push_image(&reg, "opt/hostile", tag, &[tools.clone(), layer_of(second)]);
+        let dst = format!("{}/opt/hostile:{tag}-out", reg.addr());
+        let out = ctr_remote(
+            ours(),
+            &ctrd,
+            "default",
+            &tmp,
+            &["image", "optimize", "--plain-http", &image, &dst],
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{tag}: {err}");
+        assert!(err.contains("unpacking layer 1"), "{tag}: {err}");
+        assert_eq!(
+            std::fs::read_to_string(outside.path().join("victim")).expect("victim kept"),
+            "keep me"
+        );
+        assert!(!outside.path().join("planted").exists(), "{tag}");
+        assert_nothing_left(&tmp);
+    }
+}
+
 /// SIGINT and SIGTERM while the workload runs: the command fails saying so, the workload is
 /// killed, and no container, mount or temp dir is left.
 #[test]

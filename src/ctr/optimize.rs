@@ -78,7 +78,7 @@ pub enum OptimizeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("layer {0} has more than {MAX_INDEX_ENTRIES} entries")]
+    #[error("the image has more than {MAX_INDEX_ENTRIES} tar entries (at layer {0})")]
     LayerTooBig(usize),
     #[error("layer {index}: {reason}")]
     LayerFormat { index: usize, reason: String },
@@ -429,7 +429,8 @@ async fn unpack_layers(
         let dir = work.join("l").join(i.to_string());
         std::fs::create_dir_all(&dir)?;
         let digest = layer.digest.clone();
-        let names = tokio::task::spawn_blocking(move || unpack_layer(spool, &dir, i))
+        let budget = MAX_INDEX_ENTRIES.saturating_sub(index.iter().map(HashSet::len).sum());
+        let names = tokio::task::spawn_blocking(move || unpack_layer(spool, &dir, i, budget))
             .await
             .map_err(|e| Error::Incomplete(format!("unpack task: {e}")))?
             .map_err(|e| match e {
@@ -462,6 +463,7 @@ fn unpack_layer(
     mut spool: std::fs::File,
     dir: &Path,
     index: usize,
+    budget: usize,
 ) -> Result<HashSet<String>, UnpackFailure> {
     use std::io::Seek;
     spool.rewind()?;
@@ -500,7 +502,7 @@ fn unpack_layer(
         if name.is_empty() {
             continue;
         }
-        if names.len() >= MAX_INDEX_ENTRIES {
+        if names.len() >= budget {
             return Err(UnpackFailure::Other(OptimizeError::LayerTooBig(index)));
         }
         let (parent, base) = match name.rsplit_once('/') {

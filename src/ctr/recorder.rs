@@ -14,8 +14,8 @@ use std::io::Write;
 const WHITEOUT_PREFIX: &str = ".wh.";
 const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
 
-/// Most entries one layer's index may hold: a bound on memory for hostile tars (a real
-/// layer has tens of thousands).
+/// Most tar entries the indexes of one image may hold together: a bound on memory for hostile
+/// layers (a real image has tens of thousands).
 pub(crate) const MAX_INDEX_ENTRIES: usize = 4_000_000;
 
 /// Go's `cleanEntryName`: `path.Clean("/" + name)` without the leading slash.
