@@ -220,9 +220,19 @@ fn check_optimized_layers(
         assert_eq!(size, uncompressed_len(ctrd, ns, digest), "layer {i} size");
         let names = toc_names(ctrd, ns, digest);
         let recorded = record.get(&i).cloned().unwrap_or_default();
+        let is_landmark = |n: &str| n == ".prefetch.landmark" || n == ".no.prefetch.landmark";
+        assert_eq!(
+            names.iter().filter(|(n, _)| is_landmark(n)).count(),
+            1,
+            "layer {i}: one landmark"
+        );
+        assert!(
+            !names.iter().any(|(n, _)| n == "stargz.index.json"),
+            "layer {i}: an old TOC kept as a file"
+        );
         let landmark = names
             .iter()
-            .position(|(n, _)| n == ".prefetch.landmark" || n == ".no.prefetch.landmark")
+            .position(|(n, _)| is_landmark(n))
             .unwrap_or_else(|| panic!("layer {i} has no landmark"));
         if recorded.is_empty() {
             assert_eq!(names[landmark].0, ".no.prefetch.landmark", "layer {i}");
@@ -1200,6 +1210,38 @@ fn optimize_python_image_matches_go_and_prefetches_across_daemons() {
             "/app/main.py",
         ]);
         assert!(out.contains("\"ok\": true"), "{out}");
+
+        // Optimizing the lazily pulled (eStargz) image again: its layer blobs are not in the
+        // content store and are fetched; the same files are recorded as on the gzip image.
+        let rec_again = work.path().join("again.json");
+        let dst_again = format!("{}/opt/python:again", reg.addr());
+        let out = ctr_remote(
+            ours(),
+            &ctrd,
+            "default",
+            &tmp,
+            &[
+                "image",
+                "optimize",
+                "--plain-http",
+                "--oci",
+                "--record-out",
+                rec_again.to_str().expect("utf-8"),
+                &dst_go,
+                &dst_again,
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        ok(out, "optimize of a lazily pulled image");
+        assert_eq!(
+            stderr.matches("(not in the content store)").count(),
+            3,
+            "{stderr}"
+        );
+        assert_nothing_left(&tmp);
+        let again = read_record(&rec_again);
+        assert_eq!(as_sets(&again), as_sets(&read_record(&rec_ours)));
+        check_optimized_layers(&ctrd, "default", &dst_again, &again);
     }
 }
 

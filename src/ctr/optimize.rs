@@ -41,7 +41,7 @@ use tonic::Code;
 use super::client::{from_pb, Containerd};
 use super::convert::{convert, ConvertOptions};
 use super::recorder::{clean_entry_name, ImageRecorder, MAX_INDEX_ENTRIES};
-use super::registry::{RegistryOptions, RemoteFetcher};
+use super::registry::{Fetcher, RegistryOptions, RemoteFetcher};
 use super::rpull::{rpull, RpullOptions};
 use super::Error;
 use crate::oci::{host_platform, is_index_type, is_layer_type, Descriptor, Index, Manifest};
@@ -153,6 +153,7 @@ pub(crate) async fn optimize(
 ) -> Result<Descriptor, Error> {
     ensure_image(cd, src, opts, progress).await?;
     let (manifest_desc, manifest, config) = resolve(cd, src).await?;
+    ensure_blobs(cd, src, &manifest.layers, opts, progress).await?;
     if opts.no_optimize {
         writeln!(
             progress,
@@ -264,6 +265,41 @@ async fn ensure_image(
         }
         .into()),
     }
+}
+
+/// Fetches the layer blobs containerd does not hold: an image pulled lazily (`rpull` through
+/// the stargz snapshotter) has its manifest and config in the content store but not its
+/// layers, and both the unpack and the conversion read them from there.
+async fn ensure_blobs(
+    cd: &Containerd,
+    src: &str,
+    layers: &[Descriptor],
+    opts: &OptimizeOptions,
+    progress: &mut (dyn Write + Send),
+) -> Result<(), Error> {
+    let mut fetcher = None;
+    for (i, layer) in layers.iter().enumerate() {
+        if cd.content_info(&layer.digest).await?.is_some() {
+            continue;
+        }
+        writeln!(
+            progress,
+            "fetching layer {}/{} {} (not in the content store)",
+            i + 1,
+            layers.len(),
+            layer.digest
+        )?;
+        if fetcher.is_none() {
+            let reference: Reference = src.parse()?;
+            fetcher = Some(RemoteFetcher::new(reference, &opts.registry)?);
+        }
+        let Some(f) = fetcher.as_ref() else {
+            continue;
+        };
+        let stream = f.fetch_stream(layer).await?;
+        cd.write_stream(layer, stream, &Default::default()).await?;
+    }
+    Ok(())
 }
 
 /// The manifest for this host's platform, and the image config, as Go's
