@@ -805,7 +805,7 @@ fn optimize_interrupted_cleans_up() {
         .spawn()
         .expect("spawn");
         // Wait until the workload runs: a `sleep 117` process exists.
-        let running = wait_until(Duration::from_secs(60), || !sleepers().is_empty());
+        let running = wait_until(Duration::from_secs(60), || !sleepers(117).is_empty());
         assert!(running, "workload never started");
         unsafe { libc::kill(child.id() as i32, sig) };
         let out = child.wait_with_output().expect("wait");
@@ -816,22 +816,87 @@ fn optimize_interrupted_cleans_up() {
             "{stderr}"
         );
         assert!(
-            wait_until(Duration::from_secs(10), || sleepers().is_empty()),
+            wait_until(Duration::from_secs(10), || sleepers(117).is_empty()),
             "workload still running"
         );
         assert_nothing_left(&tmp);
     }
 }
 
-/// Pids of `sleep 117` processes (the interrupted workload).
-fn sleepers() -> Vec<i32> {
+/// `--wait-on-signal`: the workload runs until SIGINT, which ends it, and the optimization goes
+/// on with what it opened (Go's behaviour); a second run aborted by SIGTERM still cleans up.
+#[test]
+fn optimize_wait_on_signal_converts_after_sigint() {
+    let reg = Registry::start();
+    let image = push_image(&reg, "opt/wait", "v1", &small_layers());
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    ctr_ns(
+        &ctrd,
+        "default",
+        &["images", "pull", "--plain-http", &image],
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let rec = work.path().join("rec.json");
+    let dst = format!("{}/opt/wait:out", reg.addr());
+    let child = ctr_remote_cmd(
+        ours(),
+        &ctrd,
+        "default",
+        &tmp,
+        &[
+            "image",
+            "optimize",
+            "--wait-on-signal",
+            "--period",
+            "1",
+            "--entrypoint",
+            r#"["/bin/sleep"]"#,
+            "--args",
+            r#"["118"]"#,
+            "--record-out",
+            rec.to_str().expect("utf-8"),
+            &image,
+            &dst,
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    assert!(
+        wait_until(Duration::from_secs(60), || !sleepers(118).is_empty()),
+        "workload never started"
+    );
+    // --period is ignored: still running well after it.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!sleepers(118).is_empty(), "workload ended before SIGINT");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("SIGINT: workload killed"), "{stderr}");
+    assert!(sleepers(118).is_empty());
+    assert_nothing_left(&tmp);
+    let r = read_record(&rec);
+    assert_eq!(
+        r.get(&0).and_then(|v| v.first()).map(String::as_str),
+        Some("bin/sleep")
+    );
+    check_optimized_layers(&ctrd, "default", &dst, &r);
+}
+
+/// Pids of `sleep SECS` processes (a workload to interrupt; each test its own SECS).
+fn sleepers(secs: u32) -> Vec<i32> {
+    let want = format!("/bin/sleep\0{secs}\0");
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").expect("proc").flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            if cmd == b"/bin/sleep\x00117\x00" {
+            if cmd == want.as_bytes() {
                 pids.push(pid);
             }
         }

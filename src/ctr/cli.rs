@@ -11,6 +11,7 @@ use super::convert::{convert, ConvertOptions};
 use super::labels::DEFAULT_PREFETCH_SIZE;
 use super::optimize::{
     optimize, parse_json_args, parse_mount_flag, NetOptions, OptimizeError, OptimizeOptions,
+    WorkloadStop,
 };
 use super::registry::{RegistryOptions, RemoteFetcher};
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
@@ -118,6 +119,9 @@ pub struct OptimizeArgs {
     /// convert image without optimization
     #[arg(long)]
     pub no_optimize: bool,
+    /// ignore context cancel and keep the container running until it receives SIGINT (Ctrl + C) sent manually
+    #[arg(long)]
+    pub wait_on_signal: bool,
     /// allow connections using plain HTTP when the source must be pulled first
     #[arg(long)]
     pub plain_http: bool,
@@ -384,17 +388,30 @@ async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> 
             extra_hosts: csv(args.add_hosts.as_deref()),
         },
         mounts,
+        wait_on_signal: args
+            .wait_on_signal
+            .then(|| std::sync::Arc::new(WorkloadStop::default())),
     };
+    use std::sync::atomic::Ordering;
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut err = std::io::stderr();
+    let stop = opts.wait_on_signal.clone();
+    let run = optimize(cd, &args.source, &args.target, &opts, &mut err);
+    tokio::pin!(run);
     // A signal drops the optimize future: its guards delete the container, unmount and
-    // remove the temp dir before we return.
-    let manifest = tokio::select! {
-        r = optimize(cd, &args.source, &args.target, &opts, &mut err) => r?,
-        _ = int.recv() => return Err(OptimizeError::Interrupted("SIGINT").into()),
-        _ = term.recv() => return Err(OptimizeError::Interrupted("SIGTERM").into()),
+    // remove the temp dir before we return. Only a SIGINT while a `--wait-on-signal` workload
+    // runs is passed on instead: it ends the workload and the optimization goes on.
+    let manifest = loop {
+        tokio::select! {
+            r = &mut run => break r?,
+            _ = int.recv() => match &stop {
+                Some(s) if s.waiting.load(Ordering::SeqCst) => s.notify.notify_one(),
+                _ => return Err(OptimizeError::Interrupted("SIGINT").into()),
+            },
+            _ = term.recv() => return Err(OptimizeError::Interrupted("SIGTERM").into()),
+        }
     };
     println!("{}", manifest.digest);
     Ok(())

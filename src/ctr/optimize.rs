@@ -130,6 +130,17 @@ pub(crate) struct OptimizeOptions {
     pub net: NetOptions,
     /// `--mount` (Go's `type=…,source=…,destination=…,options=a:b`), already parsed.
     pub mounts: Vec<serde_json::Value>,
+    /// `--wait-on-signal`: no period; the workload runs until the first SIGINT, which the
+    /// command forwards here instead of aborting.
+    pub wait_on_signal: Option<Arc<WorkloadStop>>,
+}
+
+/// How the command tells a `--wait-on-signal` run that SIGINT came: while `waiting` is set, a
+/// SIGINT stops the workload (and the optimization goes on) instead of aborting everything.
+#[derive(Debug, Default)]
+pub(crate) struct WorkloadStop {
+    pub waiting: AtomicBool,
+    pub notify: tokio::sync::Notify,
 }
 
 /// The container's network: its own namespace with only `lo` (Go's default) or the host's.
@@ -818,16 +829,23 @@ async fn run_and_record(
     } else {
         opts.period
     };
+    let how_long = if opts.wait_on_signal.is_some() {
+        "until SIGINT (Ctrl+C)".to_string()
+    } else {
+        format!(
+            "for up to {}s{}",
+            period.as_secs_f64(),
+            if opts.period.is_zero() {
+                " (--period 0: Go's default)"
+            } else {
+                ""
+            }
+        )
+    };
     writeln!(
         progress,
-        "running {} for up to {}s{} ({}), recording opened files",
+        "running {} {how_long} ({}), recording opened files",
         clip(&format!("{:?}", process.args)),
-        period.as_secs_f64(),
-        if opts.period.is_zero() {
-            " (--period 0: Go's default)"
-        } else {
-            ""
-        },
         if opts.net.host {
             "host network"
         } else {
@@ -841,16 +859,29 @@ async fn run_and_record(
         Err(e) => Err(e.into()),
         Ok(()) => {
             let mut wait = tokio::task::spawn_blocking(move || wait_pid(pid));
-            tokio::select! {
+            let stop_signal = async {
+                match &opts.wait_on_signal {
+                    Some(stop) => {
+                        stop.waiting.store(true, Ordering::SeqCst);
+                        stop.notify.notified().await
+                    }
+                    None => tokio::time::sleep(period).await,
+                }
+            };
+            let ended = tokio::select! {
                 r = &mut wait => r.map_err(|e| Error::Incomplete(format!("wait task: {e}"))).and_then(|r| r),
-                _ = tokio::time::sleep(period) => {
+                _ = stop_signal => {
                     let _ = container.runc().args(["kill", "--all", &id, "KILL"]).output();
                     match tokio::time::timeout(KILL_GRACE, wait).await {
                         Ok(_) => Ok(Ended::TimedOut),
                         Err(_) => Err(OptimizeError::Runc { op: "kill", detail: "the workload did not die".into() }.into()),
                     }
                 }
+            };
+            if let Some(stop) = &opts.wait_on_signal {
+                stop.waiting.store(false, Ordering::SeqCst);
             }
+            ended
         }
     };
     // Container gone first, then the last events are drained, then the mount goes.
@@ -872,6 +903,9 @@ async fn run_and_record(
             progress,
             "warning: workload killed by {s} after {secs:.1}s; using what it opened"
         )?,
+        Ended::TimedOut if opts.wait_on_signal.is_some() => {
+            writeln!(progress, "SIGINT: workload killed after {secs:.1}s")?
+        }
         Ended::TimedOut => writeln!(
             progress,
             "period of {}s over: workload killed",
@@ -1266,6 +1300,7 @@ mod tests {
             no_optimize: false,
             net: NetOptions::default(),
             mounts: vec![],
+            wait_on_signal: None,
         }
     }
 
