@@ -586,6 +586,67 @@ fn optimize_small_image_records_layers_like_go() {
     assert_eq!(out.trim(), "upper a");
 }
 
+/// `--reuse` keeps the eStargz layers the workload did not read exactly as they are (Go's
+/// `isReusableESGZLayer`: TOC digest verified) and converts the rest; gzip layers are never kept.
+#[test]
+fn optimize_reuse_keeps_unread_estargz_layers() {
+    let reg = Registry::start();
+    let image = push_image(&reg, "opt/reuse", "v1", &small_layers());
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let first = format!("{}/opt/reuse:first", reg.addr());
+    let second = format!("{}/opt/reuse:second", reg.addr());
+    let run = |args: &[&str]| -> String {
+        let mut all = vec!["image", "optimize", "--plain-http", "--oci", "--reuse"];
+        all.extend_from_slice(args);
+        let out = ctr_remote(ours(), &ctrd, "default", &tmp, &all);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert_nothing_left(&tmp);
+        stderr
+    };
+    let err = run(&[
+        "--entrypoint",
+        SMALL_WORKLOAD_ENTRYPOINT,
+        "--args",
+        SMALL_WORKLOAD_ARGS,
+        &image,
+        &first,
+    ]);
+    assert!(!err.contains("reused"), "gzip layers kept: {err}");
+    let err = run(&[
+        "--entrypoint",
+        r#"["/bin/sleep"]"#,
+        "--args",
+        r#"["0"]"#,
+        &first,
+        &second,
+    ]);
+    assert_eq!(err.matches("reused without conversion").count(), 3, "{err}");
+    let (m1, c1) = manifest_of(&ctrd, "default", &first);
+    let (m2, c2) = manifest_of(&ctrd, "default", &second);
+    for i in 1..4 {
+        assert_eq!(m1["layers"][i], m2["layers"][i], "layer {i} kept");
+        assert_eq!(c1["rootfs"]["diff_ids"][i], c2["rootfs"]["diff_ids"][i]);
+    }
+    assert_ne!(m1["layers"][0]["digest"], m2["layers"][0]["digest"]);
+    let out = ctr_ns(
+        &ctrd,
+        "default",
+        &[
+            "run",
+            "--rm",
+            &second,
+            "opt-reuse-run",
+            "/bin/cat",
+            "/data/link",
+        ],
+    );
+    assert_eq!(out.trim(), "upper a");
+}
+
 /// Bad input gives a clear error (or a well-defined result) and leaves no temp dir, mount or
 /// container behind.
 #[test]

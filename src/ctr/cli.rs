@@ -119,6 +119,9 @@ pub struct OptimizeArgs {
     /// convert image without optimization
     #[arg(long)]
     pub no_optimize: bool,
+    /// reuse eStargz (already optimized) layers without further conversion
+    #[arg(long)]
+    pub reuse: bool,
     /// ignore context cancel and keep the container running until it receives SIGINT (Ctrl + C) sent manually
     #[arg(long)]
     pub wait_on_signal: bool,
@@ -331,6 +334,7 @@ async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
         chunk_size: args.estargz_chunk_size,
         record_in: args.estargz_record_in,
         tmp_dir: None,
+        keep_layers: vec![],
     };
     let mut err = std::io::stderr();
     let manifest = convert(cd, &args.source, &args.target, &opts, &mut err).await?;
@@ -380,6 +384,7 @@ async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> 
             ..Default::default()
         },
         no_optimize: args.no_optimize,
+        reuse: args.reuse,
         net: NetOptions {
             host: args.net_host,
             nameservers: csv(Some(&args.dns_nameservers)),

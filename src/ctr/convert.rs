@@ -35,6 +35,8 @@ pub struct ConvertOptions {
     pub record_in: Option<PathBuf>,
     /// Where to spool blobs; `None` = the system temp dir.
     pub tmp_dir: Option<PathBuf>,
+    /// Indexes of layers to keep as they are (`optimize --reuse`: already eStargz, not read).
+    pub keep_layers: Vec<usize>,
 }
 
 /// Largest record file read: a bound for outside input (a real record is a few hundred KiB).
@@ -152,6 +154,26 @@ async fn convert_in_lease(
                 "layer {i} has media type {}",
                 layer.media_type
             )));
+        }
+        if opts.keep_layers.contains(&i) {
+            let mut kept = layer.clone();
+            if opts.oci && kept.media_type == MEDIA_DOCKER_LAYER_GZIP {
+                kept.media_type = MEDIA_OCI_LAYER_GZIP.to_string();
+            }
+            writeln!(
+                progress,
+                "layer {}/{} {}: reused without conversion",
+                i + 1,
+                manifest.layers.len(),
+                &layer.digest
+            )?;
+            let diff_id = config["rootfs"]["diff_ids"][i]
+                .as_str()
+                .ok_or_else(|| Error::Format(format!("config has no diff ID for layer {i}")))?
+                .to_string();
+            diff_ids.push(diff_id);
+            converted.push(kept);
+            continue;
         }
         let files = prioritized_files(&record, &target.digest, i);
         let new = convert_layer(cd, layer, files, opts).await?;

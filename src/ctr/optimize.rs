@@ -43,7 +43,9 @@ use super::convert::{convert, ConvertOptions};
 use super::recorder::{clean_entry_name, ImageRecorder, MAX_INDEX_ENTRIES};
 use super::registry::{Fetcher, RegistryOptions, RemoteFetcher};
 use super::rpull::{rpull, RpullOptions};
+use super::toc::layer_toc;
 use super::Error;
+use crate::labels::TOC_DIGEST;
 use crate::oci::{host_platform, is_index_type, is_layer_type, Descriptor, Index, Manifest};
 use crate::remote::Reference;
 use crate::untrusted::clip;
@@ -127,6 +129,8 @@ pub(crate) struct OptimizeOptions {
     pub registry: RegistryOptions,
     /// `--no-optimize`: convert without running anything.
     pub no_optimize: bool,
+    /// `--reuse`: keep eStargz layers (TOC digest verified) that the workload did not read.
+    pub reuse: bool,
     pub net: NetOptions,
     /// `--mount` (Go's `type=…,source=…,destination=…,options=a:b`), already parsed.
     pub mounts: Vec<serde_json::Value>,
@@ -177,6 +181,7 @@ pub(crate) async fn optimize(
             chunk_size: opts.chunk_size,
             record_in: None,
             tmp_dir: None,
+            keep_layers: vec![],
         };
         return convert(cd, src, dst, &copts, progress).await;
     }
@@ -228,10 +233,18 @@ pub(crate) async fn optimize(
         writeln!(progress, "record written to {}", out.display())?;
     }
 
+    let mut keep_layers = Vec::new();
+    if opts.reuse {
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            if recorder.files_of_layer(i) == 0 && reusable(cd, layer).await {
+                keep_layers.push(i);
+            }
+        }
+    }
     writeln!(
         progress,
         "converting {} layers to eStargz",
-        manifest.layers.len()
+        manifest.layers.len() - keep_layers.len()
     )?;
     let copts = ConvertOptions {
         oci: opts.oci,
@@ -239,6 +252,7 @@ pub(crate) async fn optimize(
         chunk_size: opts.chunk_size,
         record_in: Some(record_path),
         tmp_dir: Some(work.path().to_path_buf()),
+        keep_layers,
     };
     convert(cd, src, dst, &copts, progress).await
 }
@@ -275,6 +289,20 @@ async fn ensure_image(
             source: Box::new(e),
         }
         .into()),
+    }
+}
+
+/// Go's `isReusableESGZLayer`: the layer says its TOC digest, and the TOC in the blob has it.
+async fn reusable(cd: &Containerd, layer: &Descriptor) -> bool {
+    let Some(want) = layer.annotations.get(TOC_DIGEST) else {
+        return false;
+    };
+    match layer_toc(cd, &layer.digest).await {
+        Ok(found) => &found.digest == want,
+        Err(e) => {
+            tracing::debug!(digest = %layer.digest, error = %crate::untrusted::chain(&e), "not reusable");
+            false
+        }
     }
 }
 
@@ -748,7 +776,8 @@ async fn runc_step(
         })?;
     if !status.success() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(2)..].join(" | ");
         return Err(OptimizeError::Runc {
             op,
             detail: format!("{status}: {}", clip(&tail)),
@@ -1298,6 +1327,7 @@ mod tests {
             chunk_size: 0,
             registry: RegistryOptions::default(),
             no_optimize: false,
+            reuse: false,
             net: NetOptions::default(),
             mounts: vec![],
             wait_on_signal: None,
