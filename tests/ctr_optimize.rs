@@ -1467,6 +1467,64 @@ fn optimize_container_flags_as_go() {
         .unwrap_or_else(|| panic!("{err}"));
     assert!(nets.split_whitespace().count() > 2, "{nets}");
 
+    // -i: the workload reads our stdin; --platform of this host is accepted
+    let mut child = ctr_remote_cmd(
+        ours(),
+        &ctrd,
+        "default",
+        &tmp,
+        &[
+            "image",
+            "optimize",
+            "-i",
+            "--platform",
+            "linux/amd64",
+            "--entrypoint",
+            r#"["/bin/cat"]"#,
+            "--args",
+            r#"["-"]"#,
+            &image,
+            &dst,
+        ],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"hello from stdin\n").expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("hello from stdin"), "{err}");
+    assert_nothing_left(&tmp);
+
+    // another platform is refused before anything runs
+    let out = ctr_remote(
+        ours(),
+        &ctrd,
+        "default",
+        &tmp,
+        &[
+            "image",
+            "optimize",
+            "--platform",
+            "linux/arm64",
+            &image,
+            &dst,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("only this host's platform (linux/amd64)"),
+        "{err}"
+    );
+
     // --no-optimize: nothing runs, every layer gets the no-prefetch landmark
     let out = ctr_remote(
         ours(),

@@ -122,6 +122,12 @@ pub struct OptimizeArgs {
     /// reuse eStargz (already optimized) layers without further conversion
     #[arg(long)]
     pub reuse: bool,
+    /// attach stdin to the container
+    #[arg(short = 'i')]
+    pub stdin: bool,
+    /// Pull content from a specific platform (only this host's is supported)
+    #[arg(long)]
+    pub platform: Vec<String>,
     /// ignore context cancel and keep the container running until it receives SIGINT (Ctrl + C) sent manually
     #[arg(long)]
     pub wait_on_signal: bool,
@@ -349,6 +355,17 @@ async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> 
             "--estargz-compression-level must be 0-9".into(),
         ));
     }
+    let host = crate::oci::host_platform();
+    let host = format!("{}/{}", host.os, host.architecture);
+    if let Some(p) = args.platform.iter().find(|p| {
+        // `linux/amd64` or `linux/amd64/v…`: the os/arch part must be this host's.
+        p.split('/').take(2).collect::<Vec<_>>().join("/") != host
+    }) {
+        return Err(Error::Unsupported(format!(
+            "--platform {}: only this host's platform ({host}) can be optimized",
+            crate::untrusted::clip(p)
+        )));
+    }
     let csv = |v: Option<&str>| -> Vec<String> {
         v.map(|s| {
             s.split(',')
@@ -385,6 +402,7 @@ async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> 
         },
         no_optimize: args.no_optimize,
         reuse: args.reuse,
+        stdin: args.stdin,
         net: NetOptions {
             host: args.net_host,
             nameservers: csv(Some(&args.dns_nameservers)),

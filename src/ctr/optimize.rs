@@ -131,6 +131,8 @@ pub(crate) struct OptimizeOptions {
     pub no_optimize: bool,
     /// `--reuse`: keep eStargz layers (TOC digest verified) that the workload did not read.
     pub reuse: bool,
+    /// `-i`: the workload reads our stdin (else /dev/null).
+    pub stdin: bool,
     pub net: NetOptions,
     /// `--mount` (Go's `type=…,source=…,destination=…,options=a:b`), already parsed.
     pub mounts: Vec<serde_json::Value>,
@@ -745,6 +747,7 @@ async fn runc_step(
     log: &Path,
     op: &'static str,
     args: &[&str],
+    stdin: bool,
 ) -> Result<(), OptimizeError> {
     use std::os::fd::AsFd;
     let stderr = std::io::stderr()
@@ -760,7 +763,11 @@ async fn runc_step(
         .arg("--log")
         .arg(log)
         .args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(if stdin {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
         .stdout(std::process::Stdio::from(stderr.try_clone().map_err(
             |e| OptimizeError::Runc {
                 op,
@@ -836,6 +843,7 @@ async fn run_and_record(
         &log,
         "create",
         &["create", "--bundle", &bundle_s, "--pid-file", &pid_s, &id],
+        opts.stdin,
     )
     .await?;
     let pid: i32 = std::fs::read_to_string(&pid_file)?
@@ -882,8 +890,14 @@ async fn run_and_record(
         }
     )?;
     let started = Instant::now();
-    let ended: Result<Ended, Error> = match runc_step(&runc_root, &log, "start", &["start", &id])
-        .await
+    let ended: Result<Ended, Error> = match runc_step(
+        &runc_root,
+        &log,
+        "start",
+        &["start", &id],
+        false,
+    )
+    .await
     {
         Err(e) => Err(e.into()),
         Ok(()) => {
@@ -1328,6 +1342,7 @@ mod tests {
             registry: RegistryOptions::default(),
             no_optimize: false,
             reuse: false,
+            stdin: false,
             net: NetOptions::default(),
             mounts: vec![],
             wait_on_signal: None,
