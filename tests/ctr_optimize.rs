@@ -693,6 +693,15 @@ fn optimize_bad_input_is_clear_and_leaves_nothing() {
     assert!(!okk);
     assert!(err.contains("invalid --args"), "{err}");
 
+    // a record file that cannot be written: refused before anything runs
+    let (okk, err) = run(&["--record-out", "/nonexistent-dir/rec.json", &image, &dst]);
+    assert!(!okk);
+    assert!(
+        err.contains("--record-out /nonexistent-dir/rec.json"),
+        "{err}"
+    );
+    assert!(!err.contains("running"), "{err}");
+
     // an entrypoint that is not in the image
     let (okk, err) = run(&["--entrypoint", r#"["/nope"]"#, &image, &dst]);
     assert!(!okk);

@@ -21,6 +21,15 @@
 //!   symlinks already followed, a hardlink under the name it was opened by — the same paths Go's
 //!   fanotifier reads, so [`super::recorder`] attributes them to layers as Go does.
 //!
+//! - Why not FUSE in a recording mode (serving the layers through our own file system and
+//!   logging lookups/opens): it would need the daemon's code in the client, see only what FUSE
+//!   is asked (the kernel's caches hide repeats, which is fine, but an `mmap`ed page fault
+//!   without a prior FUSE open cannot happen either way), and cost a FUSE round trip per
+//!   access for the whole run. fanotify gives the same information from the kernel with an
+//!   unmodified overlayfs, which is also what the container will really run on.
+//! - The layer blobs come from containerd's content store (fetched from the registry first
+//!   when a lazy pull left them out), so the unpack and the conversion read the same bytes.
+//!
 //! # Clean-up
 //! The container (`runc delete --force`), the overlay mount and the temp dir are guards dropped
 //! on every return, and the command wraps this future in a SIGINT/SIGTERM select, so a signal
@@ -188,6 +197,15 @@ pub(crate) async fn optimize(
         return convert(cd, src, dst, &copts, progress).await;
     }
     let process = Process::from_config(src, &config, opts)?;
+    // Fail before the workload runs, not after, if the record cannot be written.
+    if let Some(out) = &opts.record_out {
+        std::fs::File::create(out).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "--record-out {}: {e}",
+                clip(&out.display().to_string())
+            ))
+        })?;
+    }
     if manifest.layers.len() > MAX_LAYERS {
         return Err(OptimizeError::TooManyLayers(manifest.layers.len()).into());
     }
