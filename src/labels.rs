@@ -31,6 +31,9 @@ pub const REMOTE_URLS: &str = "containerd.io/snapshot/remote/urls";
 pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// Layer annotation and content label: the layer's diff ID (digest of the uncompressed tar).
 pub const UNCOMPRESSED: &str = "containerd.io/uncompressed";
+/// Layer annotation of eStargz converters (Go's `StoreUncompressedSizeAnnotation`): the size
+/// of the decompressed blob, in decimal.
+pub const UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
 
 /// containerd passes layer annotations with this prefix to the snapshotter as labels
 /// (`snapshots.FilterInheritedLabels`), and the two mapping labels besides.

@@ -9,6 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use super::client::Containerd;
 use super::convert::{convert, ConvertOptions};
 use super::labels::DEFAULT_PREFETCH_SIZE;
+use super::optimize::{
+    optimize, parse_json_args, parse_mount_flag, NetOptions, OptimizeError, OptimizeOptions,
+    WorkloadStop,
+};
 use super::registry::{RegistryOptions, RemoteFetcher};
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
 use super::toc::layer_toc;
@@ -55,6 +59,87 @@ pub enum ImagesCommand {
     GetTocDigest(GetTocDigestArgs),
     /// convert an image (to eStargz: --estargz is required)
     Convert(ConvertArgs),
+    /// optimize an image with user-specified workload
+    Optimize(Box<OptimizeArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct OptimizeArgs {
+    /// record the monitor log to the specified file
+    #[arg(long)]
+    pub record_out: Option<PathBuf>,
+    /// convert Docker media types to OCI media types
+    #[arg(long)]
+    pub oci: bool,
+    /// eStargz compression level
+    #[arg(long, default_value_t = 9)]
+    pub estargz_compression_level: u32,
+    /// eStargz chunk size (0 = 4 MiB)
+    #[arg(long, default_value_t = 0)]
+    pub estargz_chunk_size: u64,
+    /// time period to monitor access log (seconds; 0 = the default, as Go)
+    #[arg(long, default_value_t = 10)]
+    pub period: u64,
+    /// user/group name to override image's default config(user[:group])
+    #[arg(long)]
+    pub user: Option<String>,
+    /// working dir to override image's default config
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// command arguments to override image's default config(in JSON array)
+    #[arg(long)]
+    pub args: Option<String>,
+    /// entrypoint to override image's default config(in JSON array)
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// environment valulable to add or override to the image's default config
+    #[arg(long)]
+    pub env: Vec<String>,
+    /// specify additional container environment variables in a file(i.e. FOO=bar, one per line)
+    #[arg(long)]
+    pub env_file: Option<PathBuf>,
+    /// additional mounts for the container (e.g. type=foo,source=/path,destination=/target,options=bind)
+    #[arg(long)]
+    pub mount: Vec<String>,
+    /// comma-separated nameservers added to the container's /etc/resolv.conf
+    #[arg(long, default_value = "8.8.8.8")]
+    pub dns_nameservers: String,
+    /// comma-separated search domains added to the container's /etc/resolv.conf
+    #[arg(long)]
+    pub dns_search_domains: Option<String>,
+    /// comma-separated options added to the container's /etc/resolv.conf
+    #[arg(long)]
+    pub dns_options: Option<String>,
+    /// comma-separated hosts configuration (host:IP) added to container's /etc/hosts
+    #[arg(long)]
+    pub add_hosts: Option<String>,
+    /// enable host networking in the container
+    #[arg(long)]
+    pub net_host: bool,
+    /// convert image without optimization
+    #[arg(long)]
+    pub no_optimize: bool,
+    /// reuse eStargz (already optimized) layers without further conversion
+    #[arg(long)]
+    pub reuse: bool,
+    /// attach stdin to the container
+    #[arg(short = 'i')]
+    pub stdin: bool,
+    /// Pull content from a specific platform (only this host's is supported)
+    #[arg(long)]
+    pub platform: Vec<String>,
+    /// ignore context cancel and keep the container running until it receives SIGINT (Ctrl + C) sent manually
+    #[arg(long)]
+    pub wait_on_signal: bool,
+    /// allow connections using plain HTTP when the source must be pulled first
+    #[arg(long)]
+    pub plain_http: bool,
+    /// source image reference
+    #[arg(value_name = "source_ref")]
+    pub source: String,
+    /// target image reference
+    #[arg(value_name = "target_ref")]
+    pub target: String,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +238,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Images {
             command: ImagesCommand::Convert(args),
         } => run_convert(&cd, args).await,
+        Command::Images {
+            command: ImagesCommand::Optimize(args),
+        } => run_optimize(&cd, *args).await,
     }
 }
 
@@ -261,10 +349,102 @@ async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
         chunk_size: args.estargz_chunk_size,
         record_in: args.estargz_record_in,
         tmp_dir: None,
+        keep_layers: vec![],
     };
     let mut err = std::io::stderr();
     let manifest = convert(cd, &args.source, &args.target, &opts, &mut err).await?;
     // Go prints the new image's manifest digest.
+    println!("{}", manifest.digest);
+    Ok(())
+}
+
+async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> {
+    if args.estargz_compression_level > 9 {
+        return Err(Error::InvalidArgument(
+            "--estargz-compression-level must be 0-9".into(),
+        ));
+    }
+    let host = crate::oci::host_platform();
+    let host = format!("{}/{}", host.os, host.architecture);
+    if let Some(p) = args.platform.iter().find(|p| {
+        // `linux/amd64` or `linux/amd64/v…`: the os/arch part must be this host's.
+        p.split('/').take(2).collect::<Vec<_>>().join("/") != host
+    }) {
+        return Err(Error::Unsupported(format!(
+            "--platform {}: only this host's platform ({host}) can be optimized",
+            crate::untrusted::clip(p)
+        )));
+    }
+    let csv = |v: Option<&str>| -> Vec<String> {
+        v.map(|s| {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let mut env = args.env;
+    if let Some(f) = &args.env_file {
+        // containerd's WithEnvFile: every line, after --env.
+        env.extend(std::fs::read_to_string(f)?.lines().map(str::to_string));
+    }
+    let mounts = args
+        .mount
+        .iter()
+        .map(|m| parse_mount_flag(m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = OptimizeOptions {
+        oci: args.oci,
+        period: std::time::Duration::from_secs(args.period),
+        entrypoint: parse_json_args("--entrypoint", args.entrypoint.as_deref())?,
+        args: parse_json_args("--args", args.args.as_deref())?,
+        env,
+        cwd: args.cwd,
+        user: args.user,
+        record_out: args.record_out,
+        compression_level: args.estargz_compression_level,
+        chunk_size: args.estargz_chunk_size,
+        registry: RegistryOptions {
+            plain_http: args.plain_http,
+            ..Default::default()
+        },
+        no_optimize: args.no_optimize,
+        reuse: args.reuse,
+        stdin: args.stdin,
+        net: NetOptions {
+            host: args.net_host,
+            nameservers: csv(Some(&args.dns_nameservers)),
+            search: csv(args.dns_search_domains.as_deref()),
+            options: csv(args.dns_options.as_deref()),
+            extra_hosts: csv(args.add_hosts.as_deref()),
+        },
+        mounts,
+        wait_on_signal: args
+            .wait_on_signal
+            .then(|| std::sync::Arc::new(WorkloadStop::default())),
+    };
+    use std::sync::atomic::Ordering;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut err = std::io::stderr();
+    let stop = opts.wait_on_signal.clone();
+    let run = optimize(cd, &args.source, &args.target, &opts, &mut err);
+    tokio::pin!(run);
+    // A signal drops the optimize future: its guards delete the container, unmount and
+    // remove the temp dir before we return. Only a SIGINT while a `--wait-on-signal` workload
+    // runs is passed on instead: it ends the workload and the optimization goes on.
+    let manifest = loop {
+        tokio::select! {
+            r = &mut run => break r?,
+            _ = int.recv() => match &stop {
+                Some(s) if s.waiting.load(Ordering::SeqCst) => s.notify.notify_one(),
+                _ => return Err(OptimizeError::Interrupted("SIGINT").into()),
+            },
+            _ = term.recv() => return Err(OptimizeError::Interrupted("SIGTERM").into()),
+        }
+    };
     println!("{}", manifest.digest);
     Ok(())
 }
@@ -368,6 +548,66 @@ mod tests {
         assert_eq!(
             (c.estargz_compression_level, c.estargz_chunk_size, c.oci),
             (9, 0, false)
+        );
+    }
+
+    #[test]
+    fn optimize_takes_go_flags_and_defaults() {
+        let cli = parse(&["i", "optimize", "a", "b"]);
+        let Command::Images {
+            command: ImagesCommand::Optimize(o),
+        } = cli.command
+        else {
+            panic!("optimize")
+        };
+        assert_eq!(
+            (
+                o.period,
+                o.estargz_compression_level,
+                o.dns_nameservers.as_str()
+            ),
+            (10, 9, "8.8.8.8")
+        );
+        assert!(!o.oci && !o.net_host && !o.no_optimize && o.record_out.is_none());
+
+        let cli = parse(&[
+            "image",
+            "optimize",
+            "--oci",
+            "--period",
+            "3",
+            "--entrypoint",
+            r#"["sh"]"#,
+            "--args",
+            r#"["-c","true"]"#,
+            "--env",
+            "A=1",
+            "--env",
+            "B=2",
+            "--record-out",
+            "/r.json",
+            "--user",
+            "1:2",
+            "--cwd",
+            "/w",
+            "--mount",
+            "type=bind,src=/a,dst=/b",
+            "--net-host",
+            "src",
+            "dst",
+        ]);
+        let Command::Images {
+            command: ImagesCommand::Optimize(o),
+        } = cli.command
+        else {
+            panic!("optimize")
+        };
+        assert!(o.oci && o.net_host);
+        assert_eq!(o.period, 3);
+        assert_eq!(o.env, ["A=1", "B=2"]);
+        assert_eq!(
+            (o.user.as_deref(), o.cwd.as_deref(), o.source.as_str()),
+            (Some("1:2"), Some("/w"), "src")
         );
     }
 }

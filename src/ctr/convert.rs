@@ -13,9 +13,10 @@ use futures_util::Stream;
 use tokio::io::AsyncReadExt;
 
 use super::client::{from_pb, Containerd};
+use super::recorder::Entry as RecordEntry;
 use super::Error;
 use crate::estargz::{self, BuildOptions};
-use crate::labels::{TOC_DIGEST, UNCOMPRESSED};
+use crate::labels::{TOC_DIGEST, UNCOMPRESSED, UNCOMPRESSED_SIZE};
 use crate::oci::{
     host_platform, is_index_type, is_layer_type, sha256_digest, Descriptor, Index, Manifest,
     MEDIA_DOCKER_CONFIG, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_CONFIG,
@@ -34,31 +35,40 @@ pub struct ConvertOptions {
     pub record_in: Option<PathBuf>,
     /// Where to spool blobs; `None` = the system temp dir.
     pub tmp_dir: Option<PathBuf>,
+    /// Indexes of layers to keep as they are (`optimize --reuse`: already eStargz, not read).
+    pub keep_layers: Vec<usize>,
 }
 
-/// An entry of a `--record-out` file (Go `recorder.Entry`).
-#[derive(Debug, serde::Deserialize)]
-struct RecordEntry {
-    path: String,
-    #[serde(rename = "manifestDigest", default)]
-    manifest_digest: String,
-    #[serde(rename = "layerIndex", default)]
-    layer_index: usize,
-}
+/// Largest record file read: a bound for outside input (a real record is a few hundred KiB).
+const MAX_RECORD_BYTES: u64 = 64 << 20;
 
-/// Files to prioritise in layer `index` of manifest `manifest_digest`.
+/// Files to prioritise in layer `index` of the image whose manifest is `manifest_digest`.
+///
+/// A record made on this very image (Go's and our `optimize` write its manifest digest and the
+/// layer of each file) is applied per layer, as `optimize` applies it: a file goes first only in
+/// the layer the workload read it from, not in lower layers holding a shadowed copy. Any other
+/// record (another image, or no digests) is applied as Go's `convert --estargz-record-in` does:
+/// every recorded path, first-seen order, in every layer that has it.
 fn prioritized_files(record: &[RecordEntry], manifest_digest: &str, index: usize) -> Vec<String> {
+    let mine = |e: &&RecordEntry| e.manifest_digest == manifest_digest && e.layer_index.is_some();
+    let per_layer = record.iter().any(|e| mine(&e));
+    let mut seen = std::collections::HashSet::new();
     record
         .iter()
-        .filter(|e| {
-            e.layer_index == index
-                && (e.manifest_digest.is_empty() || e.manifest_digest == manifest_digest)
-        })
+        .filter(|e| !per_layer || (mine(e) && e.layer_index == Some(index)))
+        .filter(|e| seen.insert(e.path.as_str()))
         .map(|e| e.path.clone())
         .collect()
 }
 
 fn read_record(path: &std::path::Path) -> Result<Vec<RecordEntry>, Error> {
+    let len = std::fs::metadata(path)?.len();
+    if len > MAX_RECORD_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "record file {} is {len} bytes; at most {MAX_RECORD_BYTES} are read",
+            crate::untrusted::clip(&path.display().to_string())
+        )));
+    }
     let text = std::fs::read_to_string(path)?;
     let mut out = Vec::new();
     // Go's decoder reads a stream of JSON values: one per line in practice.
@@ -144,6 +154,26 @@ async fn convert_in_lease(
                 "layer {i} has media type {}",
                 layer.media_type
             )));
+        }
+        if opts.keep_layers.contains(&i) {
+            let mut kept = layer.clone();
+            if opts.oci && kept.media_type == MEDIA_DOCKER_LAYER_GZIP {
+                kept.media_type = MEDIA_OCI_LAYER_GZIP.to_string();
+            }
+            writeln!(
+                progress,
+                "layer {}/{} {}: reused without conversion",
+                i + 1,
+                manifest.layers.len(),
+                &layer.digest
+            )?;
+            let diff_id = config["rootfs"]["diff_ids"][i]
+                .as_str()
+                .ok_or_else(|| Error::Format(format!("config has no diff ID for layer {i}")))?
+                .to_string();
+            diff_ids.push(diff_id);
+            converted.push(kept);
+            continue;
         }
         let files = prioritized_files(&record, &target.digest, i);
         let new = convert_layer(cd, layer, files, opts).await?;
@@ -274,6 +304,10 @@ async fn convert_layer(
     let mut annotations = layer.annotations.clone();
     annotations.insert(TOC_DIGEST.to_string(), result.toc_digest.clone());
     annotations.insert(UNCOMPRESSED.to_string(), result.diff_id.clone());
+    annotations.insert(
+        UNCOMPRESSED_SIZE.to_string(),
+        result.uncompressed_size.to_string(),
+    );
     let new = Descriptor {
         media_type: media_type.to_string(),
         digest: result.blob_digest.clone(),
@@ -297,9 +331,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn record_entries_select_by_layer_and_manifest() {
+    fn record_of_this_image_applies_per_layer() {
         let text = r#"{"path":"usr/bin/python3","manifestDigest":"sha256:m","layerIndex":1}
 {"path":"etc/os-release","manifestDigest":"sha256:m","layerIndex":0}
+{"path":"usr/bin/python3","manifestDigest":"sha256:m","layerIndex":1}
 {"path":"other","manifestDigest":"sha256:x","layerIndex":1}"#;
         let rec: Vec<RecordEntry> = serde_json::Deserializer::from_str(text)
             .into_iter()
@@ -314,5 +349,19 @@ mod tests {
             vec!["etc/os-release".to_string()]
         );
         assert!(prioritized_files(&rec, "sha256:m", 2).is_empty());
+    }
+
+    #[test]
+    fn record_of_another_image_applies_to_every_layer_as_go_convert() {
+        let text = r#"{"path":"b","manifestDigest":"sha256:x","layerIndex":1}
+{"path":"a"}
+{"path":"b","manifestDigest":"sha256:x","layerIndex":0}"#;
+        let rec: Vec<RecordEntry> = serde_json::Deserializer::from_str(text)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for layer in 0..3 {
+            assert_eq!(prioritized_files(&rec, "sha256:m", layer), ["b", "a"]);
+        }
     }
 }

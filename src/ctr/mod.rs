@@ -1,6 +1,6 @@
 //! `ctr-remote`: the containerd client side of lazy pulling — `image rpull`,
-//! `image convert --estargz` and `image get-toc-digest`, with Go `ctr-remote`'s command
-//! and flag names.
+//! `image convert --estargz`, `image optimize` and `image get-toc-digest`, with Go
+//! `ctr-remote`'s command and flag names.
 //!
 //! containerd 1.6 has no transfer service, so everything a Go client does in-process is
 //! done here: content is written through the content service, layers are unpacked by
@@ -10,7 +10,9 @@ pub mod cli;
 pub mod client;
 pub mod convert;
 pub mod labels;
+pub mod optimize;
 mod progress;
+pub(crate) mod recorder;
 pub mod registry;
 pub mod rpull;
 pub mod toc;
@@ -51,4 +53,6 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("i/o")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Optimize(#[from] optimize::OptimizeError),
 }

@@ -66,6 +66,8 @@ pub struct BuildResult {
     pub blob_digest: String,
     /// Compressed blob size.
     pub blob_size: u64,
+    /// Size of the decompressed blob (the `io.containers.estargz.uncompressed-size` annotation).
+    pub uncompressed_size: u64,
     /// Prioritized files that were not in the input (only with `allow_prioritize_not_found`).
     pub missed_prioritized_files: Vec<String>,
 }
@@ -85,12 +87,13 @@ pub fn build<R: Read, W: Write>(input: R, out: W, opts: &BuildOptions) -> Result
     let res = write_blob(&spool, &entries.sorted, &mut w, opts);
     let finished = w.finish();
     let toc_digest = res?;
-    let (blob_digest, blob_size, diff_id) = finished?;
+    let (blob_digest, blob_size, diff_id, uncompressed_size) = finished?;
     Ok(BuildResult {
         toc_digest,
         diff_id,
         blob_digest,
         blob_size,
+        uncompressed_size,
         missed_prioritized_files: missed,
     })
 }
@@ -729,6 +732,7 @@ struct MemberWriter<W: Write> {
     diff: Sha256,
     blob: Sha256,
     written: u64,
+    uncompressed: u64,
     /// Start offset of every member written so far; indexes match `member_index`.
     offsets: Vec<u64>,
     members: usize,
@@ -786,6 +790,7 @@ impl<W: Write> MemberWriter<W> {
             diff: Sha256::new(),
             blob: Sha256::new(),
             written: 0,
+            uncompressed: 0,
             offsets: Vec::new(),
             members: 0,
             pool,
@@ -811,6 +816,7 @@ impl<W: Write> MemberWriter<W> {
         }
         let data = std::mem::take(&mut self.cur);
         self.diff.update(&data);
+        self.uncompressed += data.len() as u64;
         self.members += 1;
         match &self.pool {
             Some(Pool { tx: Some(tx), .. }) => {
@@ -869,8 +875,8 @@ impl<W: Write> MemberWriter<W> {
         Ok(self.written)
     }
 
-    /// Stops the workers and returns (blob digest, blob size, diff ID).
-    fn finish(mut self) -> Result<(String, u64, String)> {
+    /// Stops the workers and returns (blob digest, blob size, diff ID, uncompressed size).
+    fn finish(mut self) -> Result<(String, u64, String, u64)> {
         let r = self.flush_inflight().and_then(|()| Ok(self.out.flush()?));
         if let Some(mut pool) = self.pool.take() {
             pool.tx.take();
@@ -881,6 +887,6 @@ impl<W: Write> MemberWriter<W> {
         r?;
         let blob = format!("sha256:{}", hex::encode(self.blob.clone().finalize()));
         let diff = format!("sha256:{}", hex::encode(self.diff.clone().finalize()));
-        Ok((blob, self.written, diff))
+        Ok((blob, self.written, diff, self.uncompressed))
     }
 }
