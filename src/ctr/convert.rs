@@ -22,6 +22,7 @@ use crate::oci::{
     MEDIA_DOCKER_CONFIG, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_CONFIG,
     MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_MANIFEST,
 };
+use containerd_client::services::v1::Image;
 
 /// Options of `image convert`.
 #[derive(Debug, Clone)]
@@ -107,14 +108,13 @@ pub async fn convert(
     result
 }
 
-async fn convert_in_lease(
+/// Image `src` (its record `image`) in containerd's store: the manifest descriptor (this host's
+/// entry of an index), the manifest and the image config.
+pub(crate) async fn stored_image(
     cd: &Containerd,
+    image: &Image,
     src: &str,
-    dst: &str,
-    opts: &ConvertOptions,
-    progress: &mut (dyn Write + Send),
-) -> Result<Descriptor, Error> {
-    let image = cd.get_image(src).await?;
+) -> Result<(Descriptor, Manifest, serde_json::Value), Error> {
     let mut target = image
         .target
         .as_ref()
@@ -139,8 +139,19 @@ async fn convert_in_lease(
             })?;
     }
     let manifest: Manifest = serde_json::from_slice(&cd.read_all(&target.digest).await?)?;
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&cd.read_all(&manifest.config.digest).await?)?;
+    let config = serde_json::from_slice(&cd.read_all(&manifest.config.digest).await?)?;
+    Ok((target, manifest, config))
+}
+
+async fn convert_in_lease(
+    cd: &Containerd,
+    src: &str,
+    dst: &str,
+    opts: &ConvertOptions,
+    progress: &mut (dyn Write + Send),
+) -> Result<Descriptor, Error> {
+    let image = cd.get_image(src).await?;
+    let (target, manifest, mut config) = stored_image(cd, &image, src).await?;
     let record = match &opts.record_in {
         Some(p) => read_record(p)?,
         None => Vec::new(),

@@ -50,15 +50,15 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use super::client::{from_pb, Containerd};
-use super::convert::{convert, ConvertOptions};
+use super::client::Containerd;
+use super::convert::{convert, stored_image, ConvertOptions};
 use super::recorder::{ImageRecorder, MAX_INDEX_ENTRIES};
 use super::registry::{Fetcher, RegistryOptions, RemoteFetcher};
 use super::rpull::{rpull, RpullOptions};
 use super::toc::layer_toc;
 use super::Error;
 use crate::labels::TOC_DIGEST;
-use crate::oci::{host_platform, is_index_type, is_layer_type, Descriptor, Index, Manifest};
+use crate::oci::{host_platform, is_layer_type, Descriptor, Manifest};
 use crate::remote::Reference;
 use crate::untrusted::clip;
 
@@ -370,32 +370,8 @@ async fn resolve(
     src: &str,
 ) -> Result<(Descriptor, Manifest, serde_json::Value), Error> {
     let image = cd.get_image(src).await?;
-    let mut target = image
-        .target
-        .as_ref()
-        .map(from_pb)
-        .ok_or_else(|| Error::NotFound(format!("target of {src}")))?;
+    let (target, manifest, config) = stored_image(cd, &image, src).await?;
     let want = host_platform();
-    if is_index_type(&target.media_type) {
-        let index: Index = serde_json::from_slice(&cd.read_all(&target.digest).await?)?;
-        target = index
-            .manifests
-            .into_iter()
-            .find(|m| {
-                m.platform
-                    .as_ref()
-                    .is_none_or(|p| p.os == want.os && p.architecture == want.architecture)
-            })
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "no {}/{} manifest in {src}",
-                    want.os, want.architecture
-                ))
-            })?;
-    }
-    let manifest: Manifest = serde_json::from_slice(&cd.read_all(&target.digest).await?)?;
-    let config: serde_json::Value =
-        serde_json::from_slice(&cd.read_all(&manifest.config.digest).await?)?;
     let os = config["os"].as_str().unwrap_or("");
     let arch = config["architecture"].as_str().unwrap_or("");
     if (!os.is_empty() && os != want.os) || (!arch.is_empty() && arch != want.architecture) {
