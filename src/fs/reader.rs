@@ -411,21 +411,24 @@ impl LayerReader {
                 "no chunk holds bytes {offset}..+{size} of inode {ino}"
             ))
         })?;
-        let started = Instant::now();
+        // Only measured when metrics are kept: nothing is added to the read path otherwise.
+        let measure = self.metrics.as_ref().map(|m| {
+            let hit = chunks.iter().all(|c| self.chunks.is_present(c.seq));
+            (m, Instant::now(), hit)
+        });
         let _pins = self.pin(chunks);
         let last = chunks.last().map_or(0, |c| c.seq);
-        let hit = chunks.iter().all(|c| self.chunks.is_present(c.seq));
         for c in chunks {
             self.ensure(c.seq, last)?;
         }
-        if let Some(m) = self.metrics.as_ref().filter(|_| !hit) {
+        if let Some((m, started, false)) = measure {
             m.waited(started.elapsed());
         }
         let mut buf = vec![0u8; (end - offset) as usize];
         self.cache
             .read_at(ino, node.size, &mut buf, offset)
             .map_err(FsError::Cache)?;
-        if let Some(m) = &self.metrics {
+        if let Some((m, started, hit)) = measure {
             m.read(buf.len(), started.elapsed(), hit);
         }
         Ok(buf)

@@ -507,7 +507,7 @@ pub(crate) struct LayerMetrics {
     fetch_wait: Histogram,
     hits: Counter,
     misses: Counter,
-    /// By [`Purpose`], in the order of [`Purpose::ALL`].
+    /// Indexed by [`Purpose`] (`purpose as usize`, the order of [`Purpose::ALL`]).
     fetched: [Counter; 4],
     prefetched: AtomicU64,
     background_started: OnceLock<Instant>,
@@ -559,10 +559,9 @@ impl LayerMetrics {
     /// read-ahead (on-demand requests only).
     pub(crate) fn fetched(&self, purpose: Purpose, bytes: u64, ahead: u64, took: Duration) {
         self.registry_get_ms.observe(took.as_secs_f64() * 1e3);
-        let i = Purpose::ALL.iter().position(|&p| p == purpose).unwrap_or(0);
-        self.fetched[i].inc_by(bytes);
+        self.fetched[purpose as usize].inc_by(bytes);
         if ahead > 0 {
-            self.fetched[1].inc_by(ahead);
+            self.fetched[Purpose::ReadAhead as usize].inc_by(ahead);
         }
         match purpose {
             Purpose::OnDemand => {
