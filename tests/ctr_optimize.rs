@@ -42,18 +42,6 @@ fn ctr_remote(bin: &str, ctrd: &Containerd, ns: &str, tmp: &Path, args: &[&str])
         .expect("run ctr-remote")
 }
 
-fn ctr_ns(ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["-n", ns])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ctr");
-    ok(out, &format!("ctr -n {ns} {args:?}"))
-}
-
 /// Record lines as `layer index -> paths in first-access order` (Go's file repeats paths).
 fn read_record(path: &Path) -> BTreeMap<usize, Vec<String>> {
     let text = std::fs::read_to_string(path).expect("record file");
@@ -112,25 +100,26 @@ fn assert_nothing_left(tmp: &Path) {
 
 /// `(manifest, config)` of image `name` in namespace `ns`.
 fn manifest_of(ctrd: &Containerd, ns: &str, name: &str) -> (serde_json::Value, serde_json::Value) {
-    let ls = ctr_ns(ctrd, ns, &["images", "ls"]);
+    let ls = ctrd.ctr_ns_ok(ns, &["images", "ls"]);
     let line = ls
         .lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .unwrap_or_else(|| panic!("{name} not listed in {ns}: {ls}"));
     let digest = line.split_whitespace().nth(2).expect("digest column");
     let manifest: serde_json::Value =
-        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", digest])).expect("manifest");
-    let config: serde_json::Value = serde_json::from_str(&ctr_ns(
-        ctrd,
-        ns,
-        &[
-            "content",
-            "get",
-            manifest["config"]["digest"]
-                .as_str()
-                .expect("config digest"),
-        ],
-    ))
+        serde_json::from_str(&ctrd.ctr_ns_ok(ns, &["content", "get", digest])).expect("manifest");
+    let config: serde_json::Value = serde_json::from_str(
+        &ctrd.ctr_ns_ok(
+            ns,
+            &[
+                "content",
+                "get",
+                manifest["config"]["digest"]
+                    .as_str()
+                    .expect("config digest"),
+            ],
+        ),
+    )
     .expect("config");
     (manifest, config)
 }
@@ -451,7 +440,7 @@ fn optimize_small_image_records_layers_like_go() {
     check_optimized_layers(&ctrd, "ours", &dst_ours, &rec);
 
     // Go's tool on the same image and workload.
-    ctr_ns(&ctrd, "go", &["images", "pull", "--plain-http", &image]);
+    ctrd.ctr_ns_ok("go", &["images", "pull", "--plain-http", &image]);
     let rec_go = work.path().join("go.json");
     let rec_go_s = rec_go.display().to_string();
     let dst_go = format!("{}/opt/small:go", reg.addr());
@@ -571,8 +560,7 @@ fn optimize_small_image_records_layers_like_go() {
     check_optimized_layers(&ctrd, "ours", &dst_foreign, &everywhere(n));
 
     // The optimized image runs.
-    let out = ctr_ns(
-        &ctrd,
+    let out = ctrd.ctr_ns_ok(
         "ours",
         &[
             "run",
@@ -632,8 +620,7 @@ fn optimize_reuse_keeps_unread_estargz_layers() {
         assert_eq!(c1["rootfs"]["diff_ids"][i], c2["rootfs"]["diff_ids"][i]);
     }
     assert_ne!(m1["layers"][0]["digest"], m2["layers"][0]["digest"]);
-    let out = ctr_ns(
-        &ctrd,
+    let out = ctrd.ctr_ns_ok(
         "default",
         &[
             "run",
@@ -842,11 +829,7 @@ fn optimize_interrupted_cleans_up() {
     let reg = Registry::start();
     let image = push_image(&reg, "opt/int", "v1", &small_layers());
     let ctrd = Containerd::start(ContainerdOpts::default());
-    ctr_ns(
-        &ctrd,
-        "default",
-        &["images", "pull", "--plain-http", &image],
-    );
+    ctrd.ctr_ns_ok("default", &["images", "pull", "--plain-http", &image]);
     let work = tempfile::tempdir().expect("tempdir");
     let tmp = work.path().join("tmp");
     std::fs::create_dir(&tmp).expect("mkdir");
@@ -900,11 +883,7 @@ fn optimize_wait_on_signal_converts_after_sigint() {
     let reg = Registry::start();
     let image = push_image(&reg, "opt/wait", "v1", &small_layers());
     let ctrd = Containerd::start(ContainerdOpts::default());
-    ctr_ns(
-        &ctrd,
-        "default",
-        &["images", "pull", "--plain-http", &image],
-    );
+    ctrd.ctr_ns_ok("default", &["images", "pull", "--plain-http", &image]);
     let work = tempfile::tempdir().expect("tempdir");
     let tmp = work.path().join("tmp");
     std::fs::create_dir(&tmp).expect("mkdir");
@@ -1225,7 +1204,7 @@ fn optimize_python_image_matches_go_and_prefetches_across_daemons() {
         );
         assert_nothing_left(&tmp);
 
-        ctr_ns(&ctrd, "go", &["images", "pull", "--plain-http", &image]);
+        ctrd.ctr_ns_ok("go", &["images", "pull", "--plain-http", &image]);
         let t = Instant::now();
         ok(
             ctr_remote(
@@ -1286,7 +1265,7 @@ fn optimize_python_image_matches_go_and_prefetches_across_daemons() {
                 m.insert(d, off);
             }
             landmarks.insert(ns, m);
-            ctr_ns(&ctrd, ns, &["images", "push", "--plain-http", name]);
+            ctrd.ctr_ns_ok(ns, &["images", "push", "--plain-http", name]);
         }
     }
 
@@ -1389,11 +1368,7 @@ fn optimize_container_flags_as_go() {
     let reg = Registry::start();
     let image = push_image(&reg, "opt/flags", "v1", &small_layers());
     let ctrd = Containerd::start(ContainerdOpts::default());
-    ctr_ns(
-        &ctrd,
-        "default",
-        &["images", "pull", "--plain-http", &image],
-    );
+    ctrd.ctr_ns_ok("default", &["images", "pull", "--plain-http", &image]);
     let work = tempfile::tempdir().expect("tempdir");
     let tmp = work.path().join("tmp");
     std::fs::create_dir(&tmp).expect("mkdir");

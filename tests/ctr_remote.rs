@@ -31,17 +31,6 @@ fn ctr_remote(bin: &str, ctrd: &Containerd, ns: &str, args: &[&str]) -> Output {
         .expect("run ctr-remote")
 }
 
-fn ctr_ns(ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["-n", ns])
-        .args(args)
-        .output()
-        .expect("ctr");
-    ok(out, &format!("ctr -n {ns} {args:?}"))
-}
-
 /// A two-layer gzip image: host `sh`/`cat` with their libraries, then a data file.
 fn two_layer_image(reg: &Registry, tag: &str) -> String {
     let tools = Layer::from_entries(&tools_layer(&["/bin/sh", "/bin/cat"]));
@@ -64,8 +53,7 @@ fn snapshot_chain(
     let mut out = Vec::new();
     let mut name = top.to_string();
     while !name.is_empty() {
-        let info = ctr_ns(
-            ctrd,
+        let info = ctrd.ctr_ns_ok(
             ns,
             &["snapshots", "--snapshotter", snapshotter, "info", &name],
         );
@@ -92,7 +80,7 @@ fn config_of(
     ns: &str,
     image: &str,
 ) -> (String, Vec<String>, BTreeMap<String, String>) {
-    let ls = ctr_ns(ctrd, ns, &["images", "ls"]);
+    let ls = ctrd.ctr_ns_ok(ns, &["images", "ls"]);
     let line = ls
         .lines()
         .find(|l| l.starts_with(image))
@@ -103,14 +91,14 @@ fn config_of(
         .expect("digest column")
         .to_string();
     let manifest: serde_json::Value =
-        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &manifest_digest]))
+        serde_json::from_str(&ctrd.ctr_ns_ok(ns, &["content", "get", &manifest_digest]))
             .expect("manifest json");
     let config_digest = manifest["config"]["digest"]
         .as_str()
         .expect("config digest")
         .to_string();
     let config: serde_json::Value =
-        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &config_digest]))
+        serde_json::from_str(&ctrd.ctr_ns_ok(ns, &["content", "get", &config_digest]))
             .expect("config json");
     let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
         .as_array()
@@ -119,7 +107,7 @@ fn config_of(
         .map(|d| d.as_str().unwrap_or_default().to_string())
         .collect();
     let chain = stargz::chain_ids(&diff_ids);
-    let labels_line = ctr_ns(ctrd, ns, &["content", "ls"]);
+    let labels_line = ctrd.ctr_ns_ok(ns, &["content", "ls"]);
     let cfg_labels: BTreeMap<String, String> = labels_line
         .lines()
         .find(|l| l.starts_with(&config_digest))
@@ -221,8 +209,7 @@ fn rpull_matches_go_ctr_remote_chain_and_labels() {
     );
 
     // The pulled image runs.
-    let out = ctr_ns(
-        &ctrd,
+    let out = ctrd.ctr_ns_ok(
         "ours",
         &[
             "run",
@@ -443,8 +430,7 @@ fn convert_estargz_matches_go_toc_digest_and_runs() {
         ),
         "rpull of converted image",
     );
-    let out = ctr_ns(
-        &ctrd,
+    let out = ctrd.ctr_ns_ok(
         "pulled",
         &[
             "run",
@@ -508,8 +494,7 @@ fn rpull_plain_image_with_stargz_falls_back_and_runs() {
     assert!(stderr.contains("done: 0/2 layers remote"), "{stderr}");
     // (Whether the daemon logs `remote-snapshot-prepared=false` is the daemon's tests' business.)
 
-    let run = ctr_ns(
-        ctrd,
+    let run = ctrd.ctr_ns_ok(
         "ours",
         &[
             "run",
@@ -584,8 +569,7 @@ fn rpull_estargz_image_with_stargz_runs() {
         "{stderr}"
     );
 
-    let run = ctr_ns(
-        ctrd,
+    let run = ctrd.ctr_ns_ok(
         "pulled",
         &[
             "run",

@@ -32,18 +32,6 @@ fn ctr_remote(bin: &str, ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
     ok(out, &format!("{bin} {args:?}"))
 }
 
-/// `ctr -n NS ARGS...`, panicking with its output on failure.
-fn ctr_ns(ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["-n", ns])
-        .args(args)
-        .output()
-        .expect("run ctr");
-    ok(out, &format!("ctr -n {ns} {args:?}"))
-}
-
 /// The repository's `scripts/rootfs.sh` (cached debootstrap rootfs and OCI layouts).
 fn rootfs_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rootfs.sh")
@@ -134,7 +122,7 @@ fn log_tail(daemon: &Daemon) -> String {
 
 /// The image's manifest and the (digest, size) of its layers, read back from containerd.
 fn layers_of(ctrd: &Containerd, ns: &str, image: &str) -> Vec<(String, u64)> {
-    let ls = ctr_ns(ctrd, ns, &["images", "ls"]);
+    let ls = ctrd.ctr_ns_ok(ns, &["images", "ls"]);
     let line = ls
         .lines()
         .find(|l| l.starts_with(image))
@@ -145,7 +133,7 @@ fn layers_of(ctrd: &Containerd, ns: &str, image: &str) -> Vec<(String, u64)> {
         .expect("digest column")
         .to_string();
     let manifest: serde_json::Value =
-        serde_json::from_str(&ctr_ns(ctrd, ns, &["content", "get", &manifest_digest]))
+        serde_json::from_str(&ctrd.ctr_ns_ok(ns, &["content", "get", &manifest_digest]))
             .expect("manifest json");
     manifest["layers"]
         .as_array()
@@ -175,8 +163,7 @@ fn layer_state(root: &Path, digest: &str) -> Option<(u64, u64)> {
 
 /// Runs `python3 -c CODE` in a fresh container of `image` with the stargz snapshotter.
 fn run_python(ctrd: &Containerd, ns: &str, image: &str, id: &str, code: &str) -> String {
-    ctr_ns(
-        ctrd,
+    ctrd.ctr_ns_ok(
         ns,
         &[
             "run",
@@ -200,7 +187,7 @@ fn convert_and_push(bin: &str, ctrd: &Containerd, src: &str, dst: &str, extra: &
     args.extend_from_slice(extra);
     args.extend_from_slice(&[src, dst]);
     ctr_remote(bin, ctrd, "default", &args);
-    ctr_ns(ctrd, "default", &["image", "push", "--plain-http", dst]);
+    ctrd.ctr_ns_ok("default", &["image", "push", "--plain-http", dst]);
     eprintln!("converted+pushed {dst} with {bin} in {:?}", t.elapsed());
 }
 
@@ -215,7 +202,7 @@ fn build_images(reg: &Registry) -> (String, String, String) {
     eprintln!("pushed gzip image in {:?}", t.elapsed());
     let ours_ref = format!("{}/e2e/python:esgz", reg.addr());
     let build = Containerd::start(ContainerdOpts::default());
-    ctr_ns(&build, "default", &["image", "pull", "--plain-http", &gzip]);
+    build.ctr_ns_ok("default", &["image", "pull", "--plain-http", &gzip]);
     let second = format!("{}/e2e/python:esgz-l1", reg.addr());
     convert_and_push(ours(), &build, &gzip, &ours_ref, &[]);
     convert_and_push(
@@ -463,8 +450,7 @@ fn lazy_pull_python_image_end_to_end() {
     );
 
     // 6: kill -9 with a container's snapshot present, restart, re-mounted, a new container runs.
-    ctr_ns(
-        &ctrd,
+    ctrd.ctr_ns_ok(
         "default",
         &[
             "run",

@@ -25,17 +25,6 @@ fn ctr_remote(ctrd: &Containerd, ns: &str, args: &[&str]) -> Output {
         .expect("run ctr-remote")
 }
 
-fn ctr_ns(ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["-n", ns])
-        .args(args)
-        .output()
-        .expect("ctr");
-    assert_success(out, &format!("ctr -n {ns} {args:?}"))
-}
-
 /// A Prometheus server on loopback scraping `target` every second; killed on drop.
 struct Prometheus {
     child: Child,
@@ -175,8 +164,7 @@ fn prometheus_scrapes_go_and_our_series_during_a_lazy_pull_and_run() {
     let rpull = assert_success(out, "rpull of the eStargz image");
     let mounted = mounts_under(&root).len();
     assert_eq!(mounted, 2, "both layers mounted lazily: {rpull}");
-    let run = ctr_ns(
-        &ctrd,
+    let run = ctrd.ctr_ns_ok(
         "lazy",
         &[
             "run",

@@ -311,11 +311,16 @@ impl Containerd {
 
     /// Runs `ctr --address SOCK -n default ARGS...`.
     pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_in("default", args)
+    }
+
+    /// Runs `ctr --address SOCK -n NS ARGS...`.
+    pub fn ctr_in(&self, ns: &str, args: &[&str]) -> Output {
         Command::new("ctr")
             .arg("--address")
             .arg(&self.socket)
             .arg("-n")
-            .arg("default")
+            .arg(ns)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -325,6 +330,11 @@ impl Containerd {
     /// Like [`Containerd::ctr`] but panics (with stdout/stderr) on failure; returns stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
         assert_success(self.ctr(args), &format!("ctr {args:?}"))
+    }
+
+    /// Like [`Containerd::ctr_in`] but panics (with stdout/stderr) on failure; returns stdout.
+    pub fn ctr_ns_ok(&self, ns: &str, args: &[&str]) -> String {
+        assert_success(self.ctr_in(ns, args), &format!("ctr -n {ns} {args:?}"))
     }
 
     /// Waits until the `stargz` proxy snapshotter answers: retries Prepare of a scratch key
