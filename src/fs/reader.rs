@@ -202,7 +202,7 @@ const MAX_BEHIND: usize = 4;
 const MAX_WINDOW: u32 = 8;
 
 /// Round trips' worth of read-ahead a layer gets before its hits must pay for more.
-const PROBATION: u64 = 2;
+const PROBATION: u64 = 8;
 /// A layer whose read-ahead did not pay gets another try after this many misses.
 const RETRY_AFTER: u32 = 16;
 
@@ -540,7 +540,11 @@ impl LayerReader {
     /// its hits are worth at least half the bytes (hits × one round trip's bytes × 2 ≥ bytes):
     /// a program that reads a few scattered libraries (`python3 -c 'print(1)'`) stops paying
     /// for neighbours it never reads, one that imports a whole package keeps going. A layer held
-    /// back tries again every [`RETRY_AFTER`] misses, in case its readers changed.
+    /// back tries again every [`RETRY_AFTER`] misses, in case its readers changed, on a fresh
+    /// ledger: what its readers do now decides, not what they did before. (A ledger kept from
+    /// the start shut read-ahead off for good in a layer whose first few misses read ahead into
+    /// files nobody read, however well the retries did afterwards: on a link a little slower
+    /// than expected, an import-heavy start fell back to one request per module.)
     fn readahead_budget(&self) -> u64 {
         if let Some(fixed) = self.opts.readahead_bytes {
             return fixed;
@@ -553,11 +557,12 @@ impl LayerReader {
             .load(Ordering::SeqCst)
             .saturating_mul(one)
             .saturating_mul(2);
-        if spent > PROBATION * one
-            && earned < spent
-            && self.held_back.fetch_add(1, Ordering::SeqCst) + 1 < RETRY_AFTER
-        {
-            return 0;
+        if spent > PROBATION * one && earned < spent {
+            if self.held_back.fetch_add(1, Ordering::SeqCst) + 1 < RETRY_AFTER {
+                return 0;
+            }
+            self.ahead_bytes.store(0, Ordering::SeqCst);
+            self.ahead_hits.store(0, Ordering::SeqCst);
         }
         self.held_back.store(0, Ordering::SeqCst);
         link.readahead(self.window.load(Ordering::SeqCst))
@@ -1258,6 +1263,16 @@ mod tests {
     /// Mounts the modules layer behind `link` (no FUSE: the reader only) and reads every
     /// module in name order; returns how many range requests the reads had made after each.
     fn import_all(n: usize, rtt_ms: u64, mbit: f64) -> (Vec<u64>, Arc<LayerReader>) {
+        import_in_order(n, rtt_ms, mbit, &(0..n).collect::<Vec<_>>())
+    }
+
+    /// As [`import_all`], reading the modules numbered in `order`.
+    fn import_in_order(
+        n: usize,
+        rtt_ms: u64,
+        mbit: f64,
+        order: &[usize],
+    ) -> (Vec<u64>, Arc<LayerReader>) {
         let (blob, toc_digest) = modules_layer(n);
         let link = Arc::new(SimLink {
             blob,
@@ -1278,13 +1293,13 @@ mod tests {
         let reader = super::super::layer::open_layer(spec, dir.path(), &opts, Arc::default())
             .expect("open layer");
         let before = link.fetches.load(Ordering::SeqCst);
-        let mut made = Vec::with_capacity(n);
+        let mut made = Vec::with_capacity(order.len());
         let table = reader.table();
         let lib = table
             .lookup(super::super::inode::ROOT_INO, "lib")
             .expect("lib")
             .ino;
-        for i in 0..n {
+        for &i in order {
             let ino = table
                 .lookup(lib, &format!("mod{i:03}.pyc"))
                 .expect("module")
@@ -1308,6 +1323,26 @@ mod tests {
         assert!(
             reader.window.load(Ordering::SeqCst) > 1,
             "reads landing in read-ahead widen the window"
+        );
+    }
+
+    #[test]
+    fn read_ahead_waits_for_hits_that_come_later() {
+        // Python jumps between packages and comes back: the neighbours a miss brings are
+        // often read only after a few more misses elsewhere. Eight misses far apart, each
+        // reading ahead (~65 modules a round trip on 100 Mbit / 20 ms), then the rest of each
+        // group: a layer judged after a couple of misses would have stopped reading ahead
+        // before the later groups and paid another request for each of them.
+        let (groups, stride, per_group) = (8, 200, 50);
+        let firsts = (0..groups).map(|g| g * stride);
+        let rests = (0..groups).flat_map(|g| (1..per_group).map(move |k| g * stride + k));
+        let order: Vec<usize> = firsts.chain(rests).collect();
+        let (made, _) = import_in_order(groups * stride, 20, 100.0, &order);
+        let requests = made.last().copied().unwrap_or(0);
+        assert!(
+            requests <= groups as u64 + 1,
+            "{requests} requests for {} modules in {groups} groups: {made:?}",
+            order.len()
         );
     }
 
