@@ -26,6 +26,15 @@
 #   full  containerd's overlayfs: `ctr image pull` of the gzip image + `ctr run`. To keep the run
 #         short the image is pulled ONCE per run and link, then each workload runs on it; a full
 #         cell's time is that pull's time + the workload's own `ctr run` time.
+# Optimized images (issue 12): per workload, the gzip image optimized
+# for that workload (`image optimize --oci --args <its command>`) by our ctr-remote and by Go's,
+# then cold-started lazily like `ours`/`go` (prefetch of everything before the landmark at mount):
+#   ours-opt    our daemon and rpull on the image optimized by OUR ctr-remote
+#   ours-goopt  our daemon and rpull on the image optimized by GO's ctr-remote
+#   go-goopt    Go's daemon and rpull on the image optimized by Go's
+# Their goals: ours-opt / ours-goopt <= 1 (our optimize is as good as Go's, same daemon) and
+# ours-goopt / go-goopt <= 1 (our daemon on Go's optimized image). The optimized images are cached
+# in $STARGZ_TESTBED_CACHE keyed by the gzip image, the optimizing binary and the workload.
 # Every timed step starts with a dropped page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`),
 # each lazy run with a fresh daemon, containerd and cache, each full run with a fresh containerd.
 #
@@ -61,7 +70,7 @@
 #                                markdown table) and bench-results/pull.md (the table alone)
 # Environment:
 #   WORKLOADS ("imports tools print large"), LINKS ("100mbit/10 1gbit/25 20mbit/5 loopback"),
-#   SYSTEMS ("ours go full"), RUNS (3), BIG (1: also the twice-as-big image's RSS check; 0: not),
+#   SYSTEMS ("ours go full ours-opt ours-goopt go-goopt"), RUNS (3), BIG (1: also the twice-as-big image's RSS check; 0: not),
 #   DAEMON / CTR_REMOTE (ours; default target/release/...), GO_DAEMON (a binary; default built by
 #   scripts/go-daemon.sh; empty: no `go` cells), GO_CTR_REMOTE (/usr/bin/ctr-remote),
 #   DELAY_PROXY (binary; default built with cargo), RTTS (4), SETTLE_TIMEOUT (180 s),
@@ -75,7 +84,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 read -r -a WORKLOADS <<<"${WORKLOADS:-imports tools print large}"
 read -r -a LINKS <<<"${LINKS:-100mbit/10 1gbit/25 20mbit/5 loopback}"
-read -r -a SYSTEMS <<<"${SYSTEMS:-ours go full}"
+read -r -a SYSTEMS <<<"${SYSTEMS:-ours go full ours-opt ours-goopt go-goopt}"
 RUNS=${RUNS:-3}
 BIG=${BIG:-1}
 OUT=${OUT:-$REPO/bench-results/pull.txt}
@@ -110,7 +119,10 @@ declare -A WEXPECT=(
   [large]='^/data/large.bin: OK$'
 )
 for w in "${WORKLOADS[@]}"; do [ -n "${WCMD[$w]:-}" ] || die "unknown workload '$w' (imports tools print large)"; done
-for s in "${SYSTEMS[@]}"; do has "$s" ours go full || die "unknown system '$s' (ours go full)"; done
+LAZY_SYSTEMS=(ours go ours-opt ours-goopt go-goopt)
+for s in "${SYSTEMS[@]}"; do has "$s" full "${LAZY_SYSTEMS[@]}" || die "unknown system '$s' (full ${LAZY_SYSTEMS[*]})"; done
+# Whether any system of SYSTEMS runs an optimized image.
+wants_opt() { local s; for s in "${SYSTEMS[@]}"; do [[ $s == *opt ]] && return 0; done; return 1; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "bad RUNS '$RUNS'"
 
 # "100mbit/10" → rate and one-way delay; "loopback" → none/0. LKEY is the link's name in keys.
@@ -330,6 +342,44 @@ prepare_image() {
 prepare_image python-data
 [ "$BIG" = 1 ] && prepare_image python-data-big
 
+# Pushes bench/python-data:TAG-W, the gzip image optimized for workload W by ctr-remote BINARY
+# (TAG opt: ours, goopt: Go's); from the cache when this image, binary and workload were seen.
+# Set-up, not measured: the build containerd is on the host, so nothing crosses a limited link.
+prepare_optimized() {
+  local tag=$1 bin=$2 w=$3 gz_digest key cached args t0
+  local ref=$ADDR/bench/python-data:$tag-$w
+  gz_digest=$(jq -r '.manifests[0].digest' "$WORK/oci-python-data/index.json")
+  key=$( { echo "$gz_digest ${WCMD[$w]}"; sha256sum <"$bin"; } | sha256sum | cut -c1-16)
+  cached=$CACHE/opt-python-data-$tag-$w-$key
+  if [ -s "$cached/index.json" ]; then
+    "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --dest-tls-verify=false \
+      "oci:$cached:latest" "docker://127.0.0.1:5000/bench/python-data:$tag-$w"
+    log "image bench/python-data:$tag-$w from the cache $cached"
+    return 0
+  fi
+  t0=$(now)
+  args=$(tr ' ' '\n' <<<"${WCMD[$w]}" | jq -R . | jq -sc .)
+  start_containerd "opt-$tag-$w"
+  ctr --address "$CTRD_SOCK" image pull --plain-http "$ADDR/bench/python-data:gzip" >/dev/null
+  "$bin" --address "$CTRD_SOCK" image optimize --oci --args "$args" \
+    "$ADDR/bench/python-data:gzip" "$ref" >"$WORK/opt-$tag-$w.out" 2>&1 \
+    || die "$bin image optimize for $w failed: $(tail -n 3 "$WORK/opt-$tag-$w.out")"
+  ctr --address "$CTRD_SOCK" image push --plain-http "$ref" >/dev/null
+  stop_containerd
+  rm -rf "$WORK/opt-$tag-$w"
+  mkdir -p "$CACHE"; rm -rf "$cached.tmp"
+  "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --src-tls-verify=false \
+    "docker://127.0.0.1:5000/bench/python-data:$tag-$w" "oci:$cached.tmp:latest"
+  rm -rf "$cached"; mv "$cached.tmp" "$cached"
+  log "optimized bench/python-data for $w with $bin in $(elapsed "$t0" "$(now)") s (cached in $cached)"
+}
+if wants_opt; then
+  for w in "${WORKLOADS[@]}"; do
+    has ours-opt "${SYSTEMS[@]}" && prepare_optimized opt "$CTR_REMOTE" "$w"
+    { has ours-goopt "${SYSTEMS[@]}" || has go-goopt "${SYSTEMS[@]}"; } && prepare_optimized goopt "$GO_CTR_REMOTE" "$w"
+  done
+fi
+
 result host_load_at_start "$(cut -d' ' -f1-3 /proc/loadavg) (other work on this machine makes every number noisier)"
 GZ_MANIFEST=$(manifest python-data gzip)
 ESGZ_MANIFEST=$(manifest python-data esgz)
@@ -450,11 +500,13 @@ trace_reads
 
 # ---- the matrix ----
 OURS_OK=0; GO_OK=0
-if has ours "${SYSTEMS[@]}"; then
+# Whether SYSTEMS has a system of daemon PREFIX (ours|go).
+uses() { local s; for s in "${SYSTEMS[@]}"; do [[ $s == "$1" || $s == "$1"-* ]] && return 0; done; return 1; }
+if uses ours; then
   if [ -x "$DAEMON" ] && [ -x "$CTR_REMOTE" ]; then OURS_OK=1; result ours_binaries "$DAEMON $CTR_REMOTE"
   else result ours_lazy_seconds "not available: $DAEMON or $CTR_REMOTE not built (make release)"; fi
 fi
-if has go "${SYSTEMS[@]}"; then
+if uses go; then
   if [ -z "${GO_DAEMON+set}" ]; then
     GO_DAEMON=$("$REPO/scripts/go-daemon.sh" 2>"$WORK/go-daemon.log") || GO_DAEMON=""
   fi
@@ -466,11 +518,15 @@ fi
 declare -A TIMES FAIL REQS REQS_ALL FETCHED REMOTE LOCALRUN PULLT
 cell_failed() { [ -n "${FAIL[$1]:-}" ]; }
 
-# One lazy run of workload W with system S (ours|go) and variant V: fresh daemon, containerd and
-# cache. Sets T, and REQ/REQ_ALL/BYTES_RUN of pull + run; with settle=1 also RSS/CACHE_DISK/TOTAL.
+# One lazy run of workload W with system S (one of LAZY_SYSTEMS) and variant V: fresh daemon,
+# containerd and cache. Sets T, and REQ/REQ_ALL/BYTES_RUN of pull + run; with settle=1 also
+# RSS/CACHE_DISK/TOTAL. The image is V's eStargz conversion, or for an *opt system V's
+# optimization for W.
 lazy_run() {
   local s=$1 w=$2 v=$3 do_settle=$4 daemon rpull dir sock dsock pid i ready=0 mark before t0 t1
-  if [ "$s" = ours ]; then daemon=$DAEMON; rpull=$CTR_REMOTE; else daemon=$GO_DAEMON; rpull=$GO_CTR_REMOTE; fi
+  if [[ $s == ours* ]]; then daemon=$DAEMON; rpull=$CTR_REMOTE; else daemon=$GO_DAEMON; rpull=$GO_CTR_REMOTE; fi
+  local tag=esgz
+  case $s in *-opt) tag=opt-$w ;; *-goopt) tag=goopt-$w ;; esac
   dir=$WORK/lazy-$s; rm -rf "$dir" "$WORK/lazy-$s-ctrd"; mkdir -p "$dir"
   dsock=$dir/stargz.sock
   cat >"$dir/stargz.toml" <<TOML
@@ -498,7 +554,7 @@ TOML
   if [ "$ready" != 1 ]; then
     echo "daemon did not serve: $(tail -n 3 "$dir/daemon.log" | tr '\n' ' ')" >"$WORK/why"; rc=1
   else
-    local ref=$ADDR/bench/$v:esgz
+    local ref=$ADDR/bench/$v:$tag
     drop_caches
     mark=$(req_mark); before=$(served)
     t0=$(now)
@@ -570,13 +626,13 @@ for l in "${LINKS[@]}"; do
     log "link $l, run $r of $RUNS"
     has full "${SYSTEMS[@]}" && full_run
     for w in "${WORKLOADS[@]}"; do
-      for s in ours go; do
+      for s in "${LAZY_SYSTEMS[@]}"; do
         has "$s" "${SYSTEMS[@]}" || continue
-        [ "$s" = ours ] && [ "$OURS_OK" = 0 ] && continue
-        [ "$s" = go ] && [ "$GO_OK" = 0 ] && continue
+        [[ $s == ours* ]] && [ "$OURS_OK" = 0 ] && continue
+        [[ $s == go* ]] && [ "$GO_OK" = 0 ] && continue
         c="$w|$LKEY|$s"
         cell_failed "$c" && continue
-        st=0; [ "$w $l" = "$RSS_CELL" ] && [ "$r" = "$RUNS" ] && st=1
+        st=0; [ "$w $l" = "$RSS_CELL" ] && [ "$r" = "$RUNS" ] && { [ "$s" = ours ] || [ "$s" = go ]; } && st=1
         if lazy_run "$s" "$w" python-data "$st"; then
           TIMES[$c]="${TIMES[$c]:-} $T"
           REQS[$c]=$REQ; REQS_ALL[$c]=$REQ_ALL; FETCHED[$c]=$BYTES_RUN; REMOTE[$c]=$NREMOTE
@@ -611,8 +667,8 @@ declare -A MED
 for l in "${LINKS[@]}"; do
   parse_link "$l"
   for w in "${WORKLOADS[@]}"; do
-    for s in ours go full; do
-      c="$w|$LKEY|$s"; k="${w}_${LKEY}_${s}"
+    for s in full "${LAZY_SYSTEMS[@]}"; do
+      c="$w|$LKEY|$s"; k="${w}_${LKEY}_${s//-/_}"
       has "$s" "${SYSTEMS[@]}" || continue
       if cell_failed "$c"; then result "${k}_seconds" "failed: ${FAIL[$c]}"; continue; fi
       [ -n "${TIMES[$c]:-}" ] || continue
@@ -636,6 +692,13 @@ for l in "${LINKS[@]}"; do
       [ -n "${MED[$w|$LKEY|go]:-}" ] && [ "$s" = ours ] && result "${w}_${LKEY}_ours_over_go" "$(ratio "${MED[$w|$LKEY|ours]}" "${MED[$w|$LKEY|go]}")"
       [ -n "${MED[$w|$LKEY|full]:-}" ] && result "${w}_${LKEY}_${s}_over_full" "$(ratio "${MED[$w|$LKEY|$s]}" "${MED[$w|$LKEY|full]}")"
     done
+    # Issue 12's goals: our optimize against Go's (same daemon), our daemon against Go's on Go's image.
+    if [ -n "${MED[$w|$LKEY|ours-opt]:-}" ] && [ -n "${MED[$w|$LKEY|ours-goopt]:-}" ]; then
+      result "${w}_${LKEY}_ours_opt_over_ours_goopt" "$(ratio "${MED[$w|$LKEY|ours-opt]}" "${MED[$w|$LKEY|ours-goopt]}")"
+    fi
+    if [ -n "${MED[$w|$LKEY|ours-goopt]:-}" ] && [ -n "${MED[$w|$LKEY|go-goopt]:-}" ]; then
+      result "${w}_${LKEY}_ours_goopt_over_go_goopt" "$(ratio "${MED[$w|$LKEY|ours-goopt]}" "${MED[$w|$LKEY|go-goopt]}")"
+    fi
     # The physical limit of a lazy start on this link.
     local_run=""
     if [ -n "${LOCALRUN[$w|$LKEY|full]:-}" ]; then read -r -a rs <<<"${LOCALRUN[$w|$LKEY|full]}"; local_run=$(median "${rs[@]}")
@@ -680,19 +743,34 @@ cellv() { if [ -n "${MED[$1]:-}" ]; then echo "${MED[$1]}"; elif cell_failed "$1
 rat() { if [ -n "${MED[$1]:-}" ] && [ -n "${MED[$2]:-}" ]; then ratio "${MED[$1]}" "${MED[$2]}"; else echo "–"; fi; }
 num() { if [ -n "${MED[$1]:-}" ]; then echo "${2:-–}"; else echo "–"; fi; }
 {
-  echo "| workload | link | ours s | Go s | full s | ours/Go | ours/full | Go/full | ours req | Go req | ours MB | Go MB | read MB | limit s | ours/limit |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-  for w in "${WORKLOADS[@]}"; do
-    for l in "${LINKS[@]}"; do
-      parse_link "$l"; b="$w|$LKEY"
-      echo "| $w | $l | $(cellv "$b|ours") | $(cellv "$b|go") | $(cellv "$b|full") | $(rat "$b|ours" "$b|go") | $(rat "$b|ours" "$b|full") | $(rat "$b|go" "$b|full") | $(num "$b|ours" "${REQS[$b|ours]:-}") | $(num "$b|go" "${REQS[$b|go]:-}") | $(num "$b|ours" "$(mb "${FETCHED[$b|ours]:-}")") | $(num "$b|go" "$(mb "${FETCHED[$b|go]:-}")") | $(mb "${READ_CBYTES[$w]:-}") | $(cellv "$b|limit") | $(rat "$b|ours" "$b|limit") |"
+  if has ours "${SYSTEMS[@]}" || has go "${SYSTEMS[@]}" || has full "${SYSTEMS[@]}"; then
+    echo "| workload | link | ours s | Go s | full s | ours/Go | ours/full | Go/full | ours req | Go req | ours MB | Go MB | read MB | limit s | ours/limit |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    for w in "${WORKLOADS[@]}"; do
+      for l in "${LINKS[@]}"; do
+        parse_link "$l"; b="$w|$LKEY"
+        echo "| $w | $l | $(cellv "$b|ours") | $(cellv "$b|go") | $(cellv "$b|full") | $(rat "$b|ours" "$b|go") | $(rat "$b|ours" "$b|full") | $(rat "$b|go" "$b|full") | $(num "$b|ours" "${REQS[$b|ours]:-}") | $(num "$b|go" "${REQS[$b|go]:-}") | $(num "$b|ours" "$(mb "${FETCHED[$b|ours]:-}")") | $(num "$b|go" "$(mb "${FETCHED[$b|go]:-}")") | $(mb "${READ_CBYTES[$w]:-}") | $(cellv "$b|limit") | $(rat "$b|ours" "$b|limit") |"
+      done
     done
-  done
-  echo
-  echo "Medians of $RUNS fresh pulls each, seconds from pull start to the workload's exit; the whole matrix took $((WALL / 60)) min $((WALL % 60)) s."
-  echo "full = one \`ctr image pull\` of the gzip image per run and link + the workload's own \`ctr run\`."
-  echo "req = blob requests (GET/HEAD) the registry answered during pull + run; MB = bytes it sent (Go's daemon fetches in the background meanwhile)."
-  echo "read MB = compressed bytes of the files the workload reads; limit = read MB ÷ rate + $RTTS RTT + the \`ctr run\` time on the local image."
+    echo
+    echo "Medians of $RUNS fresh pulls each, seconds from pull start to the workload's exit; the whole matrix took $((WALL / 60)) min $((WALL % 60)) s."
+    echo "full = one \`ctr image pull\` of the gzip image per run and link + the workload's own \`ctr run\`."
+    echo "req = blob requests (GET/HEAD) the registry answered during pull + run; MB = bytes it sent (Go's daemon fetches in the background meanwhile)."
+    echo "read MB = compressed bytes of the files the workload reads; limit = read MB ÷ rate + $RTTS RTT + the \`ctr run\` time on the local image."
+  fi
+  if wants_opt; then
+    echo
+    echo "Optimized images (each optimized for its workload): ours-opt = our daemon on the image optimized by our ctr-remote; ours-goopt = our daemon on Go's optimization; go-goopt = Go's daemon on Go's optimization."
+    echo
+    echo "| workload | link | ours-opt s | ours-goopt s | go-goopt s | ours-opt/ours-goopt | ours-goopt/go-goopt | ours-opt req | ours-goopt req | go-goopt req | ours-opt MB | ours-goopt MB | go-goopt MB |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    for w in "${WORKLOADS[@]}"; do
+      for l in "${LINKS[@]}"; do
+        parse_link "$l"; b="$w|$LKEY"
+        echo "| $w | $l | $(cellv "$b|ours-opt") | $(cellv "$b|ours-goopt") | $(cellv "$b|go-goopt") | $(rat "$b|ours-opt" "$b|ours-goopt") | $(rat "$b|ours-goopt" "$b|go-goopt") | $(num "$b|ours-opt" "${REQS[$b|ours-opt]:-}") | $(num "$b|ours-goopt" "${REQS[$b|ours-goopt]:-}") | $(num "$b|go-goopt" "${REQS[$b|go-goopt]:-}") | $(num "$b|ours-opt" "$(mb "${FETCHED[$b|ours-opt]:-}")") | $(num "$b|ours-goopt" "$(mb "${FETCHED[$b|ours-goopt]:-}")") | $(num "$b|go-goopt" "$(mb "${FETCHED[$b|go-goopt]:-}")") |"
+      done
+    done
+  fi
   for c in "${!FAIL[@]}"; do echo "- failed ${c//|/ }: ${FAIL[$c]}"; done | sort
 } >"$WORK/table.md"
 

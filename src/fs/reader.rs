@@ -201,7 +201,9 @@ const MAX_BEHIND: usize = 4;
 /// last chunk of such a span waits at most this many round trips of transfer for it.
 const MAX_WINDOW: u32 = 8;
 
-/// Round trips' worth of read-ahead a layer gets before its hits must pay for more.
+/// Round trips' worth of read-ahead a layer gets before its hits must pay for more: about as
+/// many misses' worth, since hits often come late (Python leaves a package and returns to it a
+/// few imports later) and a layer judged after two misses had not seen them yet.
 const PROBATION: u64 = 8;
 /// A layer whose read-ahead did not pay gets another try after this many misses.
 const RETRY_AFTER: u32 = 16;
