@@ -310,6 +310,24 @@ link_up() {
 mkdir -p "$WORK/registry"
 link_up loopback
 
+# Pushes the cached image layout CACHED to the registry as bench/NAME (repo:tag); fails if there
+# is none.
+push_cached() {
+  local cached=$1 name=$2
+  [ -s "$cached/index.json" ] || return 1
+  "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --dest-tls-verify=false \
+    "oci:$cached:latest" "docker://127.0.0.1:5000/bench/$name"
+  log "image bench/$name from the cache $cached"
+}
+# Keeps bench/NAME from the registry as the image layout CACHED.
+store_cached() {
+  local name=$1 cached=$2
+  mkdir -p "$CACHE"; rm -rf "$cached.tmp"
+  "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --src-tls-verify=false \
+    "docker://127.0.0.1:5000/bench/$name" "oci:$cached.tmp:latest"
+  rm -rf "$cached"; mv "$cached.tmp" "$cached"
+}
+
 # Pushes VARIANT (python-data or python-data-big) as bench/VARIANT:gzip and its eStargz conversion
 # as :esgz; the conversion comes from the cache when this gzip image and Go's ctr-remote were seen.
 prepare_image() {
@@ -321,12 +339,7 @@ prepare_image() {
   gz_digest=$(jq -r '.manifests[0].digest' "$WORK/oci-$v/index.json")
   key=$( { echo "$gz_digest"; sha256sum <"$GO_CTR_REMOTE"; } | sha256sum | cut -c1-16)
   cached=$CACHE/esgz-$v-$key
-  if [ -s "$cached/index.json" ]; then
-    "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --dest-tls-verify=false \
-      "oci:$cached:latest" "docker://127.0.0.1:5000/bench/$v:esgz"
-    log "image bench/$v:esgz from the cache $cached"
-    return 0
-  fi
+  push_cached "$cached" "$v:esgz" && return 0
   # Set-up, not measured: this containerd is on the host, so the conversion crosses the (unlimited) link.
   local t0; t0=$(now)
   start_containerd "conv-$v"
@@ -336,10 +349,7 @@ prepare_image() {
   ctr --address "$CTRD_SOCK" image push --plain-http "$ADDR/bench/$v:esgz" >/dev/null
   stop_containerd
   rm -rf "$WORK/conv-$v"
-  mkdir -p "$CACHE"; rm -rf "$cached.tmp"
-  "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --src-tls-verify=false \
-    "docker://127.0.0.1:5000/bench/$v:esgz" "oci:$cached.tmp:latest"
-  rm -rf "$cached"; mv "$cached.tmp" "$cached"
+  store_cached "$v:esgz" "$cached"
   log "converted bench/$v to eStargz in $(elapsed "$t0" "$(now)") s (cached in $cached)"
 }
 prepare_image python-data
@@ -354,12 +364,7 @@ prepare_optimized() {
   gz_digest=$(jq -r '.manifests[0].digest' "$WORK/oci-python-data/index.json")
   key=$( { echo "$gz_digest ${WCMD[$w]}"; sha256sum <"$bin"; } | sha256sum | cut -c1-16)
   cached=$CACHE/opt-python-data-$tag-$w-$key
-  if [ -s "$cached/index.json" ]; then
-    "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --dest-tls-verify=false \
-      "oci:$cached:latest" "docker://127.0.0.1:5000/bench/python-data:$tag-$w"
-    log "image bench/python-data:$tag-$w from the cache $cached"
-    return 0
-  fi
+  push_cached "$cached" "python-data:$tag-$w" && return 0
   t0=$(now)
   args=$(tr ' ' '\n' <<<"${WCMD[$w]}" | jq -R . | jq -sc .)
   start_containerd "opt-$tag-$w"
@@ -370,10 +375,7 @@ prepare_optimized() {
   ctr --address "$CTRD_SOCK" image push --plain-http "$ref" >/dev/null
   stop_containerd
   rm -rf "$WORK/opt-$tag-$w"
-  mkdir -p "$CACHE"; rm -rf "$cached.tmp"
-  "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --src-tls-verify=false \
-    "docker://127.0.0.1:5000/bench/python-data:$tag-$w" "oci:$cached.tmp:latest"
-  rm -rf "$cached"; mv "$cached.tmp" "$cached"
+  store_cached "python-data:$tag-$w" "$cached"
   log "optimized bench/python-data for $w with $bin in $(elapsed "$t0" "$(now)") s (cached in $cached)"
 }
 if wants_opt; then
