@@ -280,8 +280,8 @@ fn cached_throughput(dir: &Path, toc: &str, passthrough: bool, out: &mut String)
     Ok(())
 }
 
-/// 4 KiB reads per second at `n` pseudo-random offsets of `path`, page cache dropped first:
-/// with readahead mostly defeated, each is about one FUSE read, so per-read overheads show.
+/// 4 KiB reads per second at `n` pseudo-random offsets of `path`, starting `cold`: with
+/// readahead mostly defeated, each is about one FUSE read, so per-read overheads show.
 fn random_small_reads(path: &Path, size: u64, n: usize, cold: Cold) -> Result<f64> {
     let f = open_cold(path, cold)?;
     let mut buf = [0u8; 4096];

@@ -1332,10 +1332,11 @@ mod tests {
     fn read_ahead_waits_for_hits_that_come_later() {
         // Python jumps between packages and comes back: the neighbours a miss brings are
         // often read only after a few more misses elsewhere. Eight misses far apart, each
-        // reading ahead (~65 modules a round trip on 100 Mbit / 20 ms), then the rest of each
-        // group: a layer judged after a couple of misses would have stopped reading ahead
-        // before the later groups and paid another request for each of them.
-        let (groups, stride, per_group) = (8, 200, 50);
+        // reading ahead (~65 modules: a round trip of 100 Mbit / 20 ms as the reader measures
+        // this simulated link), then the next 29 modules of each group: a layer judged after a
+        // couple of misses would have stopped reading ahead before the later groups and paid
+        // another request for each of them.
+        let (groups, stride, per_group) = (8, 200, 30);
         let firsts = (0..groups).map(|g| g * stride);
         let rests = (0..groups).flat_map(|g| (1..per_group).map(move |k| g * stride + k));
         let order: Vec<usize> = firsts.chain(rests).collect();
