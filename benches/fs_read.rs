@@ -238,19 +238,21 @@ fn mount(
     Ok(mount_layer(reader, &mnt, opts, fetcher)?)
 }
 
-fn cached_throughput(dir: &Path, toc: &str, passthrough: bool, out: &mut String) -> Result<()> {
-    let name = if passthrough { "pt" } else { "nopt" };
+/// Mounts the local blob as layer `name` and waits until its background fetch has cached all of
+/// it; returns the layer and how long the fill took.
+fn mount_filled(
+    dir: &Path,
+    name: &str,
+    toc: &str,
+    opts: &LayerOptions,
+) -> Result<(stargz::MountedLayer, Duration)> {
     let fetcher = Arc::new(BackgroundFetcher::new(
         2,
         Arc::new(Priority::default()),
         16 << 20,
     ));
-    let opts = LayerOptions {
-        passthrough,
-        ..Default::default()
-    };
     let src: Arc<dyn LayerSource> = Arc::new(FileSource::open(&dir.join("blob"))?);
-    let layer = mount(dir, name, src, toc, &opts, Some(fetcher))?;
+    let layer = mount(dir, name, src, toc, opts, Some(fetcher))?;
     let start = Instant::now();
     while !layer.reader().fully_cached() {
         ensure!(
@@ -259,7 +261,17 @@ fn cached_throughput(dir: &Path, toc: &str, passthrough: bool, out: &mut String)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let fill_s = start.elapsed().as_secs_f64();
+    Ok((layer, start.elapsed()))
+}
+
+fn cached_throughput(dir: &Path, toc: &str, passthrough: bool, out: &mut String) -> Result<()> {
+    let name = if passthrough { "pt" } else { "nopt" };
+    let opts = LayerOptions {
+        passthrough,
+        ..Default::default()
+    };
+    let (layer, fill) = mount_filled(dir, name, toc, &opts)?;
+    let fill_s = fill.as_secs_f64();
     let reads_before = layer.reader().userspace_reads();
     let mut ratios = Vec::new();
     for _ in 0..3 {
@@ -308,22 +320,7 @@ fn metrics_cost(dir: &Path, toc: &str, size: u64, out: &mut String) -> Result<()
             ..Default::default()
         };
         opts.read.metrics = metrics;
-        let fetcher = Arc::new(BackgroundFetcher::new(
-            2,
-            Arc::new(Priority::default()),
-            16 << 20,
-        ));
-        let src: Arc<dyn LayerSource> = Arc::new(FileSource::open(&dir.join("blob"))?);
-        let layer = mount(dir, name, src, toc, &opts, Some(fetcher))?;
-        let start = Instant::now();
-        while !layer.reader().fully_cached() {
-            ensure!(
-                start.elapsed() < Duration::from_secs(900),
-                "background fetch did not finish"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        layers.push(layer);
+        layers.push(mount_filled(dir, name, toc, &opts)?.0);
     }
     let (off, on) = (
         layers[0].mountpoint().join("big"),

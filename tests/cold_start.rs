@@ -56,11 +56,7 @@ fn run_ok(cmd: &mut Command, what: &str) -> String {
 /// Our `ctr-remote ARGS...` against `ctrd` (namespace `default`).
 fn ctr_remote(ctrd: &Containerd, args: &[&str]) -> String {
     run_ok(
-        Command::new(env!("CARGO_BIN_EXE_ctr-remote"))
-            .arg("--address")
-            .arg(ctrd.socket())
-            .args(["--namespace", "default"])
-            .args(args),
+        &mut ctrd.ctr_remote_cmd(env!("CARGO_BIN_EXE_ctr-remote"), "default", args),
         &format!("ctr-remote {args:?}"),
     )
 }

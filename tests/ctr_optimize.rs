@@ -26,13 +26,8 @@ fn ours() -> &'static str {
 /// A `ctr-remote` command against `ctrd` in namespace `ns`, with its temp files under `tmp`
 /// (so a test can see that nothing is left there).
 fn ctr_remote_cmd(bin: &str, ctrd: &Containerd, ns: &str, tmp: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin);
-    c.arg("--address")
-        .arg(ctrd.socket())
-        .args(["--namespace", ns])
-        .args(args)
-        .env("TMPDIR", tmp)
-        .stdin(Stdio::null());
+    let mut c = ctrd.ctr_remote_cmd(bin, ns, args);
+    c.env("TMPDIR", tmp).stdin(Stdio::null());
     c
 }
 

@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use common::{
@@ -22,11 +22,7 @@ fn ours() -> &'static str {
 
 /// Runs a `ctr-remote` binary against `ctrd` in namespace `ns`.
 fn ctr_remote(bin: &str, ctrd: &Containerd, ns: &str, args: &[&str]) -> Output {
-    Command::new(bin)
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["--namespace", ns])
-        .args(args)
+    ctrd.ctr_remote_cmd(bin, ns, args)
         .output()
         .expect("run ctr-remote")
 }

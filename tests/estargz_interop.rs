@@ -13,7 +13,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use stargz::estargz::{self, BuildOptions, EntryType};
@@ -160,12 +159,8 @@ fn make_tar(nodes: &[Node]) -> Vec<u8> {
 }
 
 fn ctr_remote(ctrd: &Containerd, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("ctr-remote")
-        .arg("--address")
-        .arg(ctrd.socket())
-        .arg("-n")
-        .arg("default")
-        .args(args)
+    let out = ctrd
+        .ctr_remote_cmd("ctr-remote", "default", args)
         .output()
         .expect("run ctr-remote");
     assert!(

@@ -22,11 +22,8 @@ fn ours() -> &'static str {
 
 /// Runs a `ctr-remote` binary against `ctrd` in namespace `ns`.
 fn ctr_remote(bin: &str, ctrd: &Containerd, ns: &str, args: &[&str]) -> String {
-    let out = Command::new(bin)
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["--namespace", ns])
-        .args(args)
+    let out = ctrd
+        .ctr_remote_cmd(bin, ns, args)
         .output()
         .expect("run ctr-remote");
     ok(out, &format!("{bin} {args:?}"))

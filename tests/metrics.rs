@@ -16,11 +16,7 @@ use common::*;
 
 /// Our `ctr-remote ARGS...` against `ctrd` in namespace `ns`.
 fn ctr_remote(ctrd: &Containerd, ns: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ctr-remote"))
-        .arg("--address")
-        .arg(ctrd.socket())
-        .args(["--namespace", ns])
-        .args(args)
+    ctrd.ctr_remote_cmd(env!("CARGO_BIN_EXE_ctr-remote"), ns, args)
         .output()
         .expect("run ctr-remote")
 }

@@ -327,6 +327,16 @@ impl Containerd {
             .expect("run ctr")
     }
 
+    /// `BIN --address <socket> --namespace NS ARGS...`, for our `ctr-remote` or Go's; not run.
+    pub fn ctr_remote_cmd(&self, bin: &str, ns: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(bin);
+        c.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", ns])
+            .args(args);
+        c
+    }
+
     /// Like [`Containerd::ctr`] but panics (with stdout/stderr) on failure; returns stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
         assert_success(self.ctr(args), &format!("ctr {args:?}"))
