@@ -14,6 +14,10 @@ pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// The layer digest, as containerd's CRI plugin passes it (read before [`STARGZ_DIGEST`]).
 pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 
+/// Every layer digest of the image, comma-separated, as containerd's CRI plugin passes it (read
+/// before [`STARGZ_LAYERS`]).
+pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+
 /// The image reference of the layer (Go's `TargetRefLabel`).
 pub const STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
 /// The layer's blob digest.

@@ -35,7 +35,7 @@ pub use index::LayerIndex;
 pub use reader::{open_blob, read_file_range, OpenedBlob};
 pub use toc::{parse_toc_member, to_go_json, EntryType, Toc, TocEntry};
 // Used only inside the crate (`fs`, `ctr`).
-pub(crate) use footer::{read_toc_member, TocLocator};
+pub(crate) use footer::{read_toc_member, TocLocator, MAX_FOOTER_SIZE};
 pub(crate) use index::{ChunkInfo, Entry, EntryId};
 pub(crate) use reader::open_index_from_toc_member;
 

@@ -13,8 +13,8 @@ use std::time::Instant;
 use sha2::{Digest as _, Sha256};
 
 use crate::labels::{
-    CRI_IMAGE_REF, CRI_LAYER_DIGEST, STARGZ_DIGEST, STARGZ_PREFETCH, STARGZ_REFERENCE,
-    STARGZ_SKIP_VERIFY, TOC_DIGEST,
+    CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, STARGZ_DIGEST, STARGZ_LAYERS,
+    STARGZ_PREFETCH, STARGZ_REFERENCE, STARGZ_SKIP_VERIFY, TOC_DIGEST,
 };
 use crate::metrics::{op, LayerStatsSource};
 use crate::snapshot::{LayerError, RemoteLayers};
@@ -29,6 +29,11 @@ use super::FsError;
 /// Finds a layer blob from its image reference and digest.
 pub trait BlobResolver: Send + Sync {
     fn resolve(&self, reference: &str, digest: &str) -> Result<Arc<dyn LayerSource>, FsError>;
+
+    /// Starts locating `digests` of `reference` (and fetching their TOCs) in the background,
+    /// for the [`BlobResolver::resolve`] calls of their mounts to come. A hint: it may do
+    /// nothing, and never fails.
+    fn resolve_ahead(&self, _reference: &str, _digests: &[&str]) {}
 }
 
 /// The filesystem part of `config.toml`.
@@ -75,6 +80,38 @@ pub struct LayerLabels {
     /// None: mount without verifying the TOC.
     pub toc_digest: Option<String>,
     pub prefetch_size: Option<u64>,
+    /// The layers listed after this one (CRI's image layers, or `stargz.layers`), at most
+    /// [`MAX_LATER_LAYERS`]: containerd prepares an image's layers bottom-up, so these are the
+    /// mounts to come, resolved ahead ([`BlobResolver::resolve_ahead`]).
+    pub later_layers: Vec<String>,
+}
+
+/// The most layers one mount resolves ahead.
+pub const MAX_LATER_LAYERS: usize = 16;
+
+/// The digests `labels` list after `digest` (all but `digest` when it is not listed).
+fn later_layers(labels: &BTreeMap<String, String>, digest: &str) -> Vec<String> {
+    let Some(list) = labels
+        .get(CRI_IMAGE_LAYERS)
+        .or_else(|| labels.get(STARGZ_LAYERS))
+    else {
+        return Vec::new();
+    };
+    let listed: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let after = listed
+        .iter()
+        .position(|d| *d == digest)
+        .map_or(0, |i| i + 1);
+    listed[after..]
+        .iter()
+        .filter(|d| **d != digest)
+        .take(MAX_LATER_LAYERS)
+        .map(|d| (*d).to_owned())
+        .collect()
 }
 
 /// Reads the labels and applies the verification policy.
@@ -104,11 +141,13 @@ pub fn parse_labels(
         return Err(FsError::Labels("digest of TOC JSON must be passed".into()));
     };
     let prefetch_size = labels.get(STARGZ_PREFETCH).and_then(|v| v.parse().ok());
+    let later_layers = later_layers(labels, &digest);
     Ok(LayerLabels {
         reference,
         digest,
         toc_digest,
         prefetch_size,
+        later_layers,
     })
 }
 
@@ -198,6 +237,10 @@ impl LayerManager {
                 m.observe_ms(operation, &parsed.digest, since.elapsed());
             }
         };
+        if !parsed.later_layers.is_empty() {
+            let later: Vec<&str> = parsed.later_layers.iter().map(String::as_str).collect();
+            self.resolver.resolve_ahead(&parsed.reference, &later);
+        }
         let source = {
             let _urgent = self.priority.urgent();
             let resolving = Instant::now();
@@ -487,5 +530,48 @@ mod tests {
         ]);
         assert_eq!(parse_labels(&l, &cfg3).expect("disabled").toc_digest, None);
         assert!(parse_labels(&labels(&[(STARGZ_REFERENCE, "r")]), &cfg).is_err());
+    }
+
+    /// The layers to resolve ahead are those listed after the one mounted (containerd prepares
+    /// bottom-up: those below are mounted already), CRI's list first, at most
+    /// [`MAX_LATER_LAYERS`].
+    #[test]
+    fn later_layers_are_the_ones_listed_above_the_mounted_one() {
+        let cfg = FsConfig::new(Path::new("/nonexistent"));
+        let later = |pairs: &[(&str, &str)]| {
+            let mut l = labels(&[
+                (STARGZ_REFERENCE, "r"),
+                (STARGZ_DIGEST, "sha256:b"),
+                (TOC_DIGEST, "sha256:t"),
+            ]);
+            l.extend(labels(pairs));
+            parse_labels(&l, &cfg).expect("parse").later_layers
+        };
+        assert!(later(&[]).is_empty());
+        assert_eq!(
+            later(&[(STARGZ_LAYERS, "sha256:b,sha256:c, sha256:d,")]),
+            ["sha256:c", "sha256:d"]
+        );
+        assert_eq!(
+            later(&[
+                (CRI_IMAGE_LAYERS, "sha256:a,sha256:b,sha256:c"),
+                (STARGZ_LAYERS, "sha256:b,sha256:x"),
+            ]),
+            ["sha256:c"],
+            "CRI's list wins; the layers below are mounted already"
+        );
+        assert_eq!(
+            later(&[(STARGZ_LAYERS, "sha256:a,sha256:c")]),
+            ["sha256:a", "sha256:c"],
+            "not listed: all others"
+        );
+        assert!(
+            later(&[(STARGZ_LAYERS, "sha256:a,sha256:b")]).is_empty(),
+            "the top layer"
+        );
+        let many: Vec<String> = (0..100).map(|i| format!("sha256:{i:064x}")).collect();
+        let got = later(&[(STARGZ_LAYERS, &many.join(","))]);
+        assert_eq!(got.len(), MAX_LATER_LAYERS);
+        assert_eq!(got[0], many[0]);
     }
 }

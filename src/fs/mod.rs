@@ -5,6 +5,7 @@
 //! [`source::LayerSource`] (the seam to `remote`) streamed through per-chunk decoders that
 //! verify each chunk's digest before it becomes visible.
 
+mod ahead;
 pub mod background;
 pub mod budget;
 mod chunks;
@@ -18,6 +19,7 @@ pub mod reader;
 pub mod remote_source;
 pub mod source;
 
+pub use ahead::DEFAULT_TTL as DEFAULT_AHEAD_TTL;
 pub use background::BackgroundFetcher;
 pub use budget::CacheBudget;
 pub use layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};

@@ -6,8 +6,10 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
+use crate::estargz::MAX_FOOTER_SIZE;
 use crate::remote::{Blob, Reference, RegistryClient, SyncBlob};
 
+use super::ahead::{Ahead, DEFAULT_TTL};
 use super::link::LinkEstimate;
 use super::manager::BlobResolver;
 use super::source::LayerSource;
@@ -19,6 +21,7 @@ pub struct RegistryResolver {
     client: RegistryClient,
     handle: tokio::runtime::Handle,
     link: Option<Arc<LinkEstimate>>,
+    ahead: Arc<Ahead>,
 }
 
 impl RegistryResolver {
@@ -27,7 +30,24 @@ impl RegistryResolver {
             client,
             handle,
             link: None,
+            ahead: Ahead::new(DEFAULT_TTL),
         }
+    }
+
+    /// How long a blob resolved ahead waits for its mount (`resolve_result_entry_ttl_sec`).
+    pub fn with_ahead_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.ahead = Ahead::new(ttl);
+        self
+    }
+
+    /// How much of a blob's end to ask for when locating it: one round trip's worth of the
+    /// link as measured so far, and at least the footer, which costs nothing extra and saves
+    /// a request before the link is known (or where it is thin).
+    fn tail_len(&self) -> u64 {
+        self.link
+            .as_ref()
+            .map_or(0, |l| l.get().readahead(1))
+            .max(MAX_FOOTER_SIZE)
     }
 
     /// Locating a blob also brings its last round trip's worth of bytes, as `link` measures
@@ -43,15 +63,44 @@ impl BlobResolver for RegistryResolver {
         let r: Reference = reference
             .parse()
             .map_err(|e| FsError::Labels(format!("image reference {reference:?}: {e}")))?;
-        let tail = self.link.as_ref().map_or(0, |l| l.get().readahead(1));
-        let (blob, tail) = self
-            .handle
-            .block_on(Blob::open_with_tail(&self.client, &r, digest, tail))
-            .map_err(|e| FsError::Source(e.into()))?;
+        let ahead = self.ahead.take(&r, digest).and_then(|rx| {
+            match self.handle.block_on(rx) {
+                Ok(resolved) => Some((resolved.blob, resolved.tail)),
+                // It failed or timed out (logged there): ask again, and report this attempt.
+                Err(_) => None,
+            }
+        });
+        let (blob, tail) = match ahead {
+            Some(found) => found,
+            None => self
+                .handle
+                .block_on(Blob::open_with_tail(
+                    &self.client,
+                    &r,
+                    digest,
+                    self.tail_len(),
+                ))
+                .map_err(|e| FsError::Source(e.into()))?,
+        };
         Ok(Arc::new(RemoteSource {
             blob: blob.sync(self.handle.clone()),
             tail: Mutex::new(tail.map(|t| (t.offset, t.bytes))),
         }))
+    }
+
+    /// Invalid references and digests are skipped: this only saves time, and the mounts of
+    /// those layers report what is wrong with their own labels.
+    fn resolve_ahead(&self, reference: &str, digests: &[&str]) {
+        let Ok(r) = reference.parse::<Reference>() else {
+            return;
+        };
+        let valid: Vec<&str> = digests
+            .iter()
+            .copied()
+            .filter(|d| crate::remote::valid_digest(d))
+            .collect();
+        self.ahead
+            .start(&self.handle, &self.client, &r, &valid, self.tail_len());
     }
 }
 

@@ -54,7 +54,9 @@ mod registry;
 pub use auth::{Credentials, DockerConfig, Secret};
 pub use blob::{Blob, SyncBlob};
 pub use config::{BlobConfig, ClientConfig, HostConfig, MirrorConfig, ResolverConfig};
+pub(crate) use reference::valid_digest;
 pub use reference::Reference;
+pub(crate) use registry::BlobTail;
 pub use registry::RegistryClient;
 
 /// Errors of the registry client and the blob reader. None of them carries a credential.

@@ -46,7 +46,8 @@ fn looks_like_host(s: &str) -> bool {
         || s.chars().any(|c| c.is_ascii_uppercase())
 }
 
-fn valid_digest(d: &str) -> bool {
+/// `algorithm:hex`, as the OCI spec spells a digest (a URL path segment, so nothing else).
+pub(crate) fn valid_digest(d: &str) -> bool {
     match d.split_once(':') {
         Some((alg, hex)) => {
             !alg.is_empty()

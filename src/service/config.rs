@@ -59,10 +59,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "cache files are read by the kernel directly (passthrough) or once per read",
     ),
     (
-        "resolve_result_entry_ttl_sec",
-        "each mount resolves its blob; there is no cache of resolved blobs",
-    ),
-    (
         "prefetch_timeout_sec",
         "prefetch runs in the background and never holds up a mount",
     ),
@@ -108,6 +104,9 @@ pub struct Config {
     pub allow_no_verification: bool,
     pub disable_verification: bool,
     pub max_concurrency: i64,
+    /// Seconds a blob resolved ahead of its mount (the layers an image lists after the one
+    /// being mounted) waits to be mounted before it is dropped; 0 = Go's default, 120.
+    pub resolve_result_entry_ttl_sec: i64,
     /// Keep no metrics at all (Go: nothing is registered).
     pub no_prometheus: bool,
     /// `host:port` to serve Prometheus metrics on (`/metrics`); "" = not served.
@@ -129,6 +128,7 @@ impl Default for Config {
             allow_no_verification: false,
             disable_verification: false,
             max_concurrency: 2,
+            resolve_result_entry_ttl_sec: 120,
             no_prometheus: false,
             metrics_address: String::new(),
             blob: BlobConfig::default(),
@@ -364,7 +364,6 @@ mod tests {
         let text = r#"
             http_cache_type = "memory"
             filesystem_cache_type = "memory"
-            resolve_result_entry_ttl_sec = 30
             prefetch_timeout_sec = 5
             prefetch_async_size = 1
             debug_address = "127.0.0.1:8235"

@@ -61,8 +61,13 @@ pub fn build_remote_layers(
         crate::cache::private_dir(dir).map_err(fs::FsError::Cache)?;
     }
     let mut fs_config = fs::FsConfig::new(root);
-    let resolver =
-        fs::RegistryResolver::new(client, handle).with_link(fs_config.layer.read.link.clone());
+    let ahead_ttl = match u64::try_from(config.resolve_result_entry_ttl_sec) {
+        Ok(secs) if secs > 0 => Duration::from_secs(secs),
+        _ => fs::DEFAULT_AHEAD_TTL,
+    };
+    let resolver = fs::RegistryResolver::new(client, handle)
+        .with_link(fs_config.layer.read.link.clone())
+        .with_ahead_ttl(ahead_ttl);
     fs_config.layer.attr_timeout =
         Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
     fs_config.layer.passthrough = config.fuse.passthrough;
