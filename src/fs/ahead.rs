@@ -185,8 +185,9 @@ impl Ahead {
 
 /// Locates the blob with its last `tail` bytes, then extends the tail back to the start of the
 /// TOC member the footer points at, so that the mount needs no request to open the layer. A
-/// footer that does not parse is left for the mount to report; bytes that do not fit under
-/// [`MAX_HELD_BYTES`] are not fetched (or dropped), and the mount fetches them itself.
+/// footer that does not parse is left for the mount to report (only the location is kept);
+/// bytes that do not fit under [`MAX_HELD_BYTES`] are not fetched (or dropped), and the mount
+/// fetches them itself.
 async fn resolve(
     client: &RegistryClient,
     reference: &Reference,
@@ -214,9 +215,12 @@ async fn resolve(
         .and_then(|from| tail.bytes.get(usize::try_from(from).ok()?..))
         .and_then(|f| locator.locate(f).ok())
         .map(|(_, range)| range.start);
+    // Not an eStargz footer: the mount will say so; nothing is worth holding for it.
+    let Some(start) = toc_start else {
+        return Ok(none(blob));
+    };
     // From the TOC member on: what the mount reads, and no chunk data it would not.
-    let start = toc_start.unwrap_or(tail.offset);
-    let Some(reserved) = Held::reserve(held, blob.size() - start) else {
+    let Some(reserved) = Held::reserve(held, blob.size().saturating_sub(start)) else {
         return Ok(none(blob));
     };
     let mut tail = tail;

@@ -357,6 +357,17 @@ mod tests {
         assert!(Config::parse("[directory_cache]\nmax_bytes = -1\n", "t").is_err());
     }
 
+    /// Go's key for how long resolved blobs are kept is honoured: it bounds how long a blob
+    /// resolved ahead of its mount is held.
+    #[test]
+    fn resolve_result_entry_ttl_is_a_supported_go_key() {
+        let (c, unknown, unsupported) =
+            Config::parse_keys("resolve_result_entry_ttl_sec = 30\n", "t").unwrap();
+        assert!(unknown.is_empty() && unsupported.is_empty());
+        assert_eq!(c.resolve_result_entry_ttl_sec, 30);
+        assert_eq!(Config::default().resolve_result_entry_ttl_sec, 120);
+    }
+
     /// A Go config setting keys we do not support still loads; each such key is reported as
     /// unsupported (with a reason), not as unknown, and takes no effect.
     #[test]
