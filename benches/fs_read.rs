@@ -328,7 +328,7 @@ fn metrics_cost(dir: &Path, toc: &str, size: u64, out: &mut String) -> Result<()
     );
     let (mut seq, mut small) = (Vec::new(), Vec::new());
     // One pass each first, so both layers' cache files are in memory for the timed passes.
-    seq_read(&off, Cold::Disk)?;
+    seq_read(&off, Cold::Direct)?;
     seq_read(&on, Cold::Direct)?;
     // Which side goes first alternates, so a trend over the run (another process, the disk's
     // own caches) does not favour one side.

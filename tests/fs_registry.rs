@@ -237,18 +237,7 @@ fn layers_listed_after_a_mount_are_resolved_ahead_and_mount_without_a_request() 
     // already is not resolved ahead again. Layer 2, then layer 0 (listing 0, 1, 2): only layer 1
     // is resolved ahead.
     let mgr = manager("root-order", Duration::from_secs(120))?;
-    let gets_of = |layer: usize| {
-        let path = format!("/blobs/{}", layers[layer].1);
-        registry
-            .log()
-            .lines()
-            .filter(|l| {
-                l.contains("msg=\"response completed")
-                    && l.contains("http.request.method=GET ")
-                    && l.contains(&path)
-            })
-            .count()
-    };
+    let gets_of = |layer: usize| registry.blob_gets_of(&layers[layer].1);
     let _o2 = mount(&mgr, "o2", &rpull_labels(&reference, &layers, 2))?;
     let (layer1, layer2) = (gets_of(1), gets_of(2));
     let _o0 = mount(&mgr, "o0", &rpull_labels(&reference, &layers, 0))?;

@@ -63,13 +63,13 @@ impl BlobResolver for RegistryResolver {
         let r: Reference = reference
             .parse()
             .map_err(|e| FsError::Labels(format!("image reference {reference:?}: {e}")))?;
-        let ahead = self.ahead.take(&r, digest).and_then(|rx| {
-            match self.handle.block_on(rx) {
-                Ok(resolved) => Some((resolved.blob, resolved.tail)),
-                // It failed or timed out (logged there): ask again, and report this attempt.
-                Err(_) => None,
-            }
-        });
+        // A resolution ahead that failed or timed out (logged there) is asked again here, and
+        // this attempt's error is the one reported.
+        let ahead = self
+            .ahead
+            .take(&r, digest)
+            .and_then(|rx| self.handle.block_on(rx).ok())
+            .map(|resolved| (resolved.blob, resolved.tail));
         let (blob, tail) = match ahead {
             Some(found) => found,
             None => self

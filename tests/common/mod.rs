@@ -158,12 +158,18 @@ impl Registry {
 
     /// Blob GETs the registry has answered so far (from its access log).
     pub fn blob_gets(&self) -> usize {
+        self.blob_gets_of("sha256:")
+    }
+
+    /// GETs of blobs whose digest starts with `digest` the registry has answered so far.
+    pub fn blob_gets_of(&self, digest: &str) -> usize {
+        let path = format!("/blobs/{digest}");
         self.log()
             .lines()
             .filter(|l| {
                 l.contains("msg=\"response completed")
                     && l.contains("http.request.method=GET ")
-                    && l.contains("/blobs/sha256:")
+                    && l.contains(&path)
             })
             .count()
     }
