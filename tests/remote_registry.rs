@@ -95,6 +95,41 @@ async fn resolves_index_and_streams_ranges() -> Result<()> {
     Ok(())
 }
 
+/// `docker-registry` answers a request naming several ranges with their parts: the bytes come
+/// in one request, in order, and the blob keeps asking that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_ranges_come_from_the_registry_in_one_request() -> Result<()> {
+    let reg = Registry::start(None)?;
+    let data = pseudo_random(200_003, 3);
+    let (layer, _) = Pusher::new(&reg.base())
+        .image("test/multi", "v1", data.clone())
+        .await?;
+    let r: Reference = format!("{}/test/multi:v1", reg.addr).parse()?;
+    let blob = Blob::open(&client(quick_retries()), &r, &layer).await?;
+    assert!(blob.multi_range());
+    let len = data.len() as u64;
+    let ranges = [
+        0..1,
+        17..4_113,
+        4_200..90_000,
+        150_000..150_001,
+        len - 9..len,
+    ];
+    let mut sink = Vec::new();
+    let n = blob.fetch_ranges_into(&ranges, &mut sink).await?;
+    let want: Vec<u8> = ranges
+        .iter()
+        .flat_map(|r| data[r.start as usize..r.end as usize].iter().copied())
+        .collect();
+    assert_eq!(n, want.len() as u64);
+    assert!(sink == want, "the ranges' bytes, in order");
+    assert!(
+        blob.multi_range(),
+        "the registry's multipart answer was read as such"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_verified_into_streams_the_whole_blob() -> Result<()> {
     let reg = Registry::start(None)?;

@@ -28,6 +28,17 @@ pub(crate) struct ChunkMap {
     inflight: Mutex<HashMap<usize, Arc<Flight>>>,
 }
 
+/// What a claim's rule says of the next chunk in blob order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Claim it (a missing chunk) and go on.
+    Join,
+    /// Leave it out and go on (the claim's request skips its bytes).
+    Skip,
+    /// The claim ends before it.
+    Stop,
+}
+
 /// What a reader finds for a chunk it needs.
 pub(crate) enum Found {
     Present,
@@ -109,8 +120,12 @@ impl ChunkMap {
     }
 
     /// For a reader that needs `seq`: present, someone's flight to wait on, or a new claim of
-    /// `seq` extended by [`ChunkMap::claim_run`]'s rule.
-    pub(crate) fn find(self: &Arc<Self>, seq: usize, extend: impl FnMut(usize) -> bool) -> Found {
+    /// `seq` extended by `extend` (see [`ChunkMap::claim_locked`]).
+    pub(crate) fn find(
+        self: &Arc<Self>,
+        seq: usize,
+        extend: impl FnMut(usize, bool) -> Step,
+    ) -> Found {
         let mut inflight = self.lock();
         if self.is_present(seq) {
             return Found::Present;
@@ -126,7 +141,7 @@ impl ChunkMap {
     pub(crate) fn try_claim(
         self: &Arc<Self>,
         seq: usize,
-        extend: impl FnMut(usize) -> bool,
+        extend: impl FnMut(usize, bool) -> Step,
     ) -> Option<Claim> {
         let mut inflight = self.lock();
         if seq >= self.len || self.is_present(seq) || inflight.contains_key(&seq) {
@@ -140,24 +155,27 @@ impl ChunkMap {
         !self.is_present(seq) && !self.lock().contains_key(&seq)
     }
 
-    /// Claims `seq` and then each following chunk for which `extend(next)` says yes and that is
-    /// neither present nor claimed, stopping at the first that is not.
+    /// Claims `seq` and then, in blob order, the following chunks `extend(next, present)` joins,
+    /// passing over those it skips, up to the first it stops at or one claimed by someone else.
+    /// A present chunk is never claimed: the rule may skip it or stop there.
     fn claim_locked(
         self: &Arc<Self>,
         inflight: &mut HashMap<usize, Arc<Flight>>,
         seq: usize,
-        mut extend: impl FnMut(usize) -> bool,
+        mut extend: impl FnMut(usize, bool) -> Step,
     ) -> Claim {
         let flight = Arc::new(Flight::default());
         let mut seqs = vec![seq];
-        let mut next = seq + 1;
-        while next < self.len
-            && !self.is_present(next)
-            && !inflight.contains_key(&next)
-            && extend(next)
-        {
-            seqs.push(next);
-            next += 1;
+        for next in seq + 1..self.len {
+            if inflight.contains_key(&next) {
+                break;
+            }
+            let present = self.is_present(next);
+            match extend(next, present) {
+                Step::Stop => break,
+                Step::Join if !present => seqs.push(next),
+                Step::Join | Step::Skip => {}
+            }
         }
         for &s in &seqs {
             inflight.insert(s, flight.clone());
@@ -230,7 +248,7 @@ pub(crate) struct Claim {
 }
 
 impl Claim {
-    /// The claimed chunks, in blob order (contiguous numbers).
+    /// The claimed chunks, in blob order (not always neighbours: a rule may skip some).
     pub(crate) fn seqs(&self) -> &[usize] {
         &self.seqs
     }
@@ -270,6 +288,15 @@ impl Drop for Claim {
 mod tests {
     use super::*;
 
+    /// The contiguous rule: every missing chunk up to the first present one.
+    fn run(_: usize, present: bool) -> Step {
+        if present {
+            Step::Stop
+        } else {
+            Step::Join
+        }
+    }
+
     #[test]
     fn present_bits_count_once() {
         let m = Arc::new(ChunkMap::new(130));
@@ -295,24 +322,26 @@ mod tests {
     fn claims_extend_over_missing_chunks_only_and_are_exclusive() {
         let m = Arc::new(ChunkMap::new(10));
         m.set_present(4, Committed::for_tests());
-        let Found::Claimed(a) = m.find(1, |_| true) else {
+        let Found::Claimed(a) = m.find(1, run) else {
             panic!("claim")
         };
         assert_eq!(a.seqs(), &[1, 2, 3], "stops at the present chunk 4");
-        let Found::InFlight(_) = m.find(2, |_| true) else {
+        let Found::InFlight(_) = m.find(2, run) else {
             panic!("2 is in flight")
         };
         assert!(
-            m.try_claim(3, |_| true).is_none(),
+            m.try_claim(3, run).is_none(),
             "background skips claimed chunks"
         );
         assert!(!m.is_missing(3) && !m.is_missing(4) && m.is_missing(5));
-        let Found::Present = m.find(4, |_| true) else {
+        let Found::Present = m.find(4, run) else {
             panic!("4 is present")
         };
-        let b = m.try_claim(5, |next| next < 7).expect("5 is free");
+        let b = m
+            .try_claim(5, |next, _| if next < 7 { Step::Join } else { Step::Stop })
+            .expect("5 is free");
         assert_eq!(b.seqs(), &[5, 6], "the caller's rule stops the run");
-        let c = m.try_claim(0, |_| true).expect("0 is free");
+        let c = m.try_claim(0, run).expect("0 is free");
         assert_eq!(c.seqs(), &[0], "stops at the claimed chunk 1");
         drop((a, b, c));
         assert!(
@@ -322,12 +351,35 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_may_pass_over_chunks_but_never_claims_present_or_claimed_ones() {
+        let m = Arc::new(ChunkMap::new(10));
+        m.set_present(3, Committed::for_tests());
+        let held = m.try_claim(8, run).expect("8 is free");
+        let Found::Claimed(a) = m.find(1, |next, _| match next {
+            2 | 5 => Step::Skip,
+            _ => Step::Join,
+        }) else {
+            panic!("claim")
+        };
+        assert_eq!(
+            a.seqs(),
+            &[1, 4, 6, 7],
+            "2 and 5 skipped, 3 present, 8 claimed by another"
+        );
+        assert!(
+            m.is_missing(2) && m.is_missing(5),
+            "skipped chunks stay free"
+        );
+        drop((a, held));
+    }
+
+    #[test]
     fn eviction_clears_present_chunks_but_not_those_in_flight() {
         let m = Arc::new(ChunkMap::new(8));
         for s in [0, 1, 3] {
             m.set_present(s, Committed::for_tests());
         }
-        let Found::Claimed(claim) = m.find(2, |_| false) else {
+        let Found::Claimed(claim) = m.find(2, |_, _| Step::Stop) else {
             panic!("claim")
         };
         let mut dropped = Vec::new();
@@ -336,7 +388,7 @@ mod tests {
         assert!(!m.is_present(1) && !m.is_present(3) && m.is_present(0));
         assert_eq!(m.present_count(), 1);
         drop(claim);
-        let Found::Claimed(again) = m.find(1, |_| false) else {
+        let Found::Claimed(again) = m.find(1, |_, _| Step::Stop) else {
             panic!("evicted chunks are fetched again")
         };
         assert_eq!(again.seqs(), &[1]);
@@ -346,10 +398,10 @@ mod tests {
     fn waiters_share_the_outcome_and_an_abandoned_claim_fails_them() {
         let m = Arc::new(ChunkMap::new(4));
         // A failed fetch fails its waiters with its reason.
-        let Found::Claimed(claim) = m.find(0, |_| true) else {
+        let Found::Claimed(claim) = m.find(0, run) else {
             panic!("claim")
         };
-        let Found::InFlight(flight) = m.find(0, |_| true) else {
+        let Found::InFlight(flight) = m.find(0, run) else {
             panic!("in flight")
         };
         let waiter = std::thread::spawn(move || flight.wait_for(|| false, Duration::from_secs(60)));
@@ -358,10 +410,10 @@ mod tests {
         let err = waiter.join().expect("join").expect_err("failed fetch");
         assert!(err.to_string().contains("registry said no"), "{err}");
         // A claim that unwinds (dropped without an outcome) wakes its waiters with an error.
-        let Found::Claimed(claim) = m.find(1, |_| false) else {
+        let Found::Claimed(claim) = m.find(1, |_, _| Step::Stop) else {
             panic!("claim")
         };
-        let Found::InFlight(flight) = m.find(1, |_| false) else {
+        let Found::InFlight(flight) = m.find(1, |_, _| Step::Stop) else {
             panic!("in flight")
         };
         std::thread::scope(|s| {
@@ -377,10 +429,10 @@ mod tests {
         assert!(err.to_string().contains("abandoned"), "{err}");
         assert!(m.is_missing(1), "the next read may claim it again");
         // A wait has a deadline.
-        let Found::Claimed(_held) = m.find(2, |_| false) else {
+        let Found::Claimed(_held) = m.find(2, |_, _| Step::Stop) else {
             panic!("claim")
         };
-        let Found::InFlight(flight) = m.find(2, |_| false) else {
+        let Found::InFlight(flight) = m.find(2, |_, _| Step::Stop) else {
             panic!("in flight")
         };
         let err = flight
@@ -392,11 +444,11 @@ mod tests {
     #[test]
     fn a_waiter_returns_once_its_chunk_lands_not_when_the_run_ends() {
         let m = Arc::new(ChunkMap::new(4));
-        let Found::Claimed(claim) = m.find(0, |_| true) else {
+        let Found::Claimed(claim) = m.find(0, run) else {
             panic!("claim")
         };
         assert_eq!(claim.seqs(), &[0, 1, 2, 3]);
-        let Found::InFlight(flight) = m.find(1, |_| true) else {
+        let Found::InFlight(flight) = m.find(1, run) else {
             panic!("in flight")
         };
         let waiter = {

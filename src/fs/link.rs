@@ -110,13 +110,45 @@ impl LayerSource for Measured {
     }
 
     fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
+        self.timed(sink, |inner, timed| inner.fetch(offset, len, timed))
+    }
+
+    /// One multi-range request is one response to learn from, like one range.
+    fn fetch_ranges(
+        &self,
+        ranges: &[std::ops::Range<u64>],
+        sink: &mut (dyn Write + Send),
+    ) -> io::Result<()> {
+        self.timed(sink, |inner, timed| inner.fetch_ranges(ranges, timed))
+    }
+
+    fn multi_range(&self) -> bool {
+        self.inner.multi_range()
+    }
+
+    fn check(&self) -> io::Result<()> {
+        self.inner.check()
+    }
+
+    fn take_tail(&self) -> Option<(u64, Vec<u8>)> {
+        self.inner.take_tail()
+    }
+}
+
+impl Measured {
+    /// Runs one fetch of `inner` into `sink`, timing its response if it succeeds.
+    fn timed(
+        &self,
+        sink: &mut (dyn Write + Send),
+        fetch: impl FnOnce(&dyn LayerSource, &mut Timed<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut timed = Timed {
             sink,
             started: Instant::now(),
             first: None,
             bytes: 0,
         };
-        self.inner.fetch(offset, len, &mut timed)?;
+        fetch(&*self.inner, &mut timed)?;
         if let Some((first_at, first_len)) = timed.first {
             let (bytes, streaming) = match self.bandwidth {
                 true => (timed.bytes - first_len, first_at.elapsed()),
@@ -126,14 +158,6 @@ impl LayerSource for Measured {
                 .observe(first_at.duration_since(timed.started), bytes, streaming);
         }
         Ok(())
-    }
-
-    fn check(&self) -> io::Result<()> {
-        self.inner.check()
-    }
-
-    fn take_tail(&self) -> Option<(u64, Vec<u8>)> {
-        self.inner.take_tail()
     }
 }
 

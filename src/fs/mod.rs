@@ -11,6 +11,7 @@ pub mod budget;
 mod chunks;
 pub mod fuse;
 pub mod inode;
+mod kinds;
 pub mod layer;
 mod link;
 pub mod manager;

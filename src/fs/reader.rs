@@ -21,8 +21,9 @@ use crate::metrics::{LayerMetrics, LayerStats, LayerStatsSource, Metrics, Purpos
 use crate::untrusted::chain;
 
 use super::budget::{disk_bytes, CacheBudget};
-use super::chunks::{ChunkMap, Claim, Flight, Found};
+use super::chunks::{ChunkMap, Claim, Flight, Found, Step};
 use super::inode::{Chunk, InodeTable, Node, NodeKind};
+use super::kinds::{FileKinds, MAX_KINDS};
 use super::link::LinkEstimate;
 use super::source::LayerSource;
 use super::FsError;
@@ -171,6 +172,8 @@ pub struct LayerReader {
     ahead_hits: AtomicU64,
     /// Misses without read-ahead since the last one that had some.
     held_back: AtomicU32,
+    /// Which kinds of file read-ahead brings in vain, to leave them out (see [`Self::ahead_rule`]).
+    kinds: FileKinds,
     fetched: AtomicU64,
     /// Reads served through this process (passthrough reads never get here).
     userspace_reads: AtomicU64,
@@ -207,6 +210,15 @@ const MAX_WINDOW: u32 = 8;
 const PROBATION: u64 = 8;
 /// A layer whose read-ahead did not pay gets another try after this many misses.
 const RETRY_AFTER: u32 = 16;
+
+/// Most ranges one read-ahead request names (a multi-range request: see [`LayerReader::ahead_rule`]).
+const MAX_PARTS: usize = 32;
+/// How far past a miss, in read-ahead budgets of the blob, a read-ahead passing over chunks may
+/// reach.
+const MAX_REACH: u64 = 8;
+/// Compressed size below which a file of a kind left out of read-ahead is brought all the same:
+/// leaving it out would save fewer bytes than naming one more range costs.
+const MIN_LEFT_OUT: u64 = 512;
 
 /// Set in a chunk's pin word while it is evicted: new pins wait for it to clear.
 const EVICTING: u32 = 1 << 31;
@@ -258,6 +270,7 @@ impl LayerReader {
             ahead_bytes: AtomicU64::new(0),
             ahead_hits: AtomicU64::new(0),
             held_back: AtomicU32::new(0),
+            kinds: FileKinds::new(&table),
             table,
             source,
             cache,
@@ -475,6 +488,9 @@ impl LayerReader {
         if hit {
             self.widen();
         }
+        if self.kinds.take_left_out(seq) {
+            self.kinds.read(self.kind_of(seq));
+        }
         let mut attempts = 0;
         loop {
             if self.chunks.is_present(seq) {
@@ -485,7 +501,11 @@ impl LayerReader {
                 Some(_) => self.readahead_budget(),
                 None => 0,
             };
-            let res = match self.chunks.find(seq, self.span_rule(seq, budget)) {
+            let mut passed = Vec::new();
+            let res = match self
+                .chunks
+                .find(seq, self.ahead_rule(seq, budget, &mut passed))
+            {
                 Found::Present => return Ok(()),
                 Found::InFlight(flight) => {
                     let _urgent = self.priority.urgent();
@@ -507,7 +527,13 @@ impl LayerReader {
                             w.fetch_or(1 << (s % 64), Ordering::SeqCst);
                         }
                         let c = &self.chunk(s).info;
-                        ahead += c.compressed_end - c.compressed_offset;
+                        let bytes = c.compressed_end - c.compressed_offset;
+                        self.kinds.brought(self.kind_of(s), bytes);
+                        ahead += bytes;
+                    }
+                    let end = claim.seqs().last().copied().unwrap_or(seq);
+                    for &s in passed.iter().filter(|&&s| s < end) {
+                        self.kinds.leave_out(s);
                     }
                     self.ahead_bytes.fetch_add(ahead, Ordering::SeqCst);
                     let why = Why::OnDemand { ahead };
@@ -599,8 +625,18 @@ impl LayerReader {
         });
         if hit {
             self.ahead_hits.fetch_add(1, Ordering::SeqCst);
+            self.kinds.read(self.kind_of(seq));
         }
         hit
+    }
+
+    /// The kind (see [`FileKinds`]) of the file chunk `seq` belongs to.
+    fn kind_of(&self, seq: usize) -> usize {
+        self.table
+            .blob_order
+            .get(seq)
+            .and_then(|&(ino, _)| self.table.index(ino))
+            .map_or(0, |i| self.kinds.kind(i))
     }
 
     fn wait_for(&self, flight: &Flight, seq: usize) -> Result<(), FsError> {
@@ -630,7 +666,7 @@ impl LayerReader {
                 // The closure (and the claim in it) is gone with the failed spawn: its waiters
                 // were told; fetch again without read-ahead.
                 tracing::warn!(error = %e, "cannot start a fetch thread; fetching inline");
-                match self.chunks.find(seq, |_| false) {
+                match self.chunks.find(seq, |_, _| Step::Stop) {
                     Found::Present => Ok(()),
                     Found::InFlight(f) => self.wait_for(&f, seq),
                     Found::Claimed(claim) => self.fetch_claimed(claim, Why::OnDemand { ahead: 0 }),
@@ -639,18 +675,80 @@ impl LayerReader {
         }
     }
 
-    /// Which chunks join a span that starts at `seq`: the following ones whose compressed
-    /// bytes continue it without a gap, up to `budget` compressed bytes past `seq`'s end.
-    fn span_rule(&self, seq: usize, budget: u64) -> impl FnMut(usize) -> bool + '_ {
+    /// Which chunks join a span that starts at `seq`: the following missing ones whose
+    /// compressed bytes continue it without a gap, up to `budget` compressed bytes past `seq`'s
+    /// end (prefetch and background fetch: one plain range).
+    fn span_rule(&self, seq: usize, budget: u64) -> impl FnMut(usize, bool) -> Step + '_ {
         let mut end = self.chunk(seq).info.compressed_end;
         let limit = end.saturating_add(budget);
-        move |next| {
+        move |next, present| {
             let c = &self.chunk(next).info;
-            let joins = c.compressed_offset == end && c.compressed_end <= limit;
-            if joins {
-                end = c.compressed_end;
+            if present || c.compressed_offset != end || c.compressed_end > limit {
+                return Step::Stop;
             }
-            joins
+            end = c.compressed_end;
+            Step::Join
+        }
+    }
+
+    /// Which chunks a miss at `seq` reads ahead: the following ones in blob order, up to
+    /// `budget` compressed bytes of them, as [`Self::span_rule`] — except that, when the source
+    /// can skip bytes within one request, it passes over chunks already present (the read-ahead
+    /// goes on behind them) and files of the kinds read-ahead brings in vain (see [`FileKinds`];
+    /// pushed to `passed`), as long as the request keeps to [`MAX_PARTS`] ranges and the span to
+    /// [`MAX_REACH`] budgets of the blob.
+    fn ahead_rule<'a>(
+        &'a self,
+        seq: usize,
+        budget: u64,
+        passed: &'a mut Vec<usize>,
+    ) -> impl FnMut(usize, bool) -> Step + 'a {
+        let skips = budget > 0 && self.source.multi_range();
+        let one = self.opts.link.get().readahead(1);
+        let start = self.chunk(seq).info.compressed_end;
+        // End of the bytes asked for, and of the chunks looked at (asked for or passed over).
+        let (mut end, mut cursor) = (start, start);
+        let (mut spent, mut parts) = (0u64, 1);
+        // Bytes of each kind this read-ahead takes so far.
+        let mut pending = [0u64; MAX_KINDS];
+        move |next, present| {
+            let c = &self.chunk(next).info;
+            let size = c.compressed_end - c.compressed_offset;
+            let reach = c.compressed_end - start;
+            if c.compressed_offset != cursor || reach > budget.saturating_mul(MAX_REACH) {
+                return Step::Stop;
+            }
+            // A chunk passed over opens a gap, and the next one joined a range of its own.
+            let gap_allowed = skips && parts < MAX_PARTS;
+            if present && !gap_allowed {
+                return Step::Stop;
+            }
+            let kind = self.kind_of(next);
+            let taken = pending.get(kind).copied().unwrap_or(0);
+            let left_out = || size >= MIN_LEFT_OUT && self.kinds.left_out(kind, one, taken);
+            if present || (gap_allowed && left_out()) {
+                if !present {
+                    passed.push(next);
+                }
+                cursor = c.compressed_end;
+                return Step::Skip;
+            }
+            if spent.saturating_add(size) > budget {
+                return Step::Stop;
+            }
+            if cursor != end {
+                if parts == MAX_PARTS {
+                    return Step::Stop;
+                }
+                parts += 1;
+            }
+            spent += size;
+            if let Some(p) = pending.get_mut(kind) {
+                *p += size;
+            }
+            end = c.compressed_end;
+            cursor = end;
+            Step::Join
         }
     }
 
@@ -667,13 +765,22 @@ impl LayerReader {
         res
     }
 
-    /// One range request for contiguous chunks, demultiplexed into their decoders.
+    /// One request for the claimed chunks (one range for each run of neighbours in the blob),
+    /// demultiplexed into their decoders.
     fn fetch_span(&self, seqs: &[usize], flight: &Flight, why: Why) -> Result<(), FsError> {
-        let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        let Some(&first) = seqs.first() else {
             return Ok(());
         };
         let start = self.chunk(first).info.compressed_offset;
-        let end = self.chunk(last).info.compressed_end;
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+        for &s in seqs {
+            let c = &self.chunk(s).info;
+            match ranges.last_mut() {
+                Some(r) if r.end == c.compressed_offset => r.end = c.compressed_end,
+                _ => ranges.push(c.compressed_offset..c.compressed_end),
+            }
+        }
+        let len: u64 = ranges.iter().map(|r| r.end - r.start).sum();
         let mut sink = SpanSink {
             reader: self,
             flight,
@@ -685,11 +792,15 @@ impl LayerReader {
         };
         sink.start_chunk();
         let started = std::time::Instant::now();
-        let fetched = self.source.fetch(start, end - start, &mut sink);
+        let fetched = match &ranges[..] {
+            [one] => self.source.fetch(one.start, len, &mut sink),
+            more => self.source.fetch_ranges(more, &mut sink),
+        };
         tracing::debug!(
             layer = %self.digest,
             offset = start,
-            len = end - start,
+            len,
+            ranges = ranges.len(),
             chunks = seqs.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             window = self.window.load(Ordering::Relaxed),
@@ -703,7 +814,6 @@ impl LayerReader {
                 Why::Prefetch => (Purpose::Prefetch, 0),
                 Why::Background => (Purpose::Background, 0),
             };
-            let len = end - start;
             m.fetched(
                 purpose,
                 len.saturating_sub(ahead),
@@ -1003,7 +1113,8 @@ impl Write for ChunkWriter {
     }
 }
 
-/// Routes a contiguous compressed span to one decoder per chunk, in blob order.
+/// Routes the compressed bytes of a span (its chunks' ranges one after the other) to one
+/// decoder per chunk, in blob order.
 struct SpanSink<'a> {
     reader: &'a LayerReader,
     /// Told of each chunk that lands, so its readers go on before the span ends.
@@ -1052,12 +1163,16 @@ impl SpanSink<'_> {
     }
 
     /// Ends the current chunk at the end of its compressed range: flushes its decoder (if it
-    /// is still running) and verifies it, then starts the next chunk.
+    /// is still running) and verifies it, then starts the next chunk, whose bytes come next
+    /// (where it starts in the blob: a request may leave bytes out between two chunks).
     fn finish_chunk(&mut self) {
         if let Some(dec) = self.dec.take() {
             self.complete(dec, true);
         }
         self.k += 1;
+        if let Some(&next) = self.seqs.get(self.k) {
+            self.pos = self.reader.chunk(next).info.compressed_offset;
+        }
         self.start_chunk();
     }
 
@@ -1209,22 +1324,21 @@ mod tests {
         );
     }
 
-    /// A registry behind a link: each fetch waits a round trip, then streams at the link's rate.
+    /// A registry behind a link: each request waits a round trip, then streams at the link's
+    /// rate. With `multi`, a request may name several ranges.
     struct SimLink {
         blob: Vec<u8>,
         rtt: Duration,
         bytes_per_sec: f64,
+        multi: bool,
         fetches: std::sync::atomic::AtomicU64,
+        sent: std::sync::atomic::AtomicU64,
     }
 
-    impl LayerSource for SimLink {
-        fn size(&self) -> u64 {
-            self.blob.len() as u64
-        }
-        fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
-            self.fetches.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(self.rtt);
+    impl SimLink {
+        fn send(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
             let (start, end) = (offset as usize, (offset + len) as usize);
+            self.sent.fetch_add(len, Ordering::SeqCst);
             for piece in self.blob[start..end].chunks(1500) {
                 std::thread::sleep(Duration::from_secs_f64(
                     piece.len() as f64 / self.bytes_per_sec,
@@ -1235,11 +1349,64 @@ mod tests {
         }
     }
 
-    /// An eStargz layer of `n` small, barely compressible "modules" in one directory.
-    fn modules_layer(n: usize) -> (Vec<u8>, String) {
+    impl LayerSource for SimLink {
+        fn size(&self) -> u64 {
+            self.blob.len() as u64
+        }
+        fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.rtt);
+            self.send(offset, len, sink)
+        }
+        fn fetch_ranges(
+            &self,
+            ranges: &[std::ops::Range<u64>],
+            sink: &mut (dyn Write + Send),
+        ) -> io::Result<()> {
+            assert!(self.multi, "several ranges asked of a source that cannot");
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.rtt);
+            for r in ranges {
+                self.send(r.start, r.end - r.start, sink)?;
+            }
+            Ok(())
+        }
+        fn multi_range(&self) -> bool {
+            self.multi
+        }
+    }
+
+    /// Where module `i` is in [`modules_layer`]: `lib/modNNN.pyc`, or with sources
+    /// `lib/pNN/modNNN.pyc` (packages of ten).
+    fn module(i: usize, sources: bool, ext: &str) -> String {
+        match sources {
+            false => format!("lib/mod{i:03}.{ext}"),
+            true => format!("lib/p{:02}/mod{i:03}.{ext}", i / 10),
+        }
+    }
+
+    /// The inode at `path` (relative to the root) in `table`.
+    fn inode_at(table: &InodeTable, path: &str) -> u64 {
+        path.split('/')
+            .fold(super::super::inode::ROOT_INO, |dir, name| {
+                table.lookup(dir, name).expect(path).ino
+            })
+    }
+
+    /// An eStargz layer of `n` small, barely compressible "modules" (see [`module`]). With
+    /// `sources`, each package holds its ten compiled modules and then their ten sources, as
+    /// Python's `__pycache__` directory sorts before the sources beside it.
+    fn modules_layer(n: usize, sources: bool) -> (Vec<u8>, String) {
         let mut tar = tar::Builder::new(Vec::new());
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for i in 0..n {
+        let names = (0..n.div_ceil(10)).flat_map(|p| {
+            let package = (p * 10..n.min(p * 10 + 10)).map(|i| module(i, sources, "pyc"));
+            let sources = (p * 10..n.min(p * 10 + 10))
+                .filter(move |_| sources)
+                .map(|i| module(i, true, "py"));
+            package.chain(sources).collect::<Vec<_>>()
+        });
+        for name in names {
             let data: Vec<u8> = (0..3000)
                 .map(|_| {
                     x ^= x << 13;
@@ -1252,8 +1419,7 @@ mod tests {
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
             h.set_cksum();
-            tar.append_data(&mut h, format!("lib/mod{i:03}.pyc"), &data[..])
-                .expect("tar entry");
+            tar.append_data(&mut h, name, &data[..]).expect("tar entry");
         }
         let input = tar.into_inner().expect("tar");
         let mut blob = Vec::new();
@@ -1265,23 +1431,29 @@ mod tests {
     /// Mounts the modules layer behind `link` (no FUSE: the reader only) and reads every
     /// module in name order; returns how many range requests the reads had made after each.
     fn import_all(n: usize, rtt_ms: u64, mbit: f64) -> (Vec<u64>, Arc<LayerReader>) {
-        import_in_order(n, rtt_ms, mbit, &(0..n).collect::<Vec<_>>())
+        let (blob, toc_digest) = modules_layer(n, false);
+        let link = sim_link(blob, rtt_ms, mbit, false);
+        import_in_order(link, toc_digest, false, &(0..n).collect::<Vec<_>>())
     }
 
-    /// As [`import_all`], reading the modules numbered in `order`.
-    fn import_in_order(
-        n: usize,
-        rtt_ms: u64,
-        mbit: f64,
-        order: &[usize],
-    ) -> (Vec<u64>, Arc<LayerReader>) {
-        let (blob, toc_digest) = modules_layer(n);
-        let link = Arc::new(SimLink {
+    fn sim_link(blob: Vec<u8>, rtt_ms: u64, mbit: f64, multi: bool) -> Arc<SimLink> {
+        Arc::new(SimLink {
             blob,
             rtt: Duration::from_millis(rtt_ms),
             bytes_per_sec: mbit * 1e6 / 8.0,
+            multi,
             fetches: Default::default(),
-        });
+            sent: Default::default(),
+        })
+    }
+
+    /// As [`import_all`], reading the modules numbered in `order` of the layer behind `link`.
+    fn import_in_order(
+        link: Arc<SimLink>,
+        toc_digest: String,
+        sources: bool,
+        order: &[usize],
+    ) -> (Vec<u64>, Arc<LayerReader>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = ReadOptions {
             cache_kind: CacheKind::Memory,
@@ -1297,15 +1469,8 @@ mod tests {
         let before = link.fetches.load(Ordering::SeqCst);
         let mut made = Vec::with_capacity(order.len());
         let table = reader.table();
-        let lib = table
-            .lookup(super::super::inode::ROOT_INO, "lib")
-            .expect("lib")
-            .ino;
         for &i in order {
-            let ino = table
-                .lookup(lib, &format!("mod{i:03}.pyc"))
-                .expect("module")
-                .ino;
+            let ino = inode_at(table, &module(i, sources, "pyc"));
             let data = reader.read(ino, 0, 1 << 20).expect("read");
             assert_eq!(data.len(), 3000);
             made.push(link.fetches.load(Ordering::SeqCst) - before);
@@ -1340,7 +1505,9 @@ mod tests {
         let firsts = (0..groups).map(|g| g * stride);
         let rests = (0..groups).flat_map(|g| (1..per_group).map(move |k| g * stride + k));
         let order: Vec<usize> = firsts.chain(rests).collect();
-        let (made, _) = import_in_order(groups * stride, 20, 100.0, &order);
+        let (blob, toc_digest) = modules_layer(groups * stride, false);
+        let link = sim_link(blob, 20, 100.0, false);
+        let (made, _) = import_in_order(link, toc_digest, false, &order);
         let requests = made.last().copied().unwrap_or(0);
         assert!(
             requests <= groups as u64 + 1,
@@ -1363,5 +1530,46 @@ mod tests {
             100,
             "requests for the last 100 modules on 20 Mbit / 10 ms: {made:?}"
         );
+    }
+
+    /// Python reads `__pycache__/*.pyc` and only stats the `.py` beside it: once read-ahead has
+    /// brought a few round trips' worth of sources nobody read, a source that can skip bytes
+    /// within a request is asked for the compiled modules only, in as few requests; the
+    /// sources left out are still read correctly when asked for.
+    #[test]
+    fn read_ahead_leaves_out_kinds_of_file_nobody_reads() {
+        // ~10 MB: the first round trips' worth of sources is brought before the kind is judged.
+        let n = 2500;
+        let (blob, toc_digest) = modules_layer(n, true);
+        let order: Vec<usize> = (0..n).collect();
+        let plain = sim_link(blob.clone(), 20, 100.0, false);
+        let (made, _) = import_in_order(plain.clone(), toc_digest.clone(), true, &order);
+        let (plain_requests, plain_sent) = (made[n - 1], plain.sent.load(Ordering::SeqCst));
+        let multi = sim_link(blob, 20, 100.0, true);
+        let (made, reader) = import_in_order(multi.clone(), toc_digest, true, &order);
+        let (requests, sent) = (made[n - 1], multi.sent.load(Ordering::SeqCst));
+        assert!(
+            sent * 4 < plain_sent * 3,
+            "{sent} bytes sent with sources left out, {plain_sent} without"
+        );
+        assert!(
+            requests <= plain_requests,
+            "{requests} requests with sources left out, {plain_requests} without"
+        );
+        // What was left out is fetched on demand, and verified like the rest.
+        let table = reader.table();
+        let py = |i: usize| inode_at(table, &module(i, true, "py"));
+        let cached = (0..n).filter(|&i| reader.file_cached(py(i))).count();
+        assert!(cached < n / 2, "{cached} of {n} sources were brought");
+        let missing = (0..n)
+            .find(|&i| !reader.file_cached(py(i)))
+            .expect("a source left out");
+        let before = multi.fetches.load(Ordering::SeqCst);
+        assert_eq!(
+            reader.read(py(missing), 0, 1 << 20).expect("read").len(),
+            3000
+        );
+        assert!(multi.fetches.load(Ordering::SeqCst) > before);
+        assert!(reader.file_cached(py(missing)));
     }
 }

@@ -123,6 +123,21 @@ impl LayerSource for RemoteSource {
             .map_err(io::Error::from)
     }
 
+    fn fetch_ranges(
+        &self,
+        ranges: &[std::ops::Range<u64>],
+        sink: &mut (dyn Write + Send),
+    ) -> io::Result<()> {
+        self.blob
+            .fetch_ranges_into(ranges, sink)
+            .map(|_| ())
+            .map_err(io::Error::from)
+    }
+
+    fn multi_range(&self) -> bool {
+        self.blob.multi_range()
+    }
+
     fn check(&self) -> io::Result<()> {
         self.blob.check().map_err(io::Error::from)
     }

@@ -4,6 +4,7 @@
 //! decoders), so no compressed copy is buffered or cached here; tests use a local file.
 
 use std::io::{self, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +17,20 @@ pub trait LayerSource: Send + Sync {
     /// arrive. An error may come after part of the range was written; the caller then
     /// discards what it got.
     fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()>;
+    /// Streams the bytes of each of `ranges` (ascending, apart, not empty) into `sink`, one range
+    /// after the other, like [`LayerSource::fetch`]. By default one fetch per range.
+    fn fetch_ranges(&self, ranges: &[Range<u64>], sink: &mut (dyn Write + Send)) -> io::Result<()> {
+        for r in ranges {
+            self.fetch(r.start, r.end - r.start, sink)?;
+        }
+        Ok(())
+    }
+    /// Whether [`LayerSource::fetch_ranges`] costs about what one fetch of its bytes costs (one
+    /// multi-range request, or a local file), so that a fetch may leave out what it will not
+    /// need between what it does.
+    fn multi_range(&self) -> bool {
+        false
+    }
     /// Checks that the blob is still reachable (the snapshotter's `check`).
     fn check(&self) -> io::Result<()> {
         Ok(())
@@ -32,6 +47,12 @@ impl<T: LayerSource + ?Sized> LayerSource for Arc<T> {
     }
     fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {
         (**self).fetch(offset, len, sink)
+    }
+    fn fetch_ranges(&self, ranges: &[Range<u64>], sink: &mut (dyn Write + Send)) -> io::Result<()> {
+        (**self).fetch_ranges(ranges, sink)
+    }
+    fn multi_range(&self) -> bool {
+        (**self).multi_range()
     }
     fn check(&self) -> io::Result<()> {
         (**self).check()
@@ -72,6 +93,10 @@ impl FileSource {
 impl LayerSource for FileSource {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn multi_range(&self) -> bool {
+        true
     }
 
     fn fetch(&self, offset: u64, len: u64, sink: &mut (dyn Write + Send)) -> io::Result<()> {

@@ -24,6 +24,10 @@ pub struct BlobConfig {
     /// Not a Go key: a response whose headers do not arrive within this long, or whose body
     /// delivers no byte for this long, is treated as a dead connection (and retried).
     pub stall_timeout_msec: u64,
+    /// Ranges are never asked for several in one request (a registry or proxy known to answer
+    /// multi-range requests wrongly). Without it, a registry that answers one badly is asked
+    /// one range at a time from then on anyway.
+    pub force_single_range_mode: bool,
 }
 
 impl Default for BlobConfig {
@@ -36,6 +40,7 @@ impl Default for BlobConfig {
             min_wait_msec: 30,
             max_wait_msec: 300_000,
             stall_timeout_msec: 30_000,
+            force_single_range_mode: false,
         }
     }
 }

@@ -9,19 +9,26 @@
 //! let config = client.fetch_blob_bytes(&reference, config_digest).await?;
 //! let blob = Blob::open(&client, &reference, layer_digest).await?;  // probes size + URL
 //! blob.fetch_range_into(a..b, &mut sink).await?;             // stream bytes, nothing cached
+//! blob.fetch_ranges_into(&[a..b, c..d], &mut sink).await?;   // several ranges, one request
 //! blob.fetch_verified_into(&mut sink).await?;               // whole blob, digest-checked
 //! let sync = blob.sync(tokio::runtime::Handle::current());   // for FUSE threads
 //! sync.fetch_range_into(a..b, &mut sink)?;                   // blocks on the runtime
 //! ```
 //!
 //! ## Guarantees of [`Blob`]
-//! - Nothing is cached here: each call is one single-range request (more after a failure),
-//!   streamed into the caller's sink as it arrives; no buffer ever holds a whole range. The
-//!   fs layer keeps the decompressed bytes.
+//! - Nothing is cached here: each call is one request (more after a failure), streamed into the
+//!   caller's sink as it arrives; no buffer ever holds a whole range. The fs layer keeps the
+//!   decompressed bytes.
+//! - Several ranges go in one request, answered as `multipart/byteranges` (bounded heads, each
+//!   part placed by its `Content-Range` within this blob). A registry that answers otherwise
+//!   (the whole blob, one range, parts out of order or missing, a refusal) is asked again for
+//!   the covering range at once, and for one range at a time from then on for that blob; so is
+//!   every registry with `force_single_range_mode`.
 //! - A response that breaks (reset, truncation, stall) is resumed with a `Range` from the first
-//!   byte the sink has not seen, so the sink sees every byte once, in order. A 206 must start
-//!   where asked and name this blob's size; a 200 (whole blob) is skipped up to the start; no
-//!   byte past the asked end is read.
+//!   byte the sink has not seen, so the sink sees every byte once, in order, and only the bytes
+//!   asked for. A 206 must not start past the first byte wanted and must name this blob's size;
+//!   a 200 (whole blob) is skipped up to the start; no byte past the last one wanted is read
+//!   (of a multipart answer, at most a bounded tail while looking for its closing line).
 //! - What is NOT verified here: the registry has no per-range digest, so a byte corrupted in
 //!   flight with a correct length is passed on. The eStargz layer above verifies each chunk's
 //!   `chunkDigest` before serving it. [`Blob::fetch_verified_into`] checks the blob's digest.
@@ -48,6 +55,7 @@ pub mod auth;
 mod blob;
 mod body;
 pub mod config;
+mod multipart;
 pub mod reference;
 mod registry;
 

@@ -39,10 +39,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "blobs are fetched by the chunks of their TOC, not at a fixed granularity",
     ),
     (
-        "blob.force_single_range_mode",
-        "every blob request is a single range already",
-    ),
-    (
         "directory_cache.max_lru_cache_entry",
         "there is no in-memory cache in front of the on-disk cache",
     ),
@@ -405,6 +401,7 @@ mod tests {
         assert!(unsupported.iter().all(|u| !u.reason.is_empty()));
         assert_eq!(c.filesystem_cache_type, "memory");
         assert_eq!(c.blob.max_retries, 3);
+        assert!(c.blob.force_single_range_mode);
         assert_eq!(c.directory_cache.max_cache_fds, 4);
         // `parse` logs the unsupported keys and returns only the unknown ones.
         let (_, unknown) = Config::parse(text, "t").unwrap();
