@@ -17,8 +17,15 @@ use super::inode::{InodeTable, NodeKind};
 pub(crate) const MAX_KINDS: usize = 64;
 
 /// Round trips' worth of a kind's bytes read-ahead brings before the kind's reads must pay for
-/// them (as the layer's own ledger: a read saves a round trip, worth two of its bytes).
+/// them.
 const PROBATION: u64 = 2;
+
+/// Round trips' worth of bytes one read of a kind pays for. A read saves one round trip, but
+/// reads come late (a program runs its tools one after the other): judged at one or two round
+/// trips' worth, as the layer's own ledger is, kinds that are read now and then (binaries,
+/// libraries) were left out and then read, one request each, and a many-binaries start got
+/// slower. Kinds nobody reads at all are left out all the same.
+const HIT_WORTH: u64 = 8;
 
 /// A kind's ledger: compressed bytes read-ahead brought, and reads that found them (or found a
 /// file read-ahead had left out).
@@ -98,7 +105,7 @@ impl FileKinds {
     /// Whether read-ahead leaves out files of `kind`, `one` being a round trip's worth of bytes
     /// and `pending` the bytes of that kind the read-ahead being planned already takes: once
     /// [`PROBATION`] round trips' worth of them were brought, while their reads are worth less
-    /// than the bytes. (Counting `pending` judges a kind within one long read-ahead: the first
+    /// than the bytes (each [`HIT_WORTH`] round trips' worth). (Counting `pending` judges a kind within one long read-ahead: the first
     /// that reaches the sources of a package tree would otherwise bring all of them.)
     pub(crate) fn left_out(&self, kind: usize, one: u64, pending: u64) -> bool {
         self.ledger(kind).is_some_and(|l| {
@@ -107,7 +114,7 @@ impl FileKinds {
                 .hits
                 .load(Ordering::Relaxed)
                 .saturating_mul(one)
-                .saturating_mul(2);
+                .saturating_mul(HIT_WORTH);
             one > 0 && spent > PROBATION.saturating_mul(one) && earned < spent
         })
     }
@@ -171,7 +178,8 @@ mod tests {
         k.leave_out(5);
         assert!(k.take_left_out(5) && !k.take_left_out(5), "taken once");
         k.read(1);
-        k.read(1);
         assert!(!k.left_out(1, one, 0), "its files are read after all");
+        k.brought(1, HIT_WORTH * one);
+        assert!(k.left_out(1, one, 0), "but rarely");
     }
 }
