@@ -800,7 +800,7 @@ impl LayerReader {
             layer = %self.digest,
             offset = start,
             len,
-            ranges = ranges.len(),
+            ranges = ?ranges,
             chunks = seqs.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             window = self.window.load(Ordering::Relaxed),
