@@ -608,6 +608,7 @@ impl SyncBlob {
             .block_on(self.blob.fetch_ranges_into(ranges, sink))
     }
 
+    /// [`Blob::multi_range`].
     pub fn multi_range(&self) -> bool {
         self.blob.multi_range()
     }
