@@ -9,7 +9,7 @@
 //! files are read. Only what is fetched early changes, never what is served.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::inode::{InodeTable, NodeKind};
 
@@ -25,8 +25,8 @@ const PROBATION: u64 = 2;
 /// (binaries, libraries) is sometimes left out and then read, one request each; a larger worth
 /// keeps such kinds, at the cost of more bytes. Measured (tools workload, 3 runs each): at 8,
 /// 100 Mbit 4.82 s but 20 Mbit 11.62 s; at 4, 5.14 s and 10.74 s; at 2, 5.31 s and 10.18 s
-/// (before kinds: 4.80 s and 10.49 s). Two keeps every cell clear of Go's daemon and the
-/// import-heavy start at its best (3.00 s on 100 Mbit against 3.07-3.09 s at 4 and 8).
+/// (before kinds: 4.80 s and 10.49 s). Two keeps every cell clear of Go's daemon; the
+/// import-heavy start on 100 Mbit was the same at all three (2.96-3.09 s).
 const HIT_WORTH: u64 = 2;
 
 /// A kind's ledger: compressed bytes read-ahead brought, and reads that found them (or found a
@@ -39,7 +39,7 @@ struct Ledger {
 
 pub(crate) struct FileKinds {
     /// Per node (table order): its kind.
-    kind_of: Vec<AtomicU8>,
+    kind_of: Vec<u8>,
     ledgers: Vec<Ledger>,
     /// Per chunk (bit per chunk, blob order): left out of a read-ahead for its kind and not
     /// read since.
@@ -49,7 +49,7 @@ pub(crate) struct FileKinds {
 impl FileKinds {
     pub(crate) fn new(table: &InodeTable) -> Self {
         let nodes = table.nodes();
-        let kind_of: Vec<AtomicU8> = nodes.iter().map(|_| AtomicU8::new(0)).collect();
+        let mut kind_of = vec![0u8; nodes.len()];
         // Kind 0: no extension, or past MAX_KINDS.
         let mut ids: HashMap<&str, u8> = HashMap::new();
         for dir in nodes.iter().filter(|n| n.kind == NodeKind::Dir) {
@@ -65,8 +65,8 @@ impl FileKinds {
                     }
                     None => 0,
                 };
-                if let Some(k) = table.index(ino).and_then(|i| kind_of.get(i)) {
-                    k.store(id, Ordering::Relaxed);
+                if let Some(k) = table.index(ino).and_then(|i| kind_of.get_mut(i)) {
+                    *k = id;
                 }
             }
         }
@@ -81,9 +81,7 @@ impl FileKinds {
 
     /// The kind of the node at `index` in the table.
     pub(crate) fn kind(&self, index: usize) -> usize {
-        self.kind_of
-            .get(index)
-            .map_or(0, |k| usize::from(k.load(Ordering::Relaxed)))
+        self.kind_of.get(index).map_or(0, |&k| usize::from(k))
     }
 
     fn ledger(&self, kind: usize) -> Option<&Ledger> {
