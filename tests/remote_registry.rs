@@ -23,6 +23,15 @@ fn client(blob: BlobConfig) -> RegistryClient {
     RegistryClient::new(cfg).unwrap()
 }
 
+/// `data` pushed as the one layer of `repo:v1` to `reg`, opened as a blob.
+async fn pushed_blob(reg: &Registry, repo: &str, data: &[u8]) -> Result<Blob> {
+    let (layer, _) = Pusher::new(&reg.base())
+        .image(repo, "v1", data.to_vec())
+        .await?;
+    let r: Reference = format!("{}/{repo}:v1", reg.addr).parse()?;
+    Ok(Blob::open(&client(quick_retries()), &r, &layer).await?)
+}
+
 fn quick_retries() -> BlobConfig {
     BlobConfig {
         min_wait_msec: 1,
@@ -101,11 +110,7 @@ async fn resolves_index_and_streams_ranges() -> Result<()> {
 async fn several_ranges_come_from_the_registry_in_one_request() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(200_003, 3);
-    let (layer, _) = Pusher::new(&reg.base())
-        .image("test/multi", "v1", data.clone())
-        .await?;
-    let r: Reference = format!("{}/test/multi:v1", reg.addr).parse()?;
-    let blob = Blob::open(&client(quick_retries()), &r, &layer).await?;
+    let blob = pushed_blob(&reg, "test/multi", &data).await?;
     assert!(blob.multi_range());
     let len = data.len() as u64;
     let ranges = [
@@ -134,12 +139,7 @@ async fn several_ranges_come_from_the_registry_in_one_request() -> Result<()> {
 async fn fetch_verified_into_streams_the_whole_blob() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(300_001, 2);
-    let (layer, _) = Pusher::new(&reg.base())
-        .image("x/y", "t", data.clone())
-        .await?;
-    let r: Reference = format!("{}/x/y:t", reg.addr).parse()?;
-    let c = client(quick_retries());
-    let blob = Blob::open(&c, &r, &layer).await?;
+    let blob = pushed_blob(&reg, "x/y", &data).await?;
     let mut sink = Vec::new();
     assert_eq!(blob.fetch_verified_into(&mut sink).await?, 300_001);
     assert!(sink == data);
@@ -150,11 +150,7 @@ async fn fetch_verified_into_streams_the_whole_blob() -> Result<()> {
 async fn sync_adapter_streams_from_plain_threads() -> Result<()> {
     let reg = Registry::start(None)?;
     let data = pseudo_random(50_000, 3);
-    let (layer, _) = Pusher::new(&reg.base())
-        .image("s/a", "t", data.clone())
-        .await?;
-    let r: Reference = format!("{}/s/a:t", reg.addr).parse()?;
-    let blob = Blob::open(&client(quick_retries()), &r, &layer).await?;
+    let blob = pushed_blob(&reg, "s/a", &data).await?;
     let sync = blob.sync(tokio::runtime::Handle::current());
     let data = Arc::new(data);
     let threads: Vec<_> = (0..4)

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::inode::{InodeTable, NodeKind};
+use super::reader::unpaid;
 
 /// Distinct extensions a layer keeps a ledger for; the rest share the ledger of files with none.
 pub(crate) const MAX_KINDS: usize = 64;
@@ -19,15 +20,6 @@ pub(crate) const MAX_KINDS: usize = 64;
 /// Round trips' worth of a kind's bytes read-ahead brings before the kind's reads must pay for
 /// them.
 const PROBATION: u64 = 2;
-
-/// Round trips' worth of bytes one read of a kind pays for: two, as in the layer's own ledger.
-/// Reads come late (a program runs its tools one after the other), so a kind read now and then
-/// (binaries, libraries) is sometimes left out and then read, one request each; a larger worth
-/// keeps such kinds, at the cost of more bytes. Measured (tools workload, 3 runs each): at 8,
-/// 100 Mbit 4.82 s but 20 Mbit 11.62 s; at 4, 5.14 s and 10.74 s; at 2, 5.31 s and 10.18 s
-/// (before kinds: 4.80 s and 10.49 s). Two keeps every cell clear of Go's daemon; the
-/// import-heavy start on 100 Mbit was the same at all three (2.96-3.09 s).
-const HIT_WORTH: u64 = 2;
 
 /// A kind's ledger: compressed bytes read-ahead brought, and reads that found them (or found a
 /// file read-ahead had left out).
@@ -104,18 +96,15 @@ impl FileKinds {
 
     /// Whether read-ahead leaves out files of `kind`, `one` being a round trip's worth of bytes
     /// and `pending` the bytes of that kind the read-ahead being planned already takes: once
-    /// [`PROBATION`] round trips' worth of them were brought, while their reads are worth less
-    /// than the bytes (each [`HIT_WORTH`] round trips' worth). (Counting `pending` judges a kind within one long read-ahead: the first
-    /// that reaches the sources of a package tree would otherwise bring all of them.)
+    /// [`PROBATION`] round trips' worth of them were brought, while their reads do not pay for
+    /// the bytes (the layer's own rule, [`unpaid`]). Counting `pending` judges a kind within one
+    /// long read-ahead: the first that reaches the sources of a package tree would otherwise
+    /// bring all of them.
     pub(crate) fn left_out(&self, kind: usize, one: u64, pending: u64) -> bool {
         self.ledger(kind).is_some_and(|l| {
             let spent = l.spent.load(Ordering::Relaxed).saturating_add(pending);
-            let earned = l
-                .hits
-                .load(Ordering::Relaxed)
-                .saturating_mul(one)
-                .saturating_mul(HIT_WORTH);
-            one > 0 && spent > PROBATION.saturating_mul(one) && earned < spent
+            let hits = l.hits.load(Ordering::Relaxed);
+            one > 0 && unpaid(spent, hits, one, PROBATION)
         })
     }
 
@@ -180,7 +169,7 @@ mod tests {
         k.read(1);
         k.read(1);
         assert!(!k.left_out(1, one, 0), "its files are read after all");
-        k.brought(1, 2 * HIT_WORTH * one);
+        k.brought(1, 2 * super::super::reader::HIT_WORTH * one);
         assert!(k.left_out(1, one, 0), "but rarely");
     }
 }

@@ -208,6 +208,23 @@ const MAX_WINDOW: u32 = 8;
 /// many misses' worth, since hits often come late (Python leaves a package and returns to it a
 /// few imports later) and a layer judged after two misses had not seen them yet.
 const PROBATION: u64 = 8;
+/// Round trips' worth of bytes one read that finds what read-ahead brought pays for: two (the
+/// round trip it saved, and as much again because reads come late), in the layer's ledger and
+/// in each kind's. For kinds it was measured (tools workload, 3 runs each): at 8, 100 Mbit
+/// 4.82 s but 20 Mbit 11.62 s; at 4, 5.14 s and 10.74 s; at 2, 5.31 s and 10.18 s (before
+/// kinds: 4.80 s and 10.49 s). A larger worth keeps kinds read now and then (binaries,
+/// libraries) at the cost of more bytes; two keeps every cell clear of Go's daemon, and the
+/// import-heavy start on 100 Mbit was the same at all three (2.96-3.09 s).
+pub(crate) const HIT_WORTH: u64 = 2;
+
+/// Whether `spent` bytes of read-ahead, past `probation` round trips' worth (`one` bytes each),
+/// have not paid for themselves: the `hits` that found them are worth less (each
+/// [`HIT_WORTH`] round trips' worth).
+pub(crate) fn unpaid(spent: u64, hits: u64, one: u64, probation: u64) -> bool {
+    spent > probation.saturating_mul(one)
+        && hits.saturating_mul(one).saturating_mul(HIT_WORTH) < spent
+}
+
 /// A layer whose read-ahead did not pay gets another try after this many misses.
 const RETRY_AFTER: u32 = 16;
 
@@ -580,12 +597,8 @@ impl LayerReader {
         let link = self.opts.link.get();
         let one = link.readahead(1);
         let spent = self.ahead_bytes.load(Ordering::SeqCst);
-        let earned = self
-            .ahead_hits
-            .load(Ordering::SeqCst)
-            .saturating_mul(one)
-            .saturating_mul(2);
-        if spent > PROBATION * one && earned < spent {
+        let hits = self.ahead_hits.load(Ordering::SeqCst);
+        if unpaid(spent, hits, one, PROBATION) {
             if self.held_back.fetch_add(1, Ordering::SeqCst) + 1 < RETRY_AFTER {
                 return 0;
             }
