@@ -35,6 +35,11 @@
 # Their goals: ours-opt / ours-goopt <= 1 (our optimize is as good as Go's, same daemon) and
 # ours-goopt / go-goopt <= 1 (our daemon on Go's optimized image). The optimized images are cached
 # in $STARGZ_TESTBED_CACHE keyed by the gzip image, the optimizing binary and the workload.
+# zstd:chunked (issue 14; not in the default SYSTEMS): the same tree converted by Go's
+# `ctr-remote image convert --zstdchunked --oci` without optimization (cached like the eStargz one):
+#   ours-zstd   our daemon and rpull on the zstd:chunked image (against `ours`: zstd vs gzip)
+#   go-zstd     Go's daemon and rpull on it
+# e.g. SYSTEMS="ours ours-zstd go go-zstd" WORKLOADS=imports BIG=0.
 # Every timed step starts with a dropped page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`),
 # each lazy run with a fresh daemon, containerd and cache, each full run with a fresh containerd.
 #
@@ -70,14 +75,15 @@
 #                                markdown table) and bench-results/pull.md (the table alone)
 # Environment:
 #   WORKLOADS ("imports tools print large"), LINKS ("100mbit/10 1gbit/25 20mbit/5 loopback"),
-#   SYSTEMS ("ours go full ours-opt ours-goopt go-goopt"), RUNS (3), BIG (1: also the twice-as-big image's RSS check; 0: not),
+#   SYSTEMS ("ours go full ours-opt ours-goopt go-goopt"; also ours-zstd go-zstd), RUNS (3), BIG (1: also the twice-as-big image's RSS check; 0: not),
 #   DAEMON / CTR_REMOTE (ours; default target/release/...), GO_DAEMON (a binary; default built by
 #   scripts/go-daemon.sh; empty: no `go` cells), GO_CTR_REMOTE (/usr/bin/ctr-remote),
 #   DELAY_PROXY (binary; default built with cargo), RTTS (4), SETTLE_TIMEOUT (180 s),
 #   SETTLE_QUIET (5 s), STEP_TIMEOUT (300 s for one pull or one run), OUT
 #   (bench-results/pull.txt), TABLE (OUT with .md), KEEP=1 (keep the work dir for debugging),
 #   LOG_LEVEL (the daemons' --log-level, info) and LOGS (a directory: each lazy run's daemon log
-#   is kept there as WORKLOAD_LINK_SYSTEM_RUN.log, to see what a slow run waited for).
+#   is kept there as WORKLOAD_LINK_SYSTEM_RUN.log, to see what a slow run waited for, and the
+#   traced list of files each workload reads as read-WORKLOAD.txt).
 # Every process and mount started here is removed on exit, Ctrl-C included. On the 2-core test
 # machine, with the conversions cached, ours/go/full took 14 min and the three optimized systems
 # 12 min (the default runs both, ~26 min); the very first run also debootstraps (~2 min),
@@ -122,7 +128,7 @@ declare -A WEXPECT=(
   [large]='^/data/large.bin: OK$'
 )
 for w in "${WORKLOADS[@]}"; do [ -n "${WCMD[$w]:-}" ] || die "unknown workload '$w' (imports tools print large)"; done
-LAZY_SYSTEMS=(ours go ours-opt ours-goopt go-goopt)
+LAZY_SYSTEMS=(ours go ours-opt ours-goopt go-goopt ours-zstd go-zstd)
 for s in "${SYSTEMS[@]}"; do has "$s" full "${LAZY_SYSTEMS[@]}" || die "unknown system '$s' (full ${LAZY_SYSTEMS[*]})"; done
 # Whether any system of SYSTEMS runs an optimized image.
 wants_opt() { local s; for s in "${SYSTEMS[@]}"; do [[ $s == *opt ]] && return 0; done; return 1; }
@@ -331,32 +337,43 @@ store_cached() {
 # Pushes VARIANT (python-data or python-data-big) as bench/VARIANT:gzip and its eStargz conversion
 # as :esgz; the conversion comes from the cache when this gzip image and Go's ctr-remote were seen.
 prepare_image() {
-  local v=$1 flags=(--data) gz_digest key cached
+  local v=$1 flags=(--data) gz_digest
   [ "$v" = python-data-big ] && flags+=(--big)
   "$REPO/scripts/rootfs.sh" oci "$WORK/oci-$v" "${flags[@]}" >/dev/null
   "$NETLINK" exec "$LINK" skopeo copy --quiet --dest-tls-verify=false "oci:$WORK/oci-$v:latest" \
     "docker://127.0.0.1:5000/bench/$v:gzip"
   gz_digest=$(jq -r '.manifests[0].digest' "$WORK/oci-$v/index.json")
+  prepare_conversion "$v" "$gz_digest" esgz --estargz
+}
+# Pushes bench/VARIANT:TAG, Go's `image convert FLAG --oci` of bench/VARIANT:gzip, from the
+# cache when this gzip image and Go's ctr-remote were seen.
+prepare_conversion() {
+  local v=$1 gz_digest=$2 tag=$3 flag=$4 key cached prefix=esgz
+  [ "$tag" = esgz ] || prefix=$tag
   key=$( { echo "$gz_digest"; sha256sum <"$GO_CTR_REMOTE"; } | sha256sum | cut -c1-16)
-  cached=$CACHE/esgz-$v-$key
-  push_cached "$cached" "$v:esgz" && return 0
+  cached=$CACHE/$prefix-$v-$key
+  push_cached "$cached" "$v:$tag" && return 0
   # Set-up, not measured: this containerd is on the host, so the conversion crosses the (unlimited) link.
   local t0; t0=$(now)
   start_containerd "conv-$v"
   ctr --address "$CTRD_SOCK" image pull --plain-http "$ADDR/bench/$v:gzip" >/dev/null
-  "$GO_CTR_REMOTE" --address "$CTRD_SOCK" image convert --estargz --oci \
-    "$ADDR/bench/$v:gzip" "$ADDR/bench/$v:esgz" >/dev/null
-  ctr --address "$CTRD_SOCK" image push --plain-http "$ADDR/bench/$v:esgz" >/dev/null
+  "$GO_CTR_REMOTE" --address "$CTRD_SOCK" image convert "$flag" --oci \
+    "$ADDR/bench/$v:gzip" "$ADDR/bench/$v:$tag" >/dev/null
+  ctr --address "$CTRD_SOCK" image push --plain-http "$ADDR/bench/$v:$tag" >/dev/null
   stop_containerd
   rm -rf "$WORK/conv-$v"
-  store_cached "$v:esgz" "$cached"
-  log "converted bench/$v to eStargz in $(elapsed "$t0" "$(now)") s (cached in $cached)"
+  store_cached "$v:$tag" "$cached"
+  log "converted bench/$v with $flag in $(elapsed "$t0" "$(now)") s (cached in $cached)"
 }
 prepare_image python-data
 [ "$BIG" = 1 ] && prepare_image python-data-big
+if has ours-zstd "${SYSTEMS[@]}" || has go-zstd "${SYSTEMS[@]}"; then
+  prepare_conversion python-data "$(jq -r '.manifests[0].digest' "$WORK/oci-python-data/index.json")" zstd --zstdchunked
+fi
 
 # Pushes bench/python-data:TAG-W, the gzip image optimized for workload W by ctr-remote BINARY
-# (TAG opt: ours, goopt: Go's); from the cache when this image, binary and workload were seen.
+# (TAG opt: ours, goopt: Go's); from the cache when this image, binary and workload were seen
+# (the cache keeps the last binary's optimization of each workload).
 # Set-up, not measured: the build containerd is on the host, so nothing crosses a limited link.
 prepare_optimized() {
   local tag=$1 bin=$2 w=$3 gz_digest key cached args t0
@@ -376,6 +393,11 @@ prepare_optimized() {
   stop_containerd
   rm -rf "$WORK/opt-$tag-$w"
   store_cached "python-data:$tag-$w" "$cached"
+  # Each build of the binary has its own key: keep only this one's image (94 MB each).
+  local stale
+  for stale in "$CACHE/opt-python-data-$tag-$w"-*; do
+    [ "$stale" = "$cached" ] || rm -rf "$stale"
+  done
   log "optimized bench/python-data for $w with $bin in $(elapsed "$t0" "$(now)") s (cached in $cached)"
 }
 if wants_opt; then
@@ -486,6 +508,7 @@ trace_reads() {
     t1=$(now)
     TRACE_RUN[$w]=$(elapsed "$t0" "$t1")
     find "$snap" -type f -printf '%A@\t%P\n' | awk -F'\t' '$1 + 0 > 0 { print $2 }' >"$WORK/read-$w.txt"
+    if [ -n "${LOGS:-}" ]; then mkdir -p "$LOGS"; cp "$WORK/read-$w.txt" "$LOGS/read-$w.txt"; fi
     ctr --address "$CTRD_SOCK" task rm "$id" >/dev/null 2>&1 || true
     ctr --address "$CTRD_SOCK" container rm "$id" >/dev/null
     local n fb cb missing
@@ -531,7 +554,7 @@ lazy_run() {
   local s=$1 w=$2 v=$3 do_settle=$4 daemon rpull dir sock dsock pid i ready=0 mark before t0 t1
   if [[ $s == ours* ]]; then daemon=$DAEMON; rpull=$CTR_REMOTE; else daemon=$GO_DAEMON; rpull=$GO_CTR_REMOTE; fi
   local tag=esgz
-  case $s in *-opt) tag=opt-$w ;; *-goopt) tag=goopt-$w ;; esac
+  case $s in *-opt) tag=opt-$w ;; *-goopt) tag=goopt-$w ;; *-zstd) tag=zstd ;; esac
   dir=$WORK/lazy-$s; rm -rf "$dir" "$WORK/lazy-$s-ctrd"; mkdir -p "$dir"
   dsock=$dir/stargz.sock
   cat >"$dir/stargz.toml" <<TOML
@@ -709,6 +732,13 @@ for l in "${LINKS[@]}"; do
     if [ -n "${MED[$w|$LKEY|ours-goopt]:-}" ] && [ -n "${MED[$w|$LKEY|go-goopt]:-}" ]; then
       result "${w}_${LKEY}_ours_goopt_over_go_goopt" "$(ratio "${MED[$w|$LKEY|ours-goopt]}" "${MED[$w|$LKEY|go-goopt]}")"
     fi
+    # Issue 14: zstd:chunked against eStargz (same daemon), and our daemon against Go's on it.
+    if [ -n "${MED[$w|$LKEY|ours-zstd]:-}" ] && [ -n "${MED[$w|$LKEY|ours]:-}" ]; then
+      result "${w}_${LKEY}_ours_zstd_over_ours" "$(ratio "${MED[$w|$LKEY|ours-zstd]}" "${MED[$w|$LKEY|ours]}")"
+    fi
+    if [ -n "${MED[$w|$LKEY|ours-zstd]:-}" ] && [ -n "${MED[$w|$LKEY|go-zstd]:-}" ]; then
+      result "${w}_${LKEY}_ours_zstd_over_go_zstd" "$(ratio "${MED[$w|$LKEY|ours-zstd]}" "${MED[$w|$LKEY|go-zstd]}")"
+    fi
     # The physical limit of a lazy start on this link.
     local_run=""
     if [ -n "${LOCALRUN[$w|$LKEY|full]:-}" ]; then read -r -a rs <<<"${LOCALRUN[$w|$LKEY|full]}"; local_run=$(median "${rs[@]}")
@@ -778,6 +808,19 @@ num() { if [ -n "${MED[$1]:-}" ]; then echo "${2:-–}"; else echo "–"; fi; }
       for l in "${LINKS[@]}"; do
         parse_link "$l"; b="$w|$LKEY"
         echo "| $w | $l | $(cellv "$b|ours-opt") | $(cellv "$b|ours-goopt") | $(cellv "$b|go-goopt") | $(rat "$b|ours-opt" "$b|ours-goopt") | $(rat "$b|ours-goopt" "$b|go-goopt") | $(num "$b|ours-opt" "${REQS[$b|ours-opt]:-}") | $(num "$b|ours-goopt" "${REQS[$b|ours-goopt]:-}") | $(num "$b|go-goopt" "${REQS[$b|go-goopt]:-}") | $(num "$b|ours-opt" "$(mb "${FETCHED[$b|ours-opt]:-}")") | $(num "$b|ours-goopt" "$(mb "${FETCHED[$b|ours-goopt]:-}")") | $(num "$b|go-goopt" "$(mb "${FETCHED[$b|go-goopt]:-}")") |"
+      done
+    done
+  fi
+  if has ours-zstd "${SYSTEMS[@]}" || has go-zstd "${SYSTEMS[@]}"; then
+    echo
+    echo "zstd:chunked (Go's \`convert --zstdchunked --oci\` of the same tree, not optimized): ours-zstd = our daemon, go-zstd = Go's; ours = our daemon on the eStargz image."
+    echo
+    echo "| workload | link | ours-zstd s | ours s | go-zstd s | ours-zstd/ours | ours-zstd/go-zstd | ours-zstd req | ours req | go-zstd req | ours-zstd MB | ours MB | go-zstd MB |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    for w in "${WORKLOADS[@]}"; do
+      for l in "${LINKS[@]}"; do
+        parse_link "$l"; b="$w|$LKEY"
+        echo "| $w | $l | $(cellv "$b|ours-zstd") | $(cellv "$b|ours") | $(cellv "$b|go-zstd") | $(rat "$b|ours-zstd" "$b|ours") | $(rat "$b|ours-zstd" "$b|go-zstd") | $(num "$b|ours-zstd" "${REQS[$b|ours-zstd]:-}") | $(num "$b|ours" "${REQS[$b|ours]:-}") | $(num "$b|go-zstd" "${REQS[$b|go-zstd]:-}") | $(num "$b|ours-zstd" "$(mb "${FETCHED[$b|ours-zstd]:-}")") | $(num "$b|ours" "$(mb "${FETCHED[$b|ours]:-}")") | $(num "$b|go-zstd" "$(mb "${FETCHED[$b|go-zstd]:-}")") |"
       done
     done
   fi

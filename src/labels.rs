@@ -38,6 +38,10 @@ pub const UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// Layer annotation of eStargz converters (Go's `StoreUncompressedSizeAnnotation`): the size
 /// of the decompressed blob, in decimal.
 pub const UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
+/// zstd:chunked layer annotation (containers/storage): `sha256:` of the compressed TOC.
+pub const ZSTD_CHUNKED_MANIFEST_CHECKSUM: &str = "io.containers.zstd-chunked.manifest-checksum";
+/// zstd:chunked layer annotation: `offset:compressed size:uncompressed size:1` of the TOC.
+pub const ZSTD_CHUNKED_MANIFEST_POSITION: &str = "io.containers.zstd-chunked.manifest-position";
 
 /// containerd passes layer annotations with this prefix to the snapshotter as labels
 /// (`snapshots.FilterInheritedLabels`), and the two mapping labels besides.

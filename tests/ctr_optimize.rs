@@ -8,13 +8,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
     assert_success as ok, push_image, require_tool, sha256_digest, tools_layer, wait_until,
-    Containerd, ContainerdOpts, Layer, LayerEntry, Registry,
+    Containerd, ContainerdOpts, GoDaemon, Layer, LayerEntry, Registry,
 };
 
 const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
@@ -629,6 +629,92 @@ fn optimize_reuse_keeps_unread_estargz_layers() {
     assert_eq!(out.trim(), "upper a");
 }
 
+/// `--zstdchunked --oci` optimizes to zstd:chunked layers, which run; optimizing that image
+/// again unpacks its zstd layers, and `--reuse` keeps the unread ones (their zstd:chunked TOC
+/// digest verified) while an eStargz target would not.
+#[test]
+fn optimize_zstdchunked_converts_reuses_and_runs() {
+    let reg = Registry::start();
+    let image = push_image(&reg, "opt/zstd", "v1", &small_layers());
+    let ctrd = Containerd::start(ContainerdOpts::default());
+    let work = tempfile::tempdir().expect("tempdir");
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let first = format!("{}/opt/zstd:first", reg.addr());
+    let second = format!("{}/opt/zstd:second", reg.addr());
+    let run = |args: &[&str]| -> String {
+        let mut all = vec!["image", "optimize", "--plain-http", "--oci", "--reuse"];
+        all.extend_from_slice(args);
+        let out = ctr_remote(ours(), &ctrd, "default", &tmp, &all);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert_nothing_left(&tmp);
+        stderr
+    };
+    let err = run(&[
+        "--zstdchunked",
+        "--entrypoint",
+        SMALL_WORKLOAD_ENTRYPOINT,
+        "--args",
+        SMALL_WORKLOAD_ARGS,
+        &image,
+        &first,
+    ]);
+    assert!(err.contains("layers to zstd:chunked"), "{err}");
+    let (m1, c1) = manifest_of(&ctrd, "default", &first);
+    for l in m1["layers"].as_array().expect("layers") {
+        assert_eq!(
+            l["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+        assert!(l["annotations"]["io.containers.zstd-chunked.manifest-checksum"].is_string());
+    }
+    // zstd:chunked layers are no eStargz layers to keep in an eStargz image...
+    let esgz = format!("{}/opt/zstd:esgz", reg.addr());
+    let err = run(&[
+        "--entrypoint",
+        r#"["/bin/sleep"]"#,
+        "--args",
+        r#"["0"]"#,
+        &first,
+        &esgz,
+    ]);
+    assert!(
+        !err.contains("reused"),
+        "zstd layers kept as eStargz: {err}"
+    );
+    // ...but are kept in a zstd:chunked one.
+    let err = run(&[
+        "--zstdchunked",
+        "--entrypoint",
+        r#"["/bin/sleep"]"#,
+        "--args",
+        r#"["0"]"#,
+        &first,
+        &second,
+    ]);
+    assert_eq!(err.matches("reused without conversion").count(), 3, "{err}");
+    let (m2, c2) = manifest_of(&ctrd, "default", &second);
+    for i in 1..4 {
+        assert_eq!(m1["layers"][i], m2["layers"][i], "layer {i} kept");
+        assert_eq!(c1["rootfs"]["diff_ids"][i], c2["rootfs"]["diff_ids"][i]);
+    }
+    for image in [&first, &second] {
+        let out = ctrd.ctr_ns_ok(
+            "default",
+            &[
+                "run",
+                "--rm",
+                image,
+                "opt-zstd-run",
+                "/bin/cat",
+                "/data/link",
+            ],
+        );
+        assert_eq!(out.trim(), "upper a");
+    }
+}
+
 /// Bad input gives a clear error (or a well-defined result) and leaves no temp dir, mount or
 /// container behind.
 #[test]
@@ -1038,70 +1124,6 @@ fn blob_gets(reg: &Registry, from: usize) -> BTreeMap<String, Vec<u64>> {
         }
     }
     out
-}
-
-/// Go's `containerd-stargz-grpc`, built by `scripts/go-daemon.sh`; stopped with SIGINT (which
-/// unmounts) on drop.
-struct GoDaemon {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-}
-
-impl GoDaemon {
-    fn start(config: &str) -> GoDaemon {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/go-daemon.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .expect("go-daemon.sh");
-        let bin = ok(out, "scripts/go-daemon.sh").trim().to_string();
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("config.toml"), config).expect("config");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
-        let child = Command::new(&bin)
-            .arg("--address")
-            .arg(dir.path().join("stargz.sock"))
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--config")
-            .arg(dir.path().join("config.toml"))
-            .arg("--log-level")
-            .arg("debug")
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn Go daemon");
-        let sock = dir.path().join("stargz.sock");
-        assert!(
-            wait_until(Duration::from_secs(30), || {
-                std::os::unix::net::UnixStream::connect(&sock).is_ok()
-            }),
-            "Go daemon did not start"
-        );
-        GoDaemon { child, dir }
-    }
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("stargz.sock")
-    }
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-}
-
-impl Drop for GoDaemon {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        common::unmount_all_under(self.dir.path());
-    }
 }
 
 /// `rpull`s `image` (with `bin`) through the `stargz` proxy of `ctrd` and waits until every

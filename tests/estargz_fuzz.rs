@@ -70,7 +70,22 @@ fn peak_during(f: impl FnOnce()) -> usize {
     PEAK.with(Cell::get) - base
 }
 
+/// A TOC location far beyond any payload: the index checks nothing against it.
+fn far_toc(format: estargz::Format) -> estargz::TocLocation {
+    estargz::TocLocation {
+        toc_offset: 1 << 40,
+        footer_size: 0,
+        legacy: false,
+        format,
+        toc_size: None,
+    }
+}
+
 fn valid_blob() -> Vec<u8> {
+    valid_blob_as(estargz::Format::Gzip)
+}
+
+fn valid_blob_as(format: estargz::Format) -> Vec<u8> {
     let mut tar = Vec::new();
     {
         let mut b = tar::Builder::new(&mut tar);
@@ -93,12 +108,121 @@ fn valid_blob() -> Vec<u8> {
         &mut blob,
         &BuildOptions {
             chunk_size: 1000,
+            format,
+            compression_level: 3,
             threads: 1,
             ..Default::default()
         },
     )
     .expect("build");
     blob
+}
+
+/// An error and its causes, as the daemon logs them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(data, 3).expect("zstd")
+}
+
+/// zstd:chunked TOCs that lie: each is refused quickly, with a short error and without
+/// holding much (the zstd decoder's own window is bounded by `MAX_ZSTD_WINDOW_LOG`).
+#[test]
+fn hostile_zstd_chunked_tocs_are_refused() {
+    // 300 MiB of spaces before the JSON: over MAX_TOC_JSON_SIZE once decompressed.
+    let bomb = {
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).expect("zstd");
+        let spaces = vec![b' '; 1 << 20];
+        for _ in 0..300 {
+            enc.write_all(&spaces).expect("zstd");
+        }
+        enc.write_all(JSON).expect("zstd");
+        enc.finish().expect("zstd")
+    };
+    // A frame that asks for a 64 MiB window (no content size, so the window is what it says).
+    let wide = {
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("zstd");
+        enc.window_log(26).expect("window");
+        enc.include_contentsize(false).expect("no size");
+        enc.write_all(JSON).expect("zstd");
+        enc.finish().expect("zstd")
+    };
+    let whole = zstd(JSON);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("decompresses past the JSON limit", bomb),
+        ("needs a 64 MiB window", wide),
+        ("cut short", whole[..whole.len() - 3].to_vec()),
+        ("not zstd", JSON.to_vec()),
+        ("a gzip member", gzip(&file(TOC_NAME, JSON))),
+        ("JSON then garbage", zstd(&[JSON, b"}{"].concat())),
+    ];
+    assert!(estargz::parse_toc_member(&whole, estargz::Format::ZstdChunked).is_ok());
+    for (what, member) in cases {
+        assert!(member.len() < 200 << 10, "{what}: {} bytes", member.len());
+        let started = Instant::now();
+        let mut result = None;
+        let peak = peak_during(|| {
+            result = Some(
+                estargz::LayerIndex::from_toc_member(
+                    &member,
+                    &far_toc(estargz::Format::ZstdChunked),
+                )
+                .map(|_| ()),
+            )
+        });
+        let err = chain(&result.expect("ran").expect_err(what));
+        assert!(err.len() < 1024, "{what}: error of {} bytes", err.len());
+        assert!(peak < 8 << 20, "{what}: held {peak} bytes");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+        if what == "decompresses past the JSON limit" {
+            assert!(err.contains("TOC too large"), "{what}: {err}");
+        }
+        if what == "needs a 64 MiB window" {
+            assert!(err.contains("too much memory"), "{what}: {err}");
+        }
+        fuzzing::fuzz_toc_member(&member);
+    }
+}
+
+/// A zstd:chunked blob whose footer lies about the TOC's size or place, or whose chunk frames
+/// need a wider window than allowed: open or read fails, nothing wrong is returned.
+#[test]
+fn zstd_chunked_blobs_that_lie_fail_cleanly() {
+    let blob = valid_blob_as(estargz::Format::ZstdChunked);
+    let n = blob.len();
+    let opened = estargz::open_blob(&blob[..], n as u64, None).expect("valid blob opens");
+    assert_eq!(opened.location.format, estargz::Format::ZstdChunked);
+    let field = |b: &mut Vec<u8>, i: usize, v: u64| {
+        b[n - 40 + i * 8..n - 40 + i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    };
+    let toc_offset = opened.location.toc_offset;
+    let toc_size = opened.location.toc_size.expect("zstd footer has a size");
+    for (what, i, v) in [
+        ("TOC size past the footer", 1, toc_size + 9),
+        ("TOC size of 4 GiB", 1, 4 << 30),
+        ("TOC offset past the end", 0, n as u64),
+        ("TOC offset into the chunks", 0, toc_offset - 100),
+        ("TOC cut short", 1, toc_size - 5),
+        ("manifest type 2", 3, 2),
+    ] {
+        let mut b = blob.clone();
+        field(&mut b, i, v);
+        let e = estargz::open_blob(&b[..], n as u64, None).expect_err(what);
+        assert!(e.to_string().len() < 1024, "{what}: {e}");
+    }
 }
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
@@ -147,7 +271,7 @@ fn toc_member_seeds_parse_or_fail_as_named() {
         ("deep_names", false),
     ] {
         let seed = std::fs::read(dir.join(name)).expect("seed");
-        let parsed = estargz::LayerIndex::from_toc_member(&seed, 1 << 40);
+        let parsed = estargz::LayerIndex::from_toc_member(&seed, &far_toc(estargz::Format::Gzip));
         assert_eq!(parsed.is_ok(), ok, "{name}: {:?}", parsed.err());
         if let Err(e) = parsed {
             assert!(
@@ -246,7 +370,8 @@ fn valid_members() -> Vec<(Vec<u8>, Vec<usize>)> {
 #[test]
 fn hand_written_valid_members_parse() {
     for (tar, _) in valid_members() {
-        let (toc, digest) = estargz::parse_toc_member(&gzip(&tar)).expect("valid member");
+        let (toc, digest) =
+            estargz::parse_toc_member(&gzip(&tar), estargz::Format::Gzip).expect("valid member");
         assert_eq!(toc.entries.len(), 2);
         assert_eq!(digest, estargz::sha256_digest(JSON));
     }
@@ -360,7 +485,10 @@ fn hostile_members_are_refused_quickly_in_bounded_memory() {
         let started = Instant::now();
         let mut result = None;
         let peak = peak_during(|| {
-            result = Some(estargz::LayerIndex::from_toc_member(&member, 1 << 40).map(|_| ()))
+            result = Some(
+                estargz::LayerIndex::from_toc_member(&member, &far_toc(estargz::Format::Gzip))
+                    .map(|_| ()),
+            )
         });
         let err = result.expect("ran").expect_err(what).to_string();
         assert!(err.len() < 1024, "{what}: error of {} bytes", err.len());
@@ -372,7 +500,7 @@ fn hostile_members_are_refused_quickly_in_bounded_memory() {
         );
         // The deep names are valid JSON: only the index refuses them.
         assert_eq!(
-            estargz::parse_toc_member(&member).is_err(),
+            estargz::parse_toc_member(&member, estargz::Format::Gzip).is_err(),
             what != "300 deep names",
             "{what}"
         );
@@ -422,6 +550,29 @@ proptest! {
             }
         }
         let member = gzip(&tar);
+        let peak = peak_during(|| fuzzing::fuzz_toc_member(&member));
+        prop_assert!(peak < 8 << 20, "held {} bytes", peak);
+    }
+
+    #[test]
+    fn mutated_zstd_chunked_blobs(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), cut in 0usize..64) {
+        let mut blob = valid_blob_as(estargz::Format::ZstdChunked);
+        for (i, v) in edits {
+            let i = i.index(blob.len());
+            blob[i] = v;
+        }
+        blob.truncate(blob.len() - cut.min(blob.len()));
+        fuzzing::fuzz_open_blob(&blob);
+        fuzzing::fuzz_footer(&blob[blob.len().saturating_sub(51)..]);
+    }
+
+    #[test]
+    fn mutated_zstd_chunked_tocs(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
+        let mut member = zstd(JSON);
+        for (i, v) in edits {
+            let i = i.index(member.len());
+            member[i] = v;
+        }
         let peak = peak_during(|| fuzzing::fuzz_toc_member(&member));
         prop_assert!(peak < 8 << 20, "held {} bytes", peak);
     }

@@ -1,13 +1,13 @@
-//! Property tests of the eStargz format: random trees round-trip through build → open →
-//! read with equal bytes and metadata; random ranges through the index match the source;
-//! corrupt blobs and hostile TOCs give errors, never panics.
+//! Property tests of the eStargz format (gzip, and zstd:chunked): random trees round-trip
+//! through build → open → read with equal bytes and metadata; random ranges through the index
+//! match the source; corrupt blobs and hostile TOCs give errors, never panics.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
 
 use proptest::prelude::*;
 use sha2::Digest as _;
-use stargz::estargz::{self, BuildOptions, EntryType, ReadAt as _};
+use stargz::estargz::{self, BuildOptions, EntryType, Format, ReadAt as _};
 
 #[derive(Debug, Clone)]
 enum Kind {
@@ -225,12 +225,28 @@ fn read_all(blob: &[u8], opened: &estargz::OpenedBlob, id: u32, size: u64) -> Ve
     buf
 }
 
-fn gunzip_all(blob: &[u8]) -> Vec<u8> {
+/// The whole blob decompressed as any gzip or zstd reader would (zstd skips the skippable
+/// frames of the TOC and footer).
+fn decompress_all(blob: &[u8], format: Format) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(blob)
-        .read_to_end(&mut out)
-        .expect("gunzip blob");
+    match format {
+        Format::Gzip => flate2::read::MultiGzDecoder::new(blob)
+            .read_to_end(&mut out)
+            .expect("gunzip blob"),
+        Format::ZstdChunked => zstd::stream::read::Decoder::new(blob)
+            .expect("zstd")
+            .read_to_end(&mut out)
+            .expect("unzstd blob"),
+    };
     out
+}
+
+fn format_of(zstd: bool) -> Format {
+    if zstd {
+        Format::ZstdChunked
+    } else {
+        Format::Gzip
+    }
 }
 
 fn check_round_trip(
@@ -238,6 +254,7 @@ fn check_round_trip(
     chunk_size: u64,
     threads: usize,
     gzip_input: bool,
+    format: Format,
 ) -> Result<(), TestCaseError> {
     let tar = make_tar(nodes);
     let input = if gzip_input {
@@ -249,6 +266,7 @@ fn check_round_trip(
     };
     let opts = BuildOptions {
         chunk_size,
+        format,
         compression_level: 1,
         threads,
         ..Default::default()
@@ -257,12 +275,28 @@ fn check_round_trip(
     let res = estargz::build(&input[..], &mut blob, &opts).expect("build");
     prop_assert_eq!(res.blob_size, blob.len() as u64);
     prop_assert_eq!(&res.blob_digest, &estargz::sha256_digest(&blob));
-    let plain = gunzip_all(&blob);
+    let plain = decompress_all(&blob, format);
     prop_assert_eq!(&res.diff_id, &estargz::sha256_digest(&plain));
+    prop_assert_eq!(res.uncompressed_size, plain.len() as u64);
 
     let opened =
         estargz::open_blob(&blob[..], blob.len() as u64, Some(&res.toc_digest)).expect("open");
+    prop_assert_eq!(opened.location.format, format);
+    prop_assert_eq!(opened.index.format(), format);
     prop_assert!(opened.index.no_prefetch());
+    if let Some(m) = &res.zstd_chunked {
+        // containers/storage's annotations name the compressed TOC exactly.
+        let parts: Vec<u64> = m
+            .position
+            .split(':')
+            .map(|p| p.parse().expect("number"))
+            .collect();
+        let (off, len) = (parts[0] as usize, parts[1] as usize);
+        prop_assert_eq!(off as u64, opened.location.toc_offset);
+        prop_assert_eq!(&m.checksum, &estargz::sha256_digest(&blob[off..off + len]));
+        prop_assert_eq!(parts[3], 1);
+    }
+    prop_assert_eq!(res.zstd_chunked.is_some(), format == Format::ZstdChunked);
     let idx = &opened.index;
     for n in nodes {
         let id = idx
@@ -330,7 +364,11 @@ fn check_round_trip(
         };
         seen.insert(name, (data, xattrs));
     }
-    prop_assert!(seen.contains_key("stargz.index.json"));
+    // zstd:chunked keeps the TOC out of the tar (in a skippable frame).
+    prop_assert_eq!(
+        seen.contains_key("stargz.index.json"),
+        format == Format::Gzip
+    );
     prop_assert!(seen.contains_key(".no.prefetch.landmark"));
     for n in nodes {
         let (data, xattrs) = seen
@@ -351,16 +389,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_trees_round_trip(nodes in tree(), chunk in prop_oneof![Just(64u64), Just(1000), Just(4 << 20)], threads in 1usize..3, gz in any::<bool>()) {
-        check_round_trip(&nodes, chunk, threads, gz)?;
+    fn random_trees_round_trip(nodes in tree(), chunk in prop_oneof![Just(64u64), Just(1000), Just(4 << 20)], threads in 1usize..3, gz in any::<bool>(), zstd in any::<bool>()) {
+        check_round_trip(&nodes, chunk, threads, gz, format_of(zstd))?;
     }
 
     #[test]
     fn random_ranges_match_source(data in proptest::collection::vec(any::<u8>(), 1..20_000), chunk in 1u64..3000,
-                                  ranges in proptest::collection::vec((any::<u64>(), 0u64..5000), 1..20)) {
+                                  ranges in proptest::collection::vec((any::<u64>(), 0u64..5000), 1..20), zstd in any::<bool>()) {
         let nodes = vec![Node { path: "big".into(), kind: Kind::File(data.clone()), mode: 0o644, uid: 0, gid: 0, mtime: 1, xattrs: BTreeMap::new() }];
         let mut blob = Vec::new();
-        let opts = BuildOptions { chunk_size: chunk, compression_level: 1, threads: 1, ..Default::default() };
+        let opts = BuildOptions { chunk_size: chunk, format: format_of(zstd), compression_level: 1, threads: 1, ..Default::default() };
         estargz::build(&make_tar(&nodes)[..], &mut blob, &opts).expect("build");
         let opened = estargz::open_blob(&blob[..], blob.len() as u64, None).expect("open");
         let id = opened.index.lookup("/big").expect("lookup");
@@ -384,11 +422,11 @@ proptest! {
 
     /// Any single corrupted byte: open and read either fail cleanly or return verified bytes.
     #[test]
-    fn corrupt_blobs_never_panic_or_lie(pos in any::<prop::sample::Index>(), val in any::<u8>()) {
+    fn corrupt_blobs_never_panic_or_lie(pos in any::<prop::sample::Index>(), val in any::<u8>(), zstd in any::<bool>()) {
         let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
         let nodes = vec![Node { path: "a/f".into(), kind: Kind::File(data.clone()), mode: 0o644, uid: 0, gid: 0, mtime: 1, xattrs: BTreeMap::new() }];
         let mut blob = Vec::new();
-        let opts = BuildOptions { chunk_size: 1024, compression_level: 6, threads: 1, ..Default::default() };
+        let opts = BuildOptions { chunk_size: 1024, format: format_of(zstd), compression_level: 6, threads: 1, ..Default::default() };
         let res = estargz::build(&make_tar(&nodes)[..], &mut blob, &opts).expect("build");
         let i = pos.index(blob.len());
         if blob[i] == val { return Ok(()); }
@@ -403,10 +441,10 @@ proptest! {
 
     /// Truncated blobs fail cleanly.
     #[test]
-    fn truncated_blobs_fail(cut in 1usize..2000) {
+    fn truncated_blobs_fail(cut in 1usize..2000, zstd in any::<bool>()) {
         let nodes = vec![Node { path: "f".into(), kind: Kind::File(vec![1; 3000]), mode: 0o644, uid: 0, gid: 0, mtime: 1, xattrs: BTreeMap::new() }];
         let mut blob = Vec::new();
-        estargz::build(&make_tar(&nodes)[..], &mut blob, &BuildOptions { threads: 1, ..Default::default() }).expect("build");
+        estargz::build(&make_tar(&nodes)[..], &mut blob, &BuildOptions { threads: 1, format: format_of(zstd), ..Default::default() }).expect("build");
         let cut = cut.min(blob.len());
         let short = &blob[..blob.len() - cut];
         prop_assert!(estargz::open_blob(short, short.len() as u64, None).is_err());

@@ -53,6 +53,10 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
     let armed = Arc::new(AtomicBool::new(false));
     let injected = Arc::new(Mutex::new(Injected::default()));
     let rng = Mutex::new(0x9e37_79b9_7f4a_7c15u64);
+    // Which fault comes next, for large and for small requests: taken in turn rather than at
+    // random, so that every kind is met however many requests the tree (a copy of the host's
+    // /etc among others) happens to need.
+    let turns = Mutex::new((0usize, 0usize));
     let (armed2, injected2) = (armed.clone(), injected.clone());
     let policy = move |req: &ProxyRequest| {
         let Some(len) = range_len(req).filter(|_| armed2.load(Ordering::SeqCst)) else {
@@ -66,10 +70,13 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
             *r
         };
         let at = 0.1 + (roll() % 80) as f64 / 100.0;
+        let mut turns = turns.lock().unwrap_or_else(|e| e.into_inner());
         let kind = if len > LARGE {
-            (roll() % 3) as usize
+            turns.0 += 1;
+            turns.0 % 3
         } else if roll() % 10 < 3 {
-            (roll() % 5) as usize
+            turns.1 += 1;
+            turns.1 % 5
         } else {
             return Action::Forward(Fault::None);
         };

@@ -17,6 +17,7 @@ use super::registry::{RegistryOptions, RemoteFetcher};
 use super::rpull::{human, rpull, LayerOutcome, RpullOptions};
 use super::toc::layer_toc;
 use super::Error;
+use crate::estargz::Format;
 use crate::remote::Reference;
 
 const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";
@@ -77,6 +78,11 @@ pub struct OptimizeArgs {
     /// eStargz chunk size (0 = 4 MiB)
     #[arg(long, default_value_t = 0)]
     pub estargz_chunk_size: u64,
+    /// use zstd compression instead of gzip (a.k.a zstd:chunked)
+    #[arg(long)]
+    pub zstdchunked: bool,
+    #[command(flatten)]
+    pub zstd: ZstdChunkedArgs,
     /// time period to monitor access log (seconds; 0 = the default, as Go)
     #[arg(long, default_value_t = 10)]
     pub period: u64,
@@ -156,6 +162,11 @@ pub struct ConvertArgs {
     /// eStargz chunk size (0 = 4 MiB)
     #[arg(long, default_value_t = 0)]
     pub estargz_chunk_size: u64,
+    /// use zstd compression instead of gzip (a.k.a zstd:chunked). Must be used in conjunction with '--oci'
+    #[arg(long)]
+    pub zstdchunked: bool,
+    #[command(flatten)]
+    pub zstd: ZstdChunkedArgs,
     /// convert Docker media types to OCI media types
     #[arg(long)]
     pub oci: bool,
@@ -167,9 +178,68 @@ pub struct ConvertArgs {
     pub target: String,
 }
 
+/// zstd:chunked options of newer Go releases; without them, `--estargz-chunk-size` and
+/// `--estargz-record-in` apply to zstd:chunked too, as in Go 0.12.
+#[derive(Debug, Args)]
+pub struct ZstdChunkedArgs {
+    /// zstd:chunked compression level (1-22)
+    #[arg(long, default_value_t = 3)]
+    pub zstdchunked_compression_level: u32,
+    /// zstd:chunked chunk size (0 = --estargz-chunk-size)
+    #[arg(long, default_value_t = 0)]
+    pub zstdchunked_chunk_size: u64,
+    /// Read 'ctr-remote optimize --record-out=<FILE>' record file (zstd:chunked; default --estargz-record-in)
+    #[arg(long)]
+    pub zstdchunked_record_in: Option<PathBuf>,
+}
+
+/// The layer format, level and chunk size `convert`/`optimize` build with, after Go's checks
+/// of `--estargz`, `--zstdchunked` and `--oci`.
+fn layer_format(
+    estargz: bool,
+    zstdchunked: bool,
+    oci: bool,
+    estargz_level: u32,
+    estargz_chunk_size: u64,
+    zstd: &ZstdChunkedArgs,
+) -> Result<(Format, u32, u64), Error> {
+    if zstdchunked {
+        if estargz {
+            return Err(Error::InvalidArgument(
+                "option --estargz conflicts with --zstdchunked".into(),
+            ));
+        }
+        if !oci {
+            return Err(Error::InvalidArgument(
+                "option --zstdchunked must be used in conjunction with --oci".into(),
+            ));
+        }
+        if !(1..=22).contains(&zstd.zstdchunked_compression_level) {
+            return Err(Error::InvalidArgument(
+                "--zstdchunked-compression-level must be 1-22".into(),
+            ));
+        }
+        let chunk_size = match zstd.zstdchunked_chunk_size {
+            0 => estargz_chunk_size,
+            n => n,
+        };
+        return Ok((
+            Format::ZstdChunked,
+            zstd.zstdchunked_compression_level,
+            chunk_size,
+        ));
+    }
+    if estargz_level > 9 {
+        return Err(Error::InvalidArgument(
+            "--estargz-compression-level must be 0-9".into(),
+        ));
+    }
+    Ok((Format::Gzip, estargz_level, estargz_chunk_size))
+}
+
 #[derive(Debug, Args)]
 pub struct GetTocDigestArgs {
-    /// parse layer as zstd:chunked (not supported by this version: the command fails)
+    /// parse layer as zstd:chunked
     #[arg(long)]
     pub zstdchunked: bool,
     /// dump TOC instead of digest. Note that the dumped TOC might be formatted with indents so may have different digest against the original in the layer
@@ -319,10 +389,12 @@ async fn run_rpull(cd: &Containerd, args: RpullArgs) -> Result<(), Error> {
 }
 
 async fn run_get_toc_digest(cd: &Containerd, args: GetTocDigestArgs) -> Result<(), Error> {
-    if args.zstdchunked {
-        return Err(Error::Unsupported("zstd:chunked layers".into()));
-    }
-    let found = layer_toc(cd, &args.digest).await?;
+    let format = if args.zstdchunked {
+        Format::ZstdChunked
+    } else {
+        Format::Gzip
+    };
+    let found = layer_toc(cd, &args.digest, format).await?;
     if args.dump_toc {
         let json = serde_json::to_string_pretty(&found.toc)?;
         println!("{json}");
@@ -333,21 +405,29 @@ async fn run_get_toc_digest(cd: &Containerd, args: GetTocDigestArgs) -> Result<(
 }
 
 async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
-    if !args.estargz {
+    if !args.estargz && !args.zstdchunked {
         return Err(Error::Unsupported(
-            "only --estargz conversion is implemented".into(),
+            "specify --estargz or --zstdchunked: no other conversion is implemented".into(),
         ));
     }
-    if args.estargz_compression_level > 9 {
-        return Err(Error::InvalidArgument(
-            "--estargz-compression-level must be 0-9".into(),
-        ));
-    }
+    let (format, compression_level, chunk_size) = layer_format(
+        args.estargz,
+        args.zstdchunked,
+        args.oci,
+        args.estargz_compression_level,
+        args.estargz_chunk_size,
+        &args.zstd,
+    )?;
+    let record_in = match format {
+        Format::ZstdChunked => args.zstd.zstdchunked_record_in.or(args.estargz_record_in),
+        Format::Gzip => args.estargz_record_in,
+    };
     let opts = ConvertOptions {
         oci: args.oci,
-        compression_level: args.estargz_compression_level,
-        chunk_size: args.estargz_chunk_size,
-        record_in: args.estargz_record_in,
+        format,
+        compression_level,
+        chunk_size,
+        record_in,
         tmp_dir: None,
         keep_layers: vec![],
     };
@@ -359,11 +439,14 @@ async fn run_convert(cd: &Containerd, args: ConvertArgs) -> Result<(), Error> {
 }
 
 async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> {
-    if args.estargz_compression_level > 9 {
-        return Err(Error::InvalidArgument(
-            "--estargz-compression-level must be 0-9".into(),
-        ));
-    }
+    let (format, compression_level, chunk_size) = layer_format(
+        false,
+        args.zstdchunked,
+        args.oci,
+        args.estargz_compression_level,
+        args.estargz_chunk_size,
+        &args.zstd,
+    )?;
     let host = crate::oci::host_platform();
     let host = format!("{}/{}", host.os, host.architecture);
     if let Some(p) = args.platform.iter().find(|p| {
@@ -403,8 +486,9 @@ async fn run_optimize(cd: &Containerd, args: OptimizeArgs) -> Result<(), Error> 
         cwd: args.cwd,
         user: args.user,
         record_out: args.record_out,
-        compression_level: args.estargz_compression_level,
-        chunk_size: args.estargz_chunk_size,
+        format,
+        compression_level,
+        chunk_size,
         registry: RegistryOptions {
             plain_http: args.plain_http,
             ..Default::default()
@@ -534,6 +618,69 @@ mod tests {
             (5, 100000)
         );
         assert_eq!((c.source.as_str(), c.target.as_str()), ("src", "dst"));
+    }
+
+    /// `convert --zstdchunked` with Go's rules: needs --oci, conflicts with --estargz, level 3 by
+    /// default, chunk size and record from the eStargz flags unless the zstd ones are given.
+    #[test]
+    fn zstdchunked_flags_follow_go() {
+        let convert = |args: &[&str]| {
+            let mut all = vec!["images", "convert"];
+            all.extend_from_slice(args);
+            all.extend_from_slice(&["a", "b"]);
+            let Command::Images {
+                command: ImagesCommand::Convert(c),
+            } = parse(&all).command
+            else {
+                panic!("convert")
+            };
+            c
+        };
+        let format = |c: &ConvertArgs| {
+            layer_format(
+                c.estargz,
+                c.zstdchunked,
+                c.oci,
+                c.estargz_compression_level,
+                c.estargz_chunk_size,
+                &c.zstd,
+            )
+        };
+        let c = convert(&["--zstdchunked", "--oci", "--estargz-chunk-size", "1000"]);
+        assert_eq!(format(&c).expect("valid"), (Format::ZstdChunked, 3, 1000));
+        let c = convert(&[
+            "--zstdchunked",
+            "--oci",
+            "--zstdchunked-compression-level",
+            "19",
+            "--zstdchunked-chunk-size",
+            "2000",
+            "--estargz-chunk-size",
+            "1000",
+        ]);
+        assert_eq!(format(&c).expect("valid"), (Format::ZstdChunked, 19, 2000));
+        for bad in [
+            &["--zstdchunked"][..],
+            &["--zstdchunked", "--oci", "--estargz"],
+            &[
+                "--zstdchunked",
+                "--oci",
+                "--zstdchunked-compression-level",
+                "23",
+            ],
+            &[
+                "--zstdchunked",
+                "--oci",
+                "--zstdchunked-compression-level",
+                "0",
+            ],
+        ] {
+            assert!(format(&convert(bad)).is_err(), "{bad:?}");
+        }
+        let c = convert(&["--estargz", "--estargz-compression-level", "10"]);
+        assert!(format(&c).is_err());
+        let c = convert(&["--estargz"]);
+        assert_eq!(format(&c).expect("valid"), (Format::Gzip, 9, 0));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `image convert --estargz [--oci]`: rebuild every layer of an image that is in
-//! containerd's content store as eStargz and record the result as a new image.
+//! `image convert --estargz [--oci]` and `--zstdchunked --oci`: rebuild every layer of an image
+//! that is in containerd's content store as eStargz or zstd:chunked and record the result as a
+//! new image.
 //!
 //! Blobs are spooled to temp files and streamed back into the content store; no layer is
 //! ever held in memory (the builder itself keeps only per-entry metadata).
@@ -15,12 +16,15 @@ use tokio::io::AsyncReadExt;
 use super::client::{from_pb, Containerd};
 use super::recorder::Entry as RecordEntry;
 use super::Error;
-use crate::estargz::{self, BuildOptions};
-use crate::labels::{TOC_DIGEST, UNCOMPRESSED, UNCOMPRESSED_SIZE};
+use crate::estargz::{self, BuildOptions, Format};
+use crate::labels::{
+    TOC_DIGEST, UNCOMPRESSED, UNCOMPRESSED_SIZE, ZSTD_CHUNKED_MANIFEST_CHECKSUM,
+    ZSTD_CHUNKED_MANIFEST_POSITION,
+};
 use crate::oci::{
     host_platform, is_index_type, is_layer_type, sha256_digest, Descriptor, Index, Manifest,
     MEDIA_DOCKER_CONFIG, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_CONFIG,
-    MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_MANIFEST,
+    MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD, MEDIA_OCI_MANIFEST,
 };
 use containerd_client::services::v1::Image;
 
@@ -29,6 +33,9 @@ use containerd_client::services::v1::Image;
 pub struct ConvertOptions {
     /// Use OCI media types for manifest, config and layers.
     pub oci: bool,
+    /// eStargz (gzip) or zstd:chunked layers.
+    pub format: Format,
+    /// The format's level: gzip 0-9, zstd 1-22.
     pub compression_level: u32,
     /// 0 = the builder's default (4 MiB).
     pub chunk_size: u64,
@@ -92,7 +99,8 @@ fn file_stream(file: tokio::fs::File) -> impl Stream<Item = Result<Bytes, Error>
     })
 }
 
-/// Converts image `src` into eStargz image `dst`; returns the new manifest descriptor.
+/// Converts image `src` into eStargz (or zstd:chunked) image `dst`; returns the new manifest
+/// descriptor.
 pub async fn convert(
     cd: &Containerd,
     src: &str,
@@ -282,6 +290,7 @@ async fn convert_layer(
     let output = tempfile::tempfile_in(&tmp_dir)?;
     let build_out = output.try_clone()?;
     let mut build_opts = BuildOptions {
+        format: opts.format,
         compression_level: opts.compression_level,
         prioritized_files,
         allow_prioritize_not_found: true,
@@ -307,7 +316,10 @@ async fn convert_layer(
     .map_err(|e| Error::Incomplete(format!("estargz build task: {e}")))??;
     bar.finish_and_clear();
 
-    let media_type = if opts.oci || layer.media_type.starts_with("application/vnd.oci.") {
+    // zstd:chunked has no Docker media type: its images are OCI (the CLI requires --oci).
+    let media_type = if opts.format == Format::ZstdChunked {
+        MEDIA_OCI_LAYER_ZSTD
+    } else if opts.oci || layer.media_type.starts_with("application/vnd.oci.") {
         MEDIA_OCI_LAYER_GZIP
     } else {
         MEDIA_DOCKER_LAYER_GZIP
@@ -319,6 +331,16 @@ async fn convert_layer(
         UNCOMPRESSED_SIZE.to_string(),
         result.uncompressed_size.to_string(),
     );
+    if let Some(m) = &result.zstd_chunked {
+        annotations.insert(
+            ZSTD_CHUNKED_MANIFEST_CHECKSUM.to_string(),
+            m.checksum.clone(),
+        );
+        annotations.insert(
+            ZSTD_CHUNKED_MANIFEST_POSITION.to_string(),
+            m.position.clone(),
+        );
+    }
     let new = Descriptor {
         media_type: media_type.to_string(),
         digest: result.blob_digest.clone(),

@@ -5,7 +5,7 @@ use futures_util::StreamExt;
 
 use super::client::Containerd;
 use super::Error;
-use crate::estargz::{self, EstargzError, TocLocator};
+use crate::estargz::{self, EstargzError, Format, TocLocator};
 
 /// What get-toc-digest found.
 pub struct LayerToc {
@@ -33,8 +33,10 @@ async fn read_range(
     Ok(out)
 }
 
-/// Reads footer and TOC of an eStargz (or legacy stargz) layer stored in containerd.
-pub async fn layer_toc(cd: &Containerd, digest: &str) -> Result<LayerToc, Error> {
+/// Reads footer and TOC of a layer stored in containerd, which must be in `format` (eStargz
+/// or legacy stargz for [`Format::Gzip`]; Go's get-toc-digest also parses only the format it
+/// is told).
+pub async fn layer_toc(cd: &Containerd, digest: &str, format: Format) -> Result<LayerToc, Error> {
     let info = cd
         .content_info(digest)
         .await?
@@ -44,11 +46,17 @@ pub async fn layer_toc(cd: &Containerd, digest: &str) -> Result<LayerToc, Error>
     let locator = TocLocator::new(size);
     let tail = locator.footer_range();
     let tail = read_range(cd, digest, tail.start, tail.end - tail.start).await?;
-    let (_, range) = locator.locate(&tail).map_err(|e| match e {
+    let (location, range) = locator.locate(&tail).map_err(|e| match e {
         EstargzError::TocTooLarge { .. } => Error::Format(format!("TOC of {digest} is too large")),
         e => Error::Estargz(e),
     })?;
+    if location.format != format {
+        return Err(Error::Format(match location.format {
+            Format::ZstdChunked => format!("{digest} is a zstd:chunked layer (see --zstdchunked)"),
+            Format::Gzip => format!("{digest} is an eStargz layer, not zstd:chunked"),
+        }));
+    }
     let member = read_range(cd, digest, range.start, range.end - range.start).await?;
-    let (toc, digest) = estargz::parse_toc_member(&member).map_err(Error::Estargz)?;
+    let (toc, digest) = estargz::parse_toc_member(&member, format).map_err(Error::Estargz)?;
     Ok(LayerToc { toc, digest })
 }

@@ -19,17 +19,20 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use sha2::{Digest as _, Sha256};
 
-use super::footer::footer_bytes;
+use super::footer::{footer_bytes, zstd_chunked_trailer, Format};
 use super::landmark::{LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
-use super::toc::{to_go_json, EntryType, Toc, TocEntry, TOC_TAR_NAME};
+use super::toc::{to_go_json, EntryType, Toc, TocEntry, MAX_TOC_COMPRESSED_SIZE, TOC_TAR_NAME};
 use super::{rfc3339, EstargzError, Result};
 
 /// Options of [`build`]; the defaults are Go's (`estargz.Build`).
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
-    /// Largest piece of a file in one gzip member (Go default 4 MiB).
+    /// Largest piece of a file in one gzip member or zstd frame (Go default 4 MiB).
     pub chunk_size: u64,
-    /// gzip level 0–9 (Go default `gzip.BestCompression` = 9).
+    /// eStargz (gzip) or zstd:chunked.
+    pub format: Format,
+    /// gzip level 0–9 (Go default `gzip.BestCompression` = 9), or zstd level 1–22 (Go's
+    /// converter: 3).
     pub compression_level: u32,
     /// Files moved to the front, in this order, with their parents (Go `WithPrioritizedFiles`).
     pub prioritized_files: Vec<String>,
@@ -46,6 +49,7 @@ impl Default for BuildOptions {
     fn default() -> Self {
         Self {
             chunk_size: 4 << 20,
+            format: Format::Gzip,
             compression_level: 9,
             prioritized_files: Vec::new(),
             allow_prioritize_not_found: false,
@@ -70,14 +74,36 @@ pub struct BuildResult {
     pub uncompressed_size: u64,
     /// Prioritized files that were not in the input (only with `allow_prioritize_not_found`).
     pub missed_prioritized_files: Vec<String>,
+    /// zstd:chunked only: the containers/storage annotations that locate the TOC.
+    pub zstd_chunked: Option<ZstdChunkedManifest>,
 }
 
-/// Builds an eStargz blob from `input` (tar or gzip'd tar, detected by magic) into `out`.
+/// Where a zstd:chunked blob's TOC is, as containers/storage's annotations say it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZstdChunkedManifest {
+    /// `sha256:` of the compressed TOC (`io.containers.zstd-chunked.manifest-checksum`).
+    pub checksum: String,
+    /// `offset:compressed:uncompressed:1` (`io.containers.zstd-chunked.manifest-position`).
+    pub position: String,
+}
+
+/// Builds an eStargz or zstd:chunked blob from `input` (tar, or a gzip or zstd compressed
+/// tar, detected by magic) into `out`.
 pub fn build<R: Read, W: Write>(input: R, out: W, opts: &BuildOptions) -> Result<BuildResult> {
     if opts.chunk_size == 0 || opts.chunk_size > super::index::MAX_CHUNK_SIZE {
         return Err(EstargzError::InputTar(format!(
             "chunk size {} out of range",
             opts.chunk_size
+        )));
+    }
+    let levels = match opts.format {
+        Format::Gzip => 0..=9,
+        Format::ZstdChunked => 1..=22,
+    };
+    if !levels.contains(&opts.compression_level) {
+        return Err(EstargzError::InputTar(format!(
+            "compression level {} out of range {levels:?}",
+            opts.compression_level
         )));
     }
     let spool = spool_input(input, opts)?;
@@ -86,10 +112,11 @@ pub fn build<R: Read, W: Write>(input: R, out: W, opts: &BuildOptions) -> Result
     let mut w = MemberWriter::new(out, opts);
     let res = write_blob(&spool, &entries.sorted, &mut w, opts);
     let finished = w.finish();
-    let toc_digest = res?;
+    let (toc_digest, zstd_chunked) = res?;
     let (blob_digest, blob_size, diff_id, uncompressed_size) = finished?;
     Ok(BuildResult {
         toc_digest,
+        zstd_chunked,
         diff_id,
         blob_digest,
         blob_size,
@@ -104,14 +131,21 @@ fn spool_input<R: Read>(input: R, opts: &BuildOptions) -> Result<File> {
     let dir = opts.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
     let file = tempfile::tempfile_in(&dir)?;
     let mut br = BufReader::with_capacity(1 << 20, input);
-    let is_gzip = {
+    let (is_gzip, is_zstd) = {
         let head = fill_peek(&mut br)?;
-        head.len() >= 3 && head[..3] == [0x1f, 0x8b, 0x08]
+        (
+            head.len() >= 3 && head[..3] == [0x1f, 0x8b, 0x08],
+            head.len() >= 4 && head[..4] == super::chunk::ZSTD_MAGIC,
+        )
     };
     let mut w = BufWriter::with_capacity(1 << 20, &file);
     if is_gzip {
         let mut gz = flate2::bufread::MultiGzDecoder::new(br);
         io::copy(&mut gz, &mut w).map_err(|e| input_io("gunzip input", e))?;
+    } else if is_zstd {
+        // A zstd layer (zstd:chunked too: its TOC's skippable frames are skipped).
+        let mut z = super::chunk::zstd_reader(br).map_err(|e| input_io("zstd input", e))?;
+        io::copy(&mut z, &mut w).map_err(|e| input_io("zstd input", e))?;
     } else {
         io::copy(&mut br, &mut w)?;
     }
@@ -469,7 +503,7 @@ fn write_blob<W: Write>(
     entries: &[InEntry],
     w: &mut MemberWriter<W>,
     opts: &BuildOptions,
-) -> Result<String> {
+) -> Result<(String, Option<ZstdChunkedManifest>)> {
     let mut toc_entries: Vec<(TocEntry, Option<usize>)> = Vec::with_capacity(entries.len() + 1);
     let mut names = NameCache::default();
     let mut buf = Vec::new();
@@ -537,6 +571,25 @@ fn write_blob<W: Write>(
     };
     let json = to_go_json(&toc)?;
     let toc_offset = w.offset_so_far()?;
+    let toc_digest = super::sha256_digest(&json);
+    if opts.format == Format::ZstdChunked {
+        // Go's zstd:chunked layout: the TOC is no tar entry and no end-of-archive follows, so
+        // the decompressed blob (and the diff ID) is the entries alone.
+        let z = zstd::bulk::compress(&json, zstd_level(opts.compression_level))?;
+        if z.len() as u64 > MAX_TOC_COMPRESSED_SIZE {
+            return Err(EstargzError::TocTooLarge {
+                size: z.len() as u64,
+                limit: MAX_TOC_COMPRESSED_SIZE,
+            });
+        }
+        let (trailer, toc_at) = zstd_chunked_trailer(toc_offset, &z, json.len() as u64);
+        w.write_raw(&trailer)?;
+        let manifest = ZstdChunkedManifest {
+            checksum: super::sha256_digest(&z),
+            position: format!("{toc_at}:{}:{}:1", z.len(), json.len()),
+        };
+        return Ok((toc_digest, Some(manifest)));
+    }
     let toc_entry = landmark_like_toc_header(json.len() as u64)?;
     w.append(&toc_entry)?;
     w.append(&json)?;
@@ -544,7 +597,11 @@ fn write_blob<W: Write>(
     w.close_member()?;
     w.flush_inflight()?;
     w.write_raw(&footer_bytes(toc_offset))?;
-    Ok(super::sha256_digest(&json))
+    Ok((toc_digest, None))
+}
+
+fn zstd_level(level: u32) -> i32 {
+    i32::try_from(level).unwrap_or(i32::MAX)
 }
 
 fn padding(size: u64) -> usize {
@@ -728,7 +785,7 @@ fn pax_header(name: &str, records: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
 struct MemberWriter<W: Write> {
     out: W,
     cur: Vec<u8>,
-    level: Compression,
+    level: Level,
     diff: Sha256,
     blob: Sha256,
     written: u64,
@@ -748,10 +805,24 @@ struct Pool {
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn compress(data: &[u8], level: Compression) -> io::Result<Vec<u8>> {
-    let mut gz = GzEncoder::new(Vec::with_capacity(data.len() / 3 + 64), level);
-    gz.write_all(data)?;
-    gz.finish()
+/// What each member is compressed with.
+#[derive(Clone, Copy)]
+enum Level {
+    Gzip(Compression),
+    Zstd(i32),
+}
+
+/// One gzip member or one zstd frame (which records its size, so the decoder's window is
+/// no bigger than the member).
+fn compress(data: &[u8], level: Level) -> io::Result<Vec<u8>> {
+    match level {
+        Level::Gzip(level) => {
+            let mut gz = GzEncoder::new(Vec::with_capacity(data.len() / 3 + 64), level);
+            gz.write_all(data)?;
+            gz.finish()
+        }
+        Level::Zstd(level) => zstd::bulk::compress(data, level),
+    }
 }
 
 impl<W: Write> MemberWriter<W> {
@@ -761,7 +832,10 @@ impl<W: Write> MemberWriter<W> {
         } else {
             opts.threads
         };
-        let level = Compression::new(opts.compression_level.min(9));
+        let level = match opts.format {
+            Format::Gzip => Level::Gzip(Compression::new(opts.compression_level.min(9))),
+            Format::ZstdChunked => Level::Zstd(zstd_level(opts.compression_level)),
+        };
         let pool = (threads > 1).then(|| {
             let (tx, rx) = mpsc::sync_channel::<Job>(threads * 2);
             let rx = Arc::new(Mutex::new(rx));

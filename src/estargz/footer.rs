@@ -1,8 +1,12 @@
-//! The footer: an empty gzip member at the end of the blob whose FEXTRA field points at the TOC.
+//! The footer: the last bytes of a blob, which say where its TOC is.
 //!
-//! eStargz (51 bytes): XLEN=26, subfield `S`,`G`, LEN=22, data `%016x` + `STARGZ`.
-//! Legacy stargz (47 bytes): XLEN=22, the 22 bytes `%016xSTARGZ` directly.
-//! Readers try eStargz first, then legacy, like Go's `parseFooter`.
+//! eStargz (51 bytes): an empty gzip member whose FEXTRA field is XLEN=26, subfield `S`,`G`,
+//! LEN=22, data `%016x` + `STARGZ`.
+//! Legacy stargz (47 bytes): the same member with XLEN=22, the 22 bytes `%016xSTARGZ` directly.
+//! zstd:chunked (40 bytes, the body of a zstd skippable frame): little-endian u64 TOC offset,
+//! compressed TOC size, uncompressed TOC size, manifest type (1), then `GnUlInUx`.
+//! Readers try eStargz, then legacy, then zstd:chunked, like Go's `estargz.Open` with the
+//! snapshotter's decompressors.
 //!
 //! [`TocLocator`] is the one footer → TOC locator: every reader of a blob (the filesystem,
 //! `ctr-remote`, [`super::reader::open_blob`]) finds and bounds the TOC member through it.
@@ -16,6 +20,8 @@ use super::{EstargzError, Result};
 pub const FOOTER_SIZE: u64 = 51;
 /// Size of the legacy stargz footer.
 pub const LEGACY_FOOTER_SIZE: u64 = 47;
+/// Size of the zstd:chunked footer (without the 8-byte skippable frame header before it).
+pub const ZSTD_FOOTER_SIZE: u64 = 40;
 /// Fetch at least this many tail bytes to be able to parse either footer.
 pub const MAX_FOOTER_SIZE: u64 = FOOTER_SIZE;
 
@@ -25,29 +31,63 @@ const FEXTRA: u8 = 0x04;
 /// Stored, final, empty deflate block followed by CRC32=0 and ISIZE=0: the body of an empty member.
 const EMPTY_BODY: [u8; 13] = [0x01, 0x00, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0];
 
-/// Where the TOC gzip member is, as the footer says.
+/// How a blob's chunks and TOC are compressed; the footer tells which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// eStargz (and legacy stargz): gzip members; the TOC is a tar entry in the last one.
+    #[default]
+    Gzip,
+    /// zstd:chunked: zstd frames; the TOC is zstd-compressed JSON in a skippable frame.
+    ZstdChunked,
+}
+
+/// Where the TOC is, as the footer says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TocLocation {
-    /// Blob offset of the TOC gzip member.
+    /// Blob offset of the TOC: the gzip member, or the compressed JSON in its skippable frame.
     pub toc_offset: u64,
-    /// Size of the footer that was found (51 or 47).
+    /// Size of the footer that was found (51, 47 or 40).
     pub footer_size: u64,
     /// True when the legacy stargz footer was found.
     pub legacy: bool,
+    pub format: Format,
+    /// zstd:chunked only: the compressed TOC's size, from the footer (a gzip TOC member runs
+    /// up to the footer).
+    pub toc_size: Option<u64>,
 }
 
 impl TocLocation {
-    /// The blob range of the TOC member, `[toc_offset, blob_size - footer_size)`.
-    /// Errors when the footer points outside the blob or at an empty range.
+    /// The blob range of the TOC: `[toc_offset, blob_size - footer_size)` for gzip, the
+    /// footer's size from `toc_offset` for zstd:chunked, which must end before the footer's
+    /// skippable frame header. Errors when the footer points outside the blob or at an empty
+    /// range.
     pub fn toc_range(&self, blob_size: u64) -> Result<Range<u64>> {
         let end = blob_size.checked_sub(self.footer_size);
-        match end {
-            Some(end) if self.toc_offset < end => Ok(self.toc_offset..end),
+        let range = match (self.toc_size, end) {
+            (None, Some(end)) => Some(self.toc_offset..end),
+            (Some(size), Some(end)) => self
+                .toc_offset
+                .checked_add(size)
+                .filter(|&e| e <= end.saturating_sub(SKIPPABLE_HEADER_SIZE))
+                .map(|e| self.toc_offset..e),
+            (_, None) => None,
+        };
+        match range {
+            Some(r) if r.start < r.end => Ok(r),
             _ => Err(EstargzError::TocOutOfRange {
                 toc_offset: self.toc_offset,
                 blob_size,
                 footer_size: self.footer_size,
             }),
+        }
+    }
+
+    /// Where the chunks end: the TOC member for gzip; for zstd:chunked the skippable frame
+    /// header in front of the TOC (its 8 bytes are no chunk's).
+    pub fn payload_end(&self) -> u64 {
+        match self.format {
+            Format::Gzip => self.toc_offset,
+            Format::ZstdChunked => self.toc_offset.saturating_sub(SKIPPABLE_HEADER_SIZE),
         }
     }
 }
@@ -126,37 +166,114 @@ pub fn footer_bytes(toc_offset: u64) -> [u8; FOOTER_SIZE as usize] {
 }
 
 /// Parses the footer from the last bytes of a blob (`tail` must hold at least the footer; more
-/// is fine). Tries the 51-byte eStargz layout, then the 47-byte legacy one.
+/// is fine). Tries the 51-byte eStargz layout, then the 47-byte legacy one, then the 40-byte
+/// zstd:chunked one.
 pub fn parse_footer(tail: &[u8]) -> Result<TocLocation> {
-    if tail.len() < LEGACY_FOOTER_SIZE as usize {
+    if tail.len() < ZSTD_FOOTER_SIZE as usize {
         return Err(EstargzError::BlobTooSmall {
             size: tail.len() as u64,
         });
     }
+    let gzip = |footer_size: u64, legacy: bool, toc_offset: u64| TocLocation {
+        toc_offset,
+        footer_size,
+        legacy,
+        format: Format::Gzip,
+        toc_size: None,
+    };
     let estargz_err = match tail.len().checked_sub(FOOTER_SIZE as usize) {
         Some(start) => match parse_estargz(&tail[start..]) {
-            Ok(toc_offset) => {
-                return Ok(TocLocation {
-                    toc_offset,
-                    footer_size: FOOTER_SIZE,
-                    legacy: false,
-                })
-            }
+            Ok(toc_offset) => return Ok(gzip(FOOTER_SIZE, false, toc_offset)),
             Err(e) => e,
         },
         None => "shorter than 51 bytes".to_owned(),
     };
-    let start = tail.len() - LEGACY_FOOTER_SIZE as usize;
-    match parse_legacy(&tail[start..]) {
-        Ok(toc_offset) => Ok(TocLocation {
-            toc_offset,
-            footer_size: LEGACY_FOOTER_SIZE,
-            legacy: true,
-        }),
-        Err(legacy_err) => Err(EstargzError::InvalidFooter(format!(
-            "estargz: {estargz_err}; legacy: {legacy_err}"
-        ))),
+    let legacy_err = match tail.len().checked_sub(LEGACY_FOOTER_SIZE as usize) {
+        Some(start) => match parse_legacy(&tail[start..]) {
+            Ok(toc_offset) => return Ok(gzip(LEGACY_FOOTER_SIZE, true, toc_offset)),
+            Err(e) => e,
+        },
+        None => "shorter than 47 bytes".to_owned(),
+    };
+    let start = tail.len() - ZSTD_FOOTER_SIZE as usize;
+    parse_zstd_chunked(&tail[start..]).map_err(|zstd_err| {
+        EstargzError::InvalidFooter(format!(
+            "estargz: {estargz_err}; legacy: {legacy_err}; zstd:chunked: {zstd_err}"
+        ))
+    })
+}
+
+/// The zstd:chunked footer's magic (`GnUlInUx`).
+const ZSTD_CHUNKED_MAGIC: &[u8; 8] = b"GnUlInUx";
+/// The footer's manifest type for a TOC of eStargz's JSON model (containers/storage's
+/// `ManifestTypeCRFS`), the only one there is.
+const MANIFEST_TYPE_CRFS: u64 = 1;
+/// A zstd skippable frame's header: magic and frame size, 4 bytes each.
+pub const SKIPPABLE_HEADER_SIZE: u64 = 8;
+/// The magic of the skippable frames that hold the TOC and the footer.
+pub const SKIPPABLE_MAGIC: [u8; 4] = [0x50, 0x2a, 0x4d, 0x18];
+
+fn parse_zstd_chunked(p: &[u8]) -> std::result::Result<TocLocation, String> {
+    let field = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&p[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    if p.len() != ZSTD_FOOTER_SIZE as usize || &p[32..] != ZSTD_CHUNKED_MAGIC {
+        return Err("GnUlInUx magic not found".into());
     }
+    let (toc_offset, toc_size, manifest_type) = (field(0), field(1), field(3));
+    if manifest_type != MANIFEST_TYPE_CRFS {
+        return Err(format!(
+            "manifest type {manifest_type}, want {MANIFEST_TYPE_CRFS}"
+        ));
+    }
+    // The TOC sits in a skippable frame, behind its header; Go reads offsets as int64.
+    if toc_offset < SKIPPABLE_HEADER_SIZE || toc_offset > i64::MAX as u64 {
+        return Err(format!("TOC offset {toc_offset} out of range"));
+    }
+    Ok(TocLocation {
+        toc_offset,
+        footer_size: ZSTD_FOOTER_SIZE,
+        legacy: false,
+        format: Format::ZstdChunked,
+        toc_size: Some(toc_size),
+    })
+}
+
+/// The zstd:chunked trailer for a compressed TOC written at `toc_frame_offset`: the TOC's
+/// skippable frame, then the footer's, as Go's `zstdchunked.Compressor` writes them. Returns
+/// the bytes and the blob offset of the compressed TOC (the footer's first field).
+pub fn zstd_chunked_trailer(
+    toc_frame_offset: u64,
+    compressed_toc: &[u8],
+    json_len: u64,
+) -> (Vec<u8>, u64) {
+    let toc_offset = toc_frame_offset + SKIPPABLE_HEADER_SIZE;
+    let mut out =
+        Vec::with_capacity(compressed_toc.len() + 2 * SKIPPABLE_HEADER_SIZE as usize + 40);
+    let mut frame = |body: &[u8]| {
+        out.extend_from_slice(&SKIPPABLE_MAGIC);
+        // A TOC is bounded by MAX_TOC_COMPRESSED_SIZE, far below 4 GiB.
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(body);
+    };
+    frame(compressed_toc);
+    let mut footer = [0u8; ZSTD_FOOTER_SIZE as usize];
+    for (i, v) in [
+        toc_offset,
+        compressed_toc.len() as u64,
+        json_len,
+        MANIFEST_TYPE_CRFS,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        footer[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    footer[32..].copy_from_slice(ZSTD_CHUNKED_MAGIC);
+    frame(&footer);
+    (out, toc_offset)
 }
 
 /// Returns the FEXTRA bytes of the gzip header at the start of `p`, which must be `want_xlen`
@@ -244,7 +361,9 @@ mod tests {
                 TocLocation {
                     toc_offset: off,
                     footer_size: 51,
-                    legacy: false
+                    legacy: false,
+                    format: Format::Gzip,
+                    toc_size: None,
                 }
             );
             let mut out = Vec::new();
@@ -275,7 +394,9 @@ mod tests {
             TocLocation {
                 toc_offset: 42,
                 footer_size: 47,
-                legacy: true
+                legacy: true,
+                format: Format::Gzip,
+                toc_size: None,
             }
         );
         let mut out = Vec::new();
@@ -292,10 +413,81 @@ mod tests {
             toc_offset: 100,
             footer_size: 51,
             legacy: false,
+            format: Format::Gzip,
+            toc_size: None,
         };
         assert_eq!(loc.toc_range(200).expect("in range"), 100..149);
         assert!(loc.toc_range(151).is_err());
         assert!(loc.toc_range(10).is_err());
+        assert_eq!(loc.payload_end(), 100);
+    }
+
+    /// A zstd:chunked blob: chunks, the TOC's skippable frame, the footer's.
+    fn zstd_blob(payload: &[u8], toc: &[u8]) -> Vec<u8> {
+        let mut blob = payload.to_vec();
+        let (trailer, _) = zstd_chunked_trailer(blob.len() as u64, toc, 1234);
+        blob.extend_from_slice(&trailer);
+        blob
+    }
+
+    #[test]
+    fn zstd_chunked_footer_is_found_and_bounds_the_toc() {
+        let blob = zstd_blob(b"chunks", b"compressed TOC");
+        // Go's layout: the footer is the body of the last skippable frame.
+        let footer_frame = &blob[blob.len() - 48..];
+        assert_eq!(&footer_frame[..4], &SKIPPABLE_MAGIC);
+        assert_eq!(&footer_frame[4..8], &40u32.to_le_bytes());
+        let loc = parse_footer(&blob).expect("zstd:chunked footer");
+        assert_eq!(
+            loc,
+            TocLocation {
+                toc_offset: 6 + 8,
+                footer_size: 40,
+                legacy: false,
+                format: Format::ZstdChunked,
+                toc_size: Some(14),
+            }
+        );
+        assert_eq!(loc.payload_end(), 6);
+        let (r, asked) = read_member(&blob);
+        let (_, member) = r.expect("located");
+        assert_eq!(member, b"compressed TOC");
+        assert_eq!(asked, [(blob.len() as u64 - 51, 51), (14, 14)]);
+        // Only the 40-byte footer is needed.
+        assert!(parse_footer(&blob[blob.len() - 40..]).is_ok());
+    }
+
+    #[test]
+    fn zstd_chunked_footer_lies_are_refused() {
+        let blob = zstd_blob(b"chunks", b"compressed TOC");
+        let n = blob.len();
+        let with = |i: usize, v: u64| {
+            let mut b = blob.clone();
+            b[n - 40 + i * 8..n - 40 + i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            b
+        };
+        // A TOC that runs into the footer, or past the end of the blob.
+        for lie in [with(1, 15), with(1, u64::MAX), with(0, u64::MAX - 3)] {
+            match parse_footer(&lie) {
+                Ok(loc) => assert!(loc.toc_range(n as u64).is_err(), "{loc:?}"),
+                Err(e) => assert!(matches!(e, EstargzError::InvalidFooter(_))),
+            }
+        }
+        // An offset inside the first skippable header, an unknown manifest type, a bad magic.
+        assert!(parse_footer(&with(0, 7)).is_err());
+        assert!(parse_footer(&with(3, 2)).is_err());
+        let mut bad = blob.clone();
+        bad[n - 1] = b'y';
+        let e = parse_footer(&bad).expect_err("no magic");
+        assert!(
+            e.to_string()
+                .contains("zstd:chunked: GnUlInUx magic not found"),
+            "{e}"
+        );
+        // An empty TOC is no TOC.
+        let empty = zstd_blob(b"chunks", b"");
+        let loc = parse_footer(&empty).expect("parses");
+        assert!(loc.toc_range(empty.len() as u64).is_err());
     }
 
     /// What [`read_toc_member`] returned for a blob, and the ranges it asked for.

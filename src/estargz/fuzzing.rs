@@ -2,7 +2,7 @@
 //! tests (`tests/estargz_fuzz.rs`): each feeds untrusted bytes to a parser and exercises what
 //! it returns. They must never panic, loop, or allocate without bound; errors are fine.
 
-use super::footer::parse_footer;
+use super::footer::{parse_footer, Format, TocLocation};
 use super::index::LayerIndex;
 use super::reader::{open_blob, read_file_range};
 use super::toc::{parse_toc_member, EntryType, Toc};
@@ -16,11 +16,13 @@ pub fn fuzz_footer(data: &[u8]) {
     }
 }
 
-/// TOC member parsing (gzip → tar → JSON) and, for raw JSON input, index building with
-/// every lookup the filesystem makes.
+/// TOC member parsing (gzip → tar → JSON, and zstd → JSON) and, for raw JSON input, index
+/// building with every lookup the filesystem makes.
 pub fn fuzz_toc(data: &[u8]) {
-    if let Ok((toc, _)) = parse_toc_member(data) {
-        walk_index(&toc);
+    for format in [Format::Gzip, Format::ZstdChunked] {
+        if let Ok((toc, _)) = parse_toc_member(data, format) {
+            walk_index(&toc);
+        }
     }
     if let Ok(toc) = serde_json::from_slice::<Toc>(data) {
         walk_index(&toc);
@@ -44,14 +46,24 @@ fn walk(idx: &LayerIndex) {
     }
 }
 
-/// A TOC gzip member (gzip → tar headers, extension records included → JSON), streamed into
-/// the index as the filesystem does, then every lookup; and parsed whole as `ctr-remote` does.
+/// A TOC gzip member (gzip → tar headers, extension records included → JSON) or zstd:chunked
+/// TOC frame (zstd → JSON), streamed into the index as the filesystem does, then every lookup;
+/// and parsed whole as `ctr-remote` does.
 pub fn fuzz_toc_member(data: &[u8]) {
-    if let Ok((idx, _)) = LayerIndex::from_toc_member(data, 1 << 40) {
-        walk(&idx);
-    }
-    if let Ok((toc, _)) = parse_toc_member(data) {
-        walk_index(&toc);
+    for format in [Format::Gzip, Format::ZstdChunked] {
+        let location = TocLocation {
+            toc_offset: 1 << 40,
+            footer_size: 0,
+            legacy: false,
+            format,
+            toc_size: None,
+        };
+        if let Ok((idx, _)) = LayerIndex::from_toc_member(data, &location) {
+            walk(&idx);
+        }
+        if let Ok((toc, _)) = parse_toc_member(data, format) {
+            walk_index(&toc);
+        }
     }
 }
 

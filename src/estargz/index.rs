@@ -34,6 +34,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
+use super::footer::{Format, TocLocation};
 use super::landmark::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
 use super::toc::{EntryType, Toc, TocEntry};
 use super::{parse_sha256, rfc3339, EstargzError, Result};
@@ -159,11 +160,11 @@ impl Entry {
 pub struct LayerIndex {
     entries: Vec<Entry>,
     paths: HashMap<String, EntryId>,
-    toc_offset: u64,
     prefetch_landmark: Option<u64>,
     no_prefetch: bool,
     missing_chunk_digests: usize,
     layer: String,
+    format: Format,
 }
 
 /// Normalizes a TOC or tar name to a root-relative path; `..` and NUL are refused.
@@ -216,7 +217,9 @@ struct Pending {
 }
 
 impl LayerIndex {
-    /// Builds and validates the index. `toc_offset` bounds every compressed range.
+    /// Builds and validates the index of a gzip blob. `toc_offset` (the end of the chunks,
+    /// [`super::TocLocation::payload_end`]) bounds every compressed range; a zstd:chunked
+    /// caller sets the format after ([`LayerIndex::set_format`]).
     pub fn build(toc: &Toc, toc_offset: u64) -> Result<Self> {
         let mut b = IndexBuilder {
             toc_offset,
@@ -228,16 +231,28 @@ impl LayerIndex {
         b.finish()
     }
 
-    /// Builds the index straight from a TOC gzip member, entry by entry as the JSON is parsed
+    /// Builds the index straight from the TOC the footer found at `location` (a gzip member
+    /// or a zstd:chunked frame), entry by entry as the JSON is parsed
     /// ([`super::toc::parse_toc_member_with`]), so the parsed TOC is never held whole. Returns
     /// the index and the TOC digest, which the caller must check before trusting the index.
-    pub fn from_toc_member(member: &[u8], toc_offset: u64) -> Result<(Self, String)> {
+    pub fn from_toc_member(member: &[u8], location: &TocLocation) -> Result<(Self, String)> {
         let mut b = IndexBuilder {
-            toc_offset,
+            toc_offset: location.payload_end(),
             ..Default::default()
         };
-        let (_, digest) = super::toc::parse_toc_member_with(member, |e| b.add(&e))?;
-        Ok((b.finish()?, digest))
+        let (_, digest) =
+            super::toc::parse_toc_member_with(member, location.format, |e| b.add(&e))?;
+        let mut index = b.finish()?;
+        index.format = location.format;
+        Ok((index, digest))
+    }
+
+    /// How the chunks are compressed.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+    pub fn set_format(&mut self, format: Format) {
+        self.format = format;
     }
 
     /// Label used in chunk errors (e.g. the layer digest).
@@ -299,10 +314,6 @@ impl LayerIndex {
             return &[];
         }
         &chunks[lo..hi]
-    }
-    /// Blob offset of the TOC member (= end of all payload).
-    pub fn toc_offset(&self) -> u64 {
-        self.toc_offset
     }
     /// True when the layer has a `.prefetch.landmark`.
     pub fn has_prefetch_landmark(&self) -> bool {
@@ -589,11 +600,11 @@ impl IndexBuilder {
         Ok(LayerIndex {
             entries: t.entries,
             paths: t.paths,
-            toc_offset: self.toc_offset,
             prefetch_landmark: self.prefetch_landmark,
             no_prefetch: self.no_prefetch,
             missing_chunk_digests: self.missing_chunk_digests,
             layer: String::new(),
+            format: Format::Gzip,
         })
     }
 }
@@ -1095,7 +1106,14 @@ mod tests {
         let member = gz.finish().expect("gz");
         assert!(member.len() < 256 << 10, "{}", member.len());
         let started = std::time::Instant::now();
-        assert!(LayerIndex::from_toc_member(&member, 10_000).is_err());
+        let location = TocLocation {
+            toc_offset: 10_000,
+            footer_size: 51,
+            legacy: false,
+            format: Format::Gzip,
+            toc_size: None,
+        };
+        assert!(LayerIndex::from_toc_member(&member, &location).is_err());
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
             "{:?}",

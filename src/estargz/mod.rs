@@ -1,6 +1,10 @@
 //! The eStargz format: footer, TOC, chunk index, builder and verification.
 //! Nothing here knows about networks or FUSE: callers bring their own reads.
 //!
+//! zstd:chunked is the same model with zstd instead of gzip ([`Format`]): each chunk starts a
+//! zstd frame instead of a gzip member, and the TOC is zstd-compressed JSON in a skippable frame
+//! instead of a tar entry in the last member; the footer tells which a blob is.
+//!
 //! Reading a blob:
 //! 1. [`footer::TocLocator`] names the tail to fetch and, from it, the TOC member's range
 //!    (bounded); [`footer::read_toc_member`] does both fetches through a caller's range reader
@@ -29,8 +33,8 @@ pub(crate) mod toc;
 
 // The format's public API: what `ctr-remote`-like tools, the fuzz targets, tests and benches
 // build and parse blobs with.
-pub use builder::{build, BuildOptions, BuildResult};
-pub use footer::{footer_bytes, parse_footer, TocLocation};
+pub use builder::{build, BuildOptions, BuildResult, ZstdChunkedManifest};
+pub use footer::{footer_bytes, parse_footer, Format, TocLocation};
 pub use index::LayerIndex;
 pub use reader::{open_blob, read_file_range, OpenedBlob};
 pub use toc::{parse_toc_member, to_go_json, EntryType, Toc, TocEntry};

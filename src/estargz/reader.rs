@@ -38,11 +38,12 @@ pub fn open_from_toc_member(
     location: TocLocation,
     expected_toc_digest: Option<&str>,
 ) -> Result<OpenedBlob> {
-    let (toc, toc_digest) = parse_toc_member(member)?;
+    let (toc, toc_digest) = parse_toc_member(member, location.format)?;
     if let Some(want) = expected_toc_digest {
         verify_toc_digest(&toc_digest, want)?;
     }
-    let index = LayerIndex::build(&toc, location.toc_offset)?;
+    let mut index = LayerIndex::build(&toc, location.payload_end())?;
+    index.set_format(location.format);
     Ok(OpenedBlob {
         location,
         toc,
@@ -58,7 +59,7 @@ pub fn open_index_from_toc_member(
     location: TocLocation,
     expected_toc_digest: Option<&str>,
 ) -> Result<(LayerIndex, String)> {
-    let (index, toc_digest) = LayerIndex::from_toc_member(member, location.toc_offset)?;
+    let (index, toc_digest) = LayerIndex::from_toc_member(member, &location)?;
     if let Some(want) = expected_toc_digest {
         verify_toc_digest(&toc_digest, want)?;
     }
@@ -96,7 +97,14 @@ pub fn read_file_range<R: ReadAt + ?Sized>(
             },
         );
         plain.resize(c.chunk_size as usize, 0);
-        chunk::decode_chunk_into(section, c, index.layer_label(), &e.name, &mut plain)?;
+        chunk::decode_chunk_into(
+            section,
+            index.format(),
+            c,
+            index.layer_label(),
+            &e.name,
+            &mut plain,
+        )?;
         let from = offset + done - c.chunk_offset;
         let n = (c.chunk_size - from).min(want - done);
         buf[done as usize..(done + n) as usize]

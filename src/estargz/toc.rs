@@ -7,6 +7,7 @@ use std::io::Read as _;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+use super::footer::Format;
 use super::{EstargzError, Result};
 
 /// Name of the TOC entry, the last tar entry of a stargz blob.
@@ -137,12 +138,12 @@ pub const MAX_TOC_JSON_SIZE: u64 = 256 << 20;
 /// Largest compressed TOC member we fetch.
 pub const MAX_TOC_COMPRESSED_SIZE: u64 = 256 << 20;
 
-/// Parses the TOC gzip member (the bytes from the footer's TOC offset up to the footer):
-/// gunzip one member, expect one tar entry `stargz.index.json`, parse its JSON.
-/// Returns the TOC and its digest, `sha256:` of the uncompressed JSON bytes.
-pub fn parse_toc_member(member: &[u8]) -> Result<(Toc, String)> {
+/// Parses a blob's TOC: the bytes the footer points at ([`super::TocLocation::toc_range`]).
+/// For eStargz a gzip member holding one tar entry `stargz.index.json`; for zstd:chunked a zstd
+/// frame of the JSON alone. Returns the TOC and its digest, `sha256:` of the uncompressed JSON.
+pub fn parse_toc_member(member: &[u8], format: Format) -> Result<(Toc, String)> {
     let mut entries = Vec::new();
-    let (version, digest) = parse_toc_member_with(member, |e| {
+    let (version, digest) = parse_toc_member_with(member, format, |e| {
         entries.push(e);
         Ok(())
     })?;
@@ -155,6 +156,7 @@ pub fn parse_toc_member(member: &[u8]) -> Result<(Toc, String)> {
 /// digest is known only at the end, so the caller must check it before using what it built.
 pub fn parse_toc_member_with(
     member: &[u8],
+    format: Format,
     on_entry: impl FnMut(TocEntry) -> Result<()>,
 ) -> Result<(u32, String)> {
     if member.len() as u64 > MAX_TOC_COMPRESSED_SIZE {
@@ -163,28 +165,55 @@ pub fn parse_toc_member_with(
             limit: MAX_TOC_COMPRESSED_SIZE,
         });
     }
-    // One gzip member, like Go's `Multistream(false)`; its tar headers go through our bounded
-    // reader, never the `tar` crate, which would read any long name or PAX record whole.
-    let mut gz = flate2::read::GzDecoder::new(member);
-    let header = super::tar_header::read_file_header(&mut gz, "TOC member")?;
-    if header.name != TOC_TAR_NAME.as_bytes() {
-        return Err(EstargzError::MalformedToc(format!(
-            "TOC tar entry is {:?}, expected {TOC_TAR_NAME:?}",
-            crate::untrusted::clip_bytes(&header.name)
-        )));
+    match format {
+        Format::Gzip => {
+            // One gzip member, like Go's `Multistream(false)`; its tar headers go through our
+            // bounded reader, never the `tar` crate, which would read any long name or PAX
+            // record whole.
+            let mut gz = flate2::read::GzDecoder::new(member);
+            let header = super::tar_header::read_file_header(&mut gz, "TOC member")?;
+            if header.name != TOC_TAR_NAME.as_bytes() {
+                return Err(EstargzError::MalformedToc(format!(
+                    "TOC tar entry is {:?}, expected {TOC_TAR_NAME:?}",
+                    crate::untrusted::clip_bytes(&header.name)
+                )));
+            }
+            let size = header.size;
+            if size > MAX_TOC_JSON_SIZE {
+                return Err(EstargzError::TocTooLarge {
+                    size,
+                    limit: MAX_TOC_JSON_SIZE,
+                });
+            }
+            let (version, digest, read) = parse_json((&mut gz).take(size), on_entry)?;
+            if read < size {
+                return Err(EstargzError::MalformedToc("TOC JSON truncated".into()));
+            }
+            Ok((version, digest))
+        }
+        Format::ZstdChunked => {
+            let zstd = super::chunk::zstd_reader(member)
+                .map_err(|e| EstargzError::MalformedToc(format!("zstd: {e}")))?;
+            // The JSON's size is known only at its end: read one byte past the limit to tell
+            // a TOC over it from one that ends there.
+            let (version, digest, _) = parse_json(zstd.take(MAX_TOC_JSON_SIZE + 1), on_entry)?;
+            Ok((version, digest))
+        }
     }
-    let size = header.size;
-    if size > MAX_TOC_JSON_SIZE {
-        return Err(EstargzError::TocTooLarge {
-            size,
-            limit: MAX_TOC_JSON_SIZE,
-        });
-    }
+}
+
+/// Parses TOC JSON from `json` as it is decompressed, hashing it on the way. Returns the
+/// version, the digest and how many bytes were read; more than [`MAX_TOC_JSON_SIZE`] is an
+/// error.
+fn parse_json<R: std::io::Read>(
+    json: R,
+    on_entry: impl FnMut(TocEntry) -> Result<()>,
+) -> Result<(u32, String, u64)> {
     // The JSON is parsed as it is decompressed and hashed: a layer's TOC JSON is several times
     // its compressed size (megabytes for a rootfs), and holding it whole next to the parsed
     // entries was the daemon's peak memory at mount.
     let mut hashed = HashingReader {
-        inner: (&mut gz).take(size),
+        inner: json,
         hasher: sha2::Sha256::new(),
         read: 0,
     };
@@ -200,17 +229,21 @@ pub fn parse_toc_member_with(
         serde::Deserializer::deserialize_map(&mut de, &mut visitor)
             .and_then(|v| de.end().map(|()| v))
     };
+    if hashed.read > MAX_TOC_JSON_SIZE {
+        return Err(EstargzError::TocTooLarge {
+            size: hashed.read,
+            limit: MAX_TOC_JSON_SIZE,
+        });
+    }
     let version = match (parsed, visitor.failed.take()) {
         (_, Some(e)) => return Err(e),
         (Err(e), None) => return Err(e.into()),
         (Ok(v), None) => v,
     };
-    if hashed.read < size {
-        return Err(EstargzError::MalformedToc("TOC JSON truncated".into()));
-    }
     Ok((
         version,
         format!("sha256:{}", hex::encode(hashed.hasher.finalize())),
+        hashed.read,
     ))
 }
 
@@ -454,7 +487,7 @@ mod tests {
     #[test]
     fn streamed_parse_matches_derived_rules() {
         let json = r#"{"version":1,"extra":{"x":[1]},"entries":[{"name":"a","type":"dir"},{"name":"a/b","type":"reg","size":3}]}"#;
-        let (toc, digest) = parse_toc_member(&member(json)).expect("parse");
+        let (toc, digest) = parse_toc_member(&member(json), Format::Gzip).expect("parse");
         assert_eq!(toc, serde_json::from_str::<Toc>(json).expect("derived"));
         assert_eq!(
             digest,
@@ -464,11 +497,13 @@ mod tests {
             )
         );
         // Go marshals an empty entry list as null.
-        assert!(parse_toc_member(&member(r#"{"version":1,"entries":null}"#))
-            .expect("null")
-            .0
-            .entries
-            .is_empty());
+        assert!(
+            parse_toc_member(&member(r#"{"version":1,"entries":null}"#), Format::Gzip)
+                .expect("null")
+                .0
+                .entries
+                .is_empty()
+        );
         for bad in [
             r#"{"entries":[]}"#,
             r#"{"version":1,"version":1}"#,
@@ -477,7 +512,10 @@ mod tests {
             r#"{"version":1} trailing"#,
             r#"{"version":1,"entries":[{"name":"x","type":"socket"}]}"#,
         ] {
-            assert!(parse_toc_member(&member(bad)).is_err(), "{bad}");
+            assert!(
+                parse_toc_member(&member(bad), Format::Gzip).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -485,7 +523,7 @@ mod tests {
     fn callback_error_stops_the_parse_and_is_returned() {
         let json = r#"{"version":1,"entries":[{"name":"a","type":"dir"},{"name":"b","type":"dir"},{"name":"c","type":"dir"}]}"#;
         let mut seen = 0;
-        let err = parse_toc_member_with(&member(json), |e| {
+        let err = parse_toc_member_with(&member(json), Format::Gzip, |e| {
             seen += 1;
             if e.name == "b" {
                 return Err(EstargzError::MalformedToc("stop at b".into()));
@@ -502,12 +540,12 @@ mod tests {
 
     #[test]
     fn toc_member_errors() {
-        assert!(parse_toc_member(b"").is_err());
-        assert!(parse_toc_member(b"not gzip at all").is_err());
+        assert!(parse_toc_member(b"", Format::Gzip).is_err());
+        assert!(parse_toc_member(b"not gzip at all", Format::Gzip).is_err());
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &[0u8; 1024]).expect("gz");
         assert!(
-            parse_toc_member(&gz.finish().expect("gz")).is_err(),
+            parse_toc_member(&gz.finish().expect("gz"), Format::Gzip).is_err(),
             "empty tar"
         );
     }

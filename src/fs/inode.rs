@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::estargz::index::{OPAQUE_WHITEOUT as OPAQUE_MARKER, WHITEOUT_PREFIX};
-use crate::estargz::{ChunkInfo, Entry, EntryId, EntryType, EstargzError, LayerIndex};
+use crate::estargz::{ChunkInfo, Entry, EntryId, EntryType, EstargzError, Format, LayerIndex};
 
 use super::FsError;
 
@@ -161,6 +161,8 @@ pub struct InodeTable {
     pub blob_order: Vec<ChunkId>,
     /// Offset of the `.prefetch.landmark` payload, if any; `Some(0)` means "no prefetch".
     pub landmark: Option<Landmark>,
+    /// How the chunks are compressed (gzip eStargz or zstd:chunked).
+    pub format: Format,
 }
 
 /// What the layer's landmark files say about prefetch.
@@ -202,6 +204,7 @@ impl InodeTable {
                 c.seq = seq;
             }
         }
+        t.format = index.format();
         t.landmark = if index.no_prefetch() {
             Some(Landmark::NoPrefetch)
         } else {
@@ -231,6 +234,7 @@ impl InodeTable {
             xattrs: Vec::new(),
             blob_order: Vec::new(),
             landmark: None,
+            format: Format::Gzip,
         }
     }
 

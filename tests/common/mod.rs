@@ -1023,3 +1023,69 @@ pub fn assert_success(out: Output, what: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Go's `containerd-stargz-grpc`, built by `scripts/go-daemon.sh`; stopped with SIGINT (which
+/// unmounts) on drop.
+pub struct GoDaemon {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl GoDaemon {
+    pub fn start(config: &str) -> GoDaemon {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/go-daemon.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("go-daemon.sh");
+        let bin = assert_success(out, "scripts/go-daemon.sh")
+            .trim()
+            .to_string();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("config.toml"), config).expect("config");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
+        let child = Command::new(&bin)
+            .arg("--address")
+            .arg(dir.path().join("stargz.sock"))
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .arg("--log-level")
+            .arg("debug")
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn Go daemon");
+        let sock = dir.path().join("stargz.sock");
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            }),
+            "Go daemon did not start"
+        );
+        GoDaemon { child, dir }
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("stargz.sock")
+    }
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+impl Drop for GoDaemon {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        unmount_all_under(self.dir.path());
+    }
+}

@@ -25,6 +25,23 @@ pub fn estargz_from_tar(
     landmark_after: Option<usize>,
     out: &mut Vec<u8>,
 ) -> Result<String> {
+    blob_from_tar(
+        tar_bytes,
+        chunk_size,
+        landmark_after,
+        stargz::estargz::Format::Gzip,
+        out,
+    )
+}
+
+/// [`estargz_from_tar`] in either format (zstd:chunked at zstd level 3, Go's default).
+pub fn blob_from_tar(
+    tar_bytes: &[u8],
+    chunk_size: u64,
+    landmark_after: Option<usize>,
+    format: stargz::estargz::Format,
+    out: &mut Vec<u8>,
+) -> Result<String> {
     let mut prioritized_files = Vec::new();
     if let Some(n) = landmark_after {
         for ent in tar::Archive::new(tar_bytes).entries()?.take(n) {
@@ -36,7 +53,12 @@ pub fn estargz_from_tar(
     }
     let opts = stargz::estargz::BuildOptions {
         chunk_size,
-        compression_level: 6,
+        format,
+        compression_level: if format == stargz::estargz::Format::Gzip {
+            6
+        } else {
+            3
+        },
         prioritized_files,
         threads: 1,
         ..Default::default()

@@ -57,6 +57,7 @@ use super::registry::{Fetcher, RegistryOptions, RemoteFetcher};
 use super::rpull::{rpull, RpullOptions};
 use super::toc::layer_toc;
 use super::Error;
+use crate::estargz::Format;
 use crate::labels::TOC_DIGEST;
 use crate::oci::{host_platform, is_layer_type, Descriptor, Manifest};
 use crate::remote::Reference;
@@ -92,8 +93,6 @@ pub enum OptimizeError {
     },
     #[error("the image has more than {MAX_INDEX_ENTRIES} tar entries (at layer {0})")]
     LayerTooBig(usize),
-    #[error("layer {index}: {reason}")]
-    LayerFormat { index: usize, reason: String },
     #[error("mounting the image's overlay at {target}")]
     Mount {
         target: PathBuf,
@@ -133,6 +132,8 @@ pub(crate) struct OptimizeOptions {
     pub cwd: Option<String>,
     pub user: Option<String>,
     pub record_out: Option<PathBuf>,
+    /// eStargz or zstd:chunked layers (`--zstdchunked`).
+    pub format: Format,
     pub compression_level: u32,
     pub chunk_size: u64,
     /// For pulling the source when it is not in containerd yet.
@@ -184,11 +185,13 @@ pub(crate) async fn optimize(
     if opts.no_optimize {
         writeln!(
             progress,
-            "converting {} layers to eStargz without optimization",
-            manifest.layers.len()
+            "converting {} layers to {} without optimization",
+            manifest.layers.len(),
+            format_name(opts.format)
         )?;
         let copts = ConvertOptions {
             oci: opts.oci,
+            format: opts.format,
             compression_level: opts.compression_level,
             chunk_size: opts.chunk_size,
             record_in: None,
@@ -257,18 +260,20 @@ pub(crate) async fn optimize(
     let mut keep_layers = Vec::new();
     if opts.reuse {
         for (i, layer) in manifest.layers.iter().enumerate() {
-            if recorder.files_of_layer(i) == 0 && reusable(cd, layer).await {
+            if recorder.files_of_layer(i) == 0 && reusable(cd, layer, opts.format).await {
                 keep_layers.push(i);
             }
         }
     }
     writeln!(
         progress,
-        "converting {} layers to eStargz",
-        manifest.layers.len() - keep_layers.len()
+        "converting {} layers to {}",
+        manifest.layers.len() - keep_layers.len(),
+        format_name(opts.format)
     )?;
     let copts = ConvertOptions {
         oci: opts.oci,
+        format: opts.format,
         compression_level: opts.compression_level,
         chunk_size: opts.chunk_size,
         record_in: Some(record_path),
@@ -313,12 +318,20 @@ async fn ensure_image(
     }
 }
 
-/// Go's `isReusableESGZLayer`: the layer says its TOC digest, and the TOC in the blob has it.
-async fn reusable(cd: &Containerd, layer: &Descriptor) -> bool {
+fn format_name(format: Format) -> &'static str {
+    match format {
+        Format::Gzip => "eStargz",
+        Format::ZstdChunked => "zstd:chunked",
+    }
+}
+
+/// Go's `isReusableESGZLayer`: the layer says its TOC digest, and the TOC in the blob has it
+/// (and is in the format the image is optimized to).
+async fn reusable(cd: &Containerd, layer: &Descriptor, format: Format) -> bool {
     let Some(want) = layer.annotations.get(TOC_DIGEST) else {
         return false;
     };
-    match layer_toc(cd, &layer.digest).await {
+    match layer_toc(cd, &layer.digest, format).await {
         Ok(found) => &found.digest == want,
         Err(e) => {
             tracing::debug!(digest = %layer.digest, error = %crate::untrusted::chain(&e), "not reusable");
@@ -504,6 +517,7 @@ mod tests {
             cwd: None,
             user: None,
             record_out: None,
+            format: Format::Gzip,
             compression_level: 9,
             chunk_size: 0,
             registry: RegistryOptions::default(),

@@ -65,7 +65,7 @@ impl From<std::io::Error> for UnpackFailure {
     }
 }
 
-/// Unpacks one (gzip or plain) layer tar into `dir`, as containerd's overlayfs applier lays it
+/// Unpacks one (gzip, zstd or plain) layer tar into `dir`, as containerd's overlayfs applier lays it
 /// out; returns the set of its cleaned entry names.
 fn unpack_layer(
     mut spool: std::fs::File,
@@ -81,11 +81,9 @@ fn unpack_layer(
     let input = std::io::BufReader::with_capacity(1 << 20, spool);
     let reader: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
         Box::new(flate2::read::MultiGzDecoder::new(input))
-    } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        return Err(UnpackFailure::Other(OptimizeError::LayerFormat {
-            index,
-            reason: "zstd layers are not supported".into(),
-        }));
+    } else if n == 4 && magic == crate::estargz::chunk::ZSTD_MAGIC {
+        // zstd, zstd:chunked included (its TOC and footer frames are skippable).
+        Box::new(crate::estargz::chunk::zstd_reader(input)?)
     } else {
         Box::new(input)
     };
