@@ -68,8 +68,9 @@
 #                  are reported as *_read_files_not_in_toc)
 # Memory and disk (issue 6's flat-RSS check) come from one cell: `imports` on 100mbit/10, last
 # run, after the background fetch has settled (no new bytes for SETTLE_QUIET s): each daemon's
-# peak RSS (VmHWM) and its cache's disk use (`du -sb <root>/stargz`), with BIG=1 also for an
-# image about twice as big (`rootfs.sh oci --data --big`, one run).
+# peak RSS (VmHWM) and its cache's disk use (`du -sb <root>/stargz`), also on the zstd:chunked
+# image when ours-zstd / go-zstd run, and with BIG=1 for an image about twice as big
+# (`rootfs.sh oci --data --big`, one run).
 #
 #   scripts/bench-pull.sh        writes bench-results/pull.txt (key = value lines, then the
 #                                markdown table) and bench-results/pull.md (the table alone)
@@ -665,7 +666,7 @@ for l in "${LINKS[@]}"; do
         [[ $s == go* ]] && [ "$GO_OK" = 0 ] && continue
         c="$w|$LKEY|$s"
         cell_failed "$c" && continue
-        st=0; [ "$w $l" = "$RSS_CELL" ] && [ "$r" = "$RUNS" ] && { [ "$s" = ours ] || [ "$s" = go ]; } && st=1
+        st=0; [ "$w $l" = "$RSS_CELL" ] && [ "$r" = "$RUNS" ] && has "$s" ours go ours-zstd go-zstd && st=1
         if lazy_run "$s" "$w" python-data "$st"; then
           TIMES[$c]="${TIMES[$c]:-} $T"
           REQS[$c]=$REQ; REQS_ALL[$c]=$REQ_ALL; FETCHED[$c]=$BYTES_RUN; REMOTE[$c]=$NREMOTE
@@ -761,12 +762,14 @@ for s in ours go; do
   result "${s}_lazy_fetched_bytes_until_python_exit" "${FETCHED[$c]}"
 done
 [ -n "${MED[print|100mbit_10|full]:-}" ] && result full_gzip_overlayfs_seconds "${MED[print|100mbit_10|full]}"
-for s in ours go; do
+for s in ours go ours-zstd go-zstd; do
   [ -n "${RSSV[$s]:-}" ] || continue
-  result "${s}_lazy_peak_rss_kib" "${RSSV[$s]}"
-  result "${s}_lazy_cache_disk_bytes" "${CACHEV[$s]}"
-  result "${s}_lazy_cache_over_image_file_bytes" "$(ratio "${CACHEV[$s]}" "$UNCOMPRESSED")"
-  result "${s}_lazy_fetched_bytes_after_background_fetch" "${TOTALV[$s]}"
+  k=${s//-/_}
+  result "${k}_lazy_peak_rss_kib" "${RSSV[$s]}"
+  result "${k}_lazy_cache_disk_bytes" "${CACHEV[$s]}"
+  result "${k}_lazy_cache_over_image_file_bytes" "$(ratio "${CACHEV[$s]}" "$UNCOMPRESSED")"
+  result "${k}_lazy_fetched_bytes_after_background_fetch" "${TOTALV[$s]}"
+  [[ $s == *-zstd ]] && continue
   result "${s}_lazy_fetched_after_background_over_estargz_bytes" "$(ratio "${TOTALV[$s]}" "$ESGZ_BYTES")"
   if [ -n "${RSSV[$s-big]:-}" ]; then
     result "${s}_lazy_big_peak_rss_kib" "${RSSV[$s-big]}"
