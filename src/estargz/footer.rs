@@ -22,7 +22,7 @@ pub const FOOTER_SIZE: u64 = 51;
 pub const LEGACY_FOOTER_SIZE: u64 = 47;
 /// Size of the zstd:chunked footer (without the 8-byte skippable frame header before it).
 pub const ZSTD_FOOTER_SIZE: u64 = 40;
-/// Fetch at least this many tail bytes to be able to parse either footer.
+/// Fetch at least this many tail bytes to be able to parse any of the footers.
 pub const MAX_FOOTER_SIZE: u64 = FOOTER_SIZE;
 
 const MAGIC: &[u8; 6] = b"STARGZ";
