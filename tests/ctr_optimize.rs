@@ -569,6 +569,18 @@ fn optimize_small_image_records_layers_like_go() {
     assert_eq!(out.trim(), "upper a");
 }
 
+/// Our `image optimize --plain-http --oci --reuse ARGS`, which must succeed and leave nothing in
+/// `tmp`; returns its progress output.
+fn optimize_reusing(ctrd: &Containerd, tmp: &Path, args: &[&str]) -> String {
+    let mut all = vec!["image", "optimize", "--plain-http", "--oci", "--reuse"];
+    all.extend_from_slice(args);
+    let out = ctr_remote(ours(), ctrd, "default", tmp, &all);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert_nothing_left(tmp);
+    stderr
+}
+
 /// `--reuse` keeps the eStargz layers the workload did not read exactly as they are (Go's
 /// `isReusableESGZLayer`: TOC digest verified) and converts the rest; gzip layers are never kept.
 #[test]
@@ -581,15 +593,7 @@ fn optimize_reuse_keeps_unread_estargz_layers() {
     std::fs::create_dir(&tmp).expect("mkdir");
     let first = format!("{}/opt/reuse:first", reg.addr());
     let second = format!("{}/opt/reuse:second", reg.addr());
-    let run = |args: &[&str]| -> String {
-        let mut all = vec!["image", "optimize", "--plain-http", "--oci", "--reuse"];
-        all.extend_from_slice(args);
-        let out = ctr_remote(ours(), &ctrd, "default", &tmp, &all);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        assert_nothing_left(&tmp);
-        stderr
-    };
+    let run = |args: &[&str]| optimize_reusing(&ctrd, &tmp, args);
     let err = run(&[
         "--entrypoint",
         SMALL_WORKLOAD_ENTRYPOINT,
@@ -642,15 +646,7 @@ fn optimize_zstdchunked_converts_reuses_and_runs() {
     std::fs::create_dir(&tmp).expect("mkdir");
     let first = format!("{}/opt/zstd:first", reg.addr());
     let second = format!("{}/opt/zstd:second", reg.addr());
-    let run = |args: &[&str]| -> String {
-        let mut all = vec!["image", "optimize", "--plain-http", "--oci", "--reuse"];
-        all.extend_from_slice(args);
-        let out = ctr_remote(ours(), &ctrd, "default", &tmp, &all);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        assert_nothing_left(&tmp);
-        stderr
-    };
+    let run = |args: &[&str]| optimize_reusing(&ctrd, &tmp, args);
     let err = run(&[
         "--zstdchunked",
         "--entrypoint",

@@ -7,11 +7,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::Output;
-use std::time::Duration;
 
 use common::{
-    assert_success as ok, push_image, require_tool, tools_layer, Containerd, ContainerdOpts,
-    Daemon, Layer, LayerEntry, Registry,
+    assert_success as ok, push_image, require_tool, tools_layer, Containerd, ContainerdOpts, Layer,
+    LayerEntry, Registry, StargzBed,
 };
 
 const GO_CTR_REMOTE: &str = "/usr/bin/ctr-remote";
@@ -442,32 +441,6 @@ fn convert_estargz_matches_go_toc_digest_and_runs() {
     assert_eq!(out.trim(), "hello from ctr-remote");
 }
 
-/// Our daemon plus containerd with the `stargz` proxy plugin; the tempdir holds the daemon's
-/// root and socket (dropped last: the guards stop the processes first).
-struct StargzBed {
-    ctrd: Containerd,
-    _daemon: Daemon,
-    _dir: tempfile::TempDir,
-}
-
-fn stargz_bed() -> StargzBed {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
-    let sock = dir.path().join("stargz.sock");
-    let daemon = Daemon::start(&root, &sock, &[]);
-    let ctrd = Containerd::start(ContainerdOpts {
-        stargz_socket: Some(sock),
-        stargz_root: Some(root),
-        ..Default::default()
-    });
-    ctrd.wait_stargz_ready(Duration::from_secs(30));
-    StargzBed {
-        ctrd,
-        _daemon: daemon,
-        _dir: dir,
-    }
-}
-
 /// A plain gzip image cannot be mounted lazily: rpull through `stargz` (the default
 /// snapshotter) falls back to downloading every layer, says so, and the image runs; Go's
 /// rpull of the same image gives the same snapshot chain.
@@ -475,7 +448,7 @@ fn stargz_bed() -> StargzBed {
 fn rpull_plain_image_with_stargz_falls_back_and_runs() {
     let reg = Registry::start();
     let image = two_layer_image(&reg, "plain");
-    let bed = stargz_bed();
+    let bed = StargzBed::start();
     let ctrd = &bed.ctrd;
 
     let out = ctr_remote(
@@ -534,7 +507,7 @@ fn rpull_plain_image_with_stargz_falls_back_and_runs() {
 fn rpull_estargz_image_with_stargz_runs() {
     let reg = Registry::start();
     let image = two_layer_image(&reg, "src");
-    let bed = stargz_bed();
+    let bed = StargzBed::start();
     let ctrd = &bed.ctrd;
     ctrd.ctr_ok(&["images", "pull", "--plain-http", &image]);
     let esgz = format!("{}/test/ctr-remote:esgz", reg.addr());

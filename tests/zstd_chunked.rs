@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use common::{
     assert_success as ok, layer_tar, mounts_under, push_image, sha256_digest, tools_layer,
-    Containerd, ContainerdOpts, Daemon, GoDaemon, Layer, LayerEntry, Registry,
+    Containerd, ContainerdOpts, GoDaemon, Layer, LayerEntry, Registry, StargzBed,
 };
 use stargz::estargz::{self, BuildOptions, Format};
 
@@ -62,45 +62,17 @@ fn tools() -> Vec<LayerEntry> {
     tools_layer(&["/bin/sh", "/bin/cat"])
 }
 
-/// Our daemon and a containerd using it as the `stargz` snapshotter (dropped in field order:
-/// containerd, then the daemon, then their directory).
-struct OurBed {
-    ctrd: Containerd,
-    daemon: Daemon,
-    dir: tempfile::TempDir,
-}
-
-impl OurBed {
-    fn start() -> OurBed {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("root");
-        let sock = dir.path().join("stargz.sock");
-        let daemon = Daemon::start(&root, &sock, &[]);
-        let ctrd = Containerd::start(ContainerdOpts {
-            stargz_socket: Some(sock),
-            stargz_root: Some(root),
-            ..Default::default()
-        });
-        ctrd.wait_stargz_ready(Duration::from_secs(30));
-        OurBed { ctrd, daemon, dir }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-
-    /// Our `rpull` of `image` into namespace `ns`; returns its progress output.
-    fn rpull(&self, ns: &str, image: &str) -> String {
-        let out = ctr_remote(
-            ours(),
-            &self.ctrd,
-            ns,
-            &["image", "rpull", "--plain-http", image],
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        ok(out, &format!("our rpull of {image}"));
-        stderr
-    }
+/// Our `rpull` of `image` into namespace `ns` of `bed`; returns its progress output.
+fn rpull(bed: &StargzBed, ns: &str, image: &str) -> String {
+    let out = ctr_remote(
+        ours(),
+        &bed.ctrd,
+        ns,
+        &["image", "rpull", "--plain-http", image],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out, &format!("our rpull of {image}"));
+    stderr
 }
 
 /// The manifest of `reference` in `ctrd`'s default namespace.
@@ -287,9 +259,9 @@ fn zstd_chunked_interop_with_go_both_ways() {
 
     // Our daemon lazily pulls Go's image.
     {
-        let bed = OurBed::start();
+        let bed = StargzBed::start();
         let ctrd = &bed.ctrd;
-        let stderr = bed.rpull("ours", &go_ref);
+        let stderr = rpull(&bed, "ours", &go_ref);
         assert!(stderr.contains("done: 2/2 layers remote"), "{stderr}");
         assert_mounted_layers_match(&bed.root(), &data, &tools);
         let run = ctrd.ctr_ns_ok(
@@ -388,9 +360,9 @@ fn an_image_mixing_gzip_estargz_and_zstd_chunked_layers_runs() {
             lazy_layer(&zstd_files, Format::ZstdChunked),
         ],
     );
-    let bed = OurBed::start();
+    let bed = StargzBed::start();
     let (ctrd, root) = (&bed.ctrd, bed.root());
-    let stderr = bed.rpull("default", &image);
+    let stderr = rpull(&bed, "default", &image);
     assert!(stderr.contains("done: 2/3 layers remote"), "{stderr}");
     assert_eq!(stderr.matches("not lazy: fallback").count(), 1, "{stderr}");
     // The plain layer's fallback is logged with its reason.

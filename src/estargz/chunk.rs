@@ -68,45 +68,28 @@ pub fn decode_chunk_into<R: BufRead>(
     let err = |what: &str, e: io::Error| chunk_err(layer, file, chunk, format!("{what}: {e}"));
     match format {
         Format::Gzip => fill(flate2::bufread::MultiGzDecoder::new(compressed), chunk, buf)
-            .map_err(|e| e.into_error("gunzip", err))?,
+            .map_err(|e| err("gunzip", e))?,
         Format::ZstdChunked => {
             let plain = zstd_reader(compressed).map_err(|e| err("zstd", e))?;
-            fill(plain, chunk, buf).map_err(|e| e.into_error("zstd", err))?
+            fill(plain, chunk, buf).map_err(|e| err("zstd", e))?
         }
     }
     verify(chunk, layer, file, buf)
 }
 
-/// Why [`fill`] failed.
-enum FillError {
-    Io(io::Error),
-    /// The decompressed stream ended at this many bytes, before the chunk's inner offset.
-    ShortMember(u64),
-}
-
-impl FillError {
-    fn into_error(self, what: &str, err: impl Fn(&str, io::Error) -> EstargzError) -> EstargzError {
-        match self {
-            FillError::Io(e) => err(what, e),
-            FillError::ShortMember(skipped) => err(
-                what,
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("member ends at {skipped}, before the chunk's inner offset"),
-                ),
-            ),
-        }
-    }
-}
-
 /// Skips the chunk's inner offset in the decompressed stream `plain` and fills `buf`.
-fn fill<D: Read>(mut plain: D, chunk: &ChunkInfo, buf: &mut [u8]) -> Result<(), FillError> {
-    let skipped = io::copy(&mut (&mut plain).take(chunk.inner_offset), &mut io::sink())
-        .map_err(FillError::Io)?;
+fn fill<D: Read>(mut plain: D, chunk: &ChunkInfo, buf: &mut [u8]) -> io::Result<()> {
+    let skipped = io::copy(&mut (&mut plain).take(chunk.inner_offset), &mut io::sink())?;
     if skipped != chunk.inner_offset {
-        return Err(FillError::ShortMember(skipped));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "member ends at {skipped}, before inner offset {}",
+                chunk.inner_offset
+            ),
+        ));
     }
-    plain.read_exact(buf).map_err(FillError::Io)
+    plain.read_exact(buf)
 }
 
 /// Checks `data` against the chunk's digest (no digest: accepted, see

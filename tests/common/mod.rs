@@ -1089,3 +1089,33 @@ impl Drop for GoDaemon {
         unmount_all_under(self.dir.path());
     }
 }
+
+/// Our daemon plus a containerd using it as the `stargz` proxy snapshotter, under one temp dir
+/// that holds the daemon's root and socket (fields drop in order: containerd, then the daemon,
+/// then the directory).
+pub struct StargzBed {
+    pub ctrd: Containerd,
+    pub daemon: Daemon,
+    dir: tempfile::TempDir,
+}
+
+impl StargzBed {
+    pub fn start() -> StargzBed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let sock = dir.path().join("stargz.sock");
+        let daemon = Daemon::start(&root, &sock, &[]);
+        let ctrd = Containerd::start(ContainerdOpts {
+            stargz_socket: Some(sock),
+            stargz_root: Some(root),
+            ..Default::default()
+        });
+        ctrd.wait_stargz_ready(Duration::from_secs(30));
+        StargzBed { ctrd, daemon, dir }
+    }
+
+    /// The daemon's root, below which it mounts the layers.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
