@@ -66,6 +66,8 @@ pub use fs::{
     FsError, LayerManager, LayerOptions, LayerSource, LayerSpec, MountedLayer, Priority,
     ReadOptions, RegistryResolver,
 };
+// The process that holds FUSE connections across daemon restarts.
+pub use fs::{run_keeper, Keeper, KEEPER_FLAG};
 
 /// Code generated from `proto/` (containerd's snapshots v1 API) by `build.rs`.
 pub mod proto {

@@ -85,6 +85,16 @@ fn signals() -> anyhow::Result<impl std::future::Future<Output = Stop>> {
 
 fn main() -> anyhow::Result<()> {
     stargz::tune_allocator();
+    // `containerd-stargz-grpc --fuse-keeper SOCKET`: the process the daemon starts to hold
+    // its FUSE connections across restarts (not for users to run).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == stargz::KEEPER_FLAG) {
+        init_logging("info")?;
+        let Some(socket) = argv.get(2) else {
+            anyhow::bail!("{} needs the socket path", stargz::KEEPER_FLAG);
+        };
+        return stargz::run_keeper(std::path::Path::new(socket)).context("fuse keeper failed");
+    }
     let args = Args::parse_from(stargz::go_style_args(std::env::args_os()));
     init_logging(&args.log_level)?;
     if let Err(e) = real_main(args) {
@@ -172,9 +182,13 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     if stop == Some(Stop::Cleanup) {
         snapshotter.unmount_all_remote()?;
         info!("remote layers unmounted");
+        info!("exited");
+        return Ok(());
     }
-    info!("exited");
-    Ok(())
+    // The remote layers stay mounted, their connections held by the fuse keeper for the next
+    // start: exit without running their destructors (which would unmount them).
+    info!("exited; remote layers stay mounted for the next start");
+    std::process::exit(0)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,6 +16,7 @@ use fuser::{
 };
 
 use super::inode::{Node, NodeKind, ROOT_INO, STATE_DIR_INO, STATE_DIR_NAME, STATE_FILE_INO};
+use super::keeper::Keeper;
 use super::reader::LayerReader;
 use super::FsError;
 
@@ -29,6 +31,61 @@ pub struct LayerFs {
     next_fh: AtomicU64,
     handles: Mutex<Handles>,
     misses: MissWorkers,
+    /// Where passthrough backing ids are recorded so that the next daemon can reuse them.
+    keep: Option<Arc<KeepLink>>,
+}
+
+/// The keeper holding this layer's connection, and the layer's mountpoint (its key there).
+struct KeepLink {
+    keeper: Arc<Keeper>,
+    mountpoint: PathBuf,
+}
+
+/// A passthrough backing id of this connection. While a keeper holds the connection, the id
+/// is recorded there from just after it is opened until just before it is closed (this Drop
+/// runs before the BackingId's, which closes it): the keeper never lists a closed id, whose
+/// number the kernel could have given to another file since.
+struct Backing {
+    id: BackingId,
+    raw: u32,
+    ino: u64,
+    keep: Option<Arc<KeepLink>>,
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        if let Some(k) = &self.keep {
+            k.keeper.backing(&k.mountpoint, self.ino, self.raw, false);
+        }
+    }
+}
+
+/// A backing id the previous daemon opened on this connection and a live open may still use.
+enum Adopted {
+    Raw(u32),
+    Live(Arc<Backing>),
+}
+
+impl Adopted {
+    fn live(&mut self, ino: u64, reply: &ReplyOpen) -> Arc<Backing> {
+        match self {
+            Adopted::Live(b) => b.clone(),
+            Adopted::Raw(raw) => {
+                // SAFETY: the id was opened on this connection by the previous daemon and is
+                // recorded by the keeper as still open; an adopted id is never closed while
+                // this session lives (this Arc stays here), so it cannot be closed under us.
+                let b = Arc::new(Backing {
+                    id: unsafe { reply.wrap_backing(*raw) },
+                    raw: *raw,
+                    ino,
+                    // Stays recorded: a later daemon adopts it again.
+                    keep: None,
+                });
+                *self = Adopted::Live(b.clone());
+                b
+            }
+        }
+    }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -104,9 +161,13 @@ impl MissWorkers {
 #[derive(Default)]
 struct Handles {
     /// Passthrough handles keep their inode's backing id alive; cached ones name their inode.
-    by_fh: HashMap<u64, Result<Arc<BackingId>, u64>>,
-    backing: HashMap<u64, Weak<BackingId>>,
+    by_fh: HashMap<u64, Result<Arc<Backing>, u64>>,
+    /// Each inode's backing id while passthrough opens of it live.
+    backing: HashMap<u64, Weak<Backing>>,
     cached_opens: HashMap<u64, usize>,
+    /// Backing ids of the previous daemon (a resumed session), by inode: reused for every
+    /// passthrough open of that inode and kept until the session ends.
+    adopted: HashMap<u64, Adopted>,
 }
 
 impl LayerFs {
@@ -117,14 +178,45 @@ impl LayerFs {
         passthrough: bool,
         miss_workers: usize,
     ) -> Self {
+        // File handles of a previous daemon may still be open on a resumed connection: each
+        // daemon numbers its own from its start time (in the high half), so a release of an
+        // old handle does not name one of ours.
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         LayerFs {
             reader,
             ttl,
             passthrough: AtomicBool::new(passthrough),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new((epoch << 32) | 1),
             handles: Mutex::new(Handles::default()),
             misses: MissWorkers::new(miss_workers),
+            keep: None,
         }
+    }
+
+    /// Records passthrough backing ids with `keeper` under `mountpoint`.
+    pub(crate) fn keep_with(mut self, keeper: Arc<Keeper>, mountpoint: &Path) -> Self {
+        self.keep = Some(Arc::new(KeepLink {
+            keeper,
+            mountpoint: mountpoint.to_path_buf(),
+        }));
+        self
+    }
+
+    /// Takes over the backing ids the previous daemon left open (`(inode, id)`); their inodes
+    /// stay pinned in the cache, as the kernel may read their files directly at any time.
+    pub(crate) fn adopt(self, backing: &[(u64, u32)]) -> Self {
+        {
+            let mut h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            for &(ino, id) in backing {
+                if self.reader.table.get(ino).is_some() && !h.adopted.contains_key(&ino) {
+                    self.reader.pin_open(ino);
+                    h.adopted.insert(ino, Adopted::Raw(id));
+                }
+            }
+        }
+        self
     }
 
     fn state_file_name(&self) -> String {
@@ -255,20 +347,28 @@ impl LayerFs {
 
     /// Opens `ino` through passthrough when it is fully cached and no page-cached open of it
     /// is live; otherwise registers a normal open. Returns the handle and its backing id.
-    fn open_file(&self, ino: u64, reply: &ReplyOpen) -> (u64, Option<Arc<BackingId>>) {
+    fn open_file(&self, ino: u64, reply: &ReplyOpen) -> (u64, Option<Arc<Backing>>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
         // Pinned before the check: a file the kernel reads directly must not be evicted from
         // the cache between the check and the open, nor while it stays open.
         self.reader.pin_open(ino);
-        let live = h.backing.get(&ino).and_then(Weak::upgrade);
+        let live = match h.adopted.get_mut(&ino) {
+            Some(a) => Some(a.live(ino, reply)),
+            None => h.backing.get(&ino).and_then(Weak::upgrade),
+        };
         let can_pass = live.is_some()
             || (self.passthrough.load(Ordering::Relaxed)
                 && h.cached_opens.get(&ino).copied().unwrap_or(0) == 0
                 && self.reader.file_cached(ino));
         if can_pass {
-            if let Some(id) = live.or_else(|| self.new_backing(ino, reply)) {
-                h.backing.insert(ino, Arc::downgrade(&id));
+            let id = match live {
+                Some(id) => Some(id),
+                None => self.new_backing(ino, reply).inspect(|b| {
+                    h.backing.insert(ino, Arc::downgrade(b));
+                }),
+            };
+            if let Some(id) = id {
                 h.by_fh.insert(fh, Ok(id.clone()));
                 return (fh, Some(id));
             }
@@ -279,10 +379,26 @@ impl LayerFs {
         (fh, None)
     }
 
-    fn new_backing(&self, ino: u64, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+    /// A new backing id for `ino`'s cache file.
+    fn new_backing(&self, ino: u64, reply: &ReplyOpen) -> Option<Arc<Backing>> {
         let file = self.reader.cache().backing_file(ino)?;
         match reply.open_backing(&file) {
-            Ok(id) => Some(Arc::new(id)),
+            Ok(id) => {
+                let raw = id.into_raw();
+                // Recorded after it is open and before any open uses it: a daemon killed in
+                // between leaks an id at worst, and never adopts one that is not open.
+                if let Some(k) = &self.keep {
+                    k.keeper.backing(&k.mountpoint, ino, raw, true);
+                }
+                // SAFETY: `raw` was just opened on this connection and is closed only when
+                // this BackingId drops.
+                Some(Arc::new(Backing {
+                    id: unsafe { reply.wrap_backing(raw) },
+                    raw,
+                    ino,
+                    keep: self.keep.clone(),
+                }))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "FUSE passthrough unavailable; serving reads in userspace");
                 self.passthrough.store(false, Ordering::Relaxed);
@@ -453,7 +569,7 @@ impl Filesystem for LayerFs {
         self.reader.opened(ino.0);
         match self.open_file(ino.0, &reply) {
             // The kernel accepts no caching flags with passthrough.
-            (fh, Some(id)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+            (fh, Some(b)) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id),
             // Content never changes: let the page cache keep it across opens.
             (fh, None) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }

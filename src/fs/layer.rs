@@ -1,5 +1,6 @@
 //! Mounting one layer: TOC → inode table → FUSE session, then prefetch and background fetch.
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,6 +11,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use super::background::BackgroundFetcher;
 use super::fuse::LayerFs;
 use super::inode::{InodeTable, Landmark};
+use super::keeper::{mount_dev, Keeper, Kept};
 use super::link::Measured;
 use super::open::open_toc;
 use super::reader::{LayerReader, Priority, ReadOptions};
@@ -32,6 +34,8 @@ pub struct LayerOptions {
     pub prefetch_size: u64,
     /// Never prefetch (`noprefetch`).
     pub no_prefetch: bool,
+    /// Holds each mount's FUSE connection while no daemon serves it (see [`super::keeper`]).
+    pub keeper: Option<Arc<Keeper>>,
 }
 
 impl Default for LayerOptions {
@@ -43,6 +47,7 @@ impl Default for LayerOptions {
             read: ReadOptions::default(),
             prefetch_size: 0,
             no_prefetch: false,
+            keeper: None,
         }
     }
 }
@@ -57,6 +62,11 @@ pub struct LayerSpec {
 /// A mounted layer; dropping it unmounts and stops its background work (the cache stays).
 pub struct MountedLayer {
     session: Option<BackgroundSession>,
+    /// The keeper holding this mount's connection: told to let go before it is unmounted.
+    keeper: Option<Arc<Keeper>>,
+    /// Served on a connection taken over from a previous daemon: fuser did not mount it, so
+    /// it does not unmount it either.
+    resumed: bool,
     reader: Arc<LayerReader>,
     mountpoint: PathBuf,
     prefetch: Option<JoinHandle<()>>,
@@ -141,12 +151,50 @@ pub fn mount_layer(
     opts: &LayerOptions,
     fetcher: Option<Arc<BackgroundFetcher>>,
 ) -> Result<MountedLayer, FsError> {
-    let fs = LayerFs::new(
+    let mut fs = LayerFs::new(
         reader.clone(),
         opts.attr_timeout,
         opts.passthrough,
         opts.threads,
     );
+    if let Some(k) = &opts.keeper {
+        fs = fs.keep_with(k.clone(), mountpoint);
+    }
+    let config = session_config(opts);
+    let mount_err = |e| FsError::Mount {
+        path: mountpoint.to_path_buf(),
+        source: e,
+    };
+    let session = Session::new(fs, mountpoint, &config).map_err(mount_err)?;
+    let kept_fd = match &opts.keeper {
+        Some(_) => Some(session.as_fd().try_clone_to_owned().map_err(mount_err)?),
+        None => None,
+    };
+    let session = session.spawn().map_err(mount_err)?;
+    if let (Some(keeper), Some(fd)) = (&opts.keeper, kept_fd) {
+        let kept = mount_dev(mountpoint).and_then(|dev| match dev {
+            Some(dev) => keeper.put(mountpoint, &dev, fd.as_fd()),
+            None => Err(std::io::Error::other("not in the mount table")),
+        });
+        if let Err(e) = kept {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "the fuse keeper does not hold this mount; it will not survive a daemon restart");
+        }
+    }
+    let limit = prefetch_limit(&reader, opts);
+    let prefetch = start_background(&reader, limit, fetcher.clone());
+    tracing::info!(layer = %reader.digest(), mountpoint = %mountpoint.display(), prefetch = limit, "layer mounted");
+    Ok(MountedLayer {
+        session: Some(session),
+        keeper: opts.keeper.clone(),
+        resumed: false,
+        reader,
+        mountpoint: mountpoint.to_path_buf(),
+        prefetch,
+        _fetcher: fetcher,
+    })
+}
+
+fn session_config(opts: &LayerOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("stargz".into()),
@@ -157,19 +205,22 @@ pub fn mount_layer(
     ];
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
-    let mount_err = |e| FsError::Mount {
-        path: mountpoint.to_path_buf(),
-        source: e,
-    };
-    let session = Session::new(fs, mountpoint, &config)
-        .map_err(mount_err)?
-        .spawn()
-        .map_err(mount_err)?;
-    let limit = prefetch_limit(&reader, opts);
+    // A cloned descriptor is a connection end of its own: when a daemon dies, the kernel
+    // fails the requests read through it (ECONNABORTED) instead of keeping them for the next
+    // daemon. With a keeper, every thread reads the one descriptor the keeper also holds.
+    config.clone_fd = opts.keeper.is_none();
+    config
+}
+
+/// Prefetches up to `limit` blob bytes, then queues the layer for background fetch (if
+/// `fetcher` is given), in a thread of its own.
+fn start_background(
+    reader: &Arc<LayerReader>,
+    limit: u64,
+    fetcher: Option<Arc<BackgroundFetcher>>,
+) -> Option<JoinHandle<()>> {
     let bg_reader = reader.clone();
-    let keep = fetcher.clone();
-    let prefetch = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("stargz-prefetch".into())
         .spawn(move || {
             if limit > 0 {
@@ -182,15 +233,107 @@ pub fn mount_layer(
                 None => bg_reader.stop_background(),
             }
         })
-        .ok();
-    tracing::info!(layer = %reader.digest(), mountpoint = %mountpoint.display(), prefetch = limit, "layer mounted");
+        .ok()
+}
+
+/// Serves `reader` again on a connection a previous daemon left to the keeper (`kept`), for
+/// the mount already at `mountpoint`: running containers go on reading, and the requests the
+/// previous daemon had read but not answered are asked for again (Linux 6.9's
+/// `FUSE_NOTIFY_RESEND`). Inode numbers are the TOC's, the same in every daemon; file handles
+/// of the previous daemon stay valid (reads are served by inode); its passthrough backing ids
+/// are reused. New files are opened without passthrough on this connection: whether a
+/// previous open of them is still live (with which the kernel would refuse passthrough) is
+/// not known here.
+pub(crate) fn resume_layer(
+    reader: Arc<LayerReader>,
+    mountpoint: &Path,
+    opts: &LayerOptions,
+    fetcher: Option<Arc<BackgroundFetcher>>,
+    kept: Kept,
+) -> Result<MountedLayer, FsError> {
+    let mount_err = |e| FsError::Mount {
+        path: mountpoint.to_path_buf(),
+        source: e,
+    };
+    let mut fs =
+        LayerFs::new(reader.clone(), opts.attr_timeout, false, opts.threads).adopt(&kept.backing);
+    if let Some(k) = &opts.keeper {
+        fs = fs.keep_with(k.clone(), mountpoint);
+    }
+    let mut config = session_config(opts);
+    config.clone_fd = false;
+    // The kernel negotiated this connection with the previous daemon and sends no INIT again,
+    // but fuser starts every session with one: it gets a stand-in over a socket, and the
+    // session's descriptor is then made the kernel connection (dup3 onto the same number).
+    let (ours, theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| mount_err(e.into()))?;
+    nix::unistd::write(&theirs, &stand_in_init()).map_err(|e| mount_err(e.into()))?;
+    let session = Session::from_fd(fs, ours, SessionACL::All, config).map_err(mount_err)?;
+    // SAFETY: both descriptors are open; dup3 atomically replaces the session's socket by the
+    // kernel connection under the same number, which the session owns from now on.
+    let swapped = unsafe {
+        libc::dup3(
+            kept.fd.as_raw_fd(),
+            session.as_fd().as_raw_fd(),
+            libc::O_CLOEXEC,
+        )
+    };
+    if swapped < 0 {
+        return Err(mount_err(std::io::Error::last_os_error()));
+    }
+    drop(theirs);
+    let session = session.spawn().map_err(mount_err)?;
+    if let Err(e) = ask_resend(kept.fd.as_fd()) {
+        tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "the kernel cannot resend requests (Linux 6.9+ can): reads the previous daemon had taken wait until interrupted");
+    }
+    drop(kept.fd);
+    // What the previous daemon prefetched is in the cache; the rest comes in the background.
+    let prefetch = start_background(&reader, 0, fetcher.clone());
+    tracing::info!(layer = %reader.digest(), mountpoint = %mountpoint.display(), backing_ids = kept.backing.len(), "layer resumed on its running mount");
     Ok(MountedLayer {
         session: Some(session),
+        keeper: opts.keeper.clone(),
+        resumed: true,
         reader,
         mountpoint: mountpoint.to_path_buf(),
         prefetch,
-        _fetcher: keep,
+        _fetcher: fetcher,
     })
+}
+
+/// FUSE_INIT as the kernel sends it (fuse_in_header + fuse_init_in, protocol 7.40).
+fn stand_in_init() -> Vec<u8> {
+    const FUSE_INIT: u32 = 26;
+    const LEN: u32 = 40 + 64;
+    let mut b = Vec::with_capacity(LEN as usize);
+    b.extend_from_slice(&LEN.to_ne_bytes());
+    b.extend_from_slice(&FUSE_INIT.to_ne_bytes());
+    b.extend_from_slice(&1u64.to_ne_bytes()); // unique
+    b.extend_from_slice(&1u64.to_ne_bytes()); // nodeid
+    b.extend_from_slice(&[0u8; 16]); // uid, gid, pid, extlen + padding
+    for word in [7u32, 40, 1 << 20, u32::MAX, 0] {
+        // major, minor, max_readahead, flags (all: the kernel's were granted already), flags2
+        b.extend_from_slice(&word.to_ne_bytes());
+    }
+    b.resize(LEN as usize, 0);
+    b
+}
+
+/// Asks the kernel to queue again every request of this connection that was read and not
+/// answered (`FUSE_NOTIFY_RESEND`, a notification: fuse_out_header with unique 0).
+fn ask_resend(fuse: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&16u32.to_ne_bytes());
+    b.extend_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    b.extend_from_slice(&0u64.to_ne_bytes());
+    nix::unistd::write(fuse, &b)?;
+    Ok(())
 }
 
 /// Go's rule: `.no.prefetch.landmark` → none; `.prefetch.landmark` → up to it; else the size.
@@ -231,6 +374,24 @@ impl MountedLayer {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        if let Some(k) = &self.keeper {
+            k.del(&self.mountpoint);
+        }
+        if self.resumed {
+            // Unmounting ends the connection and with it the session's threads; a busy mount
+            // is detached and its threads are left to end with it.
+            return match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+                Ok(()) => {
+                    let _ = session.join();
+                    Ok(())
+                }
+                Err(_) => nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)
+                    .map_err(|e| FsError::Mount {
+                        path: self.mountpoint.clone(),
+                        source: e.into(),
+                    }),
+            };
+        }
         if let Err(e) = session.umount_and_join() {
             tracing::warn!(mountpoint = %self.mountpoint.display(), error = %crate::untrusted::chain(&e), "unmount failed; detaching");
             nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(

@@ -21,7 +21,8 @@ use crate::snapshot::{LayerError, RemoteLayers};
 
 use super::background::{BackgroundFetcher, DEFAULT_SPAN_BYTES};
 use super::budget::CacheBudget;
-use super::layer::{mount_layer, open_layer, LayerOptions, LayerSpec, MountedLayer};
+use super::keeper::{mount_dev, Keeper, Kept};
+use super::layer::{mount_layer, open_layer, resume_layer, LayerOptions, LayerSpec, MountedLayer};
 use super::reader::Priority;
 use super::source::LayerSource;
 use super::FsError;
@@ -151,6 +152,29 @@ pub fn parse_labels(
     })
 }
 
+/// The connections a running keeper holds whose mount is still the one handed over (same
+/// device at the same path); the others are let go.
+fn take_kept(keeper: &Keeper) -> HashMap<PathBuf, Kept> {
+    let all = match keeper.take_all() {
+        Ok(all) => all,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take the running mounts back from the fuse keeper; they are mounted again");
+            return HashMap::new();
+        }
+    };
+    let mut out = HashMap::new();
+    for k in all {
+        match mount_dev(&k.mountpoint) {
+            Ok(Some(dev)) if dev == k.dev => {
+                tracing::info!(mountpoint = %k.mountpoint.display(), backing_ids = k.backing.len(), "a running mount is waiting to be resumed");
+                out.insert(k.mountpoint.clone(), k);
+            }
+            _ => keeper.del(&k.mountpoint),
+        }
+    }
+    out
+}
+
 /// Half the size of the file system holding `dir`: the cache shares its disk with containerd's
 /// content and snapshots, and evicted data is only fetched again.
 fn default_budget(dir: &Path) -> std::io::Result<u64> {
@@ -169,6 +193,9 @@ pub struct LayerManager {
     /// Cache directories of mounted layers and of mounts in progress, which
     /// [`LayerManager::remove_unclaimed_caches`] must leave alone.
     claimed: Mutex<HashSet<PathBuf>>,
+    /// Connections of mounts the previous daemon left running (held by the keeper), by
+    /// mountpoint, until restore serves them again or gives them up.
+    kept: Mutex<HashMap<PathBuf, Kept>>,
 }
 
 impl std::fmt::Debug for LayerManager {
@@ -205,6 +232,12 @@ impl LayerManager {
                 DEFAULT_SPAN_BYTES,
             ))
         });
+        let kept = config
+            .layer
+            .keeper
+            .as_ref()
+            .map(|k| take_kept(k))
+            .unwrap_or_default();
         Ok(LayerManager {
             resolver,
             config,
@@ -212,7 +245,23 @@ impl LayerManager {
             fetcher,
             mounts: Mutex::new(HashMap::new()),
             claimed: Mutex::new(HashSet::new()),
+            kept: Mutex::new(kept),
         })
+    }
+
+    /// Lets go of a kept connection that will not be served again: the keeper closes it and
+    /// its mount is detached (readers get ENOTCONN, as without a keeper).
+    fn give_up(&self, kept: Kept) {
+        if let Some(k) = &self.config.layer.keeper {
+            k.del(&kept.mountpoint);
+        }
+        drop(kept.fd);
+        match nix::mount::umount2(&kept.mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                tracing::warn!(mountpoint = %kept.mountpoint.display(), error = %e, "cannot detach a mount left by the previous daemon")
+            }
+        }
     }
 
     /// The cache directory of the layer mounted at `mountpoint`: stable across restarts (the
@@ -278,11 +327,46 @@ impl LayerManager {
             opts.prefetch_size = p;
         }
         let opening = Instant::now();
-        let mounted =
-            open_layer(spec, &cache_dir, &opts.read, self.priority.clone()).and_then(|reader| {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(mountpoint);
+        let opened = open_layer(spec, &cache_dir, &opts.read, self.priority.clone());
+        let mounted = match (opened, kept) {
+            (Ok(reader), Some(kept)) => {
+                observe(op::STARGZ_TOC_GET, opening);
+                let kept_mp = kept.mountpoint.clone();
+                match resume_layer(
+                    reader.clone(),
+                    mountpoint,
+                    &opts,
+                    self.fetcher.clone(),
+                    kept,
+                ) {
+                    Ok(m) => Ok(m),
+                    Err(e) => {
+                        // Its connection is closed with the error: mount afresh.
+                        tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::untrusted::chain(&e), "cannot resume the running mount; mounting it again");
+                        if let Some(k) = &opts.keeper {
+                            k.del(&kept_mp);
+                        }
+                        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                        mount_layer(reader, mountpoint, &opts, self.fetcher.clone())
+                    }
+                }
+            }
+            (Ok(reader), None) => {
                 observe(op::STARGZ_TOC_GET, opening);
                 mount_layer(reader, mountpoint, &opts, self.fetcher.clone())
-            });
+            }
+            (Err(e), kept) => {
+                if let Some(kept) = kept {
+                    self.give_up(kept);
+                }
+                Err(e)
+            }
+        };
         let mounted = match mounted {
             Ok(m) => m,
             Err(e) => {
@@ -359,12 +443,41 @@ impl LayerManager {
     /// Deletes a layer's cache directory and drops its claim.
     fn free_cache(&self, dir: &Path) {
         let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %dir.display(), error = %crate::untrusted::chain(&e), "cannot remove layer cache");
-            }
-        }
+        self.discard(dir);
         claimed.remove(dir);
+    }
+
+    /// Removes a cache directory without making the caller wait for it: the directory is
+    /// renamed aside at once (a new mount of the same snapshot starts from an empty cache) and
+    /// deleted in the background; gigabytes of cache must not hold up containerd's Remove.
+    /// What a crash leaves aside is unclaimed, so the next start deletes it.
+    fn discard(&self, dir: &Path) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let aside = self
+            .config
+            .fscache_dir
+            .join(format!(".removing-{}-{n}", std::process::id()));
+        let remove = |target: &Path| {
+            if let Err(e) = std::fs::remove_dir_all(target) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %target.display(), error = %crate::untrusted::chain(&e), "cannot remove layer cache");
+                }
+            }
+        };
+        match std::fs::rename(dir, &aside) {
+            Ok(()) => {
+                let spawned = std::thread::Builder::new()
+                    .name("stargz-rm-cache".into())
+                    .spawn(move || remove(&aside));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a thread to remove a layer cache; it stays until the next start");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Not renamed: deleted here, so that nothing deletes it later under a new mount.
+            Err(_) => remove(dir),
+        }
     }
 
     /// Unmounts a layer and frees its cache (the snapshot is gone or the daemon cleans up).
@@ -420,7 +533,27 @@ impl RemoteLayers for LayerManager {
     }
 
     fn restored(&self, remote_mountpoints: &[PathBuf]) {
+        let left: Vec<Kept> = self
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, k)| k)
+            .collect();
+        for kept in left {
+            tracing::info!(mountpoint = %kept.mountpoint.display(), "a running mount of a snapshot that no longer exists is given up");
+            self.give_up(kept);
+        }
         self.remove_unclaimed_caches(remote_mountpoints);
+    }
+
+    fn resumable(&self) -> Vec<PathBuf> {
+        self.kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<(), LayerError> {
@@ -437,7 +570,7 @@ impl RemoteLayers for LayerManager {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(&dir)
             {
-                let _ = std::fs::remove_dir_all(dir);
+                self.discard(&dir);
             }
         }
         match m {
@@ -491,6 +624,29 @@ mod tests {
             .expect("chmod");
         LayerManager::new(cfg.clone(), Arc::new(NoBlobs)).expect("new");
         assert_eq!(mode(&cfg.fscache_dir), 0o700, "narrowed on restart");
+    }
+
+    #[test]
+    fn a_removed_snapshots_cache_leaves_its_place_at_once_and_is_deleted() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut cfg = FsConfig::new(d.path());
+        cfg.no_background_fetch = true;
+        let m = LayerManager::new(cfg.clone(), Arc::new(NoBlobs)).expect("new");
+        let mountpoint = d.path().join("snapshots/7/fs");
+        let cache = m.cache_dir_for(&mountpoint);
+        std::fs::create_dir_all(cache.join("sub")).expect("mkdir");
+        for i in 0..200 {
+            std::fs::write(cache.join("sub").join(i.to_string()), [0u8; 512]).expect("write");
+        }
+        RemoteLayers::unmount(&m, &mountpoint).expect("unmount");
+        // Gone from its place at once; deleted (renamed aside first) in the background.
+        assert!(!cache.exists(), "the cache is still in place");
+        let left = || std::fs::read_dir(&cfg.fscache_dir).expect("ls").count();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while left() > 0 && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(left(), 0, "the cache was not deleted in the background");
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub fn build_remote_layers(
     fs_config.layer.attr_timeout =
         Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
     fs_config.layer.passthrough = config.fuse.passthrough;
+    // Mounts outlive the daemon: a keeper process (this binary) holds their connections.
+    // /proc/self/exe: still this binary when an upgrade has replaced the file meanwhile.
+    fs_config.layer.keeper = Some(Arc::new(fs::Keeper::new(
+        root.join("stargz").join("fuse-keeper.sock"),
+        "/proc/self/exe".into(),
+    )));
     // A chunk that arrives corrupted is fetched again as often as a failed request is retried.
     fs_config.layer.read.fetch_attempts = config.blob.max_retries.saturating_add(1);
     // A reader waiting for another's fetch gives up only after that fetch must have ended.

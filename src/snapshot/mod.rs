@@ -137,4 +137,9 @@ pub trait RemoteLayers: Send + Sync {
     /// snapshot was removed while the daemon was down) can be dropped now. A snapshot whose
     /// re-mount failed (registry down) keeps its state for a later mount.
     fn restored(&self, _remote_mountpoints: &[PathBuf]) {}
+    /// Mountpoints whose mounts outlived the previous daemon and are to be served again by
+    /// [`RemoteLayers::mount`] (running containers use them): restore must not detach them.
+    fn resumable(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }

@@ -76,7 +76,8 @@ pub fn parse_mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn unescape_octal(s: &str) -> String {
+/// Decodes mountinfo's octal escapes (`\040` for a space).
+pub(crate) fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -110,7 +110,12 @@ impl SnapshotterImpl {
     /// ([`RemoteLayers::restored`]: caches of snapshots removed meanwhile are freed). A failure is logged and does not stop the others:
     /// the daemon must come up even when one registry is gone.
     pub fn restore(&self) -> Result<(), SnapshotError> {
-        self.unmount_under(&self.snapshots_dir());
+        let resumable = self
+            .remote
+            .as_ref()
+            .map(|r| r.resumable())
+            .unwrap_or_default();
+        self.unmount_under(&self.snapshots_dir(), &resumable);
         let Some(remote) = &self.remote else {
             return Ok(());
         };
@@ -168,8 +173,9 @@ impl SnapshotterImpl {
         Ok(())
     }
 
-    /// Detaches everything mounted at or below `dir`; returns false if something stayed.
-    fn unmount_under(&self, dir: &Path) -> bool {
+    /// Detaches everything mounted at or below `dir` but `keep`; returns false if something
+    /// stayed.
+    fn unmount_under(&self, dir: &Path, keep: &[PathBuf]) -> bool {
         let mounts = match self.mounter.mounts_under(dir) {
             Ok(m) => m,
             Err(e) => {
@@ -178,7 +184,7 @@ impl SnapshotterImpl {
             }
         };
         let mut ok = true;
-        for m in mounts {
+        for m in mounts.into_iter().filter(|m| !keep.contains(m)) {
             if let Err(e) = self.mounter.unmount(&m) {
                 warn!(mountpoint = %m.display(), error = %crate::untrusted::chain(&e), "unmount failed");
                 ok = false;
@@ -236,7 +242,7 @@ impl SnapshotterImpl {
     /// Removes a directory tree after detaching whatever is mounted inside it; refuses to
     /// recurse if a mount could not be detached (that would delete a mounted layer's files).
     fn remove_tree(&self, dir: &Path) -> Result<(), SnapshotError> {
-        if !self.unmount_under(dir) {
+        if !self.unmount_under(dir, &[]) {
             return Err(SnapshotError::Internal(format!(
                 "{} still has mounts; left for a later cleanup",
                 dir.display()

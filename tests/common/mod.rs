@@ -447,6 +447,8 @@ impl Drop for Containerd {
 /// The built `containerd-stargz-grpc` binary, run as a child process.
 pub struct Daemon {
     child: Option<Child>,
+    /// The binary started (the one cargo built, unless a test swaps it).
+    bin: PathBuf,
     root: PathBuf,
     socket: PathBuf,
     args: Vec<String>,
@@ -479,6 +481,7 @@ impl Daemon {
         let logdir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
             child: None,
+            bin: daemon_bin(),
             root: root.to_path_buf(),
             socket: socket.to_path_buf(),
             args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -499,7 +502,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log");
-        let mut cmd = Command::new(daemon_bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("-root")
             .arg(&self.root)
             .arg("-address")
@@ -599,6 +602,12 @@ impl Daemon {
             self.kill9();
         }
         self.spawn();
+    }
+
+    /// Like [`Daemon::restart`], running `bin` from now on (an upgrade).
+    pub fn restart_with(&mut self, bin: &Path) {
+        self.bin = bin.to_path_buf();
+        self.restart();
     }
 }
 
