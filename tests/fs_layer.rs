@@ -519,6 +519,8 @@ fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
     assert_eq!(cache_dirs(), 1);
     mgr.unmount(&mnt).map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(!mnt.join("a").exists(), "still mounted");
+    // Deleted in the background (renamed aside first); the manager's drop waits for it.
+    drop(mgr);
     assert_eq!(cache_dirs(), 0, "unmount must free the layer's cache");
     drop(guard);
     Ok(())

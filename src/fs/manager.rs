@@ -196,6 +196,18 @@ pub struct LayerManager {
     /// Connections of mounts the previous daemon left running (held by the keeper), by
     /// mountpoint, until restore serves them again or gives them up.
     kept: Mutex<HashMap<PathBuf, Kept>>,
+    /// Cache directories being deleted in the background ([`LayerManager::discard`]).
+    removals: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for LayerManager {
+    /// Lets the caches being deleted finish (SIGINT's clean-up ends with nothing left behind).
+    fn drop(&mut self) {
+        let removals = std::mem::take(self.removals.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for r in removals {
+            let _ = r.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for LayerManager {
@@ -246,6 +258,7 @@ impl LayerManager {
             mounts: Mutex::new(HashMap::new()),
             claimed: Mutex::new(HashSet::new()),
             kept: Mutex::new(kept),
+            removals: Mutex::new(Vec::new()),
         })
     }
 
@@ -470,8 +483,15 @@ impl LayerManager {
                 let spawned = std::thread::Builder::new()
                     .name("stargz-rm-cache".into())
                     .spawn(move || remove(&aside));
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "cannot start a thread to remove a layer cache; it stays until the next start");
+                match spawned {
+                    Ok(h) => {
+                        let mut removals = self.removals.lock().unwrap_or_else(|e| e.into_inner());
+                        removals.retain(|r| !r.is_finished());
+                        removals.push(h);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start a thread to remove a layer cache; it stays until the next start")
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
