@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::snapshot::mounts::mount_entries;
 use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, UnixAddr,
@@ -285,9 +286,8 @@ fn decode(msg: &[u8]) -> Vec<&[u8]> {
 }
 
 fn parse_pair(pair: &[u8]) -> Option<(u64, u32)> {
-    let s = std::str::from_utf8(pair).ok()?;
-    let (ino, id) = s.split_once(':')?;
-    Some((ino.parse().ok()?, id.parse().ok()?))
+    let colon = pair.iter().position(|&b| b == b':')?;
+    Some((parse_num(&pair[..colon])?, parse_num(&pair[colon + 1..])?))
 }
 
 fn parse_num<T: std::str::FromStr>(field: &[u8]) -> Option<T> {
@@ -380,18 +380,12 @@ pub(crate) fn mount_dev(mountpoint: &Path) -> io::Result<Option<String>> {
     Ok(find_mount(&info, mountpoint).map(str::to_string))
 }
 
-fn find_mount<'a>(mountinfo: &'a str, mountpoint: &'a Path) -> Option<&'a str> {
-    devices_at(mountinfo, mountpoint).last()
-}
-
-/// `major:minor` of every mount at `mountpoint` (the last one is on top).
-fn devices_at<'a>(mountinfo: &'a str, mountpoint: &'a Path) -> impl Iterator<Item = &'a str> {
-    mountinfo.lines().filter_map(move |l| {
-        let mut f = l.split(' ');
-        let dev = f.nth(2)?;
-        let mp = f.nth(1)?;
-        (Path::new(&crate::snapshot::mounts::unescape_octal(mp)) == mountpoint).then_some(dev)
-    })
+/// `major:minor` of the topmost mount at `mountpoint` in `mountinfo`.
+pub(crate) fn find_mount<'a>(mountinfo: &'a str, mountpoint: &Path) -> Option<&'a str> {
+    mount_entries(mountinfo)
+        .filter(|(_, mp)| mp == mountpoint)
+        .map(|(dev, _)| dev)
+        .last()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -643,7 +637,7 @@ fn prune_unmounted(sessions: &mut Vec<Session>) {
         return;
     };
     sessions.retain(|s| {
-        let mounted = devices_at(&info, &s.mountpoint).any(|d| d == s.dev);
+        let mounted = mount_entries(&info).any(|(dev, mp)| dev == s.dev && mp == s.mountpoint);
         if !mounted {
             tracing::info!(mountpoint = %s.mountpoint.display(), "fuse keeper: mount gone");
         }

@@ -21,7 +21,7 @@ use crate::snapshot::{LayerError, RemoteLayers};
 
 use super::background::{BackgroundFetcher, DEFAULT_SPAN_BYTES};
 use super::budget::CacheBudget;
-use super::keeper::{mount_dev, Keeper, Kept};
+use super::keeper::{find_mount, Keeper, Kept};
 use super::layer::{mount_layer, open_layer, resume_layer, LayerOptions, LayerSpec, MountedLayer};
 use super::reader::Priority;
 use super::source::LayerSource;
@@ -155,8 +155,12 @@ pub fn parse_labels(
 /// The connections a running keeper holds whose mount is still the one handed over (same
 /// device at the same path); the others are let go.
 fn take_kept(keeper: &Keeper) -> HashMap<PathBuf, Kept> {
-    let all = match keeper.take_all() {
-        Ok(all) => all,
+    let listed = keeper.take_all().and_then(|all| {
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        Ok((all, info))
+    });
+    let (all, info) = match listed {
+        Ok(listed) => listed,
         Err(e) => {
             tracing::warn!(error = %e, "cannot take the running mounts back from the fuse keeper; they are mounted again");
             return HashMap::new();
@@ -164,8 +168,8 @@ fn take_kept(keeper: &Keeper) -> HashMap<PathBuf, Kept> {
     };
     let mut out = HashMap::new();
     for k in all {
-        match mount_dev(&k.mountpoint) {
-            Ok(Some(dev)) if dev == k.dev => {
+        match find_mount(&info, &k.mountpoint) {
+            Some(dev) if dev == k.dev => {
                 tracing::info!(mountpoint = %k.mountpoint.display(), backing_ids = k.backing.len(), "a running mount is waiting to be resumed");
                 out.insert(k.mountpoint.clone(), k);
             }
@@ -263,16 +267,15 @@ impl LayerManager {
     }
 
     /// Lets go of a kept connection that will not be served again: the keeper closes it and
-    /// its mount is detached (readers get ENOTCONN, as without a keeper).
-    fn give_up(&self, kept: Kept) {
+    /// the mount at `mountpoint` is detached (readers get ENOTCONN, as without a keeper).
+    fn give_up(&self, mountpoint: &Path) {
         if let Some(k) = &self.config.layer.keeper {
-            k.del(&kept.mountpoint);
+            k.del(mountpoint);
         }
-        drop(kept.fd);
-        match nix::mount::umount2(&kept.mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+        match nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
             Err(e) => {
-                tracing::warn!(mountpoint = %kept.mountpoint.display(), error = %e, "cannot detach a mount left by the previous daemon")
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "cannot detach a mount left by the previous daemon")
             }
         }
     }
@@ -349,7 +352,6 @@ impl LayerManager {
         let mounted = match (opened, kept) {
             (Ok(reader), Some(kept)) => {
                 observe(op::STARGZ_TOC_GET, opening);
-                let kept_mp = kept.mountpoint.clone();
                 match resume_layer(
                     reader.clone(),
                     mountpoint,
@@ -361,10 +363,7 @@ impl LayerManager {
                     Err(e) => {
                         // Its connection is closed with the error: mount afresh.
                         tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::untrusted::chain(&e), "cannot resume the running mount; mounting it again");
-                        if let Some(k) = &opts.keeper {
-                            k.del(&kept_mp);
-                        }
-                        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                        self.give_up(mountpoint);
                         mount_layer(reader, mountpoint, &opts, self.fetcher.clone())
                     }
                 }
@@ -374,8 +373,8 @@ impl LayerManager {
                 mount_layer(reader, mountpoint, &opts, self.fetcher.clone())
             }
             (Err(e), kept) => {
-                if let Some(kept) = kept {
-                    self.give_up(kept);
+                if kept.is_some() {
+                    self.give_up(mountpoint);
                 }
                 Err(e)
             }
@@ -562,7 +561,8 @@ impl RemoteLayers for LayerManager {
             .collect();
         for kept in left {
             tracing::info!(mountpoint = %kept.mountpoint.display(), "a running mount of a snapshot that no longer exists is given up");
-            self.give_up(kept);
+            drop(kept.fd);
+            self.give_up(&kept.mountpoint);
         }
         self.remove_unclaimed_caches(remote_mountpoints);
     }

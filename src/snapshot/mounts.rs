@@ -65,10 +65,8 @@ impl Mounter for SysMounter {
 
 /// Mount points (5th field of mountinfo, octal escapes decoded) at or below `dir`, deepest first.
 pub fn parse_mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_octal(p)))
+    let mut out: Vec<PathBuf> = mount_entries(mountinfo)
+        .map(|(_, p)| p)
         .filter(|p| p.starts_with(dir))
         .collect();
     out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
@@ -76,8 +74,18 @@ pub fn parse_mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Decodes mountinfo's octal escapes (`\040` for a space).
-pub(crate) fn unescape_octal(s: &str) -> String {
+/// `(major:minor, mount point)` of every mount in `mountinfo`, in table order (a mount stacked
+/// on another comes after it), octal escapes of the mount point decoded.
+pub(crate) fn mount_entries(mountinfo: &str) -> impl Iterator<Item = (&str, PathBuf)> {
+    mountinfo.lines().filter_map(|l| {
+        let mut f = l.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        Some((dev, PathBuf::from(unescape_octal(mp))))
+    })
+}
+
+fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
