@@ -111,9 +111,9 @@ NETLINK=$REPO/scripts/netlink.sh
 RSS_CELL="imports 100mbit/10"
 START=$(date +%s)
 
-log() { echo "bench-pull [+$(( $(date +%s) - START ))s]: $*" >&2; }
-die() { log "$*"; exit 1; }
-has() { local x=$1; shift; local y; for y in "$@"; do [ "$x" = "$y" ] && return 0; done; return 1; }
+BENCH_NAME=bench-pull
+# log, die, has, median, start_containerd, start_lazy, settle, prepare_image, cleanup, ...
+source "$REPO/scripts/lib-bench.sh"
 
 # Command and the regex its last output line must match, of each workload.
 declare -A WCMD=(
@@ -135,15 +135,6 @@ for s in "${SYSTEMS[@]}"; do has "$s" full "${LAZY_SYSTEMS[@]}" || die "unknown 
 wants_opt() { local s; for s in "${SYSTEMS[@]}"; do [[ $s == *opt ]] && return 0; done; return 1; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "bad RUNS '$RUNS'"
 
-# "100mbit/10" → rate and one-way delay; "loopback" → none/0. LKEY is the link's name in keys.
-parse_link() {
-  case "$1" in
-    loopback) LRATE=none; LDELAY=0; LKEY=loopback ;;
-    */*) LRATE=${1%/*}; LDELAY=${1#*/}; LKEY=${LRATE}_${LDELAY}
-         [[ $LDELAY =~ ^[0-9]+$ ]] || die "bad link '$1' (RATE/DELAY_MS or loopback)" ;;
-    *) die "bad link '$1' (RATE/DELAY_MS or loopback)" ;;
-  esac
-}
 for l in "${LINKS[@]}"; do parse_link "$l"; done
 
 # Bytes per second of a tc rate (100mbit, 1gbit, 500kbit); 0 for none.
@@ -157,69 +148,9 @@ rate_bytes() {
   esac
 }
 
-for t in containerd ctr runc docker-registry skopeo tc ip curl jq python3; do
-  command -v "$t" >/dev/null || die "$t missing: run 'make deps'"
-done
-[ -x "$GO_CTR_REMOTE" ] || die "Go ctr-remote ($GO_CTR_REMOTE) is needed to convert to eStargz: apt-get install stargz-snapshotter"
-
-# The link's delay proxy, optimised (netlink.sh would otherwise take whichever build exists).
-if [ -z "${DELAY_PROXY:-}" ]; then
-  (cd "$REPO" && cargo build --quiet --release --example delay-proxy) || die "cannot build the delay proxy"
-  DELAY_PROXY=$REPO/target/release/examples/delay-proxy
-fi
-export DELAY_PROXY
-
-WORK=$(mktemp -d /var/tmp/bench-pull.XXXXXX)
-PIDS=()      # containerd and daemons we started, stopped in reverse order
-SOCKS=()     # "PID SOCKET" of each containerd, for removing containers
-
-stop_pid() {
-  local pid=$1 sig=${2:-TERM} i
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -"$sig" "$pid" 2>/dev/null || true
-  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-}
-
-# Kills and removes the tasks and containers of the containerd at SOCK (if it still runs).
-clear_containers() {
-  local cpid=$1 s=$2 t c
-  kill -0 "$cpid" 2>/dev/null || return 0
-  # ctr waits forever for a containerd that is gone: only ask live ones, with a time limit.
-  for t in $(timeout 20 ctr --address "$s" tasks ls -q 2>/dev/null); do
-    timeout 20 ctr --address "$s" tasks kill -s SIGKILL "$t" >/dev/null 2>&1; sleep 0.2
-    timeout 20 ctr --address "$s" tasks rm -f "$t" >/dev/null 2>&1
-  done
-  for c in $(timeout 20 ctr --address "$s" containers ls -q 2>/dev/null); do
-    timeout 20 ctr --address "$s" containers rm "$c" >/dev/null 2>&1
-  done
-  return 0
-}
-
-cleanup() {
-  set +e
-  local i pid m entry
-  for entry in "${SOCKS[@]}"; do clear_containers "${entry%% *}" "${entry#* }"; done
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}" INT; done
-  # Shims of our containerds carry our work dir in their command line.
-  for pid in $(grep -l -s -F "$WORK" /proc/[0-9]*/cmdline | cut -d/ -f3); do
-    [ "$pid" != $$ ] && stop_pid "$pid"
-  done
-  for m in $(awk '{print $5}' /proc/self/mountinfo | grep -F "$WORK" | sort -r); do umount -l "$m" 2>/dev/null; done
-  "$NETLINK" down "$LINK" >/dev/null 2>&1
-  if [ "${KEEP:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-now() { date +%s.%N; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { printf "%.2f", (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
-add() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a + b }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "n/a" }'; }
-mb() { awk -v a="$1" 'BEGIN { if (a == "") print "n/a"; else printf "%.1f", a / 1e6 }'; }
-served() { "$NETLINK" stats "$LINK" | jq -r .upstream_to_client; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+require_tools
+use_delay_proxy
+make_work bench-pull
 
 # The registry's access log (combined format, one line per answered request) of the current link;
 # req_mark prints its size, req_since MARK counts the blob requests (and ALL=1 every request) after it.
@@ -230,36 +161,6 @@ req_since() {
   [ "${ALL:-0}" = 1 ] && pat='^[0-9a-f.:]+ - - \[[^]]*\] "[A-Z]+ /v2/'
   tail -c +$(($1 + 1)) "$(reglog)" 2>/dev/null | grep -cE "$pat" || true
 }
-
-# Starts containerd NAME (root/state/socket under $WORK/NAME), extra TOML in $2; sets CTRD_SOCK and
-# CTRD_PID (globals, not output: PIDS and SOCKS must be updated in this shell, not a subshell).
-start_containerd() {
-  local name=$1 extra=${2:-} dir=$WORK/$1
-  mkdir -p "$dir"
-  cat >"$dir/config.toml" <<TOML
-version = 2
-root = "$dir/root"
-state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
-[grpc]
-  address = "$dir/containerd.sock"
-[ttrpc]
-  address = "$dir/containerd.sock.ttrpc"
-[metrics]
-  address = ""
-$extra
-TOML
-  containerd --config "$dir/config.toml" --log-level info >"$dir/containerd.log" 2>&1 </dev/null &
-  CTRD_PID=$!; CTRD_SOCK=$dir/containerd.sock
-  PIDS+=("$CTRD_PID"); SOCKS+=("$CTRD_PID $CTRD_SOCK")
-  local i
-  for i in $(seq 1 300); do
-    timeout 5 ctr --address "$CTRD_SOCK" version >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  tail -n 20 "$dir/containerd.log" >&2; die "containerd $name did not start"
-}
-stop_containerd() { clear_containers "$CTRD_PID" "$CTRD_SOCK"; stop_pid "$CTRD_PID"; }
 
 # Runs workload W in a fresh container of REF with SNAPSHOTTER on containerd SOCK; sets OUTPUT.
 # Non-zero with the reason in $WORK/why if it failed or printed something else than expected.
@@ -276,96 +177,9 @@ run_workload() {
   fi
 }
 
-# Waits until the registry has served nothing new for SETTLE_QUIET (5) s: the background fetch is
-# done (or stalled; compare the bytes fetched with the image size in the results).
-settle() {
-  local last cur quiet=0 waited=0
-  last=$(served)
-  while [ "$quiet" -lt "${SETTLE_QUIET:-5}" ] && [ "$waited" -lt "$SETTLE_TIMEOUT" ]; do
-    sleep 1; waited=$((waited + 1)); cur=$(served)
-    if [ "$cur" = "$last" ]; then quiet=$((quiet + 1)); else quiet=0; last=$cur; fi
-  done
-}
-
-# Manifest of IMAGE:TAG in the registry, asked inside the namespace (no delay).
-manifest() {
-  "$NETLINK" exec "$LINK" curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
-    -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' "http://127.0.0.1:5000/v2/bench/$1/manifests/$2"
-}
-# Path of blob DIGEST in the registry's storage.
-blob_path() { local h=${1#sha256:}; echo "$WORK/registry/docker/registry/v2/blobs/sha256/${h:0:2}/$h/data"; }
-
-# Uncompressed size of the regular files of an image's layers in an OCI layout.
-file_bytes() {
-  local dir=$1 m total=0 d n
-  m=$(jq -r '.manifests[0].digest' "$dir/index.json" | cut -d: -f2)
-  for d in $(jq -r '.layers[].digest' "$dir/blobs/sha256/$m" | cut -d: -f2); do
-    n=$(tar -tzvf "$dir/blobs/sha256/$d" | awk '$1 ~ /^-/ { s += $3 } END { print s + 0 }')
-    total=$((total + n))
-  done
-  echo "$total"
-}
-
-RESULTS=()
-result() { RESULTS+=("$1 = $2"); log "$1 = $2"; }
-
 # ---- images: gzip and eStargz in one registry storage that every link's registry serves ----
-link_up() {
-  parse_link "$1"
-  ADDR=$(REGISTRY_DIR=$WORK/registry "$NETLINK" up "$LINK" "$LRATE" "$LDELAY")
-}
-mkdir -p "$WORK/registry"
 link_up loopback
 
-# Pushes the cached image layout CACHED to the registry as bench/NAME (repo:tag); fails if there
-# is none.
-push_cached() {
-  local cached=$1 name=$2
-  [ -s "$cached/index.json" ] || return 1
-  "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --dest-tls-verify=false \
-    "oci:$cached:latest" "docker://127.0.0.1:5000/bench/$name"
-  log "image bench/$name from the cache $cached"
-}
-# Keeps bench/NAME from the registry as the image layout CACHED.
-store_cached() {
-  local name=$1 cached=$2
-  mkdir -p "$CACHE"; rm -rf "$cached.tmp"
-  "$NETLINK" exec "$LINK" skopeo copy --quiet --preserve-digests --src-tls-verify=false \
-    "docker://127.0.0.1:5000/bench/$name" "oci:$cached.tmp:latest"
-  rm -rf "$cached"; mv "$cached.tmp" "$cached"
-}
-
-# Pushes VARIANT (python-data or python-data-big) as bench/VARIANT:gzip and its eStargz conversion
-# as :esgz; the conversion comes from the cache when this gzip image and Go's ctr-remote were seen.
-prepare_image() {
-  local v=$1 flags=(--data) gz_digest
-  [ "$v" = python-data-big ] && flags+=(--big)
-  "$REPO/scripts/rootfs.sh" oci "$WORK/oci-$v" "${flags[@]}" >/dev/null
-  "$NETLINK" exec "$LINK" skopeo copy --quiet --dest-tls-verify=false "oci:$WORK/oci-$v:latest" \
-    "docker://127.0.0.1:5000/bench/$v:gzip"
-  gz_digest=$(jq -r '.manifests[0].digest' "$WORK/oci-$v/index.json")
-  prepare_conversion "$v" "$gz_digest" esgz --estargz
-}
-# Pushes bench/VARIANT:TAG, Go's `image convert FLAG --oci` of bench/VARIANT:gzip, from the
-# cache when this gzip image and Go's ctr-remote were seen.
-prepare_conversion() {
-  local v=$1 gz_digest=$2 tag=$3 flag=$4 key cached prefix=esgz
-  [ "$tag" = esgz ] || prefix=$tag
-  key=$( { echo "$gz_digest"; sha256sum <"$GO_CTR_REMOTE"; } | sha256sum | cut -c1-16)
-  cached=$CACHE/$prefix-$v-$key
-  push_cached "$cached" "$v:$tag" && return 0
-  # Set-up, not measured: this containerd is on the host, so the conversion crosses the (unlimited) link.
-  local t0; t0=$(now)
-  start_containerd "conv-$v"
-  ctr --address "$CTRD_SOCK" image pull --plain-http "$ADDR/bench/$v:gzip" >/dev/null
-  "$GO_CTR_REMOTE" --address "$CTRD_SOCK" image convert "$flag" --oci \
-    "$ADDR/bench/$v:gzip" "$ADDR/bench/$v:$tag" >/dev/null
-  ctr --address "$CTRD_SOCK" image push --plain-http "$ADDR/bench/$v:$tag" >/dev/null
-  stop_containerd
-  rm -rf "$WORK/conv-$v"
-  store_cached "$v:$tag" "$cached"
-  log "converted bench/$v with $flag in $(elapsed "$t0" "$(now)") s (cached in $cached)"
-}
 prepare_image python-data
 [ "$BIG" = 1 ] && prepare_image python-data-big
 if has ours-zstd "${SYSTEMS[@]}" || has go-zstd "${SYSTEMS[@]}"; then
@@ -536,9 +350,7 @@ if uses ours; then
   else result ours_lazy_seconds "not available: $DAEMON or $CTR_REMOTE not built (make release)"; fi
 fi
 if uses go; then
-  if [ -z "${GO_DAEMON+set}" ]; then
-    GO_DAEMON=$("$REPO/scripts/go-daemon.sh" 2>"$WORK/go-daemon.log") || GO_DAEMON=""
-  fi
+  find_go_daemon
   if [ -n "$GO_DAEMON" ] && [ -x "$GO_DAEMON" ]; then GO_OK=1; result go_binaries "$GO_DAEMON $GO_CTR_REMOTE"
   else result go_lazy_seconds "not available: no Go containerd-stargz-grpc (scripts/go-daemon.sh: $(tail -n 2 "$WORK/go-daemon.log" 2>/dev/null | tr '\n' ' '))"; fi
 fi
@@ -552,37 +364,15 @@ cell_failed() { [ -n "${FAIL[$1]:-}" ]; }
 # RSS/CACHE_DISK/TOTAL. The image is V's eStargz conversion, or for an *opt system V's
 # optimization for W.
 lazy_run() {
-  local s=$1 w=$2 v=$3 do_settle=$4 daemon rpull dir sock dsock pid i ready=0 mark before t0 t1
+  local s=$1 w=$2 v=$3 do_settle=$4 daemon rpull dir sock pid mark before t0 t1
   if [[ $s == ours* ]]; then daemon=$DAEMON; rpull=$CTR_REMOTE; else daemon=$GO_DAEMON; rpull=$GO_CTR_REMOTE; fi
   local tag=esgz
   case $s in *-opt) tag=opt-$w ;; *-goopt) tag=goopt-$w ;; *-zstd) tag=zstd ;; esac
-  dir=$WORK/lazy-$s; rm -rf "$dir" "$WORK/lazy-$s-ctrd"; mkdir -p "$dir"
-  dsock=$dir/stargz.sock
-  cat >"$dir/stargz.toml" <<TOML
-[[resolver.host."$ADDR".mirrors]]
-host = "$ADDR"
-insecure = true
-TOML
-  "$daemon" --address "$dsock" --root "$dir/root" --config "$dir/stargz.toml" --log-level "${LOG_LEVEL:-info}" \
-    >"$dir/daemon.log" 2>&1 </dev/null &
-  pid=$!; PIDS+=("$pid")
-  start_containerd "lazy-$s-ctrd" "[proxy_plugins.stargz]
-  type = \"snapshot\"
-  address = \"$dsock\"
-[proxy_plugins.stargz.exports]
-  root = \"$dir/root/\""
-  sock=$CTRD_SOCK
-  for i in $(seq 1 200); do
-    kill -0 "$pid" 2>/dev/null || break
-    if timeout 10 ctr --address "$sock" snapshots --snapshotter stargz prepare probe-$$ >/dev/null 2>&1; then
-      timeout 10 ctr --address "$sock" snapshots --snapshotter stargz rm probe-$$ >/dev/null 2>&1; ready=1; break
-    fi
-    sleep 0.1
-  done
+  dir=$WORK/lazy-$s; rm -rf "$dir" "$WORK/lazy-$s-ctrd"
   local rc=0
-  if [ "$ready" != 1 ]; then
-    echo "daemon did not serve: $(tail -n 3 "$dir/daemon.log" | tr '\n' ' ')" >"$WORK/why"; rc=1
-  else
+  start_lazy "$daemon" "$dir" "lazy-$s-ctrd" || rc=1
+  pid=$DAEMON_PID; sock=$CTRD_SOCK
+  if [ "$rc" = 0 ]; then
     local ref=$ADDR/bench/$v:$tag
     drop_caches
     mark=$(req_mark); before=$(served)
@@ -607,10 +397,9 @@ TOML
       if ! kill -0 "$pid" 2>/dev/null; then echo "daemon exited during the run" >"$WORK/why"; rc=1; fi
     fi
   fi
-  [ "$rc" = 0 ] || echo " (daemon log: $(grep -v -i '"level":"\(debug\|info\)"\|level=info' "$dir/daemon.log" | tail -n 2 | cut -c1-300 | tr '\n' ' '))" >>"$WORK/why"
+  [ "$rc" = 0 ] || echo " (daemon log: $(daemon_complaints "$dir"))" >>"$WORK/why"
   # Done with this pair: SIGINT makes the daemon unmount everything.
-  stop_containerd; stop_pid "$pid" INT
-  for i in $(seq 1 50); do grep -qF "$dir/" /proc/self/mountinfo || break; sleep 0.1; done
+  stop_lazy "$dir"
   if [ -n "${LOGS:-}" ]; then
     mkdir -p "$LOGS"
     LOG_SEQ=$(( ${LOG_SEQ:-0} + 1 ))

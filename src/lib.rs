@@ -31,6 +31,7 @@ mod remote;
 mod service;
 mod snapshot;
 mod untrusted;
+mod xattr;
 
 // The daemon (`containerd-stargz-grpc`).
 pub use alloc::tune as tune_allocator;

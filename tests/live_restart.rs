@@ -18,22 +18,12 @@ use std::time::Duration;
 use common::{
     layer_tar, push_image, sha256_digest, tools_layer, wait_until, Layer, LayerEntry, StargzBed,
 };
-use stargz::estargz::{self, BuildOptions};
 
-const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 const SETS: [&str; 4] = ["a", "b1", "b2", "b3"];
 
-/// `entries` as an eStargz layer built by our builder, annotated as a converter would.
+/// `entries` as an eStargz layer.
 fn lazy_layer(entries: &[LayerEntry]) -> Layer {
-    let tar = layer_tar(entries);
-    let mut blob = Vec::new();
-    let built = estargz::build(&tar[..], &mut blob, &BuildOptions::default()).expect("build");
-    Layer::from_blob(
-        blob,
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        &built.diff_id,
-    )
-    .with_annotation(TOC_DIGEST, &built.toc_digest)
+    common::estargz_layer(&layer_tar(entries))
 }
 
 /// Sets of files under `data/<set>/`, each with a `SUMS` file for `sha256sum -c`.
@@ -124,17 +114,7 @@ fn a_running_container_reads_on_through_daemon_restarts() {
     );
     let mut bed = StargzBed::start();
     let root = bed.root();
-    let rpull = bed
-        .ctrd
-        .ctr_remote_cmd(
-            env!("CARGO_BIN_EXE_ctr-remote"),
-            "default",
-            &["image", "rpull", "--plain-http", &image],
-        )
-        .output()
-        .expect("rpull");
-    let stderr = String::from_utf8_lossy(&rpull.stderr);
-    assert!(rpull.status.success(), "rpull: {stderr}");
+    let stderr = bed.rpull(&image);
     assert!(stderr.contains("2/2 layers remote"), "{stderr}");
 
     let out = tempfile::tempdir().expect("tempdir");

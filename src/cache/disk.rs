@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -68,7 +68,7 @@ impl DiskCache {
         if std::fs::symlink_metadata(dir)?.permissions().mode() & 0o077 != 0 {
             for e in std::fs::read_dir(dir)? {
                 let e = e?;
-                if e.file_type()?.is_file() {
+                if e.file_type()?.is_file() && e.metadata()?.nlink() == 1 {
                     tighten(&e.path(), FILE_MODE)?;
                 }
             }
@@ -99,7 +99,9 @@ impl DiskCache {
             .mode(FILE_MODE)
             .open(self.path(ino))?;
         let md = file.metadata()?;
-        if md.permissions().mode() & 0o077 != 0 {
+        // A file linked into the layer's native tree has the mode of the image's file
+        // (`fs::native`); the private directory keeps it private.
+        if md.permissions().mode() & 0o077 != 0 && md.nlink() == 1 {
             file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
         }
         if md.len() != size {
@@ -206,6 +208,10 @@ impl LayerCache for DiskCache {
     /// Deletes the layer's cache (unmount frees its disk space).
     fn dir(&self) -> Option<&Path> {
         Some(&self.dir)
+    }
+
+    fn file_path(&self, ino: u64) -> Option<PathBuf> {
+        Some(self.path(ino))
     }
 }
 

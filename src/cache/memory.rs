@@ -106,6 +106,10 @@ impl LayerCache for MemoryCache {
     fn dir(&self) -> Option<&Path> {
         None
     }
+
+    fn file_path(&self, _ino: u64) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -64,6 +64,9 @@ pub trait LayerCache: Send + Sync + std::fmt::Debug {
     fn discard(&self, ino: u64, range: Range<u64>) -> io::Result<()>;
     /// Where the layer's files live on disk (None for memory).
     fn dir(&self) -> Option<&Path>;
+    /// The cache file of file `ino` (None for memory): once the file is fully cached, its
+    /// content exactly, which a layer's native tree links (`fs::native`).
+    fn file_path(&self, ino: u64) -> Option<std::path::PathBuf>;
 }
 
 /// Which store `filesystem_cache_type` names: `""`/`"directory"` (default) or `"memory"`.

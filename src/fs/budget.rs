@@ -8,14 +8,17 @@
 //!
 //! What is never evicted, so that no reader can see a hole where data was (see
 //! `LayerReader::evict_file`): a file a read is in progress on (it is pinned for the read), a
-//! file open through FUSE passthrough (the kernel reads the cache file directly), and chunks
-//! being fetched. When everything over the budget is in use, the cache stays over it until it
-//! is not; in-flight chunks are not counted until they are verified.
+//! file open through FUSE passthrough (the kernel reads the cache file directly), chunks
+//! being fetched, and the files of a layer with a native tree (`fs::native`; when nothing else
+//! is left to evict, a tree that no mount uses is given up and its files evicted). When
+//! everything over the budget is in use, the cache stays over it until it is not; in-flight
+//! chunks are not counted until they are verified.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
+use super::native::HANDOUT_GRACE;
 use super::reader::LayerReader;
 
 /// Fraction of the budget (in percent) an eviction pass brings the total down to.
@@ -110,14 +113,36 @@ impl CacheBudget {
         candidates.sort_unstable();
         let low = self.max / 100 * LOW_WATER_PERCENT;
         let mut freed = 0;
+        let mut evict = |layer: &LayerReader, node: usize| {
+            let bytes = layer.evict_file(node);
+            self.refund(bytes);
+            self.evicted.fetch_add(bytes, Ordering::SeqCst);
+            freed += bytes;
+        };
         for (_, l, node) in candidates {
             if self.used_bytes() <= low {
                 break;
             }
-            let bytes = layers[l].evict_file(node);
-            self.refund(bytes);
-            self.evicted.fetch_add(bytes, Ordering::SeqCst);
-            freed += bytes;
+            evict(&layers[l], node);
+        }
+        // Still over: the layers with a native tree (all pinned) give it up, unless a mount
+        // uses it, and lose their files like the others.
+        for layer in &layers {
+            if self.used_bytes() <= low {
+                break;
+            }
+            if !layer.retire_native(HANDOUT_GRACE) {
+                continue;
+            }
+            let mut files = Vec::new();
+            layer.eviction_candidates(|atime, node| files.push((atime, node)));
+            files.sort_unstable();
+            for (_, node) in files {
+                if self.used_bytes() <= low {
+                    break;
+                }
+                evict(layer, node);
+            }
         }
         if self.used_bytes() > self.max {
             tracing::warn!(

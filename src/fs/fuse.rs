@@ -21,6 +21,9 @@ use super::reader::LayerReader;
 use super::FsError;
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// Directory listings are left in the kernel's cache from this attribute timeout on (see
+/// `opendir`).
+const MIN_TTL_TO_CACHE_DIRS: Duration = Duration::from_secs(60);
 const BLOCK_SIZE: u32 = 4096;
 
 /// FUSE filesystem of one layer.
@@ -249,12 +252,24 @@ impl LayerFs {
         let (cached, evicted) = self.reader.cache_usage();
         v["cachedSize"] = cached.into();
         v["evictedSize"] = evicted.into();
+        // New containers get the layer's plain tree instead of this mount (`fs::native`).
+        v["native"] = self.reader.has_native().into();
         if let Some(e) = self.reader.last_error() {
             v["error"] = serde_json::Value::String(e);
         }
         let mut out = serde_json::to_vec(&v).unwrap_or_default();
         out.push(b'\n');
         out
+    }
+
+    /// How long the kernel may keep what it is told about `ino`: the layer's own entries
+    /// never change; the state file's size grows with the fetch, so it is never cached.
+    fn ttl_of(&self, ino: INodeNo) -> Duration {
+        if ino.0 == STATE_FILE_INO || ino.0 == STATE_DIR_INO {
+            Duration::ZERO
+        } else {
+            self.ttl
+        }
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -523,7 +538,7 @@ impl Filesystem for LayerFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if let Some(attr) = self.lookup_name(parent.0, name) {
-            return reply.entry(&self.ttl, &attr, Generation(0));
+            return reply.entry(&self.ttl_of(attr.ino), &attr, Generation(0));
         }
         // A layer never changes, so a miss is as cacheable as a hit: node id 0 is a negative
         // entry the kernel keeps for `ttl`. Absent names are most lookups at start-up (every
@@ -539,7 +554,7 @@ impl Filesystem for LayerFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.attr(ino.0) {
-            Some(attr) => reply.attr(&self.ttl, &attr),
+            Some(attr) => reply.attr(&self.ttl_of(ino), &attr),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -636,6 +651,21 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::ENOTDIR);
         }
         reply.ok();
+    }
+
+    /// A layer's directories never change: the kernel may keep a listing (its readdir cache)
+    /// instead of asking again at every open, but only where it also keeps the entries'
+    /// attributes long: a cached listing carries no attributes, so with short timeouts each
+    /// entry would cost a lookup of its own where one `READDIRPLUS` brought them all (measured:
+    /// a second `stat` walk of the python image 0.54 s with a cached listing, 0.26 s without
+    /// at 1 s; at a day, 0.13 s with it, 0.21 s without).
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let flags = if self.ttl >= MIN_TTL_TO_CACHE_DIRS {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(0), flags);
     }
 
     fn readdirplus(

@@ -19,6 +19,12 @@ use super::source::LayerSource;
 use super::FsError;
 use crate::cache::CacheKind;
 
+/// The kernel's default time to keep a layer's entries, attributes and negative lookups, in
+/// seconds (Go's is 1). A layer never changes, so what the kernel learnt stays true for as long
+/// as the mount lives; a day stands for that (the kernel drops entries under memory pressure
+/// anyway).
+pub const DEFAULT_ATTR_TIMEOUT_SECS: u64 = 86_400;
+
 /// How a layer is mounted and read.
 #[derive(Debug, Clone)]
 pub struct LayerOptions {
@@ -41,7 +47,7 @@ pub struct LayerOptions {
 impl Default for LayerOptions {
     fn default() -> Self {
         LayerOptions {
-            attr_timeout: Duration::from_secs(1),
+            attr_timeout: Duration::from_secs(DEFAULT_ATTR_TIMEOUT_SECS),
             passthrough: true,
             threads: 8,
             read: ReadOptions::default(),

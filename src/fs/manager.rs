@@ -23,6 +23,7 @@ use super::background::{BackgroundFetcher, DEFAULT_SPAN_BYTES};
 use super::budget::CacheBudget;
 use super::keeper::{find_mount, Keeper, Kept};
 use super::layer::{mount_layer, open_layer, resume_layer, LayerOptions, LayerSpec, MountedLayer};
+use super::native::Materializer;
 use super::reader::Priority;
 use super::source::LayerSource;
 use super::FsError;
@@ -202,6 +203,9 @@ pub struct LayerManager {
     kept: Mutex<HashMap<PathBuf, Kept>>,
     /// Cache directories being deleted in the background ([`LayerManager::discard`]).
     removals: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Builds the native trees of fully cached layers (None: `native_layers` off, or a
+    /// memory cache).
+    materializer: Option<Materializer>,
 }
 
 impl Drop for LayerManager {
@@ -254,7 +258,15 @@ impl LayerManager {
             .as_ref()
             .map(|k| take_kept(k))
             .unwrap_or_default();
+        let materializer = if config.layer.read.native
+            && config.layer.read.cache_kind == crate::cache::CacheKind::Disk
+        {
+            Some(Materializer::start().map_err(FsError::Cache)?)
+        } else {
+            None
+        };
         Ok(LayerManager {
+            materializer,
             resolver,
             config,
             priority,
@@ -393,6 +405,9 @@ impl LayerManager {
                 return Err(e);
             }
         };
+        if let Some(n) = &self.materializer {
+            n.add(mounted.reader());
+        }
         if let Some(m) = &metrics {
             let stats: Arc<dyn LayerStatsSource> = mounted.reader().clone();
             m.mounted(mountpoint, &parsed.digest, Arc::downgrade(&stats));
@@ -565,6 +580,11 @@ impl RemoteLayers for LayerManager {
             self.give_up(&kept.mountpoint);
         }
         self.remove_unclaimed_caches(remote_mountpoints);
+    }
+
+    fn native(&self, mountpoint: &Path) -> Option<PathBuf> {
+        self.with_layer(mountpoint, |m| m.reader().native_dir())
+            .flatten()
     }
 
     fn resumable(&self) -> Vec<PathBuf> {

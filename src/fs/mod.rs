@@ -16,6 +16,7 @@ mod kinds;
 pub mod layer;
 mod link;
 pub mod manager;
+pub(crate) mod native;
 pub mod open;
 pub mod reader;
 pub mod remote_source;

@@ -26,6 +26,7 @@ use super::chunks::{ChunkMap, Claim, Flight, Found, Step};
 use super::inode::{Chunk, InodeTable, Node, NodeKind};
 use super::kinds::{FileKinds, MAX_KINDS};
 use super::link::LinkEstimate;
+use super::native::{self, Native};
 use super::source::LayerSource;
 use super::FsError;
 use crate::cache::{CacheKind, ChunkKey, Committed, LayerCache, Writer};
@@ -133,6 +134,9 @@ pub struct ReadOptions {
     pub max_open_files: usize,
     /// The daemon's metrics (None: `no_prometheus`, or a test that does not look).
     pub metrics: Option<Arc<Metrics>>,
+    /// Give the layer a native tree once it is fully cached on disk (`[snapshotter]
+    /// native_layers`; see [`super::native`]); the layer manager builds it.
+    pub native: bool,
 }
 
 impl Default for ReadOptions {
@@ -147,6 +151,7 @@ impl Default for ReadOptions {
             cache_kind: CacheKind::Disk,
             max_open_files: 256,
             metrics: None,
+            native: true,
         }
     }
 }
@@ -194,6 +199,8 @@ pub struct LayerReader {
     evicted_bytes: AtomicU64,
     /// This layer's handles into the daemon's metrics.
     metrics: Option<LayerMetrics>,
+    /// The layer's plain directory tree for new containers, once fully cached.
+    native: Native,
 }
 
 /// Read-ahead fetches of one layer that may run behind their reads at a time; a miss past that
@@ -282,7 +289,9 @@ impl LayerReader {
         let fetched = source.size().saturating_sub(payload_end);
         let (nodes, chunks) = (table.nodes().len(), table.blob_order.len());
         let metrics = opts.metrics.as_ref().map(|m| m.layer(&digest));
+        let native = Native::new(opts.native && cache.dir().is_some());
         LayerReader {
+            native,
             chunks: Arc::new(ChunkMap::new(chunks)),
             behind: AtomicUsize::new(0),
             ahead: (0..chunks.div_ceil(64))
@@ -953,14 +962,82 @@ impl LayerReader {
 
     pub(crate) fn unpin(&self, ino: u64) {
         if let Some(node) = self.table.get(ino) {
-            drop(Pins(
-                self.table
-                    .chunks(node)
-                    .iter()
-                    .filter_map(|c| self.pins.get(c.seq))
-                    .collect(),
-            ));
+            self.unpin_node(node);
         }
+    }
+
+    fn unpin_node(&self, node: &Node) {
+        drop(Pins(
+            self.table
+                .chunks(node)
+                .iter()
+                .filter_map(|c| self.pins.get(c.seq))
+                .collect(),
+        ));
+    }
+
+    /// Builds (or adopts) the layer's native tree if the layer is fully cached and has none;
+    /// see [`super::native`]. The layer's chunks stay pinned while the tree exists: nothing
+    /// may punch or rewrite the cache files it links.
+    pub(crate) fn materialize(&self) {
+        // Checked again once pinned: until then an eviction may take a chunk.
+        if !self.fully_cached() || !self.native.begin() {
+            return;
+        }
+        let files = || {
+            self.table
+                .nodes()
+                .iter()
+                .filter(|n| n.kind == NodeKind::Reg)
+        };
+        for node in files() {
+            std::mem::forget(self.pin(self.table.chunks(node)));
+        }
+        if !self.fully_cached() {
+            files().for_each(|n| self.unpin_node(n));
+            self.native.finish(None, true);
+            return;
+        }
+        let started = Instant::now();
+        match native::build(&self.table, self.cache.as_ref(), &self.digest) {
+            Ok(b) => {
+                tracing::info!(layer = %self.digest, dir = %b.dir.display(), entries = b.entries, adopted = b.adopted, ms = started.elapsed().as_millis() as u64, "native layer ready");
+                self.native.finish(Some(b.dir), false);
+            }
+            Err(e) => {
+                tracing::warn!(layer = %self.digest, error = %chain(&e), "no native tree for the layer: new containers keep reading it through FUSE");
+                files().for_each(|n| self.unpin_node(n));
+                self.native.finish(None, false);
+            }
+        }
+    }
+
+    /// The layer's native tree for a mount about to be made, if it has one.
+    pub(crate) fn native_dir(&self) -> Option<std::path::PathBuf> {
+        self.native.hand_out()
+    }
+
+    /// True while the layer has a native tree.
+    pub(crate) fn has_native(&self) -> bool {
+        self.native.is_ready()
+    }
+
+    /// Gives up the native tree (to evict the layer's files) unless it is in use or was
+    /// handed out within `grace`; true when it did, its chunks then unpinned.
+    pub(crate) fn retire_native(&self, grace: std::time::Duration) -> bool {
+        if !self.native.retire(grace) {
+            return false;
+        }
+        tracing::info!(layer = %self.digest, "native tree given up for the cache budget");
+        for node in self
+            .table
+            .nodes()
+            .iter()
+            .filter(|n| n.kind == NodeKind::Reg)
+        {
+            self.unpin_node(node);
+        }
+        true
     }
 
     fn touch(&self, ino: u64) {
@@ -1545,6 +1622,78 @@ mod tests {
             made.push(link.fetches.load(Ordering::SeqCst) - before);
         }
         (made, reader)
+    }
+
+    /// A fully cached layer on disk gets a native tree made of its cache files, which pins
+    /// them; when the cache is over budget and nothing else can go, a tree no mount uses and
+    /// not handed out lately is given up, and the layer's files evicted.
+    #[test]
+    fn a_native_tree_links_the_cache_and_the_budget_takes_it_back_when_unused() {
+        use std::os::unix::fs::MetadataExt;
+        let (blob, toc_digest) = modules_layer(30, true);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = CacheBudget::new(1 << 30);
+        let open = |name: &str| {
+            let opts = ReadOptions {
+                budget: Some(budget.clone()),
+                ..ReadOptions::default()
+            };
+            let spec = super::super::layer::LayerSpec {
+                digest: "sha256:modules".into(),
+                source: sim_link(blob.clone(), 0, 1e5, false),
+                toc_digest: Some(toc_digest.clone()),
+            };
+            let cache = dir.path().join(name);
+            let r = super::super::layer::open_layer(spec, &cache, &opts, Arc::default())
+                .expect("open layer");
+            (r, cache.join(native::TREE_NAME))
+        };
+        let (handed, handed_tree) = open("handed");
+        let (unused, unused_tree) = open("unused");
+        for r in [&handed, &unused] {
+            r.materialize();
+            assert!(!r.has_native(), "a tree before the layer is cached");
+            while r.background_step(1 << 20) != BgStep::Done {}
+            assert!(r.fully_cached());
+            r.materialize();
+            assert!(r.has_native());
+        }
+        let ino = inode_at(handed.table(), &module(7, true, "pyc"));
+        let file = handed_tree.join(module(7, true, "pyc"));
+        let cache_file = handed.cache().file_path(ino).expect("disk cache");
+        assert_eq!(
+            std::fs::read(&file).expect("read tree"),
+            handed.read(ino, 0, 1 << 20).expect("read layer")
+        );
+        let (a, b) = (
+            std::fs::metadata(&file).expect("stat"),
+            std::fs::metadata(&cache_file).expect("stat"),
+        );
+        assert_eq!(
+            (a.ino(), a.nlink()),
+            (b.ino(), 2),
+            "the tree's file is the cache file"
+        );
+        assert_eq!(a.mode() & 0o7777, 0o644, "the image's mode");
+        assert_eq!(handed.native_dir(), Some(handed_tree.clone()));
+
+        // Far over budget: only the tree nobody was handed is given up.
+        budget.charge(4 << 30);
+        budget.refund(4 << 30);
+        assert!(
+            handed.has_native() && handed_tree.is_dir(),
+            "a tree just handed out went"
+        );
+        assert!(handed.fully_cached());
+        assert!(
+            !unused.has_native() && !unused_tree.exists(),
+            "the unused tree stayed"
+        );
+        assert!(!unused.fully_cached(), "its files were not evicted");
+        assert_eq!(unused.native_dir(), None);
+        // Past its grace, and with no mount naming it, the other one goes too.
+        assert!(handed.retire_native(Duration::ZERO));
+        assert!(!handed_tree.exists());
     }
 
     #[test]

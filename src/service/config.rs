@@ -168,7 +168,7 @@ pub struct FuseConfig {
 impl Default for FuseConfig {
     fn default() -> Self {
         FuseConfig {
-            attr_timeout: 1,
+            attr_timeout: crate::fs::layer::DEFAULT_ATTR_TIMEOUT_SECS as i64,
             // Go's default is false; ours is on because it falls back to normal reads by itself
             // where the kernel lacks FUSE passthrough, and cached reads then skip the daemon.
             passthrough: true,
@@ -183,12 +183,16 @@ pub struct SnapshotterConfig {
     /// Not a Go key: how long (seconds) Prepare/View/Mounts wait for the registry to confirm
     /// a mounted layer is reachable before answering Unavailable; 0 = the default.
     pub check_timeout_sec: u64,
+    /// Not a Go key: a fully fetched layer gets a plain directory tree made of its cache files
+    /// (no data copied), which new containers use instead of the FUSE mount.
+    pub native_layers: bool,
 }
 
 impl Default for SnapshotterConfig {
     fn default() -> Self {
         SnapshotterConfig {
             check_timeout_sec: DEFAULT_CHECK_TIMEOUT.as_secs(),
+            native_layers: true,
         }
     }
 }

@@ -71,6 +71,7 @@ pub fn build_remote_layers(
     fs_config.layer.attr_timeout =
         Duration::from_secs(u64::try_from(config.fuse.attr_timeout).unwrap_or(0));
     fs_config.layer.passthrough = config.fuse.passthrough;
+    fs_config.layer.read.native = config.snapshotter.native_layers;
     // Mounts outlive the daemon: a keeper process (this binary) holds their connections.
     // /proc/self/exe: still this binary when an upgrade has replaced the file meanwhile.
     fs_config.layer.keeper = Some(Arc::new(fs::Keeper::new(

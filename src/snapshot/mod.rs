@@ -137,6 +137,12 @@ pub trait RemoteLayers: Send + Sync {
     /// snapshot was removed while the daemon was down) can be dropped now. A snapshot whose
     /// re-mount failed (registry down) keeps its state for a later mount.
     fn restored(&self, _remote_mountpoints: &[PathBuf]) {}
+    /// A plain directory holding the same tree as the layer mounted at `mountpoint`, for the
+    /// mounts made from now on instead of the mount itself (a fully fetched layer's native
+    /// form); None: use the mount.
+    fn native(&self, _mountpoint: &Path) -> Option<PathBuf> {
+        None
+    }
     /// Mountpoints whose mounts outlived the previous daemon and are to be served again by
     /// [`RemoteLayers::mount`] (running containers use them): restore must not detach them.
     fn resumable(&self) -> Vec<PathBuf> {

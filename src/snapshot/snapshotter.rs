@@ -332,11 +332,19 @@ impl SnapshotterImpl {
         }
     }
 
+    /// The mounts of `chain`; a parent that is a fully fetched remote layer is named by its
+    /// native tree rather than its FUSE mount (new containers then read it without FUSE).
     fn mounts_of(&self, chain: &Chain) -> Vec<Mount> {
         let parent_fs: Vec<PathBuf> = chain
             .parents
             .iter()
-            .map(|(_, r)| self.fs_dir(r.id))
+            .map(|(_, r)| {
+                let fs = self.fs_dir(r.id);
+                self.remote
+                    .as_ref()
+                    .and_then(|remote| remote.native(&fs))
+                    .unwrap_or(fs)
+            })
             .collect();
         let id = chain.record.id;
         compute_mounts(

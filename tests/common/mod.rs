@@ -837,6 +837,18 @@ impl Layer {
     }
 }
 
+/// The uncompressed layer `tar` as an eStargz layer built by our builder, annotated with its
+/// TOC digest as a converter does.
+pub fn estargz_layer(tar: &[u8]) -> Layer {
+    let mut blob = Vec::new();
+    let built = stargz::estargz::build(tar, &mut blob, &stargz::estargz::BuildOptions::default())
+        .expect("eStargz build");
+    Layer::from_blob(blob, MEDIA_TYPE_LAYER_GZIP, &built.diff_id).with_annotation(
+        "containerd.io/snapshot/stargz/toc.digest",
+        &built.toc_digest,
+    )
+}
+
 /// Entries for a "tools" layer: the given host binaries (e.g. `/bin/sh`, `/bin/cat`) at the
 /// same paths plus every shared library `ldd` lists for them. Symlinks are followed, so the
 /// layer holds regular files. Also adds `tmp/` (mode 1777).
@@ -1126,5 +1138,22 @@ impl StargzBed {
     /// The daemon's root, below which it mounts the layers.
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("root")
+    }
+
+    /// Lazily pulls `image` (plain HTTP) with our `ctr-remote`; returns its progress output
+    /// (e.g. `N/M layers remote`).
+    pub fn rpull(&self, image: &str) -> String {
+        let out = self
+            .ctrd
+            .ctr_remote_cmd(
+                env!("CARGO_BIN_EXE_ctr-remote"),
+                "default",
+                &["image", "rpull", "--plain-http", image],
+            )
+            .output()
+            .expect("rpull");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "rpull: {stderr}");
+        stderr
     }
 }

@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::unpack::cstring;
 use super::{NetOptions, OptimizeError, OptimizeOptions, Process, DEFAULT_PERIOD};
 use crate::ctr::recorder::ImageRecorder;
 use crate::ctr::Error;
 use crate::untrusted::clip;
+use crate::xattr::cstring;
 
 /// How long a killed workload may take to be reaped before we give up waiting.
 const KILL_GRACE: Duration = Duration::from_secs(10);

@@ -2,9 +2,7 @@
 //! overlayfs applier lays them out, and indexing their tar entry names on the way.
 
 use std::collections::HashSet;
-use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::OptimizeError;
@@ -118,7 +116,7 @@ fn unpack_layer(
         names.insert(name.clone());
         if base == ".wh..wh..opq" {
             let p = inside(&root, &parent)?;
-            set_xattr(&p, "trusted.overlay.opaque", b"y")?;
+            crate::xattr::set(&p, "trusted.overlay.opaque", b"y")?;
         } else if let Some(hidden) = base.strip_prefix(".wh.") {
             let p = inside(&root, &parent)?;
             let target = p.join(hidden);
@@ -162,29 +160,4 @@ fn inside(root: &Path, rel: &str) -> std::io::Result<PathBuf> {
         }
     }
     Ok(p)
-}
-
-pub(super) fn cstring(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-}
-
-fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
-    let p = cstring(path)?;
-    let n =
-        CString::new(name).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: both strings are NUL-terminated and outlive the call; value is a valid slice.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
