@@ -4,7 +4,8 @@
 //! - the tree equals the layer's FUSE mount entry for entry: type, mode (setuid included),
 //!   owner, size, times, device numbers, symlink targets, xattrs, bytes and hardlink groups;
 //! - overlayfs sees the same merged tree on the trees as on the FUSE mounts (whiteouts and
-//!   opaque directories of the upper layer hide the lower layer's entries in both);
+//!   opaque directories of the upper layer hide the lower layer's entries in both), and as on
+//!   containerd's own overlayfs unpack of the same layers as gzip;
 //! - a container started from then on has the trees, not the FUSE mounts, as its `lowerdir`s
 //!   (checked in the mount table) and reads the right bytes;
 //! - removing the image removes the trees with the caches.
@@ -20,8 +21,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{estargz_layer, layer_tar, push_image, sha256_digest, tools_layer, wait_until};
-use common::{LayerEntry, StargzBed};
+use common::{estargz_layer, gzip, layer_tar, push_image, sha256_digest, tools_layer, wait_until};
+use common::{Layer, LayerEntry, StargzBed, MEDIA_TYPE_LAYER_GZIP};
 use sha2::{Digest, Sha256};
 
 /// A tar entry header with the given type, mode and owner.
@@ -264,16 +265,15 @@ fn native_of(root: &Path, mountpoint: &Path) -> PathBuf {
 fn fully_fetched_layers_are_handed_to_new_containers_as_plain_trees() {
     let reg = common::Registry::start();
     let tools = tools_layer(&["/bin/sh", "/usr/bin/sha256sum", "/bin/sleep", "/bin/cat"]);
-    let image = push_image(
-        &reg,
-        "test/native",
-        "v1",
-        &[
-            estargz_layer(&layer_tar(&tools)),
-            estargz_layer(&layer_tar(&lower_entries())),
-            estargz_layer(&upper_tar()),
-        ],
-    );
+    let tars = [layer_tar(&tools), layer_tar(&lower_entries()), upper_tar()];
+    let esgz: Vec<Layer> = tars.iter().map(|t| estargz_layer(t)).collect();
+    let image = push_image(&reg, "test/native", "v1", &esgz);
+    // The same layers as plain gzip, for containerd's own overlayfs snapshotter: the source.
+    let gz: Vec<Layer> = tars
+        .iter()
+        .map(|t| Layer::from_blob(gzip(t), MEDIA_TYPE_LAYER_GZIP, &sha256_digest(t)))
+        .collect();
+    let source = push_image(&reg, "test/native", "gzip", &gz);
     let mut bed = StargzBed::start();
     let root = bed.root();
     let stderr = bed.rpull(&image);
@@ -328,7 +328,47 @@ fn fully_fetched_layers_are_handed_to_new_containers_as_plain_trees() {
     );
     assert!(on_native.join("opq/new").exists() && on_native.join("kept/file").exists());
     drop(_u1);
+
+    // And what containerd's overlayfs snapshotter unpacks from the gzip image (but for the
+    // root directory, which the layers do not describe).
+    bed.ctrd.ctr_ok(&["image", "pull", "--plain-http", &source]);
+    let diff_ids: Vec<String> = tars.iter().map(|t| sha256_digest(t)).collect();
+    let top = stargz::chain_ids(&diff_ids).pop().expect("chain id");
+    // The view's mounts are printed at once: ctr's lease on the view ends with the command.
+    let mounts_out = bed.ctrd.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        "overlayfs",
+        "view",
+        "--mounts",
+        "native-src",
+        &top,
+    ]);
+    let lowers: Vec<PathBuf> = mounts_out
+        .split([',', ' ', '\n', '"'])
+        .find_map(|t| t.strip_prefix("lowerdir="))
+        .unwrap_or_else(|| panic!("no lowerdir in {mounts_out}"))
+        .split(':')
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(lowers.len(), 3, "{mounts_out}");
+    let on_source = work.path().join("source");
+    overlay(&lowers, &on_source);
+    let _u3 = Unmount(vec![on_source.clone()]);
+    let c = walk(&on_source);
+    let metas = |t: &BTreeMap<PathBuf, (Meta, u64, u64)>| {
+        t.iter()
+            .filter(|(p, _)| !p.as_os_str().is_empty())
+            .map(|(p, (m, _, _))| (p.clone(), format!("{m:?}")))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        metas(&b),
+        metas(&c),
+        "the trees differ from containerd's unpack"
+    );
     drop(_u2);
+    drop(_u3);
 
     // A new container gets the trees as its lower layers and reads the right bytes.
     let big = sha256_digest(&pseudo_random(9 << 20, 7));
