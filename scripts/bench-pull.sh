@@ -77,7 +77,8 @@
 # Environment:
 #   WORKLOADS ("imports tools print large"), LINKS ("100mbit/10 1gbit/25 20mbit/5 loopback"),
 #   SYSTEMS ("ours go full ours-opt ours-goopt go-goopt"; also ours-zstd go-zstd), RUNS (3), BIG (1: also the twice-as-big image's RSS check; 0: not),
-#   DAEMON / CTR_REMOTE (ours; default target/release/...), GO_DAEMON (a binary; default built by
+#   DAEMON / CTR_REMOTE (ours; default target/release/...), DAEMON_TOML (added to our daemon's
+#   config, e.g. $'[fuse]\nattr_timeout = 1' for an A/B of one setting), GO_DAEMON (a binary; default built by
 #   scripts/go-daemon.sh; empty: no `go` cells), GO_CTR_REMOTE (/usr/bin/ctr-remote),
 #   DELAY_PROXY (binary; default built with cargo), RTTS (4), SETTLE_TIMEOUT (180 s),
 #   SETTLE_QUIET (5 s), STEP_TIMEOUT (300 s for one pull or one run), OUT
@@ -365,12 +366,14 @@ cell_failed() { [ -n "${FAIL[$1]:-}" ]; }
 # optimization for W.
 lazy_run() {
   local s=$1 w=$2 v=$3 do_settle=$4 daemon rpull dir sock pid mark before t0 t1
-  if [[ $s == ours* ]]; then daemon=$DAEMON; rpull=$CTR_REMOTE; else daemon=$GO_DAEMON; rpull=$GO_CTR_REMOTE; fi
+  local extra=""
+  if [[ $s == ours* ]]; then daemon=$DAEMON; rpull=$CTR_REMOTE; extra=${DAEMON_TOML:-}
+  else daemon=$GO_DAEMON; rpull=$GO_CTR_REMOTE; fi
   local tag=esgz
   case $s in *-opt) tag=opt-$w ;; *-goopt) tag=goopt-$w ;; *-zstd) tag=zstd ;; esac
   dir=$WORK/lazy-$s; rm -rf "$dir" "$WORK/lazy-$s-ctrd"
   local rc=0
-  start_lazy "$daemon" "$dir" "lazy-$s-ctrd" || rc=1
+  start_lazy "$daemon" "$dir" "lazy-$s-ctrd" "$extra" || rc=1
   pid=$DAEMON_PID; sock=$CTRD_SOCK
   if [ "$rc" = 0 ]; then
     local ref=$ADDR/bench/$v:$tag
