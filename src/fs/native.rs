@@ -101,7 +101,10 @@ pub(crate) fn build(
     let tmp = dir.join(TMP_NAME);
     let digest_file = dir.join(DIGEST_NAME);
     remove_tree(&tmp)?;
-    if tree.is_dir() && std::fs::read(&digest_file).is_ok_and(|d| d == digest.as_bytes()) {
+    if tree.is_dir()
+        && std::fs::read(&digest_file).is_ok_and(|d| d == digest.as_bytes())
+        && links_the_cache(table, cache, &tree)
+    {
         return Ok(Built {
             dir: tree,
             entries: 0,
@@ -140,9 +143,54 @@ fn remove_file(p: &Path) -> Result<(), NativeError> {
     }
 }
 
+/// Calls `f(path, node)` for every name of the layer, as a path below `root`, each directory
+/// before what it holds. No recursion: the depth of a tree comes from the image.
+fn walk<'t>(
+    table: &'t InodeTable,
+    root: &Path,
+    mut f: impl FnMut(&Path, &'t Node) -> Result<(), NativeError>,
+) -> Result<(), NativeError> {
+    let root_node = table
+        .get(ROOT_INO)
+        .ok_or(NativeError::MissingInode(ROOT_INO))?;
+    let mut todo = vec![(root.to_path_buf(), root_node)];
+    while let Some((dir, dir_node)) = todo.pop() {
+        for (name, ino) in table.children_from(dir_node, 0) {
+            let node = table.get(ino).ok_or(NativeError::MissingInode(ino))?;
+            let p = dir.join(name);
+            f(&p, node)?;
+            if node.kind == NodeKind::Dir {
+                todo.push((p, node));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether every regular file of the tree at `tree` is still its cache file (the same inode):
+/// a cache file written anew (it went missing) would leave the tree with the old bytes.
+fn links_the_cache(table: &InodeTable, cache: &dyn LayerCache, tree: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let same =
+        |a: &Path, b: &Path| match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+    walk(table, tree, |p, node| {
+        if node.kind != NodeKind::Reg || node.size == 0 {
+            return Ok(());
+        }
+        match cache.file_path(node.ino) {
+            Some(c) if same(p, &c) => Ok(()),
+            _ => Err(NativeError::Incomplete { path: p.into() }),
+        }
+    })
+    .is_ok()
+}
+
 /// Creates the layer's tree at `root` (absent); returns how many names it made. Directories
 /// get their own attributes last, deepest first, so that creating their entries does not
-/// move their times. No recursion: the depth of a tree comes from the image.
+/// move their times.
 fn fill(table: &InodeTable, cache: &dyn LayerCache, root: &Path) -> Result<usize, NativeError> {
     let root_node = table
         .get(ROOT_INO)
@@ -155,33 +203,25 @@ fn fill(table: &InodeTable, cache: &dyn LayerCache, root: &Path) -> Result<usize
     };
     new_dir(root)?;
     let mut dirs: Vec<(PathBuf, &Node)> = vec![(root.to_path_buf(), root_node)];
-    let mut todo = vec![0usize];
     // First name of each multiply linked non-directory: its other names link to it.
     let mut first: HashMap<u64, PathBuf> = HashMap::new();
     let mut entries = 0;
-    while let Some(d) = todo.pop() {
-        let (parent, dir_node) = (dirs[d].0.clone(), dirs[d].1);
-        for (name, ino) in table.children_from(dir_node, 0) {
-            let node = table.get(ino).ok_or(NativeError::MissingInode(ino))?;
-            let p = parent.join(name);
-            entries += 1;
-            if node.kind == NodeKind::Dir {
-                new_dir(&p)?;
-                todo.push(dirs.len());
-                dirs.push((p, node));
-                continue;
-            }
-            if node.nlink > 1 {
-                if let Some(f) = first.get(&ino) {
-                    std::fs::hard_link(f, &p).map_err(io_err("linking", &p))?;
-                    continue;
-                }
-                first.insert(ino, p.clone());
-            }
-            create(table, cache, node, &p)?;
-            set_attrs(table, node, &p)?;
+    walk(table, root, |p, node| {
+        entries += 1;
+        if node.kind == NodeKind::Dir {
+            new_dir(p)?;
+            dirs.push((p.to_path_buf(), node));
+            return Ok(());
         }
-    }
+        if node.nlink > 1 {
+            if let Some(f) = first.get(&node.ino) {
+                return std::fs::hard_link(f, p).map_err(io_err("linking", p));
+            }
+            first.insert(node.ino, p.to_path_buf());
+        }
+        create(table, cache, node, p)?;
+        set_attrs(table, node, p)
+    })?;
     for (p, node) in dirs.iter().rev() {
         set_attrs(table, node, p)?;
     }

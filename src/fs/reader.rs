@@ -1696,6 +1696,55 @@ mod tests {
         assert!(!handed_tree.exists());
     }
 
+    /// A restart (a new reader on the same cache directory) adopts the tree it finds for the
+    /// same blob, unless a regular file of it is no longer its cache file: then it is rebuilt.
+    #[test]
+    fn a_restart_adopts_the_tree_unless_it_no_longer_links_the_cache() {
+        use std::os::unix::fs::MetadataExt;
+        let (blob, toc_digest) = modules_layer(20, true);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = || {
+            let spec = super::super::layer::LayerSpec {
+                digest: "sha256:modules".into(),
+                source: sim_link(blob.clone(), 0, 1e5, false),
+                toc_digest: Some(toc_digest.clone()),
+            };
+            super::super::layer::open_layer(
+                spec,
+                dir.path(),
+                &ReadOptions::default(),
+                Arc::default(),
+            )
+            .expect("open layer")
+        };
+        let first = open();
+        while first.background_step(1 << 20) != BgStep::Done {}
+        first.materialize();
+        let tree = first.native_dir().expect("a tree");
+        let ino = inode_at(first.table(), &module(3, true, "py"));
+        let name = module(3, true, "py");
+        let tree_ino = || std::fs::metadata(tree.join(&name)).expect("stat").ino();
+        let before = tree_ino();
+        drop(first);
+
+        let second = open();
+        assert!(second.fully_cached(), "the cache was not re-verified");
+        second.materialize();
+        assert_eq!(second.native_dir(), Some(tree.clone()));
+        assert_eq!(tree_ino(), before, "adopted, not rebuilt");
+        // The cache file replaced by a copy (another inode): the tree must follow.
+        let cache_file = second.cache().file_path(ino).expect("disk cache");
+        drop(second);
+        let bytes = std::fs::read(&cache_file).expect("read");
+        std::fs::remove_file(&cache_file).expect("rm");
+        std::fs::write(&cache_file, bytes).expect("write");
+        let third = open();
+        third.materialize();
+        assert_eq!(third.native_dir(), Some(tree.clone()));
+        let cache_ino = std::fs::metadata(&cache_file).expect("stat").ino();
+        assert_eq!(tree_ino(), cache_ino, "the tree still names the old file");
+    }
+
     #[test]
     fn misses_read_ahead_a_round_trip_of_the_link_and_widen_as_reads_land_in_it() {
         // 100 Mbit / 20 ms: ~250 KB per round trip, ~80 modules' worth.
