@@ -16,7 +16,8 @@
 //!   fetch punches or rewrites a cache file the tree shares, until the tree is gone.
 //! - Only complete trees are used: a tree is built under [`TMP_NAME`] and renamed to
 //!   [`TREE_NAME`], after the digest of its blob was written to [`DIGEST_NAME`]; a restart
-//!   adopts a tree only for the same blob, and only once the cache was re-verified complete.
+//!   adopts a tree only for the same blob, only once the cache was re-verified complete, and
+//!   only while each of its regular files is still its cache file (else it is rebuilt).
 //! - A tree is never removed under a container: while a mount names it (an overlay's
 //!   `lowerdir` in the mount table) or within [`HANDOUT_GRACE`] of the last time it was handed
 //!   out, it stays. Removing the snapshot removes the cache directory, tree included.
