@@ -20,7 +20,6 @@ use super::keeper::Keeper;
 use super::reader::LayerReader;
 use super::FsError;
 
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// Directory listings are left in the kernel's cache from this attribute timeout on (see
 /// `opendir`).
 const MIN_TTL_TO_CACHE_DIRS: Duration = Duration::from_secs(60);
@@ -346,18 +345,14 @@ impl LayerFs {
     }
 
     fn xattrs(&self, ino: u64) -> Option<Vec<(String, Vec<u8>)>> {
-        let node = self.reader.table.get(ino)?;
-        let mut out: Vec<(String, Vec<u8>)> = Vec::new();
-        if node.opaque {
-            out.push((OPAQUE_XATTR.into(), b"y".to_vec()));
-        }
-        let xattrs = self
-            .reader
-            .table
-            .xattrs(node)
-            .filter(|&(k, _)| k != OPAQUE_XATTR);
-        out.extend(xattrs.map(|(k, v)| (k.to_string(), v.to_vec())));
-        Some(out)
+        let table = &self.reader.table;
+        let node = table.get(ino)?;
+        Some(
+            table
+                .shown_xattrs(node)
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+        )
     }
 
     /// Opens `ino` through passthrough when it is fully cached and no page-cached open of it

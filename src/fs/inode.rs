@@ -31,6 +31,9 @@ pub const STATE_DIR_INO: u64 = 2;
 pub const STATE_FILE_INO: u64 = 3;
 const FIRST_INO: u64 = 4;
 
+/// The xattr by which overlayfs knows an opaque directory (its lower layers' entries hidden).
+pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
 /// Name of the hidden state directory in the layer root (as Go's `fs/layer`). A layer entry
 /// at this name, its whiteout, or anything below it would shadow the daemon's own files, so
 /// such a layer is refused ([`InodeTable::build`]).
@@ -312,6 +315,16 @@ impl InodeTable {
             .and_then(|i| self.xattrs.get(i as usize))
             .into_iter()
             .flat_map(|m| m.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    /// The extended attributes a node shows (through FUSE and in its native tree): overlayfs'
+    /// opaque marker on an opaque directory, then the TOC's own (an opaque marker of the TOC's
+    /// is not shown twice).
+    pub fn shown_xattrs(&self, node: &Node) -> impl Iterator<Item = (&str, &[u8])> + '_ {
+        let marker = node.opaque.then_some((OPAQUE_XATTR, &b"y"[..]));
+        marker
+            .into_iter()
+            .chain(self.xattrs(node).filter(|&(k, _)| k != OPAQUE_XATTR))
     }
 
     /// Every inode, the root first.

@@ -48,7 +48,6 @@ pub(crate) const DIGEST_NAME: &str = "native.layer";
 pub(crate) const HANDOUT_GRACE: Duration = Duration::from_secs(600);
 /// How often the materializer looks for layers that became fully cached.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// Why a tree could not be built; the layer stays on FUSE (logged, never fatal).
 #[derive(Debug, thiserror::Error)]
@@ -279,10 +278,7 @@ fn set_attrs(table: &InodeTable, node: &Node, p: &Path) -> Result<(), NativeErro
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(node.perm & 0o7777))
             .map_err(io_err("chmod", p))?;
     }
-    if node.opaque {
-        crate::xattr::set(p, OPAQUE_XATTR, b"y").map_err(io_err("setting xattr on", p))?;
-    }
-    for (k, v) in table.xattrs(node).filter(|&(k, _)| k != OPAQUE_XATTR) {
+    for (k, v) in table.shown_xattrs(node) {
         crate::xattr::set(p, k, v).map_err(io_err("setting xattr on", p))?;
     }
     let t = match node.mtime.duration_since(UNIX_EPOCH) {

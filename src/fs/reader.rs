@@ -255,6 +255,19 @@ const EVICTING: u32 = 1 << 31;
 /// Chunks a read is in progress on: they are not evicted until this drops.
 pub(crate) struct Pins<'a>(Vec<&'a AtomicU32>);
 
+/// Pins `words`, each waiting out an eviction running on it (see `LayerReader::pin`).
+fn pin_words<'a>(words: impl Iterator<Item = &'a AtomicU32>) -> Pins<'a> {
+    let mut pins = Pins(Vec::with_capacity(words.size_hint().0));
+    for word in words {
+        while word.fetch_add(1, Ordering::SeqCst) & EVICTING != 0 {
+            word.fetch_sub(1, Ordering::SeqCst);
+            std::thread::yield_now();
+        }
+        pins.0.push(word);
+    }
+    pins
+}
+
 impl Drop for Pins<'_> {
     fn drop(&mut self) {
         for p in &self.0 {
@@ -937,18 +950,7 @@ impl LayerReader {
     /// and [`Self::evict_file`] share one atomic word per chunk, so a reader and the evictor
     /// never both proceed.
     fn pin<'a>(&'a self, chunks: &[Chunk]) -> Pins<'a> {
-        let mut pins = Pins(Vec::with_capacity(chunks.len()));
-        for c in chunks {
-            let Some(word) = self.pins.get(c.seq) else {
-                continue;
-            };
-            while word.fetch_add(1, Ordering::SeqCst) & EVICTING != 0 {
-                word.fetch_sub(1, Ordering::SeqCst);
-                std::thread::yield_now();
-            }
-            pins.0.push(word);
-        }
-        pins
+        pin_words(chunks.iter().filter_map(|c| self.pins.get(c.seq)))
     }
 
     /// Pins every chunk of `ino` for as long as it is open through FUSE passthrough (the
@@ -962,18 +964,19 @@ impl LayerReader {
 
     pub(crate) fn unpin(&self, ino: u64) {
         if let Some(node) = self.table.get(ino) {
-            self.unpin_node(node);
+            drop(Pins(
+                self.table
+                    .chunks(node)
+                    .iter()
+                    .filter_map(|c| self.pins.get(c.seq))
+                    .collect(),
+            ));
         }
     }
 
-    fn unpin_node(&self, node: &Node) {
-        drop(Pins(
-            self.table
-                .chunks(node)
-                .iter()
-                .filter_map(|c| self.pins.get(c.seq))
-                .collect(),
-        ));
+    /// The pins of every chunk of the layer (one word per chunk): those a native tree holds.
+    fn pin_all(&self) -> Pins<'_> {
+        pin_words(self.pins.iter())
     }
 
     /// Builds (or adopts) the layer's native tree if the layer is fully cached and has none;
@@ -984,17 +987,9 @@ impl LayerReader {
         if !self.fully_cached() || !self.native.begin() {
             return;
         }
-        let files = || {
-            self.table
-                .nodes()
-                .iter()
-                .filter(|n| n.kind == NodeKind::Reg)
-        };
-        for node in files() {
-            std::mem::forget(self.pin(self.table.chunks(node)));
-        }
+        let pins = self.pin_all();
         if !self.fully_cached() {
-            files().for_each(|n| self.unpin_node(n));
+            drop(pins);
             self.native.finish(None, true);
             return;
         }
@@ -1002,11 +997,13 @@ impl LayerReader {
         match native::build(&self.table, self.cache.as_ref(), &self.digest) {
             Ok(b) => {
                 tracing::info!(layer = %self.digest, dir = %b.dir.display(), entries = b.entries, adopted = b.adopted, ms = started.elapsed().as_millis() as u64, "native layer ready");
+                // Held until `retire_native` (or for good).
+                std::mem::forget(pins);
                 self.native.finish(Some(b.dir), false);
             }
             Err(e) => {
                 tracing::warn!(layer = %self.digest, error = %chain(&e), "no native tree for the layer: new containers keep reading it through FUSE");
-                files().for_each(|n| self.unpin_node(n));
+                drop(pins);
                 self.native.finish(None, false);
             }
         }
@@ -1029,14 +1026,8 @@ impl LayerReader {
             return false;
         }
         tracing::info!(layer = %self.digest, "native tree given up for the cache budget");
-        for node in self
-            .table
-            .nodes()
-            .iter()
-            .filter(|n| n.kind == NodeKind::Reg)
-        {
-            self.unpin_node(node);
-        }
+        // The pins `materialize` kept.
+        drop(Pins(self.pins.iter().collect()));
         true
     }
 

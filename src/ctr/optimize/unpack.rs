@@ -116,7 +116,7 @@ fn unpack_layer(
         names.insert(name.clone());
         if base == ".wh..wh..opq" {
             let p = inside(&root, &parent)?;
-            crate::xattr::set(&p, "trusted.overlay.opaque", b"y")?;
+            crate::xattr::set(&p, crate::fs::inode::OPAQUE_XATTR, b"y")?;
         } else if let Some(hidden) = base.strip_prefix(".wh.") {
             let p = inside(&root, &parent)?;
             let target = p.join(hidden);
