@@ -3,7 +3,9 @@
 //! Without read-ahead each imported module costs about one range request; with it, a miss also
 //! brings the files that follow in blob order (the rest of the same `__pycache__`), so the count
 //! of blob GETs the registry answered during `ctr run` must stay far below the number of `.pyc`
-//! and `.so` files the imports loaded. Needs root (network namespace, FUSE, containerd), as CI has.
+//! and `.so` files the imports loaded. The extension modules among them name libraries of the
+//! base layer (`libssl`, `libsqlite3`, ...), which the daemon must find and fetch ahead of the
+//! loader. Needs root (network namespace, FUSE, containerd), as CI has.
 
 mod common;
 mod testbed;
@@ -242,6 +244,32 @@ fn cold_python_start_needs_far_fewer_requests_than_files() {
          read-ahead should make that far fewer than one per file; the daemon's fetches:\n{fetches}"
     );
 
+    // The extension modules of ssl, sqlite3, lzma and bz2 (python's layer) need libraries of
+    // the base layer: once their ELF headers are read, the daemon looks the libraries up and
+    // fetches those not yet cached, ahead of the loader.
+    let needed = libraries_needed(&daemon.log());
+    let wanted = [
+        "libssl.so.3",
+        "libcrypto.so.3",
+        "libsqlite3.so.0",
+        "liblzma.so.5",
+        "libbz2.so.1.0",
+    ];
+    for lib in wanted {
+        assert!(
+            needed.iter().any(|(l, _)| l == lib),
+            "{lib} should have been found for the loader; found: {needed:?}"
+        );
+    }
+    let fetched = needed
+        .iter()
+        .filter(|(l, f)| *f && wanted.contains(&l.as_str()))
+        .count();
+    assert!(
+        fetched >= 3,
+        "most of {wanted:?} should have been fetched ahead (the rest was cached already): {needed:?}"
+    );
+
     drop(ctrd);
     drop(daemon);
     let left = common::mounts_under(&root);
@@ -250,6 +278,19 @@ fn cold_python_start_needs_far_fewer_requests_than_files() {
         "mounts left below the daemon root: {left:?}"
     );
     eprintln!("whole test {:?}", started.elapsed());
+}
+
+/// The libraries the daemon looked up for the loader (its debug events): name, and whether it
+/// fetched them (false: cached already).
+fn libraries_needed(log: &str) -> Vec<(String, bool)> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "library needed")
+        .filter_map(|v| {
+            let f = &v["fields"];
+            Some((f["library"].as_str()?.to_owned(), f["fetch"].as_bool()?))
+        })
+        .collect()
 }
 
 /// The daemon's "range fetched" debug events, one line each (bytes, chunks, time, window, link

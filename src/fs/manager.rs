@@ -21,6 +21,7 @@ use crate::snapshot::{LayerError, RemoteLayers};
 
 use super::background::{BackgroundFetcher, DEFAULT_SPAN_BYTES};
 use super::budget::CacheBudget;
+use super::deps::Images;
 use super::keeper::{find_mount, Keeper, Kept};
 use super::layer::{mount_layer, open_layer, resume_layer, LayerOptions, LayerSpec, MountedLayer};
 use super::native::Materializer;
@@ -206,6 +207,8 @@ pub struct LayerManager {
     /// Builds the native trees of fully cached layers (None: `native_layers` off, or a
     /// memory cache).
     materializer: Option<Materializer>,
+    /// The mounted layers of each image, where a program's libraries are looked for.
+    images: Images,
 }
 
 impl Drop for LayerManager {
@@ -275,6 +278,7 @@ impl LayerManager {
             claimed: Mutex::new(HashSet::new()),
             kept: Mutex::new(kept),
             removals: Mutex::new(Vec::new()),
+            images: Images::default(),
         })
     }
 
@@ -405,6 +409,7 @@ impl LayerManager {
                 return Err(e);
             }
         };
+        self.images.join(&parsed.reference, mounted.reader());
         if let Some(n) = &self.materializer {
             n.add(mounted.reader());
         }

@@ -9,6 +9,7 @@ mod ahead;
 pub mod background;
 pub mod budget;
 mod chunks;
+mod deps;
 pub mod fuse;
 pub mod inode;
 pub mod keeper;

@@ -11,7 +11,7 @@
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use sha2::{Digest as _, Sha256};
@@ -23,6 +23,7 @@ use crate::untrusted::chain;
 
 use super::budget::{disk_bytes, CacheBudget};
 use super::chunks::{ChunkMap, Claim, Flight, Found, Step};
+use super::deps::Image;
 use super::inode::{Chunk, InodeTable, Node, NodeKind};
 use super::kinds::{FileKinds, MAX_KINDS};
 use super::link::LinkEstimate;
@@ -106,6 +107,9 @@ enum Why {
     },
     Prefetch,
     Background,
+    /// For the library follower (see [`super::deps`]): chunks of the libraries an ELF file
+    /// names, or of the file itself where its parse reads; counted as read-ahead.
+    Needed,
 }
 
 /// Tuning of the read path.
@@ -201,6 +205,12 @@ pub struct LayerReader {
     metrics: Option<LayerMetrics>,
     /// The layer's plain directory tree for new containers, once fully cached.
     native: Native,
+    /// The mounted layers of this layer's image, where the libraries its programs need are
+    /// looked for (see [`super::deps`]); unset outside the daemon's layer manager.
+    image: OnceLock<Arc<Image>>,
+    /// Per node (bit per node index): its ELF needs were followed, or it was found to be no
+    /// ELF file.
+    followed: Vec<AtomicU64>,
 }
 
 /// Read-ahead fetches of one layer that may run behind their reads at a time; a miss past that
@@ -248,6 +258,9 @@ const MAX_REACH: u64 = 8;
 /// Compressed size below which a file of a kind left out of read-ahead is brought all the same:
 /// leaving it out would save fewer bytes than naming one more range costs.
 const MIN_LEFT_OUT: u64 = 512;
+
+/// How an ELF file starts.
+const ELF_MAGIC: &[u8] = b"\x7fELF";
 
 /// Set in a chunk's pin word while it is evicted: new pins wait for it to clear.
 const EVICTING: u32 = 1 << 31;
@@ -332,6 +345,8 @@ impl LayerReader {
             cached_bytes: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
             metrics,
+            image: OnceLock::new(),
+            followed: (0..nodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -457,6 +472,34 @@ impl LayerReader {
     /// Reads up to `size` bytes of file `ino` at `offset`, fetching missing chunks.
     pub fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         self.userspace_reads.fetch_add(1, Ordering::Relaxed);
+        let buf = self.read_by(ino, offset, size, true)?;
+        if offset == 0 {
+            self.follow_needs(ino, &buf);
+        }
+        Ok(buf)
+    }
+
+    /// Reads as [`Self::read`] for the daemon itself (the library follower of
+    /// [`super::deps`]), not for a program: a missing chunk is fetched alone, and the read
+    /// leaves what the layer's reads teach read-ahead, eviction and the metrics untouched.
+    pub(crate) fn read_for_daemon(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        self.read_by(ino, offset, size, false)
+    }
+
+    /// Bytes `[offset, offset+size)` of `ino`, clipped to the file, its missing chunks
+    /// fetched: for a `program` with read-ahead (see [`Self::ensure`]), else each alone.
+    fn read_by(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        size: u32,
+        program: bool,
+    ) -> Result<Vec<u8>, FsError> {
         let node = self.table.get(ino).ok_or(FsError::NotFound(ino))?;
         if node.kind != NodeKind::Reg {
             return Err(FsError::NotFound(ino));
@@ -464,21 +507,26 @@ impl LayerReader {
         if offset >= node.size || size == 0 {
             return Ok(Vec::new());
         }
-        self.touch(ino);
         let (chunks, end) = self.chunks_holding(node, offset, size).ok_or_else(|| {
             FsError::Chunk(format!(
                 "no chunk holds bytes {offset}..+{size} of inode {ino}"
             ))
         })?;
         // Only measured when metrics are kept: nothing is added to the read path otherwise.
-        let measure = self.metrics.as_ref().map(|m| {
+        let measure = self.metrics.as_ref().filter(|_| program).map(|m| {
             let hit = chunks.iter().all(|c| self.chunks.is_present(c.seq));
             (m, Instant::now(), hit)
         });
+        if program {
+            self.touch(ino);
+        }
         let _pins = self.pin(chunks);
         let last = chunks.last().map_or(0, |c| c.seq);
         for c in chunks {
-            self.ensure(c.seq, last)?;
+            match program {
+                true => self.ensure(c.seq, last)?,
+                false => self.fetch_alone(c.seq)?,
+            }
         }
         if let Some((m, started, false)) = measure {
             m.waited(started.elapsed());
@@ -491,6 +539,131 @@ impl LayerReader {
             m.read(buf.len(), started.elapsed(), hit);
         }
         Ok(buf)
+    }
+
+    /// Makes chunk `seq` present without read-ahead, as urgent work: fetches it alone, or
+    /// waits for the fetch in flight, and fails unless it is then present.
+    fn fetch_alone(&self, seq: usize) -> Result<(), FsError> {
+        match self.chunks.find(seq, |_, _| Step::Stop) {
+            Found::Present => return Ok(()),
+            Found::InFlight(flight) => self.wait_for(&flight, seq)?,
+            Found::Claimed(claim) => {
+                let _urgent = self.priority.urgent();
+                self.fetch_claimed(claim, Why::Needed)?;
+            }
+        }
+        match self.chunks.is_present(seq) {
+            true => Ok(()),
+            false => Err(FsError::Chunk(format!("chunk {seq} failed verification"))),
+        }
+    }
+
+    /// Joins the image whose mounted layers this one's programs find their libraries in.
+    pub(crate) fn join_image(&self, image: Arc<Image>) {
+        let _ = self.image.set(image);
+    }
+
+    /// When `head` (the first bytes of file `ino`) is an ELF header, fetches the libraries
+    /// the file needs in the background, once per file (see [`super::deps`]).
+    fn follow_needs(self: &Arc<Self>, ino: u64, head: &[u8]) {
+        let Some(image) = self.image.get() else {
+            return;
+        };
+        // Marked either way: a file that is no ELF file is not looked at again.
+        if head.len() >= ELF_MAGIC.len() && self.mark_followed(ino) && head.starts_with(ELF_MAGIC) {
+            image.start(self, ino);
+        }
+    }
+
+    /// Whether the ELF needs of `ino` were followed.
+    pub(crate) fn followed(&self, ino: u64) -> bool {
+        self.table.index(ino).is_some_and(|i| {
+            self.followed
+                .get(i / 64)
+                .is_some_and(|w| w.load(Ordering::SeqCst) & (1 << (i % 64)) != 0)
+        })
+    }
+
+    /// Notes that the ELF needs of `ino` are being followed: true the first time only.
+    pub(crate) fn mark_followed(&self, ino: u64) -> bool {
+        self.table.index(ino).is_some_and(|i| {
+            self.followed
+                .get(i / 64)
+                .is_some_and(|w| w.fetch_or(1 << (i % 64), Ordering::SeqCst) & (1 << (i % 64)) == 0)
+        })
+    }
+
+    /// The chunks of library `ino` its loading touches first: the first (the ELF headers)
+    /// and the last (the data segment the loader relocates). Sorted, without repeats.
+    fn needed_chunks(&self, ino: u64) -> Vec<usize> {
+        let Some(node) = self.table.get(ino).filter(|n| n.kind == NodeKind::Reg) else {
+            return Vec::new();
+        };
+        let chunks = self.table.chunks(node);
+        let mut seqs: Vec<usize> = chunks
+            .first()
+            .into_iter()
+            .chain(chunks.last())
+            .map(|c| c.seq)
+            .collect();
+        seqs.dedup();
+        seqs
+    }
+
+    /// Whether [`Self::fetch_needed`] has anything to fetch for `ino`.
+    pub(crate) fn needs_fetching(&self, ino: u64) -> bool {
+        self.needed_chunks(ino)
+            .into_iter()
+            .any(|s| !self.chunks.is_present(s))
+    }
+
+    /// Fetches the chunks of libraries `inos` their loading touches first (see
+    /// [`Self::needed_chunks`]) that are neither present nor being fetched, as urgent work: in
+    /// one request when the source takes several ranges (at most [`MAX_PARTS`] each), else one
+    /// per chunk. They are read-ahead to the layer's ledger (see [`Self::readahead_budget`]):
+    /// a library the loader then opens is a hit. Failures are the next reader's to see: this
+    /// is a guess.
+    pub(crate) fn fetch_needed(&self, inos: &[u64]) {
+        let mut rest: Vec<usize> = inos.iter().flat_map(|&i| self.needed_chunks(i)).collect();
+        rest.sort_unstable();
+        rest.dedup();
+        let multi = self.source.multi_range();
+        while let Some(&first) = rest.first() {
+            let last = rest.last().copied().unwrap_or(first);
+            let mut end = self.chunk(first).info.compressed_end;
+            let mut parts = 1;
+            let wanted = &rest;
+            let claim = self.chunks.try_claim(first, |next, present| {
+                if !multi || next > last {
+                    return Step::Stop;
+                }
+                if present || wanted.binary_search(&next).is_err() {
+                    return Step::Skip;
+                }
+                let c = &self.chunk(next).info;
+                if c.compressed_offset != end {
+                    if parts == MAX_PARTS {
+                        return Step::Stop;
+                    }
+                    parts += 1;
+                }
+                end = c.compressed_end;
+                Step::Join
+            });
+            // Present or being fetched, or now fetched: done with, either way.
+            let done: Vec<usize> = match claim {
+                Some(claim) => {
+                    let seqs = claim.seqs().to_vec();
+                    // Read-ahead by another rule: its hits count as read-ahead's.
+                    self.bring_ahead(seqs.iter());
+                    let _urgent = self.priority.urgent();
+                    let _ = self.fetch_claimed(claim, Why::Needed);
+                    seqs
+                }
+                None => vec![first],
+            };
+            rest.retain(|s| !done.contains(s));
+        }
     }
 
     /// True when every byte of `[offset, offset+size)` of `ino` is cached: the read will not
@@ -565,21 +738,11 @@ impl LayerReader {
                             });
                     }
                     attempts += 1;
-                    let mut ahead = 0;
-                    for &s in claim.seqs().iter().filter(|&&s| s > last) {
-                        if let Some(w) = self.ahead.get(s / 64) {
-                            w.fetch_or(1 << (s % 64), Ordering::SeqCst);
-                        }
-                        let c = &self.chunk(s).info;
-                        let bytes = c.compressed_end - c.compressed_offset;
-                        self.kinds.brought(self.kind_of(s), bytes);
-                        ahead += bytes;
-                    }
+                    let ahead = self.bring_ahead(claim.seqs().iter().filter(|&&s| s > last));
                     let end = claim.seqs().last().copied().unwrap_or(seq);
                     for &s in passed.iter().filter(|&&s| s < end) {
                         self.kinds.leave_out(s);
                     }
-                    self.ahead_bytes.fetch_add(ahead, Ordering::SeqCst);
                     let why = Why::OnDemand { ahead };
                     match slot.filter(|_| claim.seqs().len() > 1) {
                         Some(slot) => self.fetch_behind(claim, slot, seq, why),
@@ -601,6 +764,23 @@ impl LayerReader {
             }
             tracing::debug!(layer = %self.digest, seq, attempts, error = %chain(&err), "fetching a rejected chunk again");
         }
+    }
+
+    /// Notes chunks `seqs` as being fetched ahead of any read, in the layer's ledger and in
+    /// their kinds': a read that finds one is a read-ahead hit. Returns their compressed bytes.
+    fn bring_ahead<'s>(&self, seqs: impl Iterator<Item = &'s usize>) -> u64 {
+        let mut ahead = 0;
+        for &s in seqs {
+            if let Some(w) = self.ahead.get(s / 64) {
+                w.fetch_or(1 << (s % 64), Ordering::SeqCst);
+            }
+            let c = &self.chunk(s).info;
+            let bytes = c.compressed_end - c.compressed_offset;
+            self.kinds.brought(self.kind_of(s), bytes);
+            ahead += bytes;
+        }
+        self.ahead_bytes.fetch_add(ahead, Ordering::SeqCst);
+        ahead
     }
 
     /// Compressed bytes a miss may fetch past its chunk: the fixed amount if configured, else
@@ -637,15 +817,28 @@ impl LayerReader {
     }
 
     /// Notes that `ino` was opened: if read-ahead brought its chunks (a passthrough open then
-    /// never reads through here), that is a read-ahead hit.
-    pub(crate) fn opened(&self, ino: u64) {
-        if let Some(node) = self.table.get(ino) {
-            let mut hit = false;
-            for c in self.table.chunks(node) {
-                hit |= self.take_ahead(c.seq);
-            }
-            if hit {
-                self.widen();
+    /// never reads through here), that is a read-ahead hit; if its first chunk is cached, an
+    /// ELF file's libraries are followed now (its reads may never come here).
+    pub(crate) fn opened(self: &Arc<Self>, ino: u64) {
+        let Some(node) = self.table.get(ino) else {
+            return;
+        };
+        let mut hit = false;
+        for c in self.table.chunks(node) {
+            hit |= self.take_ahead(c.seq);
+        }
+        if hit {
+            self.widen();
+        }
+        let first = self.table.chunks(node).first();
+        if self.image.get().is_some()
+            && !self.followed(ino)
+            && first.is_some_and(|c| self.chunks.is_present(c.seq))
+        {
+            let mut head = [0u8; ELF_MAGIC.len()];
+            let _pins = self.pin(&self.table.chunks(node)[..1]);
+            if self.cache.read_at(ino, node.size, &mut head, 0).is_ok() {
+                self.follow_needs(ino, &head);
             }
         }
     }
@@ -854,6 +1047,7 @@ impl LayerReader {
                 Why::OnDemand { ahead } => (Purpose::OnDemand, ahead),
                 Why::Prefetch => (Purpose::Prefetch, 0),
                 Why::Background => (Purpose::Background, 0),
+                Why::Needed => (Purpose::OnDemand, len),
             };
             m.fetched(
                 purpose,
