@@ -8,13 +8,14 @@
 //! `/usr/bin` and from Python's `lib-dynload`), often in another layer. The ELF file says which
 //! they are, though. So when a read (or an open of a cached file) shows an ELF header, its
 //! dynamic section is parsed and each library it needs is looked up as the loader would (its
-//! default directories, in the image's layers from the top, through symlinks) and fetched at
-//! once, while the loader is still busy with the file that named them: one request per layer
-//! for all of them (several ranges in one request; parallel requests, each on a fresh
-//! connection in TCP slow start, made a long fat link look slow to the read-ahead estimate).
-//! A library fetched this way brings its first chunk (the headers the loader reads) and its
-//! last (the data segment it relocates): the chunks its first accesses would fetch anyway, so
-//! even a thin link loses nothing but the wait.
+//! default directories, in the image's layers from the top, through symlinks and whiteouts)
+//! and fetched at once, while the loader is still busy with the file that named them: one
+//! request per layer for all of them (several ranges in one request; parallel requests, each
+//! on a fresh connection in TCP slow start, made a long fat link look slow to the read-ahead
+//! estimate). A library fetched this way brings its first chunk (the headers the loader reads)
+//! and its last (the data segment it relocates): the chunks its first accesses would fetch
+//! anyway, so even a thin link carries nothing it would not have carried. The fetches count as
+//! the layer's read-ahead: a library the loader then opens is a read-ahead hit.
 //!
 //! What is fetched never changes what is served: it is a guess, fetched and verified like any
 //! chunk. Everything in the ELF comes from the image and is bounded: program headers, the
