@@ -117,7 +117,7 @@ fn every_file_reads_right_through_a_faulty_registry() -> Result<()> {
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt)?;
     let labels = stargz_labels(&reference, &digest, &toc_digest);
-    mgr.mount(&mnt, &labels)
+    mgr.mount(&mnt, &labels, &[])
         .map_err(|e| anyhow!("mount: {e}"))?;
     let _guard = UmountGuard(mnt.clone());
     armed.store(true, Ordering::SeqCst);
@@ -177,7 +177,7 @@ fn registries_that_ignore_or_refuse_suffix_ranges_still_mount() -> Result<()> {
         for i in 0..2 {
             let mnt = tmp.path().join(format!("mnt-{name}-{i}"));
             std::fs::create_dir(&mnt)?;
-            mgr.mount(&mnt, &labels)
+            mgr.mount(&mnt, &labels, &[])
                 .map_err(|e| anyhow!("{name}: mount {i}: {e}"))?;
             guards.push(UmountGuard(mnt.clone()));
             let n = compare_trees(&src, &mnt)?;

@@ -498,14 +498,14 @@ fn layer_manager_mounts_from_labels_and_verifies_toc() -> Result<()> {
     std::fs::create_dir(&mnt)?;
     let mut labels = stargz_labels("127.0.0.1:5000/img:v1", "sha256:11", "sha256:0000");
     let err = mgr
-        .mount(&mnt, &labels)
+        .mount(&mnt, &labels, &[])
         .expect_err("a wrong TOC digest must fail the mount");
     assert!(err.to_string().contains("TOC"), "{err}");
     labels.insert(
         "containerd.io/snapshot/stargz/toc.digest".into(),
         f.toc_digest.clone(),
     );
-    mgr.mount(&mnt, &labels)
+    mgr.mount(&mnt, &labels, &[])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let guard = UmountGuard(mnt.clone());
     assert_eq!(std::fs::read(mnt.join("a/y"))?, b"y from lower");
@@ -820,7 +820,8 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
     let mgr = manager()?;
     for m in [&kept, &gone] {
         std::fs::create_dir(m)?;
-        mgr.mount(m, &labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+        mgr.mount(m, &labels, &[])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         assert_eq!(std::fs::read(m.join("a/y"))?, b"y from lower");
     }
     let (kept_cache, gone_cache) = (mgr.cache_dir_for(&kept), mgr.cache_dir_for(&gone));
@@ -848,7 +849,7 @@ fn layer_manager_reuses_claimed_caches_and_removes_orphans() -> Result<()> {
         kept_cache.is_dir() && gone_cache.is_dir(),
         "start-up wiped the caches"
     );
-    mgr.mount(&kept, &labels)
+    mgr.mount(&kept, &labels, &[])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     // A snapshot that still exists but could not be re-mounted (registry down) keeps its cache.
     let failed = work.path().join("failed/fs");

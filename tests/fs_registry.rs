@@ -36,7 +36,7 @@ fn layer_from_registry_matches_source_and_survives_registry_stop() -> Result<()>
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt)?;
     let labels = stargz_labels(&reference, &digest, &toc_digest);
-    mgr.mount(&mnt, &labels)
+    mgr.mount(&mnt, &labels, &[])
         .map_err(|e| anyhow!("mount: {e}"))?;
     let _guard = UmountGuard(mnt.clone());
     let n = compare_trees(&src, &mnt)?;
@@ -92,13 +92,13 @@ fn once_the_link_is_known_a_layer_mounts_with_one_request() -> Result<()> {
     std::fs::create_dir(&first)?;
     std::fs::create_dir(&second)?;
     let before = registry.blob_gets();
-    mgr.mount(&first, &labels)
+    mgr.mount(&first, &labels, &[])
         .map_err(|e| anyhow!("mount: {e}"))?;
     let _g1 = UmountGuard(first.clone());
     let cold = registry.blob_gets() - before;
     // The second asks for the blob's tail with its size: footer and TOC come with it.
     let before = registry.blob_gets();
-    mgr.mount(&second, &labels)
+    mgr.mount(&second, &labels, &[])
         .map_err(|e| anyhow!("mount: {e}"))?;
     let _g2 = UmountGuard(second.clone());
     let warm = registry.blob_gets() - before;
@@ -181,7 +181,7 @@ fn layers_listed_after_a_mount_are_resolved_ahead_and_mount_without_a_request() 
      -> Result<UmountGuard> {
         let mnt = tmp.path().join(name);
         std::fs::create_dir(&mnt)?;
-        mgr.mount(&mnt, labels)
+        mgr.mount(&mnt, labels, &[])
             .map_err(|e| anyhow!("mount {name}: {e}"))?;
         Ok(UmountGuard(mnt))
     };
@@ -215,7 +215,7 @@ fn layers_listed_after_a_mount_are_resolved_ahead_and_mount_without_a_request() 
     );
     std::fs::create_dir(tmp.path().join("wrong"))?;
     ensure!(
-        mgr.mount(&tmp.path().join("wrong"), &wrong).is_err(),
+        mgr.mount(&tmp.path().join("wrong"), &wrong, &[]).is_err(),
         "a TOC fetched ahead was served without its digest checked"
     );
     // The claim used it up: layer 1 mounts afresh, layer 2 from what is held.

@@ -37,7 +37,12 @@ impl FakeRemote {
 }
 
 impl RemoteLayers for FakeRemote {
-    fn mount(&self, mp: &Path, labels: &BTreeMap<String, String>) -> Result<(), LayerError> {
+    fn mount(
+        &self,
+        mp: &Path,
+        labels: &BTreeMap<String, String>,
+        _lowers: &[PathBuf],
+    ) -> Result<(), LayerError> {
         let digest = labels.get(DIGEST_LABEL).ok_or("no layer digest label")?;
         let entries = self
             .layers

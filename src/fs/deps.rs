@@ -206,7 +206,8 @@ fn search_dirs(machine: u16) -> Vec<String> {
 }
 
 /// The layers of one image that this daemon has mounted, bottom first (containerd prepares
-/// them in that order): where a library named by a file of one layer is looked for.
+/// them in that order), with the parents of each that other images mounted: where a library
+/// named by a file of one layer is looked for.
 pub(crate) struct Image {
     layers: Mutex<Vec<Weak<LayerReader>>>,
     /// Jobs running, shared by all images (see [`MAX_JOBS`]).
@@ -329,8 +330,15 @@ pub(crate) struct Images {
 }
 
 impl Images {
-    /// Adds `layer` (the latest mount) to the image `reference` names.
-    pub(crate) fn join(&self, reference: &str, layer: &Arc<LayerReader>) {
+    /// Adds `layer` (the latest mount) to the image `reference` names, above the layers
+    /// `below` it (nearest first: its snapshot's parents, which another image may have
+    /// mounted first, as for a shared base image).
+    pub(crate) fn join(
+        &self,
+        reference: &str,
+        layer: &Arc<LayerReader>,
+        below: &[Arc<LayerReader>],
+    ) {
         let image = {
             let mut all = self.by_reference.lock().unwrap_or_else(|e| e.into_inner());
             all.retain(|_, i| i.strong_count() > 0);
@@ -349,6 +357,14 @@ impl Images {
         {
             let mut layers = image.layers.lock().unwrap_or_else(|e| e.into_inner());
             layers.retain(|l| l.strong_count() > 0);
+            for b in below.iter().rev() {
+                if !layers
+                    .iter()
+                    .any(|l| std::ptr::eq(l.as_ptr(), Arc::as_ptr(b)))
+                {
+                    layers.push(Arc::downgrade(b));
+                }
+            }
             layers.push(Arc::downgrade(layer));
         }
         layer.join_image(image);
@@ -751,9 +767,11 @@ mod tests {
             ],
             dir.path(),
         );
+        // The bottom layer was mounted for another image (a shared base): the top layer's
+        // image knows it as its parent.
         let images = Images::default();
-        images.join("registry.test/app:1", &bottom);
-        images.join("registry.test/app:1", &top);
+        images.join("registry.test/base:1", &bottom, &[]);
+        images.join("registry.test/app:1", &top, std::slice::from_ref(&bottom));
         let files = [
             (&bottom, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
             (&bottom, "usr/lib/x86_64-linux-gnu/libc-2.36.so"),

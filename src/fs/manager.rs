@@ -304,11 +304,14 @@ impl LayerManager {
         self.config.fscache_dir.join(&hex::encode(h)[..32])
     }
 
-    /// Mounts a layer; the error says why it can't be lazy (the caller falls back).
+    /// Mounts a layer; the error says why it can't be lazy (the caller falls back). `lowers`
+    /// are the mountpoints of the layers below it, nearest first, as far as known: with the
+    /// other layers mounted for the same image, where its programs' libraries are looked for.
     pub fn mount_layer(
         &self,
         mountpoint: &Path,
         labels: &BTreeMap<String, String>,
+        lowers: &[PathBuf],
     ) -> Result<(), FsError> {
         let started = Instant::now();
         let parsed = parse_labels(labels, &self.config)?;
@@ -409,7 +412,13 @@ impl LayerManager {
                 return Err(e);
             }
         };
-        self.images.join(&parsed.reference, mounted.reader());
+        let below: Vec<_> = {
+            let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+            let lower = lowers.iter().filter_map(|p| mounts.get(p));
+            lower.map(|m| m.reader().clone()).collect()
+        };
+        self.images
+            .join(&parsed.reference, mounted.reader(), &below);
         if let Some(n) = &self.materializer {
             n.add(mounted.reader());
         }
@@ -553,8 +562,9 @@ impl RemoteLayers for LayerManager {
         &self,
         mountpoint: &Path,
         labels: &BTreeMap<String, String>,
+        lowers: &[PathBuf],
     ) -> Result<(), LayerError> {
-        Ok(self.mount_layer(mountpoint, labels)?)
+        Ok(self.mount_layer(mountpoint, labels, lowers)?)
     }
 
     /// Asks the registry outside the table lock: a slow registry must not block the mounts

@@ -123,10 +123,16 @@ pub type LayerError = Box<dyn std::error::Error + Send + Sync>;
 /// Mounts remote layers (eStargz through FUSE) for the snapshotter. Implemented by `fs`;
 /// the snapshotter only decides *when* to call it.
 pub trait RemoteLayers: Send + Sync {
-    /// Mounts the layer described by `labels` at `mountpoint`. An error means "fall back to a
-    /// normal snapshot" and is logged with `remote-snapshot-prepared=false`.
-    fn mount(&self, mountpoint: &Path, labels: &BTreeMap<String, String>)
-        -> Result<(), LayerError>;
+    /// Mounts the layer described by `labels` at `mountpoint`; `lowers` are the mountpoints
+    /// of the snapshot's parents, nearest first (the layers below it in a container), as far
+    /// as known. An error means "fall back to a normal snapshot" and is logged with
+    /// `remote-snapshot-prepared=false`.
+    fn mount(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+        lowers: &[PathBuf],
+    ) -> Result<(), LayerError>;
     /// Checks that the layer mounted at `mountpoint` can still reach its blob.
     fn check(&self, mountpoint: &Path, labels: &BTreeMap<String, String>)
         -> Result<(), LayerError>;

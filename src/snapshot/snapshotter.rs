@@ -137,7 +137,8 @@ impl SnapshotterImpl {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some((name, rec)) = tasks.get(i) else { break };
-                    let mounted = remote.mount(&self.fs_dir(rec.id), &rec.labels);
+                    // In parallel and in no order: the parents may not be mounted yet.
+                    let mounted = remote.mount(&self.fs_dir(rec.id), &rec.labels, &[]);
                     if let Some(m) = &self.metrics {
                         m.restored(mounted.is_ok());
                     }
@@ -366,7 +367,12 @@ impl SnapshotterImpl {
         labels: &BTreeMap<String, String>,
     ) -> Result<bool, SnapshotError> {
         let fs = self.fs_dir(chain.record.id);
-        if let Err(e) = remote.mount(&fs, labels) {
+        let lowers: Vec<PathBuf> = chain
+            .parents
+            .iter()
+            .map(|(_, r)| self.fs_dir(r.id))
+            .collect();
+        if let Err(e) = remote.mount(&fs, labels, &lowers) {
             info!(key, target, "remote-snapshot-prepared" = false, error = %crate::untrusted::chain(&*e), "layer is not lazily mounted; containerd will download it");
             if let Some(m) = &self.metrics {
                 m.prepared_fallback(crate::metrics::fallback_reason(&*e));
@@ -585,6 +591,8 @@ mod tests {
     #[derive(Default)]
     struct FakeRemote {
         mounted: Mutex<Vec<PathBuf>>,
+        /// The `lowers` of each mount call, in order.
+        lowers: Mutex<Vec<Vec<PathBuf>>>,
         unmounted: Mutex<Vec<PathBuf>>,
         broken: Mutex<bool>,
         /// Checks block until this is false.
@@ -598,7 +606,9 @@ mod tests {
             &self,
             mp: &Path,
             labels: &BTreeMap<String, String>,
+            lowers: &[PathBuf],
         ) -> Result<(), super::super::LayerError> {
+            self.lowers.lock().unwrap().push(lowers.to_vec());
             if labels.contains_key("fail") {
                 return Err("registry unreachable".into());
             }
@@ -743,6 +753,9 @@ mod tests {
         let m = s.prepare("extract-2", "layer1", l).unwrap();
         assert_eq!(m[0].kind, "overlay");
         assert_eq!(s.stat("extract-2").unwrap().kind, Kind::Active);
+        // Each mount was told the layers below it.
+        let layer1 = s.fs_dir(s.store.get("layer1").unwrap().id);
+        assert_eq!(*remote.lowers.lock().unwrap(), [vec![], vec![layer1]]);
 
         // An unreachable remote ancestor makes Mounts Unavailable.
         *remote.broken.lock().unwrap() = true;
