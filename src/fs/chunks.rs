@@ -13,16 +13,17 @@
 //!   a fetch that panicked — wakes its waiters with an error.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::bits::Bits;
 use super::FsError;
 use crate::cache::Committed;
 
 /// Present bits and in-flight claims of a layer's chunks (numbered `0..len`, in blob order).
 pub(crate) struct ChunkMap {
-    present: Vec<AtomicU64>,
+    present: Bits,
     present_count: AtomicUsize,
     len: usize,
     inflight: Mutex<HashMap<usize, Arc<Flight>>>,
@@ -51,7 +52,7 @@ pub(crate) enum Found {
 impl ChunkMap {
     pub(crate) fn new(len: usize) -> Self {
         ChunkMap {
-            present: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            present: Bits::new(len),
             present_count: AtomicUsize::new(0),
             len,
             inflight: Mutex::new(HashMap::new()),
@@ -59,21 +60,13 @@ impl ChunkMap {
     }
 
     pub(crate) fn is_present(&self, seq: usize) -> bool {
-        seq < self.len
-            && self
-                .present
-                .get(seq / 64)
-                .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (seq % 64)) != 0)
+        self.present.get(seq)
     }
 
     /// Marks `seq` present; true when it was not before. The proof that its bytes were
     /// verified and committed to the cache is the only way in.
     pub(crate) fn set_present(&self, seq: usize, _proof: Committed) -> bool {
-        let Some(word) = self.present.get(seq / 64).filter(|_| seq < self.len) else {
-            return false;
-        };
-        let prev = word.fetch_or(1 << (seq % 64), Ordering::AcqRel);
-        let new = prev & (1 << (seq % 64)) == 0;
+        let new = self.present.set(seq);
         if new {
             self.present_count.fetch_add(1, Ordering::SeqCst);
         }
@@ -97,10 +90,7 @@ impl ChunkMap {
     }
 
     fn clear_present(&self, seq: usize) -> bool {
-        let Some(word) = self.present.get(seq / 64).filter(|_| seq < self.len) else {
-            return false;
-        };
-        let was = word.fetch_and(!(1 << (seq % 64)), Ordering::AcqRel) & (1 << (seq % 64)) != 0;
+        let was = self.present.take(seq);
         if was {
             self.present_count.fetch_sub(1, Ordering::SeqCst);
         }

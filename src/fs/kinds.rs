@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::bits::Bits;
 use super::inode::{InodeTable, NodeKind};
 use super::reader::unpaid;
 
@@ -35,7 +36,7 @@ pub(crate) struct FileKinds {
     ledgers: Vec<Ledger>,
     /// Per chunk (bit per chunk, blob order): left out of a read-ahead for its kind and not
     /// read since.
-    left_out: Vec<AtomicU64>,
+    left_out: Bits,
 }
 
 impl FileKinds {
@@ -65,9 +66,7 @@ impl FileKinds {
         FileKinds {
             kind_of,
             ledgers: (0..=ids.len()).map(|_| Ledger::default()).collect(),
-            left_out: (0..table.blob_order.len().div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            left_out: Bits::new(table.blob_order.len()),
         }
     }
 
@@ -110,16 +109,12 @@ impl FileKinds {
 
     /// Notes that read-ahead left chunk `seq` out.
     pub(crate) fn leave_out(&self, seq: usize) {
-        if let Some(w) = self.left_out.get(seq / 64) {
-            w.fetch_or(1 << (seq % 64), Ordering::Relaxed);
-        }
+        self.left_out.set(seq);
     }
 
     /// True (once) when chunk `seq` was left out by read-ahead and not read since.
     pub(crate) fn take_left_out(&self, seq: usize) -> bool {
-        self.left_out.get(seq / 64).is_some_and(|w| {
-            w.fetch_and(!(1 << (seq % 64)), Ordering::Relaxed) & (1 << (seq % 64)) != 0
-        })
+        self.left_out.take(seq)
     }
 }
 
@@ -154,7 +149,7 @@ mod tests {
         let k = FileKinds {
             kind_of: Vec::new(),
             ledgers: (0..2).map(|_| Ledger::default()).collect(),
-            left_out: vec![AtomicU64::new(0)],
+            left_out: Bits::new(64),
         };
         let one = 1000;
         k.brought(1, one);

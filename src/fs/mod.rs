@@ -7,6 +7,7 @@
 
 mod ahead;
 pub mod background;
+mod bits;
 pub mod budget;
 mod chunks;
 mod deps;

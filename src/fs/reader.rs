@@ -21,6 +21,7 @@ use crate::estargz::Format;
 use crate::metrics::{LayerMetrics, LayerStats, LayerStatsSource, Metrics, Purpose};
 use crate::untrusted::chain;
 
+use super::bits::Bits;
 use super::budget::{disk_bytes, CacheBudget};
 use super::chunks::{ChunkMap, Claim, Flight, Found, Step};
 use super::deps::Image;
@@ -171,7 +172,7 @@ pub struct LayerReader {
     /// Fetches running behind the reads that started them (read-ahead), at most [`MAX_BEHIND`].
     behind: AtomicUsize,
     /// Per chunk (bit per chunk): fetched or being fetched as read-ahead and not read since.
-    ahead: Vec<AtomicU64>,
+    ahead: Bits,
     /// The read-ahead window in round trips' worth of the link, 1..=[`MAX_WINDOW`]: doubled each
     /// time a read finds its chunk already brought by read-ahead, halved on each miss that was
     /// not (see [`Self::ensure`]).
@@ -210,7 +211,7 @@ pub struct LayerReader {
     image: OnceLock<Arc<Image>>,
     /// Per node (bit per node index): its ELF needs were followed, or it was found to be no
     /// ELF file.
-    followed: Vec<AtomicU64>,
+    followed: Bits,
 }
 
 /// Read-ahead fetches of one layer that may run behind their reads at a time; a miss past that
@@ -320,9 +321,7 @@ impl LayerReader {
             native,
             chunks: Arc::new(ChunkMap::new(chunks)),
             behind: AtomicUsize::new(0),
-            ahead: (0..chunks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            ahead: Bits::new(chunks),
             window: AtomicU32::new(1),
             ahead_bytes: AtomicU64::new(0),
             ahead_hits: AtomicU64::new(0),
@@ -346,7 +345,7 @@ impl LayerReader {
             evicted_bytes: AtomicU64::new(0),
             metrics,
             image: OnceLock::new(),
-            followed: (0..nodes.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            followed: Bits::new(nodes),
         }
     }
 
@@ -525,7 +524,7 @@ impl LayerReader {
         for c in chunks {
             match program {
                 true => self.ensure(c.seq, last)?,
-                false => self.fetch_alone(c.seq)?,
+                false => self.fetch_alone(c.seq, Why::Needed)?,
             }
         }
         if let Some((m, started, false)) = measure {
@@ -541,15 +540,16 @@ impl LayerReader {
         Ok(buf)
     }
 
-    /// Makes chunk `seq` present without read-ahead, as urgent work: fetches it alone, or
-    /// waits for the fetch in flight, and fails unless it is then present.
-    fn fetch_alone(&self, seq: usize) -> Result<(), FsError> {
+    /// Makes chunk `seq` present without read-ahead, as urgent work: fetches it alone (for
+    /// the metrics, as `why`), or waits for the fetch in flight, and fails unless it is then
+    /// present.
+    fn fetch_alone(&self, seq: usize, why: Why) -> Result<(), FsError> {
         match self.chunks.find(seq, |_, _| Step::Stop) {
             Found::Present => return Ok(()),
             Found::InFlight(flight) => self.wait_for(&flight, seq)?,
             Found::Claimed(claim) => {
                 let _urgent = self.priority.urgent();
-                self.fetch_claimed(claim, Why::Needed)?;
+                self.fetch_claimed(claim, why)?;
             }
         }
         match self.chunks.is_present(seq) {
@@ -577,20 +577,12 @@ impl LayerReader {
 
     /// Whether the ELF needs of `ino` were followed.
     pub(crate) fn followed(&self, ino: u64) -> bool {
-        self.table.index(ino).is_some_and(|i| {
-            self.followed
-                .get(i / 64)
-                .is_some_and(|w| w.load(Ordering::SeqCst) & (1 << (i % 64)) != 0)
-        })
+        self.table.index(ino).is_some_and(|i| self.followed.get(i))
     }
 
     /// Notes that the ELF needs of `ino` are being followed: true the first time only.
     pub(crate) fn mark_followed(&self, ino: u64) -> bool {
-        self.table.index(ino).is_some_and(|i| {
-            self.followed
-                .get(i / 64)
-                .is_some_and(|w| w.fetch_or(1 << (i % 64), Ordering::SeqCst) & (1 << (i % 64)) == 0)
-        })
+        self.table.index(ino).is_some_and(|i| self.followed.set(i))
     }
 
     /// The chunks of library `ino` its loading touches first: the first (the ELF headers)
@@ -771,9 +763,7 @@ impl LayerReader {
     fn bring_ahead<'s>(&self, seqs: impl Iterator<Item = &'s usize>) -> u64 {
         let mut ahead = 0;
         for &s in seqs {
-            if let Some(w) = self.ahead.get(s / 64) {
-                w.fetch_or(1 << (s % 64), Ordering::SeqCst);
-            }
+            self.ahead.set(s);
             let c = &self.chunk(s).info;
             let bytes = c.compressed_end - c.compressed_offset;
             self.kinds.brought(self.kind_of(s), bytes);
@@ -853,9 +843,7 @@ impl LayerReader {
 
     /// True (once) when `seq` was brought by read-ahead and no read asked for it since.
     fn take_ahead(&self, seq: usize) -> bool {
-        let hit = self.ahead.get(seq / 64).is_some_and(|w| {
-            w.fetch_and(!(1 << (seq % 64)), Ordering::SeqCst) & (1 << (seq % 64)) != 0
-        });
+        let hit = self.ahead.take(seq);
         if hit {
             self.ahead_hits.fetch_add(1, Ordering::SeqCst);
             self.kinds.read(self.kind_of(seq));
@@ -899,11 +887,7 @@ impl LayerReader {
                 // The closure (and the claim in it) is gone with the failed spawn: its waiters
                 // were told; fetch again without read-ahead.
                 tracing::warn!(error = %e, "cannot start a fetch thread; fetching inline");
-                match self.chunks.find(seq, |_, _| Step::Stop) {
-                    Found::Present => Ok(()),
-                    Found::InFlight(f) => self.wait_for(&f, seq),
-                    Found::Claimed(claim) => self.fetch_claimed(claim, Why::OnDemand { ahead: 0 }),
-                }
+                self.fetch_alone(seq, Why::OnDemand { ahead: 0 })
             }
         }
     }
