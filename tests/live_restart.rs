@@ -54,14 +54,15 @@ fn data_layer() -> Vec<LayerEntry> {
 
 /// The container's loop: set `a` every round, set `bN` once `/out/go_bN` exists; failures go
 /// to `/out/errors`, finished rounds to `/out/passes`. `data/a/f00` stays open throughout (it
-/// was opened before it was cached: a page-cached open), `data/a/f01` from when `/out/hold`
+/// was opened before it was cached: a page-cached open), `data/a/f02` from when `/out/hold`
 /// appears on (after rounds that read it whole, so cached: an open through passthrough, whose
-/// backing id every later daemon must reuse for the file's other opens).
+/// backing id every later daemon must reuse for the file's other opens; 94 KB, so it has a
+/// cache file of its own before the layer is fully cached, as small files have only after).
 const SCRIPT: &str = r#"
 exec 3</data/a/f00
 n=0
 while [ ! -e /out/stop ]; do
-  if [ -e /out/hold ] && [ ! -e /out/held ]; then exec 4</data/a/f01; echo >/out/held; fi
+  if [ -e /out/hold ] && [ ! -e /out/held ]; then exec 4</data/a/f02; echo >/out/held; fi
   for set in a b1 b2 b3; do
     if [ "$set" = a ] || [ -e /out/go_$set ]; then
       cd /data/$set && sha256sum -c --quiet SUMS >>/out/errors 2>&1 || echo "FAILED $set" >>/out/errors
@@ -153,6 +154,24 @@ fn a_running_container_reads_on_through_daemon_restarts() {
         );
     };
     progressed(0, &bed);
+    // The loop runs the tools layer's programs over and over; a small one (`sha256sum`) opens
+    // through passthrough once the layer is fully cached and the daemon moved its small files
+    // into cache files of their own.
+    let tools = bed
+        .daemon
+        .log()
+        .lines()
+        .find(|l| l.contains("\"layer mounted\""))
+        .and_then(|l| l.split("\"layer\":\"").nth(1))
+        .and_then(|l| l.split('"').next())
+        .map(str::to_string)
+        .expect("the tools layer's mount in the log");
+    assert!(
+        wait_until(Duration::from_secs(60), || bed.daemon.log().lines().any(
+            |l| l.contains("small files moved into cache files of their own") && l.contains(&tools)
+        )),
+        "the tools layer was not settled"
+    );
     // Every file of set `a` was read whole (so cached) by now: this open is a passthrough one.
     std::fs::write(out.path().join("hold"), "").expect("hold flag");
     assert!(

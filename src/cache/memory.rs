@@ -110,6 +110,14 @@ impl LayerCache for MemoryCache {
     fn file_path(&self, _ino: u64) -> Option<std::path::PathBuf> {
         None
     }
+
+    fn unpack(&self) -> io::Result<usize> {
+        Ok(0)
+    }
+
+    fn packed(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

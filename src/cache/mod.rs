@@ -11,7 +11,9 @@
 //! The API is shaped for the store the daemon needs, not for a key→blob store: a file's chunks
 //! live at their file offsets in one sparse cache file ([`disk::DiskCache`]), so a fully cached
 //! file *is* the file's content — handed to the kernel for FUSE passthrough
-//! ([`LayerCache::backing_file`]) — and every byte is on disk once. The memory store
+//! ([`LayerCache::backing_file`]) — and every byte is on disk once (small files share one
+//! store while their layer is fetched, and get files of their own once it is complete:
+//! [`LayerCache::unpack`]). The memory store
 //! ([`memory::MemoryCache`], `filesystem_cache_type = "memory"`) keeps chunks in memory and
 //! has no backing files (reads go through the daemon) and nothing that survives a restart.
 
@@ -64,9 +66,17 @@ pub trait LayerCache: Send + Sync + std::fmt::Debug {
     fn discard(&self, ino: u64, range: Range<u64>) -> io::Result<()>;
     /// Where the layer's files live on disk (None for memory).
     fn dir(&self) -> Option<&Path>;
-    /// The cache file of file `ino` (None for memory): once the file is fully cached, its
-    /// content exactly, which a layer's native tree links (`fs::native`).
+    /// The cache file of file `ino` (None for memory, and for a file still in the disk store's
+    /// small-file store): once the file is fully cached, its content exactly, which a layer's
+    /// native tree links (`fs::native`).
     fn file_path(&self, ino: u64) -> Option<std::path::PathBuf>;
+    /// Gives every file the store kept together while the layer was fetched (the disk store's
+    /// small files) a cache file of its own, so that each can be handed to the kernel or linked
+    /// into a tree; returns how many moved. Only while no chunk of the layer is being written
+    /// (the layer is fully cached and pinned).
+    fn unpack(&self) -> io::Result<usize>;
+    /// Whether any file is still kept together with others (see [`Self::unpack`]).
+    fn packed(&self) -> bool;
 }
 
 /// Which store `filesystem_cache_type` names: `""`/`"directory"` (default) or `"memory"`.
@@ -90,11 +100,16 @@ impl CacheKind {
         }
     }
 
-    /// The cache of one layer, in `dir` for the disk store, keeping at most `max_open_files`
-    /// cache files open.
-    pub fn open(self, dir: &Path, max_open_files: usize) -> io::Result<Box<dyn LayerCache>> {
+    /// The cache of one layer whose regular files are `files` (inode, size), in `dir` for the
+    /// disk store, keeping at most `max_open_files` cache files open.
+    pub fn open(
+        self,
+        dir: &Path,
+        max_open_files: usize,
+        files: &[(u64, u64)],
+    ) -> io::Result<Box<dyn LayerCache>> {
         Ok(match self {
-            CacheKind::Disk => Box::new(DiskCache::new(dir, max_open_files)?),
+            CacheKind::Disk => Box::new(DiskCache::new(dir, max_open_files, files)?),
             CacheKind::Memory => Box::new(MemoryCache::default()),
         })
     }

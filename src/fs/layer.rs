@@ -10,7 +10,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 
 use super::background::BackgroundFetcher;
 use super::fuse::LayerFs;
-use super::inode::{InodeTable, Landmark};
+use super::inode::{InodeTable, Landmark, NodeKind};
 use super::keeper::{mount_dev, Keeper, Kept};
 use super::link::Measured;
 use super::open::open_toc;
@@ -120,10 +120,17 @@ pub fn open_layer(
     // restart): its chunks are re-hashed below before anything is served from it.
     let reused = opts.cache_kind == CacheKind::Disk
         && std::fs::read_dir(cache_dir).is_ok_and(|mut d| d.next().is_some());
+    let files: Vec<(u64, u64)> = table
+        .nodes()
+        .iter()
+        .filter(|n| n.kind == NodeKind::Reg)
+        .map(|n| (n.ino, n.size))
+        .collect();
     let cache = opts
         .cache_kind
-        .open(cache_dir, opts.max_open_files)
+        .open(cache_dir, opts.max_open_files, &files)
         .map_err(FsError::Cache)?;
+    drop(files);
     let mut opts = opts.clone();
     if spec.toc_digest.is_none() {
         // Without a trusted TOC the chunk digests prove nothing either; accept entries without one.

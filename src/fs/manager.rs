@@ -204,8 +204,8 @@ pub struct LayerManager {
     kept: Mutex<HashMap<PathBuf, Kept>>,
     /// Cache directories being deleted in the background ([`LayerManager::discard`]).
     removals: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    /// Builds the native trees of fully cached layers (None: `native_layers` off, or a
-    /// memory cache).
+    /// Settles fully cached layers: their small files into cache files of their own, then
+    /// their native trees where `native_layers` is on (None: a memory cache).
     materializer: Option<Materializer>,
     /// The mounted layers of each image, where a program's libraries are looked for.
     images: Images,
@@ -261,9 +261,7 @@ impl LayerManager {
             .as_ref()
             .map(|k| take_kept(k))
             .unwrap_or_default();
-        let materializer = if config.layer.read.native
-            && config.layer.read.cache_kind == crate::cache::CacheKind::Disk
-        {
+        let materializer = if config.layer.read.cache_kind == crate::cache::CacheKind::Disk {
             Some(Materializer::start().map_err(FsError::Cache)?)
         } else {
             None

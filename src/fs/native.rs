@@ -58,6 +58,8 @@ pub(crate) enum NativeError {
     MissingInode(u64),
     #[error("the cache file of {path} is not complete")]
     Incomplete { path: PathBuf },
+    #[error("{path} has no cache file of its own (still in the layer's small-file store)")]
+    Packed { path: PathBuf },
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -241,7 +243,9 @@ fn create(
             .map(drop)
             .map_err(io_err("creating", p)),
         NodeKind::Reg => {
-            let src = cache.file_path(node.ino).ok_or(NativeError::NoDiskCache)?;
+            let src = cache
+                .file_path(node.ino)
+                .ok_or_else(|| NativeError::Packed { path: p.into() })?;
             let complete =
                 std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_file() && m.len() == node.size);
             if !complete {
@@ -416,8 +420,9 @@ impl Native {
     }
 }
 
-/// Builds the trees of layers as they become fully cached, one at a time, on a thread of its
-/// own (a build is metadata work: about 1 s per 10,000 files), looking every second.
+/// Settles layers as they become fully cached ([`LayerReader::materialize`]: small files moved
+/// out of the small-file store, then the tree built), one at a time, on a thread of its own (a
+/// build is metadata work: about 1 s per 10,000 files), looking every second.
 #[derive(Debug)]
 pub(crate) struct Materializer {
     shared: Arc<Shared>,

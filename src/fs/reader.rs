@@ -1157,18 +1157,41 @@ impl LayerReader {
         pin_words(self.pins.iter())
     }
 
-    /// Builds (or adopts) the layer's native tree if the layer is fully cached and has none;
-    /// see [`super::native`]. The layer's chunks stay pinned while the tree exists: nothing
-    /// may punch or rewrite the cache files it links.
-    pub(crate) fn materialize(&self) {
-        // Checked again once pinned: until then an eviction may take a chunk.
-        if !self.fully_cached() || !self.native.begin() {
+    /// Settles a layer that became fully cached: moves the files its cache kept together while
+    /// it was fetched into cache files of their own ([`LayerCache::unpack`]), then builds (or
+    /// adopts) its native tree if it has none and may have one; see [`super::native`]. The
+    /// layer's chunks are pinned meanwhile (nothing is written), and stay pinned while the tree
+    /// exists: nothing may punch or rewrite the cache files it links.
+    pub fn materialize(&self) {
+        if !self.fully_cached() {
+            return;
+        }
+        let unpack = self.cache.packed();
+        let build = self.native.begin();
+        if !unpack && !build {
             return;
         }
         let pins = self.pin_all();
+        // Checked again once pinned: until then an eviction may take a chunk.
         if !self.fully_cached() {
             drop(pins);
-            self.native.finish(None, true);
+            if build {
+                self.native.finish(None, true);
+            }
+            return;
+        }
+        let started = Instant::now();
+        if unpack {
+            match self.cache.unpack() {
+                Ok(files) => {
+                    tracing::info!(layer = %self.digest, files, ms = started.elapsed().as_millis() as u64, "small files moved into cache files of their own");
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %self.digest, error = %e, "cannot move small files out of the layer's small-file store: they stay there, read through FUSE");
+                }
+            }
+        }
+        if !build {
             return;
         }
         let started = Instant::now();
