@@ -77,6 +77,9 @@ pub struct DiskCache {
     /// Reads of it hold the lock for reading, so a file moves out between two reads, never
     /// during one.
     small: RwLock<Option<Small>>,
+    /// Moving the small files out failed once: they stay in the store for this mount (tried
+    /// again on every scan, it would only fail and log again).
+    stuck: std::sync::atomic::AtomicBool,
 }
 
 /// The small-file store of a layer; see the module doc.
@@ -128,6 +131,7 @@ impl DiskCache {
             open: Mutex::new(HashMap::new()),
             max_open: max_open.max(1),
             small: RwLock::new(small),
+            stuck: Default::default(),
         })
     }
 
@@ -431,7 +435,10 @@ impl LayerCache for DiskCache {
             (s.file.clone(), files)
         };
         for &(ino, base, size) in &files {
-            self.move_out(&store, ino, base, size)?;
+            if let Err(e) = self.move_out(&store, ino, base, size) {
+                self.stuck.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
         }
         let mut small = self.small.write().unwrap_or_else(|e| e.into_inner());
         if small.as_ref().is_some_and(|s| s.left == 0) {
@@ -442,7 +449,7 @@ impl LayerCache for DiskCache {
     }
 
     fn packed(&self) -> bool {
-        self.small().is_some()
+        self.small().is_some() && !self.stuck.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -716,6 +723,20 @@ mod tests {
         assert!(c.backing_file(1).is_some());
         assert_eq!(c.file_path(2), Some(dir.join("2")));
         assert_eq!(c.unpack().unwrap(), 0, "nothing left to move");
+    }
+
+    /// A move that fails (here: the directory is gone) leaves the files readable where they
+    /// are and is not tried again.
+    #[test]
+    fn a_failed_move_out_leaves_the_store_as_it_is() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("layer");
+        let c = DiskCache::new(&dir, 8, &[(1, 100)]).unwrap();
+        put(&c, 1, 100, 0..100, &[1; 100]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(c.unpack().is_err());
+        assert!(!c.packed(), "not tried again");
+        assert_eq!(read(&c, 1, 100), [1; 100]);
     }
 
     /// A restart finds each small file's bytes where the last run left them (and re-verifies

@@ -75,7 +75,8 @@ pub trait LayerCache: Send + Sync + std::fmt::Debug {
     /// into a tree; returns how many moved. Only while no chunk of the layer is being written
     /// (the layer is fully cached and pinned).
     fn unpack(&self) -> io::Result<usize>;
-    /// Whether any file is still kept together with others (see [`Self::unpack`]).
+    /// Whether [`Self::unpack`] has files to move (false once it failed: they stay where they
+    /// are for this mount, read through the daemon).
     fn packed(&self) -> bool;
 }
 
