@@ -102,6 +102,25 @@ impl Small {
         let i = self.places.binary_search_by_key(&ino, |p| p.0).ok()?;
         Some(self.places[i].1).filter(|&o| o != MOVED)
     }
+
+    /// `ino` has a cache file of its own now.
+    fn moved(&mut self, ino: u64) {
+        if mark_moved(&mut self.places, ino) {
+            self.left -= 1;
+        }
+    }
+}
+
+/// Marks the place of `ino` in `places` (sorted by inode) as given up; false if it had none
+/// (any more).
+fn mark_moved(places: &mut [(u64, u64, u64)], ino: u64) -> bool {
+    match places.binary_search_by_key(&ino, |p| p.0) {
+        Ok(i) if places[i].1 != MOVED => {
+            places[i].1 = MOVED;
+            true
+        }
+        _ => false,
+    }
 }
 
 impl DiskCache {
@@ -172,25 +191,18 @@ impl DiskCache {
     /// may be being written (a writer keeps writing to the store).
     fn move_out(&self, store: &File, ino: u64, base: u64, size: u64) -> io::Result<()> {
         let tmp = self.dir.join(format!("{ino}{TMP_SUFFIX}"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .open(&tmp)?;
+        let file = private_file(&tmp, true)?;
         let mut buf = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
         store.read_exact_at(&mut buf, base)?;
         file.write_all_at(&buf, 0)?;
         std::fs::rename(&tmp, self.path(ino))?;
+        if let Some(s) = self
+            .small
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
         {
-            let mut small = self.small.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = small.as_mut() {
-                if let Ok(i) = s.places.binary_search_by_key(&ino, |p| p.0) {
-                    s.places[i].1 = MOVED;
-                    s.left -= 1;
-                }
-            }
+            s.moved(ino);
         }
         punch(store, base..(base + size).next_multiple_of(SMALL_ALIGN))
     }
@@ -205,13 +217,7 @@ impl DiskCache {
         if let Some(f) = open.get(&ino) {
             return Ok(f.clone());
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(self.path(ino))?;
+        let file = private_file(&self.path(ino), false)?;
         let md = file.metadata()?;
         // A file linked into the layer's native tree has the mode of the image's file
         // (`fs::native`); the private directory keeps it private.
@@ -251,9 +257,9 @@ fn open_small(dir: &Path, files: &[(u64, u64)]) -> io::Result<Option<Small>> {
         places.push((ino, end, size));
         end = (end + size).next_multiple_of(SMALL_ALIGN);
     }
+    let mut left = places.len();
     // Files an earlier run moved out (they have a cache file of their own), and copies a crash
     // cut short.
-    let mut left = places.len();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name();
@@ -264,8 +270,7 @@ fn open_small(dir: &Path, files: &[(u64, u64)]) -> io::Result<Option<Small>> {
         {
             std::fs::remove_file(e.path())?;
         } else if let Ok(ino) = name.parse::<u64>() {
-            if let Ok(i) = places.binary_search_by_key(&ino, |p| p.0) {
-                places[i].1 = MOVED;
+            if mark_moved(&mut places, ino) {
                 left -= 1;
             }
         }
@@ -277,13 +282,7 @@ fn open_small(dir: &Path, files: &[(u64, u64)]) -> io::Result<Option<Small>> {
             _ => return Ok(None),
         }
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(FILE_MODE)
-        .open(&path)?;
+    let file = private_file(&path, false)?;
     tighten(&path, FILE_MODE)?;
     if file.metadata()?.len() != end {
         file.set_len(end)?;
@@ -451,6 +450,18 @@ impl LayerCache for DiskCache {
     fn packed(&self) -> bool {
         self.small().is_some() && !self.stuck.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// Opens (creating it 0600 if needed) the cache file `path` for reading and writing, emptied if
+/// `truncate`.
+fn private_file(path: &Path, truncate: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(FILE_MODE)
+        .open(path)
 }
 
 /// Reads `[pos, end)` of a file.
