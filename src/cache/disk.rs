@@ -36,9 +36,9 @@ pub const DIR_MODE: u32 = 0o700;
 pub const FILE_MODE: u32 = 0o600;
 /// Regular files of at most this many bytes go to the small-file store while the layer is
 /// fetched (see the module doc).
-pub(crate) const SMALL_FILE_MAX: u64 = 64 << 10;
+const SMALL_FILE_MAX: u64 = 64 << 10;
 /// The small-file store's name in a layer's cache directory (cache files are named by inode).
-pub(crate) const SMALL_NAME: &str = "small";
+const SMALL_NAME: &str = "small";
 /// Where each small file's bytes start in the store: on a block of their own, so that punching
 /// one file's range out never touches another's and a hole there means what it does in a file
 /// of its own.
